@@ -1,0 +1,114 @@
+"""One rank of a :mod:`labkit.launcher` job. Started as ``python -m labkit._worker``; not for direct use.
+
+It joins the process group through the FileStore named in ``LABKIT_STORE``, says it is ready,
+then runs every job that arrives on its command pipe and sends back ``("ok", value)`` or
+``("error", traceback)``. It exits when the pipe closes, when told to stop, or when its parent
+dies (so no rank outlives the notebook that started it).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: the kernel sends SIGKILL when the parent thread exits
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+    def watch():  # portable fallback: poll the parent
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main() -> None:
+    rank = int(os.environ["LABKIT_RANK"])
+    world_size = int(os.environ["LABKIT_WORLD_SIZE"])
+    backend = os.environ["LABKIT_BACKEND"]
+    store = os.environ["LABKIT_STORE"]
+    threads = int(os.environ.get("LABKIT_THREADS", "1"))
+    cmd = Connection(int(os.environ["LABKIT_CMD_FD"]), writable=False)
+    res = Connection(int(os.environ["LABKIT_RES_FD"]), readable=False)
+    _die_with_parent(int(os.environ.get("LABKIT_PARENT_PID", os.getppid())))
+
+    def send(kind, body):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            data = pickle.dumps((kind, body))
+        except Exception as e:
+            data = pickle.dumps(("error", (
+                f"rank {rank} returned a value that cannot be pickled ({type(e).__name__}: {e}). "
+                f"Return plain data instead: numbers, strings, lists, dicts, numpy arrays or CPU tensors "
+                f"(call .detach().cpu() on a tensor; return a model's state_dict(), not the model)."
+            )))
+        res.send_bytes(data)
+
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=30), **kw)
+        from labkit.launcher import Context
+
+        ctx = Context(rank=rank, world_size=world_size, backend=backend, device=device,
+                      local_rank=rank, group=dist.group.WORLD)
+    except BaseException:
+        send("error", traceback.format_exc())
+        return
+    send("ready", None)
+
+    import cloudpickle
+
+    while True:
+        try:
+            msg = cmd.recv_bytes()
+        except (EOFError, OSError):
+            break
+        try:
+            job = cloudpickle.loads(msg)
+        except BaseException as e:
+            send("error", f"rank {rank} could not load the job ({type(e).__name__}: {e}). A function defined in a "
+                          f"module must be importable on the ranks: keep it in a file on the Python path "
+                          f"or define it in the notebook.\n" + traceback.format_exc())
+            continue
+        if job[0] == "stop":
+            break
+        _, fn, args, kwargs = job
+        try:
+            value = fn(ctx, *args, **kwargs)
+        except BaseException:
+            send("error", traceback.format_exc())
+            continue
+        send("ok", value)
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    main()

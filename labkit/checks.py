@@ -1,0 +1,120 @@
+"""Self-checks for exercises: run the learner's code on several cases and say which failed and why.
+
+A lab module writes its checks with :func:`run_cases`; each returns a :class:`CheckResult`,
+which shows as a short report in a notebook (green tick or red cross per case) and can be
+asserted on in tests (``result.passed``). A function that still raises ``NotImplementedError``
+gives a "not attempted yet" result instead of a failure, so a notebook whose exercise is still
+a stub runs top to bottom.
+"""
+from __future__ import annotations
+
+import html
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+
+@dataclass
+class CaseResult:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class CheckResult:
+    title: str
+    cases: list[CaseResult] = field(default_factory=list)
+    attempted: bool = True
+    hint: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.attempted and bool(self.cases) and all(c.ok for c in self.cases)
+
+    @property
+    def failed_cases(self) -> list[CaseResult]:
+        return [c for c in self.cases if not c.ok]
+
+    def summary(self) -> str:
+        if not self.attempted:
+            return f"{self.title}: not attempted yet (the function raises NotImplementedError). {self.hint}".strip()
+        n_ok = sum(c.ok for c in self.cases)
+        head = f"{self.title}: {'PASSED' if self.passed else 'FAILED'} ({n_ok}/{len(self.cases)} cases)"
+        lines = [head]
+        for c in self.cases:
+            mark = "ok  " if c.ok else "FAIL"
+            lines.append(f"  [{mark}] {c.name}" + (f": {c.detail}" if c.detail and not c.ok else ""))
+        if not self.passed and self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        if not self.attempted:
+            return (f"<div style='border-left:4px solid #999;padding:4px 8px'><b>{html.escape(self.title)}</b>: "
+                    f"not attempted yet. {html.escape(self.hint)}</div>")
+        colour = "#2a7" if self.passed else "#c33"
+        rows = "".join(
+            f"<li>{'&#10004;' if c.ok else '&#10008;'} {html.escape(c.name)}"
+            + (f" &mdash; <code>{html.escape(c.detail)}</code>" if c.detail and not c.ok else "")
+            + "</li>"
+            for c in self.cases
+        )
+        hint = f"<p><i>hint: {html.escape(self.hint)}</i></p>" if (self.hint and not self.passed) else ""
+        verdict = "passed" if self.passed else "failed"
+        return (f"<div style='border-left:4px solid {colour};padding:4px 8px'><b>{html.escape(self.title)}</b>: "
+                f"{verdict} ({sum(c.ok for c in self.cases)}/{len(self.cases)})<ul>{rows}</ul>{hint}</div>")
+
+    def raise_if_failed(self) -> "CheckResult":
+        if not self.passed:
+            raise AssertionError(self.summary())
+        return self
+
+
+def run_cases(title: str, cases: Iterable[tuple[str, Callable[[], Any]]], hint: str = "") -> CheckResult:
+    """Run each ``(name, thunk)``; a thunk passes by returning without raising.
+
+    A thunk fails with an ``AssertionError`` (its message becomes the detail) or any other
+    exception (its type, message and last frame become the detail). ``NotImplementedError``
+    anywhere marks the whole check as not attempted.
+    """
+    result = CheckResult(title=title, hint=hint)
+    for name, thunk in cases:
+        try:
+            thunk()
+            result.cases.append(CaseResult(name, True))
+        except NotImplementedError:
+            result.attempted = False
+            return result
+        except AssertionError as e:
+            result.cases.append(CaseResult(name, False, str(e) or "assertion failed"))
+        except Exception as e:  # the learner's code raised: say what and where
+            msg = str(e)
+            if "NotImplementedError" in msg:  # raised on a rank and re-raised by the launcher
+                result.attempted = False
+                return result
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" (at {tb[-1].filename.split('/')[-1]}:{tb[-1].lineno})" if tb else ""
+            result.cases.append(CaseResult(name, False, f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}{where}"))
+    return result
+
+
+def expect_close(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6, what: str = "value") -> None:
+    """Assert two numbers, arrays or tensors are close, with a message that shows the largest error."""
+    import numpy as np
+
+    a = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=float)
+    b = np.asarray(expected.detach().cpu() if hasattr(expected, "detach") else expected, dtype=float)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shape {a.shape}, expected {b.shape}")
+    if not np.allclose(a, b, rtol=rtol, atol=atol):
+        err = np.abs(a - b).max() if a.size else 0.0
+        raise AssertionError(f"{what}: max abs error {err:.3g} (tolerance rtol={rtol}, atol={atol})")
+
+
+def expect_equal(actual, expected, *, what: str = "value") -> None:
+    if actual != expected:
+        raise AssertionError(f"{what}: got {actual!r}, expected {expected!r}")

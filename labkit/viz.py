@@ -1,0 +1,110 @@
+"""Plots shared by the labs. Every function takes an optional matplotlib ``ax`` and returns it.
+
+The timeline format used across labs (data parallel, pipeline, load balancing) is a list of
+events, each a dict::
+
+    {"lane": 0, "kind": "forward", "start": 0.012, "end": 0.030, "label": "F3"}
+
+``lane`` is usually the rank or stage; ``start``/``end`` are seconds (any common origin);
+``kind`` picks the colour; ``label`` (optional) is written inside the bar when it fits.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+KIND_COLOURS = {
+    "forward": "#4c78a8",
+    "backward": "#f58518",
+    "compute": "#4c78a8",
+    "allreduce": "#54a24b",
+    "comm": "#54a24b",
+    "send": "#54a24b",
+    "recv": "#72b7b2",
+    "wait": "#d0d0d0",
+    "idle": "#eeeeee",
+    "optimizer": "#b279a2",
+    "sleep": "#9d755d",
+}
+
+
+def _ax(ax, figsize=(9, 3)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def gantt(events: Iterable[Mapping], ax=None, title: str | None = None, lane_name: str = "rank",
+          origin: float | None = None, unit: str = "ms", show_labels: bool = True):
+    """Draw a Gantt chart of timeline events (see the module docstring for the format)."""
+    events = [dict(e) for e in events]
+    if not events:
+        raise ValueError("gantt() got no events: run something that records a timeline first")
+    for e in events:
+        missing = {"lane", "start", "end"} - set(e)
+        if missing:
+            raise ValueError(f"timeline event {e} lacks {sorted(missing)}; each needs lane, start, end")
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    t0 = min(e["start"] for e in events) if origin is None else origin
+    lanes = sorted({e["lane"] for e in events}, key=lambda x: (str(type(x)), x))
+    ax = _ax(ax, figsize=(10, 0.5 + 0.45 * len(lanes)))
+    y_of = {lane: i for i, lane in enumerate(lanes)}
+    seen_kinds = {}
+    span = max(e["end"] for e in events) - t0
+    for e in events:
+        kind = e.get("kind", "compute")
+        colour = KIND_COLOURS.get(kind, "#888888")
+        x, w = (e["start"] - t0) * scale, (e["end"] - e["start"]) * scale
+        bar = ax.barh(y_of[e["lane"]], w, left=x, height=0.7, color=colour, edgecolor="white", linewidth=0.5)
+        seen_kinds.setdefault(kind, bar)
+        label = e.get("label")
+        if show_labels and label and span > 0 and (e["end"] - e["start"]) / span > 0.025:
+            ax.text(x + w / 2, y_of[e["lane"]], str(label), ha="center", va="center", fontsize=7, color="white")
+    ax.set_yticks(range(len(lanes)))
+    ax.set_yticklabels([f"{lane_name} {lane}" for lane in lanes])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"time ({unit})")
+    ax.legend(seen_kinds.values(), seen_kinds.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def bars(values: Mapping[str, float], ax=None, title: str | None = None, ylabel: str = "", fmt: str = "{:.3g}"):
+    """A labelled bar chart of a few named values."""
+    ax = _ax(ax, figsize=(6, 3))
+    names, vals = list(values), list(values.values())
+    rects = ax.bar(names, vals, color="#4c78a8")
+    for r, v in zip(rects, vals):
+        ax.annotate(fmt.format(v), (r.get_x() + r.get_width() / 2, r.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def table_html(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
+    """Rows of dicts as an HTML table (for ``IPython.display.HTML``)."""
+    if not rows:
+        return "<p><i>(no rows)</i></p>"
+    cols = list(rows[0])
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def format_table(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
+    """Rows of dicts as a plain-text table (for terminals and benchmarks)."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    def cell(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(str(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(str(c).ljust(w) for c, w in zip(cols, widths))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line, sep] + ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells])
