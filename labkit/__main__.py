@@ -1,0 +1,65 @@
+"""Command line: ``python -m labkit {doctor,tour,bench,slides,run,open}``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = {
+    "launch": "labkit.launch_bench",
+    "collectives": "labkit.collectives",
+    "ddp": "labkit.ddp",
+    "pipeline": "labkit.pipeline",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m labkit", description="labkit: the course's command line")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("doctor", help="check versions, CPUs, GPUs and backends; exit 1 if the labs cannot run")
+    d.add_argument("--no-backends", action="store_true", help="skip the real all-reduce on each backend")
+    t = sub.add_parser("tour", help="run every lab's quick path and print a table")
+    t.add_argument("labs", nargs="*", help="only labs whose name contains one of these")
+    t.add_argument("-n", "--world-size", type=int, default=2)
+    b = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHES)}")
+    b.add_argument("name", choices=sorted(BENCHES))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (try --help)")
+    s = sub.add_parser("slides", help="build the lecture decks into reveal.js HTML (try slides --help)", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
+    r.add_argument("spec", help="module:function, e.g. labkit.tour:hello")
+    r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
+    r.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    r.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    r.add_argument("--timeout", type=float, default=300)
+
+    if argv and argv[0] == "slides":  # let the slide builder parse its own options (and --help)
+        from .slides import main as slides_main
+
+        return slides_main(argv[1:]) or 0
+    args = parser.parse_args(argv)
+    if args.cmd == "doctor":
+        from .doctor import doctor
+
+        return 0 if doctor(backends=not args.no_backends).ok else 1
+    if args.cmd == "tour":
+        from .tour import run_tour
+
+        rows = run_tour(args.labs or None, world_size=args.world_size)
+        bad = [r for r in rows if r["result"] != "ok"]
+        print(f"\n{len(rows) - len(bad)}/{len(rows)} checks ok")
+        return 1 if bad else 0
+    if args.cmd == "bench":
+        mod = importlib.import_module(BENCHES[args.name])
+        rest = [a for a in args.rest if a != "--"]
+        return mod.bench_main(rest) or 0
+    if args.cmd == "run":
+        from .torchrun import main as run_main
+
+        return run_main(args.spec, args.world_size, args.kwargs, args.backend, args.timeout)
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
