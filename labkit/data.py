@@ -1,0 +1,614 @@
+"""Datasets for the labs: small ones that work offline, bigger ones when there is a network.
+
+Offline, always available (shipped with installed packages or generated):
+
+    X, y = load_digits()                          # scikit-learn's 8x8 digits, pixels/16, float32
+    X, y = load_digits(as_="images")              # (1797, 1, 8, 8) tensors
+    Xtr, Xte, ytr, yte = train_test_split_digits(test_size=0.5, seed=0)   # stratified
+    lab, unlab = labelled_split(ytr, k_per_class=5, seed=0)              # K labels per class
+    y_semi = semi_supervised_targets(ytr, k_per_class=5, seed=0)         # -1 = unlabelled
+    X, y = two_moons(200, noise=0.1); X, y = blobs(300, centers=3)
+    ds = random_images(10_000, shape=(3, 32, 32), as_="dataset")        # for throughput work
+
+Downloaded through torchvision into ``datasets/`` (or ``$LABKIT_DATA``) when there is a network:
+
+    X, y = load_torchvision("mnist")              # (60000, 1, 28, 28) float32 in [0, 1], int64
+    X, y = load_torchvision("cifar10", train=False, limit=1000)
+
+Files already on disk are used first; archives put there by hand are unpacked; a download is tried
+only when allowed (``download=None`` allows it unless ``$LABKIT_OFFLINE`` is set); when it fails,
+:class:`DatasetUnavailable` says which files to put where. CIFAR-10 files are checked against
+torchvision's md5 checksums (``verify=True``); MNIST's unpacked files have no published checksum,
+so only their format is checked.
+
+Sharding: :func:`shard_indices` gives the indices rank ``r`` of ``w`` reads in an epoch, exactly as
+``torch.utils.data.DistributedSampler`` does (same shuffle, same padding or dropping), but as a
+pure function of its arguments, so it can be printed, plotted and tested without processes.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "load_digits", "train_test_split_digits", "labelled_split", "semi_supervised_targets",
+    "two_moons", "blobs", "RandomImages", "random_images", "tensor_dataset",
+    "shard_indices", "shard_arrays",
+    "data_root", "expected_files", "local_datasets", "load_torchvision",
+    "DatasetError", "DatasetUnavailable", "DatasetCorrupt", "TORCHVISION_DATASETS", "tour",
+]
+
+
+# --------------------------------------------------------------------------- input checks
+def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def _as_label_array(y: Any) -> np.ndarray:
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D array of class labels, got shape {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise ValueError("y must hold the true labels (>= 0); it already contains negative values "
+                         "(-1 marks unlabelled samples): pass the fully labelled targets")
+    return y.astype(np.int64, copy=False)
+
+
+def _to_torch(X: np.ndarray, y: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)), torch.from_numpy(
+        np.ascontiguousarray(y, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- digits
+def load_digits(as_: str = "arrays", scale: bool = True):
+    """scikit-learn's handwritten digits (1797 images of 8x8 pixels, 10 classes), offline.
+
+    as_: ``"arrays"`` -> numpy ``X`` (1797, 64) float32 and ``y`` (1797,) int64;
+         ``"tensors"`` -> the same as torch tensors; ``"images"`` -> ``X`` as a (1797, 1, 8, 8)
+         float32 tensor (for convolutions) and ``y`` an int64 tensor.
+    scale: divide the pixel values (0..16) by 16, so they lie in [0, 1].
+    """
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    _check_choice("as_", as_, ("arrays", "tensors", "images"))
+    d = _sk_load_digits()
+    X = d.data.astype(np.float32)
+    if scale:
+        X /= 16.0
+    y = d.target.astype(np.int64)
+    if as_ == "arrays":
+        return X, y
+    Xt, yt = _to_torch(X, y)
+    if as_ == "images":
+        Xt = Xt.reshape(-1, 1, 8, 8)
+    return Xt, yt
+
+
+def train_test_split_digits(test_size: float = 0.5, seed: int = 0, as_: str = "arrays", scale: bool = True):
+    """Stratified train/test split of the digits: ``X_train, X_test, y_train, y_test``.
+
+    Each class keeps (almost exactly) its share in both halves. ``as_`` as in :func:`load_digits`.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not isinstance(test_size, (float, int)) or isinstance(test_size, bool) or not 0 < test_size < 1:
+        raise ValueError(f"test_size must be a fraction strictly between 0 and 1 (e.g. 0.5), got {test_size!r}")
+    seed = _check_int("seed", seed, 0)
+    _check_choice("as_", as_, ("arrays", "tensors", "images"))
+    X, y = load_digits("arrays", scale=scale)
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
+    out = []
+    for idx in (idx_train, idx_test):
+        Xi, yi = X[idx], y[idx]
+        if as_ != "arrays":
+            Xi, yi = _to_torch(Xi, yi)
+            if as_ == "images":
+                Xi = Xi.reshape(-1, 1, 8, 8)
+        out.append((Xi, yi))
+    (Xtr, ytr), (Xte, yte) = out
+    return Xtr, Xte, ytr, yte
+
+
+# --------------------------------------------------------------------------- semi-supervised splits
+def labelled_split(y, k_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pick ``k_per_class`` labelled samples at random in every class; the rest are unlabelled.
+
+    Returns ``(labelled_idx, unlabelled_idx)``, both sorted int64 index arrays that together cover
+    ``range(len(y))`` once. The same ``seed`` gives the same split.
+    """
+    y = _as_label_array(y)
+    k = _check_int("k_per_class", k_per_class, 1)
+    seed = _check_int("seed", seed, 0)
+    if y.size == 0:
+        raise ValueError("y is empty: pass the labels of the samples to split")
+    classes, counts = np.unique(y, return_counts=True)
+    if k > counts.min():
+        c = classes[counts.argmin()]
+        raise ValueError(f"k_per_class={k} is larger than the smallest class (class {c} has {counts.min()} "
+                         f"samples): pass k_per_class <= {counts.min()}")
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(y == c), size=k, replace=False) for c in classes]
+    labelled = np.sort(np.concatenate(chosen)).astype(np.int64)
+    mask = np.ones(len(y), dtype=bool)
+    mask[labelled] = False
+    return labelled, np.flatnonzero(mask).astype(np.int64)
+
+
+def semi_supervised_targets(y, k_per_class: int, seed: int = 0) -> np.ndarray:
+    """A copy of ``y`` where every sample outside :func:`labelled_split` is ``-1`` (unlabelled).
+
+    This is scikit-learn's convention for ``SelfTrainingClassifier`` and ``LabelSpreading``.
+    """
+    y = _as_label_array(y)
+    labelled, unlabelled = labelled_split(y, k_per_class, seed)
+    y_semi = y.copy()
+    y_semi[unlabelled] = -1
+    return y_semi
+
+
+# --------------------------------------------------------------------------- generated sets
+def _finish(X: np.ndarray, y: np.ndarray, as_: str):
+    X, y = X.astype(np.float32), y.astype(np.int64)
+    return _to_torch(X, y) if as_ == "tensors" else (X, y)
+
+
+def two_moons(n: int = 200, noise: float = 0.1, seed: int = 0, as_: str = "arrays"):
+    """Two interleaving half circles (scikit-learn's ``make_moons``): ``X`` (n, 2) float32, ``y`` in {0, 1}."""
+    from sklearn.datasets import make_moons
+
+    n = _check_int("n", n, 2)
+    if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
+        raise ValueError(f"noise must be a standard deviation >= 0 (e.g. 0.1), got {noise!r}")
+    _check_choice("as_", as_, ("arrays", "tensors"))
+    X, y = make_moons(n_samples=n, noise=float(noise), random_state=_check_int("seed", seed, 0))
+    return _finish(X, y, as_)
+
+
+def blobs(n: int = 300, centers: int = 3, seed: int = 0, cluster_std: float = 1.0, n_features: int = 2,
+          as_: str = "arrays"):
+    """Gaussian blobs (scikit-learn's ``make_blobs``): ``X`` (n, n_features) float32, ``y`` the blob index."""
+    from sklearn.datasets import make_blobs
+
+    n = _check_int("n", n, 1)
+    centers = _check_int("centers", centers, 1)
+    n_features = _check_int("n_features", n_features, 1)
+    if not isinstance(cluster_std, (int, float)) or isinstance(cluster_std, bool) or cluster_std <= 0:
+        raise ValueError(f"cluster_std must be a positive number (e.g. 1.0), got {cluster_std!r}")
+    _check_choice("as_", as_, ("arrays", "tensors"))
+    X, y = make_blobs(n_samples=n, centers=centers, n_features=n_features, cluster_std=float(cluster_std),
+                      random_state=_check_int("seed", seed, 0))
+    return _finish(X, y, as_)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of the SplitMix64 generator: a cheap, well-mixed 64-bit hash of an integer."""
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _item_seed(seed: int, index: int) -> int:
+    # Hash (seed, index) so that neighbouring items get unrelated random streams.
+    return _splitmix64(_splitmix64(seed) ^ index) >> 1
+
+
+try:
+    from torch.utils.data import Dataset as _TorchDataset
+except ImportError:  # pragma: no cover - torch is a dependency; keep the arrays usable without it
+    _TorchDataset = object
+
+
+class RandomImages(_TorchDataset):
+    """A dataset of ``n`` random images (standard normal pixels) with random labels, for throughput work.
+
+    Item ``i`` is generated on demand from ``(seed, i)`` alone, so it is the same in every process,
+    every worker and every epoch, and the dataset holds no memory however large ``n`` is.
+    """
+
+    def __init__(self, n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10, seed: int = 0):
+        self.n = _check_int("n", n, 0)
+        if isinstance(shape, (int, np.integer)) or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
+            raise ValueError(f"shape must be a tuple of positive ints such as (3, 32, 32), got {shape!r}")
+        self.shape = tuple(int(s) for s in shape)
+        self.classes = _check_int("classes", classes, 1)
+        self.seed = _check_int("seed", seed, 0)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        import torch
+
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"index must be an int, got {type(index).__name__}") from None
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for RandomImages of length {self.n}")
+        g = torch.Generator().manual_seed(_item_seed(self.seed, index))
+        label = int(torch.randint(self.classes, (1,), generator=g).item())
+        return torch.randn(self.shape, generator=g), label
+
+    def __repr__(self) -> str:
+        return f"RandomImages(n={self.n}, shape={self.shape}, classes={self.classes}, seed={self.seed})"
+
+
+def random_images(n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10, seed: int = 0,
+                  as_: str = "tensors"):
+    """Random images for throughput work: ``as_="dataset"`` gives a lazy :class:`RandomImages`;
+    ``as_="tensors"`` materialises the same items as ``X`` (n, *shape) float32 and ``y`` (n,) int64."""
+    import torch
+
+    _check_choice("as_", as_, ("tensors", "dataset"))
+    ds = RandomImages(n, shape, classes, seed)
+    if as_ == "dataset":
+        return ds
+    X = torch.empty((ds.n, *ds.shape))
+    y = torch.empty(ds.n, dtype=torch.int64)
+    for i in range(ds.n):
+        X[i], y[i] = ds[i]
+    return X, y
+
+
+def tensor_dataset(X, y=None):
+    """A ``torch.utils.data.TensorDataset`` from arrays or tensors (features float32, labels int64)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    def as_tensor(a, dtype, what):
+        if not isinstance(a, (np.ndarray, torch.Tensor, list, tuple)):
+            raise TypeError(f"{what} must be a numpy array, a tensor or a list, got {type(a).__name__}")
+        return torch.as_tensor(np.asarray(a) if isinstance(a, (list, tuple)) else a).to(dtype)
+
+    Xt = as_tensor(X, torch.float32, "X")
+    if y is None:
+        return TensorDataset(Xt)
+    yt = as_tensor(y, torch.int64, "y")
+    if len(Xt) != len(yt):
+        raise ValueError(f"X and y must have the same length, got {len(Xt)} and {len(yt)}")
+    return TensorDataset(Xt, yt)
+
+
+# --------------------------------------------------------------------------- sharding
+def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                  drop_last: bool = False) -> list[int]:
+    """The sample indices that ``rank`` of ``world_size`` reads in ``epoch``, as DistributedSampler does.
+
+    1. Order: ``torch.randperm(n)`` seeded with ``seed + epoch`` when ``shuffle``, else ``0..n-1``.
+    2. Equal shares: with ``drop_last`` the tail is cut to a multiple of ``world_size``; without it
+       the order is padded by repeating its start, so some samples are read twice.
+    3. Rank ``r`` takes every ``world_size``-th index starting at position ``r``.
+
+    Forgetting to change ``epoch`` (``sampler.set_epoch``) gives every epoch the same order.
+    """
+    import torch
+
+    n = _check_int("n", n, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1} for world_size={world_size}, got {rank}")
+    seed, epoch = _check_int("seed", seed), _check_int("epoch", epoch, 0)
+    # drop_last: floor(n / w) each (torch writes it ceil((n - w) / w)); else ceil(n / w) each
+    per_rank = n // world_size if drop_last else math.ceil(n / world_size)
+    total = per_rank * world_size
+    if shuffle:
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    if drop_last:
+        order = order[:total]
+    elif total > n:
+        order = (order * math.ceil(total / n))[:total] if n else order
+    return order[rank:total:world_size]
+
+
+def shard_arrays(X, y, rank: int, world_size: int, **kwargs):
+    """``X[idx], y[idx]`` with ``idx = shard_indices(len(X), rank, world_size, **kwargs)``."""
+    if len(X) != len(y):
+        raise ValueError(f"X and y must have the same length, got {len(X)} and {len(y)}")
+    idx = shard_indices(len(X), rank, world_size, **kwargs)
+    if hasattr(X, "index_select"):  # torch tensors
+        import torch
+
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return X[t], y[t]
+    idx = np.asarray(idx, dtype=np.int64)
+    return np.asarray(X)[idx], np.asarray(y)[idx]
+
+
+# --------------------------------------------------------------------------- torchvision datasets
+class DatasetError(RuntimeError):
+    """A downloadable dataset could not be used; the message says what to do."""
+
+
+class DatasetUnavailable(DatasetError):
+    """The files are not on disk and could not (or may not) be downloaded."""
+
+
+class DatasetCorrupt(DatasetError):
+    """Files are on disk but do not match the published checksums or the expected format."""
+
+
+TORCHVISION_DATASETS = {
+    # key: (torchvision class name, channels, image size, train size, test size)
+    "mnist": ("MNIST", 1, 28, 60_000, 10_000),
+    "fashion-mnist": ("FashionMNIST", 1, 28, 60_000, 10_000),
+    "cifar10": ("CIFAR10", 3, 32, 50_000, 10_000),
+}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
+            "cifar_10": "cifar10"}
+
+
+def _dataset_key(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string such as 'mnist', got {type(name).__name__}")
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in TORCHVISION_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: pass one of {', '.join(map(repr, TORCHVISION_DATASETS))} "
+                         f"(or use load_digits() for the offline digits)")
+    return key
+
+
+def _tv_class(key: str):
+    import torchvision.datasets as tvd
+
+    return getattr(tvd, TORCHVISION_DATASETS[key][0])
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Where datasets live: ``root`` if given, else ``$LABKIT_DATA``, else the repository's ``datasets/``
+    (or ``~/.cache/labkit/datasets`` when labkit is installed outside a checkout)."""
+    if root is not None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(f"root must be a folder path (str or Path), got {type(root).__name__}")
+        return Path(root).expanduser()
+    if os.environ.get("LABKIT_DATA"):
+        return Path(os.environ["LABKIT_DATA"]).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "labkit").is_dir():
+        return repo / "datasets"
+    return Path.home() / ".cache" / "labkit" / "datasets"
+
+
+def expected_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The unpacked files torchvision reads for ``name`` (train and test together)."""
+    key, root = _dataset_key(name), data_root(root)
+    cls = _tv_class(key)
+    if key == "cifar10":
+        folder = root / cls.base_folder
+        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return [folder / f for f in names]
+    folder = root / cls.__name__ / "raw"
+    return [folder / f[: -len(".gz")] for f, _ in cls.resources]
+
+
+def _archives(key: str, root: Path) -> list[tuple[Path, str | None, str]]:
+    """(archive path, md5, url) of what torchvision downloads for ``key``."""
+    cls = _tv_class(key)
+    if key == "cifar10":
+        return [(root / cls.filename, cls.tgz_md5, cls.url)]
+    raw = root / cls.__name__ / "raw"
+    return [(raw / f, md5, cls.mirrors[0] + f) for f, md5 in cls.resources]
+
+
+def _md5(path: Path) -> str:
+    from torchvision.datasets.utils import calculate_md5
+
+    return calculate_md5(str(path))
+
+
+def _unpack_local_archives(key: str, root: Path, verify: bool) -> None:
+    """Unpack archives someone put on disk by hand (no network involved)."""
+    from torchvision.datasets.utils import extract_archive
+
+    files = expected_files(key, root)
+    for archive, md5, _ in _archives(key, root):
+        if not archive.is_file():
+            continue
+        targets = files if key == "cifar10" else [archive.with_suffix("")]
+        if all(t.is_file() for t in targets):
+            continue
+        if verify and md5 and _md5(archive) != md5:
+            raise DatasetCorrupt(f"{archive} does not match torchvision's md5 checksum ({md5}). Delete it and "
+                                 f"download it again; if you made it yourself (e.g. for a test), pass verify=False.")
+        extract_archive(str(archive), str(archive.parent))
+
+
+def _unavailable_message(key: str, root: Path, missing: list[Path], why: str) -> str:
+    cls_name = TORCHVISION_DATASETS[key][0]
+    lines = [f"{cls_name} is not in {root} ({len(missing)} file(s) missing, e.g. {missing[0]}) and {why}.",
+             "To use it without a network, download these files elsewhere and put them here:"]
+    for archive, _, url in _archives(key, root):
+        lines.append(f"  {archive}   <- {url}")
+    lines.append("labkit unpacks them itself on the next call. Or pass root=... / set $LABKIT_DATA to a folder "
+                 "that already holds them.")
+    lines.append("Meanwhile labkit.data.load_digits() works offline (scikit-learn ships the digits).")
+    return "\n".join(lines)
+
+
+def _make_dataset(key: str, root: Path, train: bool, verify: bool, download: bool):
+    cls = _tv_class(key)
+    if key == "cifar10" and not verify:
+        # torchvision's reader with its checksums switched off: check_integrity(path, None) only
+        # checks that a file exists. The archive's checksum still applies to a download.
+        cls = type("UncheckedCIFAR10", (cls,), {
+            "train_list": [[f, None] for f, _ in cls.train_list],
+            "test_list": [[f, None] for f, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+        })
+    return cls(root=str(root), train=train, download=download)
+
+
+def load_torchvision(name: str, root: str | os.PathLike | None = None, train: bool = True,
+                     download: bool | None = None, verify: bool = True, as_: str = "tensors",
+                     limit: int | None = None):
+    """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, from disk first, downloading if allowed.
+
+    name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
+    root: the folder holding datasets (default :func:`data_root`: ``$LABKIT_DATA`` or ``<repo>/datasets``).
+    download: ``None`` downloads missing files unless ``$LABKIT_OFFLINE`` is set; ``True`` always may;
+        ``False`` never touches the network.
+    verify: check CIFAR-10's files (and any archive) against torchvision's md5 checksums.
+    as_: ``"tensors"`` -> ``X`` (N, C, H, W) float32 in [0, 1] and ``y`` (N,) int64;
+         ``"dataset"`` -> the torchvision dataset object (PIL images, for transforms).
+    limit: keep only the first ``limit`` samples (tensors only), to save memory and time.
+
+    Raises :class:`DatasetUnavailable` (with the files to put where by hand) when the files are
+    missing and cannot be downloaded, :class:`DatasetCorrupt` when files on disk are damaged.
+    """
+    import torch
+
+    key = _dataset_key(name)
+    _check_choice("as_", as_, ("tensors", "dataset"))
+    for what, v in (("train", train), ("verify", verify)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{what} must be True or False, got {v!r}")
+    if download is not None and not isinstance(download, bool):
+        raise TypeError(f"download must be None (automatic), True or False, got {download!r}")
+    if limit is not None:
+        limit = _check_int("limit", limit, 1)
+        if as_ != "tensors":
+            raise ValueError("limit only applies to as_='tensors'; for a dataset use torch.utils.data.Subset")
+    root = data_root(root)
+
+    if root.is_dir():
+        _unpack_local_archives(key, root, verify)
+    missing = [p for p in expected_files(key, root) if not p.is_file()]
+    fetched = False
+    if missing:
+        offline = os.environ.get("LABKIT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+        if download is False or (download is None and offline):
+            why = ("download=False was passed" if download is False
+                   else "$LABKIT_OFFLINE is set, so labkit did not try to download it")
+            raise DatasetUnavailable(_unavailable_message(key, root, missing, why))
+        from urllib.error import URLError
+
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            ds = _make_dataset(key, root, train, verify, download=True)
+            fetched = True
+        except (URLError, OSError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DatasetUnavailable(_unavailable_message(
+                key, root, [p for p in missing if not p.is_file()],
+                f"the download failed ({type(e).__name__}: {first})")) from e
+    if not fetched:
+        if key == "cifar10" and verify:
+            cls = _tv_class(key)
+            sums = dict(cls.train_list + cls.test_list)
+            sums[cls.meta["filename"]] = cls.meta["md5"]
+            bad = [p.name for p in expected_files(key, root) if _md5(p) != sums[p.name]]
+            if bad:
+                raise DatasetCorrupt(
+                    f"CIFAR-10 files in {root / cls.base_folder} do not match torchvision's md5 checksums: "
+                    f"{', '.join(bad)}. Delete the folder to download it again; if you made these files "
+                    f"yourself (e.g. for a test), pass verify=False.")
+        try:
+            ds = _make_dataset(key, root, train, verify, download=False)
+        except (AssertionError, ValueError, TypeError, KeyError, EOFError, OSError, RuntimeError,
+                pickle.UnpicklingError) as e:
+            raise DatasetCorrupt(f"{TORCHVISION_DATASETS[key][0]} files in {root} could not be read "
+                                 f"({type(e).__name__}: {e}). Delete them and download again.") from e
+    if as_ == "dataset":
+        return ds
+    data = ds.data[:limit] if limit else ds.data
+    targets = ds.targets[:limit] if limit else ds.targets
+    if key == "cifar10":  # numpy (N, 32, 32, 3) uint8 -> (N, 3, 32, 32)
+        X = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
+    else:  # torch (N, 28, 28) uint8 -> (N, 1, 28, 28)
+        X = torch.as_tensor(data).unsqueeze(1)
+    return X.to(torch.float32).div_(255.0), torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+
+
+def local_datasets(root: str | os.PathLike | None = None) -> list[dict]:
+    """Which downloadable datasets are already unpacked under ``root`` (no network, no checksums)."""
+    root = data_root(root)
+    rows = []
+    for key, (cls_name, c, hw, n_train, n_test) in TORCHVISION_DATASETS.items():
+        files = expected_files(key, root)
+        rows.append({"dataset": key, "present": all(p.is_file() for p in files), "folder": str(files[0].parent),
+                     "shape": f"{c}x{hw}x{hw}", "train": n_train, "test": n_test})
+    return rows
+
+
+# --------------------------------------------------------------------------- headless quick path
+def tour() -> list[dict]:
+    """Quick self-checks of this module (no processes, no network, about a second)."""
+    from torch.utils.data import DistributedSampler
+
+    rows = []
+
+    def check(name, fn):
+        try:
+            ok, detail = fn()
+        except Exception as e:  # report, do not stop the tour
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        rows.append({"lab": "data", "check": name, "ok": bool(ok), "detail": detail})
+
+    def digits():
+        X, y = load_digits()
+        Xi, _ = load_digits(as_="images")
+        ok = X.shape == (1797, 64) and tuple(Xi.shape) == (1797, 1, 8, 8) and 0 <= X.min() and X.max() <= 1
+        return ok, f"X {X.shape} in [{X.min():.0f}, {X.max():.0f}], images {tuple(Xi.shape)}, {len(set(y))} classes"
+
+    def sharding():
+        cases = 0
+        for n in (10, 17):
+            for w in (2, 3, 4):
+                for drop_last in (False, True):
+                    for epoch in (0, 1):
+                        for r in range(w):
+                            s = DistributedSampler(range(n), num_replicas=w, rank=r, seed=3, drop_last=drop_last)
+                            s.set_epoch(epoch)
+                            if shard_indices(n, r, w, seed=3, epoch=epoch, drop_last=drop_last) != list(s):
+                                return False, f"differs at n={n}, world={w}, rank={r}, drop_last={drop_last}"
+                            cases += 1
+        return True, f"{cases} (n, world, rank, drop_last, epoch) cases identical"
+
+    def labelled():
+        _, _, ytr, _ = train_test_split_digits(0.5, seed=0)
+        lab, unlab = labelled_split(ytr, 5, seed=0)
+        counts = np.bincount(ytr[lab], minlength=10)
+        y_semi = semi_supervised_targets(ytr, 5, seed=0)
+        ok = (counts == 5).all() and len(lab) + len(unlab) == len(ytr) and (y_semi == -1).sum() == len(unlab)
+        return ok, f"{len(lab)} labelled (5 per class), {len(unlab)} unlabelled (-1)"
+
+    check("digits: (1797, 64) arrays and (1797, 1, 8, 8) images", digits)
+    check("shard_indices == DistributedSampler", sharding)
+    check("labelled_split: K=5 per class, rest -1", labelled)
+    return rows
