@@ -18,6 +18,8 @@ from .launcher import (  # noqa: F401
     shutdown_pools,
 )
 
+from . import checks, viz  # noqa: F401,E402  (labkit.checks.X in notebooks)
+
 __version__ = "0.1.0"
 
 
