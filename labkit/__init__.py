@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 
 def doctor(**kwargs):
     """Print what this machine can run (versions, CPUs, GPUs, backends) and return the report."""
-    from .doctor import doctor as _doctor
+    from .envcheck import doctor as _doctor
 
     return _doctor(**kwargs)

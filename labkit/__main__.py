@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return slides_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.cmd == "doctor":
-        from .doctor import doctor
+        from .envcheck import doctor
 
         return 0 if doctor(backends=not args.no_backends).ok else 1
     if args.cmd == "tour":

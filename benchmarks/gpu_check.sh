@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The prepared GPU check: doctor, tour and every benchmark on CUDA, in one go, in under ~8 minutes.
+# Usage (from the repository root, on a machine with at least one NVIDIA GPU):
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: gpu_results/
+# Each step's output goes to OUT_DIR/<step>.txt, and a summary to OUT_DIR/summary.txt; copy the figures,
+# with the device name, into benchmarks/README.md. Uses `python3` (or $PYTHON) with labkit from this checkout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-gpu_results}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+summary="$OUT/summary.txt"
+: > "$summary"
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name: $*" | tee -a "$summary"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "   rc=$rc, $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+  tail -n 25 "$OUT/$name.txt" >> "$summary"
+}
+step device        20 nvidia-smi
+step doctor        90 "$PY" -m labkit doctor
+step tour         120 "$PY" -m labkit tour
+step bench_launch  60 "$PY" -m labkit bench launch --quick
+step bench_collectives 90 "$PY" -m labkit bench collectives --quick
+step bench_ddp     60 "$PY" -m labkit bench ddp --quick
+step bench_pipeline 90 "$PY" -m labkit bench pipeline --quick
+echo "results in $OUT/ (summary: $summary)"
