@@ -7,9 +7,9 @@ import sys
 
 BENCHES = {
     "launch": "labkit.launch_bench",
-    "collectives": "labkit.collectives",
-    "ddp": "labkit.ddp",
-    "pipeline": "labkit.pipeline",
+    "collectives": "labkit.collectives_bench",
+    "ddp": "labkit.ddp_bench",
+    "pipeline": "labkit.pipeline_bench",
 }
 
 

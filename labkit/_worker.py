@@ -18,22 +18,18 @@ from multiprocessing.connection import Connection
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    try:  # Linux: the kernel sends SIGKILL when the parent thread exits
-        import ctypes
-        import signal
+    """Exit as soon as the parent (the notebook kernel, the test) is gone.
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-    def watch():  # portable fallback: poll the parent
+    A polling thread rather than prctl(PR_SET_PDEATHSIG): the latter fires when the *thread* that
+    started the rank exits, which would kill a pool created from a short-lived thread.
+    """
+    def watch():
         while True:
             if os.getppid() != parent_pid:
                 os._exit(1)
             time.sleep(0.5)
 
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=watch, daemon=True, name="labkit-parent-watch").start()
 
 
 def main() -> None:

@@ -267,3 +267,28 @@ def test_cli_run_without_torchrun():
     bad = subprocess.run([sys.executable, "-m", "labkit", "run", "labkit.tour"], capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     assert bad.returncode != 0 and "module:function" in bad.stderr
+
+
+def test_ranks_die_with_their_parent(tmp_path):
+    """A kernel that is killed (not interrupted) takes its ranks with it."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent("""
+        import time, labkit
+        pool = labkit.Pool(2, quiet=True, echo=False)
+        pool.run(lambda ctx: ctx.rank)
+        print("PIDS", *pool.pids, flush=True)
+        time.sleep(600)
+    """))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("PIDS"), line
+    pids = [int(x) for x in line.split()[1:]]
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    alive = pids
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
+                 open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, f"ranks {alive} outlived their parent"
