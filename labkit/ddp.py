@@ -55,18 +55,10 @@ def distributed_shards(n: int, world_size: int, epoch: int = 0, *, shuffle: bool
     if drop_last and n < world_size:
         raise ValueError(f"drop_last=True with {n} samples and {world_size} ranks leaves every rank empty; "
                          f"use drop_last=False (pads) or fewer ranks")
-    if shuffle:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    else:
-        order = list(range(n))
-    per_rank = n // world_size if drop_last else math.ceil(n / world_size)
-    total = per_rank * world_size
-    if total > n:  # pad by repeating from the start (repeat the whole list if it is very short)
-        order = (order * math.ceil(total / n))[:total]
-    order = order[:total]
-    return [order[r:total:world_size] for r in range(world_size)]
+    from .data import shard_indices  # one implementation, tested against DistributedSampler
+
+    return [shard_indices(n, r, world_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+            for r in range(world_size)]
 
 
 def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
