@@ -1,0 +1,499 @@
+"""Model parallelism by channels (tensor parallelism) for convolutions and linear layers.
+
+A convolution or linear layer ``y = W x + b`` can be cut across N ranks two ways:
+
+* **column** (split the *output* channels): rank r holds rows ``W[r]`` of the weight and computes
+  ``y[r] = W[r] x`` on the whole input; the slices are then gathered (``all_gather``) or handed,
+  still split, to a row-parallel layer.
+* **row** (split the *input* channels): rank r holds ``W[:, r]`` and the matching slice ``x[r]``
+  of the input, computes a partial result ``W[:, r] x[r]``; ``all_reduce`` sums the partials
+  (a convolution is linear in its input channels, so the sum is exact), then the bias is added.
+
+A column layer followed by a row layer needs **one** all-reduce in the forward pass and one in the
+backward pass (Megatron-LM's MLP, Shoeybi et al. 2019). :class:`TensorParallelConvBlock` applies it
+to a conv-BN-ReLU-conv block: this is the working version of the source article's
+``SplitConvBlock`` (:class:`ArticleSplitConvBlock`, reproduced faithfully, does not run).
+
+The collectives are written as four tiny autograd functions so their forward and backward are
+visible: :func:`copy_to_ranks` (identity / all-reduce), :func:`reduce_from_ranks`
+(all-reduce / identity), :func:`gather_channels` (all-gather / keep own slice),
+:func:`scatter_channels` (keep own slice / all-gather).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+__all__ = [
+    "copy_to_ranks", "reduce_from_ranks", "gather_channels", "scatter_channels", "shard_layer",
+    "ColumnParallel", "RowParallel", "conv_block", "TensorParallelConvBlock", "ArticleSplitConvBlock",
+    "article_block_error", "channel_worker", "run_channel_checks", "row_parallel_reference",
+    "check_row_parallel", "tour",
+]
+
+
+COMM_BYTES = {"all_reduce": 0, "all_gather": 0}  # payload bytes this process put into collectives
+
+
+def _count(kind: str, t: torch.Tensor) -> None:
+    COMM_BYTES[kind] += t.numel() * t.element_size()
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("channel-parallel layers need torch.distributed: run them inside labkit.launch(fn, world_size=N)")
+    return dist
+
+
+def _chunk(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    size = t.shape[dim]
+    if size % world:
+        raise ValueError(f"{size} channels do not split evenly over {world} ranks: pick a world size that divides {size}")
+    k = size // world
+    return t.narrow(dim, rank * k, k)
+
+
+class _CopyToRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        _count("all_reduce", g)
+        _dist().all_reduce(g)  # every rank used x: the gradients of its uses add up
+        return g
+
+
+class _ReduceFromRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous().clone()
+        _count("all_reduce", x)
+        _dist().all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g  # d(sum)/d(part) = 1: each rank's partial gets the whole gradient
+
+
+class _GatherChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        dist = _dist()
+        ctx.dim, ctx.rank, ctx.world = dim, dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        _count("all_gather", x)
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _chunk(g, ctx.dim, ctx.rank, ctx.world).contiguous(), None
+
+
+class _ScatterChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim):
+        dist = _dist()
+        ctx.dim, ctx.world = dim, dist.get_world_size()
+        return _chunk(x, dim, dist.get_rank(), ctx.world).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        parts = [torch.empty_like(g) for _ in range(ctx.world)]
+        _count("all_gather", g)
+        _dist().all_gather(parts, g.contiguous())
+        return torch.cat(parts, dim=ctx.dim), None
+
+
+def copy_to_ranks(x):
+    """Forward: identity (x is replicated). Backward: all-reduce the gradient."""
+    return _CopyToRanks.apply(x)
+
+
+def reduce_from_ranks(x):
+    """Forward: all-reduce (sum the partial results). Backward: identity."""
+    return _ReduceFromRanks.apply(x)
+
+
+def gather_channels(x, dim: int = 1):
+    """Forward: all-gather the channel slices and concatenate. Backward: keep this rank's slice."""
+    return _GatherChannels.apply(x, dim)
+
+
+def scatter_channels(x, dim: int = 1):
+    """Forward: keep this rank's channel slice. Backward: all-gather the gradient slices."""
+    return _ScatterChannels.apply(x, dim)
+
+
+def _check_layer(layer):
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"expected an nn.Conv2d or nn.Linear to shard, got {type(layer).__name__}")
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        raise ValueError(f"only groups=1 convolutions can be channel-split here, got groups={layer.groups}")
+
+
+def _check_rank(rank, world):
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world size must be a positive integer, got {world!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
+
+
+def shard_layer(layer: nn.Module, mode: str, rank: int, world: int, bias: bool = True) -> nn.Module:
+    """A new Conv2d/Linear holding rank ``rank``'s slice of ``layer``'s weights (copied).
+
+    ``mode="column"`` keeps output channels ``rank*k:(rank+1)*k`` (and that slice of the bias);
+    ``mode="row"`` keeps input channels ``rank*k:(rank+1)*k`` and no bias (the bias is added once,
+    after the partial results are summed).
+    """
+    _check_layer(layer)
+    _check_rank(rank, world)
+    if mode not in ("column", "row"):
+        raise ValueError(f"mode must be 'column' (split outputs) or 'row' (split inputs), got {mode!r}")
+    w = layer.weight.detach()
+    w = _chunk(w, 0 if mode == "column" else 1, rank, world)
+    b = layer.bias.detach() if (layer.bias is not None and mode == "column" and bias) else None
+    if b is not None:
+        b = _chunk(b, 0, rank, world)
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    else:
+        new = nn.Conv2d(w.shape[1], w.shape[0], layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                        dilation=layer.dilation, bias=b is not None, padding_mode=layer.padding_mode, device="meta")
+    new.weight = nn.Parameter(w.clone())
+    if b is not None:
+        new.bias = nn.Parameter(b.clone())
+    return new
+
+
+class ColumnParallel(nn.Module):
+    """An ``nn.Conv2d`` or ``nn.Linear`` with its output channels split over the ranks.
+
+    Built from the full layer (each rank copies its slice). Input: the whole tensor, the same on
+    every rank. Output: the whole result (``gather_output=True``, one all-gather) or this rank's
+    slice of channels (``False``, to feed a :class:`RowParallel`).
+    """
+
+    def __init__(self, layer: nn.Module, rank: int, world: int, gather_output: bool = True):
+        super().__init__()
+        self.local = shard_layer(layer, "column", rank, world)
+        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.gather_output = gather_output
+
+    def forward(self, x):
+        y = self.local(copy_to_ranks(x))
+        return gather_channels(y, self.dim) if self.gather_output else y
+
+
+class RowParallel(nn.Module):
+    """An ``nn.Conv2d`` or ``nn.Linear`` with its input channels split over the ranks.
+
+    Input: this rank's channel slice (``input_is_split=True``, e.g. from a ``ColumnParallel``
+    with ``gather_output=False``) or the whole tensor (``False``: each rank takes its slice).
+    Output: the whole result on every rank (one all-reduce), bias added once after the sum.
+    """
+
+    def __init__(self, layer: nn.Module, rank: int, world: int, input_is_split: bool = True):
+        super().__init__()
+        self.local = shard_layer(layer, "row", rank, world)
+        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.input_is_split = input_is_split
+        self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
+        self._conv = isinstance(layer, nn.Conv2d)
+
+    def forward(self, x):
+        if not self.input_is_split:
+            x = scatter_channels(x, self.dim)
+        y = reduce_from_ranks(self.local(x))
+        if self.bias is not None:
+            y = y + (self.bias.view(1, -1, 1, 1) if self._conv else self.bias)
+        return y
+
+
+def conv_block(inplanes: int = 16, mid: int = 32, planes: int = 16) -> nn.Sequential:
+    """The unsplit reference block: 1x1 conv (in -> mid), BN, ReLU, 3x3 conv (mid -> planes), BN, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(inplanes, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.Conv2d(mid, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(),
+    )
+
+
+def _shard_bn(bn: nn.BatchNorm2d, rank: int, world: int) -> nn.BatchNorm2d:
+    """BatchNorm normalises each channel on its own, so a channel slice of it is exact."""
+    k = bn.num_features // world
+    new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+    with torch.no_grad():
+        sl = slice(rank * k, (rank + 1) * k)
+        if bn.affine:
+            new.weight.copy_(bn.weight[sl])
+            new.bias.copy_(bn.bias[sl])
+        new.running_mean.copy_(bn.running_mean[sl])
+        new.running_var.copy_(bn.running_var[sl])
+    new.train(bn.training)
+    return new
+
+
+class TensorParallelConvBlock(nn.Module):
+    """:func:`conv_block` split over the ranks by its ``mid`` channels: the article's idea, done right.
+
+    1x1 conv column-parallel (each rank makes ``mid/N`` channels, no communication), its BN and
+    ReLU on the local channels (exact: both work channel by channel), 3x3 conv row-parallel
+    (partial sums), one all-reduce, then the last BN and ReLU replicated. Equals the unsplit
+    block, forward and backward; the big weights and the ``mid``-channel activation are 1/N per rank.
+    """
+
+    def __init__(self, block: nn.Sequential, rank: int, world: int):
+        super().__init__()
+        conv_a, bn_a, _, conv_b, bn_b, _ = block
+        self.col = ColumnParallel(conv_a, rank, world, gather_output=False)
+        self.bn_a = _shard_bn(bn_a, rank, world)
+        self.row = RowParallel(conv_b, rank, world, input_is_split=True)
+        self.bn_b = copy.deepcopy(bn_b)
+
+    def forward(self, x):
+        h = F.relu(self.bn_a(self.col(x)))
+        return F.relu(self.bn_b(self.row(h)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The source article's block, reproduced as published (source-article-zh.md), and why it fails
+# ---------------------------------------------------------------------------------------------
+class ArticleSplitConvBlock(nn.Module):
+    """Verbatim from the source article (only ``super()`` shortened). It does not run: see
+    :func:`article_block_error`."""
+
+    def __init__(self, inplanes, planes, split_ratio):
+        super().__init__()
+        assert isinstance(split_ratio, float), 'Split ratio must be float.'
+        mid_planes = int(inplanes * split_ratio)
+        self.left_branch = nn.Sequential(
+            nn.Conv2d(inplanes, mid_planes, kernel_size=1, bias=False),
+            nn.BatchNorm2d(mid_planes),
+            nn.ReLU(),
+            nn.Conv2d(mid_planes, planes, kernel_size=3, padding=1, groups=mid_planes),
+            nn.BatchNorm2d(planes),
+            nn.ReLU()
+        )
+        self.right_branch = nn.Sequential(
+            nn.Conv2d(inplanes, planes, kernel_size=3, padding=1),
+            nn.BatchNorm2d(planes),
+            nn.ReLU()
+        )
+
+    def forward(self, x):
+        left = self.left_branch(x[:, :self.left_branch[-2].out_channels])
+        right = self.right_branch(x[:, self.left_branch[-2].out_channels:])
+        return torch.cat([left, right], dim=1)
+
+
+def article_block_error(inplanes: int = 64, planes: int = 64, patched: bool = False) -> str:
+    """Run the article's block on a small input and return the error it raises, as text.
+
+    ``patched=True`` first repairs the obvious typo (``[-2]`` is a BatchNorm, which has no
+    ``out_channels``; ``[-3]`` is the conv) to show the second, deeper error: the branches are
+    given channel slices of ``x`` but their first convolutions were built for all of ``x``.
+    Returns ``"no error"`` if it runs (it does not).
+    """
+    blk = ArticleSplitConvBlock(inplanes, planes, 0.5)
+    x = torch.randn(2, inplanes, 8, 8)
+    try:
+        if patched:
+            k = blk.left_branch[-3].out_channels
+            left = blk.left_branch(x[:, :k])
+            right = blk.right_branch(x[:, k:])
+            torch.cat([left, right], dim=1)
+        else:
+            blk(x)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    return "no error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed equivalence checks and measurements
+# ---------------------------------------------------------------------------------------------
+def _saved_bytes(fn, exclude=None):
+    from .sliced import _saved_bytes as sb
+
+    return sb(fn, exclude)
+
+
+def _pbytes(m):
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def channel_worker(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: int = 8) -> dict:
+    """Lab function: on every rank, compare each channel-split layer with the unsplit one.
+
+    Cases: column conv (gathered), row conv (input split by the layer), column linear, row
+    linear, column->row linear pair, and :class:`TensorParallelConvBlock`. For each: max abs error
+    of the output, of the input gradient, and of this rank's parameter gradients against the
+    matching slice of the full layer's (relative to the largest reference value); plus parameter bytes and saved activation bytes of the
+    split version and of the full one, measured on this rank, and the bytes it put into collectives
+    (forward and backward, counted in the autograd functions).
+    """
+    torch.manual_seed(seed)
+    c = channels
+    x_img = torch.randn(batch, c, side, side)
+    x_vec = torch.randn(batch, c)
+    full = {
+        "column conv": nn.Conv2d(c, 2 * c, 3, padding=1),
+        "row conv": nn.Conv2d(2 * c, c, 3, padding=1),
+        "column linear": nn.Linear(c, 4 * c),
+        "row linear": nn.Linear(4 * c, c),
+        "column->row linears": nn.Sequential(nn.Linear(c, 4 * c), nn.ReLU(), nn.Linear(4 * c, c)),
+        "TP conv block": conv_block(c, 2 * c, c),
+    }
+    inputs = {"column conv": x_img, "row conv": torch.randn(batch, 2 * c, side, side), "column linear": x_vec,
+              "row linear": torch.randn(batch, 4 * c), "column->row linears": x_vec, "TP conv block": x_img}
+    r, n = ctx.rank, ctx.world_size
+    out = {"rank": r, "world": n, "cases": []}
+    for name, ref in full.items():
+        ref.train()
+        if name.startswith("column") and "->" not in name:
+            par = ColumnParallel(ref, r, n)
+        elif name.startswith("row"):
+            par = RowParallel(ref, r, n, input_is_split=False)
+        elif name == "column->row linears":
+            par = nn.Sequential(ColumnParallel(ref[0], r, n, gather_output=False), nn.ReLU(), RowParallel(ref[2], r, n))
+        else:
+            par = TensorParallelConvBlock(ref, r, n)
+        x = inputs[name]
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        COMM_BYTES.update(all_reduce=0, all_gather=0)
+        ya, saved_full = _saved_bytes(lambda: ref(xa), ref)
+        yb, saved_par = _saved_bytes(lambda: par(xb), par)
+        w = torch.randn_like(ya)  # a random upstream gradient, the same on every rank
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        grad_err = _param_grad_err(ref, par, r, n)
+        out["cases"].append({
+            "case": name, "out_err": _rel(yb, ya), "xgrad_err": _rel(xb.grad, xa.grad),
+            "wgrad_err": grad_err, "full_param_bytes": _pbytes(ref), "param_bytes": _pbytes(par),
+            "full_saved_bytes": saved_full, "saved_bytes": saved_par,
+            "comm_bytes": COMM_BYTES["all_reduce"] + COMM_BYTES["all_gather"], "in_bytes": x.numel() * x.element_size(),
+            "out_bytes": ya.numel() * ya.element_size(),
+        })
+    return out
+
+
+def _param_grad_err(ref, par, r, n) -> float:
+    """Compare each sharded parameter's gradient with the right slice of the full gradient."""
+    pairs = []
+    if isinstance(par, ColumnParallel):
+        pairs += [(par.local.weight, ref.weight, 0), (par.local.bias, ref.bias, 0)]
+    elif isinstance(par, RowParallel):
+        pairs += [(par.local.weight, ref.weight, 1), (par.bias, ref.bias, None)]
+    elif isinstance(par, TensorParallelConvBlock):
+        pairs += [(par.col.local.weight, ref[0].weight, 0), (par.bn_a.weight, ref[1].weight, 0),
+                  (par.bn_a.bias, ref[1].bias, 0), (par.row.local.weight, ref[3].weight, 1),
+                  (par.bn_b.weight, ref[4].weight, None), (par.bn_b.bias, ref[4].bias, None)]
+    else:  # column -> row linears
+        pairs += [(par[0].local.weight, ref[0].weight, 0), (par[0].local.bias, ref[0].bias, 0),
+                  (par[2].local.weight, ref[2].weight, 1), (par[2].bias, ref[2].bias, None)]
+    err = 0.0
+    for p, q, dim in pairs:
+        if p is None:
+            continue
+        g = q.grad if dim is None else _chunk(q.grad, dim, r, n)
+        err = max(err, _rel(p.grad, g))
+    return err
+
+
+def _rel(a, b) -> float:
+    """Max abs difference relative to the reference's largest magnitude (scale-free)."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float = 120, **kw) -> list[dict]:
+    """Launch :func:`channel_worker` and return one row per case with the worst relative error over ranks
+    and rank 0's parameter and activation bytes as a fraction of the unsplit layer's."""
+    import labkit
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    res = labkit.launch(channel_worker, world_size=world_size, kwargs=kw, pool=pool, timeout=timeout, echo=False)
+    rows = []
+    for i, c0 in enumerate(res[0]["cases"]):
+        cs = [rr["cases"][i] for rr in res]
+        rows.append({
+            "case": c0["case"], "ranks": world_size,
+            "max_err": max(max(c["out_err"], c["xgrad_err"], c["wgrad_err"]) for c in cs),
+            "params/rank": c0["param_bytes"] / c0["full_param_bytes"],
+            "saved/rank": c0["saved_bytes"] / c0["full_saved_bytes"],
+            "param_kB": c0["param_bytes"] / 1e3, "full_param_kB": c0["full_param_bytes"] / 1e3,
+            "comm_kB/rank": c0["comm_bytes"] / 1e3, "input_kB": c0["in_bytes"] / 1e3, "output_kB": c0["out_bytes"] / 1e3,
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Exercise support
+# ---------------------------------------------------------------------------------------------
+def row_parallel_reference(x: torch.Tensor, conv: nn.Conv2d, world: int) -> torch.Tensor:
+    """Single-process simulation of a row-parallel conv: split the input channels into ``world``
+    slices, convolve each with its weight slice, sum the partials, add the bias once."""
+    _check_layer(conv)
+    total = None
+    for r in range(world):
+        w = _chunk(conv.weight, 1, r, world)
+        part = F.conv2d(_chunk(x, 1, r, world), w, None, conv.stride, conv.padding, conv.dilation)
+        total = part if total is None else total + part
+    if conv.bias is not None:
+        total = total + conv.bias.view(1, -1, 1, 1)
+    return total
+
+
+def check_row_parallel(fn):
+    """Exercise check: ``fn(x, conv, world)`` must equal ``conv(x)`` by summing per-slice partials."""
+    from .checks import expect_close, run_cases
+
+    def case(cin, cout, world, bias, k):
+        def thunk():
+            torch.manual_seed(cin * 7 + world)
+            conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
+            x = torch.randn(2, cin, 6, 6)
+            with torch.no_grad():
+                got = fn(x, conv, world)
+                expect_close(got, conv(x), rtol=1e-4, atol=1e-5, what=f"{world}-way row split of Conv2d({cin},{cout},{k})")
+        return thunk
+
+    cases = [(f"Conv2d({ci}->{co}, k={k}, bias={b}) over {w} ranks", case(ci, co, w, b, k))
+             for ci, co, w, b, k in [(4, 3, 2, False, 1), (8, 5, 4, True, 3), (6, 6, 3, True, 3), (4, 2, 1, True, 3)]]
+    return run_cases("row-parallel convolution", cases,
+                     hint="slice x[:, r*k:(r+1)*k] and conv.weight[:, r*k:(r+1)*k]; add the bias once, after the sum")
+
+
+def tour() -> list[dict]:
+    """Quick checks for channel slicing (one 2-rank launch)."""
+    rows = []
+    try:
+        err = article_block_error()
+        rows.append({"lab": "03 model parallel", "check": "the article's SplitConvBlock fails as published",
+                     "ok": err.startswith("AttributeError"), "detail": err})
+    except Exception as e:
+        rows.append({"lab": "03 model parallel", "check": "the article's SplitConvBlock fails as published",
+                     "ok": False, "detail": repr(e)})
+    try:
+        res = run_channel_checks(2, pool=True)
+        worst = max(r["max_err"] for r in res)
+        # column layers hold exactly 1/N; row layers and the block also keep a small replicated
+        # bias / last BatchNorm, so allow 2% above 1/N
+        ratio = max(r["params/rank"] for r in res)
+        rows.append({"lab": "03 model parallel",
+                     "check": "column/row conv and linear + TP conv block == unsplit (fwd, bwd), 2 ranks",
+                     "ok": worst < 1e-5 and ratio <= 0.52,
+                     "detail": f"max err {worst:.1e}; params per rank <= {ratio:.2f} of unsplit"})
+    except Exception as e:
+        rows.append({"lab": "03 model parallel", "check": "channel-split layers == unsplit, 2 ranks",
+                     "ok": False, "detail": f"{type(e).__name__}: {e}"})
+    return rows

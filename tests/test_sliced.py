@@ -1,0 +1,248 @@
+"""Lab 03: stage slicing and channel slicing equal the unsliced model (gloo, 2-4 ranks)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import labkit
+from labkit import sliced
+from labkit import sliced_channels as sc
+from labkit.sliced import (StagedModel, balance_from_boundaries, boundaries_from_balance, build_model,
+                           candidate_boundaries, even_boundaries, flatten_resnet, small_resnet, split_costs,
+                           split_stages)
+
+
+def _grads(m):
+    return {n: p.grad.clone() for n, p in flatten_resnet(m).named_parameters()}
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# ------------------------------------------------------------------ flattening and splitting
+@pytest.mark.parametrize("name,n_layers", [("small", 11), ("resnet18", 15), ("resnet50", 23)])
+def test_flatten_equals_model(name, n_layers):
+    model = build_model(name).eval()
+    flat = flatten_resnet(model)
+    assert len(flat) == n_layers
+    assert candidate_boundaries(model) == list(range(1, n_layers))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(flat(x), model(x), rtol=0, atol=0)
+    # parameters are shared, not copied
+    assert {id(p) for p in flat.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_build_model_is_deterministic_and_small_resnet_shape():
+    a, b = build_model("small", seed=3), build_model("small", seed=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert small_resnet(num_classes=7)(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("name,bounds", [("small", [4, 7]), ("resnet18", [5, 10])])
+def test_staged_model_equals_unsliced_forward_and_backward(name, bounds):
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)  # torchvision ResNets accept 32x32 too (1x1 after layer4)
+    stages = split_stages(model, bounds)
+    assert len(stages) == len(bounds) + 1
+    assert sum(len(s) for s in stages) == len(flatten_resnet(model))
+    staged = StagedModel(stages, ["cpu"] * len(stages))
+    out, out_ref = staged(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+    assert len(staged.transfer_bytes) == len(bounds)
+    out.logsumexp(1).sum().backward()
+    out_ref.logsumexp(1).sum().backward()
+    ga, gb = _grads(model), _grads(ref)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        assert _rel(ga[k], gb[k]) < 1e-5, k
+    # stage parameter names match the flattened model's names
+    names = [n for s in stages for n, _ in s.named_parameters()]
+    assert names == [n for n, _ in flatten_resnet(model).named_parameters()]
+
+
+def test_boundary_helpers():
+    assert boundaries_from_balance([3, 4, 5]) == [3, 7]
+    assert balance_from_boundaries([3, 7], 12) == [3, 4, 5]
+    assert even_boundaries(15, 3) == [5, 10]
+    assert even_boundaries(11, 1) == []
+    with pytest.raises(ValueError, match="positive layer counts"):
+        boundaries_from_balance([3, 0])
+    with pytest.raises(ValueError, match="n_stages"):
+        even_boundaries(5, 6)
+
+
+@pytest.mark.parametrize("bounds,err,msg", [
+    ([0], ValueError, "out of range"),
+    ([11], ValueError, "out of range"),
+    ([-2], ValueError, "out of range"),
+    ([7, 4], ValueError, "strictly increasing"),
+    ([4, 4], ValueError, "strictly increasing"),
+    (list(range(1, 12)), ValueError, "only 11 layers"),
+    ([2.5], TypeError, "integers"),
+    (5, TypeError, "list of layer indices"),
+])
+def test_bad_split_points(bounds, err, msg):
+    with pytest.raises(err, match=msg):
+        split_stages(small_resnet(), bounds)
+
+
+def test_bad_models_and_devices():
+    with pytest.raises(TypeError, match="ResNet"):
+        flatten_resnet(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="ResNet"):
+        flatten_resnet("resnet18")
+    with pytest.raises(ValueError, match="one of"):
+        build_model("vgg16")
+    with pytest.raises(ValueError, match="one device per stage"):
+        StagedModel(split_stages(small_resnet(), [4]), ["cpu"])
+    with pytest.raises(ValueError, match="batch"):
+        sliced.run_staged("small", [4], batch=0)
+
+
+def test_split_costs_counts_exact_tensors():
+    model = small_resnet().train()
+    shape = (4, 3, 32, 32)
+    rows = split_costs(model, [4, 7], shape)
+    assert [r["stage"] for r in rows] == [0, 1, 2]
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(r["params"] for r in rows) == total
+    # the activation crossing boundary 4 is the stem's output, 16 channels at 32x32, float32
+    assert rows[0]["send_MB"] == pytest.approx(4 * 16 * 32 * 32 * 4 / 1e6)
+    with torch.no_grad():
+        h = flatten_resnet(model)[:7](torch.randn(*shape))
+    assert rows[1]["send_MB"] == pytest.approx(h.numel() * 4 / 1e6)
+    assert rows[2]["send_MB"] == 0 and all(r["saved_MB"] > 0 for r in rows)
+    # moving a boundary later moves parameters into the earlier stage
+    later = split_costs(model, [5, 7], shape)
+    assert later[0]["params"] > rows[0]["params"] and later[1]["params"] < rows[1]["params"]
+    # a batch twice as big sends and saves twice as much
+    big = split_costs(model, [4, 7], (8, 3, 32, 32))
+    assert big[0]["send_MB"] == pytest.approx(2 * rows[0]["send_MB"])
+    for a, b in zip(big, rows):  # activations only (weights excluded): proportional to the batch
+        assert a["saved_MB"] == pytest.approx(2 * b["saved_MB"], rel=0.02)  # BN's per-channel stats do not grow
+
+
+# ------------------------------------------------------------------ one process per stage
+@pytest.mark.timeout(240)
+def test_send_recv_stages_equal_unsliced():
+    for model, bounds, size in [("small", [5], None), ("resnet18", [6], 32), ("resnet50", [9], 32)]:
+        r = sliced.run_staged(model, bounds, batch=2, pool=True, image_size=size)
+        assert r["max_output_err"] < 1e-5, model
+        assert r["max_grad_rel"] < 1e-5, model
+        assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
+        ranks = r["ranks"]
+        # each rank holds only its stage's parameters; together they hold the whole model
+        full = sliced.param_bytes(flatten_resnet(build_model(model)))
+        assert sum(x["param_bytes"] for x in ranks) == full
+        assert all(x["param_bytes"] < full for x in ranks)
+        # what rank 0 sends forward equals what rank 1 receives; the gradient comes back the same size
+        assert ranks[0]["sent_bytes"] == ranks[1]["recv_bytes"] > 0
+        assert ranks[1]["sent_bytes"] == ranks[1]["recv_bytes"]
+    # a module (not a name) is pickled to the ranks; its class count is read from the model
+    torch.manual_seed(0)
+    r = sliced.run_staged(small_resnet(num_classes=5), [3], batch=2, pool=True)
+    assert r["max_output_err"] < 1e-5 and r["max_grad_rel"] < 1e-5
+    assert r["ranks"][-1]["output"].shape == (2, 5)
+
+
+@pytest.mark.timeout(240)
+def test_four_stages_and_world_size_mismatch():
+    r = sliced.run_staged("small", [3, 6, 9], batch=3, pool=True)
+    assert r["max_output_err"] < 1e-5 and r["max_grad_rel"] < 1e-5
+    assert [x["layers"][0] for x in r["ranks"]] == ["conv1", "maxpool", "layer3_0", "flatten"]
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with pytest.raises(labkit.RankError) as e:
+        labkit.launch(sliced.stage_worker, world_size=2, args=("small", [3, 6], x, y), pool=True, echo=False)
+    assert "world_size=3" in str(e.value) or "world_size=3" in "".join(e.value.tracebacks.values())
+
+
+# ------------------------------------------------------------------ channel slicing
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", [2, 4])
+def test_channel_split_layers_equal_unsplit(world):
+    rows = sc.run_channel_checks(world, pool=True)
+    assert {r["case"] for r in rows} == {"column conv", "row conv", "column linear", "row linear",
+                                         "column->row linears", "TP conv block"}
+    for r in rows:
+        assert r["max_err"] < 1e-5, r
+        # parameters per rank fall as 1/N (row layers keep one replicated bias; the block its last BN)
+        assert 1 / world <= r["params/rank"] <= 1 / world + 0.02, r
+    col = next(r for r in rows if r["case"] == "column conv")
+    assert col["params/rank"] == pytest.approx(1 / world)
+    rowc = next(r for r in rows if r["case"] == "row conv")
+    assert rowc["saved/rank"] == pytest.approx(1 / world)  # it saves only its input slice
+    # communication, counted: the TP block all-reduces its output forward and the input gradient backward
+    blk = next(r for r in rows if r["case"] == "TP conv block")
+    assert blk["comm_kB/rank"] == pytest.approx(blk["output_kB"] + blk["input_kB"])
+    # a gathered column layer all-gathers its 1/N output slice forward; backward all-reduces the input grad
+    assert col["comm_kB/rank"] == pytest.approx(col["output_kB"] / world + col["input_kB"])
+
+
+def test_shard_layer_and_bad_input():
+    conv = nn.Conv2d(6, 4, 3)
+    a = sc.shard_layer(conv, "column", 1, 2)
+    assert torch.equal(a.weight, conv.weight[2:4]) and torch.equal(a.bias, conv.bias[2:4])
+    b = sc.shard_layer(conv, "row", 2, 3)
+    assert torch.equal(b.weight, conv.weight[:, 4:6]) and b.bias is None
+    with pytest.raises(ValueError, match="evenly"):
+        sc.shard_layer(conv, "column", 0, 3)
+    with pytest.raises(ValueError, match="mode"):
+        sc.shard_layer(conv, "diagonal", 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        sc.shard_layer(conv, "row", 2, 2)
+    with pytest.raises(TypeError, match="Conv2d or nn.Linear"):
+        sc.shard_layer(nn.ReLU(), "row", 0, 2)
+    with pytest.raises(ValueError, match="groups"):
+        sc.shard_layer(nn.Conv2d(4, 4, 3, groups=2), "row", 0, 2)
+    with pytest.raises(RuntimeError, match="labkit.launch"):
+        sc.ColumnParallel(nn.Linear(4, 4), 0, 2)(torch.randn(2, 4))
+
+
+def test_article_block_fails_and_patch_fails_too():
+    assert sc.article_block_error().startswith("AttributeError: 'BatchNorm2d' object has no attribute 'out_channels'")
+    assert "channels" in sc.article_block_error(patched=True)
+    assert sc.article_block_error(patched=True).startswith("RuntimeError")
+
+
+def test_row_parallel_exercise_check():
+    assert sc.check_row_parallel(sc.row_parallel_reference).passed
+
+    def bias_every_rank(x, conv, world):  # a classic mistake: the bias is added N times
+        parts = [nn.functional.conv2d(x.chunk(world, 1)[r], conv.weight.chunk(world, 1)[r],
+                                      conv.bias, conv.stride, conv.padding) for r in range(world)]
+        return sum(parts)
+
+    res = sc.check_row_parallel(bias_every_rank)
+    assert res.attempted and not res.passed
+
+    def stub(x, conv, world):
+        raise NotImplementedError
+
+    res = sc.check_row_parallel(stub)
+    assert not res.attempted and not res.passed
+
+
+def test_stage_params_exercise_check():
+    def right(model, boundaries):
+        return [sum(p.numel() for p in s.parameters()) for s in split_stages(model, boundaries)]
+
+    def off_by_one(model, boundaries):
+        return right(model, [b + 1 for b in boundaries])
+
+    assert sliced.check_stage_params(right).passed
+    assert not sliced.check_stage_params(off_by_one).passed
+
+
+@pytest.mark.timeout(240)
+def test_tour():
+    rows = sliced.tour()
+    assert len(rows) == 4
+    for r in rows:
+        assert set(r) == {"lab", "check", "ok", "detail"}
+        assert r["ok"], r
