@@ -1,0 +1,345 @@
+"""Measuring collectives: timing on real ranks, nccl-tests bandwidths, and the latency-bandwidth cost model.
+
+Bandwidth as nccl-tests defines it (NVIDIA/nccl-tests, doc/PERFORMANCE.md)::
+
+    algbw = S / t                      S: bytes of the tensor, t: time of one collective
+    busbw = algbw * 2(n-1)/n           all-reduce
+    busbw = algbw * (n-1)/n            reduce-scatter, all-gather (S: the full, gathered size)
+
+busbw is the rate at which the busiest link carries data, so it can be compared across world sizes
+and with the hardware's peak.
+
+The alpha-beta model: a message of m bytes costs ``alpha + m * beta`` (alpha: latency, seconds;
+beta: seconds per byte). :func:`cost_terms` counts, for each algorithm, the messages and bytes on its
+critical path, so ``predict_time = a * alpha + b * beta``. :func:`fit_alpha_beta` fits alpha and beta
+to measured times (point-to-point ping-pong, or the algorithms themselves) by least squares on
+relative error. The model leaves out the reduction arithmetic and, on a small CPU, the ranks
+competing for cores; the notebook shows where that matters.
+
+``python -m labkit bench collectives`` calls :func:`bench_main`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from .collectives import ALGORITHMS, _check_world_size, _hd_layout, all_gather, all_reduce, reduce_scatter
+
+LIBRARY = "library"  # torch.distributed's own all_reduce (gloo's or NCCL's algorithm)
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+              "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
+MODELLED = ALGORITHMS + ("ring_pipelined", "p2p", "reduce_scatter", "all_gather")
+
+
+def bus_factor(collective: str, world_size: int) -> float:
+    """nccl-tests' busbw / algbw ratio for ``collective`` on ``world_size`` ranks."""
+    if collective not in BUS_FACTOR:
+        raise ValueError(f"unknown collective {collective!r}; pass one of {sorted(BUS_FACTOR)}")
+    return BUS_FACTOR[collective](_check_world_size(world_size))
+
+
+def bandwidths(nbytes: float, seconds: float, collective: str = "all_reduce", world_size: int = 2) -> dict:
+    """``{"algbw": bytes/s, "busbw": bytes/s}`` as nccl-tests computes them."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    algbw = nbytes / seconds
+    return {"algbw": algbw, "busbw": algbw * bus_factor(collective, world_size)}
+
+
+def cost_terms(algorithm: str, nbytes: float, world_size: int) -> tuple[float, float]:
+    """``(a, b)`` such that the alpha-beta model predicts ``a * alpha + b * beta`` seconds."""
+    n = _check_world_size(world_size)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+    S = float(nbytes)
+    if algorithm == "p2p":
+        return 1.0, S
+    if n == 1:
+        return 0.0, 0.0
+    if algorithm == "naive":  # rank 0 receives n-1 tensors one after another, then sends n-1
+        return 2.0 * (n - 1), 2.0 * (n - 1) * S
+    if algorithm == "tree":  # ceil(log2 n) rounds up, as many down, whole tensor each
+        L = (n - 1).bit_length()
+        return 2.0 * L, 2.0 * L * S
+    if algorithm in ("ring", "ring_pipelined"):  # pipelining overlaps the additions, not the transfers
+        return 2.0 * (n - 1), 2.0 * (n - 1) / n * S
+    if algorithm == "ring_unchunked":
+        return float(n - 1), (n - 1) * S
+    if algorithm in ("reduce_scatter", "all_gather"):
+        return float(n - 1), (n - 1) / n * S
+    if algorithm == "halving_doubling":
+        p, r, _, _ = _hd_layout(n)
+        L = p.bit_length() - 1
+        extra = 2.0 if r else 0.0  # fold and unfold move the whole tensor once each
+        return 2.0 * L + extra, 2.0 * (p - 1) / p * S + extra * S
+    raise ValueError(f"no cost model for {algorithm!r}; pass one of {', '.join(MODELLED)} "
+                     f"(the library's own algorithm is not modelled)")
+
+
+def predict_time(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float) -> float:
+    a, b = cost_terms(algorithm, nbytes, world_size)
+    return a * alpha + b * beta
+
+
+def fit_alpha_beta(rows) -> tuple[float, float]:
+    """Least-squares ``(alpha, beta)`` from rows ``{"algorithm", "bytes", "world_size", "seconds"}``,
+    weighting each row by 1/seconds (relative error, so small messages count as much as big ones).
+    Both are kept >= 0."""
+    import numpy as np
+
+    rows = [r for r in rows if r["algorithm"] in MODELLED and r["seconds"] > 0]
+    if len(rows) < 2:
+        raise ValueError("fit_alpha_beta needs at least two timed rows of modelled algorithms "
+                         f"({', '.join(MODELLED)}), e.g. ping-pong at two message sizes")
+    A = np.array([cost_terms(r["algorithm"], r["bytes"], r["world_size"]) for r in rows])
+    t = np.array([r["seconds"] for r in rows])
+    w = 1.0 / t
+    sol, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
+    alpha, beta = float(sol[0]), float(sol[1])
+    if alpha < 0 or beta < 0:  # refit with the offending parameter pinned at zero
+        col = 1 if alpha < 0 else 0
+        x = float(np.dot(A[:, col] * w, t * w) / max(np.dot(A[:, col] * w, A[:, col] * w), 1e-300))
+        alpha, beta = (0.0, x) if alpha < 0 else (x, 0.0)
+    return alpha, beta
+
+
+# ------------------------------------------------------------------------------------ on the ranks
+def _op_for(name: str, n: int):
+    import torch.distributed as dist
+
+    if name == LIBRARY:
+        return "all_reduce", lambda x: dist.all_reduce(x)
+    if name in ALGORITHMS:
+        return "all_reduce", lambda x: all_reduce(x, algorithm=name, check=False)
+    if name == "ring_pipelined":  # the same ring, each chunk in 2 pieces forwarded as soon as added
+        return "all_reduce", lambda x: all_reduce(x, algorithm="ring", check=False, segments=2)
+    if name == "ring_reduce_scatter":
+        return "reduce_scatter", lambda x: reduce_scatter(x, check=False)
+    if name == "library_reduce_scatter":
+        def lib_rs(x):
+            out = x.new_empty(x.numel() // n)
+            dist.reduce_scatter(out, list(x.chunk(n)))
+        return "reduce_scatter", lib_rs
+    if name == "ring_all_gather":
+        return "all_gather", lambda x: all_gather(x[: x.numel() // n], check=False)
+    if name == "library_all_gather":
+        def lib_ag(x):
+            m = x.numel() // n
+            out = x.new_empty(x.numel())
+            dist.all_gather(list(out.split(m)), x[:m])
+        return "all_gather", lib_ag
+    raise ValueError(f"unknown algorithm {name!r}; pass one of {', '.join(ALGORITHMS + (LIBRARY,))}, ring_pipelined, "
+                     f"ring_reduce_scatter, library_reduce_scatter, ring_all_gather, library_all_gather")
+
+
+def _partner(name: str) -> str | None:
+    """The library collective each hand-written one is paired with (None for the library's own)."""
+    if name.startswith(LIBRARY):
+        return None
+    return {"ring_reduce_scatter": "library_reduce_scatter", "ring_all_gather": "library_all_gather"}.get(name, LIBRARY)
+
+
+def time_collectives(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), repeats: int = 5, warmup: int = 1,
+                     dtype: str = "float32", paired: bool = True) -> list[dict] | None:
+    """Time each algorithm at each size (bytes). Repeats are interleaved across algorithms (so load from
+    other programs hits all of them alike); each run starts after a barrier and counts the slowest rank.
+    With ``paired``, every run of a hand-written algorithm sits next to a run of the library's own
+    collective (before it on even repeats, after it on odd ones), kept in ``"paired_samples"``.
+    Rank 0 returns rows ``{"algorithm", "collective", "bytes", "world_size", "seconds" (median), "samples",
+    "paired_samples"}``; other ranks return None. For reduce-scatter and all-gather, ``bytes`` is the full size."""
+    import torch
+    import torch.distributed as dist
+
+    n = ctx.world_size
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats!r}, warmup={warmup!r}")
+    ops = {name: _op_for(name, n) for name in algorithms}
+    partners = {name: _partner(name) for name in algorithms} if paired else {}
+    refs = {p: _op_for(p, n) for p in partners.values() if p is not None}
+    dt = getattr(torch, dtype)
+    item = torch.empty(0, dtype=dt).element_size()
+    sync = (lambda: torch.cuda.synchronize()) if ctx.device.type == "cuda" else (lambda: None)
+    rows = []
+    for nbytes in sizes:
+        numel = max(n, int(nbytes) // item // n * n)  # a multiple of n, so library reduce-scatter works
+        src = torch.randn(numel, generator=torch.Generator().manual_seed(ctx.rank)).to(dt).to(ctx.device)
+        work = torch.empty_like(src)
+        samples = {name: [] for name in algorithms}
+        pair_samples = {name: [] for name in algorithms}
+
+        def run(fn) -> float:
+            work.copy_(src)
+            dist.barrier()
+            sync()
+            t0 = time.perf_counter()
+            fn(work)
+            sync()
+            return time.perf_counter() - t0
+
+        for i in range(warmup + repeats):
+            order = list(ops.items()) if i % 2 == 0 else list(ops.items())[::-1]  # alternate, to cancel drift
+            for name, (_, fn) in order:
+                partner = partners.get(name)
+                if partner is not None and i % 2 == 0:
+                    t_ref = run(refs[partner][1])
+                t = run(fn)
+                if partner is not None and i % 2 == 1:
+                    t_ref = run(refs[partner][1])
+                if i >= warmup:
+                    samples[name].append(t)
+                    if partner is not None:
+                        pair_samples[name].append(t_ref)
+        for name, (collective, _) in ops.items():
+            t = torch.tensor(samples[name] + pair_samples[name], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a run lasts as long as its slowest rank
+            mine, ref = t[:repeats].tolist(), t[repeats:].tolist()
+            rows.append({"algorithm": name, "collective": collective, "bytes": numel * item, "world_size": n,
+                         "seconds": statistics.median(mine), "samples": mine, "paired_samples": ref})
+    return rows if ctx.rank == 0 else None
+
+
+def pingpong(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: int = 7) -> list[dict] | None:
+    """Ranks 0 and 1 bounce a message; one-way time = half the round trip (median). Other ranks idle.
+    Rank 0 returns rows ``{"algorithm": "p2p", "bytes", "world_size": 2, "seconds"}``."""
+    import torch
+    import torch.distributed as dist
+
+    if ctx.world_size < 2:
+        raise ValueError("pingpong needs world_size >= 2 (two ranks bounce a message)")
+    rows = []
+    for nbytes in sizes:
+        buf = torch.zeros(max(1, int(nbytes) // 4), dtype=torch.float32, device=ctx.device)
+        times = []
+        for i in range(repeats + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            if ctx.rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            elif ctx.rank == 1:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i:
+                times.append((time.perf_counter() - t0) / 2)
+        rows.append({"algorithm": "p2p", "bytes": buf.numel() * 4, "world_size": 2,
+                     "seconds": statistics.median(times)})
+    return rows if ctx.rank == 0 else None
+
+
+def ratio_to_library(row, lib_row) -> float:
+    """busbw of ``row`` / busbw of the library's collective at the same size, as the ratio of the median
+    times (``lib_row``'s median over ``row``'s)."""
+    if lib_row is None:
+        return float("nan")
+    return lib_row["seconds"] / row["seconds"]
+
+
+def paired_ratio(row) -> float:
+    """Median over repeats of (library run time / this run time), each library run taken right next to the
+    algorithm's run: on a shared, busy machine this cancels most of the load that drifts between repeats."""
+    ref = row.get("paired_samples") or []
+    if not ref:
+        return 1.0 if row["algorithm"].startswith(LIBRARY) else float("nan")
+    return statistics.median(r / t for r, t in zip(ref, row["samples"]))
+
+
+def table_rows(rows, alpha: float | None = None, beta: float | None = None) -> list[dict]:
+    """Measured rows -> display rows with time, algbw, busbw (GB/s) and the busbw ratio to the library's
+    own collective at the same size (:func:`ratio_to_library`), and the model's prediction when alpha,
+    beta are given. ``vs_library`` is the ratio of the medians; ``paired`` the median of adjacent-run ratios."""
+    lib = {}
+    for r in rows:
+        if r["algorithm"].startswith(LIBRARY):
+            lib[(r["collective"], r["bytes"])] = r
+    out = []
+    for r in rows:
+        bw = bandwidths(r["bytes"], r["seconds"], r["collective"], r["world_size"])
+        row = {"size": _human(r["bytes"]), "algorithm": r["algorithm"], "ranks": r["world_size"],
+               "time_ms": r["seconds"] * 1e3, "algbw_GB/s": bw["algbw"] / 1e9, "busbw_GB/s": bw["busbw"] / 1e9,
+               "vs_library": ratio_to_library(r, lib.get((r["collective"], r["bytes"]))),
+               "paired": paired_ratio(r)}
+        if alpha is not None:
+            try:
+                row["model_ms"] = predict_time(r["collective"] if r["collective"] != "all_reduce" else r["algorithm"],
+                                               r["bytes"], r["world_size"], alpha, beta) * 1e3
+            except ValueError:
+                row["model_ms"] = float("nan")
+        out.append(row)
+    return out
+
+
+def _human(nbytes: float) -> str:
+    for unit, k in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= k:
+            v = nbytes / k
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _parse_size(text: str) -> int:
+    t = text.strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMG" else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write e.g. 4096, 64K or 4M") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be > 0, got {text!r}")
+    return int(value)
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    """``python -m labkit bench collectives``: busbw of each all-reduce algorithm, and of ring reduce-scatter
+    and all-gather, next to the library's own, measured in the same run."""
+    import labkit
+    from .viz import format_table
+
+    ap = argparse.ArgumentParser(prog="python -m labkit bench collectives", description=bench_main.__doc__)
+    ap.add_argument("--world-size", "-n", type=int, default=4, help="ranks (default 4)")
+    ap.add_argument("--sizes", type=_parse_size, nargs="+", default=None,
+                    help="message sizes, e.g. 64K 1M 4M (default 64K 1M 4M 16M 32M; --quick: 64K 4M)")
+    ap.add_argument("--algorithms", nargs="+", default=None,
+                    help=f"all-reduce algorithms among {', '.join(ALGORITHMS)}, ring_pipelined (default: all)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per point (default 15; --quick: 7)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
+    ap.add_argument("--no-rs-ag", action="store_true", help="skip the reduce-scatter and all-gather rows")
+    ap.add_argument("--quick", action="store_true", help="a short run: two sizes, fewer repeats")
+    args = ap.parse_args(argv)
+    if args.world_size < 2:
+        ap.error("--world-size must be >= 2")
+    sizes = args.sizes or ([64 << 10, 4 << 20] if args.quick else [64 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20])
+    repeats = args.repeats or (7 if args.quick else 15)
+    algs = list(args.algorithms or ALGORITHMS + ("ring_pipelined",))
+    for a in algs:
+        if a not in ALGORITHMS + ("ring_pipelined",):
+            ap.error(f"unknown algorithm {a!r}; choose among {', '.join(ALGORITHMS)}, ring_pipelined")
+    algs.append(LIBRARY)
+    if not args.no_rs_ag:
+        algs += ["ring_reduce_scatter", "library_reduce_scatter", "ring_all_gather", "library_all_gather"]
+    t0 = time.perf_counter()
+    res = labkit.launch(time_collectives, world_size=args.world_size, backend=args.backend,
+                        kwargs=dict(algorithms=tuple(algs), sizes=tuple(sizes), repeats=repeats, warmup=2),
+                        timeout=max(600.0, 60.0 * len(sizes)), echo=False)
+    rows = res[0]
+    alpha, beta = fit_alpha_beta([r for r in rows if r["algorithm"] in ALGORITHMS])  # hand-written ones only
+    print(f"collectives on {args.world_size} ranks, backend {res.backend}; medians of {repeats} repeats "
+          f"(each: barrier, then the slowest rank's time);\n"
+          f"vs_library = busbw / the library's busbw at the same size (ratio of the medians); paired = median over "
+          f"repeats of the same ratio, each run next to a library run (robust when the machine is busy).")
+    print(format_table(table_rows(rows, alpha, beta)))
+    print(f"alpha-beta model fitted to these all-reduce times: alpha = {alpha * 1e6:.1f} us, "
+          f"1/beta = {1 / beta / 1e9 if beta else float('inf'):.2f} GB/s (model_ms column)")
+    lib = {r["bytes"]: r for r in rows if r["algorithm"] == LIBRARY}
+    for name in ("ring", "ring_pipelined"):
+        big = [(r["bytes"], ratio_to_library(r, lib.get(r["bytes"])), paired_ratio(r)) for r in rows
+               if r["algorithm"] == name and r["bytes"] >= 4 << 20]
+        if big:
+            print(f"{name} / library busbw at >= 4 MiB (medians | paired): "
+                  + ", ".join(f"{_human(b)}: {x:.2f}x | {y:.2f}x" for b, x, y in big))
+    print(f"({time.perf_counter() - t0:.1f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(bench_main())
