@@ -1,0 +1,596 @@
+"""Pipeline parallelism on real ranks: one process per stage, micro-batches, isend/irecv, timelines.
+
+Public API (used by the pipeline lab, its benchmark, and the load-balancing lab)::
+
+    run = run_pipeline(make_stage, n_stages, batch, n_micro, schedule="1f1b", loss_fn=None,
+                       chunks=2, repeats=1, timeout=120, pool=True)
+    run.seconds, run.loss, run.grads, run.events, run.memory, run.bubble, run.gantt()
+
+``make_stage(i)`` builds stage ``i``'s module *on its rank*; it must be picklable (a module-level
+function or one of :class:`SplitModel`, :class:`SleepStages`) and give the same weights every time
+it is called (seed inside it). ``batch`` is ``(inputs, targets)``; the first stage sees ``inputs``
+cut into ``n_micro`` micro-batches (``torch.tensor_split``: a batch that does not divide evenly gives
+micro-batches whose sizes differ by one, and each micro-batch loss is weighted by its share of the
+rows, so the gradient still equals the full batch's for a mean-reduced loss). The last stage computes
+``loss_fn(output, targets)``. ``schedule`` is one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``
+(see :mod:`labkit.schedules`); with ``interleaved`` each rank holds ``chunks`` stages, so
+``make_stage`` is called for ``n_stages * chunks`` virtual stages.
+
+:class:`SleepStage` is a stage whose forward sleeps ``forward_s`` and whose backward sleeps
+``backward_s`` seconds per row of its input (a custom autograd function): sleeping uses no CPU, so
+a schedule's effect shows exactly even with 4 ranks on 2 cores.
+
+How a rank runs (:func:`pipeline_rank`): it walks its action list; a forward receives the activation
+from the previous rank (``irecv`` then wait: the wait is recorded), runs the stage and posts the
+output with ``isend`` (never blocking, so a send does not hold up the next action); a backward
+receives the output's gradient, runs autograd and ``isend``\\ s the input's gradient back. Every
+forward, backward, send and wait is recorded with ``time.perf_counter`` (one clock for all
+processes on a machine), and the bytes autograd saves for each micro-batch are counted with
+``torch.autograd.graph.saved_tensors_hooks`` to measure activation memory over time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .pipeline_stages import SleepStage, SleepStages, SplitModel, mlp  # noqa: F401  (public API)
+from .schedules import SCHEDULES, bubble_fraction, make_schedule, n_chunks
+
+__all__ = [
+    "run_pipeline", "pipeline_rank", "PipelineRun", "SleepStage", "SleepStages", "SplitModel", "mlp",
+    "reference_step", "split_batch", "max_grad_error", "speedup_over_naive", "time_in_process", "check_1f1b_order",
+    "check_bubble_prediction", "run_torch_pipelining", "torch_pipelining_rank", "tour",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the ranks and the reference
+# --------------------------------------------------------------------------------------------
+def _default_loss(out, y):
+    import torch.nn.functional as F
+
+    if y.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+def split_batch(batch, n_micro: int):
+    """Check ``(inputs, targets)`` and cut both into ``n_micro`` micro-batches; return (xs, ys, weights)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
+    x, y = batch
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError("batch must be (inputs, targets) with both torch tensors")
+    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
+        raise ValueError(f"n_micro (m, the number of micro-batches) must be an integer >= 1, got {n_micro!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}; pass one target per input row")
+    if x.shape[0] < n_micro:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot make {n_micro} micro-batches: "
+                         f"pass n_micro <= {x.shape[0]} or a bigger batch")
+    xs, ys = torch.tensor_split(x, n_micro), torch.tensor_split(y, n_micro)
+    return xs, ys, [len(t) / x.shape[0] for t in xs]
+
+
+def _grads(module: nn.Module) -> dict:
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).cpu()
+            for n, p in module.named_parameters()}
+
+
+def reference_step(make_stage: Callable, n_pieces: int, batch, n_micro: int = 1, loss_fn=None) -> dict:
+    """Single process, no pipeline: run all stages in a row and return ``{"loss", "grads"}``.
+
+    With ``n_micro > 1`` the micro-batches are accumulated one after another (needed for models
+    with BatchNorm, whose statistics depend on the micro-batch); for other models any ``n_micro``
+    gives the full batch's gradient.
+    """
+    loss_fn = loss_fn or _default_loss
+    stages = [make_stage(i) for i in range(n_pieces)]
+    xs, ys, ws = split_batch(batch, n_micro)
+    total = 0.0
+    for x, y, w in zip(xs, ys, ws):
+        out = x
+        for st in stages:
+            out = st(out)
+        loss = loss_fn(out, y) * w
+        loss.backward()
+        total += float(loss.detach())
+    return {"loss": total, "grads": [_grads(st) for st in stages]}
+
+
+def time_in_process(make_stage: Callable, n_pieces: int, batch, repeats: int = 3, threads: int = 1,
+                    loss_fn=None, warmup: int = 1) -> float:
+    """Median seconds of one training step (forward + backward) of the whole model in this process.
+
+    The single-device baseline on the CPU: the same stages, run one after another, with ``threads``
+    CPU threads (1 by default, like each pipeline rank), on the whole batch.
+    """
+    loss_fn = loss_fn or _default_loss
+    stages = [make_stage(i) for i in range(n_pieces)]
+    x, y = batch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        for k in range(warmup + repeats):
+            for st in stages:
+                st.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            out = x
+            for st in stages:
+                out = st(out)
+            loss_fn(out, y).backward()
+            if k >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# The rank function
+# --------------------------------------------------------------------------------------------
+_HEADER = 8  # ndim + up to 7 dimensions
+
+
+def _send(t: torch.Tensor, dst: int, tag: int, works: list, group=None):
+    import torch.distributed as dist
+
+    t = t.detach().contiguous()
+    if t.dim() > _HEADER - 1:
+        raise ValueError(f"pipeline can send tensors of at most {_HEADER - 1} dimensions, got {t.dim()}")
+    head = torch.zeros(_HEADER, dtype=torch.int64)
+    head[0] = t.dim()
+    head[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    works.append((dist.isend(head, dst, tag=2 * tag, group=group), head))
+    works.append((dist.isend(t, dst, tag=2 * tag + 1, group=group), t))  # keep t alive until it is sent
+
+
+def _recv(src: int, tag: int, dtype=torch.float32, group=None) -> torch.Tensor:
+    """Receive a tensor of unknown shape: a header with the shape first, then the data."""
+    import torch.distributed as dist
+
+    head = torch.empty(_HEADER, dtype=torch.int64)
+    dist.irecv(head, src, tag=2 * tag, group=group).wait()
+    h = head.tolist()
+    buf = torch.empty(h[1:1 + h[0]], dtype=dtype)
+    dist.irecv(buf, src, tag=2 * tag + 1, group=group).wait()
+    return buf
+
+
+def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str = "1f1b", loss_fn=None,
+                  chunks: int = 2, repeats: int = 1, n_stages: int | None = None, warmup: int = 1) -> dict:
+    """One rank of a pipeline (run by :func:`run_pipeline` through ``labkit.launch``).
+
+    Runs ``warmup`` untimed steps then ``repeats`` timed ones. The first step learns the shape of
+    every tensor this rank receives (a small header precedes each message); later steps post all
+    their ``irecv`` at the start, so a message lands while this rank computes and a
+    "wait" event is only time spent really waiting for the neighbour.
+    Returns this rank's events (absolute ``perf_counter`` seconds), per-repeat (start, end) times,
+    the loss (last rank), gradients of its stage(s), and memory samples ``(t, live, saved_bytes)``.
+    """
+    import torch.distributed as dist
+
+    p, r = ctx.world_size, ctx.rank
+    if n_stages is not None and n_stages != p:
+        raise ValueError(f"the pipeline has {n_stages} stages but was launched on {p} ranks: "
+                         f"launch with world_size={n_stages} (one rank per stage)")
+    loss_fn = loss_fn or _default_loss
+    sched = make_schedule(schedule, p, n_micro, chunks)
+    v = n_chunks(sched)
+    S = p * v
+    xs, ys, ws = split_batch(batch, n_micro)
+    stages = {c: make_stage(c * p + r).to(ctx.device) for c in range(v)}
+    params = {id(q) for st in stages.values() for q in st.parameters()}
+    param_ptrs = {q.data_ptr() for st in stages.values() for q in st.parameters()}
+    dtype = next((q.dtype for st in stages.values() for q in st.parameters()), torch.float32)
+    # Messages always travel through gloo on CPU tensors. Under NCCL (one GPU per rank) the stages
+    # compute on their GPU and a gloo group carries the messages: NCCL's send blocks its stream until
+    # the matching receive is posted, which deadlocks 1F1B unless sends and receives are paired.
+    group = None
+    if ctx.backend != "gloo":
+        group = ctx.cache.get("pipeline_gloo")
+        if group is None:
+            group = ctx.cache["pipeline_gloo"] = dist.new_group(backend="gloo")
+    dev = ctx.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def tag(kind, micro, edge):  # edge: the virtual stage that sends the activation forward
+        return (edge * n_micro + micro) * 2 + kind
+
+    needs = []  # (kind, micro, edge, src) of every message this rank receives in one step
+    for a in sched[r]:
+        s = a.chunk * p + r
+        if a.kind == "F" and s > 0:
+            needs.append((0, a.micro, s - 1, (r - 1) % p))
+        if a.kind == "B" and s < S - 1:
+            needs.append((1, a.micro, s, (r + 1) % p))
+    shapes: dict = {}
+
+    out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": r}
+    for rep in range(warmup + repeats):
+        for st in stages.values():
+            st.zero_grad(set_to_none=True)
+        events, memory, works = [], [], []
+        held = {}  # (micro, chunk) -> (input, output or loss, saved bytes)
+        live_bytes, loss_total = 0, 0.0
+        dist.barrier(group=group)
+        t_begin = time.perf_counter()
+        posted = {}
+        if len(shapes) == len(needs):  # shapes known: post every receive of this step now
+            for kind, micro, edge, src in needs:
+                buf = torch.empty(shapes[(kind, micro, edge)], dtype=dtype)
+                posted[(kind, micro, edge)] = (dist.irecv(buf, src, tag=2 * tag(kind, micro, edge) + 1, group=group),
+                                               buf)
+
+        def receive(kind, micro, edge, src, label):
+            t0 = time.perf_counter()
+            key = (kind, micro, edge)
+            if key in posted:
+                work, buf = posted.pop(key)
+                work.wait()
+            else:
+                buf = _recv(src, tag(kind, micro, edge), dtype, group)
+            shapes[key] = tuple(buf.shape)
+            events.append({"lane": r, "kind": "wait", "start": t0, "end": time.perf_counter(), "label": label})
+            return buf.to(dev)
+
+        def send(t, kind, micro, edge, dst):
+            t0 = time.perf_counter()
+            t = t.detach().cpu()
+            if shapes_known_by_peer:
+                t = t.contiguous()
+                works.append((dist.isend(t, dst, tag=2 * tag(kind, micro, edge) + 1, group=group), t))
+            else:
+                _send(t, dst, tag(kind, micro, edge), works, group)
+            events.append({"lane": r, "kind": "send", "start": t0, "end": time.perf_counter(), "label": ""})
+
+        shapes_known_by_peer = rep > 0
+        for a in sched[r]:
+            s = a.chunk * p + r
+            st = stages[a.chunk]
+            if a.kind == "F":
+                if s == 0:
+                    x = xs[a.micro].to(dev)
+                else:
+                    x = receive(0, a.micro, s - 1, (r - 1) % p, f"r{a}")
+                    x.requires_grad_(True)
+                saved = [0, set()]
+
+                def pack(t, saved=saved):
+                    if t.data_ptr() not in param_ptrs and id(t) not in params and t.data_ptr() not in saved[1]:
+                        saved[1].add(t.data_ptr())
+                        saved[0] += t.numel() * t.element_size()
+                    return t
+
+                t0 = time.perf_counter()
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    y = st(x)
+                    if s == S - 1:
+                        y = loss_fn(y, ys[a.micro].to(dev)) * ws[a.micro]
+                sync()
+                events.append({"lane": r, "kind": "forward", "start": t0, "end": time.perf_counter(),
+                               "label": str(a)})
+                if s == S - 1:
+                    loss_total += float(y.detach())
+                else:
+                    send(y, 0, a.micro, s, (r + 1) % p)
+                held[(a.micro, a.chunk)] = (x, y, saved[0])
+                live_bytes += saved[0]
+                memory.append((time.perf_counter(), len(held), live_bytes))
+            else:
+                x, y, nbytes = held.pop((a.micro, a.chunk))
+                grad = None if s == S - 1 else receive(1, a.micro, s, (r + 1) % p, f"r{a}")
+                t0 = time.perf_counter()
+                torch.autograd.backward(y, grad)
+                sync()
+                events.append({"lane": r, "kind": "backward", "start": t0, "end": time.perf_counter(),
+                               "label": str(a)})
+                if s > 0:
+                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, (r - 1) % p)
+                del x, y
+                live_bytes -= nbytes
+                memory.append((time.perf_counter(), len(held), live_bytes))
+        t0 = time.perf_counter()
+        for w, _ in works:
+            w.wait()
+        t_end = time.perf_counter()
+        if t_end - t0 > 1e-4:
+            events.append({"lane": r, "kind": "wait", "start": t0, "end": t_end, "label": "flush"})
+        if rep >= warmup:
+            out["times"].append((t_begin, t_end))
+            out["busy"].append(sum(e["end"] - e["start"] for e in events if e["kind"] in ("forward", "backward")))
+        out["events"], out["memory"] = events, [(t_begin, 0, 0)] + memory
+        out["loss"] = loss_total if S - 1 in [c * p + r for c in stages] else None
+    out["grads"] = {c * p + r: _grads(st) for c, st in stages.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PipelineRun:
+    """What :func:`run_pipeline` measured. Times are seconds; events start at 0 (the earliest start)."""
+
+    schedule: str
+    n_stages: int
+    n_micro: int
+    chunks: int
+    seconds: float  # median over repeats of the step's makespan (first rank start to last rank end)
+    times: list  # every repeat's makespan
+    loss: float
+    grads: list  # per virtual stage: {parameter name: gradient}
+    events: list  # the last repeat's timeline, for labkit.viz.gantt
+    memory: dict  # rank -> [(t, micro-batches held, bytes autograd saved for them)]
+    bubbles: list = field(default_factory=list)  # every repeat's measured idle fraction
+    per_rank: list = field(default_factory=list, repr=False)
+
+    @property
+    def busy(self) -> list[float]:
+        """Seconds each rank spent in forward and backward during the last repeat."""
+        out = [0.0] * self.n_stages
+        for e in self.events:
+            if e["kind"] in ("forward", "backward"):
+                out[e["lane"]] += e["end"] - e["start"]
+        return out
+
+    @property
+    def makespan(self) -> float:
+        return max(e["end"] for e in self.events) if self.events else 0.0
+
+    @property
+    def bubble(self) -> float:
+        """Measured idle fraction, 1 - busy / (ranks x makespan): the median over the repeats."""
+        if self.bubbles:
+            return statistics.median(self.bubbles)
+        span = self.makespan
+        return 1.0 - sum(self.busy) / (self.n_stages * span) if span else 0.0
+
+    @property
+    def bubble_theory(self) -> float:
+        if self.schedule == "naive":
+            return (self.n_stages - 1) / self.n_stages
+        return bubble_fraction(self.n_stages, self.n_micro, self.chunks if self.schedule == "interleaved" else 1)
+
+    @property
+    def peak_live(self) -> list[int]:
+        """Per rank, the most micro-batches whose activations were held at once (measured)."""
+        return [max((s[1] for s in self.memory[r]), default=0) for r in range(self.n_stages)]
+
+    @property
+    def peak_bytes(self) -> list[int]:
+        return [max((s[2] for s in self.memory[r]), default=0) for r in range(self.n_stages)]
+
+    def gantt(self, ax=None, title=None, unit="ms"):
+        from .viz import gantt
+
+        return gantt(self.events, ax=ax, lane_name="rank", unit=unit, title=title or (
+            f"{self.schedule}: p={self.n_stages}, m={self.n_micro}, {self.seconds * 1e3:.0f} ms, "
+            f"bubble {self.bubble:.0%} (theory {self.bubble_theory:.0%})"))
+
+    def summary(self) -> dict:
+        return {"schedule": self.schedule, "p": self.n_stages, "m": self.n_micro, "ms": self.seconds * 1e3,
+                "bubble": self.bubble, "bubble theory": self.bubble_theory, "peak held": max(self.peak_live)}
+
+
+def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, schedule: str = "1f1b",
+                 loss_fn: Callable | None = None, chunks: int = 2, repeats: int = 1, timeout: float = 120,
+                 pool: bool = True, threads: int = 1, backend: str = "auto", warmup: int = 1) -> PipelineRun:
+    """Run one training step (forward + backward, no optimizer) of a pipeline on ``n_stages`` ranks.
+
+    make_stage: ``make_stage(i) -> nn.Module`` for stage ``i`` (picklable; same weights every call).
+    n_stages: ranks, one per stage (``interleaved``: each rank holds ``chunks`` stages).
+    batch: ``(inputs, targets)``; n_micro: micro-batches m >= 1 (need not divide the batch).
+    schedule: ``"naive"`` (one micro-batch at a time; m=1 is plain model parallelism), ``"gpipe"``,
+        ``"1f1b"`` or ``"interleaved"``.
+    loss_fn: ``loss_fn(output, targets) -> scalar`` mean over rows; default cross-entropy for
+        integer targets, MSE otherwise.
+    repeats: steps to time (the timeline shown is the last; ``seconds`` is the median).
+    warmup: untimed steps first (the first step also exchanges tensor shapes; see :func:`pipeline_rank`).
+    """
+    import labkit
+
+    if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    schedule = schedule.lower()
+    if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
+        raise ValueError(f"n_stages must be an integer >= 1 (one rank per stage), got {n_stages!r}")
+    if not callable(make_stage):
+        raise TypeError(f"make_stage must be a function i -> nn.Module, got {type(make_stage).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    split_batch(batch, n_micro)  # clear errors here rather than on every rank
+    sched = make_schedule(schedule, n_stages, n_micro, chunks)
+    v = n_chunks(sched)
+    pieces = getattr(make_stage, "n_stages", None)
+    if pieces is not None and pieces != n_stages * v:
+        raise ValueError(f"make_stage builds {pieces} stages but the {schedule} schedule on {n_stages} ranks "
+                         f"needs {n_stages * v}" + (f" ({v} chunks per rank)" if v > 1 else "")
+                         + f": pass n_stages={pieces // v if pieces % v == 0 else pieces} or split the model "
+                         f"into {n_stages * v} stages")
+    res = labkit.launch(pipeline_rank, world_size=n_stages, args=(make_stage, batch, n_micro, schedule, loss_fn,
+                                                                   chunks, repeats, n_stages, warmup),
+                        timeout=timeout, pool=pool, threads=threads, backend=backend, echo=True)
+    origin = min(rr["times"][-1][0] for rr in res)
+    events = []
+    for rr in res:
+        for e in rr["events"]:
+            events.append(dict(e, start=e["start"] - origin, end=e["end"] - origin))
+    times = [max(rr["times"][k][1] for rr in res) - min(rr["times"][k][0] for rr in res) for k in range(repeats)]
+    grads = {}
+    for rr in res:
+        grads.update(rr["grads"])
+    loss = next(rr["loss"] for rr in res if rr["loss"] is not None)
+    memory = {rr["rank"]: [(t - origin, n, b) for t, n, b in rr["memory"]] for rr in res}
+    bubbles = [1.0 - sum(rr["busy"][k] for rr in res) / (n_stages * times[k]) if times[k] > 0 else 0.0
+               for k in range(repeats)]
+    return PipelineRun(schedule=schedule, n_stages=n_stages, n_micro=n_micro, chunks=v, seconds=statistics.median(times),
+                       times=times, loss=loss, grads=[grads[i] for i in range(n_stages * v)], events=events,
+                       memory=memory, bubbles=bubbles, per_rank=list(res))
+
+
+def max_grad_error(run_grads: list, ref_grads: list) -> float:
+    """Largest absolute difference between two per-stage gradient lists (same names)."""
+    err = 0.0
+    if len(run_grads) != len(ref_grads):
+        raise ValueError(f"{len(run_grads)} stages of gradients vs {len(ref_grads)}")
+    for a, b in zip(run_grads, ref_grads):
+        if a.keys() != b.keys():
+            raise ValueError(f"parameter names differ: {sorted(a)} vs {sorted(b)}")
+        for k in a:
+            err = max(err, float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0)
+    return err
+
+
+def speedup_over_naive(make_stage, p: int, m: int, rows_per_micro: int = 1, schedule: str = "1f1b",
+                       repeats: int = 3, width: int = 4, timeout: float = 120) -> dict:
+    """Time the naive schedule (whole batch, no micro-batches) and ``schedule`` with m micro-batches.
+
+    The batch has ``m * rows_per_micro`` rows, so both runs do the same work. Returns the two medians,
+    the measured speed-up, the theory ``p m / (m + p - 1)`` and both runs.
+    """
+    from .schedules import ideal_speedup
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(m * rows_per_micro, width, generator=g), torch.randn(m * rows_per_micro, width, generator=g))
+    naive_run = run_pipeline(make_stage, p, batch, 1, schedule="naive", repeats=repeats, timeout=timeout)
+    pipe_run = run_pipeline(make_stage, p, batch, m, schedule=schedule, repeats=repeats, timeout=timeout)
+    return {"naive_s": naive_run.seconds, "pipelined_s": pipe_run.seconds,
+            "speedup": naive_run.seconds / pipe_run.seconds, "theory": ideal_speedup(p, m),
+            "naive": naive_run, "pipelined": pipe_run}
+
+
+def tour() -> list[dict]:
+    """The lab's quick path: schedules without processes, then real 2-rank runs (about 10 s)."""
+    from .schedules import gpipe, one_f_one_b, simulate
+
+    rows = []
+    sims = {n: simulate(f(4, 8), 1.0, 2.0) for n, f in (("gpipe", gpipe), ("1f1b", one_f_one_b))}
+    ok = all(abs(s["makespan"] - 11 * 3.0) < 1e-9 for s in sims.values()) and sims["1f1b"]["peak_in_flight"][0] == 4
+    rows.append({"lab": "04 pipeline", "check": "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", "ok": ok,
+                 "detail": f"makespans {[s['makespan'] for s in sims.values()]}, 1F1B rank 0 holds "
+                           f"{sims['1f1b']['peak_in_flight'][0]} micro-batches, GPipe 8"})
+    torch.manual_seed(0)
+    batch = (torch.randn(10, 32), torch.randn(10, 10))
+    model = SplitModel("mlp", n_stages=2)
+    ref = reference_step(model, 2, batch)
+    for sched in ("gpipe", "1f1b"):
+        run = run_pipeline(model, 2, batch, 3, schedule=sched)
+        err = max_grad_error(run.grads, ref["grads"])
+        rows.append({"lab": "04 pipeline", "check": f"{sched} on 2 ranks, m=3 (uneven): gradients == single process",
+                     "ok": err < 1e-5 and abs(run.loss - ref["loss"]) < 1e-5,
+                     "detail": f"max grad error {err:.2g}, loss {run.loss:.5f} vs {ref['loss']:.5f}"})
+    sp = speedup_over_naive(SleepStages(0.01, 0.02, n_stages=2), 2, 4, repeats=3)
+    rows.append({"lab": "04 pipeline", "check": "sleeping stages p=2 m=4: 1F1B speed-up over naive vs theory 1.6",
+                 "ok": sp["speedup"] >= 0.75 * sp["theory"],  # a busy machine loses some to wake-ups
+                 "detail": f"measured {sp['speedup']:.2f}x = {sp['speedup'] / sp['theory']:.2f} of theory "
+                           f"({sp['naive_s'] * 1e3:.0f} ms -> {sp['pipelined_s'] * 1e3:.0f} ms)"})
+    g = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, (torch.randn(8, 4), torch.randn(8, 4)), 8, "gpipe")
+    o = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, (torch.randn(8, 4), torch.randn(8, 4)), 8, "1f1b")
+    rows.append({"lab": "04 pipeline", "check": "activations held on rank 0, m=8: GPipe m, 1F1B p (measured)",
+                 "ok": g.peak_live[0] == 8 and o.peak_live[0] == 2,
+                 "detail": f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), "
+                           f"1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)"})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The same step with torch's own implementation
+# --------------------------------------------------------------------------------------------
+def torch_pipelining_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str = "1f1b",
+                          loss_fn=None, repeats: int = 1) -> dict:
+    """One rank of ``torch.distributed.pipelining`` (``ScheduleGPipe`` / ``Schedule1F1B``) on the same stages.
+
+    Returns this rank's gradients, the per-micro-batch losses (last rank) and per-repeat seconds.
+    """
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    classes = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
+    if schedule not in classes:
+        raise ValueError(f"torch.distributed.pipelining comparison supports schedule 'gpipe' or '1f1b', got {schedule!r}")
+    x, y = batch
+    if x.shape[0] % n_micro:
+        raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {x.shape[0]} rows do not divide "
+                         f"into {n_micro}; pass a batch of {n_micro * max(1, x.shape[0] // n_micro)} rows")
+    module = make_stage(ctx.rank).to(ctx.device)
+    stage = PipelineStage(module, ctx.rank, ctx.world_size, ctx.device)
+    sched = classes[schedule](stage, n_microbatches=n_micro, loss_fn=loss_fn or _default_loss)
+    times, losses = [], []
+    for _ in range(repeats):
+        module.zero_grad(set_to_none=True)
+        losses = []
+        dist.barrier()
+        t0 = time.perf_counter()
+        if ctx.rank == 0:
+            sched.step(x.to(ctx.device))
+        elif ctx.rank == ctx.world_size - 1:
+            sched.step(target=y.to(ctx.device), losses=losses)
+        else:
+            sched.step()
+        dist.barrier()
+        times.append(time.perf_counter() - t0)
+    return {"grads": _grads(module), "losses": [float(v.detach()) for v in losses], "times": times}
+
+
+def run_torch_pipelining(make_stage: Callable, n_stages: int, batch, n_micro: int, schedule: str = "1f1b",
+                         loss_fn=None, repeats: int = 1, timeout: float = 120, pool: bool = True) -> dict:
+    """Run the step with ``torch.distributed.pipelining``; return ``{"grads", "loss", "seconds"}`` to compare."""
+    import labkit
+
+    split_batch(batch, n_micro)
+    if batch[0].shape[0] % n_micro:
+        raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {batch[0].shape[0]} rows do not "
+                         f"divide into {n_micro}; pass a batch of {n_micro * max(1, batch[0].shape[0] // n_micro)} rows")
+    res = labkit.launch(torch_pipelining_rank, world_size=n_stages, args=(make_stage, batch, n_micro, schedule,
+                                                                          loss_fn, repeats),
+                        timeout=timeout, pool=pool, echo=True)
+    losses = res[-1]["losses"]
+    return {"grads": [r["grads"] for r in res], "loss": sum(losses) / len(losses),
+            "seconds": statistics.median(max(r["times"][k] for r in res) for k in range(repeats))}
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise checks
+# --------------------------------------------------------------------------------------------
+def check_1f1b_order(fn: Callable):
+    """Check a learner's ``fn(stage, p, m)`` against the 1F1B order (actions or strings like "F0")."""
+    from .checks import expect_equal, run_cases
+    from .schedules import one_f_one_b_stage
+
+    def case(stage, p, m):
+        def thunk():
+            got = [str(a) for a in fn(stage, p, m)]
+            expect_equal(got, [str(a) for a in one_f_one_b_stage(stage, p, m)], what=f"stage {stage} of p={p}, m={m}")
+        return (f"stage {stage}, p={p}, m={m}", thunk)
+
+    cases = [case(0, 4, 8), case(3, 4, 8), case(1, 4, 8), case(0, 2, 1), case(0, 4, 2), case(2, 3, 5)]
+    return run_cases("1F1B order of one stage", cases,
+                     hint="warm-up: p - stage - 1 forwards (at most m); then F, B pairs; then the remaining backwards")
+
+
+def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tolerance: float = 0.1):
+    """Check ``fn(p, m) -> idle fraction`` against the theory and, if given, a measured run."""
+    from .checks import expect_close, run_cases
+    from .schedules import simulate, gpipe
+
+    cases = [(f"p={p}, m={m}", (lambda p=p, m=m: expect_close(fn(p, m), simulate(gpipe(p, m))["bubble"],
+                                                               atol=1e-6, what=f"bubble for p={p}, m={m}")))
+             for p, m in ((2, 4), (4, 8), (4, 1), (8, 32), (1, 5))]
+    if run is not None:
+        def measured():
+            pred = fn(run.n_stages, run.n_micro)
+            if abs(pred - run.bubble) > tolerance:
+                raise AssertionError(f"you predict {pred:.3f}, the run measured {run.bubble:.3f} "
+                                     f"(p={run.n_stages}, m={run.n_micro})")
+        cases.append((f"a real run, p={run.n_stages}, m={run.n_micro}, within {tolerance}", measured))
+    return run_cases("bubble prediction", cases,
+                     hint="count time slots: a rank is busy in m of the m+p-1 slots of a pipelined step")

@@ -1,0 +1,149 @@
+"""Stages for :mod:`labkit.pipeline`: simulated (sleeping) stages and picklable model splitters.
+
+* :class:`SleepStage` — forward sleeps ``forward_s`` and backward ``backward_s`` seconds per input row
+  (a custom autograd function), times a learnable ``gain`` so it has a real gradient. Sleeping uses
+  no CPU, so schedule effects show exactly even with 4 ranks on 2 cores (torchgpipe tests its
+  balancing the same way).
+* :class:`SleepStages` — ``make_stage`` for a list of sleeping stages.
+* :class:`SplitModel` — ``make_stage`` that builds a seeded model and keeps stage ``i``'s layers
+  (uses :func:`labkit.sliced.flatten_resnet` and the same boundary rules as lab 03).
+* :func:`mlp` — a Linear/ReLU stack to split when no ResNet is wanted.
+
+All are re-exported by :mod:`labkit.pipeline`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["SleepStage", "SleepStages", "SplitModel", "mlp"]
+
+
+# --------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------
+class _Sleep(torch.autograd.Function):
+    """y = x * gain, sleeping ``forward_s`` per row in forward and ``backward_s`` per row in backward."""
+
+    @staticmethod
+    def forward(ctx, x, gain, forward_s, backward_s):
+        ctx.backward_s = backward_s * x.shape[0]
+        ctx.save_for_backward(x, gain)
+        time.sleep(forward_s * x.shape[0])
+        return x * gain
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.backward_s)
+        x, gain = ctx.saved_tensors
+        grad_x = grad * gain if ctx.needs_input_grad[0] else None
+        return grad_x, (grad * x).sum(), None, None
+
+
+class SleepStage(nn.Module):
+    """A simulated stage: forward sleeps ``forward_s`` and backward ``backward_s`` seconds per input row.
+
+    It multiplies its input by a parameter ``gain`` (1.0), so it has a real gradient and a pipeline
+    of sleeping stages can be checked against the unpipelined model like any other.
+    """
+
+    def __init__(self, forward_s: float = 0.01, backward_s: float = 0.02):
+        super().__init__()
+        for name, v in (("forward_s", forward_s), ("backward_s", backward_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 60:
+                raise ValueError(f"{name} must be a number of seconds per row in [0, 60), got {v!r}")
+        self.forward_s, self.backward_s = float(forward_s), float(backward_s)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return _Sleep.apply(x, self.gain, self.forward_s, self.backward_s)
+
+    def extra_repr(self):
+        return f"forward_s={self.forward_s}, backward_s={self.backward_s}"
+
+
+class SleepStages:
+    """``make_stage`` for sleeping stages: stage ``i`` sleeps ``forward_s[i]`` / ``backward_s[i]`` per row."""
+
+    def __init__(self, forward_s, backward_s=None, n_stages: int | None = None):
+        fw = [forward_s] * (n_stages or 1) if isinstance(forward_s, (int, float)) else list(forward_s)
+        if backward_s is None:
+            bw = [2 * f for f in fw]
+        else:
+            bw = [backward_s] * len(fw) if isinstance(backward_s, (int, float)) else list(backward_s)
+        if len(bw) != len(fw):
+            raise ValueError(f"forward_s and backward_s need one value per stage; got {len(fw)} and {len(bw)}")
+        self.forward_s, self.backward_s, self.n_stages = fw, bw, len(fw)
+        if not fw:
+            raise ValueError("SleepStages needs at least one stage time")
+        for f, b in zip(fw, bw):  # validate here, not on the ranks
+            SleepStage(f, b)
+
+    def __call__(self, i: int) -> SleepStage:
+        return SleepStage(self.forward_s[i], self.backward_s[i])
+
+
+def mlp(widths=(32, 64, 64, 64, 64, 64, 64, 10)) -> nn.Sequential:
+    """A plain Linear/ReLU stack (no ReLU after the last layer): a model to split when no ResNet is wanted."""
+    if len(widths) < 2 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"widths must list at least two positive layer widths, got {widths!r}")
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class SplitModel:
+    """``make_stage`` that builds a whole model (seeded) and keeps only stage ``i``'s layers.
+
+    ``build`` returns a model (an ``nn.Sequential``, or a ResNet that :func:`labkit.sliced.flatten_resnet`
+    flattens), or is one of the names ``"mlp"``, ``"small"``, ``"resnet18"``, ``"resnet50"``.
+    ``boundaries`` are split points (stage ``k`` starts at layer ``boundaries[k-1]``); or give
+    ``n_stages`` for an even split by layer count. Every rank calls it and gets identical weights.
+    """
+
+    def __init__(self, build: Callable | str = "mlp", boundaries=None, n_stages: int | None = None, seed: int = 0):
+        from .sliced import check_boundaries, even_boundaries
+
+        if not (callable(build) or build in ("mlp", "small", "resnet18", "resnet50")):
+            raise ValueError(f"build must be a function returning a model, or 'mlp', 'small', 'resnet18', "
+                             f"'resnet50'; got {build!r}")
+        self.build, self.seed = build, seed
+        n_layers = len(self.full())
+        if boundaries is None:
+            if n_stages is None:
+                raise ValueError("pass boundaries=[...] (split points) or n_stages=K (even split by layers)")
+            if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
+                raise ValueError(f"n_stages must be an integer >= 1, got {n_stages!r}")
+            if n_stages > n_layers:
+                raise ValueError(f"{n_stages} stages asked for but the model has only {n_layers} layers: "
+                                 f"pass n_stages <= {n_layers}")
+            boundaries = even_boundaries(n_layers, n_stages)
+        self.boundaries = check_boundaries(boundaries, n_layers)
+        if n_stages is not None and n_stages != len(self.boundaries) + 1:
+            raise ValueError(f"n_stages={n_stages} but {len(self.boundaries)} boundaries give "
+                             f"{len(self.boundaries) + 1} stages; pass one or the other")
+        self.n_stages = len(self.boundaries) + 1
+        self.n_layers = n_layers
+
+    def full(self) -> nn.Sequential:
+        """The whole model as one flat ``nn.Sequential`` (the single-process reference)."""
+        from .sliced import build_model, flatten_resnet
+
+        torch.manual_seed(self.seed)
+        if self.build == "mlp":
+            model = mlp()
+        elif isinstance(self.build, str):
+            model = build_model(self.build, seed=self.seed)
+        else:
+            model = self.build()
+        return flatten_resnet(model)
+
+    def __call__(self, i: int) -> nn.Sequential:
+        if not 0 <= i < self.n_stages:
+            raise ValueError(f"stage index {i} out of range for {self.n_stages} stages")
+        edges = [0, *self.boundaries, self.n_layers]
+        return self.full()[edges[i]:edges[i + 1]]

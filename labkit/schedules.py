@@ -1,0 +1,246 @@
+"""Pipeline schedules as pure functions: which forward and backward each stage runs, in order.
+
+A schedule for ``p`` stages (ranks) and ``m`` micro-batches is a list with one entry per rank; each
+entry is that rank's ordered list of :class:`Action` ``(kind, micro, chunk)``: ``kind`` is ``"F"``
+(forward) or ``"B"`` (backward), ``micro`` the micro-batch, ``chunk`` the model chunk held by that
+rank (always 0 except in the interleaved schedule, where rank ``r`` holds the virtual stages
+``r, r + p, r + 2p, ...``). Sends and receives are implied: the forward of micro-batch ``i`` on
+virtual stage ``s`` needs the forward of ``i`` on ``s - 1``; the backward of ``i`` on ``s`` needs the
+backward of ``i`` on ``s + 1`` and its own forward.
+
+Nothing here starts a process: :func:`simulate` plays a schedule with given forward and backward
+times and returns its timeline, so schedules are tested (and bubbles predicted) without ranks.
+:mod:`labkit.pipeline` runs the same action lists on real ranks.
+
+Time flows to the right; ``F3`` is the forward of micro-batch 3, ``B3`` its backward (p=4, m=8,
+backward as long as forward, one column per unit of time)::
+
+    GPipe  rank 0  F0 F1 F2 F3 F4 F5 F6 F7 .. .. .. .. .. .. B7 B6 B5 B4 B3 B2 B1 B0
+           rank 3  .. .. .. F0 F1 F2 F3 F4 F5 F6 F7 B7 B6 B5 B4 B3 B2 B1 B0 .. .. ..
+
+    1F1B   rank 0  F0 F1 F2 F3 .. .. .. B0 F4 B1 F5 B2 F6 B3 F7 B4 .. B5 .. B6 .. B7
+           rank 3  .. .. .. F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 F6 B6 F7 B7 .. .. ..
+
+Both take ``2(m + p - 1)`` columns; 1F1B's rank 0 holds at most ``p`` unfinished micro-batches
+where GPipe's holds ``m`` (Huang et al. 2019; Narayanan et al. 2021).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+
+
+class Action(NamedTuple):
+    kind: str  # "F" or "B"
+    micro: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.micro}" + (f".{self.chunk}" if self.chunk else "")
+
+
+def _check_pm(p, m, name_p="n_stages"):
+    for name, v in ((name_p, p), ("n_micro", m)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def naive(p: int, m: int = 1) -> list[list[Action]]:
+    """No pipelining: each micro-batch goes forward through every stage and back before the next starts.
+
+    With ``m = 1`` this is plain model parallelism (the whole batch at once). Every rank's list is
+    ``F0 B0 F1 B1 ...``; the dependencies serialise it across ranks, so only one rank works at a time.
+    """
+    _check_pm(p, m)
+    return [[a for i in range(m) for a in (Action("F", i), Action("B", i))] for _ in range(p)]
+
+
+def gpipe(p: int, m: int) -> list[list[Action]]:
+    """GPipe: every rank runs all ``m`` forwards, then all backwards (last micro-batch first)."""
+    _check_pm(p, m)
+    return [[Action("F", i) for i in range(m)] + [Action("B", i) for i in reversed(range(m))] for _ in range(p)]
+
+
+def one_f_one_b_stage(stage: int, p: int, m: int) -> list[Action]:
+    """The 1F1B order of one rank: warm-up forwards, then alternate one forward and one backward, then cool-down.
+
+    Rank ``s`` first runs ``min(p - s - 1, m)`` forwards (the later stages need them to start),
+    then pairs ``F(w + k), B(k)``, then the remaining backwards.
+    """
+    _check_pm(p, m)
+    if not isinstance(stage, int) or not 0 <= stage < p:
+        raise ValueError(f"stage must be an integer in [0, {p - 1}] for p={p} stages, got {stage!r}")
+    warm = min(p - stage - 1, m)
+    out = [Action("F", i) for i in range(warm)]
+    for k in range(m - warm):
+        out += [Action("F", warm + k), Action("B", k)]
+    out += [Action("B", i) for i in range(m - warm, m)]
+    return out
+
+
+def one_f_one_b(p: int, m: int) -> list[list[Action]]:
+    """1F1B (PipeDream-flush): same bubble as GPipe, at most ``p`` micro-batches in flight per rank."""
+    _check_pm(p, m)
+    return [one_f_one_b_stage(s, p, m) for s in range(p)]
+
+
+def interleaved(p: int, m: int, v: int = 2) -> list[list[Action]]:
+    """Interleaved 1F1B (Narayanan et al. 2021): rank ``r`` holds ``v`` chunks (virtual stages r, r+p, ...).
+
+    Micro-batches go through the chunks in groups of ``p``; the bubble shrinks to about
+    ``(p - 1) / (v m)`` of the ideal time at the price of ``v`` times more messages. Needs ``m % p == 0``.
+    """
+    _check_pm(p, m)
+    if not isinstance(v, int) or v < 1:
+        raise ValueError(f"chunks v must be an integer >= 1, got {v!r}")
+    if m % p:
+        raise ValueError(f"the interleaved schedule needs n_micro to be a multiple of n_stages ({p}); "
+                         f"got n_micro={m}: pass n_micro={p * max(1, round(m / p))} or use schedule='1f1b'")
+    total = m * v
+
+    def fwd(k):  # k-th forward on a rank -> (micro, chunk)
+        return Action("F", (k // (p * v)) * p + k % p, (k // p) % v)
+
+    def bwd(k):
+        return Action("B", (k // (p * v)) * p + k % p, v - 1 - (k // p) % v)
+
+    out = []
+    for r in range(p):
+        warm = min(total, (p - r - 1) * 2 + (v - 1) * p)
+        acts = [fwd(k) for k in range(warm)]
+        for k in range(total - warm):
+            acts += [fwd(warm + k), bwd(k)]
+        acts += [bwd(k) for k in range(total - warm, total)]
+        out.append(acts)
+    return out
+
+
+def make_schedule(name: str, p: int, m: int, v: int = 2) -> list[list[Action]]:
+    """The schedule called ``name`` (one of :data:`SCHEDULES`) for ``p`` ranks and ``m`` micro-batches."""
+    if not isinstance(name, str) or name.lower() not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    name = name.lower()
+    if name == "naive":
+        return naive(p, m)
+    if name == "gpipe":
+        return gpipe(p, m)
+    if name == "1f1b":
+        return one_f_one_b(p, m)
+    return interleaved(p, m, v)
+
+
+def n_chunks(schedule: list[list[Action]]) -> int:
+    return 1 + max((a.chunk for acts in schedule for a in acts), default=0)
+
+
+def validate(schedule: list[list[Action]], m: int) -> None:
+    """Raise ValueError unless every rank runs each (micro, chunk) forward once, then its backward once."""
+    v = n_chunks(schedule)
+    for r, acts in enumerate(schedule):
+        seen = set()
+        for a in acts:
+            if a.kind not in ("F", "B"):
+                raise ValueError(f"rank {r}: action kind must be 'F' or 'B', got {a.kind!r}")
+            if not (0 <= a.micro < m and 0 <= a.chunk < v):
+                raise ValueError(f"rank {r}: {a} is out of range for m={m} micro-batches and {v} chunk(s)")
+            if a in seen:
+                raise ValueError(f"rank {r}: {a} appears twice")
+            if a.kind == "B" and Action("F", a.micro, a.chunk) not in seen:
+                raise ValueError(f"rank {r}: backward {a} comes before its forward")
+            seen.add(a)
+        if len(seen) != 2 * m * v:
+            raise ValueError(f"rank {r} runs {len(seen)} actions; expected {2 * m * v} (a forward and a backward "
+                             f"for each of {m} micro-batches and {v} chunk(s))")
+
+
+def simulate(schedule: list[list[Action]], forward: float | list = 1.0, backward: float | list = 2.0,
+             comm: float = 0.0) -> dict:
+    """Play a schedule: each rank runs its actions in order, each waits for the ones it depends on.
+
+    ``forward``/``backward`` are the time of one micro-batch on a virtual stage (a number, or one per
+    virtual stage); ``comm`` is the delay of a message between stages. Returns ``{"events": [...],
+    "makespan": t, "bubble": fraction idle, "peak_in_flight": [per rank]}``; raises ValueError if the
+    schedule deadlocks (some rank waits for an action that can never run).
+    """
+    p = len(schedule)
+    if p < 1:
+        raise ValueError("schedule has no ranks")
+    v = n_chunks(schedule)
+    m = max(a.micro for acts in schedule for a in acts) + 1
+    validate(schedule, m)
+    S = p * v
+    fw = [float(forward)] * S if not isinstance(forward, (list, tuple)) else [float(x) for x in forward]
+    bw = [float(backward)] * S if not isinstance(backward, (list, tuple)) else [float(x) for x in backward]
+    if len(fw) != S or len(bw) != S:
+        raise ValueError(f"forward/backward need one time per virtual stage ({S}), got {len(fw)} and {len(bw)}")
+    done: dict[tuple, float] = {}  # (kind, micro, virtual stage) -> end time
+    pos, clock = [0] * p, [0.0] * p
+    events = []
+    progressed = True
+    while progressed:
+        progressed = False
+        for r in range(p):
+            while pos[r] < len(schedule[r]):
+                a = schedule[r][pos[r]]
+                s = a.chunk * p + r
+                if a.kind == "F":
+                    deps = [("F", a.micro, s - 1)] if s > 0 else []
+                else:
+                    deps = [("F", a.micro, s)] + ([("B", a.micro, s + 1)] if s < S - 1 else [])
+                if any(d not in done for d in deps):
+                    break
+                ready = max([clock[r]] + [done[d] + (comm if d[2] != s else 0.0) for d in deps])
+                dur = fw[s] if a.kind == "F" else bw[s]
+                events.append({"lane": r, "kind": "forward" if a.kind == "F" else "backward", "start": ready,
+                               "end": ready + dur, "label": str(a), "micro": a.micro, "chunk": a.chunk})
+                done[(a.kind, a.micro, s)] = clock[r] = ready + dur
+                pos[r] += 1
+                progressed = True
+    if any(pos[r] < len(schedule[r]) for r in range(p)):
+        stuck = {r: str(schedule[r][pos[r]]) for r in range(p) if pos[r] < len(schedule[r])}
+        raise ValueError(f"schedule deadlocks: ranks wait forever at {stuck}")
+    makespan = max(clock)
+    busy = sum(e["end"] - e["start"] for e in events)
+    return {"events": events, "makespan": makespan, "bubble": 1 - busy / (p * makespan) if makespan else 0.0,
+            "peak_in_flight": peak_in_flight(schedule)}
+
+
+def peak_in_flight(schedule: list[list[Action]]) -> list[int]:
+    """Per rank, the most micro-batches (x chunks) whose forward ran and whose backward has not: held activations."""
+    out = []
+    for acts in schedule:
+        live = peak = 0
+        for a in acts:
+            live += 1 if a.kind == "F" else -1
+            peak = max(peak, live)
+        out.append(peak)
+    return out
+
+
+def bubble_fraction(p: int, m: int, v: int = 1) -> float:
+    """Theory: the idle fraction of a pipelined step, (p-1)/(v m + p-1) (equal stages, free messages)."""
+    _check_pm(p, m)
+    return (p - 1) / (v * m + p - 1)
+
+
+def ideal_speedup(p: int, m: int, v: int = 1) -> float:
+    """Theory: time of the naive schedule over the pipelined one, p m / (m + (p-1)/v)."""
+    _check_pm(p, m)
+    return p * m / (m + (p - 1) / v)
+
+
+def format_schedule(schedule: list[list[Action]], forward: float = 1.0, backward: float = 1.0) -> str:
+    """A text table like the one in this module's docstring (one column per time unit of the simulation)."""
+    sim = simulate(schedule, forward, backward)
+    unit = min(forward, backward)
+    cols = int(round(sim["makespan"] / unit))
+    rows = []
+    for r in range(len(schedule)):
+        cells = [".."] * cols
+        for e in sim["events"]:
+            if e["lane"] == r:
+                for c in range(int(round(e["start"] / unit)), int(round(e["end"] / unit))):
+                    cells[c] = e["label"].ljust(2)
+        rows.append(f"rank {r}  " + " ".join(cells))
+    return "\n".join(rows)

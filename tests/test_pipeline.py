@@ -1,0 +1,146 @@
+"""The pipeline executor on real gloo ranks: gradients equal single-process training, timelines, memory."""
+import pytest
+import torch
+
+import labkit
+from labkit.pipeline import (SleepStage, SleepStages, SplitModel, max_grad_error, pipeline_rank, reference_step,
+                             run_pipeline, run_torch_pipelining, speedup_over_naive,
+                             split_batch)
+from labkit.schedules import bubble_fraction
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_pools():
+    yield
+    labkit.shutdown_pools()
+
+
+def _batch(rows=10, d_in=32, d_out=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, d_in, generator=g), torch.randn(rows, d_out, generator=g)
+
+
+@pytest.mark.timeout(180)
+def test_every_schedule_gives_single_process_gradients_on_2_ranks():
+    batch = _batch(10)  # 10 rows into 3 or 4 micro-batches: uneven sizes, weighted losses
+    model2, model4 = SplitModel("mlp", n_stages=2), SplitModel("mlp", n_stages=4)
+    for make_stage, sched, m in ((model2, "naive", 1), (model2, "naive", 3), (model2, "gpipe", 3),
+                                 (model2, "1f1b", 3), (model2, "1f1b", 10), (model4, "interleaved", 4)):
+        ref = reference_step(make_stage, make_stage.n_stages, batch)
+        run = run_pipeline(make_stage, 2, batch, m, schedule=sched, repeats=2)
+        assert max_grad_error(run.grads, ref["grads"]) < 1e-5, (sched, m)
+        assert run.loss == pytest.approx(ref["loss"], rel=1e-5), (sched, m)
+        # every forward and backward ran once per micro-batch (and chunk) on every rank, in the timeline
+        for rank in range(2):
+            kinds = [e["kind"] for e in run.events if e["lane"] == rank]
+            assert kinds.count("forward") == kinds.count("backward") == m * run.chunks
+    # a wrong gradient is caught: the check can fail
+    wrong = [dict(g) for g in ref["grads"]]
+    k = next(iter(wrong[0]))
+    wrong[0][k] = wrong[0][k] + 1e-3
+    assert max_grad_error(wrong, ref["grads"]) > 1e-4
+
+
+@pytest.mark.timeout(180)
+def test_same_gradients_as_torch_distributed_pipelining():
+    batch = _batch(8)
+    model = SplitModel("mlp", n_stages=2)
+    for sched in ("gpipe", "1f1b"):
+        ours = run_pipeline(model, 2, batch, 4, schedule=sched)
+        theirs = run_torch_pipelining(model, 2, batch, 4, schedule=sched)
+        assert max_grad_error(ours.grads, theirs["grads"]) < 1e-5
+        assert ours.loss == pytest.approx(theirs["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        run_torch_pipelining(model, 2, _batch(10), 4)
+
+
+@pytest.mark.timeout(180)
+def test_4_ranks_sleeping_stages_and_mlp():
+    batch = _batch(8, d_in=4, d_out=4)
+    sleepy = SleepStages([0.0, 0.001, 0.0, 0.001], [0.0, 0.0, 0.001, 0.0])
+    ref = reference_step(sleepy, 4, batch)
+    run = run_pipeline(sleepy, 4, batch, 4, schedule="1f1b")
+    assert max_grad_error(run.grads, ref["grads"]) < 1e-6
+    assert abs(float(ref["grads"][0]["gain"])) > 0  # the gain's gradient is real, not zero
+    mlp4 = SplitModel("mlp", boundaries=[3, 8, 10])  # uneven stages: 3, 5, 2 and 3 layers
+    ref = reference_step(mlp4, 4, _batch(9))
+    run = run_pipeline(mlp4, 4, _batch(9), 3, schedule="gpipe")
+    assert max_grad_error(run.grads, ref["grads"]) < 1e-5
+
+
+@pytest.mark.timeout(180)
+def test_small_resnet_stages_match_micro_batch_accumulation():
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+    model = SplitModel("small", boundaries=[5])
+    run = run_pipeline(model, 2, batch, 2, schedule="1f1b")
+    # BatchNorm normalises each micro-batch with its own statistics, so the reference accumulates the
+    # same micro-batches one after another in one process
+    ref = reference_step(model, 2, batch, n_micro=2)
+    assert max_grad_error(run.grads, ref["grads"]) < 1e-4
+    assert run.loss == pytest.approx(ref["loss"], rel=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_timeline_causality_memory_and_schedule_speedup():
+    p, m = 2, 4
+    sleepy = SleepStages(0.01, 0.02, n_stages=p)
+    sp = speedup_over_naive(sleepy, p, m, repeats=3)
+    # theory 1.6; a loaded 2-core box loses some to scheduling, but the pipeline must clearly win
+    assert sp["speedup"] > 1.2, sp["speedup"]
+    run = sp["pipelined"]
+    assert abs(run.bubble - bubble_fraction(p, m)) < 0.15, (run.bubble, bubble_fraction(p, m))
+    assert sp["naive"].bubble == pytest.approx(0.5, abs=0.1)  # naive: one rank works at a time
+    ends = {(e["lane"], e["label"]): e for e in run.events if e["kind"] in ("forward", "backward")}
+    for i in range(m):  # rank 1 starts F_i after rank 0 finished it; rank 0 starts B_i after rank 1's
+        assert ends[(1, f"F{i}")]["start"] >= ends[(0, f"F{i}")]["end"]
+        assert ends[(0, f"B{i}")]["start"] >= ends[(1, f"B{i}")]["end"]
+    # memory, measured: GPipe holds all m micro-batches on rank 0, 1F1B at most p
+    batch = _batch(8, d_in=4, d_out=4)
+    gp = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, batch, 8, schedule="gpipe")
+    ob = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, batch, 8, schedule="1f1b")
+    assert gp.peak_live == [8, 8] and ob.peak_live == [2, 1]
+    assert gp.peak_bytes[0] == 4 * ob.peak_bytes[0] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_gives_clear_errors():
+    batch = _batch(4)
+    model = SplitModel("mlp", n_stages=2)
+    with pytest.raises(ValueError, match="n_micro"):
+        run_pipeline(model, 2, batch, 0)
+    with pytest.raises(ValueError, match="cannot make 5 micro-batches"):
+        run_pipeline(model, 2, batch, 5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        run_pipeline(model, 2, batch, 2, schedule="zigzag")
+    with pytest.raises(ValueError, match="builds 2 stages"):
+        run_pipeline(model, 3, batch, 2)
+    with pytest.raises(ValueError, match="needs 4"):
+        run_pipeline(model, 2, batch, 2, schedule="interleaved")
+    with pytest.raises(ValueError, match="multiple of n_stages"):
+        run_pipeline(SplitModel("mlp", n_stages=4), 2, batch, 3, schedule="interleaved")
+    with pytest.raises(TypeError, match="pair"):
+        split_batch(batch[0], 2)
+    with pytest.raises(ValueError, match="out of range"):
+        SplitModel("mlp", boundaries=[0, 3])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        SplitModel("mlp", boundaries=[5, 3])
+    with pytest.raises(ValueError, match="only 13 layers"):
+        SplitModel("mlp", n_stages=20)
+    with pytest.raises(ValueError, match="seconds per row"):
+        SleepStage(-1.0, 0.0)
+    # world size not equal to the number of stages, on real ranks
+    with pytest.raises(labkit.RankError, match="launch with world_size=3"):
+        labkit.launch(pipeline_rank, world_size=2, args=(model, batch, 2, "1f1b", None, 2, 1, 3), pool=True,
+                      echo=False)
+
+
+@pytest.mark.timeout(120)
+def test_bench_rows_and_arguments():
+    from labkit.pipeline_bench import bench_main, bench_simulated
+
+    rows = bench_simulated(ps=(2,), ms=(2,), forward_s=0.002, backward_s=0.004, repeats=1)
+    assert len(rows) == 1 and rows[0]["theory pm/(m+p-1)"] == pytest.approx(4 / 3)
+    assert rows[0]["ratio"] == pytest.approx(rows[0]["speed-up"] / rows[0]["theory pm/(m+p-1)"])
+    with pytest.raises(SystemExit):
+        bench_main(["--repeats", "0"])
