@@ -1,0 +1,240 @@
+"""Load balancing, measured: predicted vs measured stage times, and real pipeline steps of even and
+balanced splits of a ResNet (the pure partitioners and the profiler are in :mod:`labkit.balance`).
+
+    cmp = compare_splits(model="small", k=2, batch=16, m=4)   # profiles, solves, measures, runs
+    cmp.table()          # per split: cuts, predicted / measured stage ms, predicted / measured step ms
+    cmp.runs["balanced"].gantt()                               # the measured timeline
+
+Three numbers per split, from cheap to real:
+
+* **predicted stage time**: the sum of the profiled layer times (forward + backward, one micro-batch);
+* **measured stage time**: the stage (the layers as one module) timed the same way in this process;
+* **pipeline step**: one GPipe training step on ``k`` real ranks (:func:`labkit.pipeline.run_pipeline`),
+  next to the step a GPipe timeline predicts from the measured stage times
+  (:func:`labkit.balance.gpipe_timeline`). Its steady state delivers one micro-batch per
+  ``max_s(stage time)``: the slowest stage sets the pace.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .balance import (LayerProfile, as_layers, balance_by_memory, balance_by_time, check_cuts, even_cuts,
+                      gpipe_timeline, memory_costs, profile_layers, sleep_layers, stage_sums)
+
+__all__ = ["lab_model", "micro_sample", "measure_stages", "compare_splits", "sleep_pipeline", "Comparison", "tour_measured"]
+
+MODELS = ("small", "resnet18", "mlp")
+
+
+def lab_model(name: str = "small", seed: int = 0) -> torch.nn.Sequential:
+    """The flattened model the lab balances: ``"small"`` ResNet (11 layers), ``"resnet18"`` (15) or ``"mlp"``.
+
+    The same one :class:`labkit.pipeline.SplitModel` builds on each rank (same name and seed, same weights).
+    """
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    from .pipeline import SplitModel
+
+    return SplitModel(name, n_stages=1, seed=seed).full()
+
+
+def micro_sample(model: str, rows: int, seed: int = 0) -> torch.Tensor:
+    """A random input batch of ``rows`` rows shaped for ``model`` (32x32 images, or 32 features for the MLP)."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, 32) if model == "mlp" else (rows, 3, 32, 32)
+    return torch.randn(*shape, generator=g)
+
+
+def measure_stages(layers, cuts, sample: torch.Tensor, repeats: int = 3, warmup: int = 1) -> list[LayerProfile]:
+    """Time each *stage* (its layers run as one module) forward + backward, like :func:`profile_layers` does layers."""
+    layers = as_layers(layers)
+    cuts = check_cuts(cuts, len(layers))
+    edges = [0, *cuts, len(layers)]
+    stages = [torch.nn.Sequential(*layers[a:b]) for a, b in zip(edges, edges[1:])]
+    return profile_layers(stages, sample, repeats=repeats, warmup=warmup)
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_splits` found; ``rows`` is one dict per split."""
+
+    model: str
+    k: int
+    batch: int
+    m: int
+    profile: list  # LayerProfile per layer, at micro-batch size
+    splits: dict  # name -> cuts
+    rows: list = field(default_factory=list)
+    runs: dict = field(default_factory=dict)  # name -> labkit.pipeline.PipelineRun (if pipeline=True)
+    predicted_events: dict = field(default_factory=dict)  # name -> GPipe timeline predicted from measured stages
+
+    def table(self) -> list[dict]:
+        """Rows for ``labkit.viz.format_table`` / ``table_html`` (times in ms, lists rounded)."""
+        out = []
+        for r in self.rows:
+            row = {"split": r["split"], "cuts": str(r["cuts"]), "sizes": str(r["sizes"]),
+                   "predicted stage ms": _fmt(r["predicted_stage_ms"]), "measured stage ms": _fmt(r["measured_stage_ms"]),
+                   "predicted step ms": r["predicted_step_ms"]}
+            if "pipeline_step_ms" in r:
+                row["pipeline step ms"] = r["pipeline_step_ms"]
+                row["samples/s"] = r["samples_per_s"]
+            out.append(row)
+        return out
+
+    def plot(self, axes=None):
+        """Bars of predicted and measured stage times per split (one panel per split)."""
+        import matplotlib.pyplot as plt
+
+        if axes is None:
+            _, axes = plt.subplots(1, len(self.rows), figsize=(4 * len(self.rows), 3), sharey=True, squeeze=False)
+            axes = axes[0]
+        for ax, r in zip(axes, self.rows):
+            xs = range(len(r["cuts"]) + 1)
+            ax.bar([x - 0.2 for x in xs], r["predicted_stage_ms"], 0.4, label="predicted (sum of layers)", color="#9ecae9")
+            ax.bar([x + 0.2 for x in xs], r["measured_stage_ms"], 0.4, label="measured (stage)", color="#4c78a8")
+            ax.axhline(max(r["measured_stage_ms"]), color="#c33", lw=1, ls="--")
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels([f"stage {s}\n{n} layers" for s, n in zip(xs, r["sizes"])])
+            ax.set_title(f"{r['split']}: cuts {r['cuts']}")
+        axes[0].set_ylabel("forward+backward ms per micro-batch")
+        axes[0].legend(fontsize=7)
+        return axes
+
+
+def _fmt(xs) -> str:
+    return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
+
+
+def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4, splits: dict | None = None,
+                   repeats: int = 3, pipeline: bool = True, schedule: str = "gpipe", seed: int = 0,
+                   profile: list | None = None, timeout: float = 120, baselines: bool = True,
+                   stage_repeats: int = 5, device: str | None = None) -> Comparison:
+    """Even vs time-balanced (and any ``splits`` you add) for ``model`` cut into ``k`` stages.
+
+    Profiles the layers at micro-batch size ``batch // m`` (or reuses ``profile``), solves the
+    exact time balance, measures each stage, predicts a GPipe step from the measured stage times,
+    and (``pipeline=True``) runs ``repeats`` real GPipe steps on ``k`` ranks per split.
+    ``splits`` adds named cuts of your own; ``baselines=False`` keeps only those. Each stage is
+    timed ``stage_repeats`` times (median); that is cheap, a few ms per stage. ``device``: where the
+    profile and the stage measurements run (default: ``cuda`` when there is a GPU, where the pipeline's
+    NCCL ranks run too, else ``cpu``).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (stages, one rank each) must be an int >= 1, got {k!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (micro-batches) must be an int >= 1, got {m!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < m:
+        raise ValueError(f"batch must be an int >= m={m} (every micro-batch needs a row), got {batch!r}")
+    if batch % m:
+        raise ValueError(f"a batch of {batch} does not divide into {m} equal micro-batches; the pipeline would run "
+                         f"micro-batches of different sizes, which the stage profile (one micro-batch size) cannot "
+                         f"predict. Pass a batch that is a multiple of m, e.g. {batch - batch % m or m}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers = lab_model(model, seed).to(device)
+    extra = {name: check_cuts(cuts, len(layers), k) for name, cuts in (splits or {}).items()}
+    micro = micro_sample(model, batch // m, seed).to(device)
+    if profile is None:
+        profile = profile_layers(layers, micro, repeats=repeats)
+    elif len(profile) != len(layers):
+        raise ValueError(f"profile has {len(profile)} layers but {model} has {len(layers)}; profile this model")
+    plan = {"even": even_cuts(len(layers), k), "balanced": balance_by_time(profile, k).cuts} if baselines else {}
+    plan.update(extra)
+    if not plan:
+        raise ValueError("nothing to compare: pass splits={'name': cuts} or keep baselines=True")
+    cmp = Comparison(model, k, batch, m, profile, plan)
+    times = [p.time_ms for p in profile]
+    x_full = micro_sample(model, batch, seed + 1)
+    y_full = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(seed + 2))
+    for name, cuts in plan.items():
+        stages = measure_stages(layers, cuts, micro, repeats=stage_repeats)
+        f, b = [s.forward_ms for s in stages], [s.backward_ms for s in stages]
+        step_ms, events = gpipe_timeline(f, b, m)
+        row = {"split": name, "cuts": cuts, "sizes": [len(x) for x in _edges(cuts, len(layers))],
+               "predicted_stage_ms": stage_sums(times, cuts),
+               "measured_stage_ms": [s.time_ms for s in stages], "predicted_step_ms": step_ms}
+        cmp.predicted_events[name] = events
+        if pipeline:
+            from .pipeline import SplitModel, run_pipeline
+
+            run = run_pipeline(SplitModel(model, boundaries=cuts, seed=seed), k, (x_full, y_full), m,
+                               schedule=schedule, repeats=repeats, timeout=timeout, pool=True)
+            cmp.runs[name] = run
+            row["pipeline_step_ms"] = run.seconds * 1e3
+            row["samples_per_s"] = batch / run.seconds
+            row["loss"] = run.loss
+        cmp.rows.append(row)
+    return cmp
+
+
+def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), k: int = 2, m: int = 4, backward_ratio: float = 1.0,
+                   splits: dict | None = None, repeats: int = 1, timeout: float = 120) -> Comparison:
+    """Even vs balanced split of layers that *sleep* (known costs, no CPU used), run as a real GPipe pipeline.
+
+    Sleeping needs no CPU, so the measured step matches the GPipe prediction even on a busy 2-core
+    machine: the cleanest way to see the slowest stage set the pace. Measured stage times are
+    each rank's busy time (forward + backward) divided by ``m``.
+    """
+    from .pipeline import SplitModel, run_pipeline
+
+    costs = [f * (1 + backward_ratio) for f in forward_ms]
+    n = len(costs)
+    plan = {"even": even_cuts(n, k), "balanced": balance_by_time(costs, k).cuts}
+    for name, cuts in (splits or {}).items():
+        plan[name] = check_cuts(cuts, n, k)
+    cmp = Comparison("sleep", k, 2 * m, m, None, plan)
+    build = functools.partial(sleep_layers, list(forward_ms), backward_ratio)
+    x, y = torch.ones(2 * m, 3), torch.zeros(2 * m, 3)
+    for name, cuts in plan.items():
+        f = stage_sums(list(forward_ms), cuts)
+        step_ms, events = gpipe_timeline(f, [v * backward_ratio for v in f], m)
+        cmp.predicted_events[name] = events
+        run = run_pipeline(SplitModel(build, boundaries=cuts), k, (x, y), m, schedule="gpipe", repeats=repeats,
+                           timeout=timeout, pool=True)
+        cmp.runs[name] = run
+        cmp.rows.append({"split": name, "cuts": cuts, "sizes": [len(r) for r in _edges(cuts, n)],
+                         "predicted_stage_ms": stage_sums(costs, cuts),
+                         "measured_stage_ms": [b * 1e3 / m for b in run.busy], "predicted_step_ms": step_ms,
+                         "pipeline_step_ms": run.seconds * 1e3, "samples_per_s": 2 * m / run.seconds,
+                         "loss": run.loss})
+    return cmp
+
+
+def _edges(cuts, n):
+    e = [0, *cuts, n]
+    return [range(a, b) for a, b in zip(e, e[1:])]
+
+
+def tour_measured() -> list[dict]:
+    """Quick path: sleeping layers give the known optimum; a 2-rank pipeline of the balanced split is exact."""
+    rows = []
+    t0 = time.perf_counter()
+    prof = profile_layers(sleep_layers([10, 20, 30, 40, 50, 60]), torch.zeros(2, 3), repeats=1, warmup=0)
+    split = balance_by_time(prof, 2)
+    rows.append({"lab": "05 load balancing", "check": "layers sleeping 10..60 ms -> 2 stages of [4, 2] layers",
+                 "ok": split.sizes == [4, 2],
+                 "detail": f"sizes {split.sizes}, stages {[round(c) for c in split.stage_costs]} ms "
+                           f"({time.perf_counter() - t0:.1f} s)"})
+    from .pipeline import SplitModel, max_grad_error, reference_step, run_pipeline
+
+    layers = lab_model("small")
+    micro = micro_sample("small", 4)
+    prof = profile_layers(layers, micro, repeats=2)
+    cuts = balance_by_time(prof, 2).cuts
+    mem = balance_by_memory(memory_costs(prof), 2)
+    x, y = micro_sample("small", 8, 1), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
+    make = SplitModel("small", boundaries=cuts)
+    run = run_pipeline(make, 2, (x, y), 2, schedule="gpipe", timeout=120, pool=False)
+    ref = reference_step(make, 2, (x, y), 2)
+    err = max_grad_error(run.grads, ref["grads"])
+    rows.append({"lab": "05 load balancing",
+                 "check": f"time-balanced ResNet split {cuts}, 2-rank GPipe == single process",
+                 "ok": err < 1e-4 and abs(run.loss - ref["loss"]) < 1e-5,
+                 "detail": f"max grad err {err:.1e}; memory balance would cut at {mem.cuts}; "
+                           f"step {run.seconds * 1e3:.0f} ms"})
+    return rows
