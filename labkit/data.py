@@ -574,11 +574,9 @@ def tour() -> list[dict]:
     rows = []
 
     def check(name, fn):
-        try:
-            ok, detail = fn()
-        except Exception as e:  # report, do not stop the tour
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        rows.append({"lab": "data", "check": name, "ok": bool(ok), "detail": detail})
+        from .tour import check_row
+
+        rows.append(check_row("data", name, fn))
 
     def digits():
         X, y = load_digits()

@@ -70,13 +70,9 @@ def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
         raise TypeError("n and world_size must be ints")
     if world_size < 1 or n < world_size:
         raise ValueError(f"cannot cut {n} samples into {world_size} non-empty chunks; pass world_size <= n")
-    base, extra = divmod(n, world_size)
-    out, start = [], 0
-    for r in range(world_size):
-        stop = start + base + (1 if r < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    from .collectives import chunk_bounds  # the same cut the ring all-reduce uses for its chunks
+
+    return chunk_bounds(n, world_size)
 
 
 def local_shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

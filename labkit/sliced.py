@@ -518,11 +518,9 @@ def tour() -> list[dict]:
     rows = []
 
     def add(check, fn):
-        try:
-            ok, detail = fn()
-        except Exception as e:  # report, do not crash the tour
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        rows.append({"lab": "03 model parallel", "check": check, "ok": bool(ok), "detail": detail})
+        from .tour import check_row
+
+        rows.append(check_row("03 model parallel", check, fn))
 
     def single_process():
         torch.manual_seed(0)

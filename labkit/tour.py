@@ -21,6 +21,15 @@ LABS = [
 ]
 
 
+def check_row(lab: str, check: str, fn) -> dict:
+    """One tour row from ``fn() -> (ok, detail)``; an exception becomes a failed row, not a crash."""
+    try:
+        ok, detail = fn()
+    except Exception as e:  # report, do not stop the tour
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    return {"lab": lab, "check": check, "ok": bool(ok), "detail": detail}
+
+
 def hello(ctx):
     """Every rank says hello, then all ranks all-reduce their rank numbers (the result is 0+1+...+(n-1))."""
     import torch
