@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import sys
 
 import torch
@@ -42,23 +43,36 @@ def bench_simulated(ps=(2, 4), ms=(1, 2, 4, 8, 16), forward_s=0.01, backward_s=0
 
 
 def bench_real(make_stage, batch, ms=(2, 4, 8), repeats=3, schedule="1f1b", label="") -> list[dict]:
-    """One process vs 2 stages naive vs 2 stages pipelined with m micro-batches (split size = rows / m)."""
+    """One process vs 2 stages naive vs 2 stages pipelined with m micro-batches (split size = rows / m).
+
+    Real compute on a shared machine drifts, so the naive and pipelined steps are measured in pairs,
+    one right after the other, ``repeats`` times; "vs naive" is the median of the per-pair ratios and
+    "ms" the median step time.
+    """
     rows_n = batch[0].shape[0]
     one_s = time_in_process(make_stage, 2, batch, repeats=repeats, threads=1)
-    naive = run_pipeline(make_stage, 2, batch, 1, schedule="naive", repeats=repeats)
+    naive_all, pairs = [], {m: ([], []) for m in ms}
+    for _ in range(repeats):
+        for m in ms:
+            n = run_pipeline(make_stage, 2, batch, 1, schedule="naive", repeats=1).seconds
+            p = run_pipeline(make_stage, 2, batch, m, schedule=schedule, repeats=1).seconds
+            naive_all.append(n)
+            pairs[m][0].append(p)
+            pairs[m][1].append(n / p)
+    naive_s = statistics.median(naive_all)
     rows = [{"model": label, "setup": "1 process", "split size": rows_n, "m": 1, "ms": one_s * 1e3,
-             "vs 1 process": 1.0, "vs naive": naive.seconds / one_s, "theory vs naive": ""},
-            {"model": label, "setup": "2 stages, naive", "split size": rows_n, "m": 1, "ms": naive.seconds * 1e3,
-             "vs 1 process": one_s / naive.seconds, "vs naive": 1.0, "theory vs naive": 1.0}]
+             "vs 1 process": 1.0, "vs naive": naive_s / one_s, "theory vs naive": ""},
+            {"model": label, "setup": "2 stages, naive", "split size": rows_n, "m": 1, "ms": naive_s * 1e3,
+             "vs 1 process": one_s / naive_s, "vs naive": 1.0, "theory vs naive": 1.0}]
     for m in ms:
-        run = run_pipeline(make_stage, 2, batch, m, schedule=schedule, repeats=repeats)
+        p_s = statistics.median(pairs[m][0])
         rows.append({"model": label, "setup": f"2 stages, {schedule}", "split size": -(-rows_n // m), "m": m,
-                     "ms": run.seconds * 1e3, "vs 1 process": one_s / run.seconds,
-                     "vs naive": naive.seconds / run.seconds, "theory vs naive": ideal_speedup(2, m)})
+                     "ms": p_s * 1e3, "vs 1 process": one_s / p_s,
+                     "vs naive": statistics.median(pairs[m][1]), "theory vs naive": ideal_speedup(2, m)})
     return rows
 
 
-def mlp_case(width=1024, layers=8, rows=512):
+def mlp_case(width=1024, layers=8, rows=1024):
     """Two equal stages of a wide Linear/ReLU stack, and a batch for it."""
     g = torch.Generator().manual_seed(0)
     model = SplitModel(functools.partial(mlp, (width,) * (layers + 1)), n_stages=2)
@@ -97,9 +111,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         ms_real = (4,) if args.quick else (2, 4, 8)
         repeats = args.repeats or (2 if args.quick else 5)  # real compute is noisier than sleeping
-        print(f"Real compute on 2 CPU processes, one thread each, forward + backward, median of {repeats}. "
+        print(f"Real compute on 2 CPU processes, one thread each, forward + backward; medians of {repeats} naive-then-pipelined pairs. "
               f"Theory for 2 equal stages and free messages: 2m/(m+1).")
-        print("(a) two equal stages: Linear(1024, 1024) x 8 with ReLU, batch 512")
+        print("(a) two equal stages: Linear(1024, 1024) x 8 with ReLU, batch 1024")
         real = bench_real(*mlp_case(), ms=ms_real, repeats=repeats, label="MLP 1024x8")
         print(format_table(real, floatfmt="{:.3g}"))
         m4 = [r for r in real if r["m"] == 4][0]

@@ -144,3 +144,13 @@ def test_bench_rows_and_arguments():
     assert rows[0]["ratio"] == pytest.approx(rows[0]["speed-up"] / rows[0]["theory pm/(m+p-1)"])
     with pytest.raises(SystemExit):
         bench_main(["--repeats", "0"])
+
+
+@pytest.mark.timeout(120)
+def test_bench_real_pairs_naive_and_pipelined_runs():
+    from labkit.pipeline_bench import bench_real, mlp_case
+
+    rows = bench_real(*mlp_case(width=16, layers=2, rows=8), ms=(2, 4), repeats=2, label="tiny")
+    assert [r["setup"] for r in rows] == ["1 process", "2 stages, naive", "2 stages, 1f1b", "2 stages, 1f1b"]
+    assert [r["split size"] for r in rows[2:]] == [4, 2]
+    assert all(r["ms"] > 0 and r["vs naive"] > 0 for r in rows)
