@@ -83,7 +83,9 @@ def measure(world_sizes=(1, 2, 4), steps=20, repeats=5, local_batch=64, width=32
 
     check_bucket_mb(bucket_mb)
     rows = []
-    for n in world_sizes:
+    from .viz import progress
+
+    for n in progress(world_sizes, desc="ddp bench: world sizes"):
         res = launch(throughput_run, world_size=n, kwargs=dict(
             algorithms=algorithms, steps=steps, repeats=repeats, local_batch=local_batch, width=width,
             bucket_mb=bucket_mb), pool=pool, echo=False, quiet=True, timeout=timeout)[0]

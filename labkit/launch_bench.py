@@ -51,7 +51,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.world_sizes, a.cold_runs, a.warm_runs = [2], 3, 20
-    rows = [measure(n, a.cold_runs, a.warm_runs) for n in a.world_sizes]
+    from .viz import progress
+
+    rows = [measure(n, a.cold_runs, a.warm_runs) for n in progress(a.world_sizes, desc="launch bench: world sizes")]
     print(format_table(rows, floatfmt="{:.3g}"))
     two = [r for r in rows if r["ranks"] == 2]
     if two:

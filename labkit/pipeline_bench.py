@@ -29,16 +29,18 @@ from .schedules import ideal_speedup
 def bench_simulated(ps=(2, 4), ms=(1, 2, 4, 8, 16), forward_s=0.01, backward_s=0.02, repeats=3,
                     schedule="1f1b") -> list[dict]:
     """Rows of (p, m, naive ms, pipelined ms, measured speed-up, theory, ratio, bubble measured/theory)."""
+    from .viz import progress
+
     rows = []
-    for p in ps:
+    cases = progress([(p, m) for p in ps for m in ms], desc="pipeline bench: simulated (p, m)")
+    for p, m in cases:
         stages = SleepStages(forward_s, backward_s, n_stages=p)
-        for m in ms:
-            sp = speedup_over_naive(stages, p, m, repeats=repeats, schedule=schedule)
-            run = sp["pipelined"]
-            rows.append({"stages p": p, "micro m": m, "naive ms": sp["naive_s"] * 1e3,
-                         f"{schedule} ms": sp["pipelined_s"] * 1e3, "speed-up": sp["speedup"],
-                         "theory pm/(m+p-1)": sp["theory"], "ratio": sp["speedup"] / sp["theory"],
-                         "bubble": run.bubble, "bubble theory": run.bubble_theory})
+        sp = speedup_over_naive(stages, p, m, repeats=repeats, schedule=schedule)
+        run = sp["pipelined"]
+        rows.append({"stages p": p, "micro m": m, "naive ms": sp["naive_s"] * 1e3,
+                     f"{schedule} ms": sp["pipelined_s"] * 1e3, "speed-up": sp["speedup"],
+                     "theory pm/(m+p-1)": sp["theory"], "ratio": sp["speedup"] / sp["theory"],
+                     "bubble": run.bubble, "bubble theory": run.bubble_theory})
     return rows
 
 
@@ -52,7 +54,9 @@ def bench_real(make_stage, batch, ms=(2, 4, 8), repeats=3, schedule="1f1b", labe
     rows_n = batch[0].shape[0]
     one_s = time_in_process(make_stage, 2, batch, repeats=repeats, threads=1)
     naive_all, pairs = [], {m: ([], []) for m in ms}
-    for _ in range(repeats):
+    from .viz import progress
+
+    for _ in progress(range(repeats), desc=f"pipeline bench: {label or 'real'} pairs"):
         for m in ms:
             n = run_pipeline(make_stage, 2, batch, 1, schedule="naive", repeats=1).seconds
             p = run_pipeline(make_stage, 2, batch, m, schedule=schedule, repeats=1).seconds

@@ -69,7 +69,9 @@ def run_tour(labs: list[str] | None = None, world_size: int = 2, echo: bool = Tr
     selected = [(lab, mod) for lab, mod in LABS if not labs or any(s in lab or s in mod for s in labs)]
     if labs and not selected:
         raise ValueError(f"no lab matches {labs}; labs are: {[lab for lab, _ in LABS]}")
-    for lab, mod_name in selected:
+    from .viz import progress
+
+    for lab, mod_name in progress(selected, desc="tour") if echo else selected:
         t0 = time.perf_counter()
         try:
             mod = importlib.import_module(mod_name)

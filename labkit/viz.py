@@ -108,3 +108,20 @@ def format_table(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
     line = "  ".join(str(c).ljust(w) for c, w in zip(cols, widths))
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line, sep] + ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells])
+
+
+def progress(iterable, desc: str = "", total: int | None = None, **kwargs):
+    """A progress bar over ``iterable`` for long work (tqdm: a widget in Jupyter, a bar in a terminal).
+
+    It writes to stderr, so printed tables stay clean, and switches itself off when stderr is not a
+    terminal (CI logs, pipes) unless ``disable=False`` is passed, and when ``LABKIT_NO_PROGRESS`` is set.
+    """
+    import os
+
+    if os.environ.get("LABKIT_NO_PROGRESS"):
+        return iterable
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("disable", None)  # None: off when not writing to a terminal or notebook
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, desc=desc, total=total, **kwargs)

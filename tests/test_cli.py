@@ -69,3 +69,12 @@ def test_doctor_function_survives_repeated_calls():
     # the module is labkit.envcheck, so importing it never replaces the labkit.doctor function
     assert labkit.doctor(backends=False, echo=False).ok
     assert callable(labkit.doctor) and labkit.doctor(backends=False, echo=False).ok
+
+
+def test_progress_bar_yields_every_item(monkeypatch):
+    from labkit.viz import progress
+
+    assert list(progress(range(5), desc="x")) == [0, 1, 2, 3, 4]
+    monkeypatch.setenv("LABKIT_NO_PROGRESS", "1")
+    items = [1, 2]
+    assert progress(items) is items  # switched off: the iterable itself
