@@ -105,9 +105,13 @@ def format_table(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
         return floatfmt.format(v) if isinstance(v, float) else str(v)
     cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(str(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = "  ".join(str(c).ljust(w) for c, w in zip(cols, widths))
+    # numbers right-aligned (digits line up), text left-aligned (reads naturally)
+    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows if r.get(c, "") != "") for c in cols]
+    line = "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()
     sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line, sep] + ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells])
+    body = ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric)).rstrip()
+            for row in cells]
+    return "\n".join([line, sep] + body)
 
 
 def progress(iterable, desc: str = "", total: int | None = None, **kwargs):
