@@ -84,15 +84,20 @@ def bars(values: Mapping[str, float], ax=None, title: str | None = None, ylabel:
     return ax
 
 
+def _cells(rows: list[Mapping], floatfmt: str) -> tuple[list, list[list[str]]]:
+    """The column names (from the first row) and every cell as text (floats through ``floatfmt``)."""
+    cols = list(rows[0])
+    return cols, [[floatfmt.format(v) if isinstance(v, float) else str(v) for v in (r.get(c, "") for c in cols)]
+                  for r in rows]
+
+
 def table_html(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
     """Rows of dicts as an HTML table (for ``IPython.display.HTML``)."""
     if not rows:
         return "<p><i>(no rows)</i></p>"
-    cols = list(rows[0])
-    def cell(v):
-        return floatfmt.format(v) if isinstance(v, float) else str(v)
+    cols, cells = _cells(rows, floatfmt)
     head = "".join(f"<th>{c}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>" for row in cells)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -100,10 +105,7 @@ def format_table(rows: list[Mapping], floatfmt: str = "{:.4g}") -> str:
     """Rows of dicts as a plain-text table (for terminals and benchmarks)."""
     if not rows:
         return "(no rows)"
-    cols = list(rows[0])
-    def cell(v):
-        return floatfmt.format(v) if isinstance(v, float) else str(v)
-    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
+    cols, cells = _cells(rows, floatfmt)
     widths = [max(len(str(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     # numbers right-aligned (digits line up), text left-aligned (reads naturally)
     numeric = [all(isinstance(r.get(c), (int, float)) for r in rows if r.get(c, "") != "") for c in cols]
