@@ -41,6 +41,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .pipeline_stages import _Sleep  # one sleeping autograd function for labs 04 and 05
+
 __all__ = [
     "LayerProfile", "Split", "SleepLayer", "as_layers", "profile_layers", "check_cuts", "cuts_to_sizes",
     "sizes_to_cuts", "even_cuts", "stage_sums", "fits", "min_max_partition", "brute_force_partition",
@@ -407,7 +409,7 @@ def _warm_autograd() -> None:
     """The first ``backward(out, grad)`` in a process imports torch's symbolic-shape machinery
     (sympy): a one-off second or more. Pay it here, before anything is timed."""
     x = torch.ones(2, requires_grad=True)
-    y = _Sleep.apply(x * 1, torch.ones(()), 0.0, 0.0)
+    y = _Sleep.apply(x * 1, torch.ones(()), 0.0, 0.0, False)
     torch.autograd.backward(y, torch.ones_like(y))
 
 
@@ -454,23 +456,6 @@ def balance_by_memory(profiles_or_costs, k: int, param_scale: float = 4.0, micro
 
 
 # --------------------------------------------------------------------------- layers that sleep
-class _Sleep(torch.autograd.Function):
-    """y = x * gain; sleeps fwd_s in forward and bwd_s in backward (a real gradient, a known time)."""
-
-    @staticmethod
-    def forward(ctx, x, gain, fwd_s, bwd_s):
-        ctx.bwd_s = bwd_s
-        ctx.save_for_backward(x, gain)
-        time.sleep(fwd_s)
-        return x * gain
-
-    @staticmethod
-    def backward(ctx, g):
-        time.sleep(ctx.bwd_s)
-        x, gain = ctx.saved_tensors
-        return g * gain, (g * x).sum(), None, None
-
-
 class SleepLayer(nn.Module):
     """A layer whose forward sleeps ``forward_ms`` and whose backward sleeps ``backward_ms``: its cost is known."""
 
@@ -483,7 +468,7 @@ class SleepLayer(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))  # 1.0: a parameter, so a pipeline of these has gradients
 
     def forward(self, x):
-        return _Sleep.apply(x, self.gain, self.forward_ms / 1e3, self.backward_ms / 1e3)
+        return _Sleep.apply(x, self.gain, self.forward_ms / 1e3, self.backward_ms / 1e3, False)
 
     def extra_repr(self) -> str:
         return f"forward_ms={self.forward_ms:g}, backward_ms={self.backward_ms:g}"

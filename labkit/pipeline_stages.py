@@ -26,13 +26,16 @@ __all__ = ["SleepStage", "SleepStages", "SplitModel", "mlp"]
 # Stages
 # --------------------------------------------------------------------------------------------
 class _Sleep(torch.autograd.Function):
-    """y = x * gain, sleeping ``forward_s`` per row in forward and ``backward_s`` per row in backward."""
+    """y = x * gain, sleeping ``forward_s`` in forward and ``backward_s`` in backward: a real gradient and
+    a known cost. With ``per_row`` (the default) the times are per input row, so a micro-batch of k rows
+    costs k times as much; without it they are per call (lab 05's sleeping layers)."""
 
     @staticmethod
-    def forward(ctx, x, gain, forward_s, backward_s):
-        ctx.backward_s = backward_s * x.shape[0]
+    def forward(ctx, x, gain, forward_s, backward_s, per_row=True):
+        rows = x.shape[0] if per_row else 1
+        ctx.backward_s = backward_s * rows
         ctx.save_for_backward(x, gain)
-        time.sleep(forward_s * x.shape[0])
+        time.sleep(forward_s * rows)
         return x * gain
 
     @staticmethod
@@ -40,7 +43,7 @@ class _Sleep(torch.autograd.Function):
         time.sleep(ctx.backward_s)
         x, gain = ctx.saved_tensors
         grad_x = grad * gain if ctx.needs_input_grad[0] else None
-        return grad_x, (grad * x).sum(), None, None
+        return grad_x, (grad * x).sum(), None, None, None
 
 
 class SleepStage(nn.Module):
