@@ -6,25 +6,35 @@ The entry points most labs use:
     results = labkit.launch(fn, world_size=2)   # run fn(ctx) on 2 ranks, get their results
     labkit.doctor()                              # what this machine can run
 
-Each concept lives in its own module (``labkit.collectives``, ``labkit.ddp``, ...).
+One package per lab, each exposing its concept API from its ``__init__``: ``labkit.runtime`` (00),
+``labkit.collectives`` (01), ``labkit.ddp`` (02), ``labkit.sliced`` (03), ``labkit.pipeline`` (04),
+``labkit.balance`` (05). Shared modules: ``checks`` (exercise checks), ``viz`` (plots and tables),
+``data`` (datasets and sharding), ``partition`` (contiguous stage splits), ``slides`` (decks).
+``labkit.tour.LABS`` is the list of labs.
 """
-from .launcher import (  # noqa: F401
+from .runtime.launcher import (  # noqa: F401
     Context,
     LaunchError,
     LaunchTimeout,
     Pool,
     RankError,
+    Results,
     launch,
     shutdown_pools,
 )
 
 from . import checks, viz  # noqa: F401,E402  (labkit.checks.X in notebooks)
 
-__version__ = "0.1.0"
+try:  # one version, kept in pyproject.toml
+    from importlib.metadata import version as _version
+
+    __version__ = _version("labkit")
+except Exception:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def doctor(**kwargs):
     """Print what this machine can run (versions, CPUs, GPUs, backends) and return the report."""
-    from .envcheck import doctor as _doctor
+    from .runtime.doctor import doctor as _doctor
 
     return _doctor(**kwargs)

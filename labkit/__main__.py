@@ -5,12 +5,9 @@ import argparse
 import importlib
 import sys
 
-BENCHES = {
-    "launch": "labkit.launch_bench",
-    "collectives": "labkit.collectives_bench",
-    "ddp": "labkit.ddp_bench",
-    "pipeline": "labkit.pipeline_bench",
-}
+from .tour import benches
+
+BENCHES = benches()  # {name: module}, from the one list of labs in labkit.tour
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("slides", help="build the lecture decks into reveal.js HTML (try slides --help)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
-    r.add_argument("spec", help="module:function, e.g. labkit.tour:hello")
+    r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello")
     r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
     r.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
     r.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return slides_main(argv[1:]) or 0
     args = parser.parse_args(argv)
     if args.cmd == "doctor":
-        from .envcheck import doctor
+        from .runtime.doctor import doctor
 
         return 0 if doctor(backends=not args.no_backends).ok else 1
     if args.cmd == "tour":
@@ -53,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "bench":
         mod = importlib.import_module(BENCHES[args.name])
         rest = [a for a in args.rest if a != "--"]
-        return mod.bench_main(rest) or 0
+        return mod.main(rest) or 0
     if args.cmd == "run":
-        from .torchrun import main as run_main
+        from .runtime.torchrun import main as run_main
 
         return run_main(args.spec, args.world_size, args.kwargs, args.backend, args.timeout)
     return 2  # pragma: no cover

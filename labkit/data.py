@@ -41,7 +41,7 @@ __all__ = [
     "two_moons", "blobs", "RandomImages", "random_images", "tensor_dataset",
     "shard_indices", "shard_arrays",
     "data_root", "expected_files", "local_datasets", "load_torchvision",
-    "DatasetError", "DatasetUnavailable", "DatasetCorrupt", "TORCHVISION_DATASETS", "tour",
+    "DatasetError", "DatasetUnavailable", "DatasetCorrupt", "TORCHVISION_DATASETS",
 ]
 
 
@@ -86,6 +86,22 @@ def _to_torch(X: np.ndarray, y: np.ndarray):
 
 
 # --------------------------------------------------------------------------- digits
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits file read with numpy (importing sklearn costs seconds on every fresh rank);
+    scikit-learn's own loader when the file is not where it usually is."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.exists(path):
+        data = np.loadtxt(path, delimiter=",")
+        return data[:, :-1], data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    d = _sk_load_digits()
+    return d.data, d.target
+
+
 def load_digits(as_: str = "arrays", scale: bool = True):
     """scikit-learn's handwritten digits (1797 images of 8x8 pixels, 10 classes), offline.
 
@@ -94,14 +110,12 @@ def load_digits(as_: str = "arrays", scale: bool = True):
          float32 tensor (for convolutions) and ``y`` an int64 tensor.
     scale: divide the pixel values (0..16) by 16, so they lie in [0, 1].
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
-
     _check_choice("as_", as_, ("arrays", "tensors", "images"))
-    d = _sk_load_digits()
-    X = d.data.astype(np.float32)
+    data, target = _read_digits()
+    X = data.astype(np.float32)
     if scale:
         X /= 16.0
-    y = d.target.astype(np.int64)
+    y = target.astype(np.int64)
     if as_ == "arrays":
         return X, y
     Xt, yt = _to_torch(X, y)
@@ -563,50 +577,4 @@ def local_datasets(root: str | os.PathLike | None = None) -> list[dict]:
         files = expected_files(key, root)
         rows.append({"dataset": key, "present": all(p.is_file() for p in files), "folder": str(files[0].parent),
                      "shape": f"{c}x{hw}x{hw}", "train": n_train, "test": n_test})
-    return rows
-
-
-# --------------------------------------------------------------------------- headless quick path
-def tour() -> list[dict]:
-    """Quick self-checks of this module (no processes, no network, about a second)."""
-    from torch.utils.data import DistributedSampler
-
-    rows = []
-
-    def check(name, fn):
-        from .tour import check_row
-
-        rows.append(check_row("data", name, fn))
-
-    def digits():
-        X, y = load_digits()
-        Xi, _ = load_digits(as_="images")
-        ok = X.shape == (1797, 64) and tuple(Xi.shape) == (1797, 1, 8, 8) and 0 <= X.min() and X.max() <= 1
-        return ok, f"X {X.shape} in [{X.min():.0f}, {X.max():.0f}], images {tuple(Xi.shape)}, {len(set(y))} classes"
-
-    def sharding():
-        cases = 0
-        for n in (10, 17):
-            for w in (2, 3, 4):
-                for drop_last in (False, True):
-                    for epoch in (0, 1):
-                        for r in range(w):
-                            s = DistributedSampler(range(n), num_replicas=w, rank=r, seed=3, drop_last=drop_last)
-                            s.set_epoch(epoch)
-                            if shard_indices(n, r, w, seed=3, epoch=epoch, drop_last=drop_last) != list(s):
-                                return False, f"differs at n={n}, world={w}, rank={r}, drop_last={drop_last}"
-                            cases += 1
-        return True, f"{cases} (n, world, rank, drop_last, epoch) cases identical"
-
-    def labelled():
-        _, _, ytr, _ = train_test_split_digits(0.5, seed=0)
-        lab, unlab = labelled_split(ytr, 5, seed=0)
-        counts = np.bincount(ytr[lab], minlength=10)
-        y_semi = semi_supervised_targets(ytr, 5, seed=0)
-        ok = (counts == 5).all() and len(lab) + len(unlab) == len(ytr) and (y_semi == -1).sum() == len(unlab)
-        return ok, f"{len(lab)} labelled (5 per class), {len(unlab)} unlabelled (-1)"
-
-    check("digits: (1797, 64) arrays and (1797, 1, 8, 8) images", digits)
-    check("shard_indices == DistributedSampler", sharding)
-    check("labelled_split: K=5 per class, rest -1", labelled)
     return rows

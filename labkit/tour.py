@@ -1,24 +1,45 @@
-"""``python -m labkit tour``: every lab's headless quick path, as one table (lab, check, result, seconds).
+"""The list of labs, and ``python -m labkit tour``: every lab's headless quick path as one table.
+
+:data:`LABS` is the one registry: the tour, the ``bench`` command's choices and the course map follow
+it. Each lab is a package whose ``lab`` module has ``tour(world_size=2) -> list[dict]`` (rows made by
+:func:`check_row`) and, when the lab has a benchmark, whose ``bench`` module has ``main(argv)``.
 
 This is the smoke test for a teacher preparing a server: if the tour passes, the labs will run.
-Each lab module exposes ``tour() -> list[dict]`` with keys ``lab``, ``check``, ``ok``, ``detail``.
 """
 from __future__ import annotations
 
 import importlib
 import time
 import traceback
+from dataclasses import dataclass
 
-# (lab, module) in course order; a module that is not there yet is reported as missing, not skipped.
-LABS = [
-    ("00 start here", "labkit.tour"),
-    ("00 data", "labkit.data"),
-    ("01 collectives", "labkit.collectives"),
-    ("02 data parallel", "labkit.ddp"),
-    ("03 model parallel", "labkit.sliced"),
-    ("04 pipeline", "labkit.pipeline"),
-    ("05 load balancing", "labkit.balance"),
-]
+
+@dataclass(frozen=True)
+class Lab:
+    number: str            # "01"
+    title: str             # "collectives"
+    package: str           # "labkit.collectives": has .lab.tour and, if bench is set, .bench.main
+    bench: str | None = None  # the name for ``python -m labkit bench NAME``
+    notebook: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.number} {self.title}"
+
+
+LABS: tuple[Lab, ...] = (
+    Lab("00", "start here", "labkit.runtime", "launch", "00_start_here.ipynb"),
+    Lab("01", "collectives", "labkit.collectives", "collectives", "01_collectives.ipynb"),
+    Lab("02", "data parallel", "labkit.ddp", "ddp", "02_data_parallel.ipynb"),
+    Lab("03", "model parallel", "labkit.sliced", None, "03_model_parallel.ipynb"),
+    Lab("04", "pipeline", "labkit.pipeline", "pipeline", "04_pipeline.ipynb"),
+    Lab("05", "load balancing", "labkit.balance", None, "05_load_balancing.ipynb"),
+)
+
+
+def benches() -> dict[str, str]:
+    """``{bench name: module}`` for ``python -m labkit bench NAME``, in course order."""
+    return {lab.bench: f"{lab.package}.bench" for lab in LABS if lab.bench}
 
 
 def check_row(lab: str, check: str, fn) -> dict:
@@ -30,68 +51,44 @@ def check_row(lab: str, check: str, fn) -> dict:
     return {"lab": lab, "check": check, "ok": bool(ok), "detail": detail}
 
 
-def hello(ctx):
-    """Every rank says hello, then all ranks all-reduce their rank numbers (the result is 0+1+...+(n-1))."""
-    import torch
-    import torch.distributed as dist
-
-    print(f"hello from rank {ctx.rank} of {ctx.world_size} on {ctx.device} ({ctx.backend})")
-    t = torch.tensor([float(ctx.rank)], device=ctx.device)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def tour(world_size: int = 2) -> list[dict]:
-    """The start-here lab's quick path: a real launch and all-reduce, then a pooled re-run."""
-    from .launcher import Pool
-
-    rows = []
-    expected = world_size * (world_size - 1) / 2
-    with Pool(world_size, quiet=True, echo=False) as pool:
-        t0 = time.perf_counter()
-        got = pool.run(hello, timeout=120)
-        cold = time.perf_counter() - t0
-        rows.append({"lab": "00 start here", "check": f"{world_size}-rank all-reduce of ranks = {expected:g}",
-                     "ok": list(got) == [expected] * world_size, "detail": f"got {list(got)}, {cold:.1f} s incl. start-up"})
-        t0 = time.perf_counter()
-        again = pool.run(hello, timeout=60)
-        warm = time.perf_counter() - t0
-        rows.append({"lab": "00 start here", "check": "pooled re-run gives the same result",
-                     "ok": list(again) == list(got), "detail": f"{warm * 1e3:.1f} ms"})
-    return rows
+def select(labs: list[str] | None = None) -> list[Lab]:
+    """The labs whose name or package contains one of ``labs`` (all of them for ``None``)."""
+    chosen = [lab for lab in LABS if not labs or any(s in lab.name or s in lab.package for s in labs)]
+    if labs and not chosen:
+        raise ValueError(f"no lab matches {labs}; labs are: {[lab.name for lab in LABS]}")
+    return chosen
 
 
 def run_tour(labs: list[str] | None = None, world_size: int = 2, echo: bool = True) -> list[dict]:
-    """Run every lab's ``tour()`` (or those whose name contains one of ``labs``); return all rows."""
-    from .viz import format_table
+    """Run every lab's ``tour(world_size)`` (or those whose name contains one of ``labs``); return all rows."""
+    from ._validate import check_int
+    from .viz import format_table, progress
 
+    world_size = check_int("world_size", world_size, minimum=1)
+    selected = select(labs)
     rows: list[dict] = []
-    selected = [(lab, mod) for lab, mod in LABS if not labs or any(s in lab or s in mod for s in labs)]
-    if labs and not selected:
-        raise ValueError(f"no lab matches {labs}; labs are: {[lab for lab, _ in LABS]}")
-    from .viz import progress
-
-    for lab, mod_name in progress(selected, desc="tour") if echo else selected:
+    for lab in progress(selected, desc="tour") if echo else selected:
         t0 = time.perf_counter()
+        first = len(rows)
         try:
-            mod = importlib.import_module(mod_name)
-            fn = getattr(mod, "tour")
-            got = fn(world_size) if mod_name == "labkit.tour" else fn()
+            got = importlib.import_module(f"{lab.package}.lab").tour(world_size=world_size)
             secs = time.perf_counter() - t0
             for i, row in enumerate(got):  # the lab's wall time goes on its first row
-                rows.append({"lab": row.get("lab", lab), "check": row["check"],
+                rows.append({"lab": row.get("lab", lab.name), "check": row["check"],
                              "result": "ok" if row["ok"] else "FAIL", "seconds": f"{secs:.1f}" if i == 0 else "",
                              "detail": str(row.get("detail", ""))[:80]})
         except ModuleNotFoundError as e:
-            rows.append({"lab": lab, "check": "module present", "result": "MISSING", "seconds": "", "detail": str(e)})
+            rows.append({"lab": lab.name, "check": "module present", "result": "MISSING", "seconds": "",
+                         "detail": str(e)})
         except Exception as e:
-            rows.append({"lab": lab, "check": "quick path ran", "result": "FAIL", "seconds": f"{time.perf_counter() - t0:.1f}",
+            rows.append({"lab": lab.name, "check": "quick path ran", "result": "FAIL",
+                         "seconds": f"{time.perf_counter() - t0:.1f}",
                          "detail": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]})
             if echo:
                 traceback.print_exc()
         if echo:
-            done = [r for r in rows if r["lab"].startswith(lab.split()[0])]
-            print(f"  {lab}: {sum(r['result'] == 'ok' for r in done)}/{len(done)} ok", flush=True)
+            done = rows[first:]
+            print(f"  {lab.name}: {sum(r['result'] == 'ok' for r in done)}/{len(done)} ok", flush=True)
     if echo:
         print()
         print(format_table(rows, floatfmt="{:.2f}"))

@@ -11,7 +11,8 @@ import torch
 
 import labkit
 from labkit import collectives as C
-from labkit import collectives_bench as B
+from labkit.collectives import bench as B
+from labkit.collectives import lab as L
 
 WORLD_SIZES = (2, 3, 4)
 
@@ -68,7 +69,7 @@ def test_simulate_catches_a_broken_schedule():
 
 
 def test_schedule_bad_input():
-    with pytest.raises(ValueError, match="pass one of"):
+    with pytest.raises(ValueError, match="must be one of"):
         C.schedule("butterfly", 4)
     with pytest.raises(ValueError, match="world_size"):
         C.schedule("ring", 0)
@@ -79,34 +80,34 @@ def test_schedule_bad_input():
 # ------------------------------------------------------------------------------ pure: cost model
 def test_cost_terms_and_bandwidths():
     S, n = 1 << 20, 4
-    assert B.cost_terms("ring", S, n) == (6.0, 1.5 * S)
-    assert B.cost_terms("ring_unchunked", S, n) == (3.0, 3.0 * S)
-    assert B.cost_terms("tree", S, n) == (4.0, 4.0 * S)
-    assert B.cost_terms("halving_doubling", S, n) == (4.0, 1.5 * S)
-    assert B.cost_terms("halving_doubling", S, 3) == (4.0, 3.0 * S)  # fold + 1 halving + 1 doubling + unfold
-    assert B.cost_terms("ring", S, 1) == (0.0, 0.0)
-    assert B.bus_factor("all_reduce", 4) == 1.5 and B.bus_factor("all_gather", 4) == 0.75
-    bw = B.bandwidths(1e9, 2.0, "all_reduce", 4)
+    assert C.cost_terms("ring", S, n) == (6.0, 1.5 * S)
+    assert C.cost_terms("ring_unchunked", S, n) == (3.0, 3.0 * S)
+    assert C.cost_terms("tree", S, n) == (4.0, 4.0 * S)
+    assert C.cost_terms("halving_doubling", S, n) == (4.0, 1.5 * S)
+    assert C.cost_terms("halving_doubling", S, 3) == (4.0, 3.0 * S)  # fold + 1 halving + 1 doubling + unfold
+    assert C.cost_terms("ring", S, 1) == (0.0, 0.0)
+    assert C.bus_factor("all_reduce", 4) == 1.5 and C.bus_factor("all_gather", 4) == 0.75
+    bw = C.bandwidths(1e9, 2.0, "all_reduce", 4)
     assert bw["algbw"] == 5e8 and bw["busbw"] == 7.5e8
     with pytest.raises(ValueError, match="library"):
-        B.cost_terms("library", S, n)
+        C.cost_terms("library", S, n)
     with pytest.raises(ValueError, match="collective"):
-        B.bus_factor("all_to_everyone", 4)
+        C.bus_factor("all_to_everyone", 4)
 
 
 def test_fit_alpha_beta_recovers_known_parameters():
     alpha, beta = 50e-6, 1 / 2e9
-    rows = [{"algorithm": a, "bytes": s, "world_size": n, "seconds": B.predict_time(a, s, n, alpha, beta)}
+    rows = [{"algorithm": a, "bytes": s, "world_size": n, "seconds": C.predict_time(a, s, n, alpha, beta)}
             for a in ("p2p", "ring", "tree") for s in (1 << 10, 1 << 16, 1 << 22) for n in (2, 4)]
-    a, b = B.fit_alpha_beta(rows)
+    a, b = C.fit_alpha_beta(rows)
     assert abs(a - alpha) / alpha < 1e-6 and abs(b - beta) / beta < 1e-6
     with pytest.raises(ValueError, match="at least two"):
-        B.fit_alpha_beta(rows[:1])
+        C.fit_alpha_beta(rows[:1])
 
 
 # ------------------------------------------------------------------------------ input errors (no processes)
 def test_bad_input_is_refused_before_any_communication():
-    with pytest.raises(ValueError, match="unknown algorithm"):
+    with pytest.raises(ValueError, match="algorithm must be one of"):
         C.all_reduce(torch.ones(4), algorithm="butterfly")
     with pytest.raises(ValueError, match="contiguous"):
         C.all_reduce(torch.ones(4, 3).t())
@@ -138,7 +139,7 @@ def _run(fn, n, *args, **kwargs):
 def test_every_algorithm_equals_torch(n):
     """All-reduce (5 algorithms), reduce-scatter and all-gather vs torch, for sum/max/avg, float32/float64/int64,
     sizes 0, 1, 7, 1001 (most do not divide by n)."""
-    res = _run(C.equivalence_cases, n, numels=(0, 1, 7, 1001))
+    res = _run(L.equivalence_rank, n, numels=(0, 1, 7, 1001))
     cases = [c for per_rank in res for c in per_rank]
     assert len(res[0]) == 3 * 4 * (3 * (len(C.ALGORITHMS) + 2) + 1)  # + pipelined ring, reduce-scatter; + all-gather
     bad = [c for c in cases if not c["ok"]]
@@ -146,8 +147,8 @@ def test_every_algorithm_equals_torch(n):
 
 
 def _log_and_bytes(ctx, numel):
-    out = {alg: C.record_messages(ctx, alg, numel=numel) for alg in C.SCHEDULES}
-    out["ring_pipelined"] = C.record_messages(ctx, "ring", numel=numel, segments=2)
+    out = {alg: L.record_messages_rank(ctx, alg, numel=numel) for alg in C.SCHEDULES}
+    out["ring_pipelined"] = L.record_messages_rank(ctx, "ring", numel=numel, segments=2)
     return out
 
 
@@ -188,9 +189,9 @@ def test_mismatched_tensors_across_ranks_give_clear_errors():
 
 
 def _timing(ctx):
-    rows = B.time_collectives(ctx, algorithms=("ring", "library", "ring_reduce_scatter", "library_all_gather"),
+    rows = B.time_collectives_rank(ctx, algorithms=("ring", "library", "ring_reduce_scatter", "library_all_gather"),
                               sizes=(1 << 12, 1 << 16), repeats=2, warmup=0)
-    pp = B.pingpong(ctx, sizes=(64, 1 << 16), repeats=2)
+    pp = B.pingpong_rank(ctx, sizes=(64, 1 << 16), repeats=2)
     return rows, pp
 
 
@@ -200,7 +201,7 @@ def test_timing_rows_and_table():
     rows, pp = res[0]
     assert res[1] == (None, None)
     assert len(rows) == 8 and all(r["seconds"] > 0 for r in rows)
-    table = B.table_rows(rows, *B.fit_alpha_beta(rows + pp))
+    table = B.table_rows(rows, *C.fit_alpha_beta(rows + pp))
     lib = [t for t in table if t["algorithm"] == "library"]
     assert all(t["vs_library"] == 1.0 for t in lib)
     assert {t["size"] for t in table} == {"4 KiB", "64 KiB"}
@@ -238,22 +239,22 @@ def stub_ring(t):
 
 @pytest.mark.timeout(300)
 def test_exercise_check_passes_right_and_names_wrong_cases():
-    ok = C.check_ring_all_reduce(good_ring, world_sizes=(2, 3), numels=(1, 7))
+    ok = L.check_ring_all_reduce(good_ring, world_sizes=(2, 3), numels=(1, 7))
     assert ok.passed, ok.summary()
-    wrong = C.check_ring_all_reduce(off_by_one_ring, world_sizes=(2, 3), numels=(1, 7))
+    wrong = L.check_ring_all_reduce(off_by_one_ring, world_sizes=(2, 3), numels=(1, 7))
     assert wrong.attempted and not wrong.passed
     assert any("3 ranks, 7 float32" in c.name for c in wrong.failed_cases)
     assert "max abs error" in wrong.failed_cases[0].detail
-    cheat = C.check_ring_all_reduce(cheating_ring, world_sizes=(2,), numels=(4,))
+    cheat = L.check_ring_all_reduce(cheating_ring, world_sizes=(2,), numels=(4,))
     assert not cheat.passed and "send/recv" in cheat.failed_cases[0].detail
-    stub = C.check_ring_all_reduce(stub_ring, world_sizes=(2,), numels=(4,))
+    stub = L.check_ring_all_reduce(stub_ring, world_sizes=(2,), numels=(4,))
     assert not stub.attempted and "not attempted" in stub.summary()
     with pytest.raises(TypeError, match="your function"):
-        C.check_ring_all_reduce("ring")
+        L.check_ring_all_reduce("ring")
 
 
 def _demo(ctx):
-    return C.demo_collectives(ctx, numel=4)
+    return L.demo_rank(ctx, numel=4)
 
 
 @pytest.mark.timeout(300)
@@ -268,9 +269,9 @@ def test_demo_collectives_before_after():
     import matplotlib
 
     matplotlib.use("Agg")
-    from labkit import collectives_plots as P
+    from labkit.collectives import plots as P
 
-    for name in C.COLLECTIVES:
+    for name in L.COLLECTIVES:
         P.plot_collective(res, name)
     P.animate(C.schedule("halving_doubling", 3)).to_jshtml()
     P.plot_steps(C.schedule("ring", 3))
@@ -294,7 +295,7 @@ def test_mismatched_collective_ends_in_the_launchers_timeout():
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("n", (1, 5, 6, 7, 8))
 def test_every_algorithm_equals_torch_more_world_sizes(n):
-    res = labkit.launch(C.equivalence_cases, world_size=n, timeout=600, echo=False,
+    res = labkit.launch(L.equivalence_rank, world_size=n, timeout=600, echo=False,
                         kwargs=dict(numels=(0, 5, 1001)))
     bad = [c for per_rank in res for c in per_rank if not c["ok"]]
     assert not bad, bad[:5]

@@ -11,8 +11,8 @@ import labkit
 from labkit import ddp
 from labkit.ddp import (chunk_ranges, distributed_shards, local_shard, make_ddp, model_step,
                         plan_buckets)
-from labkit.ddp_lab import (check_allreduce_prediction, check_average_hook, equivalence_run,
-                            feature_split_run, mismatched_run, timeline_run)
+from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, equivalence_rank,
+                            feature_split_rank, mismatched_rank, timeline_rank)
 
 TIGHT = 1e-12  # float64: only summation order separates the runs
 
@@ -99,11 +99,11 @@ def test_digits_match_sklearn():
 
 # ----------------------------------------------------------------------------- distributed (gloo)
 def _equivalence_all(ctx):
-    out = {"default": equivalence_run(ctx)}
+    out = {"default": equivalence_rank(ctx)}
     for mb in (1e-6, 0.002, 25.0):  # one tensor per bucket, a few buckets, a single bucket
-        out[f"mb{mb}"] = equivalence_run(ctx, algorithms=("bucketed", "overlapped", "torch"), bucket_mb=mb)
+        out[f"mb{mb}"] = equivalence_rank(ctx, algorithms=("bucketed", "overlapped", "torch"), bucket_mb=mb)
     for skip in (True, False):
-        out[f"accum_skip{skip}"] = equivalence_run(ctx, steps=2, accum=3, skip_sync=skip)
+        out[f"accum_skip{skip}"] = equivalence_rank(ctx, steps=2, accum=3, skip_sync=skip)
     return out
 
 
@@ -140,7 +140,7 @@ def _bad_inputs(ctx):
         "module": lambda: make_ddp("naive", torch.zeros(3)),
         "frozen": lambda: make_ddp("naive", nn.Linear(2, 2).requires_grad_(False)),
         "mismatch": lambda: make_ddp("bucketed", ddp.small_cnn(4 + ctx.rank, 0)),
-        "shards": lambda: timeline_run(ctx, shard_sizes=[8]),
+        "shards": lambda: timeline_rank(ctx, shard_sizes=[8]),
     }.items():
         try:
             fn()
@@ -165,7 +165,7 @@ def test_bad_inputs_get_clear_errors_on_ranks():
 @pytest.mark.timeout(120)
 def test_timelines_show_overlap_and_stragglers():
     def events(algo, **kw):
-        return labkit.launch(timeline_run, world_size=2, kwargs=dict(algorithm=algo, bucket_mb=0.01, **kw),
+        return labkit.launch(timeline_rank, world_size=2, kwargs=dict(algorithm=algo, bucket_mb=0.01, **kw),
                              pool=True, echo=False, timeout=60)
 
     for r in events("overlapped"):
@@ -187,7 +187,7 @@ def test_timelines_show_overlap_and_stragglers():
 
 @pytest.mark.timeout(120)
 def test_feature_split_needs_forward_allreduce():
-    res = labkit.launch(feature_split_run, world_size=2, pool=True, echo=False)
+    res = labkit.launch(feature_split_rank, world_size=2, pool=True, echo=False)
     for r in res:
         assert r["error"] < 1e-12 and r["partial_error"] > 1.0
 
@@ -226,7 +226,7 @@ def test_exercise_checks():
 
 
 def test_data_parallel_on_cpu_just_runs_the_module():
-    from labkit.ddp_lab import data_parallel_demo
+    from labkit.ddp.lab import data_parallel_demo
 
     out = data_parallel_demo()
     assert out["same_as_module"]
@@ -236,7 +236,7 @@ def test_data_parallel_on_cpu_just_runs_the_module():
 
 @pytest.mark.timeout(200)
 def test_bench_quick_prints_ratio(capsys):
-    from labkit.ddp_bench import measure, ratio
+    from labkit.ddp.bench import measure, ratio
 
     rows = measure([2], steps=3, repeats=1, width=8, local_batch=16, pool=True)
     assert {r["version"] for r in rows} == {"naive (per tensor)", "bucketed", "overlapped (hooks)", "torch DDP"}
@@ -247,5 +247,5 @@ def test_bench_quick_prints_ratio(capsys):
 @pytest.mark.timeout(120)
 def test_mismatched_collective_ends_in_timeout():
     with pytest.raises(labkit.LaunchTimeout) as info:
-        labkit.launch(mismatched_run, world_size=2, pool=True, echo=False, timeout=3)
+        labkit.launch(mismatched_rank, world_size=2, pool=True, echo=False, timeout=3)
     assert info.value.unfinished == [0]

@@ -6,7 +6,7 @@ import labkit
 from labkit.pipeline import (SleepStage, SleepStages, SplitModel, max_grad_error, pipeline_rank, reference_step,
                              run_pipeline, run_torch_pipelining, speedup_over_naive,
                              split_batch)
-from labkit.schedules import bubble_fraction
+from labkit.pipeline.schedules import bubble_fraction
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,7 +62,7 @@ def test_4_ranks_sleeping_stages_and_mlp():
     run = run_pipeline(sleepy, 4, batch, 4, schedule="1f1b")
     assert max_grad_error(run.grads, ref["grads"]) < 1e-6
     assert abs(float(ref["grads"][0]["gain"])) > 0  # the gain's gradient is real, not zero
-    mlp4 = SplitModel("mlp", boundaries=[3, 8, 10])  # uneven stages: 3, 5, 2 and 3 layers
+    mlp4 = SplitModel("mlp", cuts=[3, 8, 10])  # uneven stages: 3, 5, 2 and 3 layers
     ref = reference_step(mlp4, 4, _batch(9))
     run = run_pipeline(mlp4, 4, _batch(9), 3, schedule="gpipe")
     assert max_grad_error(run.grads, ref["grads"]) < 1e-5
@@ -72,7 +72,7 @@ def test_4_ranks_sleeping_stages_and_mlp():
 def test_small_resnet_stages_match_micro_batch_accumulation():
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
-    model = SplitModel("small", boundaries=[5])
+    model = SplitModel("small", cuts=[5])
     run = run_pipeline(model, 2, batch, 2, schedule="1f1b")
     # BatchNorm normalises each micro-batch with its own statistics, so the reference accumulates the
     # same micro-batches one after another in one process
@@ -122,22 +122,22 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(TypeError, match="pair"):
         split_batch(batch[0], 2)
     with pytest.raises(ValueError, match="out of range"):
-        SplitModel("mlp", boundaries=[0, 3])
+        SplitModel("mlp", cuts=[0, 3])
     with pytest.raises(ValueError, match="strictly increasing"):
-        SplitModel("mlp", boundaries=[5, 3])
+        SplitModel("mlp", cuts=[5, 3])
     with pytest.raises(ValueError, match="only 13 layers"):
         SplitModel("mlp", n_stages=20)
     with pytest.raises(ValueError, match="seconds per row"):
         SleepStage(-1.0, 0.0)
     # world size not equal to the number of stages, on real ranks
     with pytest.raises(labkit.RankError, match="launch with world_size=3"):
-        labkit.launch(pipeline_rank, world_size=2, args=(model, batch, 2, "1f1b", None, 2, 1, 3), pool=True,
+        labkit.launch(pipeline_rank, world_size=2, kwargs=dict(make_stage=model, batch=batch, n_micro=2, n_stages=3), pool=True,
                       echo=False)
 
 
 @pytest.mark.timeout(120)
 def test_bench_rows_and_arguments():
-    from labkit.pipeline_bench import bench_main, bench_simulated
+    from labkit.pipeline.bench import bench_simulated, main as bench_main
 
     rows = bench_simulated(ps=(2,), ms=(2,), forward_s=0.002, backward_s=0.004, repeats=1)
     assert len(rows) == 1 and rows[0]["theory pm/(m+p-1)"] == pytest.approx(4 / 3)
@@ -148,7 +148,7 @@ def test_bench_rows_and_arguments():
 
 @pytest.mark.timeout(120)
 def test_bench_real_pairs_naive_and_pipelined_runs():
-    from labkit.pipeline_bench import bench_real, mlp_case
+    from labkit.pipeline.bench import bench_real, mlp_case
 
     rows = bench_real(*mlp_case(width=16, layers=2, rows=8), ms=(2, 4), repeats=2, label="tiny")
     assert [r["setup"] for r in rows] == ["1 process", "2 stages, naive", "2 stages, 1f1b", "2 stages, 1f1b"]

@@ -1,8 +1,8 @@
 """Pipeline schedules, tested without processes: orders, counts, dependencies, makespans, memory."""
 import pytest
 
-from labkit import schedules as S
-from labkit.schedules import Action
+from labkit.pipeline import schedules as S
+from labkit.pipeline.schedules import Action
 
 
 PM = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
@@ -117,7 +117,7 @@ def test_theory_values():
 
 
 def test_exercise_checks_pass_fail_and_not_attempted():
-    from labkit.pipeline import check_1f1b_order, check_bubble_prediction
+    from labkit.pipeline.lab import check_1f1b_order, check_bubble_prediction
 
     assert check_1f1b_order(S.one_f_one_b_stage).passed
     gpipe_order = lambda s, p, m: [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]

@@ -7,10 +7,11 @@ from torch import nn
 
 import labkit
 from labkit import sliced
-from labkit import sliced_channels as sc
-from labkit.sliced import (StagedModel, balance_from_boundaries, boundaries_from_balance, build_model,
-                           candidate_boundaries, even_boundaries, flatten_resnet, small_resnet, split_costs,
+from labkit import sliced as sc
+from labkit.partition import cuts_to_sizes, even_cuts, sizes_to_cuts
+from labkit.sliced import (StagedModel, build_model, candidate_cuts, flatten_resnet, small_resnet, split_costs,
                            split_stages)
+from labkit.sliced import lab as sliced_lab
 
 
 def _grads(m):
@@ -27,7 +28,7 @@ def test_flatten_equals_model(name, n_layers):
     model = build_model(name).eval()
     flat = flatten_resnet(model)
     assert len(flat) == n_layers
-    assert candidate_boundaries(model) == list(range(1, n_layers))
+    assert candidate_cuts(model) == list(range(1, n_layers))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(flat(x), model(x), rtol=0, atol=0)
@@ -66,15 +67,15 @@ def test_staged_model_equals_unsliced_forward_and_backward(name, bounds):
     assert names == [n for n, _ in flatten_resnet(model).named_parameters()]
 
 
-def test_boundary_helpers():
-    assert boundaries_from_balance([3, 4, 5]) == [3, 7]
-    assert balance_from_boundaries([3, 7], 12) == [3, 4, 5]
-    assert even_boundaries(15, 3) == [5, 10]
-    assert even_boundaries(11, 1) == []
+def test_cut_helpers():
+    assert sizes_to_cuts([3, 4, 5]) == [3, 7]
+    assert cuts_to_sizes([3, 7], 12) == [3, 4, 5]
+    assert even_cuts(15, 3) == [5, 10]
+    assert even_cuts(11, 1) == []
     with pytest.raises(ValueError, match="positive layer counts"):
-        boundaries_from_balance([3, 0])
-    with pytest.raises(ValueError, match="n_stages"):
-        even_boundaries(5, 6)
+        sizes_to_cuts([3, 0])
+    with pytest.raises(ValueError, match="into 6 stages"):
+        even_cuts(5, 6)
 
 
 @pytest.mark.parametrize("bounds,err,msg", [
@@ -158,7 +159,7 @@ def test_four_stages_and_world_size_mismatch():
     assert [x["layers"][0] for x in r["ranks"]] == ["conv1", "maxpool", "layer3_0", "flatten"]
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     with pytest.raises(labkit.RankError) as e:
-        labkit.launch(sliced.stage_worker, world_size=2, args=("small", [3, 6], x, y), pool=True, echo=False)
+        labkit.launch(sliced.stage_rank, world_size=2, kwargs=dict(model="small", cuts=[3, 6], x=x, y=y), pool=True, echo=False)
     assert "world_size=3" in str(e.value) or "world_size=3" in "".join(e.value.tracebacks.values())
 
 
@@ -211,37 +212,37 @@ def test_article_block_fails_and_patch_fails_too():
 
 
 def test_row_parallel_exercise_check():
-    assert sc.check_row_parallel(sc.row_parallel_reference).passed
+    assert sliced_lab.check_row_parallel(sc.row_parallel_reference).passed
 
     def bias_every_rank(x, conv, world):  # a classic mistake: the bias is added N times
         parts = [nn.functional.conv2d(x.chunk(world, 1)[r], conv.weight.chunk(world, 1)[r],
                                       conv.bias, conv.stride, conv.padding) for r in range(world)]
         return sum(parts)
 
-    res = sc.check_row_parallel(bias_every_rank)
+    res = sliced_lab.check_row_parallel(bias_every_rank)
     assert res.attempted and not res.passed
 
     def stub(x, conv, world):
         raise NotImplementedError
 
-    res = sc.check_row_parallel(stub)
+    res = sliced_lab.check_row_parallel(stub)
     assert not res.attempted and not res.passed
 
 
 def test_stage_params_exercise_check():
-    def right(model, boundaries):
-        return [sum(p.numel() for p in s.parameters()) for s in split_stages(model, boundaries)]
+    def right(model, cuts):
+        return [sum(p.numel() for p in s.parameters()) for s in split_stages(model, cuts)]
 
-    def off_by_one(model, boundaries):
-        return right(model, [b + 1 for b in boundaries])
+    def off_by_one(model, cuts):
+        return right(model, [b + 1 for b in cuts])
 
-    assert sliced.check_stage_params(right).passed
-    assert not sliced.check_stage_params(off_by_one).passed
+    assert sliced_lab.check_stage_params(right).passed
+    assert not sliced_lab.check_stage_params(off_by_one).passed
 
 
 @pytest.mark.timeout(240)
 def test_tour():
-    rows = sliced.tour()
+    rows = sliced_lab.tour()
     assert len(rows) == 4
     for r in rows:
         assert set(r) == {"lab", "check", "ok", "detail"}

@@ -1,22 +1,7 @@
-"""Measuring collectives: timing on real ranks, nccl-tests bandwidths, and the latency-bandwidth cost model.
+"""``python -m labkit bench collectives``: time every all-reduce built from send/recv next to the library's.
 
-Bandwidth as nccl-tests defines it (NVIDIA/nccl-tests, doc/PERFORMANCE.md)::
-
-    algbw = S / t                      S: bytes of the tensor, t: time of one collective
-    busbw = algbw * 2(n-1)/n           all-reduce
-    busbw = algbw * (n-1)/n            reduce-scatter, all-gather (S: the full, gathered size)
-
-busbw is the rate at which the busiest link carries data, so it can be compared across world sizes
-and with the hardware's peak.
-
-The alpha-beta model: a message of m bytes costs ``alpha + m * beta`` (alpha: latency, seconds;
-beta: seconds per byte). :func:`cost_terms` counts, for each algorithm, the messages and bytes on its
-critical path, so ``predict_time = a * alpha + b * beta``. :func:`fit_alpha_beta` fits alpha and beta
-to measured times (point-to-point ping-pong, or the algorithms themselves) by least squares on
-relative error. The model leaves out the reduction arithmetic and, on a small CPU, the ranks
-competing for cores; the notebook shows where that matters.
-
-``python -m labkit bench collectives`` calls :func:`bench_main`.
+Timing runs on real ranks (:func:`time_collectives_rank`, :func:`pingpong_rank`); the figures are turned into
+nccl-tests bandwidths and compared with the alpha-beta model of :mod:`.cost` (:func:`table_rows`).
 """
 from __future__ import annotations
 
@@ -24,85 +9,9 @@ import argparse
 import statistics
 import time
 
-from .collectives import ALGORITHMS, _check_world_size, _hd_layout, all_gather, all_reduce, reduce_scatter
-
-LIBRARY = "library"  # torch.distributed's own all_reduce (gloo's or NCCL's algorithm)
-BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
-              "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
-MODELLED = ALGORITHMS + ("ring_pipelined", "p2p", "reduce_scatter", "all_gather")
-
-
-def bus_factor(collective: str, world_size: int) -> float:
-    """nccl-tests' busbw / algbw ratio for ``collective`` on ``world_size`` ranks."""
-    if collective not in BUS_FACTOR:
-        raise ValueError(f"unknown collective {collective!r}; pass one of {sorted(BUS_FACTOR)}")
-    return BUS_FACTOR[collective](_check_world_size(world_size))
-
-
-def bandwidths(nbytes: float, seconds: float, collective: str = "all_reduce", world_size: int = 2) -> dict:
-    """``{"algbw": bytes/s, "busbw": bytes/s}`` as nccl-tests computes them."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be > 0, got {seconds!r}")
-    algbw = nbytes / seconds
-    return {"algbw": algbw, "busbw": algbw * bus_factor(collective, world_size)}
-
-
-def cost_terms(algorithm: str, nbytes: float, world_size: int) -> tuple[float, float]:
-    """``(a, b)`` such that the alpha-beta model predicts ``a * alpha + b * beta`` seconds."""
-    n = _check_world_size(world_size)
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
-    S = float(nbytes)
-    if algorithm == "p2p":
-        return 1.0, S
-    if n == 1:
-        return 0.0, 0.0
-    if algorithm == "naive":  # rank 0 receives n-1 tensors one after another, then sends n-1
-        return 2.0 * (n - 1), 2.0 * (n - 1) * S
-    if algorithm == "tree":  # ceil(log2 n) rounds up, as many down, whole tensor each
-        L = (n - 1).bit_length()
-        return 2.0 * L, 2.0 * L * S
-    if algorithm in ("ring", "ring_pipelined"):  # pipelining overlaps the additions, not the transfers
-        return 2.0 * (n - 1), 2.0 * (n - 1) / n * S
-    if algorithm == "ring_unchunked":
-        return float(n - 1), (n - 1) * S
-    if algorithm in ("reduce_scatter", "all_gather"):
-        return float(n - 1), (n - 1) / n * S
-    if algorithm == "halving_doubling":
-        p, r, _, _ = _hd_layout(n)
-        L = p.bit_length() - 1
-        extra = 2.0 if r else 0.0  # fold and unfold move the whole tensor once each
-        return 2.0 * L + extra, 2.0 * (p - 1) / p * S + extra * S
-    raise ValueError(f"no cost model for {algorithm!r}; pass one of {', '.join(MODELLED)} "
-                     f"(the library's own algorithm is not modelled)")
-
-
-def predict_time(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float) -> float:
-    a, b = cost_terms(algorithm, nbytes, world_size)
-    return a * alpha + b * beta
-
-
-def fit_alpha_beta(rows) -> tuple[float, float]:
-    """Least-squares ``(alpha, beta)`` from rows ``{"algorithm", "bytes", "world_size", "seconds"}``,
-    weighting each row by 1/seconds (relative error, so small messages count as much as big ones).
-    Both are kept >= 0."""
-    import numpy as np
-
-    rows = [r for r in rows if r["algorithm"] in MODELLED and r["seconds"] > 0]
-    if len(rows) < 2:
-        raise ValueError("fit_alpha_beta needs at least two timed rows of modelled algorithms "
-                         f"({', '.join(MODELLED)}), e.g. ping-pong at two message sizes")
-    A = np.array([cost_terms(r["algorithm"], r["bytes"], r["world_size"]) for r in rows])
-    t = np.array([r["seconds"] for r in rows])
-    w = 1.0 / t
-    sol, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
-    alpha, beta = float(sol[0]), float(sol[1])
-    if alpha < 0 or beta < 0:  # refit with the offending parameter pinned at zero
-        col = 1 if alpha < 0 else 0
-        x = float(np.dot(A[:, col] * w, t * w) / max(np.dot(A[:, col] * w, A[:, col] * w), 1e-300))
-        alpha, beta = (0.0, x) if alpha < 0 else (x, 0.0)
-    return alpha, beta
-
+from .algorithms import all_gather, all_reduce, reduce_scatter
+from .cost import LIBRARY, bandwidths, fit_alpha_beta, predict_time
+from .schedules import ALGORITHMS
 
 # ------------------------------------------------------------------------------------ on the ranks
 def _op_for(name: str, n: int):
@@ -140,7 +49,7 @@ def _partner(name: str) -> str | None:
     return {"ring_reduce_scatter": "library_reduce_scatter", "ring_all_gather": "library_all_gather"}.get(name, LIBRARY)
 
 
-def time_collectives(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), repeats: int = 5, warmup: int = 1,
+def time_collectives_rank(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), repeats: int = 5, warmup: int = 1,
                      dtype: str = "float32", paired: bool = True) -> list[dict] | None:
     """Time each algorithm at each size (bytes). Repeats are interleaved across algorithms (so load from
     other programs hits all of them alike); each run starts after a barrier and counts the slowest rank.
@@ -199,14 +108,14 @@ def time_collectives(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), repeat
     return rows if ctx.rank == 0 else None
 
 
-def pingpong(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: int = 7) -> list[dict] | None:
+def pingpong_rank(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: int = 7) -> list[dict] | None:
     """Ranks 0 and 1 bounce a message; one-way time = half the round trip (median). Other ranks idle.
     Rank 0 returns rows ``{"algorithm": "p2p", "bytes", "world_size": 2, "seconds"}``."""
     import torch
     import torch.distributed as dist
 
     if ctx.world_size < 2:
-        raise ValueError("pingpong needs world_size >= 2 (two ranks bounce a message)")
+        raise ValueError("pingpong_rank needs world_size >= 2 (two ranks bounce a message)")
     rows = []
     for nbytes in sizes:
         buf = torch.zeros(max(1, int(nbytes) // 4), dtype=torch.float32, device=ctx.device)
@@ -289,13 +198,13 @@ def _parse_size(text: str) -> int:
     return int(value)
 
 
-def bench_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m labkit bench collectives``: busbw of each all-reduce algorithm, and of ring reduce-scatter
     and all-gather, next to the library's own, measured in the same run."""
     import labkit
-    from .viz import format_table
+    from ..viz import format_table
 
-    ap = argparse.ArgumentParser(prog="python -m labkit bench collectives", description=bench_main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m labkit bench collectives", description=main.__doc__)
     ap.add_argument("--world-size", "-n", type=int, default=4, help="ranks (default 4)")
     ap.add_argument("--sizes", type=_parse_size, nargs="+", default=None,
                     help="message sizes, e.g. 64K 1M 4M (default 64K 1M 4M 16M 32M; --quick: 64K 4M)")
@@ -318,7 +227,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     if not args.no_rs_ag:
         algs += ["ring_reduce_scatter", "library_reduce_scatter", "ring_all_gather", "library_all_gather"]
     t0 = time.perf_counter()
-    res = labkit.launch(time_collectives, world_size=args.world_size, backend=args.backend,
+    res = labkit.launch(time_collectives_rank, world_size=args.world_size, backend=args.backend,
                         kwargs=dict(algorithms=tuple(algs), sizes=tuple(sizes), repeats=repeats, warmup=2),
                         timeout=max(600.0, 60.0 * len(sizes)), echo=False)
     rows = res[0]
@@ -342,4 +251,4 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(bench_main())
+    raise SystemExit(main())

@@ -13,7 +13,7 @@ cut into ``n_micro`` micro-batches (``torch.tensor_split``: a batch that does no
 micro-batches whose sizes differ by one, and each micro-batch loss is weighted by its share of the
 rows, so the gradient still equals the full batch's for a mean-reduced loss). The last stage computes
 ``loss_fn(output, targets)``. ``schedule`` is one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``
-(see :mod:`labkit.schedules`); with ``interleaved`` each rank holds ``chunks`` stages, so
+(see :mod:`labkit.pipeline.schedules`); with ``interleaved`` each rank holds ``chunks`` stages, so
 ``make_stage`` is called for ``n_stages * chunks`` virtual stages.
 
 :class:`SleepStage` is a stage whose forward sleeps ``forward_s`` and whose backward sleeps
@@ -36,100 +36,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import nn
 
-from .pipeline_stages import SleepStage, SleepStages, SplitModel, mlp  # noqa: F401  (public API)
-from .schedules import SCHEDULES, bubble_fraction, make_schedule, n_chunks
-
-__all__ = [
-    "run_pipeline", "pipeline_rank", "PipelineRun", "SleepStage", "SleepStages", "SplitModel", "mlp",
-    "reference_step", "split_batch", "max_grad_error", "speedup_over_naive", "time_in_process", "check_1f1b_order",
-    "check_bubble_prediction", "run_torch_pipelining", "torch_pipelining_rank", "tour",
-]
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers shared by the ranks and the reference
-# --------------------------------------------------------------------------------------------
-def _default_loss(out, y):
-    import torch.nn.functional as F
-
-    if y.dtype in (torch.int64, torch.int32):
-        return F.cross_entropy(out, y)
-    return F.mse_loss(out, y)
-
-
-def split_batch(batch, n_micro: int):
-    """Check ``(inputs, targets)`` and cut both into ``n_micro`` micro-batches; return (xs, ys, weights)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"batch must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
-    x, y = batch
-    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
-        raise TypeError("batch must be (inputs, targets) with both torch tensors")
-    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
-        raise ValueError(f"n_micro (m, the number of micro-batches) must be an integer >= 1, got {n_micro!r}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}; pass one target per input row")
-    if x.shape[0] < n_micro:
-        raise ValueError(f"a batch of {x.shape[0]} rows cannot make {n_micro} micro-batches: "
-                         f"pass n_micro <= {x.shape[0]} or a bigger batch")
-    xs, ys = torch.tensor_split(x, n_micro), torch.tensor_split(y, n_micro)
-    return xs, ys, [len(t) / x.shape[0] for t in xs]
-
-
-def _grads(module: nn.Module) -> dict:
-    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).cpu()
-            for n, p in module.named_parameters()}
-
-
-def reference_step(make_stage: Callable, n_pieces: int, batch, n_micro: int = 1, loss_fn=None) -> dict:
-    """Single process, no pipeline: run all stages in a row and return ``{"loss", "grads"}``.
-
-    With ``n_micro > 1`` the micro-batches are accumulated one after another (needed for models
-    with BatchNorm, whose statistics depend on the micro-batch); for other models any ``n_micro``
-    gives the full batch's gradient.
-    """
-    loss_fn = loss_fn or _default_loss
-    stages = [make_stage(i) for i in range(n_pieces)]
-    xs, ys, ws = split_batch(batch, n_micro)
-    total = 0.0
-    for x, y, w in zip(xs, ys, ws):
-        out = x
-        for st in stages:
-            out = st(out)
-        loss = loss_fn(out, y) * w
-        loss.backward()
-        total += float(loss.detach())
-    return {"loss": total, "grads": [_grads(st) for st in stages]}
-
-
-def time_in_process(make_stage: Callable, n_pieces: int, batch, repeats: int = 3, threads: int = 1,
-                    loss_fn=None, warmup: int = 1) -> float:
-    """Median seconds of one training step (forward + backward) of the whole model in this process.
-
-    The single-device baseline on the CPU: the same stages, run one after another, with ``threads``
-    CPU threads (1 by default, like each pipeline rank), on the whole batch.
-    """
-    loss_fn = loss_fn or _default_loss
-    stages = [make_stage(i) for i in range(n_pieces)]
-    x, y = batch
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        times = []
-        for k in range(warmup + repeats):
-            for st in stages:
-                st.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            out = x
-            for st in stages:
-                out = st(out)
-            loss_fn(out, y).backward()
-            if k >= warmup:
-                times.append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(before)
-    return statistics.median(times)
+from .reference import _default_loss, _grads, split_batch
+from .schedules import SCHEDULES, bubble_fraction, ideal_speedup, make_schedule, n_chunks
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +277,7 @@ class PipelineRun:
         return [max((s[2] for s in self.memory[r]), default=0) for r in range(self.n_stages)]
 
     def gantt(self, ax=None, title=None, unit="ms"):
-        from .viz import gantt
+        from ..viz import gantt
 
         return gantt(self.events, ax=ax, lane_name="rank", unit=unit, title=title or (
             f"{self.schedule}: p={self.n_stages}, m={self.n_micro}, {self.seconds * 1e3:.0f} ms, "
@@ -416,8 +325,9 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
                          f"needs {n_stages * v}" + (f" ({v} chunks per rank)" if v > 1 else "")
                          + f": pass n_stages={pieces // v if pieces % v == 0 else pieces} or split the model "
                          f"into {n_stages * v} stages")
-    res = labkit.launch(pipeline_rank, world_size=n_stages, args=(make_stage, batch, n_micro, schedule, loss_fn,
-                                                                   chunks, repeats, n_stages, warmup),
+    res = labkit.launch(pipeline_rank, world_size=n_stages,
+                        kwargs=dict(make_stage=make_stage, batch=batch, n_micro=n_micro, schedule=schedule,
+                                    loss_fn=loss_fn, chunks=chunks, repeats=repeats, n_stages=n_stages, warmup=warmup),
                         timeout=timeout, pool=pool, threads=threads, backend=backend, echo=True)
     origin = min(rr["times"][-1][0] for rr in res)
     events = []
@@ -437,19 +347,6 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
                        memory=memory, bubbles=bubbles, per_rank=list(res))
 
 
-def max_grad_error(run_grads: list, ref_grads: list) -> float:
-    """Largest absolute difference between two per-stage gradient lists (same names)."""
-    err = 0.0
-    if len(run_grads) != len(ref_grads):
-        raise ValueError(f"{len(run_grads)} stages of gradients vs {len(ref_grads)}")
-    for a, b in zip(run_grads, ref_grads):
-        if a.keys() != b.keys():
-            raise ValueError(f"parameter names differ: {sorted(a)} vs {sorted(b)}")
-        for k in a:
-            err = max(err, float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0)
-    return err
-
-
 def speedup_over_naive(make_stage, p: int, m: int, rows_per_micro: int = 1, schedule: str = "1f1b",
                        repeats: int = 3, width: int = 4, timeout: float = 120) -> dict:
     """Time the naive schedule (whole batch, no micro-batches) and ``schedule`` with m micro-batches.
@@ -457,8 +354,6 @@ def speedup_over_naive(make_stage, p: int, m: int, rows_per_micro: int = 1, sche
     The batch has ``m * rows_per_micro`` rows, so both runs do the same work. Returns the two medians,
     the measured speed-up, the theory ``p m / (m + p - 1)`` and both runs.
     """
-    from .schedules import ideal_speedup
-
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(m * rows_per_micro, width, generator=g), torch.randn(m * rows_per_micro, width, generator=g))
     naive_run = run_pipeline(make_stage, p, batch, 1, schedule="naive", repeats=repeats, timeout=timeout)
@@ -466,131 +361,3 @@ def speedup_over_naive(make_stage, p: int, m: int, rows_per_micro: int = 1, sche
     return {"naive_s": naive_run.seconds, "pipelined_s": pipe_run.seconds,
             "speedup": naive_run.seconds / pipe_run.seconds, "theory": ideal_speedup(p, m),
             "naive": naive_run, "pipelined": pipe_run}
-
-
-def tour() -> list[dict]:
-    """The lab's quick path: schedules without processes, then real 2-rank runs (about 10 s)."""
-    from .schedules import gpipe, one_f_one_b, simulate
-
-    rows = []
-    sims = {n: simulate(f(4, 8), 1.0, 2.0) for n, f in (("gpipe", gpipe), ("1f1b", one_f_one_b))}
-    ok = all(abs(s["makespan"] - 11 * 3.0) < 1e-9 for s in sims.values()) and sims["1f1b"]["peak_in_flight"][0] == 4
-    rows.append({"lab": "04 pipeline", "check": "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", "ok": ok,
-                 "detail": f"makespans {[s['makespan'] for s in sims.values()]}, 1F1B rank 0 holds "
-                           f"{sims['1f1b']['peak_in_flight'][0]} micro-batches, GPipe 8"})
-    torch.manual_seed(0)
-    batch = (torch.randn(10, 32), torch.randn(10, 10))
-    model = SplitModel("mlp", n_stages=2)
-    ref = reference_step(model, 2, batch)
-    for sched in ("gpipe", "1f1b"):
-        run = run_pipeline(model, 2, batch, 3, schedule=sched)
-        err = max_grad_error(run.grads, ref["grads"])
-        rows.append({"lab": "04 pipeline", "check": f"{sched} on 2 ranks, m=3 (uneven): gradients == single process",
-                     "ok": err < 1e-5 and abs(run.loss - ref["loss"]) < 1e-5,
-                     "detail": f"max grad error {err:.2g}, loss {run.loss:.5f} vs {ref['loss']:.5f}"})
-    sp = speedup_over_naive(SleepStages(0.01, 0.02, n_stages=2), 2, 4, repeats=3)
-    rows.append({"lab": "04 pipeline", "check": "sleeping stages p=2 m=4: 1F1B speed-up over naive vs theory 1.6",
-                 "ok": sp["speedup"] >= 0.75 * sp["theory"],  # a busy machine loses some to wake-ups
-                 "detail": f"measured {sp['speedup']:.2f}x = {sp['speedup'] / sp['theory']:.2f} of theory "
-                           f"({sp['naive_s'] * 1e3:.0f} ms -> {sp['pipelined_s'] * 1e3:.0f} ms)"})
-    g = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, (torch.randn(8, 4), torch.randn(8, 4)), 8, "gpipe")
-    o = run_pipeline(SleepStages(0.0, 0.0, n_stages=2), 2, (torch.randn(8, 4), torch.randn(8, 4)), 8, "1f1b")
-    rows.append({"lab": "04 pipeline", "check": "activations held on rank 0, m=8: GPipe m, 1F1B p (measured)",
-                 "ok": g.peak_live[0] == 8 and o.peak_live[0] == 2,
-                 "detail": f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), "
-                           f"1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)"})
-    return rows
-
-
-# --------------------------------------------------------------------------------------------
-# The same step with torch's own implementation
-# --------------------------------------------------------------------------------------------
-def torch_pipelining_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str = "1f1b",
-                          loss_fn=None, repeats: int = 1) -> dict:
-    """One rank of ``torch.distributed.pipelining`` (``ScheduleGPipe`` / ``Schedule1F1B``) on the same stages.
-
-    Returns this rank's gradients, the per-micro-batch losses (last rank) and per-repeat seconds.
-    """
-    import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
-    classes = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
-    if schedule not in classes:
-        raise ValueError(f"torch.distributed.pipelining comparison supports schedule 'gpipe' or '1f1b', got {schedule!r}")
-    x, y = batch
-    if x.shape[0] % n_micro:
-        raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {x.shape[0]} rows do not divide "
-                         f"into {n_micro}; pass a batch of {n_micro * max(1, x.shape[0] // n_micro)} rows")
-    module = make_stage(ctx.rank).to(ctx.device)
-    stage = PipelineStage(module, ctx.rank, ctx.world_size, ctx.device)
-    sched = classes[schedule](stage, n_microbatches=n_micro, loss_fn=loss_fn or _default_loss)
-    times, losses = [], []
-    for _ in range(repeats):
-        module.zero_grad(set_to_none=True)
-        losses = []
-        dist.barrier()
-        t0 = time.perf_counter()
-        if ctx.rank == 0:
-            sched.step(x.to(ctx.device))
-        elif ctx.rank == ctx.world_size - 1:
-            sched.step(target=y.to(ctx.device), losses=losses)
-        else:
-            sched.step()
-        dist.barrier()
-        times.append(time.perf_counter() - t0)
-    return {"grads": _grads(module), "losses": [float(v.detach()) for v in losses], "times": times}
-
-
-def run_torch_pipelining(make_stage: Callable, n_stages: int, batch, n_micro: int, schedule: str = "1f1b",
-                         loss_fn=None, repeats: int = 1, timeout: float = 120, pool: bool = True) -> dict:
-    """Run the step with ``torch.distributed.pipelining``; return ``{"grads", "loss", "seconds"}`` to compare."""
-    import labkit
-
-    split_batch(batch, n_micro)
-    if batch[0].shape[0] % n_micro:
-        raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {batch[0].shape[0]} rows do not "
-                         f"divide into {n_micro}; pass a batch of {n_micro * max(1, batch[0].shape[0] // n_micro)} rows")
-    res = labkit.launch(torch_pipelining_rank, world_size=n_stages, args=(make_stage, batch, n_micro, schedule,
-                                                                          loss_fn, repeats),
-                        timeout=timeout, pool=pool, echo=True)
-    losses = res[-1]["losses"]
-    return {"grads": [r["grads"] for r in res], "loss": sum(losses) / len(losses),
-            "seconds": statistics.median(max(r["times"][k] for r in res) for k in range(repeats))}
-
-
-# --------------------------------------------------------------------------------------------
-# Exercise checks
-# --------------------------------------------------------------------------------------------
-def check_1f1b_order(fn: Callable):
-    """Check a learner's ``fn(stage, p, m)`` against the 1F1B order (actions or strings like "F0")."""
-    from .checks import expect_equal, run_cases
-    from .schedules import one_f_one_b_stage
-
-    def case(stage, p, m):
-        def thunk():
-            got = [str(a) for a in fn(stage, p, m)]
-            expect_equal(got, [str(a) for a in one_f_one_b_stage(stage, p, m)], what=f"stage {stage} of p={p}, m={m}")
-        return (f"stage {stage}, p={p}, m={m}", thunk)
-
-    cases = [case(0, 4, 8), case(3, 4, 8), case(1, 4, 8), case(0, 2, 1), case(0, 4, 2), case(2, 3, 5)]
-    return run_cases("1F1B order of one stage", cases,
-                     hint="warm-up: p - stage - 1 forwards (at most m); then F, B pairs; then the remaining backwards")
-
-
-def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tolerance: float = 0.1):
-    """Check ``fn(p, m) -> idle fraction`` against the theory and, if given, a measured run."""
-    from .checks import expect_close, run_cases
-    from .schedules import simulate, gpipe
-
-    cases = [(f"p={p}, m={m}", (lambda p=p, m=m: expect_close(fn(p, m), simulate(gpipe(p, m))["bubble"],
-                                                               atol=1e-6, what=f"bubble for p={p}, m={m}")))
-             for p, m in ((2, 4), (4, 8), (4, 1), (8, 32), (1, 5))]
-    if run is not None:
-        def measured():
-            pred = fn(run.n_stages, run.n_micro)
-            if abs(pred - run.bubble) > tolerance:
-                raise AssertionError(f"you predict {pred:.3f}, the run measured {run.bubble:.3f} "
-                                     f"(p={run.n_stages}, m={run.n_micro})")
-        cases.append((f"a real run, p={run.n_stages}, m={run.n_micro}, within {tolerance}", measured))
-    return run_cases("bubble prediction", cases,
-                     hint="count time slots: a rank is busy in m of the m+p-1 slots of a pipelined step")

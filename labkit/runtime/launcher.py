@@ -11,7 +11,7 @@
 
     labkit.launch(hello, world_size=2)        # -> [3.0, 3.0], prints prefixed "[rank 0] ..."
 
-How it works. Each rank is a fresh ``python -m labkit._worker`` process (not ``mp.spawn``, so a
+How it works. Each rank is a fresh ``python -m labkit.runtime._worker`` process (not ``mp.spawn``, so a
 function defined in a notebook cell or a script's ``__main__`` works: it is serialised by value
 with cloudpickle). Ranks meet through a ``FileStore`` in a private temporary folder (mode 0700,
 so no port is chosen and two launches on one machine never collide); gloo binds to loopback.
@@ -200,7 +200,7 @@ class Pool:
                 res_r, res_w = os.pipe()
                 env_r = dict(env, LABKIT_RANK=str(r), LABKIT_CMD_FD=str(cmd_r), LABKIT_RES_FD=str(res_w))
                 proc = subprocess.Popen(
-                    [sys.executable, "-u", "-m", "labkit._worker"], env=env_r, cwd=os.getcwd(),
+                    [sys.executable, "-u", "-m", "labkit.runtime._worker"], env=env_r, cwd=os.getcwd(),
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     pass_fds=(cmd_r, res_w), start_new_session=True,
                 )

@@ -1,29 +1,19 @@
 """Lab 01 on real ranks: equivalence with torch's collectives, message recording, the standard collectives
 shown rank by rank, the exercise checks and the headless tour.
 
-Functions taking ``ctx`` first run on every rank through :func:`labkit.launch`. The algorithms themselves
-and their pure schedules are in :mod:`labkit.collectives`.
+Rank functions (``*_rank``, ``ctx`` first) run on every rank through :func:`labkit.launch`. The algorithms
+themselves are in :mod:`.algorithms` and their pure schedules in :mod:`.schedules`.
 """
 from __future__ import annotations
 
 import time
 from collections import Counter
 
-from .collectives import (
-    ALGORITHMS,
-    OPS,
-    SCHEDULES,
-    _check_algorithm,
-    _finish_avg,
-    _op_name,
-    all_gather,
-    all_reduce,
-    final_owners,
-    log_matches_schedule,
-    reduce_scatter,
-    schedule,
-    simulate,
-)
+from .. import checks
+from ..runtime import launch
+from ..tour import check_row
+from .algorithms import _finish_avg, _op_name, all_gather, all_reduce, reduce_scatter
+from .schedules import ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule, schedule, simulate
 
 
 def _sample(numel: int, dtype, rank: int, seed: int = 0):
@@ -35,7 +25,7 @@ def _sample(numel: int, dtype, rank: int, seed: int = 0):
     return torch.randint(-1000, 1000, (numel,), generator=g, dtype=torch.int64).to(dtype)
 
 
-def equivalence_cases(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dtypes=("float32", "float64", "int64"),
+def equivalence_rank(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dtypes=("float32", "float64", "int64"),
                       ops=OPS, collectives=("reduce_scatter", "all_gather")) -> list[dict]:
     """Compare every algorithm with torch's own collectives on this world size. Returns a list of
     ``{"case", "ok", "detail"}`` (the same list on every rank)."""
@@ -88,7 +78,7 @@ def equivalence_cases(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dt
     return out
 
 
-def record_messages(ctx, algorithm: str = "ring", numel: int = 16, dtype: str = "float32",
+def record_messages_rank(ctx, algorithm: str = "ring", numel: int = 16, dtype: str = "float32",
                     segments: int = 1) -> list[dict]:
     """Run one all-reduce (or ``"reduce_scatter"`` / ``"all_gather"``) with logging on; return this rank's log."""
     import torch
@@ -108,7 +98,7 @@ def record_messages(ctx, algorithm: str = "ring", numel: int = 16, dtype: str = 
 COLLECTIVES = ("send/recv", "broadcast", "reduce", "all_reduce", "gather", "all_gather", "scatter", "reduce_scatter")
 
 
-def demo_collectives(ctx, numel: int = 4) -> dict:
+def demo_rank(ctx, numel: int = 4) -> dict:
     """Run torch's own point-to-point and standard collectives on small integer tensors; return, for
     each, this rank's tensor before and after: ``{name: {"before": [...], "after": [...]}}``.
     Rank r starts with ``[10r+1, 10r+2, ...]`` so each value says where it came from."""
@@ -156,7 +146,7 @@ _FORBIDDEN = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter
               "reduce_scatter_tensor", "all_to_all")
 
 
-def _check_job(ctx, fn, numels, dtypes):
+def _ring_check_rank(ctx, fn, numels, dtypes):
     """Run the learner's ``fn(tensor)`` on each case with torch's collectives disabled (only send/recv
     allowed), and compare with ``dist.all_reduce``."""
     import torch
@@ -215,9 +205,6 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
     on several world sizes and sizes, including sizes that do not divide by the world size. Torch's own
     collectives are disabled while ``fn`` runs. Returns a :class:`labkit.checks.CheckResult` naming each
     failing case (a deadlock shows as a time-out of that world size)."""
-    from . import checks
-    from .launcher import launch
-
     if not callable(fn):
         raise TypeError(f"check_ring_all_reduce needs your function, e.g. check_ring_all_reduce(my_ring_all_reduce); "
                         f"got {type(fn).__name__}")
@@ -227,7 +214,7 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
         def thunk():
             if n not in runs:
                 try:
-                    runs[n] = launch(_check_job, world_size=n, args=(fn, tuple(numels), tuple(dtypes)),
+                    runs[n] = launch(_ring_check_rank, world_size=n, args=(fn, tuple(numels), tuple(dtypes)),
                                      timeout=timeout, pool=True, echo=False)
                 except Exception as e:  # keep the failure for this world size's other cases
                     runs[n] = e
@@ -252,58 +239,67 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
 
 
 # --------------------------------------------------------------------------------------- tour
-def _tour_job(ctx):
-    cases = equivalence_cases(ctx, numels=(7, 1001), dtypes=("float32", "int64"))
-    logs = {alg: record_messages(ctx, alg, numel=12) for alg in ("ring", "halving_doubling", "tree")}
+def tour_rank(ctx) -> dict:
+    """The tour's job on every rank: equivalence cases and three message logs."""
+    cases = equivalence_rank(ctx, numels=(7, 1001), dtypes=("float32", "int64"))
+    logs = {alg: record_messages_rank(ctx, alg, numel=12) for alg in ("ring", "halving_doubling", "tree")}
     return {"cases": cases, "logs": logs}
 
 
-def tour() -> list[dict]:
-    """Lab 01's quick path (headless): schedules simulated for 1-8 ranks, then on 3 real ranks every
-    algorithm against torch's collectives and the messages sent against the schedules."""
-    from .launcher import launch
+def tour(world_size: int = 2) -> list[dict]:
+    """Lab 01's quick path (headless): schedules simulated for 1-8 ranks, then on ``world_size`` real ranks
+    every algorithm against torch's collectives and the messages sent against the schedules."""
+    lab, n = "01 collectives", world_size
 
-    out = []
-    bad = []
-    for alg in SCHEDULES:
-        for n in range(1, 9):
-            s = schedule(alg, n)
-            owners = final_owners(s)
-            want = {r: ([r] if alg == "reduce_scatter" else list(range(s.n_chunks))) for r in range(n)}
-            if alg == "all_gather":
-                end = simulate(s)[-1]
-                good = all(end[r][k] == Counter({k: 1}) for r in range(n) for k in range(n))
-            else:
-                good = all(r_ in owners[r] for r in range(n) for r_ in want[r])
-            if not good:
-                bad.append(f"{alg}/{n}")
-    out.append({"lab": "01 collectives", "check": "schedules deliver every rank's data exactly once, 1-8 ranks",
-                "ok": not bad, "detail": f"{len(SCHEDULES)} algorithms x 8 world sizes" + (f"; wrong: {bad}" if bad else "")})
-    try:
-        res = launch(_tour_job, world_size=3, timeout=120, echo=False, quiet=True)
-    except Exception as e:
-        out.append({"lab": "01 collectives", "check": "algorithms on 3 ranks", "ok": False,
-                    "detail": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
-        return out
+    def schedules_ok():
+        bad = []
+        for alg in SCHEDULES:
+            for w in range(1, 9):
+                s = schedule(alg, w)
+                owners = final_owners(s)
+                want = {r: ([r] if alg == "reduce_scatter" else list(range(s.n_chunks))) for r in range(w)}
+                if alg == "all_gather":
+                    end = simulate(s)[-1]
+                    good = all(end[r][k] == Counter({k: 1}) for r in range(w) for k in range(w))
+                else:
+                    good = all(r_ in owners[r] for r in range(w) for r_ in want[r])
+                if not good:
+                    bad.append(f"{alg}/{w}")
+        return not bad, f"{len(SCHEDULES)} algorithms x 8 world sizes" + (f"; wrong: {bad}" if bad else "")
+
+    out = [check_row(lab, "schedules deliver every rank's data exactly once, 1-8 ranks", schedules_ok)]
+    state = {}
+
+    def ran():
+        state["res"] = launch(tour_rank, world_size=n, timeout=120, echo=False, quiet=True)
+        return True, f"{n} ranks"
+
+    row = check_row(lab, f"algorithms on {n} ranks", ran)
+    if not row["ok"]:
+        return out + [row]
+
+    def cases_of(prefix, need_some=False):
+        def fn():
+            cs = [c for c in state["res"][0]["cases"] if c["case"].startswith(prefix)]
+            fails = [c["case"] for c in cs if not c["ok"]]
+            return (bool(cs) or not need_some) and not fails, f"{len(cs)} cases" + (f"; failed: {fails[:2]}" if fails else "")
+        return fn
+
     for alg in ALGORITHMS:
-        cs = [c for c in res[0]["cases"] if c["case"].startswith(alg + " all-reduce")]
-        fails = [c["case"] for c in cs if not c["ok"]]
-        out.append({"lab": "01 collectives", "check": f"{alg} all-reduce == dist.all_reduce, 3 ranks", "ok": not fails,
-                    "detail": f"{len(cs)} cases (sum/max/avg, float32/int64, 7 and 1001 elements)"
-                              + (f"; failed: {fails[:2]}" if fails else "")})
+        out.append(check_row(lab, f"{alg} all-reduce == dist.all_reduce, {n} ranks", cases_of(alg + " all-reduce")))
     for coll in ("reduce-scatter", "all-gather"):
-        cs = [c for c in res[0]["cases"] if c["case"].startswith("ring " + coll)]
-        fails = [c["case"] for c in cs if not c["ok"]]
-        out.append({"lab": "01 collectives", "check": f"ring {coll} == dist.{coll.replace('-', '_')}, 3 ranks",
-                    "ok": bool(cs) and not fails, "detail": f"{len(cs)} cases" + (f"; failed: {fails[:2]}" if fails else "")})
+        out.append(check_row(lab, f"ring {coll} == dist.{coll.replace('-', '_')}, {n} ranks",
+                             cases_of("ring " + coll, need_some=True)))
     for alg in ("ring", "halving_doubling", "tree"):
-        ok = log_matches_schedule([r["logs"][alg] for r in res], alg, 3)
-        out.append({"lab": "01 collectives", "check": f"{alg}: messages sent == schedule, 3 ranks", "ok": ok,
-                    "detail": f"{sum(len(r['logs'][alg]) for r in res)} messages in {schedule(alg, 3).steps} steps"})
+        def logs_ok(alg=alg):
+            res = state["res"]
+            return (log_matches_schedule([r["logs"][alg] for r in res], alg, n),
+                    f"{sum(len(r['logs'][alg]) for r in res)} messages in {schedule(alg, n).steps} steps")
+        out.append(check_row(lab, f"{alg}: messages sent == schedule, {n} ranks", logs_ok))
     return out
 
 
-def traced_all_reduce(ctx, algorithm: str = "ring", numel: int = 1024, op: str = "sum") -> dict:
+def traced_all_reduce_rank(ctx, algorithm: str = "ring", numel: int = 1024, op: str = "sum") -> dict:
     """One all-reduce with the message log on, checked against ``dist.all_reduce`` on the same data.
     Returns ``{"log": [...], "max_error": float, "seconds": float}`` for this rank."""
     import torch
@@ -324,8 +320,6 @@ def traced_all_reduce(ctx, algorithm: str = "ring", numel: int = 1024, op: str =
 def check_bytes_per_rank(fn):
     """Check a learner's ``fn(algorithm, nbytes, world_size)`` -> bytes each rank sends, for ``"ring"`` and
     ``"ring_unchunked"``, against the message schedules (whose bytes the tests match to real runs)."""
-    from . import checks
-
     if not callable(fn):
         raise TypeError(f"check_bytes_per_rank needs your function fn(algorithm, nbytes, world_size); got "
                         f"{type(fn).__name__}")

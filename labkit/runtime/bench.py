@@ -40,8 +40,8 @@ def measure(world_size: int, cold_runs: int, warm_runs: int) -> dict:
             "cold runs": cold_runs, "pooled runs": warm_runs, "speed-up": c / w}
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    from .viz import format_table
+def main(argv: list[str] | None = None) -> int:
+    from ..viz import format_table
 
     p = argparse.ArgumentParser(prog="python -m labkit bench launch", description=__doc__.splitlines()[0])
     p.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
@@ -51,7 +51,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.quick:
         a.world_sizes, a.cold_runs, a.warm_runs = [2], 3, 20
-    from .viz import progress
+    from ..viz import progress
 
     rows = [measure(n, a.cold_runs, a.warm_runs) for n in progress(a.world_sizes, desc="launch bench: world sizes")]
     print(format_table(rows, floatfmt="{:.3g}"))

@@ -1,4 +1,4 @@
-"""One rank of a :mod:`labkit.launcher` job. Started as ``python -m labkit._worker``; not for direct use.
+"""One rank of a :mod:`labkit.runtime.launcher` job. Started as ``python -m labkit.runtime._worker``; not for direct use.
 
 It joins the process group through the FileStore named in ``LABKIT_STORE``, says it is ready,
 then runs every job that arrives on its command pipe and sends back ``("ok", value)`` or
@@ -68,7 +68,7 @@ def main() -> None:
         kw = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30), **kw)
-        from labkit.launcher import Context
+        from labkit.runtime.launcher import Context
 
         ctx = Context(rank=rank, world_size=world_size, backend=backend, device=device,
                       local_rank=rank, group=dist.group.WORLD)

@@ -27,11 +27,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .models import saved_bytes
+
 __all__ = [
     "copy_to_ranks", "reduce_from_ranks", "gather_channels", "scatter_channels", "shard_layer",
     "ColumnParallel", "RowParallel", "conv_block", "TensorParallelConvBlock", "ArticleSplitConvBlock",
-    "article_block_error", "channel_worker", "run_channel_checks", "row_parallel_reference",
-    "check_row_parallel", "tour",
+    "article_block_error", "channel_rank", "run_channel_checks", "row_parallel_reference",
 ]
 
 
@@ -321,17 +322,11 @@ def article_block_error(inplanes: int = 64, planes: int = 64, patched: bool = Fa
 # ---------------------------------------------------------------------------------------------
 # Distributed equivalence checks and measurements
 # ---------------------------------------------------------------------------------------------
-def _saved_bytes(fn, exclude=None):
-    from .sliced import _saved_bytes as sb
-
-    return sb(fn, exclude)
-
-
 def _pbytes(m):
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
-def channel_worker(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: int = 8) -> dict:
+def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: int = 8) -> dict:
     """Lab function: on every rank, compare each channel-split layer with the unsplit one.
 
     Cases: column conv (gathered), row conv (input split by the layer), column linear, row
@@ -370,8 +365,8 @@ def channel_worker(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side:
         x = inputs[name]
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         COMM_BYTES.update(all_reduce=0, all_gather=0)
-        ya, saved_full = _saved_bytes(lambda: ref(xa), ref)
-        yb, saved_par = _saved_bytes(lambda: par(xb), par)
+        ya, saved_full = saved_bytes(lambda: ref(xa), ref)
+        yb, saved_par = saved_bytes(lambda: par(xb), par)
         w = torch.randn_like(ya)  # a random upstream gradient, the same on every rank
         (ya * w).sum().backward()
         (yb * w).sum().backward()
@@ -415,13 +410,13 @@ def _rel(a, b) -> float:
 
 
 def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float = 120, **kw) -> list[dict]:
-    """Launch :func:`channel_worker` and return one row per case with the worst relative error over ranks
+    """Launch :func:`channel_rank` and return one row per case with the worst relative error over ranks
     and rank 0's parameter and activation bytes as a fraction of the unsplit layer's."""
     import labkit
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    res = labkit.launch(channel_worker, world_size=world_size, kwargs=kw, pool=pool, timeout=timeout, echo=False)
+    res = labkit.launch(channel_rank, world_size=world_size, kwargs=kw, pool=pool, timeout=timeout, echo=False)
     rows = []
     for i, c0 in enumerate(res[0]["cases"]):
         cs = [rr["cases"][i] for rr in res]
@@ -451,49 +446,3 @@ def row_parallel_reference(x: torch.Tensor, conv: nn.Conv2d, world: int) -> torc
     if conv.bias is not None:
         total = total + conv.bias.view(1, -1, 1, 1)
     return total
-
-
-def check_row_parallel(fn):
-    """Exercise check: ``fn(x, conv, world)`` must equal ``conv(x)`` by summing per-slice partials."""
-    from .checks import expect_close, run_cases
-
-    def case(cin, cout, world, bias, k):
-        def thunk():
-            torch.manual_seed(cin * 7 + world)
-            conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
-            x = torch.randn(2, cin, 6, 6)
-            with torch.no_grad():
-                got = fn(x, conv, world)
-                expect_close(got, conv(x), rtol=1e-4, atol=1e-5, what=f"{world}-way row split of Conv2d({cin},{cout},{k})")
-        return thunk
-
-    cases = [(f"Conv2d({ci}->{co}, k={k}, bias={b}) over {w} ranks", case(ci, co, w, b, k))
-             for ci, co, w, b, k in [(4, 3, 2, False, 1), (8, 5, 4, True, 3), (6, 6, 3, True, 3), (4, 2, 1, True, 3)]]
-    return run_cases("row-parallel convolution", cases,
-                     hint="slice x[:, r*k:(r+1)*k] and conv.weight[:, r*k:(r+1)*k]; add the bias once, after the sum")
-
-
-def tour() -> list[dict]:
-    """Quick checks for channel slicing (one 2-rank launch)."""
-    rows = []
-    try:
-        err = article_block_error()
-        rows.append({"lab": "03 model parallel", "check": "the article's SplitConvBlock fails as published",
-                     "ok": err.startswith("AttributeError"), "detail": err})
-    except Exception as e:
-        rows.append({"lab": "03 model parallel", "check": "the article's SplitConvBlock fails as published",
-                     "ok": False, "detail": repr(e)})
-    try:
-        res = run_channel_checks(2, pool=True)
-        worst = max(r["max_err"] for r in res)
-        # column layers hold exactly 1/N; row layers and the block also keep a small replicated
-        # bias / last BatchNorm, so allow 2% above 1/N
-        ratio = max(r["params/rank"] for r in res)
-        rows.append({"lab": "03 model parallel",
-                     "check": "column/row conv and linear + TP conv block == unsplit (fwd, bwd), 2 ranks",
-                     "ok": worst < 1e-5 and ratio <= 0.52,
-                     "detail": f"max err {worst:.1e}; params per rank <= {ratio:.2f} of unsplit"})
-    except Exception as e:
-        rows.append({"lab": "03 model parallel", "check": "channel-split layers == unsplit, 2 ranks",
-                     "ok": False, "detail": f"{type(e).__name__}: {e}"})
-    return rows

@@ -22,14 +22,16 @@ import sys
 
 import torch
 
-from .pipeline import SleepStages, SplitModel, mlp, run_pipeline, speedup_over_naive, time_in_process
+from .executor import run_pipeline, speedup_over_naive
+from .reference import time_in_process
+from .stages import SleepStages, SplitModel, mlp
 from .schedules import ideal_speedup
 
 
 def bench_simulated(ps=(2, 4), ms=(1, 2, 4, 8, 16), forward_s=0.01, backward_s=0.02, repeats=3,
                     schedule="1f1b") -> list[dict]:
     """Rows of (p, m, naive ms, pipelined ms, measured speed-up, theory, ratio, bubble measured/theory)."""
-    from .viz import progress
+    from ..viz import progress
 
     rows = []
     cases = progress([(p, m) for p in ps for m in ms], desc="pipeline bench: simulated (p, m)")
@@ -54,7 +56,7 @@ def bench_real(make_stage, batch, ms=(2, 4, 8), repeats=3, schedule="1f1b", labe
     rows_n = batch[0].shape[0]
     one_s = time_in_process(make_stage, 2, batch, repeats=repeats, threads=1)
     naive_all, pairs = [], {m: ([], []) for m in ms}
-    from .viz import progress
+    from ..viz import progress
 
     for _ in progress(range(repeats), desc=f"pipeline bench: {label or 'real'} pairs"):
         for m in ms:
@@ -86,12 +88,12 @@ def mlp_case(width=1024, layers=8, rows=1024):
 def resnet_case(rows=128, boundary=5):
     """The small ResNet of lab 03 on 32x32 images, cut after layer ``boundary`` of 11."""
     g = torch.Generator().manual_seed(0)
-    model = SplitModel("small", boundaries=[boundary])
+    model = SplitModel("small", cuts=[boundary])
     return model, (torch.randn(rows, 3, 32, 32, generator=g), torch.randint(0, 10, (rows,), generator=g))
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    from .viz import format_table
+def main(argv: list[str] | None = None) -> int:
+    from ..viz import format_table
 
     ap = argparse.ArgumentParser(prog="python -m labkit bench pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer cases and repeats (about 30 s)")
@@ -133,4 +135,4 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(bench_main())
+    sys.exit(main())

@@ -1,220 +1,17 @@
-"""All-reduce built from point-to-point messages: naive, binomial tree, ring, recursive halving-doubling.
+"""All-reduce built from point-to-point messages, executed on real ranks: naive, binomial tree, ring,
+recursive halving-doubling; plus ring reduce-scatter and all-gather.
 
 Every algorithm here is written with ``dist.send``/``dist.recv`` (or ``isend``/``irecv``) only, and is
-checked against ``dist.all_reduce`` / ``dist.reduce_scatter`` / ``dist.all_gather`` by the tests.
-
-Two halves, kept apart so the first is testable without processes:
-
-* **Schedules** (pure): :func:`schedule` lists, for an algorithm and a world size, every message as
-  ``Message(step, src, dst, chunks, op)``. :func:`simulate` replays a schedule on "contribution
-  counters" and proves that every rank ends with every rank's data exactly once. The ring on 4 ranks
-  (the tensor is cut into 4 chunks; each rank sends one chunk to its right neighbour per step)::
-
-      step:     0      1      2   |   3      4      5        (reduce-scatter | all-gather)
-      rank 0:  c0->1  c3->1  c2->1 |  c1->1  c0->1  c3->1
-      rank 1:  c1->2  c0->2  c3->2 |  c2->2  c1->2  c0->2
-      ...      2(n-1) steps, each moving S/n bytes per rank: 2(n-1)/n * S per rank in all.
-
-* **Execution** (on ranks): :func:`all_reduce` (``algorithm=`` one of :data:`ALGORITHMS`),
-  :func:`reduce_scatter` and :func:`all_gather`. Pass ``log=[]`` and each rank appends one dict per
-  message it *sends* (step, src, dst, chunks, op, bytes, start, end); the tests check that the
-  messages really sent equal the pure schedule.
-
-Lab functions for :func:`labkit.launch` (``ctx`` first: :func:`demo_collectives`, :func:`equivalence_cases`,
-:func:`record_messages`, :func:`traced_all_reduce`), the exercise checks and :func:`tour` live in
-:mod:`labkit.collectives_lab` and are re-exported here. Measuring and the cost model live in
-:mod:`labkit.collectives_bench`; plots and the animation in :mod:`labkit.collectives_plots`.
+checked against ``dist.all_reduce`` / ``dist.reduce_scatter`` / ``dist.all_gather`` by the tests. Pass
+``log=[]`` and each rank appends one dict per message it *sends* (step, src, dst, chunks, op, bytes,
+start, end); the tests check that the messages really sent equal the pure schedule in :mod:`.schedules`.
 """
 from __future__ import annotations
 
 import time
 import zlib
-from collections import Counter
-from dataclasses import dataclass
 
-ALGORITHMS = ("naive", "tree", "ring", "halving_doubling", "ring_unchunked")
-"""All-reduce algorithms: reduce to rank 0 then broadcast; binomial tree reduce then broadcast;
-ring reduce-scatter then all-gather (chunked); recursive halving (reduce-scatter) then doubling
-(all-gather), Rabenseifner's algorithm; and the whole tensor passed around the ring (unchunked)."""
-SCHEDULES = ALGORITHMS + ("reduce_scatter", "all_gather")
-OPS = ("sum", "max", "avg")
-
-
-# --------------------------------------------------------------------------------------- pure logic
-def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` cutting ``numel`` elements into ``parts`` pieces like ``torch.tensor_split``
-    (the first ``numel % parts`` pieces are one element longer; pieces may be empty)."""
-    if not isinstance(numel, int) or numel < 0:
-        raise ValueError(f"numel must be an integer >= 0, got {numel!r}")
-    if not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be an integer >= 1, got {parts!r}")
-    q, r = divmod(numel, parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + q + (1 if i < r else 0)
-        out.append((start, end))
-        start = end
-    return out
-
-
-def _check_algorithm(algorithm: str, allowed=ALGORITHMS) -> str:
-    if algorithm not in allowed:
-        raise ValueError(f"unknown algorithm {algorithm!r}; pass one of {', '.join(map(repr, allowed))}")
-    return algorithm
-
-
-def _check_world_size(world_size) -> int:
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    return world_size
-
-
-@dataclass(frozen=True)
-class Message:
-    """One point-to-point message: at ``step``, ``src`` sends chunks ``chunks`` to ``dst``, which either
-    reduces them into its copy (``op="reduce"``) or overwrites its copy (``op="copy"``).
-    ``data_from`` is set when the payload is another rank's *original* data being forwarded (the
-    unchunked ring), rather than the sender's current partial result."""
-
-    step: int
-    src: int
-    dst: int
-    chunks: tuple
-    op: str
-    data_from: int | None = None
-
-
-@dataclass
-class Schedule:
-    algorithm: str
-    world_size: int
-    n_chunks: int
-    messages: list
-
-    @property
-    def steps(self) -> int:
-        return 1 + max((m.step for m in self.messages), default=-1)
-
-    def at(self, step: int) -> list:
-        return [m for m in self.messages if m.step == step]
-
-    def bytes_per_rank(self, nbytes: float) -> list[float]:
-        """Bytes each rank sends for a tensor of ``nbytes`` bytes (chunks taken as equal)."""
-        out = [0.0] * self.world_size
-        for m in self.messages:
-            out[m.src] += nbytes * len(m.chunks) / self.n_chunks
-        return out
-
-
-def _hd_layout(n: int):
-    """Recursive halving-doubling on a non-power of two: the first ``2r`` ranks pair up, evens fold
-    into odds, leaving ``p = 2**floor(log2 n)`` active ranks. Returns (p, r, old->new, new->old)."""
-    p = 1 << (n.bit_length() - 1)
-    r = n - p
-    new = {}
-    for i in range(n):
-        if i < 2 * r:
-            new[i] = i // 2 if i % 2 else None
-        else:
-            new[i] = i - r
-    old = {v: k for k, v in new.items() if v is not None}
-    return p, r, new, old
-
-
-def schedule(algorithm: str, world_size: int) -> Schedule:
-    """Every message ``algorithm`` sends on ``world_size`` ranks, step by step (no processes needed)."""
-    _check_algorithm(algorithm, SCHEDULES)
-    n = _check_world_size(world_size)
-    msgs: list[Message] = []
-    if algorithm == "naive":
-        for k in range(1, n):
-            msgs.append(Message(k - 1, k, 0, (0,), "reduce"))
-        for k in range(1, n):
-            msgs.append(Message(n - 2 + k, 0, k, (0,), "copy"))
-        return Schedule(algorithm, n, 1, msgs)
-    if algorithm == "tree":
-        levels = (n - 1).bit_length()  # ceil(log2 n)
-        for k in range(levels):
-            d = 1 << k
-            msgs += [Message(k, r, r - d, (0,), "reduce") for r in range(n) if r % (2 * d) == d]
-        for j in range(levels):
-            d = 1 << (levels - 1 - j)
-            msgs += [Message(levels + j, r, r + d, (0,), "copy") for r in range(n) if r % (2 * d) == 0 and r + d < n]
-        return Schedule(algorithm, n, 1, msgs)
-    if algorithm == "ring_unchunked":
-        for s in range(n - 1):
-            msgs += [Message(s, r, (r + 1) % n, (0,), "reduce", data_from=(r - s) % n) for r in range(n)]
-        return Schedule(algorithm, n, 1, msgs)
-    if algorithm in ("ring", "reduce_scatter", "all_gather"):
-        own = {"ring": 1, "reduce_scatter": 0, "all_gather": 0}[algorithm]  # chunk a rank ends up owning: r + own
-        step = 0
-        if algorithm in ("ring", "reduce_scatter"):
-            for s in range(n - 1):
-                msgs += [Message(step, r, (r + 1) % n, ((r + own - 1 - s) % n,), "reduce") for r in range(n)]
-                step += 1
-        if algorithm in ("ring", "all_gather"):
-            for s in range(n - 1):
-                msgs += [Message(step, r, (r + 1) % n, ((r + own - s) % n,), "copy") for r in range(n)]
-                step += 1
-        return Schedule(algorithm, n, n, msgs)
-    # halving_doubling
-    p, r, new, old = _hd_layout(n)
-    everything = tuple(range(p))
-    step = 0
-    if r:
-        msgs += [Message(0, i, i + 1, everything, "reduce") for i in range(0, 2 * r, 2)]
-        step = 1
-    mask = p // 2
-    while mask:  # reduce-scatter by recursive halving: keep one half, send the other
-        for v in range(p):
-            lo, hi = v & ~(2 * mask - 1), (v & ~(2 * mask - 1)) + 2 * mask  # my range before this step
-            mid = (lo + hi) // 2
-            send = range(lo, mid) if v & mask else range(mid, hi)
-            msgs.append(Message(step, old[v], old[v ^ mask], tuple(send), "reduce"))
-        step += 1
-        mask //= 2
-    mask = 1
-    while mask < p:  # all-gather by recursive doubling: send what I have, the range doubles
-        for v in range(p):
-            lo = v & ~(mask - 1)
-            msgs.append(Message(step, old[v], old[v ^ mask], tuple(range(lo, lo + mask)), "copy"))
-        step += 1
-        mask *= 2
-    if r:
-        msgs += [Message(step, i + 1, i, everything, "copy") for i in range(0, 2 * r, 2)]
-    return Schedule(algorithm, n, p, msgs)
-
-
-def simulate(sched: Schedule) -> list:
-    """Replay ``sched`` on contribution counters: ``states[t][rank][chunk]`` is a ``Counter`` of whose
-    data (rank -> times) that chunk holds on that rank *before* step ``t`` (``states[-1]``: at the end).
-    A correct all-reduce ends with every counter equal to ``{0: 1, 1: 1, ..., n-1: 1}``."""
-    n, c = sched.world_size, sched.n_chunks
-    if sched.algorithm == "all_gather":  # rank r starts with only its own block
-        state = [[Counter({r: 1}) if k == r else Counter() for k in range(c)] for r in range(n)]
-    else:
-        state = [[Counter({r: 1}) for _ in range(c)] for r in range(n)]
-    states = [[[Counter(x) for x in row] for row in state]]
-    for t in range(sched.steps):
-        before = states[-1]
-        after = [[Counter(x) for x in row] for row in before]
-        for m in sched.at(t):
-            for k in m.chunks:
-                payload = Counter({m.data_from: 1}) if m.data_from is not None else before[m.src][k]
-                if m.op == "reduce":
-                    after[m.dst][k] = after[m.dst][k] + payload
-                else:
-                    after[m.dst][k] = Counter(payload)
-        states.append(after)
-    return states
-
-
-def final_owners(sched: Schedule) -> dict:
-    """For each rank, the chunks that hold every rank's data exactly once at the end."""
-    full = Counter(range(sched.world_size))
-    end = simulate(sched)[-1]
-    return {r: [k for k in range(sched.n_chunks) if end[r][k] == full] for r in range(sched.world_size)}
-
+from .schedules import OPS, _check_algorithm, _hd_layout, chunk_bounds
 
 # --------------------------------------------------------------------------------------- validation
 def _op_name(op) -> str:
@@ -244,26 +41,44 @@ def _check_tensor(tensor, what: str = "tensor"):
     return tensor
 
 
+def ranks_agree(values, group=None, device=None) -> bool:
+    """True when every rank passed the same list of integers (one MAX and one MIN all-reduce).
+
+    The one "same on every rank" check of the course: the collectives use it for shapes and dtypes,
+    the DDP wrappers for the model's signature. Every rank gets the same answer, so all of them can
+    raise together instead of one hanging.
+    """
+    import torch
+    import torch.distributed as dist
+
+    hi = torch.tensor(list(values), dtype=torch.int64, device=device)
+    lo = hi.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    return bool(torch.equal(hi, lo))
+
+
 def _check_same_everywhere(tensor, what: str = "tensor") -> None:
-    """One tiny all-gather of (dtype, shape) so that ranks passing different tensors get a clear error
-    on every rank instead of a hang or garbage."""
+    """Ranks passing different tensors get a clear error on every rank instead of a hang or garbage."""
     import torch
     import torch.distributed as dist
 
     code = zlib.crc32(str(tensor.dtype).encode())  # the same number for the same dtype on every rank
     if tensor.dim() > 14:
         raise ValueError(f"{what} has {tensor.dim()} dimensions; flatten it to at most 14 first")
-    desc = torch.zeros(16, dtype=torch.int64)
+    desc = [0] * 16
     desc[0], desc[1] = code, tensor.dim()
-    desc[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    everyone = [torch.empty_like(desc) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, desc)
-    if any(not torch.equal(d[2:], everyone[0][2:]) or d[1] != everyone[0][1] for d in everyone):
+    desc[2:2 + tensor.dim()] = list(tensor.shape)
+    if ranks_agree(desc, device=tensor.device):
+        return
+    mine = torch.tensor(desc, dtype=torch.int64, device=tensor.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)  # only on disagreement, to say which rank had what
+    if any(not torch.equal(d[1:], everyone[0][1:]) for d in everyone):
         shapes = {r: tuple(d[2:2 + int(d[1])].tolist()) for r, d in enumerate(everyone)}
         raise ValueError(f"{what} shapes differ across ranks: {shapes}; every rank must pass a tensor of the same shape")
-    if len({int(d[0]) for d in everyone}) > 1:
-        raise ValueError(f"{what} dtypes differ across ranks (this rank has {tensor.dtype}); every rank must pass the "
-                         f"same dtype")
+    raise ValueError(f"{what} dtypes differ across ranks (this rank has {tensor.dtype}); every rank must pass the "
+                     f"same dtype")
 
 
 def _reduce_into(dst, src, op: str) -> None:
@@ -596,39 +411,3 @@ def all_gather(tensor, log: list | None = None, check: bool = True) -> list:
     if n > 1:
         _ring_all_gather(list(out.view(n, tensor.numel())), n, rank, _Recorder(log, rank, tensor.element_size()), own=0)
     return list(out.unbind(0))
-
-
-# --------------------------------------------------------------------------------------- message logs
-def merge_logs(per_rank_logs) -> list[dict]:
-    """Flatten the per-rank logs returned by :func:`record_messages` through ``launch``, sorted by step."""
-    return sorted((m for log in per_rank_logs for m in log), key=lambda m: (m["step"], m["src"]))
-
-
-def log_matches_schedule(per_rank_logs, algorithm: str, world_size: int) -> bool:
-    """True when the messages really sent are exactly those of the pure :func:`schedule`."""
-    sent = sorted((m["step"], m["src"], m["dst"], tuple(m["chunks"]), m["op"], m["data_from"])
-                  for m in merge_logs(per_rank_logs))
-    want = sorted((m.step, m.src, m.dst, m.chunks, m.op, m.data_from) for m in schedule(algorithm, world_size).messages)
-    return sent == want
-
-
-def schedule_from_logs(per_rank_logs, algorithm: str, world_size: int) -> Schedule:
-    """A :class:`Schedule` built from the messages the ranks really sent (for :func:`simulate` and the
-    animation in :mod:`labkit.collectives_plots`)."""
-    msgs = [Message(m["step"], m["src"], m["dst"], tuple(m["chunks"]), m["op"], m["data_from"])
-            for m in merge_logs(per_rank_logs)]
-    return Schedule(algorithm, world_size, schedule(algorithm, world_size).n_chunks, msgs)
-
-
-# The lab functions (run on ranks), the exercise checks and the tour live in labkit.collectives_lab, which
-# imports this module; they are re-exported lazily so ``from labkit import collectives as C; C.tour()`` works.
-_LAB = ("COLLECTIVES", "check_bytes_per_rank", "check_ring_all_reduce", "demo_collectives", "equivalence_cases",
-        "record_messages", "tour", "traced_all_reduce")
-
-
-def __getattr__(name):
-    if name in _LAB:
-        from . import collectives_lab
-
-        return getattr(collectives_lab, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .collectives import Schedule, simulate
+from .schedules import Schedule, simulate
 
 RANK_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d",
                 "#bab0ac", "#eeca3b"]
@@ -183,7 +183,7 @@ def message_events(merged_log) -> list[dict]:
 
 def plot_busbw(rows, ax=None, title: str | None = None):
     """busbw (GB/s) against message size, one line per algorithm, from timing rows."""
-    from .collectives_bench import bandwidths
+    from .cost import bandwidths
 
     ax = _ax(ax, (6, 3.5))
     by = {}
@@ -203,7 +203,7 @@ def plot_busbw(rows, ax=None, title: str | None = None):
 
 def plot_predicted_vs_measured(rows, alpha: float, beta: float, ax=None, title: str | None = None):
     """Measured times (markers) beside the alpha-beta model's prediction (lines), per algorithm."""
-    from .collectives_bench import cost_terms, predict_time
+    from .cost import cost_terms, predict_time
 
     ax = _ax(ax, (6, 3.5))
     by = {}

@@ -6,7 +6,7 @@
   balancing the same way).
 * :class:`SleepStages` — ``make_stage`` for a list of sleeping stages.
 * :class:`SplitModel` — ``make_stage`` that builds a seeded model and keeps stage ``i``'s layers
-  (uses :func:`labkit.sliced.flatten_resnet` and the same boundary rules as lab 03).
+  (uses :func:`labkit.sliced.flatten_resnet` and the cut rules of :mod:`labkit.partition`).
 * :func:`mlp` — a Linear/ReLU stack to split when no ResNet is wanted.
 
 All are re-exported by :mod:`labkit.pipeline`.
@@ -19,13 +19,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["SleepStage", "SleepStages", "SplitModel", "mlp"]
+from ..partition import check_cuts, check_stages, even_cuts, stage_ranges
+from ..sliced import build_model, flatten_resnet
+
+__all__ = ["Sleep", "SleepStage", "SleepStages", "SplitModel", "mlp"]
 
 
 # --------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------
-class _Sleep(torch.autograd.Function):
+class Sleep(torch.autograd.Function):
     """y = x * gain, sleeping ``forward_s`` in forward and ``backward_s`` in backward: a real gradient and
     a known cost. With ``per_row`` (the default) the times are per input row, so a micro-batch of k rows
     costs k times as much; without it they are per call (lab 05's sleeping layers)."""
@@ -62,7 +65,7 @@ class SleepStage(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, x):
-        return _Sleep.apply(x, self.gain, self.forward_s, self.backward_s)
+        return Sleep.apply(x, self.gain, self.forward_s, self.backward_s)
 
     def extra_repr(self):
         return f"forward_s={self.forward_s}, backward_s={self.backward_s}"
@@ -104,38 +107,30 @@ class SplitModel:
 
     ``build`` returns a model (an ``nn.Sequential``, or a ResNet that :func:`labkit.sliced.flatten_resnet`
     flattens), or is one of the names ``"mlp"``, ``"small"``, ``"resnet18"``, ``"resnet50"``.
-    ``boundaries`` are split points (stage ``k`` starts at layer ``boundaries[k-1]``); or give
+    ``cuts`` are cut points (stage ``k`` starts at layer ``cuts[k-1]``, :mod:`labkit.partition`); or give
     ``n_stages`` for an even split by layer count. Every rank calls it and gets identical weights.
     """
 
-    def __init__(self, build: Callable | str = "mlp", boundaries=None, n_stages: int | None = None, seed: int = 0):
-        from .sliced import check_boundaries, even_boundaries
-
+    def __init__(self, build: Callable | str = "mlp", cuts=None, n_stages: int | None = None, seed: int = 0):
         if not (callable(build) or build in ("mlp", "small", "resnet18", "resnet50")):
             raise ValueError(f"build must be a function returning a model, or 'mlp', 'small', 'resnet18', "
                              f"'resnet50'; got {build!r}")
         self.build, self.seed = build, seed
         n_layers = len(self.full())
-        if boundaries is None:
+        if cuts is None:
             if n_stages is None:
-                raise ValueError("pass boundaries=[...] (split points) or n_stages=K (even split by layers)")
-            if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
-                raise ValueError(f"n_stages must be an integer >= 1, got {n_stages!r}")
-            if n_stages > n_layers:
-                raise ValueError(f"{n_stages} stages asked for but the model has only {n_layers} layers: "
-                                 f"pass n_stages <= {n_layers}")
-            boundaries = even_boundaries(n_layers, n_stages)
-        self.boundaries = check_boundaries(boundaries, n_layers)
-        if n_stages is not None and n_stages != len(self.boundaries) + 1:
-            raise ValueError(f"n_stages={n_stages} but {len(self.boundaries)} boundaries give "
-                             f"{len(self.boundaries) + 1} stages; pass one or the other")
-        self.n_stages = len(self.boundaries) + 1
+                raise ValueError("pass cuts=[...] (where each stage after the first starts) or n_stages=K "
+                                 "(even split by layers)")
+            cuts = even_cuts(n_layers, check_stages(n_stages, n_layers))
+        self.cuts = check_cuts(cuts, n_layers)
+        if n_stages is not None and n_stages != len(self.cuts) + 1:
+            raise ValueError(f"n_stages={n_stages} but {len(self.cuts)} cuts give "
+                             f"{len(self.cuts) + 1} stages; pass one or the other")
+        self.n_stages = len(self.cuts) + 1
         self.n_layers = n_layers
 
     def full(self) -> nn.Sequential:
         """The whole model as one flat ``nn.Sequential`` (the single-process reference)."""
-        from .sliced import build_model, flatten_resnet
-
         torch.manual_seed(self.seed)
         if self.build == "mlp":
             model = mlp()
@@ -148,5 +143,5 @@ class SplitModel:
     def __call__(self, i: int) -> nn.Sequential:
         if not 0 <= i < self.n_stages:
             raise ValueError(f"stage index {i} out of range for {self.n_stages} stages")
-        edges = [0, *self.boundaries, self.n_layers]
-        return self.full()[edges[i]:edges[i + 1]]
+        r = stage_ranges(self.cuts, self.n_layers)[i]
+        return self.full()[r.start:r.stop]

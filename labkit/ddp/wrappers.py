@@ -1,4 +1,4 @@
-"""Data parallelism from scratch: sharded sampling, three DDP wrappers, accumulation, timelines.
+"""Three DDP wrappers written from scratch, side by side on one base class, and torch's own behind the same API.
 
 Every rank holds a full copy of the model and sees a different shard of each batch. After
 ``loss.backward()`` each rank has the gradient of *its* shard; averaging the gradients over the
@@ -17,134 +17,20 @@ Three wrappers do that averaging, from the simplest to the one torch's DDP uses:
 
 All three share one loop: ``loss.backward(); ddp.sync_grads(); opt.step()``; ``with
 ddp.no_sync():`` skips the averaging on the inner steps of gradient accumulation.
-Rank functions (equivalence, timelines, stragglers) live in :mod:`labkit.ddp_lab`; the
-throughput benchmark in :mod:`labkit.ddp_bench`.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-import zlib
-from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..collectives import ranks_agree
+from .plan import check_bucket_mb, plan_buckets
+
 ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
-MB = 2 ** 20  # torch's DDP counts bucket_cap_mb in MiB too
-
-
-# ----------------------------------------------------------------------------- sharded sampling
-def distributed_shards(n: int, world_size: int, epoch: int = 0, *, shuffle: bool = True,
-                       drop_last: bool = False, seed: int = 0) -> list[list[int]]:
-    """The sample indices each rank reads in one epoch, as ``DistributedSampler`` computes them.
-
-    Shuffle the whole dataset with a generator seeded by ``seed + epoch`` (the same on every rank,
-    so no rank needs to talk to another); make the length a multiple of ``world_size`` by padding
-    with the first indices again (``drop_last=False``) or by dropping the tail (``drop_last=True``);
-    then rank ``r`` takes every ``world_size``-th index starting at ``r`` (a strided split).
-    """
-    for name, v in (("n", n), ("world_size", world_size), ("epoch", epoch), ("seed", seed)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if n < 1 or world_size < 1 or epoch < 0:
-        raise ValueError(f"need n >= 1, world_size >= 1 and epoch >= 0, got n={n}, world_size={world_size}, "
-                         f"epoch={epoch}")
-    if drop_last and n < world_size:
-        raise ValueError(f"drop_last=True with {n} samples and {world_size} ranks leaves every rank empty; "
-                         f"use drop_last=False (pads) or fewer ranks")
-    from .data import shard_indices  # one implementation, tested against DistributedSampler
-
-    return [shard_indices(n, r, world_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-            for r in range(world_size)]
-
-
-def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` blocks of ``n`` samples, one per rank, sizes differing by at most 1.
-
-    This is "data chunking" (数据切块): cut the batch or dataset along the *sample* axis into blocks.
-    """
-    if not isinstance(n, int) or not isinstance(world_size, int):
-        raise TypeError("n and world_size must be ints")
-    if world_size < 1 or n < world_size:
-        raise ValueError(f"cannot cut {n} samples into {world_size} non-empty chunks; pass world_size <= n")
-    from .collectives import chunk_bounds  # the same cut the ring all-reduce uses for its chunks
-
-    return chunk_bounds(n, world_size)
-
-
-def local_shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s equal, contiguous slice of a global batch (its size must divide evenly)."""
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"batch must be a tensor, got {type(batch).__name__}")
-    if batch.shape[0] % world_size:
-        raise ValueError(f"a global batch of {batch.shape[0]} does not split evenly over {world_size} ranks; "
-                         f"pass a batch size that is a multiple of {world_size} (equal shards keep the average "
-                         f"of the local gradients equal to the full-batch gradient)")
-    b = batch.shape[0] // world_size
-    return batch[rank * b:(rank + 1) * b]
-
-
-# ----------------------------------------------------------------------------- buckets and costs
-def plan_buckets(sizes_bytes: Sequence[int], bucket_mb: float) -> list[list[int]]:
-    """Group tensors (given in the order their gradients become ready) into buckets.
-
-    A bucket is closed when adding the next tensor would take it past ``bucket_mb`` MiB; a tensor
-    larger than a bucket gets a bucket of its own. Returns lists of positions into ``sizes_bytes``.
-    """
-    check_bucket_mb(bucket_mb)
-    cap = bucket_mb * MB
-    buckets: list[list[int]] = []
-    cur, cur_bytes = [], 0
-    for i, s in enumerate(sizes_bytes):
-        if cur and cur_bytes + s > cap:
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += s
-    if cur:
-        buckets.append(cur)
-    return buckets
-
-
-def check_bucket_mb(bucket_mb) -> float:
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
-        raise TypeError(f"bucket_mb must be a number of MiB (e.g. 25 or 0.5), got {type(bucket_mb).__name__}")
-    if not bucket_mb > 0 or math.isinf(bucket_mb):
-        raise ValueError(f"bucket_mb must be a finite number > 0 (MiB per bucket, e.g. 25 as torch's DDP "
-                         f"uses), got {bucket_mb!r}")
-    return float(bucket_mb)
-
-
-def ring_allreduce_seconds(nbytes: float, world_size: int, latency_s: float = 50e-6,
-                           bandwidth: float = 5e9) -> float:
-    """Cost model of a ring all-reduce: 2(n-1) latency hops and 2(n-1)/n * S bytes on each link."""
-    if world_size <= 1:
-        return 0.0
-    return 2 * (world_size - 1) * latency_s + 2 * (world_size - 1) / world_size * nbytes / bandwidth
-
-
-def model_step(forward_s: float, backward_s: float, grad_bytes: float, bucket_mb: float, world_size: int, *,
-               overlap: bool, latency_s: float = 50e-6, bandwidth: float = 5e9, lane=0) -> tuple[float, list]:
-    """Predicted step time and its timeline for evenly spread gradients (a model, not a measurement).
-
-    Bucket ``i``'s gradients are ready after the fraction ``(i+1)/k`` of backward; all-reduces run
-    one after another; without overlap they all start after backward.
-    """
-    check_bucket_mb(bucket_mb)
-    k = max(1, math.ceil(grad_bytes / (bucket_mb * MB)))
-    per = ring_allreduce_seconds(grad_bytes / k, world_size, latency_s, bandwidth)
-    ev = [{"lane": lane, "kind": "forward", "start": 0.0, "end": forward_s, "label": "F"},
-          {"lane": lane, "kind": "backward", "start": forward_s, "end": forward_s + backward_s, "label": "B"}]
-    free = forward_s + backward_s if not overlap else 0.0
-    for i in range(k):
-        ready = forward_s + backward_s * (i + 1) / k
-        start = max(ready, free)
-        free = start + per
-        ev.append({"lane": lane, "kind": "allreduce", "start": start, "end": free, "label": f"b{i}"})
-    return max(free, forward_s + backward_s), ev
 
 
 # ----------------------------------------------------------------------------- timelines
@@ -181,15 +67,13 @@ def _require_dist(group):
 
 
 def _verify_same_model(params: list, group) -> None:
-    """Every rank must wrap the same architecture; compare a signature with a max and a min all-reduce."""
+    """Every rank must wrap the same architecture: compare a signature of the parameters across ranks."""
+    import zlib
+
     sig = [len(params), sum(p.numel() for p in params)]
     sig.append(sum((i + 1) * p.numel() for i, p in enumerate(params)) % (2 ** 61))
     sig.append(sum((i + 1) * (zlib.crc32(str(p.dtype).encode()) % 9973) for i, p in enumerate(params)))
-    hi = torch.tensor(sig, dtype=torch.int64, device=params[0].device)
-    lo = hi.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
-    if not torch.equal(hi, lo):
+    if not ranks_agree(sig, group=group, device=params[0].device):
         raise ValueError(f"the model differs across ranks (this rank: {len(params)} parameter tensors, "
                          f"{sig[1]} values; the ranks disagree). Build the same model, with the same shapes and "
                          f"dtypes, on every rank")
@@ -416,102 +300,3 @@ def make_ddp(algorithm: str, module: nn.Module, bucket_mb: float = 25.0, **kwarg
         return NaiveDDP(module, **kwargs)
     cls = {"bucketed": BucketedDDP, "overlapped": OverlappedDDP, "torch": TorchDDP}[algorithm]
     return cls(module, bucket_mb, **kwargs)
-
-
-# ----------------------------------------------------------------------------- model, data, training
-def small_cnn(width: int = 8, seed: int = 0, dtype=torch.float32) -> nn.Module:
-    """A small CNN for 1x8x8 digit images: two convolutions, a pooling, two linear layers."""
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be an int >= 1 (channels of the first convolution), got {width!r}")
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    return model.to(dtype)
-
-
-def _read_digits():
-    """scikit-learn's digits file read with numpy: importing sklearn costs seconds on every fresh rank."""
-    import importlib.util
-    import os
-
-    import numpy as np
-
-    spec = importlib.util.find_spec("sklearn")
-    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec else ""
-    if os.path.exists(path):
-        data = np.loadtxt(path, delimiter=",")
-        return data[:, :-1], data[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits  # a layout we do not know: the official loader
-
-    d = load_digits()
-    return d.data, d.target
-
-
-def digits_tensors(dtype=torch.float32, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1797 handwritten digits as ``(N, 1, 8, 8)`` images in [0, 1] and labels."""
-    key = ("ddp_digits", str(dtype))
-    if cache is not None and key in cache:
-        return cache[key]
-    images, target = _read_digits()
-    x = torch.tensor(images / 16.0, dtype=dtype).reshape(-1, 1, 8, 8)
-    y = torch.tensor(target, dtype=torch.long)
-    if cache is not None:
-        cache[key] = (x, y)
-    return x, y
-
-
-def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple], *,
-                accum: int = 1, skip_sync: bool = True, timeline: Timeline | None = None,
-                delay_s: float = 0.0, loss_fn: Callable | None = None) -> list[float]:
-    """Run optimizer steps; each batch is a list of ``accum`` micro-batches ``(x, y)``.
-
-    ``model`` is a wrapper from :func:`make_ddp` or a plain module (single-process reference).
-    ``skip_sync``: on the inner micro-steps, skip the gradient averaging (``no_sync``).
-    ``delay_s``: extra seconds of "compute" per micro-step (to play a straggler). Returns step times.
-    """
-    tl = timeline if timeline is not None else _NoTimeline()
-    loss_fn = loss_fn or nn.functional.cross_entropy
-    sync = getattr(model, "sync_grads", None)
-    times = []
-    for s, micro in enumerate(batches):
-        if len(micro) != accum:
-            raise ValueError(f"step {s} has {len(micro)} micro-batches but accum={accum}; pass accum micro-batches per step")
-        t_step = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        for m, (x, y) in enumerate(micro):
-            inner = m < accum - 1
-            guard = model.no_sync() if (inner and skip_sync and sync is not None) else contextlib.nullcontext()
-            with guard:
-                with tl.span("forward", f"F{s}"):
-                    loss = loss_fn(model(x), y) / accum
-                if delay_s:
-                    with tl.span("sleep", "slow"):
-                        time.sleep(delay_s)
-                with tl.span("backward", f"B{s}"):
-                    loss.backward()
-                if sync is not None:
-                    sync()
-        with tl.span("optimizer", "opt"):
-            opt.step()
-        times.append(time.perf_counter() - t_step)
-    return times
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).cpu()
-
-
-def tour() -> list[dict]:
-    """The lab's headless quick path (see :func:`labkit.ddp_lab.tour`)."""
-    from .ddp_lab import tour as _tour
-
-    return _tour()
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    """``python -m labkit bench ddp`` (see :mod:`labkit.ddp_bench`)."""
-    from .ddp_bench import bench_main as _main
-
-    return _main(argv)

@@ -1,4 +1,4 @@
-"""``python -m labkit doctor`` / ``labkit.doctor()`` (module named envcheck so it never shadows the function): what this machine can run, and how to fix what it cannot.
+"""``python -m labkit doctor`` / ``labkit.doctor()``: what this machine can run, and how to fix what it cannot.
 
 It reports versions, CPUs, GPUs (name, memory), whether a private rendezvous can be made, which
 backends really work (a 2-rank all-reduce on each; a 1-rank one on NCCL with a single GPU), and the

@@ -14,13 +14,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from .ddp import ALGORITHMS, check_bucket_mb, digits_tensors, make_ddp, small_cnn, train_steps
+from .plan import check_bucket_mb
+from .training import digits_tensors, small_cnn, train_steps
+from .wrappers import ALGORITHMS, make_ddp
 
 LABELS = {"naive": "naive (per tensor)", "bucketed": "bucketed", "overlapped": "overlapped (hooks)",
           "torch": "torch DDP"}
 
 
-def throughput_run(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3, repeats: int = 3,
+def throughput_rank(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3, repeats: int = 3,
                    local_batch: int = 64, width: int = 32, bucket_mb: float = 0.1) -> dict:
     """Seconds per step of each algorithm, one entry per repeat (the slowest rank's time)."""
     for a in algorithms:
@@ -53,7 +55,7 @@ def throughput_run(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3,
             "buckets": {a: len(getattr(runs[a][0], "buckets", [])) for a in algorithms}}
 
 
-def single_process_run(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3, local_batch: int = 64,
+def single_process_rank(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3, local_batch: int = 64,
                        width: int = 32) -> list[float] | None:
     """Seconds per step of plain training (no wrapper, no communication) on rank 0 while the others wait.
 
@@ -78,15 +80,15 @@ def single_process_run(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3, 
 
 def measure(world_sizes=(1, 2, 4), steps=20, repeats=5, local_batch=64, width=32, bucket_mb=0.1,
             algorithms=ALGORITHMS, pool: bool = False, timeout: float = 300) -> list[dict]:
-    """Run :func:`throughput_run` for each world size; return table rows (medians, ratio to torch DDP)."""
-    from . import launch
+    """Run :func:`throughput_rank` for each world size; return table rows (medians, ratio to torch DDP)."""
+    from ..runtime import launch
 
     check_bucket_mb(bucket_mb)
     rows = []
-    from .viz import progress
+    from ..viz import progress
 
     for n in progress(world_sizes, desc="ddp bench: world sizes"):
-        res = launch(throughput_run, world_size=n, kwargs=dict(
+        res = launch(throughput_rank, world_size=n, kwargs=dict(
             algorithms=algorithms, steps=steps, repeats=repeats, local_batch=local_batch, width=width,
             bucket_mb=bucket_mb), pool=pool, echo=False, quiet=True, timeout=timeout)[0]
         sps = res["seconds_per_step"]
@@ -107,8 +109,8 @@ def ratio(rows: list[dict], version: str = "overlapped", ranks: int = 2) -> floa
     return None
 
 
-def bench_main(argv: list[str] | None = None) -> int:
-    from .viz import format_table
+def main(argv: list[str] | None = None) -> int:
+    from ..viz import format_table
 
     ap = argparse.ArgumentParser(prog="python -m labkit bench ddp", description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
@@ -147,4 +149,4 @@ def bench_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(bench_main())
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Lab 02's rank functions and checks: equivalence runs, timelines, stragglers, exercises, tour.
 
-Each ``*_run(ctx, ...)`` is a module-level lab function for :func:`labkit.launch`; the others run
+Each ``*_rank(ctx, ...)`` is a module-level lab function for :func:`labkit.launch`; the others run
 in the notebook's process.
 """
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ddp import (ALGORITHMS, Timeline, digits_tensors, distributed_shards, flat_params, make_ddp, small_cnn,
-                  train_steps)
+from .plan import distributed_shards, local_shard
+from .training import digits_tensors, flat_params, small_cnn, train_steps
+from .wrappers import ALGORITHMS, Timeline, make_ddp
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -40,7 +41,7 @@ def _global_batches(x, y, steps, accum, micro_global, seed=0):
 
 
 def _shard(batches, rank, world_size):
-    from .ddp import local_shard
+
 
     return [[(local_shard(x, rank, world_size), local_shard(y, rank, world_size)) for x, y in micro]
             for micro in batches]
@@ -50,7 +51,7 @@ def _opt(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def equivalence_run(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: int = 8, accum: int = 1,
+def equivalence_rank(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: int = 8, accum: int = 1,
                     skip_sync: bool = True, bucket_mb: float = 0.01, width: int = 4, dtype: str = "float64",
                     seed: int = 0) -> dict:
     """Train k steps with each algorithm and single-process on the whole batch; return the differences.
@@ -98,7 +99,7 @@ def equivalence_run(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: int
     return out
 
 
-def timeline_run(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, steps: int = 3,
+def timeline_rank(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, steps: int = 3,
                  local_batch: int = 64, width: int = 16, accum: int = 1, skip_sync: bool = True,
                  slow_rank: int | None = None, delay_s: float = 0.0, shard_sizes=None, dtype="float32") -> dict:
     """Train a few steps recording compute and all-reduce events; optionally one slow rank or uneven shards.
@@ -145,7 +146,7 @@ def split_lanes(events: list[dict]) -> list[dict]:
     return out
 
 
-def feature_split_run(ctx, n_samples: int = 16, n_features: int = 64, n_out: int = 10, seed: int = 0) -> dict:
+def feature_split_rank(ctx, n_samples: int = 16, n_features: int = 64, n_out: int = 10, seed: int = 0) -> dict:
     """"Data splitting" (数据拆分) along features: each rank holds some columns of every sample.
 
     A linear layer then needs an all-reduce of partial *outputs* in the forward pass (this is
@@ -162,7 +163,7 @@ def feature_split_run(ctx, n_samples: int = 16, n_features: int = 64, n_out: int
             "error": float((full - x @ w.T).abs().max()), "bytes_per_forward": full.numel() * full.element_size()}
 
 
-def mismatched_run(ctx) -> float:
+def mismatched_rank(ctx) -> float:
     """A deliberate bug: only rank 0 calls all_reduce, so it waits forever (the launcher's timeout ends it)."""
     t = torch.ones(1)
     if ctx.rank == 0:
@@ -205,7 +206,7 @@ def data_parallel_demo(width: int = 8, batch: int = 32) -> dict:
 
 
 # ----------------------------------------------------------------------------- exercises
-def _hook_trial(ctx, hook, steps=2, width=4):
+def _hook_trial_rank(ctx, hook, steps=2, width=4):
     """Train with the learner's gradient hook on every parameter; compare with the whole-batch reference."""
     x, y = digits_tensors(torch.float64, ctx.cache)
     batches = _global_batches(x, y, steps, 1, 8 * ctx.world_size)
@@ -225,12 +226,12 @@ def _hook_trial(ctx, hook, steps=2, width=4):
 
 def check_average_hook(hook, world_size: int = 2, timeout: float = 60):
     """Exercise: ``hook(param)`` must replace ``param.grad`` by its average over the ranks."""
-    from . import launch
-    from .checks import run_cases
+    from ..runtime import launch
+    from ..checks import run_cases
 
     def case(n):
         def thunk():
-            res = launch(_hook_trial, world_size=n, args=(hook,), pool=True, echo=False, timeout=timeout)
+            res = launch(_hook_trial_rank, world_size=n, args=(hook,), pool=True, echo=False, timeout=timeout)
             if any(r.get("not_implemented") for r in res):
                 raise NotImplementedError
             worst = max(r["error"] for r in res)
@@ -249,15 +250,15 @@ def bucket_sizes_of(width: int = 16, dtype=torch.float32) -> list[int]:
 
 def check_allreduce_prediction(predict, bucket_mbs=(0.001, 0.01, 0.05, 0.1, 1.0), width: int = 16):
     """Exercise: ``predict(sizes_bytes, bucket_mb)`` -> all-reduce calls per step; checked against a real run."""
-    from . import launch
-    from .checks import run_cases
+    from ..runtime import launch
+    from ..checks import run_cases
 
     sizes = bucket_sizes_of(width)
     cases = []
     for mb in bucket_mbs:
         def thunk(mb=mb):
             guess = predict(list(sizes), mb)
-            res = launch(timeline_run, world_size=2, kwargs=dict(algorithm="bucketed", bucket_mb=mb, steps=1,
+            res = launch(timeline_rank, world_size=2, kwargs=dict(algorithm="bucketed", bucket_mb=mb, steps=1,
                                                                   width=width, local_batch=8), pool=True, echo=False)
             measured = res[0]["stats"]["allreduce_calls"]
             assert guess == measured, (f"predicted {guess} all-reduces per step, measured {measured} "
@@ -269,43 +270,67 @@ def check_allreduce_prediction(predict, bucket_mbs=(0.001, 0.01, 0.05, 0.1, 1.0)
 
 
 # ----------------------------------------------------------------------------- tour
-def _tour_run(ctx):
+def tour_rank(ctx):
     kw = dict(algorithms=("overlapped", "torch"), steps=2, accum=3)
-    return {"plain": equivalence_run(ctx, steps=3), "skip": equivalence_run(ctx, skip_sync=True, **kw),
-            "sync": equivalence_run(ctx, skip_sync=False, **kw)}
+    return {"plain": equivalence_rank(ctx, steps=3), "skip": equivalence_rank(ctx, skip_sync=True, **kw),
+            "sync": equivalence_rank(ctx, skip_sync=False, **kw)}
 
 
-def tour() -> list[dict]:
-    """Headless quick path: equivalence of the three wrappers and torch DDP on 2 ranks, accumulation, sampler."""
-    from . import launch
+def tour(world_size: int = 2) -> list[dict]:
+    """Headless quick path: the sampler, then the three wrappers and torch DDP on ``world_size`` ranks
+    against one process, with and without accumulation."""
     from torch.utils.data import DistributedSampler
 
-    rows = []
-    lab = "02 data parallel"
-    ok = True
-    for n in (7, 10):
-        for drop in (False, True):
-            for ep in (0, 1):
-                s = DistributedSampler(range(n), num_replicas=3, rank=1, shuffle=True, seed=3, drop_last=drop)
-                s.set_epoch(ep)
-                ok &= list(s) == distributed_shards(n, 3, ep, drop_last=drop, seed=3)[1]
-    rows.append({"lab": lab, "check": "distributed_shards == DistributedSampler (pad/drop, 2 epochs)", "ok": ok,
-                 "detail": "n=7,10, 3 ranks"})
-    t0 = time.perf_counter()
-    res = launch(_tour_run, world_size=2, echo=False, quiet=True, timeout=120)
-    secs = time.perf_counter() - t0
-    for algo in ALGORITHMS:
+    from ..runtime import launch
+    from ..tour import check_row
+
+    lab, n_ranks = "02 data parallel", world_size
+    state = {}
+
+    def sampler():
+        ok = True
+        for n in (7, 10):
+            for drop in (False, True):
+                for ep in (0, 1):
+                    s = DistributedSampler(range(n), num_replicas=3, rank=1, shuffle=True, seed=3, drop_last=drop)
+                    s.set_epoch(ep)
+                    ok &= list(s) == distributed_shards(n, 3, ep, drop_last=drop, seed=3)[1]
+        return ok, "n=7,10, 3 ranks"
+
+    def ran():
+        t0 = time.perf_counter()
+        state["res"] = launch(tour_rank, world_size=n_ranks, echo=False, quiet=True, timeout=120)
+        state["secs"] = time.perf_counter() - t0
+        return True, f"{state['secs']:.1f} s incl. start-up"
+
+    rows = [check_row(lab, "distributed_shards == DistributedSampler (pad/drop, 2 epochs)", sampler),
+            check_row(lab, f"wrappers ran on {n_ranks} ranks", ran)]
+    if not rows[-1]["ok"]:
+        return rows
+    res = state["res"]
+
+    def same(algo):
         worst = max(r["plain"][algo]["vs_reference"] for r in res)
         vt = max(r["plain"][algo]["vs_torch"] for r in res)
-        rows.append({"lab": lab, "check": f"{algo} after 3 steps == single process & torch DDP, 2 ranks (float64)",
-                     "ok": worst < 1e-10 and vt < 1e-10, "detail": f"max diff {worst:.1e} / {vt:.1e}"})
+        return worst < 1e-10 and vt < 1e-10, f"max diff {worst:.1e} / {vt:.1e}"
+
+    def accumulation(skip):
+        key = "skip" if skip else "sync"
+        worst = max(x[key]["overlapped"]["vs_reference"] for x in res)
+        return worst < 1e-10, (f"max diff {worst:.1e}; {res[0][key]['overlapped']['stats']['allreduce_bytes'] / 1e3:.0f}"
+                               f" kB all-reduced in 2 steps")
+
+    def fewer_bytes():
+        sync, skip = (res[0][k]["overlapped"]["stats"]["allreduce_bytes"] for k in ("sync", "skip"))
+        if n_ranks == 1:  # one rank has nothing to average
+            return sync == skip == 0, f"{sync} and {skip} bytes on 1 rank"
+        return abs(sync / skip - 3) < 1e-9, f"ratio {sync / skip:.2f}"
+
+    for algo in ALGORITHMS:
+        rows.append(check_row(lab, f"{algo} after 3 steps == single process & torch DDP, {n_ranks} ranks (float64)",
+                              lambda algo=algo: same(algo)))
     for skip in (True, False):
-        r = res[0]["skip" if skip else "sync"]
-        worst = max(x["skip" if skip else "sync"]["overlapped"]["vs_reference"] for x in res)
-        rows.append({"lab": lab, "check": f"accumulation x3 {'with' if skip else 'without'} no_sync == large batch",
-                     "ok": worst < 1e-10, "detail": f"max diff {worst:.1e}; "
-                     f"{r['overlapped']['stats']['allreduce_bytes'] / 1e3:.0f} kB all-reduced in 2 steps"})
-    saved = res[0]["sync"]["overlapped"]["stats"]["allreduce_bytes"] / res[0]["skip"]["overlapped"]["stats"]["allreduce_bytes"]
-    rows.append({"lab": lab, "check": "no_sync all-reduces 3x fewer bytes with 3 micro-steps", "ok": abs(saved - 3) < 1e-9,
-                 "detail": f"ratio {saved:.2f}; {secs:.1f} s incl. start-up"})
+        rows.append(check_row(lab, f"accumulation x3 {'with' if skip else 'without'} no_sync == large batch",
+                              lambda skip=skip: accumulation(skip)))
+    rows.append(check_row(lab, "no_sync all-reduces 3x fewer bytes with 3 micro-steps", fewer_bytes))
     return rows

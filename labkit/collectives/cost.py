@@ -1,0 +1,99 @@
+"""The cost of a collective: nccl-tests bandwidths and the latency-bandwidth (alpha-beta) model (pure).
+
+Bandwidth as nccl-tests defines it (NVIDIA/nccl-tests, doc/PERFORMANCE.md)::
+
+    algbw = S / t                      S: bytes of the tensor, t: time of one collective
+    busbw = algbw * 2(n-1)/n           all-reduce
+    busbw = algbw * (n-1)/n            reduce-scatter, all-gather (S: the full, gathered size)
+
+busbw is the rate at which the busiest link carries data, so it can be compared across world sizes
+and with the hardware's peak.
+
+The alpha-beta model: a message of m bytes costs ``alpha + m * beta`` (alpha: latency, seconds;
+beta: seconds per byte). :func:`cost_terms` counts, for each algorithm, the messages and bytes on its
+critical path, so ``predict_time = a * alpha + b * beta``. :func:`fit_alpha_beta` fits alpha and beta
+to measured times (point-to-point ping-pong, or the algorithms themselves) by least squares on
+relative error. The model leaves out the reduction arithmetic and, on a small CPU, the ranks
+competing for cores; the notebook shows where that matters.
+
+"""
+from __future__ import annotations
+
+from .schedules import ALGORITHMS, _check_world_size, _hd_layout
+
+LIBRARY = "library"  # torch.distributed's own all_reduce (gloo's or NCCL's algorithm)
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
+              "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
+MODELLED = ALGORITHMS + ("ring_pipelined", "p2p", "reduce_scatter", "all_gather")
+
+
+def bus_factor(collective: str, world_size: int) -> float:
+    """nccl-tests' busbw / algbw ratio for ``collective`` on ``world_size`` ranks."""
+    if collective not in BUS_FACTOR:
+        raise ValueError(f"unknown collective {collective!r}; pass one of {sorted(BUS_FACTOR)}")
+    return BUS_FACTOR[collective](_check_world_size(world_size))
+
+
+def bandwidths(nbytes: float, seconds: float, collective: str = "all_reduce", world_size: int = 2) -> dict:
+    """``{"algbw": bytes/s, "busbw": bytes/s}`` as nccl-tests computes them."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    algbw = nbytes / seconds
+    return {"algbw": algbw, "busbw": algbw * bus_factor(collective, world_size)}
+
+
+def cost_terms(algorithm: str, nbytes: float, world_size: int) -> tuple[float, float]:
+    """``(a, b)`` such that the alpha-beta model predicts ``a * alpha + b * beta`` seconds."""
+    n = _check_world_size(world_size)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+    S = float(nbytes)
+    if algorithm == "p2p":
+        return 1.0, S
+    if n == 1:
+        return 0.0, 0.0
+    if algorithm == "naive":  # rank 0 receives n-1 tensors one after another, then sends n-1
+        return 2.0 * (n - 1), 2.0 * (n - 1) * S
+    if algorithm == "tree":  # ceil(log2 n) rounds up, as many down, whole tensor each
+        L = (n - 1).bit_length()
+        return 2.0 * L, 2.0 * L * S
+    if algorithm in ("ring", "ring_pipelined"):  # pipelining overlaps the additions, not the transfers
+        return 2.0 * (n - 1), 2.0 * (n - 1) / n * S
+    if algorithm == "ring_unchunked":
+        return float(n - 1), (n - 1) * S
+    if algorithm in ("reduce_scatter", "all_gather"):
+        return float(n - 1), (n - 1) / n * S
+    if algorithm == "halving_doubling":
+        p, r, _, _ = _hd_layout(n)
+        L = p.bit_length() - 1
+        extra = 2.0 if r else 0.0  # fold and unfold move the whole tensor once each
+        return 2.0 * L + extra, 2.0 * (p - 1) / p * S + extra * S
+    raise ValueError(f"no cost model for {algorithm!r}; pass one of {', '.join(MODELLED)} "
+                     f"(the library's own algorithm is not modelled)")
+
+
+def predict_time(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float) -> float:
+    a, b = cost_terms(algorithm, nbytes, world_size)
+    return a * alpha + b * beta
+
+
+def fit_alpha_beta(rows) -> tuple[float, float]:
+    """Least-squares ``(alpha, beta)`` from rows ``{"algorithm", "bytes", "world_size", "seconds"}``,
+    weighting each row by 1/seconds (relative error, so small messages count as much as big ones).
+    Both are kept >= 0."""
+    import numpy as np
+
+    rows = [r for r in rows if r["algorithm"] in MODELLED and r["seconds"] > 0]
+    if len(rows) < 2:
+        raise ValueError("fit_alpha_beta needs at least two timed rows of modelled algorithms "
+                         f"({', '.join(MODELLED)}), e.g. ping-pong at two message sizes")
+    A = np.array([cost_terms(r["algorithm"], r["bytes"], r["world_size"]) for r in rows])
+    t = np.array([r["seconds"] for r in rows])
+    w = 1.0 / t
+    sol, *_ = np.linalg.lstsq(A * w[:, None], t * w, rcond=None)
+    alpha, beta = float(sol[0]), float(sol[1])
+    if alpha < 0 or beta < 0:  # refit with the offending parameter pinned at zero
+        col = 1 if alpha < 0 else 0
+        x = float(np.dot(A[:, col] * w, t * w) / max(np.dot(A[:, col] * w, A[:, col] * w), 1e-300))
+        alpha, beta = (0.0, x) if alpha < 0 else (x, 0.0)
+    return alpha, beta

@@ -1,0 +1,125 @@
+"""Lab 02's plan (pure): which samples each rank reads, how gradients are grouped into buckets, and the
+cost model of one data-parallel step. Nothing here starts a process.
+
+Sharded sampling follows ``DistributedSampler`` exactly (:func:`distributed_shards`); contiguous
+chunks use the same cut as the ring all-reduce (:func:`chunk_ranges`); :func:`plan_buckets` is the
+bucketing rule of :class:`~labkit.ddp.BucketedDDP`; :func:`model_step` predicts a step's timeline
+from the ring all-reduce cost of lab 01 (:func:`labkit.collectives.predict_time`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..collectives import chunk_bounds, predict_time
+
+MB = 2 ** 20  # torch's DDP counts bucket_cap_mb in MiB too
+
+
+# ----------------------------------------------------------------------------- sharded sampling
+def distributed_shards(n: int, world_size: int, epoch: int = 0, *, shuffle: bool = True,
+                       drop_last: bool = False, seed: int = 0) -> list[list[int]]:
+    """The sample indices each rank reads in one epoch, as ``DistributedSampler`` computes them.
+
+    Shuffle the whole dataset with a generator seeded by ``seed + epoch`` (the same on every rank,
+    so no rank needs to talk to another); make the length a multiple of ``world_size`` by padding
+    with the first indices again (``drop_last=False``) or by dropping the tail (``drop_last=True``);
+    then rank ``r`` takes every ``world_size``-th index starting at ``r`` (a strided split).
+    """
+    for name, v in (("n", n), ("world_size", world_size), ("epoch", epoch), ("seed", seed)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if n < 1 or world_size < 1 or epoch < 0:
+        raise ValueError(f"need n >= 1, world_size >= 1 and epoch >= 0, got n={n}, world_size={world_size}, "
+                         f"epoch={epoch}")
+    if drop_last and n < world_size:
+        raise ValueError(f"drop_last=True with {n} samples and {world_size} ranks leaves every rank empty; "
+                         f"use drop_last=False (pads) or fewer ranks")
+    from ..data import shard_indices  # one implementation, tested against DistributedSampler
+
+    return [shard_indices(n, r, world_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+            for r in range(world_size)]
+
+
+def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` blocks of ``n`` samples, one per rank, sizes differing by at most 1.
+
+    This is "data chunking" (数据切块): cut the batch or dataset along the *sample* axis into blocks.
+    """
+    if not isinstance(n, int) or not isinstance(world_size, int):
+        raise TypeError("n and world_size must be ints")
+    if world_size < 1 or n < world_size:
+        raise ValueError(f"cannot cut {n} samples into {world_size} non-empty chunks; pass world_size <= n")
+    return chunk_bounds(n, world_size)  # the same cut the ring all-reduce uses for its chunks
+
+
+def local_shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s equal, contiguous slice of a global batch (its size must divide evenly)."""
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"batch must be a tensor, got {type(batch).__name__}")
+    if batch.shape[0] % world_size:
+        raise ValueError(f"a global batch of {batch.shape[0]} does not split evenly over {world_size} ranks; "
+                         f"pass a batch size that is a multiple of {world_size} (equal shards keep the average "
+                         f"of the local gradients equal to the full-batch gradient)")
+    b = batch.shape[0] // world_size
+    return batch[rank * b:(rank + 1) * b]
+
+
+# ----------------------------------------------------------------------------- buckets and costs
+def plan_buckets(sizes_bytes: Sequence[int], bucket_mb: float) -> list[list[int]]:
+    """Group tensors (given in the order their gradients become ready) into buckets.
+
+    A bucket is closed when adding the next tensor would take it past ``bucket_mb`` MiB; a tensor
+    larger than a bucket gets a bucket of its own. Returns lists of positions into ``sizes_bytes``.
+    """
+    check_bucket_mb(bucket_mb)
+    cap = bucket_mb * MB
+    buckets: list[list[int]] = []
+    cur, cur_bytes = [], 0
+    for i, s in enumerate(sizes_bytes):
+        if cur and cur_bytes + s > cap:
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_bytes += s
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def check_bucket_mb(bucket_mb) -> float:
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
+        raise TypeError(f"bucket_mb must be a number of MiB (e.g. 25 or 0.5), got {type(bucket_mb).__name__}")
+    if not bucket_mb > 0 or math.isinf(bucket_mb):
+        raise ValueError(f"bucket_mb must be a finite number > 0 (MiB per bucket, e.g. 25 as torch's DDP "
+                         f"uses), got {bucket_mb!r}")
+    return float(bucket_mb)
+
+
+def ring_allreduce_seconds(nbytes: float, world_size: int, latency_s: float = 50e-6,
+                           bandwidth: float = 5e9) -> float:
+    """Cost model of a ring all-reduce: 2(n-1) latency hops and 2(n-1)/n * S bytes on each link (lab 01's model)."""
+    return predict_time("ring", nbytes, world_size, latency_s, 1.0 / bandwidth)
+
+
+def model_step(forward_s: float, backward_s: float, grad_bytes: float, bucket_mb: float, world_size: int, *,
+               overlap: bool, latency_s: float = 50e-6, bandwidth: float = 5e9, lane=0) -> tuple[float, list]:
+    """Predicted step time and its timeline for evenly spread gradients (a model, not a measurement).
+
+    Bucket ``i``'s gradients are ready after the fraction ``(i+1)/k`` of backward; all-reduces run
+    one after another; without overlap they all start after backward.
+    """
+    check_bucket_mb(bucket_mb)
+    k = max(1, math.ceil(grad_bytes / (bucket_mb * MB)))
+    per = ring_allreduce_seconds(grad_bytes / k, world_size, latency_s, bandwidth)
+    ev = [{"lane": lane, "kind": "forward", "start": 0.0, "end": forward_s, "label": "F"},
+          {"lane": lane, "kind": "backward", "start": forward_s, "end": forward_s + backward_s, "label": "B"}]
+    free = forward_s + backward_s if not overlap else 0.0
+    for i in range(k):
+        ready = forward_s + backward_s * (i + 1) / k
+        start = max(ready, free)
+        free = start + per
+        ev.append({"lane": lane, "kind": "allreduce", "start": start, "end": free, "label": f"b{i}"})
+    return max(free, forward_s + backward_s), ev

@@ -1,0 +1,85 @@
+"""Lab 04's exercise checks and tour."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..checks import expect_close, expect_equal, run_cases
+from ..tour import check_row
+from .executor import PipelineRun, run_pipeline, speedup_over_naive
+from .reference import max_grad_error, reference_step
+from .schedules import gpipe, one_f_one_b, one_f_one_b_stage, simulate
+from .stages import SleepStages, SplitModel
+
+
+def check_1f1b_order(fn: Callable):
+    """Check a learner's ``fn(stage, p, m)`` against the 1F1B order (actions or strings like "F0")."""
+    def case(stage, p, m):
+        def thunk():
+            got = [str(a) for a in fn(stage, p, m)]
+            expect_equal(got, [str(a) for a in one_f_one_b_stage(stage, p, m)], what=f"stage {stage} of p={p}, m={m}")
+        return (f"stage {stage}, p={p}, m={m}", thunk)
+
+    cases = [case(0, 4, 8), case(3, 4, 8), case(1, 4, 8), case(0, 2, 1), case(0, 4, 2), case(2, 3, 5)]
+    return run_cases("1F1B order of one stage", cases,
+                     hint="warm-up: p - stage - 1 forwards (at most m); then F, B pairs; then the remaining backwards")
+
+
+def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tolerance: float = 0.1):
+    """Check ``fn(p, m) -> idle fraction`` against the theory and, if given, a measured run."""
+    cases = [(f"p={p}, m={m}", (lambda p=p, m=m: expect_close(fn(p, m), simulate(gpipe(p, m))["bubble"],
+                                                               atol=1e-6, what=f"bubble for p={p}, m={m}")))
+             for p, m in ((2, 4), (4, 8), (4, 1), (8, 32), (1, 5))]
+    if run is not None:
+        def measured():
+            pred = fn(run.n_stages, run.n_micro)
+            if abs(pred - run.bubble) > tolerance:
+                raise AssertionError(f"you predict {pred:.3f}, the run measured {run.bubble:.3f} "
+                                     f"(p={run.n_stages}, m={run.n_micro})")
+        cases.append((f"a real run, p={run.n_stages}, m={run.n_micro}, within {tolerance}", measured))
+    return run_cases("bubble prediction", cases,
+                     hint="count time slots: a rank is busy in m of the m+p-1 slots of a pipelined step")
+
+
+def tour(world_size: int = 2) -> list[dict]:
+    """The lab's quick path: schedules without processes, then real runs on ``world_size`` stage ranks."""
+    lab, p = "04 pipeline", world_size
+
+    def simulated():
+        sims = {n: simulate(f(4, 8), 1.0, 2.0) for n, f in (("gpipe", gpipe), ("1f1b", one_f_one_b))}
+        ok = all(abs(s["makespan"] - 11 * 3.0) < 1e-9 for s in sims.values()) and sims["1f1b"]["peak_in_flight"][0] == 4
+        return ok, (f"makespans {[s['makespan'] for s in sims.values()]}, 1F1B rank 0 holds "
+                    f"{sims['1f1b']['peak_in_flight'][0]} micro-batches, GPipe 8")
+
+    torch.manual_seed(0)
+    batch = (torch.randn(10, 32), torch.randn(10, 10))
+    model = SplitModel("mlp", n_stages=p)
+    ref = reference_step(model, p, batch)
+
+    def same_as_one_process(sched):
+        run = run_pipeline(model, p, batch, 3, schedule=sched)
+        err = max_grad_error(run.grads, ref["grads"])
+        return (err < 1e-5 and abs(run.loss - ref["loss"]) < 1e-5,
+                f"max grad error {err:.2g}, loss {run.loss:.5f} vs {ref['loss']:.5f}")
+
+    def speedup():
+        sp = speedup_over_naive(SleepStages(0.01, 0.02, n_stages=p), p, 4, repeats=3)
+        return (sp["speedup"] >= 0.75 * sp["theory"],  # a busy machine loses some to wake-ups
+                f"measured {sp['speedup']:.2f}x = {sp['speedup'] / sp['theory']:.2f} of theory {sp['theory']:.2f} "
+                f"({sp['naive_s'] * 1e3:.0f} ms -> {sp['pipelined_s'] * 1e3:.0f} ms)")
+
+    def memory():
+        data = (torch.randn(8, 4), torch.randn(8, 4))
+        g = run_pipeline(SleepStages(0.0, 0.0, n_stages=p), p, data, 8, "gpipe")
+        o = run_pipeline(SleepStages(0.0, 0.0, n_stages=p), p, data, 8, "1f1b")
+        return (g.peak_live[0] == 8 and o.peak_live[0] == min(p, 8),
+                f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), 1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)")
+
+    rows = [check_row(lab, "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", simulated)]
+    for sched in ("gpipe", "1f1b"):
+        rows.append(check_row(lab, f"{sched} on {p} ranks, m=3 (uneven): gradients == single process",
+                              lambda sched=sched: same_as_one_process(sched)))
+    rows.append(check_row(lab, f"sleeping stages p={p} m=4: 1F1B speed-up over naive vs theory", speedup))
+    rows.append(check_row(lab, f"activations held on rank 0, m=8: GPipe m, 1F1B min(p, m) (measured, p={p})", memory))
+    return rows

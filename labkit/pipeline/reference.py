@@ -1,0 +1,109 @@
+"""The single-process reference of a pipeline step, and the helpers the ranks share with it.
+
+:func:`split_batch` cuts a batch into micro-batches exactly as the ranks do; :func:`reference_step`
+computes the loss and per-stage gradients of the same step in one process (the reference every
+pipeline run is compared with, by :func:`max_grad_error`); :func:`time_in_process` times the stages
+one after another in one process.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _default_loss(out, y):
+    import torch.nn.functional as F
+
+    if y.dtype in (torch.int64, torch.int32):
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+def split_batch(batch, n_micro: int):
+    """Check ``(inputs, targets)`` and cut both into ``n_micro`` micro-batches; return (xs, ys, weights)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"batch must be a pair (inputs, targets) of tensors, got {type(batch).__name__}")
+    x, y = batch
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError("batch must be (inputs, targets) with both torch tensors")
+    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
+        raise ValueError(f"n_micro (m, the number of micro-batches) must be an integer >= 1, got {n_micro!r}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}; pass one target per input row")
+    if x.shape[0] < n_micro:
+        raise ValueError(f"a batch of {x.shape[0]} rows cannot make {n_micro} micro-batches: "
+                         f"pass n_micro <= {x.shape[0]} or a bigger batch")
+    xs, ys = torch.tensor_split(x, n_micro), torch.tensor_split(y, n_micro)
+    return xs, ys, [len(t) / x.shape[0] for t in xs]
+
+
+def _grads(module: nn.Module) -> dict:
+    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)).cpu()
+            for n, p in module.named_parameters()}
+
+
+def reference_step(make_stage: Callable, n_pieces: int, batch, n_micro: int = 1, loss_fn=None) -> dict:
+    """Single process, no pipeline: run all stages in a row and return ``{"loss", "grads"}``.
+
+    With ``n_micro > 1`` the micro-batches are accumulated one after another (needed for models
+    with BatchNorm, whose statistics depend on the micro-batch); for other models any ``n_micro``
+    gives the full batch's gradient.
+    """
+    loss_fn = loss_fn or _default_loss
+    stages = [make_stage(i) for i in range(n_pieces)]
+    xs, ys, ws = split_batch(batch, n_micro)
+    total = 0.0
+    for x, y, w in zip(xs, ys, ws):
+        out = x
+        for st in stages:
+            out = st(out)
+        loss = loss_fn(out, y) * w
+        loss.backward()
+        total += float(loss.detach())
+    return {"loss": total, "grads": [_grads(st) for st in stages]}
+
+
+def time_in_process(make_stage: Callable, n_pieces: int, batch, repeats: int = 3, threads: int = 1,
+                    loss_fn=None, warmup: int = 1) -> float:
+    """Median seconds of one training step (forward + backward) of the whole model in this process.
+
+    The single-device baseline on the CPU: the same stages, run one after another, with ``threads``
+    CPU threads (1 by default, like each pipeline rank), on the whole batch.
+    """
+    loss_fn = loss_fn or _default_loss
+    stages = [make_stage(i) for i in range(n_pieces)]
+    x, y = batch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        for k in range(warmup + repeats):
+            for st in stages:
+                st.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            out = x
+            for st in stages:
+                out = st(out)
+            loss_fn(out, y).backward()
+            if k >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return statistics.median(times)
+
+
+def max_grad_error(run_grads: list, ref_grads: list) -> float:
+    """Largest absolute difference between two per-stage gradient lists (same names)."""
+    err = 0.0
+    if len(run_grads) != len(ref_grads):
+        raise ValueError(f"{len(run_grads)} stages of gradients vs {len(ref_grads)}")
+    for a, b in zip(run_grads, ref_grads):
+        if a.keys() != b.keys():
+            raise ValueError(f"parameter names differ: {sorted(a)} vs {sorted(b)}")
+        for k in a:
+            err = max(err, float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0)
+    return err

@@ -1,0 +1,23 @@
+"""The runtime every lab runs on (lab 00).
+
+- ``launcher``: :func:`launch` and :class:`Pool` start N real rank processes (gloo on CPU, NCCL with one
+  GPU per rank), collect their results, echo their output, and turn a failing or hanging rank into a
+  clear error; ``_worker`` is one rank.
+- ``torchrun``: the same lab function under ``torchrun`` (``python -m labkit run module:function``).
+- ``doctor``: what this machine can run (``labkit.doctor()``, ``python -m labkit doctor``).
+- ``lab``: ``hello`` and the start-here tour; ``bench``: cold launch vs pooled re-run latency.
+"""
+from .launcher import (  # noqa: F401
+    Context,
+    LaunchError,
+    LaunchTimeout,
+    Pool,
+    RankError,
+    Results,
+    choose_backend,
+    launch,
+    shutdown_pools,
+)
+
+__all__ = ["Context", "LaunchError", "LaunchTimeout", "Pool", "RankError", "Results", "choose_backend", "launch",
+           "shutdown_pools"]

@@ -1,0 +1,92 @@
+"""Lab 00 (start here): the rank function the first notebook and ``python -m labkit run`` use, and the tour.
+
+``hello`` is the smallest real job: every rank prints, then all ranks all-reduce their rank numbers.
+``tour(world_size)`` checks a real launch, a pooled re-run, and the shared data helpers.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..data import (labelled_split, load_digits, semi_supervised_targets, shard_indices,
+                    train_test_split_digits)
+from ..tour import check_row
+from .launcher import Pool
+
+
+def hello(ctx):
+    """Every rank says hello, then all ranks all-reduce their rank numbers (the result is 0+1+...+(n-1))."""
+    import torch
+    import torch.distributed as dist
+
+    print(f"hello from rank {ctx.rank} of {ctx.world_size} on {ctx.device} ({ctx.backend})")
+    t = torch.tensor([float(ctx.rank)], device=ctx.device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def tour(world_size: int = 2) -> list[dict]:
+    """The start-here lab's quick path: a real launch and all-reduce, a pooled re-run, then the data helpers."""
+    expected = world_size * (world_size - 1) / 2
+    state = {}
+
+    def first():
+        t0 = time.perf_counter()
+        got = state["pool"].run(hello, timeout=120)
+        state["got"] = list(got)
+        return list(got) == [expected] * world_size, f"got {list(got)}, {time.perf_counter() - t0:.1f} s incl. start-up"
+
+    def again():
+        t0 = time.perf_counter()
+        got = state["pool"].run(hello, timeout=60)
+        return list(got) == state.get("got"), f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
+
+    with Pool(world_size, quiet=True, echo=False) as pool:
+        state["pool"] = pool
+        rows = [check_row("00 start here", f"{world_size}-rank all-reduce of ranks = {expected:g}", first),
+                check_row("00 start here", "pooled re-run gives the same result", again)]
+    return rows + _data_rows()
+
+
+def _data_rows() -> list[dict]:
+    """Quick self-checks of the shared data helpers (no processes, no network, about a second)."""
+    from torch.utils.data import DistributedSampler
+
+    rows = []
+
+    def check(name, fn):
+        rows.append(check_row("00 data", name, fn))
+
+    def digits():
+        X, y = load_digits()
+        Xi, _ = load_digits(as_="images")
+        ok = X.shape == (1797, 64) and tuple(Xi.shape) == (1797, 1, 8, 8) and 0 <= X.min() and X.max() <= 1
+        return ok, f"X {X.shape} in [{X.min():.0f}, {X.max():.0f}], images {tuple(Xi.shape)}, {len(set(y))} classes"
+
+    def sharding():
+        cases = 0
+        for n in (10, 17):
+            for w in (2, 3, 4):
+                for drop_last in (False, True):
+                    for epoch in (0, 1):
+                        for r in range(w):
+                            s = DistributedSampler(range(n), num_replicas=w, rank=r, seed=3, drop_last=drop_last)
+                            s.set_epoch(epoch)
+                            if shard_indices(n, r, w, seed=3, epoch=epoch, drop_last=drop_last) != list(s):
+                                return False, f"differs at n={n}, world={w}, rank={r}, drop_last={drop_last}"
+                            cases += 1
+        return True, f"{cases} (n, world, rank, drop_last, epoch) cases identical"
+
+    def labelled():
+        _, _, ytr, _ = train_test_split_digits(0.5, seed=0)
+        lab, unlab = labelled_split(ytr, 5, seed=0)
+        counts = np.bincount(ytr[lab], minlength=10)
+        y_semi = semi_supervised_targets(ytr, 5, seed=0)
+        ok = (counts == 5).all() and len(lab) + len(unlab) == len(ytr) and (y_semi == -1).sum() == len(unlab)
+        return ok, f"{len(lab)} labelled (5 per class), {len(unlab)} unlabelled (-1)"
+
+    check("digits: (1797, 64) arrays and (1797, 1, 8, 8) images", digits)
+    check("shard_indices == DistributedSampler", sharding)
+    check("labelled_split: K=5 per class, rest -1", labelled)
+    return rows
