@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("slides", help="build the lecture decks into reveal.js HTML (try slides --help)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
-    r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello")
+    r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello_rank")
     r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
     r.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
     r.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])

@@ -121,7 +121,7 @@ def expect_equal(actual, expected, *, what: str = "value") -> None:
 
 
 # ----------------------------------------------------------------------------- lab 00
-def _max_and_sum(ctx):
+def _max_and_sum_rank(ctx):
     import torch
     import torch.distributed as dist
 
@@ -134,7 +134,7 @@ def _max_and_sum(ctx):
 
 def start_here_prediction(predict, world_sizes=(1, 2, 3, 4)) -> CheckResult:
     """Lab 00 exercise: ``predict(world_size) -> (max, sum)`` after each rank r contributes r + 1."""
-    from .launcher import launch
+    from .runtime import launch
 
     def case(n):
         def thunk():
@@ -143,7 +143,7 @@ def start_here_prediction(predict, world_sizes=(1, 2, 3, 4)) -> CheckResult:
                 g_max, g_sum = guess
             except (TypeError, ValueError):
                 raise AssertionError(f"return a pair (max_value, sum_value), got {guess!r}")
-            got = launch(_max_and_sum, n, pool=True, echo=False)[0]
+            got = launch(_max_and_sum_rank, n, pool=True, echo=False)[0]
             expect_close(g_max, got[0], what=f"max with {n} ranks")
             expect_close(g_sum, got[1], what=f"sum with {n} ranks")
         return thunk

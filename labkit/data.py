@@ -30,11 +30,11 @@ from __future__ import annotations
 import math
 import operator
 import os
-import pickle
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ._validate import check_choice, check_int
 
 __all__ = [
     "load_digits", "train_test_split_digits", "labelled_split", "semi_supervised_targets",
@@ -46,21 +46,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- input checks
-def _check_int(name: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
-    return value
-
-
 def _as_label_array(y: Any) -> np.ndarray:
     if hasattr(y, "detach"):
         y = y.detach().cpu().numpy()
@@ -110,7 +95,7 @@ def load_digits(as_: str = "arrays", scale: bool = True):
          float32 tensor (for convolutions) and ``y`` an int64 tensor.
     scale: divide the pixel values (0..16) by 16, so they lie in [0, 1].
     """
-    _check_choice("as_", as_, ("arrays", "tensors", "images"))
+    check_choice("as_", as_, ("arrays", "tensors", "images"))
     data, target = _read_digits()
     X = data.astype(np.float32)
     if scale:
@@ -133,8 +118,8 @@ def train_test_split_digits(test_size: float = 0.5, seed: int = 0, as_: str = "a
 
     if not isinstance(test_size, (float, int)) or isinstance(test_size, bool) or not 0 < test_size < 1:
         raise ValueError(f"test_size must be a fraction strictly between 0 and 1 (e.g. 0.5), got {test_size!r}")
-    seed = _check_int("seed", seed, 0)
-    _check_choice("as_", as_, ("arrays", "tensors", "images"))
+    seed = check_int("seed", seed, minimum=0)
+    check_choice("as_", as_, ("arrays", "tensors", "images"))
     X, y = load_digits("arrays", scale=scale)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
     out = []
@@ -157,8 +142,8 @@ def labelled_split(y, k_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.n
     ``range(len(y))`` once. The same ``seed`` gives the same split.
     """
     y = _as_label_array(y)
-    k = _check_int("k_per_class", k_per_class, 1)
-    seed = _check_int("seed", seed, 0)
+    k = check_int("k_per_class", k_per_class, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
     if y.size == 0:
         raise ValueError("y is empty: pass the labels of the samples to split")
     classes, counts = np.unique(y, return_counts=True)
@@ -196,11 +181,11 @@ def two_moons(n: int = 200, noise: float = 0.1, seed: int = 0, as_: str = "array
     """Two interleaving half circles (scikit-learn's ``make_moons``): ``X`` (n, 2) float32, ``y`` in {0, 1}."""
     from sklearn.datasets import make_moons
 
-    n = _check_int("n", n, 2)
+    n = check_int("n", n, minimum=2)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
         raise ValueError(f"noise must be a standard deviation >= 0 (e.g. 0.1), got {noise!r}")
-    _check_choice("as_", as_, ("arrays", "tensors"))
-    X, y = make_moons(n_samples=n, noise=float(noise), random_state=_check_int("seed", seed, 0))
+    check_choice("as_", as_, ("arrays", "tensors"))
+    X, y = make_moons(n_samples=n, noise=float(noise), random_state=check_int("seed", seed, minimum=0))
     return _finish(X, y, as_)
 
 
@@ -209,14 +194,14 @@ def blobs(n: int = 300, centers: int = 3, seed: int = 0, cluster_std: float = 1.
     """Gaussian blobs (scikit-learn's ``make_blobs``): ``X`` (n, n_features) float32, ``y`` the blob index."""
     from sklearn.datasets import make_blobs
 
-    n = _check_int("n", n, 1)
-    centers = _check_int("centers", centers, 1)
-    n_features = _check_int("n_features", n_features, 1)
+    n = check_int("n", n, minimum=1)
+    centers = check_int("centers", centers, minimum=1)
+    n_features = check_int("n_features", n_features, minimum=1)
     if not isinstance(cluster_std, (int, float)) or isinstance(cluster_std, bool) or cluster_std <= 0:
         raise ValueError(f"cluster_std must be a positive number (e.g. 1.0), got {cluster_std!r}")
-    _check_choice("as_", as_, ("arrays", "tensors"))
+    check_choice("as_", as_, ("arrays", "tensors"))
     X, y = make_blobs(n_samples=n, centers=centers, n_features=n_features, cluster_std=float(cluster_std),
-                      random_state=_check_int("seed", seed, 0))
+                      random_state=check_int("seed", seed, minimum=0))
     return _finish(X, y, as_)
 
 
@@ -250,12 +235,12 @@ class RandomImages(_TorchDataset):
     """
 
     def __init__(self, n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10, seed: int = 0):
-        self.n = _check_int("n", n, 0)
+        self.n = check_int("n", n, minimum=0)
         if isinstance(shape, (int, np.integer)) or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
             raise ValueError(f"shape must be a tuple of positive ints such as (3, 32, 32), got {shape!r}")
         self.shape = tuple(int(s) for s in shape)
-        self.classes = _check_int("classes", classes, 1)
-        self.seed = _check_int("seed", seed, 0)
+        self.classes = check_int("classes", classes, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
 
     def __len__(self) -> int:
         return self.n
@@ -285,7 +270,7 @@ def random_images(n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10,
     ``as_="tensors"`` materialises the same items as ``X`` (n, *shape) float32 and ``y`` (n,) int64."""
     import torch
 
-    _check_choice("as_", as_, ("tensors", "dataset"))
+    check_choice("as_", as_, ("tensors", "dataset"))
     ds = RandomImages(n, shape, classes, seed)
     if as_ == "dataset":
         return ds
@@ -329,12 +314,12 @@ def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True, seed
     """
     import torch
 
-    n = _check_int("n", n, 0)
-    world_size = _check_int("world_size", world_size, 1)
-    rank = _check_int("rank", rank, 0)
+    n = check_int("n", n, minimum=0)
+    world_size = check_int("world_size", world_size, minimum=1)
+    rank = check_int("rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1} for world_size={world_size}, got {rank}")
-    seed, epoch = _check_int("seed", seed), _check_int("epoch", epoch, 0)
+    seed, epoch = check_int("seed", seed), check_int("epoch", epoch, minimum=0)
     # drop_last: floor(n / w) each (torch writes it ceil((n - w) / w)); else ceil(n / w) each
     per_rank = n // world_size if drop_last else math.ceil(n / world_size)
     total = per_rank * world_size
@@ -365,216 +350,6 @@ def shard_arrays(X, y, rank: int, world_size: int, **kwargs):
     return np.asarray(X)[idx], np.asarray(y)[idx]
 
 
-# --------------------------------------------------------------------------- torchvision datasets
-class DatasetError(RuntimeError):
-    """A downloadable dataset could not be used; the message says what to do."""
-
-
-class DatasetUnavailable(DatasetError):
-    """The files are not on disk and could not (or may not) be downloaded."""
-
-
-class DatasetCorrupt(DatasetError):
-    """Files are on disk but do not match the published checksums or the expected format."""
-
-
-TORCHVISION_DATASETS = {
-    # key: (torchvision class name, channels, image size, train size, test size)
-    "mnist": ("MNIST", 1, 28, 60_000, 10_000),
-    "fashion-mnist": ("FashionMNIST", 1, 28, 60_000, 10_000),
-    "cifar10": ("CIFAR10", 3, 32, 50_000, 10_000),
-}
-_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10",
-            "cifar_10": "cifar10"}
-
-
-def _dataset_key(name: Any) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string such as 'mnist', got {type(name).__name__}")
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in TORCHVISION_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: pass one of {', '.join(map(repr, TORCHVISION_DATASETS))} "
-                         f"(or use load_digits() for the offline digits)")
-    return key
-
-
-def _tv_class(key: str):
-    import torchvision.datasets as tvd
-
-    return getattr(tvd, TORCHVISION_DATASETS[key][0])
-
-
-def data_root(root: str | os.PathLike | None = None) -> Path:
-    """Where datasets live: ``root`` if given, else ``$LABKIT_DATA``, else the repository's ``datasets/``
-    (or ``~/.cache/labkit/datasets`` when labkit is installed outside a checkout)."""
-    if root is not None:
-        if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"root must be a folder path (str or Path), got {type(root).__name__}")
-        return Path(root).expanduser()
-    if os.environ.get("LABKIT_DATA"):
-        return Path(os.environ["LABKIT_DATA"]).expanduser()
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "labkit").is_dir():
-        return repo / "datasets"
-    return Path.home() / ".cache" / "labkit" / "datasets"
-
-
-def expected_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
-    """The unpacked files torchvision reads for ``name`` (train and test together)."""
-    key, root = _dataset_key(name), data_root(root)
-    cls = _tv_class(key)
-    if key == "cifar10":
-        folder = root / cls.base_folder
-        names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        return [folder / f for f in names]
-    folder = root / cls.__name__ / "raw"
-    return [folder / f[: -len(".gz")] for f, _ in cls.resources]
-
-
-def _archives(key: str, root: Path) -> list[tuple[Path, str | None, str]]:
-    """(archive path, md5, url) of what torchvision downloads for ``key``."""
-    cls = _tv_class(key)
-    if key == "cifar10":
-        return [(root / cls.filename, cls.tgz_md5, cls.url)]
-    raw = root / cls.__name__ / "raw"
-    return [(raw / f, md5, cls.mirrors[0] + f) for f, md5 in cls.resources]
-
-
-def _md5(path: Path) -> str:
-    from torchvision.datasets.utils import calculate_md5
-
-    return calculate_md5(str(path))
-
-
-def _unpack_local_archives(key: str, root: Path, verify: bool) -> None:
-    """Unpack archives someone put on disk by hand (no network involved)."""
-    from torchvision.datasets.utils import extract_archive
-
-    files = expected_files(key, root)
-    for archive, md5, _ in _archives(key, root):
-        if not archive.is_file():
-            continue
-        targets = files if key == "cifar10" else [archive.with_suffix("")]
-        if all(t.is_file() for t in targets):
-            continue
-        if verify and md5 and _md5(archive) != md5:
-            raise DatasetCorrupt(f"{archive} does not match torchvision's md5 checksum ({md5}). Delete it and "
-                                 f"download it again; if you made it yourself (e.g. for a test), pass verify=False.")
-        extract_archive(str(archive), str(archive.parent))
-
-
-def _unavailable_message(key: str, root: Path, missing: list[Path], why: str) -> str:
-    cls_name = TORCHVISION_DATASETS[key][0]
-    lines = [f"{cls_name} is not in {root} ({len(missing)} file(s) missing, e.g. {missing[0]}) and {why}.",
-             "To use it without a network, download these files elsewhere and put them here:"]
-    for archive, _, url in _archives(key, root):
-        lines.append(f"  {archive}   <- {url}")
-    lines.append("labkit unpacks them itself on the next call. Or pass root=... / set $LABKIT_DATA to a folder "
-                 "that already holds them.")
-    lines.append("Meanwhile labkit.data.load_digits() works offline (scikit-learn ships the digits).")
-    return "\n".join(lines)
-
-
-def _make_dataset(key: str, root: Path, train: bool, verify: bool, download: bool):
-    cls = _tv_class(key)
-    if key == "cifar10" and not verify:
-        # torchvision's reader with its checksums switched off: check_integrity(path, None) only
-        # checks that a file exists. The archive's checksum still applies to a download.
-        cls = type("UncheckedCIFAR10", (cls,), {
-            "train_list": [[f, None] for f, _ in cls.train_list],
-            "test_list": [[f, None] for f, _ in cls.test_list],
-            "meta": {**cls.meta, "md5": None},
-        })
-    return cls(root=str(root), train=train, download=download)
-
-
-def load_torchvision(name: str, root: str | os.PathLike | None = None, train: bool = True,
-                     download: bool | None = None, verify: bool = True, as_: str = "tensors",
-                     limit: int | None = None):
-    """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, from disk first, downloading if allowed.
-
-    name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
-    root: the folder holding datasets (default :func:`data_root`: ``$LABKIT_DATA`` or ``<repo>/datasets``).
-    download: ``None`` downloads missing files unless ``$LABKIT_OFFLINE`` is set; ``True`` always may;
-        ``False`` never touches the network.
-    verify: check CIFAR-10's files (and any archive) against torchvision's md5 checksums.
-    as_: ``"tensors"`` -> ``X`` (N, C, H, W) float32 in [0, 1] and ``y`` (N,) int64;
-         ``"dataset"`` -> the torchvision dataset object (PIL images, for transforms).
-    limit: keep only the first ``limit`` samples (tensors only), to save memory and time.
-
-    Raises :class:`DatasetUnavailable` (with the files to put where by hand) when the files are
-    missing and cannot be downloaded, :class:`DatasetCorrupt` when files on disk are damaged.
-    """
-    import torch
-
-    key = _dataset_key(name)
-    _check_choice("as_", as_, ("tensors", "dataset"))
-    for what, v in (("train", train), ("verify", verify)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{what} must be True or False, got {v!r}")
-    if download is not None and not isinstance(download, bool):
-        raise TypeError(f"download must be None (automatic), True or False, got {download!r}")
-    if limit is not None:
-        limit = _check_int("limit", limit, 1)
-        if as_ != "tensors":
-            raise ValueError("limit only applies to as_='tensors'; for a dataset use torch.utils.data.Subset")
-    root = data_root(root)
-
-    if root.is_dir():
-        _unpack_local_archives(key, root, verify)
-    missing = [p for p in expected_files(key, root) if not p.is_file()]
-    fetched = False
-    if missing:
-        offline = os.environ.get("LABKIT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
-        if download is False or (download is None and offline):
-            why = ("download=False was passed" if download is False
-                   else "$LABKIT_OFFLINE is set, so labkit did not try to download it")
-            raise DatasetUnavailable(_unavailable_message(key, root, missing, why))
-        from urllib.error import URLError
-
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            ds = _make_dataset(key, root, train, verify, download=True)
-            fetched = True
-        except (URLError, OSError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise DatasetUnavailable(_unavailable_message(
-                key, root, [p for p in missing if not p.is_file()],
-                f"the download failed ({type(e).__name__}: {first})")) from e
-    if not fetched:
-        if key == "cifar10" and verify:
-            cls = _tv_class(key)
-            sums = dict(cls.train_list + cls.test_list)
-            sums[cls.meta["filename"]] = cls.meta["md5"]
-            bad = [p.name for p in expected_files(key, root) if _md5(p) != sums[p.name]]
-            if bad:
-                raise DatasetCorrupt(
-                    f"CIFAR-10 files in {root / cls.base_folder} do not match torchvision's md5 checksums: "
-                    f"{', '.join(bad)}. Delete the folder to download it again; if you made these files "
-                    f"yourself (e.g. for a test), pass verify=False.")
-        try:
-            ds = _make_dataset(key, root, train, verify, download=False)
-        except (AssertionError, ValueError, TypeError, KeyError, EOFError, OSError, RuntimeError,
-                pickle.UnpicklingError) as e:
-            raise DatasetCorrupt(f"{TORCHVISION_DATASETS[key][0]} files in {root} could not be read "
-                                 f"({type(e).__name__}: {e}). Delete them and download again.") from e
-    if as_ == "dataset":
-        return ds
-    data = ds.data[:limit] if limit else ds.data
-    targets = ds.targets[:limit] if limit else ds.targets
-    if key == "cifar10":  # numpy (N, 32, 32, 3) uint8 -> (N, 3, 32, 32)
-        X = torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
-    else:  # torch (N, 28, 28) uint8 -> (N, 1, 28, 28)
-        X = torch.as_tensor(data).unsqueeze(1)
-    return X.to(torch.float32).div_(255.0), torch.as_tensor(np.asarray(targets), dtype=torch.int64)
-
-
-def local_datasets(root: str | os.PathLike | None = None) -> list[dict]:
-    """Which downloadable datasets are already unpacked under ``root`` (no network, no checksums)."""
-    root = data_root(root)
-    rows = []
-    for key, (cls_name, c, hw, n_train, n_test) in TORCHVISION_DATASETS.items():
-        files = expected_files(key, root)
-        rows.append({"dataset": key, "present": all(p.is_file() for p in files), "folder": str(files[0].parent),
-                     "shape": f"{c}x{hw}x{hw}", "train": n_train, "test": n_test})
-    return rows
+# the downloadable datasets live in their own module; they are part of this one's API
+from .torchvision_data import (TORCHVISION_DATASETS, DatasetCorrupt, DatasetError, DatasetUnavailable,  # noqa: E402
+                               data_root, expected_files, load_torchvision, local_datasets)

@@ -21,6 +21,9 @@ are loaded with plain ``<script>`` tags instead of through require.js and jQuery
 an offline deck needs nothing but the reveal.js folder; and a figure's alt text comes from its
 cell's ``metadata.alt``. MathJax still comes from its CDN; offline,
 formulas show as their TeX source.
+
+This module is long because it carries the page template (about 70 lines of HTML) next to the
+build and its command line.
 """
 from __future__ import annotations
 

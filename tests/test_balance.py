@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from labkit import balance as B
-from labkit import balance_run as R
+from labkit import balance as R
+from labkit.balance import lab as L
 
 
 # ----------------------------------------------------------------------------- partitioners
@@ -41,8 +42,8 @@ def test_known_optimum_and_edge_cases():
 
 
 def test_greedy_split_is_not_exact():
-    greedy = B.greedy_split(B.EXERCISE_COSTS, 3)
-    best = B.min_max_partition(B.EXERCISE_COSTS, 3)
+    greedy = B.greedy_split(L.EXERCISE_COSTS, 3)
+    best = B.min_max_partition(L.EXERCISE_COSTS, 3)
     assert greedy.bottleneck > best.bottleneck  # 22 vs 19: why the solver is exact, not greedy
 
 
@@ -55,7 +56,7 @@ def test_fits_agrees_with_the_optimum():
         opt = B.brute_force_partition(costs, k).bottleneck
         assert B.fits(costs, k, opt)
         assert not B.fits(costs, k, opt - 0.5)
-    assert B.check_fits(B.fits).passed
+    assert L.check_fits(B.fits).passed
 
 
 def test_cuts_sizes_even():
@@ -63,9 +64,13 @@ def test_cuts_sizes_even():
     assert B.sizes_to_cuts([4, 2]) == [4]
     assert B.sizes_to_cuts(B.cuts_to_sizes([2, 5, 7], 9)) == [2, 5, 7]
     assert B.even_cuts(11, 2) == [6] and B.even_cuts(6, 3) == [2, 4] and B.even_cuts(5, 1) == []
-    from labkit.sliced import balance_from_boundaries
+    from labkit.pipeline import SplitModel
 
-    assert balance_from_boundaries([3, 7], 10) == B.cuts_to_sizes([3, 7], 10)  # same convention as labkit.sliced
+    # one "even" rule for labs 03-05: the small ResNet (11 layers) in 3 stages is cut at [4, 8] by lab 04's
+    # SplitModel and by lab 05's even baseline alike (they used to disagree: [4, 7] and [4, 8])
+    for k in range(1, 12):
+        assert SplitModel("small", n_stages=k).cuts == B.even_cuts(11, k)
+    assert B.even_cuts(11, 3) == [4, 8] and B.cuts_to_sizes([4, 8], 11) == [4, 4, 3]
 
 
 def test_memory_balance_uses_param_scale_and_micro_batches():
@@ -187,7 +192,7 @@ def test_even_and_balanced_resnet_pipelines_equal_the_single_process():
     assert all(len(r["measured_stage_ms"]) == 2 and r["predicted_step_ms"] > 0 for r in cmp.rows)
     x, y = R.micro_sample("small", 4, 1), torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2))
     for name, cuts in cmp.splits.items():
-        ref = reference_step(SplitModel("small", boundaries=cuts), 2, (x, y), 2)
+        ref = reference_step(SplitModel("small", cuts=cuts), 2, (x, y), 2)
         run = cmp.runs[name]
         assert run.loss == pytest.approx(ref["loss"], abs=1e-5), name
         assert max_grad_error(run.grads, ref["grads"]) < 1e-4, name
@@ -211,17 +216,17 @@ def test_sleeping_pipeline_balanced_beats_even_as_predicted():
 
 # ----------------------------------------------------------------------------- exercises and tour
 def test_exercise_checks():
-    best = B.min_max_partition(B.EXERCISE_COSTS, B.EXERCISE_STAGES)
-    assert B.check_hand_split(best.cuts).passed
-    assert B.check_hand_split(lambda: best.cuts).passed
-    assert not B.check_hand_split(B.even_cuts(len(B.EXERCISE_COSTS), 3)).passed
-    assert not B.check_hand_split([5, 2]).passed
-    stub = B.check_hand_split(lambda: (_ for _ in ()).throw(NotImplementedError()))
+    best = B.min_max_partition(L.EXERCISE_COSTS, L.EXERCISE_STAGES)
+    assert L.check_hand_split(best.cuts).passed
+    assert L.check_hand_split(lambda: best.cuts).passed
+    assert not L.check_hand_split(B.even_cuts(len(L.EXERCISE_COSTS), 3)).passed
+    assert not L.check_hand_split([5, 2]).passed
+    stub = L.check_hand_split(lambda: (_ for _ in ()).throw(NotImplementedError()))
     assert not stub.attempted and not stub.passed
-    assert not B.check_fits(lambda costs, k, limit: True).passed
-    assert not B.check_fits(lambda c, k, lim: (_ for _ in ()).throw(NotImplementedError())).attempted
+    assert not L.check_fits(lambda costs, k, limit: True).passed
+    assert not L.check_fits(lambda c, k, lim: (_ for _ in ()).throw(NotImplementedError())).attempted
 
 
 def test_tour_pure_part():
-    rows = B.tour(measured=False)
+    rows = L.tour(measured=False)
     assert rows and all(r["ok"] for r in rows), rows

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import labkit
-from labkit import envcheck as doctor_mod
+from labkit.runtime import doctor as doctor_mod
 from labkit.tour import LABS, run_tour
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,7 +35,7 @@ def test_doctor_cli_exit_codes():
                         cwd=REPO, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = subprocess.run(
-        [sys.executable, "-c", "import sys, labkit.envcheck as d; d.NEEDED.append('labkit_no_such_module');"
+        [sys.executable, "-c", "import sys, labkit.runtime.doctor as d; d.NEEDED.append('labkit_no_such_module');"
                                "from labkit.__main__ import main; sys.exit(main(['doctor', '--no-backends']))"],
         capture_output=True, text=True, cwd=REPO, timeout=120)
     assert broken.returncode == 1 and "labkit_no_such_module" in broken.stdout
@@ -46,11 +46,22 @@ def test_tour_start_here_quick_path():
     assert rows and all(r["result"] == "ok" for r in rows), rows
 
 
-def test_every_lab_module_has_a_tour():
+def test_every_lab_has_a_tour_and_its_bench_a_main():
     import importlib
+    import inspect
 
-    for lab, mod in LABS:
-        assert callable(getattr(importlib.import_module(mod), "tour", None)), f"{mod} has no tour()"
+    from labkit.__main__ import BENCHES
+
+    for lab in LABS:
+        tour = getattr(importlib.import_module(f"{lab.package}.lab"), "tour", None)
+        assert callable(tour), f"{lab.package}.lab has no tour()"
+        assert "world_size" in inspect.signature(tour).parameters, f"{lab.package}.lab.tour ignores world_size"
+        if lab.bench:
+            assert callable(importlib.import_module(f"{lab.package}.bench").main), lab.package
+            assert BENCHES[lab.bench] == f"{lab.package}.bench"
+        if lab.notebook:
+            assert os.path.exists(os.path.join(REPO, "notebooks", lab.notebook)), lab.notebook
+    assert sorted(BENCHES) == sorted(lab.bench for lab in LABS if lab.bench)
 
 
 def test_tour_rejects_unknown_lab():
@@ -66,7 +77,7 @@ def test_bench_launch_prints_table_with_ratio():
 
 
 def test_doctor_function_survives_repeated_calls():
-    # the module is labkit.envcheck, so importing it never replaces the labkit.doctor function
+    # the module is labkit.runtime.doctor, so importing it never replaces the labkit.doctor function
     assert labkit.doctor(backends=False, echo=False).ok
     assert callable(labkit.doctor) and labkit.doctor(backends=False, echo=False).ok
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import labkit
-from labkit.launcher import LaunchError, LaunchTimeout, Pool, RankError, choose_backend
+from labkit.runtime.launcher import LaunchError, LaunchTimeout, Pool, RankError, choose_backend
 
 pytestmark = pytest.mark.timeout(180)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def my_workers():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
-            if b"labkit._worker" not in cmd:
+            if b"labkit.runtime._worker" not in cmd:
                 continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = f.read().split(b"\0")
@@ -184,7 +184,7 @@ def test_keyboard_interrupt_stops_every_rank(tmp_path):
     os.kill(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert "INTERRUPTED" in out, err
-    leftover = subprocess.run(["pgrep", "-f", f"labkit._worker"], capture_output=True, text=True).stdout.split()
+    leftover = subprocess.run(["pgrep", "-f", "labkit.runtime._worker"], capture_output=True, text=True).stdout.split()
     for pid in leftover:  # none of the leftovers may be children of the interrupted script
         try:
             env = open(f"/proc/{pid}/environ", "rb").read()
@@ -226,7 +226,7 @@ def test_shared_pool_via_launch():
 
 
 def test_bad_input_gives_clear_errors():
-    with pytest.raises(ValueError, match="world_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
         labkit.launch(rank_info, 0)
     with pytest.raises(ValueError, match="backend must be"):
         labkit.launch(rank_info, 2, backend="mpi")
@@ -252,7 +252,7 @@ def test_same_function_under_torchrun():
     if not os.path.exists(torchrun):
         pytest.skip("torchrun is not installed next to this Python")
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "labkit", "run", "labkit.tour:hello"],
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "labkit", "run", "labkit.runtime.lab:hello_rank"],
                        capture_output=True, text=True, timeout=150, env=env, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "rank 0: 1.0" in p.stdout and "rank 1: 1.0" in p.stdout
@@ -260,7 +260,7 @@ def test_same_function_under_torchrun():
 
 
 def test_cli_run_without_torchrun():
-    p = subprocess.run([sys.executable, "-m", "labkit", "run", "labkit.tour:hello", "-n", "2"],
+    p = subprocess.run([sys.executable, "-m", "labkit", "run", "labkit.runtime.lab:hello_rank", "-n", "2"],
                        capture_output=True, text=True, timeout=150, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "rank 1: 1.0" in p.stdout

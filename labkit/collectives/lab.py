@@ -214,7 +214,7 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
         def thunk():
             if n not in runs:
                 try:
-                    runs[n] = launch(_ring_check_rank, world_size=n, args=(fn, tuple(numels), tuple(dtypes)),
+                    runs[n] = launch(_ring_check_rank, world_size=n, kwargs=dict(fn=fn, numels=tuple(numels), dtypes=tuple(dtypes)),
                                      timeout=timeout, pool=True, echo=False)
                 except Exception as e:  # keep the failure for this world size's other cases
                     runs[n] = e

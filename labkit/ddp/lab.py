@@ -231,7 +231,7 @@ def check_average_hook(hook, world_size: int = 2, timeout: float = 60):
 
     def case(n):
         def thunk():
-            res = launch(_hook_trial_rank, world_size=n, args=(hook,), pool=True, echo=False, timeout=timeout)
+            res = launch(_hook_trial_rank, world_size=n, kwargs=dict(hook=hook), pool=True, echo=False, timeout=timeout)
             if any(r.get("not_implemented") for r in res):
                 raise NotImplementedError
             worst = max(r["error"] for r in res)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .._validate import check_int
 from ..collectives import chunk_bounds, predict_time
 
 MB = 2 ** 20  # torch's DDP counts bucket_cap_mb in MiB too
@@ -28,12 +29,8 @@ def distributed_shards(n: int, world_size: int, epoch: int = 0, *, shuffle: bool
     with the first indices again (``drop_last=False``) or by dropping the tail (``drop_last=True``);
     then rank ``r`` takes every ``world_size``-th index starting at ``r`` (a strided split).
     """
-    for name, v in (("n", n), ("world_size", world_size), ("epoch", epoch), ("seed", seed)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if n < 1 or world_size < 1 or epoch < 0:
-        raise ValueError(f"need n >= 1, world_size >= 1 and epoch >= 0, got n={n}, world_size={world_size}, "
-                         f"epoch={epoch}")
+    n, world_size = check_int("n", n, minimum=1), check_int("world_size", world_size, minimum=1)
+    epoch, seed = check_int("epoch", epoch, minimum=0), check_int("seed", seed)
     if drop_last and n < world_size:
         raise ValueError(f"drop_last=True with {n} samples and {world_size} ranks leaves every rank empty; "
                          f"use drop_last=False (pads) or fewer ranks")
@@ -48,9 +45,8 @@ def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
 
     This is "data chunking" (数据切块): cut the batch or dataset along the *sample* axis into blocks.
     """
-    if not isinstance(n, int) or not isinstance(world_size, int):
-        raise TypeError("n and world_size must be ints")
-    if world_size < 1 or n < world_size:
+    n, world_size = check_int("n", n, minimum=0), check_int("world_size", world_size, minimum=1)
+    if n < world_size:
         raise ValueError(f"cannot cut {n} samples into {world_size} non-empty chunks; pass world_size <= n")
     return chunk_bounds(n, world_size)  # the same cut the ring all-reduce uses for its chunks
 

@@ -37,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from .._validate import check_int
 from .reference import _default_loss, _grads, split_batch
 from .schedules import SCHEDULES, bubble_fraction, ideal_speedup, make_schedule, n_chunks
 
@@ -308,14 +309,11 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
     if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     schedule = schedule.lower()
-    if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
-        raise ValueError(f"n_stages must be an integer >= 1 (one rank per stage), got {n_stages!r}")
+    n_stages = check_int("n_stages (one rank per stage)", n_stages, minimum=1)
     if not callable(make_stage):
         raise TypeError(f"make_stage must be a function i -> nn.Module, got {type(make_stage).__name__}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+    repeats = check_int("repeats", repeats, minimum=1)
+    warmup = check_int("warmup", warmup, minimum=0)
     split_batch(batch, n_micro)  # clear errors here rather than on every rank
     sched = make_schedule(schedule, n_stages, n_micro, chunks)
     v = n_chunks(sched)

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._validate import check_int
+
 
 def _default_loss(out, y):
     import torch.nn.functional as F
@@ -30,8 +32,7 @@ def split_batch(batch, n_micro: int):
     x, y = batch
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise TypeError("batch must be (inputs, targets) with both torch tensors")
-    if isinstance(n_micro, bool) or not isinstance(n_micro, int) or n_micro < 1:
-        raise ValueError(f"n_micro (m, the number of micro-batches) must be an integer >= 1, got {n_micro!r}")
+    n_micro = check_int("n_micro (m, the number of micro-batches)", n_micro, minimum=1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}; pass one target per input row")
     if x.shape[0] < n_micro:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .._validate import check_int
+
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
 
 
@@ -42,8 +44,7 @@ class Action(NamedTuple):
 
 def _check_pm(p, m, name_p="n_stages"):
     for name, v in ((name_p, p), ("n_micro", m)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_int(name, v, minimum=1)
 
 
 def naive(p: int, m: int = 1) -> list[list[Action]]:
@@ -69,8 +70,7 @@ def one_f_one_b_stage(stage: int, p: int, m: int) -> list[Action]:
     then pairs ``F(w + k), B(k)``, then the remaining backwards.
     """
     _check_pm(p, m)
-    if not isinstance(stage, int) or not 0 <= stage < p:
-        raise ValueError(f"stage must be an integer in [0, {p - 1}] for p={p} stages, got {stage!r}")
+    check_int("stage", stage, minimum=0, maximum=p - 1, hint=f"p={p} stages")
     warm = min(p - stage - 1, m)
     out = [Action("F", i) for i in range(warm)]
     for k in range(m - warm):
@@ -92,8 +92,7 @@ def interleaved(p: int, m: int, v: int = 2) -> list[list[Action]]:
     ``(p - 1) / (v m)`` of the ideal time at the price of ``v`` times more messages. Needs ``m % p == 0``.
     """
     _check_pm(p, m)
-    if not isinstance(v, int) or v < 1:
-        raise ValueError(f"chunks v must be an integer >= 1, got {v!r}")
+    check_int("chunks v", v, minimum=1)
     if m % p:
         raise ValueError(f"the interleaved schedule needs n_micro to be a multiple of n_stages ({p}); "
                          f"got n_micro={m}: pass n_micro={p * max(1, round(m / p))} or use schedule='1f1b'")

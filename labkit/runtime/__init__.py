@@ -5,7 +5,7 @@
   clear error; ``_worker`` is one rank.
 - ``torchrun``: the same lab function under ``torchrun`` (``python -m labkit run module:function``).
 - ``doctor``: what this machine can run (``labkit.doctor()``, ``python -m labkit doctor``).
-- ``lab``: ``hello`` and the start-here tour; ``bench``: cold launch vs pooled re-run latency.
+- ``lab``: ``hello_rank`` and the start-here tour; ``bench``: cold launch vs pooled re-run latency.
 """
 from .launcher import (  # noqa: F401
     Context,

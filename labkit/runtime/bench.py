@@ -11,7 +11,7 @@ import statistics
 import time
 
 
-def trivial(ctx):
+def trivial_rank(ctx):
     import torch
     import torch.distributed as dist
 
@@ -26,14 +26,14 @@ def measure(world_size: int, cold_runs: int, warm_runs: int) -> dict:
     cold = []
     for _ in range(cold_runs):
         t0 = time.perf_counter()
-        launch(trivial, world_size, echo=False, quiet=True)
+        launch(trivial_rank, world_size, echo=False, quiet=True)
         cold.append(time.perf_counter() - t0)
     warm = []
     with Pool(world_size, quiet=True, echo=False) as pool:
-        pool.run(trivial)  # start-up, not counted
+        pool.run(trivial_rank)  # start-up, not counted
         for _ in range(warm_runs):
             t0 = time.perf_counter()
-            pool.run(trivial)
+            pool.run(trivial_rank)
             warm.append(time.perf_counter() - t0)
     c, w = statistics.median(cold), statistics.median(warm)
     return {"ranks": world_size, "cold launch (s)": c, "pooled run (ms)": w * 1e3,

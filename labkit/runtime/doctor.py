@@ -60,7 +60,7 @@ class Report:
         return self.text()
 
 
-def _allreduce(ctx):
+def _allreduce_rank(ctx):
     import torch
     import torch.distributed as dist
 
@@ -75,7 +75,7 @@ def _check_backend(report: Report, backend: str, world_size: int, needed: bool) 
     expected = world_size * (world_size + 1) / 2
     t0 = time.perf_counter()
     try:
-        got = launch(_allreduce, world_size, backend=backend, timeout=120, echo=False, quiet=True)
+        got = launch(_allreduce_rank, world_size, backend=backend, timeout=120, echo=False, quiet=True)
         ok = list(got) == [expected] * world_size
         report.add(f"{backend} all-reduce, {world_size} ranks", ok,
                    f"got {list(got)} in {time.perf_counter() - t0:.1f} s (expected {expected:g} on every rank)",

@@ -1,6 +1,6 @@
 """Lab 00 (start here): the rank function the first notebook and ``python -m labkit run`` use, and the tour.
 
-``hello`` is the smallest real job: every rank prints, then all ranks all-reduce their rank numbers.
+``hello_rank`` is the smallest real job: every rank prints, then all ranks all-reduce their rank numbers.
 ``tour(world_size)`` checks a real launch, a pooled re-run, and the shared data helpers.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..tour import check_row
 from .launcher import Pool
 
 
-def hello(ctx):
+def hello_rank(ctx):
     """Every rank says hello, then all ranks all-reduce their rank numbers (the result is 0+1+...+(n-1))."""
     import torch
     import torch.distributed as dist
@@ -33,23 +33,23 @@ def tour(world_size: int = 2) -> list[dict]:
 
     def first():
         t0 = time.perf_counter()
-        got = state["pool"].run(hello, timeout=120)
+        got = state["pool"].run(hello_rank, timeout=120)
         state["got"] = list(got)
         return list(got) == [expected] * world_size, f"got {list(got)}, {time.perf_counter() - t0:.1f} s incl. start-up"
 
     def again():
         t0 = time.perf_counter()
-        got = state["pool"].run(hello, timeout=60)
+        got = state["pool"].run(hello_rank, timeout=60)
         return list(got) == state.get("got"), f"{(time.perf_counter() - t0) * 1e3:.1f} ms"
 
     with Pool(world_size, quiet=True, echo=False) as pool:
         state["pool"] = pool
         rows = [check_row("00 start here", f"{world_size}-rank all-reduce of ranks = {expected:g}", first),
                 check_row("00 start here", "pooled re-run gives the same result", again)]
-    return rows + _data_rows()
+    return rows + data_rows()
 
 
-def _data_rows() -> list[dict]:
+def data_rows() -> list[dict]:
     """Quick self-checks of the shared data helpers (no processes, no network, about a second)."""
     from torch.utils.data import DistributedSampler
 

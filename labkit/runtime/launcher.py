@@ -21,6 +21,9 @@ and every child process is killed (each rank runs in its own process group).
 
 A :class:`Pool` keeps the ranks (and their process group) alive between jobs, so re-running a
 small experiment from a widget costs milliseconds instead of seconds.
+
+This module is long because the pool, its event loop and its clean-up are one state machine over the
+same rank processes and pipes; split up, each half would need the other's internals.
 """
 from __future__ import annotations
 
@@ -38,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
+
+from .._validate import check_int
 
 DEFAULT_TIMEOUT = 120.0
 START_TIMEOUT = 180.0
@@ -102,8 +107,7 @@ class Results(list):
 
 def choose_backend(world_size: int, backend: str = "auto") -> tuple[str, str]:
     """Return ``(backend, reason)`` for ``world_size`` ranks on this machine."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    world_size = check_int("world_size", world_size, minimum=1)
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
     import torch
@@ -158,8 +162,7 @@ class Pool:
     def __init__(self, world_size: int = 2, backend: str = "auto", threads: int = 1,
                  echo: bool = True, quiet: bool = False, start_timeout: float = START_TIMEOUT):
         self.backend, self.reason = choose_backend(world_size, backend)
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be an integer >= 1 (threads per rank), got {threads!r}")
+        threads = check_int("threads", threads, minimum=1, hint="threads per rank")
         self.world_size, self.threads = world_size, threads
         self.echo, self.quiet, self.start_timeout = echo, quiet, start_timeout
         self._ranks: list[_Rank] = []

@@ -1,8 +1,8 @@
 """Run a lab function under ``torchrun`` (one node or many, Slurm included), unchanged.
 
-    torchrun --standalone --nproc-per-node=2 -m labkit run labkit.runtime.lab:hello
+    torchrun --standalone --nproc-per-node=2 -m labkit run labkit.runtime.lab:hello_rank
     torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
-        -m labkit run labkit.runtime.lab:hello
+        -m labkit run labkit.runtime.lab:hello_rank
 
 ``torchrun`` sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT;
 this entry point joins the process group from them (``env://``), builds the same :class:`Context`
@@ -21,7 +21,7 @@ from typing import Any, Callable
 def resolve(spec: str) -> Callable:
     """``"package.module:function"`` -> the function (a clear error when it is not there)."""
     if ":" not in spec:
-        raise ValueError(f"expected 'module:function' (for example 'labkit.runtime.lab:hello'), got {spec!r}")
+        raise ValueError(f"expected 'module:function' (for example 'labkit.runtime.lab:hello_rank'), got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
     try:
         mod = importlib.import_module(mod_name)

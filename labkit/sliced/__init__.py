@@ -7,10 +7,11 @@
   rank over send/recv), both equal to the unsliced model.
 - ``channels``: tensor (channel) parallelism — column- and row-parallel conv and linear layers, a
   tensor-parallel conv block, and the source article's ``SplitConvBlock`` reproduced (it does not run).
+- ``article``: the source article's ``SplitConvBlock`` as published (it does not run), and its error.
 - ``lab``: exercise checks and the tour.
 """
-from .channels import (COMM_BYTES, ArticleSplitConvBlock, ColumnParallel, RowParallel, TensorParallelConvBlock,
-                       article_block_error, channel_rank, conv_block, copy_to_ranks, gather_channels,
+from .article import ArticleSplitConvBlock, article_block_error
+from .channels import (COMM_BYTES, ColumnParallel, RowParallel, TensorParallelConvBlock, channel_rank, conv_block, copy_to_ranks, gather_channels,
                        reduce_from_ranks, row_parallel_reference, run_channel_checks, scatter_channels, shard_layer)
 from .models import (MODEL_NAMES, SmallResNet, build_model, candidate_cuts, flatten_resnet, input_shape_for,
                      param_bytes, saved_bytes, small_resnet, split_costs, split_stages)

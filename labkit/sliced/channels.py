@@ -27,12 +27,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._validate import check_int
 from .models import saved_bytes
 
 __all__ = [
     "copy_to_ranks", "reduce_from_ranks", "gather_channels", "scatter_channels", "shard_layer",
-    "ColumnParallel", "RowParallel", "conv_block", "TensorParallelConvBlock", "ArticleSplitConvBlock",
-    "article_block_error", "channel_rank", "run_channel_checks", "row_parallel_reference",
+    "ColumnParallel", "RowParallel", "conv_block", "TensorParallelConvBlock",
+    "channel_rank", "run_channel_checks", "row_parallel_reference",
 ]
 
 
@@ -143,8 +144,7 @@ def _check_layer(layer):
 
 
 def _check_rank(rank, world):
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world size must be a positive integer, got {world!r}")
+    world = check_int("world size", world, minimum=1)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
 
@@ -266,60 +266,6 @@ class TensorParallelConvBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The source article's block, reproduced as published (source-article-zh.md), and why it fails
-# ---------------------------------------------------------------------------------------------
-class ArticleSplitConvBlock(nn.Module):
-    """Verbatim from the source article (only ``super()`` shortened). It does not run: see
-    :func:`article_block_error`."""
-
-    def __init__(self, inplanes, planes, split_ratio):
-        super().__init__()
-        assert isinstance(split_ratio, float), 'Split ratio must be float.'
-        mid_planes = int(inplanes * split_ratio)
-        self.left_branch = nn.Sequential(
-            nn.Conv2d(inplanes, mid_planes, kernel_size=1, bias=False),
-            nn.BatchNorm2d(mid_planes),
-            nn.ReLU(),
-            nn.Conv2d(mid_planes, planes, kernel_size=3, padding=1, groups=mid_planes),
-            nn.BatchNorm2d(planes),
-            nn.ReLU()
-        )
-        self.right_branch = nn.Sequential(
-            nn.Conv2d(inplanes, planes, kernel_size=3, padding=1),
-            nn.BatchNorm2d(planes),
-            nn.ReLU()
-        )
-
-    def forward(self, x):
-        left = self.left_branch(x[:, :self.left_branch[-2].out_channels])
-        right = self.right_branch(x[:, self.left_branch[-2].out_channels:])
-        return torch.cat([left, right], dim=1)
-
-
-def article_block_error(inplanes: int = 64, planes: int = 64, patched: bool = False) -> str:
-    """Run the article's block on a small input and return the error it raises, as text.
-
-    ``patched=True`` first repairs the obvious typo (``[-2]`` is a BatchNorm, which has no
-    ``out_channels``; ``[-3]`` is the conv) to show the second, deeper error: the branches are
-    given channel slices of ``x`` but their first convolutions were built for all of ``x``.
-    Returns ``"no error"`` if it runs (it does not).
-    """
-    blk = ArticleSplitConvBlock(inplanes, planes, 0.5)
-    x = torch.randn(2, inplanes, 8, 8)
-    try:
-        if patched:
-            k = blk.left_branch[-3].out_channels
-            left = blk.left_branch(x[:, :k])
-            right = blk.right_branch(x[:, k:])
-            torch.cat([left, right], dim=1)
-        else:
-            blk(x)
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0]}"
-    return "no error"
-
-
-# ---------------------------------------------------------------------------------------------
 # Distributed equivalence checks and measurements
 # ---------------------------------------------------------------------------------------------
 def _pbytes(m):
@@ -414,8 +360,7 @@ def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float =
     and rank 0's parameter and activation bytes as a fraction of the unsplit layer's."""
     import labkit
 
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    world_size = check_int("world_size", world_size, minimum=1)
     res = labkit.launch(channel_rank, world_size=world_size, kwargs=kw, pool=pool, timeout=timeout, echo=False)
     rows = []
     for i, c0 in enumerate(res[0]["cases"]):

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..checks import expect_close, expect_equal, run_cases
 from ..tour import check_row
-from .channels import article_block_error, run_channel_checks
+from .article import article_block_error
+from .channels import run_channel_checks
 from .models import build_model, flatten_resnet, input_shape_for, small_resnet, split_costs, split_stages
 from .stages import StagedModel, run_staged
 

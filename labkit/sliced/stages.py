@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._validate import check_int
 from ..partition import check_cuts
 from .models import build_model, flatten_resnet, input_shape_for, param_bytes, saved_bytes, split_stages
 
@@ -180,15 +181,13 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
     """
     import labkit
 
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    batch = check_int("batch", batch, minimum=1)
     n_layers = len(flatten_resnet(build_model(model, seed) if isinstance(model, str) else model))
     b = check_cuts(cuts, n_layers)
     g = torch.Generator().manual_seed(seed + 1)
     shape = input_shape_for(model, batch) if isinstance(model, str) else (batch, 3, 32, 32)
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"image_size must be an integer >= 8 (pixels per side), got {image_size!r}")
+        image_size = check_int("image_size (pixels per side)", image_size, minimum=8)
         shape = (batch, 3, image_size, image_size)
     x = torch.randn(*shape, generator=g)
     if isinstance(model, str):

@@ -1,5 +1,5 @@
 """Load balancing, measured: predicted vs measured stage times, and real pipeline steps of even and
-balanced splits of a ResNet (the pure partitioners and the profiler are in :mod:`labkit.balance`).
+balanced splits of a ResNet (the exact solvers are in :mod:`.solvers`, the profiler in :mod:`.profile`).
 
     cmp = compare_splits(model="small", k=2, batch=16, m=4)   # profiles, solves, measures, runs
     cmp.table()          # per split: cuts, predicted / measured stage ms, predicted / measured step ms
@@ -17,15 +17,16 @@ Three numbers per split, from cheap to real:
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .balance import (LayerProfile, as_layers, balance_by_memory, balance_by_time, check_cuts, even_cuts,
-                      gpipe_timeline, memory_costs, profile_layers, sleep_layers, stage_sums)
+from .._validate import check_int
+from ..partition import check_cuts, even_cuts, stage_ranges, stage_sums
+from .profile import LayerProfile, as_layers, balance_by_time, profile_layers, sleep_layers
+from .solvers import gpipe_timeline
 
-__all__ = ["lab_model", "micro_sample", "measure_stages", "compare_splits", "sleep_pipeline", "Comparison", "tour_measured"]
+__all__ = ["lab_model", "micro_sample", "measure_stages", "compare_splits", "sleep_pipeline", "Comparison"]
 
 MODELS = ("small", "resnet18", "mlp")
 
@@ -37,15 +38,14 @@ def lab_model(name: str = "small", seed: int = 0) -> torch.nn.Sequential:
     """
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    from .pipeline import SplitModel
+    from ..pipeline import SplitModel
 
     return SplitModel(name, n_stages=1, seed=seed).full()
 
 
 def micro_sample(model: str, rows: int, seed: int = 0) -> torch.Tensor:
     """A random input batch of ``rows`` rows shaped for ``model`` (32x32 images, or 32 features for the MLP)."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+    rows = check_int("rows", rows, minimum=1)
     g = torch.Generator().manual_seed(seed)
     shape = (rows, 32) if model == "mlp" else (rows, 3, 32, 32)
     return torch.randn(*shape, generator=g)
@@ -125,10 +125,8 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
     profile and the stage measurements run (default: ``cuda`` when there is a GPU, where the pipeline's
     NCCL ranks run too, else ``cpu``).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k (stages, one rank each) must be an int >= 1, got {k!r}")
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (micro-batches) must be an int >= 1, got {m!r}")
+    k = check_int("k (stages, one rank each)", k, minimum=1)
+    m = check_int("m (micro-batches)", m, minimum=1)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < m:
         raise ValueError(f"batch must be an int >= m={m} (every micro-batch needs a row), got {batch!r}")
     if batch % m:
@@ -155,14 +153,14 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
         stages = measure_stages(layers, cuts, micro, repeats=stage_repeats)
         f, b = [s.forward_ms for s in stages], [s.backward_ms for s in stages]
         step_ms, events = gpipe_timeline(f, b, m)
-        row = {"split": name, "cuts": cuts, "sizes": [len(x) for x in _edges(cuts, len(layers))],
+        row = {"split": name, "cuts": cuts, "sizes": [len(x) for x in stage_ranges(cuts, len(layers))],
                "predicted_stage_ms": stage_sums(times, cuts),
                "measured_stage_ms": [s.time_ms for s in stages], "predicted_step_ms": step_ms}
         cmp.predicted_events[name] = events
         if pipeline:
-            from .pipeline import SplitModel, run_pipeline
+            from ..pipeline import SplitModel, run_pipeline
 
-            run = run_pipeline(SplitModel(model, boundaries=cuts, seed=seed), k, (x_full, y_full), m,
+            run = run_pipeline(SplitModel(model, cuts=cuts, seed=seed), k, (x_full, y_full), m,
                                schedule=schedule, repeats=repeats, timeout=timeout, pool=True)
             cmp.runs[name] = run
             row["pipeline_step_ms"] = run.seconds * 1e3
@@ -180,7 +178,7 @@ def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), k: int = 2, m: int = 4, 
     machine: the cleanest way to see the slowest stage set the pace. Measured stage times are
     each rank's busy time (forward + backward) divided by ``m``.
     """
-    from .pipeline import SplitModel, run_pipeline
+    from ..pipeline import SplitModel, run_pipeline
 
     costs = [f * (1 + backward_ratio) for f in forward_ms]
     n = len(costs)
@@ -194,47 +192,12 @@ def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), k: int = 2, m: int = 4, 
         f = stage_sums(list(forward_ms), cuts)
         step_ms, events = gpipe_timeline(f, [v * backward_ratio for v in f], m)
         cmp.predicted_events[name] = events
-        run = run_pipeline(SplitModel(build, boundaries=cuts), k, (x, y), m, schedule="gpipe", repeats=repeats,
+        run = run_pipeline(SplitModel(build, cuts=cuts), k, (x, y), m, schedule="gpipe", repeats=repeats,
                            timeout=timeout, pool=True)
         cmp.runs[name] = run
-        cmp.rows.append({"split": name, "cuts": cuts, "sizes": [len(r) for r in _edges(cuts, n)],
+        cmp.rows.append({"split": name, "cuts": cuts, "sizes": [len(r) for r in stage_ranges(cuts, n)],
                          "predicted_stage_ms": stage_sums(costs, cuts),
                          "measured_stage_ms": [b * 1e3 / m for b in run.busy], "predicted_step_ms": step_ms,
                          "pipeline_step_ms": run.seconds * 1e3, "samples_per_s": 2 * m / run.seconds,
                          "loss": run.loss})
     return cmp
-
-
-def _edges(cuts, n):
-    e = [0, *cuts, n]
-    return [range(a, b) for a, b in zip(e, e[1:])]
-
-
-def tour_measured() -> list[dict]:
-    """Quick path: sleeping layers give the known optimum; a 2-rank pipeline of the balanced split is exact."""
-    rows = []
-    t0 = time.perf_counter()
-    prof = profile_layers(sleep_layers([10, 20, 30, 40, 50, 60]), torch.zeros(2, 3), repeats=1, warmup=0)
-    split = balance_by_time(prof, 2)
-    rows.append({"lab": "05 load balancing", "check": "layers sleeping 10..60 ms -> 2 stages of [4, 2] layers",
-                 "ok": split.sizes == [4, 2],
-                 "detail": f"sizes {split.sizes}, stages {[round(c) for c in split.stage_costs]} ms "
-                           f"({time.perf_counter() - t0:.1f} s)"})
-    from .pipeline import SplitModel, max_grad_error, reference_step, run_pipeline
-
-    layers = lab_model("small")
-    micro = micro_sample("small", 4)
-    prof = profile_layers(layers, micro, repeats=2)
-    cuts = balance_by_time(prof, 2).cuts
-    mem = balance_by_memory(memory_costs(prof), 2)
-    x, y = micro_sample("small", 8, 1), torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(2))
-    make = SplitModel("small", boundaries=cuts)
-    run = run_pipeline(make, 2, (x, y), 2, schedule="gpipe", timeout=120, pool=False)
-    ref = reference_step(make, 2, (x, y), 2)
-    err = max_grad_error(run.grads, ref["grads"])
-    rows.append({"lab": "05 load balancing",
-                 "check": f"time-balanced ResNet split {cuts}, 2-rank GPipe == single process",
-                 "ok": err < 1e-4 and abs(run.loss - ref["loss"]) < 1e-5,
-                 "detail": f"max grad err {err:.1e}; memory balance would cut at {mem.cuts}; "
-                           f"step {run.seconds * 1e3:.0f} ms"})
-    return rows

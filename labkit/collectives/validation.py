@@ -1,0 +1,79 @@
+"""What the collectives check before they communicate: the tensor, the op, the log, and that every rank
+passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check)."""
+from __future__ import annotations
+
+import zlib
+
+from .schedules import OPS
+
+
+def _op_name(op) -> str:
+    if isinstance(op, str):
+        name = {"average": "avg", "mean": "avg"}.get(op.lower(), op.lower())
+        if name in OPS:
+            return name
+    else:
+        import torch.distributed as dist
+
+        for name, ro in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("avg", dist.ReduceOp.AVG)):
+            if op == ro:
+                return name
+    raise ValueError(f"unsupported reduction op {op!r}; pass 'sum', 'max' or 'avg' (or dist.ReduceOp.SUM/MAX/AVG)")
+
+
+def _check_tensor(tensor, what: str = "tensor"):
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}; wrap data with torch.tensor(...)")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{what} is not contiguous (a transposed or strided view); pass tensor.contiguous() "
+                         f"and copy the result back if you need it in the original view")
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"{what} has dtype {tensor.dtype}; pass a real numeric tensor (float32, float64, int64, ...)")
+    return tensor
+
+
+def ranks_agree(values, group=None, device=None) -> bool:
+    """True when every rank passed the same list of integers (one MAX and one MIN all-reduce).
+
+    The one "same on every rank" check of the course: the collectives use it for shapes and dtypes,
+    the DDP wrappers for the model's signature. Every rank gets the same answer, so all of them can
+    raise together instead of one hanging.
+    """
+    import torch
+    import torch.distributed as dist
+
+    hi = torch.tensor(list(values), dtype=torch.int64, device=device)
+    lo = hi.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    return bool(torch.equal(hi, lo))
+
+
+def _check_same_everywhere(tensor, what: str = "tensor") -> None:
+    """Ranks passing different tensors get a clear error on every rank instead of a hang or garbage."""
+    import torch
+    import torch.distributed as dist
+
+    code = zlib.crc32(str(tensor.dtype).encode())  # the same number for the same dtype on every rank
+    if tensor.dim() > 14:
+        raise ValueError(f"{what} has {tensor.dim()} dimensions; flatten it to at most 14 first")
+    desc = [0] * 16
+    desc[0], desc[1] = code, tensor.dim()
+    desc[2:2 + tensor.dim()] = list(tensor.shape)
+    if ranks_agree(desc, device=tensor.device):
+        return
+    mine = torch.tensor(desc, dtype=torch.int64, device=tensor.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)  # only on disagreement, to say which rank had what
+    if any(not torch.equal(d[1:], everyone[0][1:]) for d in everyone):
+        shapes = {r: tuple(d[2:2 + int(d[1])].tolist()) for r, d in enumerate(everyone)}
+        raise ValueError(f"{what} shapes differ across ranks: {shapes}; every rank must pass a tensor of the same shape")
+    raise ValueError(f"{what} dtypes differ across ranks (this rank has {tensor.dtype}); every rank must pass the "
+                     f"same dtype")
+
+
+def _check_log(log) -> None:
+    if log is not None and not isinstance(log, list):
+        raise TypeError(f"log must be a list (pass log=[] to record messages) or None, got {type(log).__name__}")
