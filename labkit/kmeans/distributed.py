@@ -131,6 +131,9 @@ def centroid_update(X_local: torch.Tensor, labels_local: torch.Tensor, centers: 
     """
     import torch.distributed as dist
 
+    from .estimator import _guard
+
+    _guard("centroid_update", "the centroid update")
     k, d = centers.shape
     packed = torch.zeros(k, d + 1, dtype=X_local.dtype, device=X_local.device)
     packed[:, :d].index_add_(0, labels_local, X_local)

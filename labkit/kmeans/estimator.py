@@ -41,11 +41,37 @@ import torch
 
 from .._validate import ArgumentError, check_choice, check_finite, check_int, check_number
 
-__all__ = ["KMeans", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
+__all__ = ["KMeans", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
            "as_tensor", "resolve_device", "default_chunk_size"]
 
 CHUNK_ELEMENTS = 1 << 22  # distances held at once: 4 Mi numbers (16 MiB in float32)
 CHUNK_ROWS = 8192         # rows per chunk in the Lloyd loop (cache-sized on a CPU)
+
+
+# ----------------------------------------------------------------------------- exercise guard
+_FORBIDDEN: set[str] = set()
+
+
+class forbid:
+    """``with forbid("assign"):`` makes labkit's own version of an exercise raise (checks use it, so an
+    answer that calls the library instead of writing the step fails with a clear message)."""
+
+    def __init__(self, *names):
+        self.names = set(names)
+
+    def __enter__(self):
+        self.added = self.names - _FORBIDDEN
+        _FORBIDDEN.update(self.added)
+        return self
+
+    def __exit__(self, *exc):
+        _FORBIDDEN.difference_update(self.added)
+
+
+def _guard(name: str, what: str):
+    if name in _FORBIDDEN:
+        raise AssertionError(f"this exercise asks you to write {what} yourself; calling labkit's own "
+                             f"version is not allowed here")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -101,6 +127,7 @@ def assign(X: torch.Tensor, centers: torch.Tensor, chunk_size: int | None = None
     most ``CHUNK_ELEMENTS`` distances in memory); ties go to the lower centre index (``argmin``).
     Squared distances are clamped at 0 (rounding can make them slightly negative).
     """
+    _guard("assign", "the assignment step")
     n, k = X.shape[0], centers.shape[0]
     chunk = chunk_size or default_chunk_size(n, k)
     c_sq = (centers * centers).sum(1)
@@ -129,7 +156,8 @@ def cluster_sums(X: torch.Tensor, labels: torch.Tensor, k: int, weights: torch.T
 
 
 def _assign_pass(X, centers, chunk, x_sq):
-    """Labels and squared distances, with the dense [sums | counts] when asked (see :func:`_local_sums`)."""
+    """Labels and squared distances to the nearest centre, chunk by chunk (the loop's assignment)."""
+    _guard("assign", "the assignment step")
     n = X.shape[0]
     c_sq = (centers * centers).sum(1).unsqueeze(0)
     labels = torch.empty(n, dtype=torch.int64, device=X.device)
@@ -145,6 +173,7 @@ def _assign_pass(X, centers, chunk, x_sq):
 def _full_sums(X, labels, k, chunk, weights=None):
     """This process's [sums | counts] (k, d + 1) from scratch: per chunk ``onehot(labels)^T @ X_chunk``
     (a small matrix product: faster on a CPU than a scatter-add of every row)."""
+    _guard("centroid_update", "the centroid update")
     n, d = X.shape
     packed = torch.zeros(k, d + 1, dtype=X.dtype, device=X.device)
     sums = packed[:, :d]
@@ -190,6 +219,7 @@ def kmeans_plusplus(X, n_clusters: int, random_state=None, sample_weight=None, n
     lowers the potential ``sum weight * D^2`` the most. Uses ``np.random.RandomState(random_state)``
     exactly as scikit-learn does, so the indices match ``sklearn.cluster.kmeans_plusplus`` in float64.
     """
+    _guard("assign", "the assignment step")
     X = X if isinstance(X, torch.Tensor) else as_tensor(X, dtype=torch.float64)
     n = X.shape[0]
     k = check_int("n_clusters", n_clusters, minimum=1, maximum=n,
@@ -269,6 +299,7 @@ def lloyd(X: torch.Tensor, centers: torch.Tensor, max_iter: int = 300, tol_abs: 
     cluster); ``comm.all_reduce_`` adds them over the ranks as one ``k x (d + 1)`` tensor; empty clusters are relocated; the centres
     move to sums / counts. Stops when the squared shift summed over clusters is ``<= tol_abs``.
     """
+    _guard("centroid_update", "the centroid update")
     comm = comm or LocalComm()
     n, d = X.shape
     k = centers.shape[0]
@@ -404,6 +435,7 @@ class KMeans:
 
     def predict(self, X) -> np.ndarray:
         """The nearest fitted centre of every row of ``X``."""
+        _guard("assign", "the assignment step")
         X, C = self._fitted(X)
         m = X.mean(0)
         return assign(X - m, C - m, self.chunk_size)[0].cpu().numpy()
@@ -413,6 +445,7 @@ class KMeans:
 
     def transform(self, X) -> np.ndarray:
         """Euclidean distances (not squared) from every row of ``X`` to every centre: (n, k)."""
+        _guard("assign", "the assignment step")
         X, C = self._fitted(X)
         return torch.cdist(X, C).cpu().numpy()
 
