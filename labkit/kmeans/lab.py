@@ -155,7 +155,7 @@ def check_centroid_update(fn, world_sizes=(2, 3)) -> "CheckResult":
         def thunk():
             X, labels, C = _update_case_data(seed)
             got = launch(centroid_update_rank, ws, kwargs={"fn": fn, "X": X, "labels": labels, "centers": C},
-                         echo=False, timeout=120)
+                         echo=False, timeout=120, pool=True)
             want = reference_update(X, labels, C)
             for g in got:
                 if isinstance(g, str):
@@ -207,8 +207,8 @@ def moons_experiment(seeds=range(3), n: int = 400, noise: float = 0.08, k_per_cl
             r = cluster_then_label(X, ys, k, y_true=y, random_state=s, unlabelled_clusters="nearest")
             rows.append({"method": f"cluster-then-label, k={k}", "seed": s,
                          "accuracy": float((r.y_pseudo[unl] == y[unl]).mean())})
-        ls = LabelSpreading(kernel="knn", n_neighbors=10, alpha=0.2, max_iter=200).fit(X, ys)
-        rows.append({"method": "label spreading (kNN graph)", "seed": s,
+        ls = LabelSpreading(kernel="rbf", gamma=20.0, alpha=0.99, max_iter=1000).fit(X, ys)
+        rows.append({"method": "label spreading (RBF)", "seed": s,
                      "accuracy": float((ls.transduction_[unl] == y[unl]).mean())})
     return rows
 
@@ -231,14 +231,14 @@ def tour(world_size: int = 2) -> list[dict]:
         return rel < 1e-9 and (local.labels_ == sk.labels_).all(), f"inertia ratio - 1 = {rel:.1e}, {local.n_iter_} iterations"
 
     def distributed():
-        res = launch(fit_rank, world_size, kwargs={"X": X, "init": init, "dtype": "float64"}, echo=False)
+        res = launch(fit_rank, world_size, kwargs={"X": X, "init": init, "dtype": "float64"}, echo=False, pool=True)
         same = (gather_labels(res) == local.labels_).all()
         err = float(np.abs(res[0]["centers"] - local.cluster_centers_).max())
         return same and err < 1e-12, f"{world_size} ranks: same labels {same}, max centre error {err:.1e}, " \
                                      f"{res[0]['numbers_per_iter']} numbers all-reduced per iteration"
 
     def parallel_init():
-        res = launch(kmeans_parallel_rank, world_size, kwargs={"X": X, "n_clusters": 10}, echo=False)
+        res = launch(kmeans_parallel_rank, world_size, kwargs={"X": X, "n_clusters": 10}, echo=False, pool=True)
         C = res[0]["centers"]
         ok = C.shape == (10, 64) and np.isfinite(C).all() and len(np.unique(C.round(9), axis=0)) == 10 \
             and all(np.array_equal(C, r["centers"]) for r in res)
