@@ -84,7 +84,7 @@ def test_estimator_conventions(digits):
 
 def test_chunk_size_does_not_change_the_result(digits):
     a = KMeans(10, random_state=0, dtype="float64").fit(digits)
-    b = KMeans(10, random_state=0, dtype="float64", chunk_size=7).fit(digits)
+    b = KMeans(10, random_state=0, dtype="float64", chunk_size=97).fit(digits)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     X, C = torch.as_tensor(digits), torch.as_tensor(a.cluster_centers_)
     lab, d2 = assign(X, C, chunk_size=13)
@@ -149,7 +149,7 @@ def test_cluster_then_label_bad_targets():
 
 
 # ----------------------------------------------------------------------------- distributed = one process
-@pytest.mark.parametrize("ws", [2, 3])
+@pytest.mark.parametrize("ws", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_distributed_float64_equals_one_process(digits, ws):
     init = kmeans_plusplus(torch.as_tensor(digits), 10, 0)[0].numpy()
     local = KMeans(10, init=init, dtype="float64").fit(digits)
@@ -224,6 +224,7 @@ def test_cluster_then_label_is_instrumented():
     assert near.n_left == 0
 
 
+@pytest.mark.slow
 def test_cluster_then_label_beats_supervised_only_on_digits():
     from labkit import semisup
 

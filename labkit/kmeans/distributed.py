@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_int, check_number
-from .estimator import (LocalComm, as_tensor, assign, kmeans_plusplus, lloyd, resolve_dtype)
+from .estimator import as_tensor, kmeans_plusplus, resolve_dtype
+from .lloyd import LocalComm, assign, lloyd
 
 __all__ = ["DistComm", "shard_bounds", "shard", "fit_distributed", "DistributedResult", "kmeans_parallel",
            "centroid_update", "world"]
@@ -131,7 +132,7 @@ def centroid_update(X_local: torch.Tensor, labels_local: torch.Tensor, centers: 
     """
     import torch.distributed as dist
 
-    from .estimator import _guard
+    from .lloyd import _guard
 
     _guard("centroid_update", "the centroid update")
     k, d = centers.shape
