@@ -2,7 +2,7 @@
 
 * :mod:`.estimator` — ``KMeans`` in PyTorch (Lloyd, greedy k-means++, scikit-learn's tolerance,
   empty clusters relocated, chunked assignment, CPU/GPU, float32/float64), ``assign``, ``kmeans_plusplus``;
-* :mod:`.lloyd` — the Lloyd loop and its two steps, shared by one process and many ranks;
+* :mod:`.loop` — the Lloyd loop and its two steps, shared by one process and many ranks;
 * :mod:`.distributed` — the same loop over ranks (sums and counts all-reduced, k(d+1) numbers per
   iteration), the init broadcast from rank 0, and k-means|| (Bahmani et al. 2012) across ranks;
 * :mod:`.cluster_label` — cluster-then-label (majority label per cluster), instrumented.

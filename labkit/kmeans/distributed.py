@@ -4,7 +4,7 @@ Per Lloyd iteration each rank assigns its own points, then forms per-cluster **s
 **counts** (k) of its shard, packed in one ``k x (d + 1)`` tensor, and all-reduces it. After the
 all-reduce every rank holds the global sums and counts, so every rank computes the same new centres
 ``sums / counts``: the points never move, only ``k (d + 1)`` numbers per iteration do (330 for k = 10,
-d = 32), whatever n is. The loop is :func:`labkit.kmeans.estimator.lloyd` itself, given a
+d = 32), whatever n is. The loop is :func:`labkit.kmeans.loop.lloyd` itself, given a
 communicator (:class:`DistComm`), so the distributed and the single-process runs execute the same code.
 
 Besides the loop: the global mean and variance (for centring and scikit-learn's tolerance) take two
@@ -31,7 +31,7 @@ import torch
 
 from .._validate import ArgumentError, check_int, check_number
 from .estimator import as_tensor, kmeans_plusplus, resolve_dtype
-from .lloyd import LocalComm, assign, lloyd
+from .loop import LocalComm, assign, lloyd
 
 __all__ = ["DistComm", "shard_bounds", "shard", "fit_distributed", "DistributedResult", "kmeans_parallel",
            "centroid_update", "world"]
@@ -132,7 +132,7 @@ def centroid_update(X_local: torch.Tensor, labels_local: torch.Tensor, centers: 
     """
     import torch.distributed as dist
 
-    from .lloyd import _guard
+    from .loop import _guard
 
     _guard("centroid_update", "the centroid update")
     k, d = centers.shape

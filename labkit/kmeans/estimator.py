@@ -27,7 +27,7 @@ Conventions copied from scikit-learn's ``KMeans`` so that the two can be compare
   serves the next empty cluster. That point is taken out of its old cluster's sum. scikit-learn does
   the same (it does not order ties); ``n_relocated_`` counts relocations.
 
-The loop itself (:func:`labkit.kmeans.lloyd.lloyd`) talks to the other ranks only through a ``comm`` object, so the
+The loop itself (:func:`labkit.kmeans.loop.lloyd`) talks to the other ranks only through a ``comm`` object, so the
 distributed version (:mod:`labkit.kmeans.distributed`) runs this same code with an all-reduce of the
 k x (d + 1) sums and counts.
 """
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_choice, check_finite, check_int, check_number
-from .lloyd import (CHUNK_ELEMENTS, CHUNK_ROWS, LloydResult, LocalComm, _guard, assign, cluster_sums,  # noqa: F401
+from .loop import (CHUNK_ELEMENTS, CHUNK_ROWS, LloydResult, LocalComm, _guard, assign, cluster_sums,  # noqa: F401
                     default_chunk_size, forbid, lloyd)
 
 __all__ = ["KMeans", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
