@@ -21,7 +21,8 @@ import numpy as np
 
 from .._validate import ArgumentError, check_choice, check_finite, check_int
 
-__all__ = ["ClusterLabelResult", "label_clusters", "cluster_then_label", "cluster_then_label_method", "check_targets"]
+__all__ = ["ClusterLabelResult", "label_clusters", "cluster_then_label", "cluster_then_label_method", "check_targets",
+           "accuracy_methods", "accuracy_rows"]
 
 
 def check_targets(X, y_semi) -> tuple[np.ndarray, np.ndarray]:
@@ -133,3 +134,18 @@ def cluster_then_label_method(n_clusters: int = 30, make_model=None, *, random_s
 
     fit_predict.last = None
     return fit_predict
+
+
+def accuracy_methods() -> dict:
+    """The methods of lab 06's accuracy table, all fixed in advance (see :mod:`labkit.semisup`)."""
+    from .. import semisup
+
+    return {"supervised only": semisup.supervised_only(), "label spreading": semisup.label_spreading(),
+            "self-training": semisup.self_training(), "cluster-then-label (k=30)": cluster_then_label_method()}
+
+
+def accuracy_rows(ks=(1, 3, 5, 10), seeds=range(10), progress: bool = False) -> list[dict]:
+    """Test accuracy by the protocol (mean ± sd over ``seeds``) for :func:`accuracy_methods`."""
+    from ..semisup import evaluate
+
+    return evaluate(accuracy_methods(), ks=ks, seeds=seeds, progress=progress)

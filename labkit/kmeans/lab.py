@@ -12,12 +12,12 @@ import torch
 
 from ..checks import expect_close, expect_equal, run_cases
 from . import estimator as E
-from .cluster_label import cluster_then_label
+from .cluster_label import accuracy_methods, accuracy_rows, cluster_then_label  # noqa: F401  (notebook API)
 from .datasets import load
 from .distributed import fit_distributed, kmeans_parallel, shard
 
 __all__ = ["fit_rank", "kmeans_parallel_rank", "centroid_update_rank", "check_assign", "check_centroid_update",
-           "run_demo", "moons_experiment", "tour"]
+           "run_demo", "accuracy_methods", "accuracy_rows", "moons_experiment", "tour"]
 
 
 # ----------------------------------------------------------------------------- rank functions
