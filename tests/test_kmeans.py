@@ -197,6 +197,18 @@ def test_kmeans_parallel_gives_a_valid_init(digits, ws):
     assert ours < 1.05 * best_sk  # measured 4552-4569 against 4567
 
 
+def test_estimator_with_kmeans_parallel_init_and_weights(digits):
+    best_sk = SK.KMeans(10, n_init=3, random_state=0).fit(digits).inertia_
+    assert KMeans(10, init="k-means||", random_state=0, dtype="float64").fit(digits).inertia_ < 1.05 * best_sk
+    # integer weights = repeated points: the same centres from the same start
+    w = np.random.default_rng(0).integers(1, 4, size=len(digits))
+    init = digits[:10]
+    a = KMeans(10, init=init, dtype="float64").fit(digits, sample_weight=w)
+    b = KMeans(10, init=init, dtype="float64").fit(np.repeat(digits, w, axis=0))
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, atol=1e-10)
+    assert abs(a.inertia_ / b.inertia_ - 1) < 1e-10
+
+
 def test_kmeans_parallel_too_few_distinct_points():
     from labkit.kmeans import kmeans_parallel
 

@@ -219,7 +219,8 @@ def fit_distributed(X_local, n_clusters: int, *, init="k-means++", max_iter: int
 
 
 def kmeans_parallel(X_local: torch.Tensor, n_clusters: int, *, oversampling: float | None = None, rounds: int = 5,
-                    random_state=0, chunk_size: int | None = None, return_info: bool = False):
+                    random_state=0, chunk_size: int | None = None, return_info: bool = False,
+                    distributed: bool = True):
     """k-means|| initial centres (k, d), computed over every rank's shard and equal on all ranks.
 
     1. one point drawn uniformly over all points (a shared random stream picks its global index);
@@ -230,13 +231,14 @@ def kmeans_parallel(X_local: torch.Tensor, n_clusters: int, *, oversampling: flo
     4. rank 0 reclusters the weighted candidates (greedy k-means++, then 30 weighted Lloyd
        iterations) and broadcasts the k centres.
 
-    ``return_info`` also returns ``{"candidates", "rounds_run", "weights_sum"}``.
+    ``return_info`` also returns ``{"candidates", "rounds_run", "weights_sum"}``. ``distributed=False``
+    treats ``X_local`` as all the data even inside a process group (what ``KMeans(init="k-means||")`` does).
     """
     import torch.distributed as dist
 
     X = X_local
-    rank, ws = world()
-    comm = _comm(X.shape[0], X.device)
+    rank, ws = world() if distributed else (0, 1)
+    comm = _comm(X.shape[0], X.device) if distributed else LocalComm()
     n_total = getattr(comm, "n_total", X.shape[0])
     k = check_int("n_clusters", n_clusters, minimum=1, maximum=n_total)
     rounds = check_int("rounds", rounds, minimum=1)

@@ -169,7 +169,8 @@ class KMeans:
             return Xc[torch.as_tensor(rs.permutation(Xc.shape[0])[:k], device=dev)].clone()
         if self.init == "k-means||":
             from .distributed import kmeans_parallel
-            return kmeans_parallel(Xc, k, random_state=int(rs.randint(2**31 - 1)), chunk_size=self.chunk_size)
+            return kmeans_parallel(Xc, k, random_state=int(rs.randint(2**31 - 1)), chunk_size=self.chunk_size,
+                                   distributed=False)
         return kmeans_plusplus(Xc, k, rs, chunk_size=self.chunk_size)[0]
 
     def fit(self, X, y=None, sample_weight=None):
