@@ -1,0 +1,242 @@
+"""K-means in PyTorch: chunked assignment, greedy k-means++, Lloyd iterations, a scikit-learn-style estimator.
+
+Lloyd's algorithm (k-means) alternates two steps until the centres stop moving:
+
+1. **assign** every point to its nearest centre, ``argmin_j ||x - c_j||^2``, computed in chunks of rows
+   as ``||x||^2 - 2 x.C^T + ||C||^2`` so that the n x k distance matrix never has to exist at once;
+2. **update** every centre to the mean of its points: per-cluster sums and counts, then sums / counts.
+
+That is all of it: every point belongs to exactly one cluster (no "probability of joining a
+cluster"), the number of clusters k is fixed (no merging of clusters), and each step can only lower
+the inertia ``sum_i ||x_i - c_{label_i}||^2``, so it converges, to a local minimum that depends on the
+initialisation (hence ``n_init`` restarts, keeping the lowest inertia).
+
+Conventions copied from scikit-learn's ``KMeans`` so that the two can be compared run for run:
+
+* ``tol`` is relative: iterations stop when the squared centre shift summed over clusters is at most
+  ``tol * mean(var(X, axis=0))`` (:func:`tolerance`); labels that stop changing give shift 0, so
+  they stop it too; ``n_iter_`` counts Lloyd iterations and the final labels always match the final
+  centres (one more assignment when the loop ended without converging exactly);
+* the data are centred (the mean subtracted) before computing distances, for accuracy in float32;
+* greedy k-means++ (:func:`kmeans_plusplus`): the first centre uniformly at random, then each next
+  centre the best of ``2 + int(ln k)`` candidates drawn with probability proportional to D(x)^2,
+  with the same numpy random stream as scikit-learn (same ``random_state`` -> same centres in
+  float64);
+* **empty clusters**: a cluster that receives no point is moved to the point farthest from its
+  own centre (largest ``||x - c_{label}||^2``, ties to the lower index); the next-farthest point
+  serves the next empty cluster. That point is taken out of its old cluster's sum. scikit-learn does
+  the same (it does not order ties); ``n_relocated_`` counts relocations.
+
+The loop itself (:func:`labkit.kmeans.loop.lloyd`) talks to the other ranks only through a ``comm`` object, so the
+distributed version (:mod:`labkit.kmeans.distributed`) runs this same code with an all-reduce of the
+k x (d + 1) sums and counts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._validate import ArgumentError, check_choice, check_finite, check_int, check_number
+from .loop import (CHUNK_ELEMENTS, CHUNK_ROWS, LloydResult, LocalComm, _guard, assign, cluster_sums,  # noqa: F401
+                    default_chunk_size, forbid, lloyd)
+
+__all__ = ["KMeans", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
+           "as_tensor", "resolve_device", "default_chunk_size"]
+
+
+# ----------------------------------------------------------------------------- inputs
+def resolve_device(device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device must be a device this machine has, got {str(device)!r}: CUDA is not "
+                            "available here (no GPU, or a CPU-only torch); pass device='cpu'")
+    return dev
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    table = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+             torch.float64: torch.float64, np.float32: torch.float32, np.float64: torch.float64}
+    try:
+        return table[dtype]
+    except (KeyError, TypeError):
+        raise ArgumentError(f"dtype must be 'float32' or 'float64' (or the torch/numpy dtype), got {dtype!r}")
+
+
+def as_tensor(X, name: str = "X", dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """``X`` as a 2-D finite tensor of ``dtype`` on ``device`` (numpy, lists or tensors accepted)."""
+    t = X.detach() if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    if t.ndim != 2:
+        raise ArgumentError(f"{name} must be a 2-D array (n_samples, n_features), got shape {tuple(t.shape)}"
+                            "; reshape a single sample with x.reshape(1, -1)")
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise ArgumentError(f"{name} must hold at least one sample and one feature, got shape {tuple(t.shape)}")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8)):
+        raise ArgumentError(f"{name} must hold numbers, got dtype {t.dtype}")
+    if t.is_floating_point():
+        check_finite(name, t)
+    return t.to(device=device, dtype=dtype).contiguous()
+
+
+def tolerance(X: torch.Tensor, tol: float) -> float:
+    """scikit-learn's absolute tolerance: ``tol * mean(var(X, axis=0))`` (population variance)."""
+    if tol == 0:
+        return 0.0
+    return float(X.var(dim=0, unbiased=False).mean()) * tol
+
+
+# ----------------------------------------------------------------------------- k-means++
+def kmeans_plusplus(X, n_clusters: int, random_state=None, sample_weight=None, n_local_trials: int | None = None,
+                    chunk_size: int | None = None):
+    """Greedy k-means++ as scikit-learn does it: ``(centers (k, d) tensor, indices (k,) numpy)``.
+
+    First centre: a point drawn with probability proportional to its weight. Each next centre: draw
+    ``n_local_trials`` (default ``2 + int(ln k)``) candidates with probability proportional to
+    ``weight * D(x)^2`` (D = distance to the nearest centre chosen so far) and keep the one that
+    lowers the potential ``sum weight * D^2`` the most. Uses ``np.random.RandomState(random_state)``
+    exactly as scikit-learn does, so the indices match ``sklearn.cluster.kmeans_plusplus`` in float64.
+    """
+    _guard("assign", "the assignment step")
+    X = X if isinstance(X, torch.Tensor) else as_tensor(X, dtype=torch.float64)
+    n = X.shape[0]
+    k = check_int("n_clusters", n_clusters, minimum=1, maximum=n,
+                  hint=f"k-means needs 1 <= n_clusters <= n_samples ({n})")
+    rs = random_state if isinstance(random_state, np.random.RandomState) else np.random.RandomState(random_state)
+    w = np.ones(n) if sample_weight is None else np.asarray(
+        sample_weight.cpu() if isinstance(sample_weight, torch.Tensor) else sample_weight, dtype=np.float64)
+    trials = n_local_trials or 2 + int(np.log(k))
+    x_sq = (X * X).sum(1)
+    w_t = torch.as_tensor(w, dtype=X.dtype, device=X.device)
+
+    def d2_to(rows):  # (len(rows), n) squared distances, clamped
+        C = X[rows]
+        return (x_sq.unsqueeze(0) - 2.0 * C @ X.T + (C * C).sum(1, keepdim=True)).clamp_(min=0)
+
+    indices = np.full(k, -1, dtype=np.int64)
+    indices[0] = rs.choice(n, p=w / w.sum())
+    closest = d2_to([int(indices[0])])[0]
+    pot = float(closest @ w_t)
+    for c in range(1, k):
+        rand = rs.uniform(size=trials) * pot
+        cum = np.cumsum(w * closest.cpu().numpy().astype(np.float64))
+        cand = np.clip(np.searchsorted(cum, rand), None, n - 1)
+        dist = torch.minimum(closest.unsqueeze(0), d2_to(torch.as_tensor(cand, device=X.device)))
+        pots = dist @ w_t
+        best = int(torch.argmin(pots))
+        pot, closest, indices[c] = float(pots[best]), dist[best], cand[best]
+    return X[torch.as_tensor(indices, device=X.device)].clone(), indices
+
+
+# ----------------------------------------------------------------------------- the estimator
+class KMeans:
+    """K-means with scikit-learn's interface, in PyTorch (CPU or GPU, float32 or float64).
+
+    Parameters: ``n_clusters``; ``init`` = ``"k-means++"`` (greedy, as scikit-learn), ``"random"``
+    (k distinct points) or an array (k, d); ``n_init`` restarts (the lowest inertia is kept; with an
+    array init only one run is made); ``max_iter``; ``tol`` (relative, as scikit-learn);
+    ``random_state``; ``dtype``; ``device``; ``chunk_size`` (rows per assignment chunk).
+
+    Attributes after ``fit``: ``cluster_centers_`` (k, d), ``labels_`` (n,), ``inertia_``,
+    ``n_iter_``, ``inertia_history_`` (inertia at each assignment of the kept run),
+    ``n_relocated_`` (empty clusters relocated), ``iter_seconds_``. Arrays are numpy.
+    """
+
+    def __init__(self, n_clusters: int = 8, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
+                 tol: float = 1e-4, random_state=None, dtype="float32", device="cpu", chunk_size: int | None = None):
+        self.n_clusters, self.init, self.n_init, self.max_iter, self.tol = n_clusters, init, n_init, max_iter, tol
+        self.random_state, self.dtype, self.device, self.chunk_size = random_state, dtype, device, chunk_size
+
+    def _check_params(self, n: int):
+        check_int("n_clusters", self.n_clusters, minimum=1, maximum=n,
+                  hint=f"k-means needs 1 <= n_clusters <= n_samples ({n})")
+        check_int("n_init", self.n_init, minimum=1)
+        check_int("max_iter", self.max_iter, minimum=1)
+        check_number("tol", self.tol, minimum=0)
+        if self.chunk_size is not None:
+            check_int("chunk_size", self.chunk_size, minimum=1)
+        if isinstance(self.init, str):
+            check_choice("init", self.init, ("k-means++", "random", "k-means||"),
+                         hint="or pass an array of shape (n_clusters, n_features)")
+
+    def _initial(self, Xc, mean, rs, dtype, dev):
+        k = self.n_clusters
+        if not isinstance(self.init, str):
+            C = as_tensor(self.init, "init", dtype, dev)
+            if tuple(C.shape) != (k, Xc.shape[1]):
+                raise ArgumentError(f"init must have shape (n_clusters, n_features) = {(k, Xc.shape[1])}, "
+                                    f"got {tuple(C.shape)}")
+            return C - mean
+        if self.init == "random":
+            return Xc[torch.as_tensor(rs.permutation(Xc.shape[0])[:k], device=dev)].clone()
+        if self.init == "k-means||":
+            from .distributed import kmeans_parallel
+            return kmeans_parallel(Xc, k, random_state=int(rs.randint(2**31 - 1)), chunk_size=self.chunk_size,
+                                   distributed=False)
+        return kmeans_plusplus(Xc, k, rs, chunk_size=self.chunk_size)[0]
+
+    def fit(self, X, y=None, sample_weight=None):
+        """Cluster ``X`` (n, d); ``y`` is ignored (scikit-learn's convention). Returns ``self``."""
+        dtype, dev = resolve_dtype(self.dtype), resolve_device(self.device)
+        X = as_tensor(X, "X", dtype, dev)
+        n = X.shape[0]
+        self._check_params(n)
+        w = None
+        if sample_weight is not None:
+            w = torch.as_tensor(np.asarray(sample_weight), dtype=dtype, device=dev).flatten()
+            if w.numel() != n or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ArgumentError(f"sample_weight must be {n} finite non-negative numbers, got shape {tuple(w.shape)}")
+        rs = self.random_state if isinstance(self.random_state, np.random.RandomState) \
+            else np.random.RandomState(self.random_state)
+        mean = X.mean(0)
+        Xc = X - mean
+        x_sq = (Xc * Xc).sum(1)
+        tol_abs = float(x_sq.sum(dtype=torch.float64)) / Xc.numel() * self.tol  # = tol * mean(var(X, axis=0))
+        runs = 1 if not isinstance(self.init, str) else self.n_init
+        best = None
+        for _ in range(runs):
+            res = lloyd(Xc, self._initial(Xc, mean, rs, dtype, dev), self.max_iter, tol_abs, self.chunk_size, w,
+                        x_sq=x_sq)
+            if best is None or res.inertia < best.inertia:
+                best = res
+        self.cluster_centers_ = (best.centers + mean).cpu().numpy()
+        self.labels_ = best.labels.cpu().numpy()
+        self.inertia_, self.n_iter_ = best.inertia, best.n_iter
+        self.inertia_history_, self.n_relocated_, self.iter_seconds_ = best.inertia_history, best.n_relocated, best.iter_seconds
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _fitted(self, X):
+        if not hasattr(self, "cluster_centers_"):
+            raise RuntimeError("this KMeans is not fitted yet: call fit(X) before predict/transform")
+        dtype, dev = resolve_dtype(self.dtype), resolve_device(self.device)
+        X = as_tensor(X, "X", dtype, dev)
+        if X.shape[1] != self.n_features_in_:
+            raise ArgumentError(f"X must have {self.n_features_in_} features (as in fit), got {X.shape[1]}")
+        return X, torch.as_tensor(self.cluster_centers_, dtype=dtype, device=dev)
+
+    def predict(self, X) -> np.ndarray:
+        """The nearest fitted centre of every row of ``X``."""
+        _guard("assign", "the assignment step")
+        X, C = self._fitted(X)
+        m = X.mean(0)
+        return assign(X - m, C - m, self.chunk_size)[0].cpu().numpy()
+
+    def fit_predict(self, X, y=None, sample_weight=None) -> np.ndarray:
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def transform(self, X) -> np.ndarray:
+        """Euclidean distances (not squared) from every row of ``X`` to every centre: (n, k)."""
+        _guard("assign", "the assignment step")
+        X, C = self._fitted(X)
+        return torch.cdist(X, C).cpu().numpy()
+
+    def fit_transform(self, X, y=None, sample_weight=None) -> np.ndarray:
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X) -> float:
+        """Minus the inertia of ``X`` against the fitted centres (scikit-learn's sign: higher is better)."""
+        X, C = self._fitted(X)
+        lab = assign(X, C, self.chunk_size)[0]
+        return -float(((X - C[lab]) ** 2).sum())
+
+    def __repr__(self):
+        return f"KMeans(n_clusters={self.n_clusters}, init={self.init!r}, n_init={self.n_init}, dtype={self.dtype!r}, device={self.device!r})"
