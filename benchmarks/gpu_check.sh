@@ -28,4 +28,5 @@ step bench_launch  60 "$PY" -m labkit bench launch --quick
 step bench_collectives 90 "$PY" -m labkit bench collectives --quick
 step bench_ddp     60 "$PY" -m labkit bench ddp --quick
 step bench_pipeline 90 "$PY" -m labkit bench pipeline --quick
+step bench_kmeans 300 "$PY" -m labkit bench kmeans --gpu
 echo "results in $OUT/ (summary: $summary)"

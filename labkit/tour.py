@@ -34,6 +34,7 @@ LABS: tuple[Lab, ...] = (
     Lab("03", "model parallel", "labkit.sliced", None, "03_model_parallel.ipynb"),
     Lab("04", "pipeline", "labkit.pipeline", "pipeline", "04_pipeline.ipynb"),
     Lab("05", "load balancing", "labkit.balance", None, "05_load_balancing.ipynb"),
+    Lab("06", "k-means", "labkit.kmeans", "kmeans", "06_kmeans_pseudo_labels.ipynb"),
 )
 
 

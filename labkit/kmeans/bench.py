@@ -90,7 +90,7 @@ def _dist_rank(ctx, data, k, init, max_iter, tol):
 
 def distributed(label, data, X, k, init, max_iter, tol, repeats=3) -> dict:
     """2 gloo ranks (one thread each) beside one process (one thread), interleaved; medians."""
-    from ..launcher import Pool
+    from ..runtime import Pool
     from .estimator import KMeans
 
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_int, check_number
-from .estimator import as_tensor, kmeans_plusplus, resolve_dtype
+from .seeding import as_tensor, kmeans_plusplus, resolve_dtype
 from .loop import LocalComm, assign, lloyd
 
 __all__ = ["DistComm", "shard_bounds", "shard", "fit_distributed", "DistributedResult", "kmeans_parallel",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checks import expect_close, expect_equal, run_cases
+from ..checks import CheckResult, expect_close, expect_equal, run_cases
 from . import estimator as E
 from .cluster_label import accuracy_methods, accuracy_rows, cluster_then_label  # noqa: F401  (notebook API)
 from .datasets import load
@@ -141,7 +141,7 @@ def check_centroid_update(fn, world_sizes=(2, 3)) -> "CheckResult":
     or averaging the ranks' means gives wrong centres; the last cluster is empty (keep its centre).
     A stub is detected in this process first, without starting ranks.
     """
-    from ..launcher import launch
+    from ..runtime import launch
 
     X, labels, C = _update_case_data(0, n=12)
     try:  # a stub says so here; anything else (no process group here) is judged on the ranks
@@ -215,7 +215,7 @@ def moons_experiment(seeds=range(3), n: int = 400, noise: float = 0.08, k_per_cl
 
 # ----------------------------------------------------------------------------- tour
 def tour(world_size: int = 2) -> list[dict]:
-    from ..launcher import launch
+    from ..runtime import launch
     from ..tour import check_row
 
     lab = "06 k-means"
