@@ -41,6 +41,8 @@ __all__ = ["GaussianEM", "check_semi_supervised", "log_joint", "e_step", "COVARI
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
+_REFUSE: str | None = None  # set by an exercise check while the learner's code runs: the E-step then refuses
+
 
 def check_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
     """Validate ``X`` (n, d) finite floats and ``y`` (n,) integers >= -1 (``-1`` = unlabelled); return arrays."""
@@ -96,6 +98,8 @@ def log_joint(Z, means, covariances, priors, covariance_type: str = "full") -> n
 
     ``covariances``: (C, d, d) for "full", (d, d) for "tied", (C, d) for "diag", (C,) for "spherical".
     """
+    if _REFUSE:
+        raise AssertionError(_REFUSE)
     Z = np.asarray(Z, dtype=float)
     n, d = Z.shape
     out = np.empty((n, len(means)))
