@@ -300,6 +300,7 @@ class GaussianEM:
         return p / p.sum(axis=1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
+        self._check_fitted()
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
     def score(self, X, y) -> float:

@@ -217,7 +217,7 @@ def admitted(threshold: float, case: dict) -> tuple[int, float]:
     return int(ok.sum()), float(case["pool_correct"][ok].mean()) if ok.any() else float("nan")
 
 
-def check_threshold(choose_threshold, min_precision: float = 0.97, min_share: float = 0.25,
+def check_threshold(choose_threshold, min_precision: float = 0.95, min_share: float = 0.25,
                     seeds=(0, 1, 2)) -> CheckResult:
     """``choose_threshold(confidence, correct) -> t`` from held-out labelled points only; passes when, on the
     unlabelled pool, the pseudo-labels admitted by ``t`` are at least ``min_precision`` right and at least

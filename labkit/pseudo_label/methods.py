@@ -44,8 +44,10 @@ def calibrated_model(X_train, y_semi, lam: float = 1.0, seed: int = 0, **overrid
 def generative_self_training(threshold: float = 0.95, **overrides):
     """Self-training around the generative model fitted on labelled points, with a calibrated temperature."""
     def fit_predict(X_train, y_semi, X_test):
-        T = cross_fitted_temperature(lambda: _make(lam=0.0, **overrides), X_train, y_semi)
-        base = _make(lam=0.0, temperature=1.0 if T is None else T, **overrides)
+        # the base model sees the labelled (then pseudo-labelled) points only: at most that many PCA dimensions
+        kw = {"n_components": min(GENERATIVE["n_components"], int((y_semi >= 0).sum())), **overrides}
+        T = cross_fitted_temperature(lambda: _make(lam=0.0, **kw), X_train, y_semi)
+        base = _make(lam=0.0, temperature=1.0 if T is None else T, **kw)
         return SelfTraining(base, threshold=threshold).fit(X_train, y_semi).predict(X_test)
     return fit_predict
 
