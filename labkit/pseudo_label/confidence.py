@@ -119,10 +119,11 @@ def fit_temperature(logits, y, classes=None, bounds=(1e-2, 1e4)) -> float:
     return float(np.exp(res.x))
 
 
-def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0) -> float | None:
+def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0, repeats: int = 1) -> float | None:
     """Temperature fitted on labelled points the model did not see: two stratified folds of the labelled
     points; each fold is hidden (set to -1, so it is still used as unlabelled data), the model is fitted on the
-    rest and scores the hidden fold; T is fitted on all the held-out scores. Only labels are used, never a test
+    rest and scores the hidden fold; T is fitted on all the held-out scores (of ``repeats`` random fold splits,
+    pooled: more repeats, a steadier T). Only labels are used, never a test
     set. ``make_model()`` must have ``decision_function`` (logits). Returns None with fewer than 2 labels in
     some class (nothing can be held out)."""
     y_semi = np.asarray(y_semi)
@@ -130,13 +131,15 @@ def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0) -> float | No
     classes, counts = np.unique(y_semi[lab], return_counts=True)
     if counts.min() < 2:
         return None
+    repeats = check_int("repeats", repeats, minimum=1)
     rng = np.random.default_rng(seed)
-    fold = np.empty(len(lab), dtype=int)
-    for c in classes:
-        where = np.flatnonzero(y_semi[lab] == c)
-        fold[rng.permutation(where)] = np.arange(len(where)) % 2
     logits, ys = [], []
-    for f in (0, 1):
+    for _, f in [(r, f) for r in range(repeats) for f in (0, 1)]:
+        if f == 0:
+            fold = np.empty(len(lab), dtype=int)
+            for c in classes:
+                where = np.flatnonzero(y_semi[lab] == c)
+                fold[rng.permutation(where)] = np.arange(len(where)) % 2
         held = lab[fold == f]
         y2 = y_semi.copy()
         y2[held] = -1

@@ -210,22 +210,25 @@ class GaussianEM:
         w = np.where(lab, 1.0, float(self.lam))  # per-point weight in J
         R = Y.copy()
         self._m_step(Z, R * w[:, None])  # iteration 0: the supervised-only fit (unlabelled weight 0)
-        self.log_likelihood_ = [self._objective(Z, Y, lab, w) / n]
+        lj = self.predict_log_joint_(Z)
+        self.log_likelihood_ = [self._objective(lj, Y, lab, w) / n]
         self.converged_ = False
         self.n_iter_ = 0
         if self.lam > 0 and unl.any():
             for it in range(self.max_iter):
-                resp, _ = e_step(Z[unl], self.means_, self.covariances_, self.priors_, self.covariance_type)
-                R[unl] = resp
+                # E-step (the same computation as e_step(), reusing the log-joint the objective needed)
+                R[unl] = np.exp(lj[unl] - _logsumexp(lj[unl])[:, None])
                 self._m_step(Z, R * w[:, None])
-                self.log_likelihood_.append(self._objective(Z, Y, lab, w) / n)
+                lj = self.predict_log_joint_(Z)
+                self.log_likelihood_.append(self._objective(lj, Y, lab, w) / n)
                 self.n_iter_ = it + 1
                 if self.log_likelihood_[-1] - self.log_likelihood_[-2] < self.tol:
                     self.converged_ = True
                     break
         else:
             self.converged_ = True
-        self.transduction_ = self.classes_[self.predict_log_joint_(Z).argmax(axis=1)]
+        lj_final = lj
+        self.transduction_ = self.classes_[lj_final.argmax(axis=1)]
         self.transduction_[lab] = y[lab]
         return self
 
@@ -271,8 +274,7 @@ class GaussianEM:
             total += -0.5 * tau * logdet - 0.5 * tau * s2 * np.trace(np.linalg.inv(S))
         return float(total)
 
-    def _objective(self, Z, Y, lab, w) -> float:
-        lj = log_joint(Z, self.means_, self.covariances_, self.priors_, self.covariance_type)
+    def _objective(self, lj, Y, lab, w) -> float:
         ll_lab = (lj[lab] * Y[lab]).sum()
         ll_unl = (w[~lab] * _logsumexp(lj[~lab])).sum() if (~lab).any() else 0.0
         return float(ll_lab + ll_unl + self._log_prior())

@@ -20,7 +20,7 @@ from ..checks import CheckResult, expect_close, run_cases
 from . import generative as _gen
 from . import methods as _methods
 
-__all__ = ["protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step", "check_threshold",
+__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step", "check_threshold",
            "threshold_cases", "tour"]
 
 LAB = "07 pseudo-labels"
@@ -108,6 +108,65 @@ def local_protocol(methods: list[str] | None = None, ks=(5,), seeds=(0, 1), data
     from .. import semisup
 
     return semisup.evaluate(make_methods(methods), ks=ks, seeds=seeds, dataset=dataset)
+
+
+# ----------------------------------------------------------------------------- the notebook's demo
+def demo(k: int = 5, lam: float = 1.0, threshold: float = 0.9, seed: int = 0) -> dict:
+    """One protocol split: the generative model fitted on labels only and by EM (weight ``lam``), its
+    temperature cross-fitted on the labelled points, the unlabelled points it pseudo-labels above
+    ``threshold`` (count, precision against the hidden labels), and logistic regression trained on labelled +
+    pseudo-labelled points against labelled only. The widgets' callback."""
+    from .. import semisup
+    from .confidence import check_threshold_value, cross_fitted_temperature
+
+    threshold = check_threshold_value(threshold)
+    sp = semisup.split(k, seed)
+    sup = _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": 0.0}).fit(sp.X_train, sp.y_semi)
+    em = _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": lam}).fit(sp.X_train, sp.y_semi)
+    T = cross_fitted_temperature(lambda: _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": lam}), sp.X_train, sp.y_semi,
+                                 seed=seed, repeats=2)
+    T = 1.0 if T is None else T
+    pool = np.flatnonzero(sp.y_semi < 0)
+    raw = em.predict_proba(sp.X_train[pool])
+    em.temperature = T
+    cal = em.predict_proba(sp.X_train[pool])
+    em.temperature = 1.0
+    pred = em.classes_[cal.argmax(1)]
+    ok = cal.max(1) >= threshold
+    y_plus = sp.y_semi.copy()
+    y_plus[pool[ok]] = pred[ok]
+    lr_lab = semisup.logistic_regression().fit(sp.X_train[sp.labelled], sp.y_semi[sp.labelled])
+    known = y_plus >= 0
+    lr_plus = semisup.logistic_regression().fit(sp.X_train[known], y_plus[known])
+    return {"split": sp, "sup": sup, "em": em, "temperature": T, "pool": pool, "raw": raw, "calibrated": cal,
+            "pool_truth": sp.y_train[pool], "admitted": int(ok.sum()),
+            "precision": float((pred[ok] == sp.y_train[pool][ok]).mean()) if ok.any() else float("nan"),
+            "acc": {"generative, labelled only": sup.score(sp.X_test, sp.y_test),
+                    f"generative EM (lam={lam:g})": em.score(sp.X_test, sp.y_test),
+                    "LR, labelled only": lr_lab.score(sp.X_test, sp.y_test),
+                    "LR, labelled + pseudo-labelled": lr_plus.score(sp.X_test, sp.y_test)}}
+
+
+def calibration_rows(seeds=(0, 1, 2), k: int = 5, repeats: int = 2) -> list[dict]:
+    """Per seed: EM's temperature cross-fitted on the labelled points, the ECE on the unlabelled points before
+    and after scaling, and (for reference only, it uses the hidden labels) the ECE at the best possible T."""
+    from .. import semisup
+    from .confidence import cross_fitted_temperature, expected_calibration_error, fit_temperature, softmax
+
+    rows = []
+    for s in seeds:
+        sp = semisup.split(k, s)
+        em = _gen.GaussianEM(**_methods.GENERATIVE).fit(sp.X_train, sp.y_semi)
+        pool = np.flatnonzero(sp.y_semi < 0)
+        lp, truth = em.decision_function(sp.X_train[pool]), sp.y_train[pool]
+        T = cross_fitted_temperature(lambda: _gen.GaussianEM(**_methods.GENERATIVE), sp.X_train, sp.y_semi,
+                                     seed=s, repeats=repeats)
+        T_best = fit_temperature(lp, truth)
+        rows.append({"seed": s, "T (labelled points)": T, "ECE raw": expected_calibration_error(softmax(lp), truth),
+                     "ECE scaled": expected_calibration_error(softmax(lp, T), truth),
+                     "best T (hidden labels)": T_best,
+                     "ECE at best T": expected_calibration_error(softmax(lp, T_best), truth)})
+    return rows
 
 
 # ----------------------------------------------------------------------------- exercise 1: the E-step
