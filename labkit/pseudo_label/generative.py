@@ -138,14 +138,19 @@ class GaussianEM:
     max_iter, tol: EM stops after ``max_iter`` iterations or when J/n improves by less than ``tol``.
     temperature: divides the log-joint before the softmax in ``predict_proba`` (1 = the model's own posterior;
         set it with ``labkit.pseudo_label.fit_temperature`` on held-out labelled points). EM itself ignores it.
+    components_per_class: M Gaussians per class (Nigam et al. 2000, section 6: a class made of sub-styles);
+        labelled points are shared among their own class's components only. ``means_`` etc. then hold C * M
+        components, ``component_class_`` says which class each belongs to. With M > 1, ``lam = 0`` still
+        iterates (EM on the labelled points alone).
 
     Attributes after ``fit``: ``classes_``, ``pca_mean_``, ``pca_components_``, ``means_``, ``covariances_``,
-    ``priors_``, ``log_likelihood_`` (J/n after the supervised start and after every EM iteration),
+    ``priors_``, ``component_class_``, ``log_likelihood_`` (J/n after the supervised start and after every EM iteration),
     ``n_iter_``, ``converged_``, ``transduction_`` (argmax label of every training point; labelled keep theirs).
     """
 
     def __init__(self, n_components: int | None = 30, covariance_type: str = "tied", shrinkage: float = 1.0,
-                 lam: float = 1.0, max_iter: int = 100, tol: float = 1e-6, temperature: float = 1.0):
+                 lam: float = 1.0, max_iter: int = 100, tol: float = 1e-6, temperature: float = 1.0,
+                 components_per_class: int = 1):
         self.n_components = n_components
         self.covariance_type = covariance_type
         self.shrinkage = shrinkage
@@ -153,11 +158,12 @@ class GaussianEM:
         self.max_iter = max_iter
         self.tol = tol
         self.temperature = temperature
+        self.components_per_class = components_per_class
 
     # scikit-learn's clone() and get_params() need these two
     def get_params(self, deep: bool = True) -> dict:
         return {k: getattr(self, k) for k in ("n_components", "covariance_type", "shrinkage", "lam",
-                                              "max_iter", "tol", "temperature")}
+                                              "max_iter", "tol", "temperature", "components_per_class")}
 
     def set_params(self, **params) -> "GaussianEM":
         for k, v in params.items():
@@ -193,6 +199,7 @@ class GaussianEM:
         X, y = check_semi_supervised(X, y)
         n, d = X.shape
         self._check_params(n, d)
+        M = check_int("components_per_class", self.components_per_class, minimum=1)
         self.pca_mean_ = X.mean(axis=0)
         if self.n_components is None:
             self.pca_components_ = None
@@ -202,41 +209,66 @@ class GaussianEM:
         Z = self._project(X)
         self.classes_ = np.unique(y[y >= 0])
         C = len(self.classes_)
+        comp = np.repeat(np.arange(C), M)  # component -> class index
+        self.component_class_ = self.classes_[comp]
         lab = y >= 0
         Y = np.zeros((n, C))
         Y[np.flatnonzero(lab), np.searchsorted(self.classes_, y[lab])] = 1.0
+        allowed = np.ones((n, C * M), dtype=bool)  # a labelled point may only belong to its class's components
+        allowed[lab] = Y[lab][:, comp] > 0
         self._s2 = float(Z.var(axis=0).mean()) or 1.0
         unl = ~lab
         w = np.where(lab, 1.0, float(self.lam))  # per-point weight in J
-        R = Y.copy()
-        self._m_step(Z, R * w[:, None])  # iteration 0: the supervised-only fit (unlabelled weight 0)
-        lj = self.predict_log_joint_(Z)
-        self.log_likelihood_ = [self._objective(lj, Y, lab, w) / n]
+        self._m_step(Z, Y * w[:, None])  # iteration 0: the supervised-only fit, one Gaussian per class
+        if M > 1:
+            self._split(M)
+        lj = self._component_log_joint(Z)
+        self.log_likelihood_ = [self._objective(lj, allowed, lab, w) / n]
         self.converged_ = False
         self.n_iter_ = 0
-        if self.lam > 0 and unl.any():
+        if (self.lam > 0 and unl.any()) or M > 1:
             for it in range(self.max_iter):
-                # E-step (the same computation as e_step(), reusing the log-joint the objective needed)
-                R[unl] = np.exp(lj[unl] - _logsumexp(lj[unl])[:, None])
+                # E-step (e_step()'s computation, reusing the log-joint the objective needed; labelled points
+                # are restricted to their own class's components)
+                la = np.where(allowed, lj, -np.inf)
+                R = np.exp(la - _logsumexp(la)[:, None])
                 self._m_step(Z, R * w[:, None])
-                lj = self.predict_log_joint_(Z)
-                self.log_likelihood_.append(self._objective(lj, Y, lab, w) / n)
+                lj = self._component_log_joint(Z)
+                self.log_likelihood_.append(self._objective(lj, allowed, lab, w) / n)
                 self.n_iter_ = it + 1
                 if self.log_likelihood_[-1] - self.log_likelihood_[-2] < self.tol:
                     self.converged_ = True
                     break
         else:
             self.converged_ = True
-        lj_final = lj
-        self.transduction_ = self.classes_[lj_final.argmax(axis=1)]
+        self.transduction_ = self.classes_[self._class_log_joint(lj).argmax(axis=1)]
         self.transduction_[lab] = y[lab]
         return self
+
+    def _split(self, M: int) -> None:
+        """Start M components per class: the class's Gaussian copied M times, the means spread along the
+        direction of largest variance (+- half a standard deviation for M = 2), the prior shared."""
+        kind, C = self.covariance_type, len(self.means_)
+        means = []
+        for c in range(C):
+            if kind in ("full", "tied"):
+                vals, vecs = np.linalg.eigh(self.covariances_[c] if kind == "full" else self.covariances_)
+                step = np.sqrt(vals[-1]) * vecs[:, -1]
+            else:
+                var = self.covariances_[c] if kind == "diag" else np.full(self.means_.shape[1], self.covariances_[c])
+                step = np.zeros_like(var)
+                step[int(np.argmax(var))] = np.sqrt(var.max())
+            means += [self.means_[c] + (m - (M - 1) / 2) / max(M - 1, 1) * step for m in range(M)]
+        self.means_ = np.stack(means)
+        self.priors_ = np.repeat(self.priors_ / M, M)
+        if kind != "tied":
+            self.covariances_ = np.repeat(self.covariances_, M, axis=0)
 
     def _m_step(self, Z, W):
         """Weighted counts, means and (shrunk) covariances from per-point class weights W (n, C)."""
         n, d = Z.shape
         tau, s2 = float(self.shrinkage), self._s2
-        Nc = W.sum(axis=0)
+        Nc = np.maximum(W.sum(axis=0), 1e-12)  # a component with no weight keeps a finite mean
         self.priors_ = Nc / Nc.sum()
         self.means_ = (W.T @ Z) / Nc[:, None]
         kind = self.covariance_type
@@ -274,8 +306,8 @@ class GaussianEM:
             total += -0.5 * tau * logdet - 0.5 * tau * s2 * np.trace(np.linalg.inv(S))
         return float(total)
 
-    def _objective(self, lj, Y, lab, w) -> float:
-        ll_lab = (lj[lab] * Y[lab]).sum()
+    def _objective(self, lj, allowed, lab, w) -> float:
+        ll_lab = _logsumexp(np.where(allowed[lab], lj[lab], -np.inf)).sum() if lab.any() else 0.0
         ll_unl = (w[~lab] * _logsumexp(lj[~lab])).sum() if (~lab).any() else 0.0
         return float(ll_lab + ll_unl + self._log_prior())
 
@@ -284,8 +316,15 @@ class GaussianEM:
         if not hasattr(self, "means_"):
             raise RuntimeError("this GaussianEM is not fitted yet: call fit(X, y) first")
 
-    def predict_log_joint_(self, Z) -> np.ndarray:
+    def _component_log_joint(self, Z) -> np.ndarray:
         return log_joint(Z, self.means_, self.covariances_, self.priors_, self.covariance_type)
+
+    def _class_log_joint(self, lj) -> np.ndarray:
+        """log P(z, y = c): the log-sum-exp of the class's components (the component itself when M = 1)."""
+        M = len(self.means_) // len(self.classes_)
+        if M == 1:
+            return lj
+        return np.stack([_logsumexp(lj[:, c * M:(c + 1) * M]) for c in range(len(self.classes_))], axis=1)
 
     def decision_function(self, X) -> np.ndarray:
         """log P(x, y = c) per class in the PCA space: the 'logits' that temperature scaling divides."""
@@ -293,7 +332,7 @@ class GaussianEM:
         X = check_semi_supervised(X)
         if X.shape[1] != len(self.pca_mean_):
             raise ArgumentError(f"X has {X.shape[1]} features, the model was fitted on {len(self.pca_mean_)}")
-        return self.predict_log_joint_(self._project(X))
+        return self._class_log_joint(self._component_log_joint(self._project(X)))
 
     def predict_proba(self, X) -> np.ndarray:
         a = self.decision_function(X) / float(self.temperature)
