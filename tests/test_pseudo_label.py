@@ -121,6 +121,22 @@ def test_em_helps_with_full_covariances_and_hurts_with_spherical():
     assert sph[0]["mean"] < sph[1]["mean"] - 0.01
 
 
+def test_shifted_labels():
+    img = np.zeros((1, 64))
+    img[0, 3 * 8 + 4] = 1.0  # row 3, column 4
+    right = methods.shift_images(img, 0, 1).reshape(8, 8)
+    down = methods.shift_images(img, 1, 0).reshape(8, 8)
+    assert right[3, 5] == 1 and down[4, 4] == 1 and right.sum() == down.sum() == 1
+    edge = np.zeros((1, 64))
+    edge[0, 7] = 1.0  # row 0, last column: moved right it falls off
+    assert methods.shift_images(edge, 0, 1).sum() == 0
+    y = np.array([0, -1, 1, -1])
+    Xa, ya = methods.with_shifted_labels(np.random.default_rng(0).random((4, 64)), y)
+    assert Xa.shape == (4 + 2 * 4, 64) and list(ya[4:]) == [0, 1] * 4
+    with pytest.raises(ValueError, match="square images"):
+        methods.shift_images(np.zeros((2, 10)), 0, 1)
+
+
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("X,y,match", [
     (np.array([[0.0, np.nan], [1, 1]]), [0, 1], "NaN or infinite"),

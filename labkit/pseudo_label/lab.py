@@ -50,6 +50,9 @@ METHODS = {
     "generative EM": _methods.generative,
     "generative self-training (calibrated)": _methods.generative_self_training,
     "generative EM + LabelSpreading": _methods.generative_plus_spreading,
+    "LabelSpreading, shifted labels": lambda: _methods.shifted(_ls()),
+    "generative, labelled only, shifted labels": lambda: _methods.shifted(_methods.generative_supervised()),
+    "generative EM, shifted labels": lambda: _methods.shifted(_methods.generative()),
 }
 
 
