@@ -1,0 +1,122 @@
+"""Lab 07's figures: accuracy against K, confidence histograms, reliability diagrams, logs over iterations.
+
+Every function takes an optional matplotlib ``ax`` and returns it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["accuracy_vs_k", "confidence_histogram", "reliability", "pseudo_label_log", "log_likelihood",
+           "class_counts"]
+
+
+def _ax(ax, figsize=(5, 3.2)):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def accuracy_vs_k(rows, ax=None, title="accuracy against labels per class K"):
+    """Rows of :func:`labkit.semisup.evaluate`: one line per method, mean ± sd error bars."""
+    ax = _ax(ax, (6.5, 3.8))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == m and "error" not in r), key=lambda r: r["K"])
+        ax.errorbar([r["K"] for r in rs], [r["mean"] for r in rs], yerr=[r["sd"] for r in rs], marker="o",
+                    capsize=3, label=m)
+    ax.set_xlabel("labels per class K")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def confidence_histogram(confidence, correct, ax=None, threshold=None, bins=20, title="confidence"):
+    """Histogram of the top posterior, right and wrong predictions stacked; a dashed line at the threshold."""
+    ax = _ax(ax)
+    confidence, correct = np.asarray(confidence), np.asarray(correct, dtype=bool)
+    edges = np.linspace(0, 1, bins + 1)
+    ax.hist([confidence[correct], confidence[~correct]], bins=edges, stacked=True, color=["#4a8", "#d55"],
+            label=[f"right ({correct.sum()})", f"wrong ({(~correct).sum()})"])
+    if threshold is not None:
+        ax.axvline(threshold, ls="--", color="k", label=f"threshold {threshold:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("P(y_hat | x)")
+    ax.set_ylabel("points (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def reliability(diagram: dict, ax=None, label="model", title="reliability diagram"):
+    """Accuracy per confidence bin against the bin's mean confidence (the diagonal is perfect calibration)."""
+    ax = _ax(ax, (4, 4))
+    ok = diagram["count"] > 0
+    ax.plot([0, 1], [0, 1], ls=":", color="grey")
+    ax.plot(diagram["confidence"][ok], diagram["accuracy"][ok], marker="o", label=f"{label} (ECE {diagram['ece']:.3f})")
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def _smooth(v, w):
+    v = np.asarray(v, dtype=float)
+    if w <= 1 or len(v) < w:
+        return v
+    out = np.full(len(v), np.nan)
+    for i in range(len(v)):
+        seg = v[max(0, i - w + 1): i + 1]
+        if np.isfinite(seg).any():
+            out[i] = np.nanmean(seg)
+    return out
+
+
+def pseudo_label_log(runs, ax=None, window=10, title="online pseudo-labels per step"):
+    """Mask rate (solid) and pseudo-label accuracy (dashed) per step for each :class:`CNNRun` (moving average)."""
+    ax = _ax(ax, (7, 3.5))
+    for i, run in enumerate(runs):
+        if not run.mask_rate:
+            continue
+        colour = f"C{i}"
+        ax.plot(_smooth(run.mask_rate, window), color=colour, label=f"{run.mode}: mask rate")
+        if run.pseudo_accuracy:
+            ax.plot(_smooth(run.pseudo_accuracy, window), color=colour, ls="--", label=f"{run.mode}: pseudo-label acc.")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def log_likelihood(models: dict, ax=None, title="EM objective J / n per iteration"):
+    ax = _ax(ax)
+    for name, m in models.items():
+        ax.plot(m.log_likelihood_, marker=".", label=name)
+    ax.set_xlabel("EM iteration (0 = supervised start)")
+    ax.set_ylabel("J / n")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def class_counts(counts: dict, ax=None, title="pseudo-labels per class"):
+    """Grouped bars: ``{name: per-class counts}``."""
+    ax = _ax(ax, (6.5, 3))
+    names = list(counts)
+    C = len(next(iter(counts.values())))
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar(np.arange(C) + i * w, counts[n], width=w, label=n)
+    ax.set_xticks(np.arange(C) + 0.4 - w / 2, [str(c) for c in range(C)])
+    ax.set_xlabel("class")
+    ax.set_ylabel("pseudo-labels")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
