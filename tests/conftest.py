@@ -13,9 +13,10 @@ def _stop_shared_pools_after_module():
 
 @pytest.fixture
 def write_mnist():
-    """A function ``write(root, train_labels, test_labels, seed=0)`` that writes MNIST in torchvision's raw
-    idx format under ``root/MNIST/raw`` (random 28x28 uint8 images with the given labels) and returns the
-    (images, labels) per split. The same format as ``tests/test_data.py`` builds by hand."""
+    """A function ``write(root, train_labels=None, test_labels=None, seed=0, folder="MNIST", gz=False, n_train=6,
+    n_test=3)`` that writes MNIST in torchvision's raw idx format under ``root/folder/raw`` (random 28x28 uint8
+    images; the given labels, or random ones) and returns ``{split: (images, labels)}`` for "train" and "t10k"."""
+    import gzip
     import struct
 
     import numpy as np
@@ -24,16 +25,20 @@ def write_mnist():
         head = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">i", s) for s in array.shape)
         return head + array.astype(np.uint8).tobytes()
 
-    def write(root, train_labels, test_labels, seed=0):
+    def write(root, train_labels=None, test_labels=None, seed=0, folder="MNIST", gz=False, n_train=6, n_test=3):
         rng = np.random.default_rng(seed)
-        raw = root / "MNIST" / "raw"
+        raw = root / folder / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         made = {}
-        for split, labels in (("train", train_labels), ("t10k", test_labels)):
-            labels = np.asarray(labels, dtype=np.uint8)
-            images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
-            (raw / f"{split}-images-idx3-ubyte").write_bytes(idx(images))
-            (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx(labels))
+        for split, labels, n in (("train", train_labels, n_train), ("t10k", test_labels, n_test)):
+            images = rng.integers(0, 256, size=(n if labels is None else len(labels), 28, 28), dtype=np.uint8)
+            labels = rng.integers(0, 10, size=n, dtype=np.uint8) if labels is None else np.asarray(labels, np.uint8)
+            for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+                name, payload = f"{split}-{kind}-ubyte", idx(arr)
+                if gz:
+                    (raw / (name + ".gz")).write_bytes(gzip.compress(payload))
+                else:
+                    (raw / name).write_bytes(payload)
             made[split] = (images, labels)
         return made
 

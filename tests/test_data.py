@@ -1,10 +1,8 @@
 """labkit.data: digits and generated sets, labelled splits, sharding against DistributedSampler,
 and the torchvision loaders on tiny files written here in torchvision's on-disk format (the
 network is never touched: downloads are made impossible and the message checked)."""
-import gzip
 import pickle
 import socket
-import struct
 import urllib.error
 import urllib.request
 
@@ -216,31 +214,6 @@ def test_shards_on_real_ranks():
 
 
 # --------------------------------------------------------------------------- torchvision formats
-def _idx(array: np.ndarray) -> bytes:
-    """MNIST's idx format: 0, 0, type 0x08 (uint8), ndim; big-endian int32 sizes; then the bytes."""
-    head = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">i", s) for s in array.shape)
-    return head + array.astype(np.uint8).tobytes()
-
-
-def _write_mnist(root, folder="MNIST", gz=False, n_train=6, n_test=3, seed=0):
-    rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    made = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
-            name = f"{split}-{kind}-ubyte"
-            payload = _idx(arr)
-            if gz:
-                (raw / (name + ".gz")).write_bytes(gzip.compress(payload))
-            else:
-                (raw / name).write_bytes(payload)
-        made[split] = (images, labels)
-    return made
-
-
 def _write_cifar(root, per_batch=2, n_test=3, seed=0):
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
@@ -283,8 +256,8 @@ def no_network(monkeypatch):
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
-def test_mnist_format_files_load(tmp_path, no_network, name, folder):
-    made = _write_mnist(tmp_path, folder)
+def test_mnist_format_files_load(tmp_path, no_network, name, folder, write_mnist):
+    made = write_mnist(tmp_path, folder=folder)
     for train, split in ((True, "train"), (False, "t10k")):
         X, y = data.load_torchvision(name, root=tmp_path, train=train)
         images, labels = made[split]
@@ -298,8 +271,8 @@ def test_mnist_format_files_load(tmp_path, no_network, name, folder):
     assert no_network == [] and data.local_datasets(tmp_path)[["mnist", "fashion-mnist"].index(name)]["present"]
 
 
-def test_mnist_archives_put_by_hand_are_unpacked(tmp_path, no_network):
-    made = _write_mnist(tmp_path, gz=True)
+def test_mnist_archives_put_by_hand_are_unpacked(tmp_path, no_network, write_mnist):
+    made = write_mnist(tmp_path, gz=True)
     with pytest.raises(DatasetCorrupt, match="md5.*verify=False"):  # our .gz are not the published ones
         data.load_torchvision("mnist", root=tmp_path)
     X, y = data.load_torchvision("mnist", root=tmp_path, train=False, verify=False)
@@ -307,8 +280,8 @@ def test_mnist_archives_put_by_hand_are_unpacked(tmp_path, no_network):
     assert no_network == []
 
 
-def test_damaged_mnist_file_is_reported(tmp_path, no_network):
-    _write_mnist(tmp_path)
+def test_damaged_mnist_file_is_reported(tmp_path, no_network, write_mnist):
+    write_mnist(tmp_path)
     (tmp_path / "MNIST/raw/train-images-idx3-ubyte").write_bytes(b"\x07" * 64)
     with pytest.raises(DatasetCorrupt, match="could not be read"):
         data.load_torchvision("mnist", root=tmp_path)

@@ -3,14 +3,16 @@
 - ``schedules`` (pure): every algorithm's messages as a schedule, a simulator, message-log comparison.
 - ``algorithms`` (on ranks): naive, tree, ring and halving-doubling all-reduce from send/recv; ring
   reduce-scatter and all-gather; each checked against ``torch.distributed``'s own.
+- ``validation``: what the algorithms check before they communicate, and ``ranks_agree``.
 - ``cost`` (pure): nccl-tests' algbw/busbw and the alpha-beta model, fitted to measurements.
 - ``lab``: the rank functions of the notebook, the exercise checks, the tour; ``bench``: busbw against
   the library (``python -m labkit bench collectives``); ``plots``: schedules, animations, bandwidth curves.
 """
-from .algorithms import all_gather, all_reduce, ranks_agree, reduce_scatter
+from .algorithms import all_gather, all_reduce, reduce_scatter
 from .cost import LIBRARY, MODELLED, bandwidths, bus_factor, cost_terms, fit_alpha_beta, predict_time
 from .schedules import (ALGORITHMS, OPS, SCHEDULES, Message, Schedule, chunk_bounds, final_owners,
                         log_matches_schedule, merge_logs, schedule, schedule_from_logs, simulate)
+from .validation import ranks_agree
 
 __all__ = [
     "ALGORITHMS", "OPS", "SCHEDULES", "Message", "Schedule", "chunk_bounds", "schedule", "simulate", "final_owners",

@@ -12,7 +12,7 @@ import time
 
 from .._validate import check_int
 from .schedules import _check_algorithm, _hd_layout, chunk_bounds
-from .validation import _check_log, _check_same_everywhere, _check_tensor, _op_name, ranks_agree  # noqa: F401
+from .validation import _check_log, _check_same_everywhere, _check_tensor, _op_name
 
 def _reduce_into(dst, src, op: str) -> None:
     import torch

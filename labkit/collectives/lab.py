@@ -12,7 +12,8 @@ from collections import Counter
 from .. import checks
 from ..runtime import launch
 from ..tour import check_row
-from .algorithms import _finish_avg, _op_name, all_gather, all_reduce, reduce_scatter
+from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
+from .validation import _op_name
 from .schedules import ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule, schedule, simulate
 
 

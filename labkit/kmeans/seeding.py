@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validate import ArgumentError, check_choice, check_finite, check_int, check_number  # noqa: F401
-from .loop import _guard, assign, default_chunk_size  # noqa: F401
+from .._validate import ArgumentError, check_finite, check_int
+from .loop import _guard
 
 
 # ----------------------------------------------------------------------------- inputs
