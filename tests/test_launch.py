@@ -95,10 +95,11 @@ def test_world_size_one():
 
 
 def test_rank_error_names_rank_and_traceback_fast():
-    t0 = time.perf_counter()
+    """Rank 0 waits in a barrier forever, so only the launcher's reaction to rank 1's error can end the job before
+    the (long) timeout: a RankError, not a LaunchTimeout, proves it did not wait (load cannot flip that)."""
     with pytest.raises(RankError) as e:
-        labkit.launch(fail_on_rank_one, 2, quiet=True, echo=False, timeout=60)
-    assert time.perf_counter() - t0 < 30  # within seconds (start-up included), not the 60 s timeout
+        labkit.launch(fail_on_rank_one, 2, quiet=True, echo=False, timeout=400)
+    assert not isinstance(e.value, LaunchTimeout)
     assert e.value.rank == 1
     assert "deliberate failure on rank one" in str(e.value)
     assert "Traceback" in str(e.value) and "fail_on_rank_one" in str(e.value)
@@ -108,10 +109,10 @@ def test_rank_error_names_rank_and_traceback_fast():
 def test_timeout_names_unfinished_ranks_and_leaves_nothing():
     t0 = time.perf_counter()
     with pytest.raises(LaunchTimeout) as e:
-        labkit.launch(mismatched_collective, 2, timeout=4, quiet=True, echo=False)
+        labkit.launch(mismatched_collective, 2, timeout=10, quiet=True, echo=False)  # start-up is not counted
     assert e.value.unfinished == [0]
     assert "rank(s) [0] never returned" in str(e.value)
-    assert time.perf_counter() - t0 < 60
+    assert time.perf_counter() - t0 < 500  # it ended: the timeout fired (start-up under load can take minutes)
     assert my_workers() == []
 
 
@@ -194,13 +195,15 @@ def test_keyboard_interrupt_stops_every_rank(tmp_path):
 
 
 def test_pool_is_fast_and_restarts_after_failure():
+    t0 = time.perf_counter()
     with Pool(2, quiet=True, echo=False) as pool:
         assert [r["sum"] for r in pool.run(rank_info)] == [1.0, 1.0]
+        first = time.perf_counter() - t0  # start-up (two Pythons importing torch) and one job
         first_pids = pool.pids
         t0 = time.perf_counter()
         for _ in range(5):
             pool.run(rank_info)
-        assert (time.perf_counter() - t0) / 5 < 1.0  # no start-up on re-runs
+        assert (time.perf_counter() - t0) / 5 < first / 3  # no start-up on re-runs (a ratio: load slows both)
         assert pool.pids == first_pids and pool.starts == 1
         with pytest.raises(RankError):
             pool.run(fail_on_rank_one, timeout=30)
