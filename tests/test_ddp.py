@@ -249,3 +249,84 @@ def test_mismatched_collective_ends_in_timeout():
     with pytest.raises(labkit.LaunchTimeout) as info:
         labkit.launch(mismatched_rank, world_size=2, pool=True, echo=False, timeout=3)
     assert info.value.unfinished == [0]
+
+
+# ----------------------------------------------------------------------------- frozen, tied, unused (vs torch DDP)
+class _Odd(nn.Module):
+    """Frozen layer, frozen bias, tied weights, a parameter used in some steps only (and on some ranks only)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)  # a different start on every rank: the wrapper must broadcast rank 0's
+        self.inp = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)        # a frozen layer
+        self.mid = nn.Linear(6, 6)
+        self.mid.bias.requires_grad_(False)                         # a frozen bias
+        self.out = nn.Linear(6, 6, bias=False)
+        self.out.weight = self.inp.weight                           # tied weights
+        self.extra = nn.Linear(6, 6)                                # used in some steps only
+        self.calls, self.rank = 0, 0
+
+    def forward(self, x):
+        step, self.calls = self.calls, self.calls + 1
+        h = torch.tanh(self.mid(torch.tanh(self.frozen(self.inp(x)))))
+        if step == 0 or (step == 2 and self.rank == 0):  # step 1: no rank uses it; step 2: rank 0 only
+            h = h + self.extra(h)
+        return self.out(h)
+
+
+def _odd_rank(ctx, steps=4):
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(steps, 4 * ctx.world_size, 6, generator=g), torch.randn(steps, 4 * ctx.world_size, 6, generator=g)
+        mine = [[(local_shard(x[s], ctx.rank, ctx.world_size), local_shard(y[s], ctx.rank, ctx.world_size))]
+                for s in range(steps)]
+        out = {}
+        for algo in ALGORITHMS_ALL:
+            for unused in (True, False):
+                if algo == "torch" and not unused:
+                    continue  # torch's DDP refuses unused parameters without find_unused_parameters
+                model = _Odd(seed=ctx.rank)
+                model.rank = ctx.rank
+                w = make_ddp(algo, model, 1e-4, find_unused_parameters=unused)
+                opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+                labkit.ddp.train_steps(w, opt, mine, loss_fn=nn.functional.mse_loss)
+                out[(algo, unused)] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rank0 = _Odd(seed=0)
+        out["rank0_frozen"] = {n: p.detach().clone() for n, p in rank0.named_parameters() if not p.requires_grad}
+        out["tied"] = model.out.weight is model.inp.weight
+        return out
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+ALGORITHMS_ALL = ("naive", "bucketed", "overlapped", "torch")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_wrappers_match_torch_ddp_frozen_tied_unused(world_size):
+    res = labkit.launch(_odd_rank, world_size=world_size, pool=True, echo=False, timeout=200)
+    for r in res:
+        assert r["tied"]
+        ref = r[("torch", True)]
+        for name, want in r["rank0_frozen"].items():  # frozen values are rank 0's everywhere (broadcast)
+            assert torch.equal(ref[name], want), name
+            for algo in ALGORITHMS_ALL[:3]:
+                assert torch.equal(r[(algo, True)][name], want), (algo, name)
+        for algo in ALGORITHMS_ALL[:3]:
+            for name, p in r[(algo, True)].items():
+                assert (p - ref[name]).abs().max() < 1e-12, (algo, name)
+            # without find_unused_parameters an unused parameter is reduced as zeros: momentum still moves it in
+            # the step where no rank used it, so `extra` drifts from torch's DDP; everything else still agrees
+            z = r[(algo, False)]
+            assert (z["extra.weight"] - ref["extra.weight"]).abs().max() > 1e-4, algo
+            for name in ("frozen.weight", "frozen.bias", "mid.bias"):
+                assert torch.equal(z[name], ref[name]), (algo, name)
+    for key in res[0]:
+        if isinstance(key, tuple):
+            for name, p in res[0][key].items():
+                for other in res[1:]:
+                    assert torch.equal(p, other[key][name]), (key, name)  # replicas agree across ranks
