@@ -11,7 +11,7 @@ import labkit
 from labkit import ddp
 from labkit.ddp import (chunk_ranges, distributed_shards, local_shard, make_ddp, model_step,
                         plan_buckets)
-from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, equivalence_rank,
+from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, check_torch_buckets, equivalence_rank,
                             feature_split_rank, mismatched_rank, timeline_rank)
 
 TIGHT = 1e-12  # float64: only summation order separates the runs
@@ -125,7 +125,9 @@ def test_ddp_equals_single_process_and_torch_ddp(world_size):
     n_params = res[0]["default"]["naive"]["stats"]["allreduce_calls"] / 3
     assert n_params == 8
     assert res[0]["mb1e-06"]["bucketed"]["buckets"] == 8 and res[0]["mb25.0"]["bucketed"]["buckets"] == 1
-    for algo in ("naive", "bucketed", "overlapped"):
+    # torch's DDP, counted by its comm hook, all-reduces the same gradient bytes per step as the others
+    assert res[0]["default"]["torch"]["stats"]["allreduce_bytes"] == res[0]["default"]["naive"]["stats"]["allreduce_bytes"]
+    for algo in ("naive", "bucketed", "overlapped", "torch"):
         skip = res[0]["accum_skipTrue"][algo]["stats"]["allreduce_bytes"]
         sync = res[0]["accum_skipFalse"][algo]["stats"]["allreduce_bytes"]
         assert sync == 3 * skip > 0
@@ -205,24 +207,182 @@ def _hook_sum_only(p):
     dist.all_reduce(p.grad)
 
 
-def _hook_stub(p):
+def _hook_halves(p):  # the shortcut: fits the 2-rank case only
+    import torch.distributed as dist
+
+    dist.all_reduce(p.grad)
+    p.grad /= 2
+
+
+def _hook_local(p):  # skips the communication
+    p.grad /= 1
+
+
+def _stub(*a):
     raise NotImplementedError
 
 
-def _count_calls(sizes, mb):
-    return len(plan_buckets(sizes, mb))
-
-
-@pytest.mark.timeout(150)
-def test_exercise_checks():
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_check_average_hook():
     assert check_average_hook(_hook_good).passed
-    bad = check_average_hook(_hook_sum_only)
-    assert bad.attempted and not bad.passed and "divide" in bad.summary()
-    stub = check_average_hook(_hook_stub)
-    assert not stub.attempted and not stub.passed
-    assert check_allreduce_prediction(_count_calls, bucket_mbs=(0.001, 0.05, 1.0)).passed
-    wrong = check_allreduce_prediction(lambda s, mb: 1, bucket_mbs=(0.001, 1.0))
-    assert wrong.attempted and not wrong.passed and len(wrong.failed_cases) == 1
+    r = check_average_hook(_hook_sum_only)
+    assert r.attempted and not r.passed and "divide by the number of ranks" in r.summary()
+    r = check_average_hook(_hook_halves)
+    assert r.attempted and not r.passed and [c.name for c in r.failed_cases] == ["3 ranks equal whole-batch training"]
+    assert "mean over all 3 ranks" in r.summary() and "not a constant" in r.summary()
+    r = check_average_hook(_hook_local)
+    assert r.attempted and not r.passed and len(r.failed_cases) == 2
+    r = check_average_hook(_stub)
+    assert not r.attempted and not r.passed and "not attempted" in r.summary()
+
+
+def _labkit_count(sizes, mb):  # a correct answer, written out
+    count, filled = 0, None
+    for s in sizes:
+        if filled is None or filled + s > mb * 2 ** 20:
+            count, filled = count + 1, 0
+        filled += s
+    return count
+
+
+def _torch_buckets(sizes, mb, first):  # a correct answer to the PyTorch-rule exercise, written out
+    out, cur, b = [], [], 0
+    for i, s in enumerate(sizes):
+        cur.append(i)
+        b += s
+        if b >= int((first if not out else mb) * 2 ** 20):
+            out.append(cur)
+            cur, b = [], 0
+    return out + ([cur] if cur else [])
+
+
+def _torch_count(sizes, mb):  # PyTorch's rule, where labkit's is asked
+    return len(_torch_buckets(sizes, mb, mb))
+
+
+def _labkit_buckets(sizes, mb, first):  # labkit's rule, where PyTorch's is asked
+    out, cur, b = [], [], 0
+    for i, s in enumerate(sizes):
+        if cur and b + s > (first if not out else mb) * 2 ** 20:
+            out.append(cur)
+            cur, b = [], 0
+        cur.append(i)
+        b += s
+    return out + ([cur] if cur else [])
+
+
+def _hard_coded(sizes, mb):  # the shortcut: the notebook's printed case (width 16), anything else a guess
+    return {0.01: 4, 0.05: 2}.get(mb, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_check_allreduce_prediction(seed):
+    assert check_allreduce_prediction(_labkit_count, seed=seed).passed
+    r = check_allreduce_prediction(_torch_count, seed=seed)  # at least one drawn case tells the rules apart
+    assert r.attempted and not r.passed and "that is PyTorch's rule" in r.summary()
+    r = check_allreduce_prediction(lambda s, mb: len(plan_buckets(s, mb)), seed=seed)
+    assert not r.passed and "calls labkit's plan_buckets" in r.summary()
+    r = check_allreduce_prediction(_hard_coded, seed=seed)
+    assert r.attempted and not r.passed and "measured" in r.summary()
+    r = check_allreduce_prediction(_stub, seed=seed)
+    assert not r.attempted and "not attempted" in r.summary()
+    # the cases are drawn at check time: two checks without a seed see different cases
+    a, b = (check_allreduce_prediction(_labkit_count) for _ in range(2))
+    assert a.passed and b.passed and [c.name for c in a.cases] != [c.name for c in b.cases]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_check_torch_buckets():
+    r = check_torch_buckets(_torch_buckets, seed=3)
+    assert r.passed, r.summary()
+    assert any("torch's defaults" in c.name for c in r.cases)
+    r = check_torch_buckets(_labkit_buckets, seed=3)
+    assert r.attempted and not r.passed and "that is labkit's rule" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: _torch_buckets(s, mb, mb), seed=3)  # forgets the 1 MiB first bucket
+    assert not r.passed and [c.name for c in r.failed_cases] == [r.cases[-1].name]
+    assert "first bucket's cap is 1.0 MiB" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: labkit.ddp.torch_bucket_assignment(s, mb, f), seed=3)
+    assert not r.passed and "write the rule yourself" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: [list(range(len(s)))], seed=3)  # one bucket
+    assert r.attempted and not r.passed and "torch's DDP used" in r.summary()
+    assert not check_torch_buckets(_stub).attempted
+
+
+# ----------------------------------------------------------------------------- PyTorch's buckets, measured
+def test_torch_rule_equals_torchs_assignment():
+    import random
+
+    import torch.distributed as dist
+
+    assert ddp.TORCH_FIRST_BUCKET_MB * ddp.MB == dist._DEFAULT_FIRST_BUCKET_BYTES
+    mib = 2 ** 20
+    assert plan_buckets([mib, mib, mib], 2, rule="torch") == [[0, 1], [2]]
+    assert plan_buckets([mib // 2, mib, 8], 1, rule="torch") == [[0, 1], [2]]  # a bucket may exceed the cap
+    assert plan_buckets([mib // 2, mib, 8], 1) == [[0], [1], [2]]               # labkit's never does
+    rng = random.Random(0)
+    for _ in range(500):
+        sizes = [4 * rng.randint(1, rng.choice([10, 1000, 100000])) for _ in range(rng.randint(1, 12))]
+        mb = rng.choice([1e-5, 1e-3, 0.01, 0.1])
+        first = rng.choice([None, mb / 3, 4 * mb])
+        assert plan_buckets(sizes, mb, rule="torch", first_bucket_mb=first) == \
+            ddp.torch_bucket_assignment(sizes, mb, first)
+    for w in (4, 16, 32):
+        sizes = labkit.ddp.lab.bucket_sizes_of(w)
+        for mb in (0.001, 0.01, 0.05, 25):
+            assert plan_buckets(sizes, mb, rule="torch") == ddp.torch_bucket_assignment(sizes, mb)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        plan_buckets([1], 1, rule="nccl")
+
+
+def _torch_buckets_seen(ctx):
+    from labkit.ddp.lab import torch_buckets_rank
+
+    return {mb: torch_buckets_rank(ctx, width=w, bucket_mb=mb, steps=3)
+            for w, mb in ((16, 0.01), (16, 0.05), (128, None))}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_torch_ddp_buckets_seen_by_a_comm_hook_follow_the_torch_rule():
+    res = labkit.launch(_torch_buckets_seen, world_size=2, pool=True, echo=False, timeout=150)[0]
+    for mb, r in res.items():
+        first, later = r["steps"][0], r["steps"][1:]
+        assert len(first) == 1 and sorted(first[0][2]) == list(range(8))  # iteration 1: one bucket of everything
+        assert later[0] == later[1]                                       # rebuilt once, then kept
+        order = [i for _, _, ps in later[0] for i in ps]                  # the order gradients became ready
+        assert order != list(reversed(range(8)))                          # not quite reverse registration order
+        sizes = [r["sizes"][i] for i in order]
+        cap, first_cap = (mb, None) if mb is not None else (ddp.TORCH_DEFAULT_BUCKET_MB, ddp.TORCH_FIRST_BUCKET_MB)
+        want = plan_buckets(sizes, cap, rule="torch", first_bucket_mb=first_cap)
+        assert [[order.index(i) for i in ps] for _, _, ps in later[0]] == want
+        assert want == ddp.torch_bucket_assignment(sizes, cap, first_cap)
+        assert [b for _, b, _ in later[0]] == [sum(sizes[k] for k in bk) for bk in want]
+        # the hook counted every byte of every step: each step reduces all gradients once
+        assert r["stats"]["allreduce_bytes"] == 3 * sum(r["sizes"])
+    assert len(res[None]["steps"][1]) == 2  # defaults: a 1 MiB first bucket, then 25 MiB
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_batchnorm_under_ddp(world_size):
+    from labkit.ddp.lab import batchnorm_rank
+
+    res = labkit.launch(batchnorm_rank, world_size=world_size, pool=True, echo=False, timeout=150)
+    for r in res:
+        plain, ours = r["torch DDP, BatchNorm1d"], r["labkit overlapped, BatchNorm1d"]
+        assert plain["running_mean vs whole batch"] > 1e-2 and plain["params vs whole batch"] > 1e-3
+        assert plain["running_mean across ranks"] > 1e-2  # per-rank statistics
+        assert ours == plain  # labkit's wrappers broadcast buffers before each forward, as torch's DDP does
+        assert "GPU" in r["torch DDP, SyncBatchNorm"]["error"]  # torch 2.14.1: SyncBatchNorm refuses CPU
+        g = r["torch DDP, GlobalBatchNorm1d (labkit)"]
+        assert g["running_mean vs whole batch"] < 1e-12 and g["params vs whole batch"] < 1e-12
+        assert g["running_mean across ranks"] == 0.0
 
 
 def test_data_parallel_on_cpu_just_runs_the_module():
