@@ -1,7 +1,7 @@
 """Lab 02's rank functions and checks: equivalence runs, timelines, stragglers, exercises, tour.
 
 Each ``*_rank(ctx, ...)`` is a module-level lab function for :func:`labkit.launch`; the others run
-in the notebook's process. Long because it holds the lab's three exercise checks with their measured runs
+in the notebook's process. It is long because it holds the lab's three exercise checks with their measured runs
 (and the shortcut detection they share) beside the rank functions they launch.
 """
 from __future__ import annotations
