@@ -293,11 +293,12 @@ def _draw_seed(seed):
     return random.Random(seed if seed is not None else random.SystemRandom().getrandbits(32))
 
 
-def check_average_hook(hook, world_sizes=(2, 3), timeout: float = 60, seed: int | None = None):
+def check_average_hook(hook, world_sizes=(2, 3), timeout: float = 300, seed: int | None = None):
     """Exercise: ``hook(param)`` must replace ``param.grad`` by its average over the ranks.
 
     Runs on each of ``world_sizes`` (2 and 3: an answer that divides by a hard-coded 2 fails on 3), with
-    a model and batches drawn at check time."""
+    a model and batches drawn at check time. ``timeout`` (seconds per run) is generous so that a busy
+    machine cannot fail a right answer; a hook that hangs (a collective on one rank only) waits that long."""
     from ..checks import run_cases
     from ..runtime import launch
 
@@ -400,7 +401,7 @@ def _draw_cases(rng, n_cases, widths, differs):
     return cases[:n_cases]
 
 
-def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = None):
+def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = None, timeout: float = 300):
     """Exercise (labkit's rule): ``predict(sizes_bytes, bucket_mb)`` -> all-reduce calls per step of
     :class:`BucketedDDP` (a bucket closes *before* the next gradient would overflow it).
 
@@ -428,7 +429,7 @@ def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = Non
     def measured():
         if "m" not in state:
             state["m"] = launch(_count_buckets_rank, world_size=2, kwargs=dict(cases=cases, rule="labkit"),
-                                pool=True, echo=False)[0]
+                                pool=True, echo=False, timeout=timeout)[0]
         return state["m"]
 
     def case(k):
@@ -461,7 +462,7 @@ def _torch_cases_rank(ctx, cases):
     return out
 
 
-def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None):
+def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, timeout: float = 300):
     """Exercise (PyTorch's rule): ``predict(sizes_bytes, bucket_mb, first_bucket_mb)`` -> the buckets torch's DDP
     uses after its first iteration, as lists of positions into ``sizes_bytes`` (given in the order the
     gradients became ready). Checked against the buckets a comm hook sees in a real 2-rank torch DDP run;
@@ -488,7 +489,7 @@ def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None):
     def measured():
         if "m" not in state:
             state["m"] = launch(_torch_cases_rank, world_size=2, kwargs=dict(cases=cases), pool=True, echo=False,
-                                timeout=120)[0]
+                                timeout=timeout)[0]
         return state["m"]
 
     def case(k):
