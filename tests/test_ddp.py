@@ -107,10 +107,10 @@ def _equivalence_all(ctx):
     return out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ddp_equals_single_process_and_torch_ddp(world_size):
-    res = labkit.launch(_equivalence_all, world_size=world_size, pool=True, echo=False, timeout=200)
+    res = labkit.launch(_equivalence_all, world_size=world_size, pool=True, echo=False, timeout=300)
     for case in res[0]:
         for algo, r in res[0][case].items():
             if algo.startswith("_"):
@@ -152,9 +152,9 @@ def _bad_inputs(ctx):
     return errors
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_bad_inputs_get_clear_errors_on_ranks():
-    res = labkit.launch(_bad_inputs, world_size=2, pool=True, echo=False, timeout=60)
+    res = labkit.launch(_bad_inputs, world_size=2, pool=True, echo=False, timeout=300)
     for e in res:
         assert e["bucket"][0] == "ValueError" and "bucket_mb" in e["bucket"][1]
         assert e["algo"][0] == "ValueError" and "'naive'" in e["algo"][1]
@@ -164,11 +164,11 @@ def test_bad_inputs_get_clear_errors_on_ranks():
         assert e["shards"][0] == "ValueError" and "one size per rank" in e["shards"][1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_timelines_show_overlap_and_stragglers():
     def events(algo, **kw):
         return labkit.launch(timeline_rank, world_size=2, kwargs=dict(algorithm=algo, bucket_mb=0.01, **kw),
-                             pool=True, echo=False, timeout=60)
+                             pool=True, echo=False, timeout=300)
 
     for r in events("overlapped"):
         bwd_end = max(e["end"] for e in r["events"] if e["kind"] == "backward")
@@ -188,9 +188,9 @@ def test_timelines_show_overlap_and_stragglers():
     assert skew[1]["comm_seconds"] > 3 * skew[0]["comm_seconds"]  # the small shard waits for the big one (64x)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_feature_split_needs_forward_allreduce():
-    res = labkit.launch(feature_split_rank, world_size=2, pool=True, echo=False)
+    res = labkit.launch(feature_split_rank, world_size=2, pool=True, echo=False, timeout=300)
     for r in res:
         assert r["error"] < 1e-12 and r["partial_error"] > 1.0
 
@@ -224,7 +224,7 @@ def _stub(*a):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 def test_check_average_hook():
     assert check_average_hook(_hook_good).passed
     r = check_average_hook(_hook_sum_only)
@@ -278,7 +278,7 @@ def _hard_coded(sizes, mb):  # the shortcut: the notebook's printed case (width 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("seed", [1, 2])
 def test_check_allreduce_prediction(seed):
     assert check_allreduce_prediction(_labkit_count, seed=seed).passed
@@ -296,7 +296,7 @@ def test_check_allreduce_prediction(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 def test_check_torch_buckets():
     r = check_torch_buckets(_torch_buckets, seed=3)
     assert r.passed, r.summary()
@@ -347,9 +347,9 @@ def _torch_buckets_seen(ctx):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 def test_torch_ddp_buckets_seen_by_a_comm_hook_follow_the_torch_rule():
-    res = labkit.launch(_torch_buckets_seen, world_size=2, pool=True, echo=False, timeout=150)[0]
+    res = labkit.launch(_torch_buckets_seen, world_size=2, pool=True, echo=False, timeout=300)[0]
     for mb, r in res.items():
         first, later = r["steps"][0], r["steps"][1:]
         assert len(first) == 1 and sorted(first[0][2]) == list(range(8))  # iteration 1: one bucket of everything
@@ -369,12 +369,12 @@ def test_torch_ddp_buckets_seen_by_a_comm_hook_follow_the_torch_rule():
 
 # ----------------------------------------------------------------------------- BatchNorm
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_batchnorm_under_ddp(world_size):
     from labkit.ddp.lab import batchnorm_rank
 
-    res = labkit.launch(batchnorm_rank, world_size=world_size, pool=True, echo=False, timeout=150)
+    res = labkit.launch(batchnorm_rank, world_size=world_size, pool=True, echo=False, timeout=300)
     for r in res:
         plain, ours = r["torch DDP, BatchNorm1d"], r["labkit overlapped, BatchNorm1d"]
         assert plain["running_mean vs whole batch"] > 1e-2 and plain["params vs whole batch"] > 1e-3
@@ -395,7 +395,7 @@ def test_data_parallel_on_cpu_just_runs_the_module():
         assert out["device_ids"] == []
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(600)
 def test_bench_quick_prints_ratio(capsys):
     from labkit.ddp.bench import measure, ratio
 
@@ -405,11 +405,11 @@ def test_bench_quick_prints_ratio(capsys):
     assert ratio(rows, "torch") == 1.0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_mismatched_collective_ends_in_timeout():
     with pytest.raises(labkit.LaunchTimeout) as info:
         labkit.launch(mismatched_rank, world_size=2, pool=True, echo=False, timeout=3)
-    assert info.value.unfinished == [0]
+    assert 0 in info.value.unfinished  # rank 0 waits forever (rank 1 returns at once unless the machine is very busy)
 
 
 # ----------------------------------------------------------------------------- frozen, tied, unused (vs torch DDP)
@@ -466,10 +466,10 @@ ALGORITHMS_ALL = ("naive", "bucketed", "overlapped", "torch")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_wrappers_match_torch_ddp_frozen_tied_unused(world_size):
-    res = labkit.launch(_odd_rank, world_size=world_size, pool=True, echo=False, timeout=200)
+    res = labkit.launch(_odd_rank, world_size=world_size, pool=True, echo=False, timeout=300)
     for r in res:
         assert r["tied"]
         ref = r[("torch", True)]
