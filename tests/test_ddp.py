@@ -107,6 +107,7 @@ def _equivalence_all(ctx):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ddp_equals_single_process_and_torch_ddp(world_size):
@@ -164,6 +165,7 @@ def test_bad_inputs_get_clear_errors_on_ranks():
         assert e["shards"][0] == "ValueError" and "one size per rank" in e["shards"][1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_timelines_show_overlap_and_stragglers():
     def events(algo, **kw):
@@ -395,6 +397,7 @@ def test_data_parallel_on_cpu_just_runs_the_module():
         assert out["device_ids"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_bench_quick_prints_ratio(capsys):
     from labkit.ddp.bench import measure, ratio
