@@ -118,35 +118,3 @@ def expect_close(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6, wh
 def expect_equal(actual, expected, *, what: str = "value") -> None:
     if actual != expected:
         raise AssertionError(f"{what}: got {actual!r}, expected {expected!r}")
-
-
-# ----------------------------------------------------------------------------- lab 00
-def _max_and_sum_rank(ctx):
-    import torch
-    import torch.distributed as dist
-
-    a = torch.tensor([ctx.rank + 1.0])
-    b = a.clone()
-    dist.all_reduce(a, op=dist.ReduceOp.MAX)
-    dist.all_reduce(b, op=dist.ReduceOp.SUM)
-    return a.item(), b.item()
-
-
-def start_here_prediction(predict, world_sizes=(1, 2, 3, 4)) -> CheckResult:
-    """Lab 00 exercise: ``predict(world_size) -> (max, sum)`` after each rank r contributes r + 1."""
-    from .runtime import launch
-
-    def case(n):
-        def thunk():
-            guess = predict(n)  # first, so a stub is "not attempted" without starting ranks
-            try:
-                g_max, g_sum = guess
-            except (TypeError, ValueError):
-                raise AssertionError(f"return a pair (max_value, sum_value), got {guess!r}")
-            got = launch(_max_and_sum_rank, n, pool=True, echo=False)[0]
-            expect_close(g_max, got[0], what=f"max with {n} ranks")
-            expect_close(g_sum, got[1], what=f"sum with {n} ranks")
-        return thunk
-
-    return run_cases("predict all-reduce results", [(f"world size {n}", case(n)) for n in world_sizes],
-                     hint="rank r holds r + 1, so the values are 1, 2, ..., n")

@@ -292,3 +292,33 @@ def test_ranks_die_with_their_parent(tmp_path):
         alive = [pid for pid in pids if os.path.exists(f"/proc/{pid}") and
                  open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
     assert not alive, f"ranks {alive} outlived their parent"
+
+
+def test_start_here_check_refuses_shortcuts():
+    """Lab 00's exercise check: right answer passes; stub, off-by-one, a table of the tested sizes, and a predict
+    that runs the all-reduce itself all fail, each with a message that says why."""
+    from labkit.runtime.lab import check_prediction, max_and_sum_rank
+
+    def right(n):
+        return n, n * (n + 1) / 2
+
+    def stub(n):
+        raise NotImplementedError
+
+    def off_by_one(n):  # forgets that rank r holds r + 1
+        return n - 1, n * (n - 1) / 2
+
+    table = {1: (1, 1), 2: (2, 3), 3: (3, 6), 4: (4, 10)}
+
+    def runs_it(n):
+        return tuple(labkit.launch(max_and_sum_rank, n, pool=True, echo=False)[0])
+
+    assert check_prediction(right, seed=0).passed
+    assert not check_prediction(stub).attempted
+    wrong = check_prediction(off_by_one, world_sizes=(2,), seed=0)
+    assert not wrong.passed and "max with 2 ranks" in wrong.summary()
+    hard = check_prediction(lambda n: table[n], world_sizes=(2,), seed=1)
+    assert not hard.passed and "by rule" in hard.summary() and "KeyError" in hard.summary()
+    cheat = check_prediction(runs_it, world_sizes=(2,), seed=2)
+    assert not cheat.passed and "ran ranks itself" in cheat.summary()
+    assert "rank r holds r + 1" in wrong.summary() or "rank r holds r + 1" in wrong.hint

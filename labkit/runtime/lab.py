@@ -1,10 +1,13 @@
-"""Lab 00 (start here): the rank function the first notebook and ``python -m labkit run`` use, and the tour.
+"""Lab 00 (start here): the rank function the first notebook and ``python -m labkit run`` use, its exercise check,
+and the tour.
 
 ``hello_rank`` is the smallest real job: every rank prints, then all ranks all-reduce their rank numbers.
+``check_prediction`` checks the notebook's exercise (predict an all-reduce's max and sum).
 ``tour(world_size)`` checks a real launch, a pooled re-run, and the shared data helpers.
 """
 from __future__ import annotations
 
+import random
 import time
 
 import numpy as np
@@ -12,7 +15,8 @@ import numpy as np
 from ..data import (labelled_split, load_digits, semi_supervised_targets, shard_indices,
                     train_test_split_digits)
 from ..tour import check_row
-from .launcher import Pool
+from ..checks import CheckResult, expect_close, run_cases
+from .launcher import Pool, jobs_started, launch
 
 
 def hello_rank(ctx):
@@ -24,6 +28,60 @@ def hello_rank(ctx):
     t = torch.tensor([float(ctx.rank)], device=ctx.device)
     dist.all_reduce(t)
     return t.item()
+
+
+def max_and_sum_rank(ctx):
+    """Rank r contributes r + 1; returns the all-reduced (max, sum)."""
+    import torch
+    import torch.distributed as dist
+
+    a = torch.tensor([ctx.rank + 1.0])
+    b = a.clone()
+    dist.all_reduce(a, op=dist.ReduceOp.MAX)
+    dist.all_reduce(b, op=dist.ReduceOp.SUM)
+    return a.item(), b.item()
+
+
+def check_prediction(predict, world_sizes=(1, 2, 3, 4), seed: int | None = None) -> CheckResult:
+    """Lab 00 exercise: ``predict(world_size) -> (max, sum)`` after each rank r contributes r + 1.
+
+    Each prediction for 1-4 ranks is compared with a real all-reduce; two more world sizes drawn at check time (5 to
+    64, too many ranks to start here) are compared with the rule those runs confirm, so a table of the four tested
+    answers fails. A ``predict`` that runs ranks itself (calls ``labkit.launch``) fails: the exercise is to work the
+    values out.
+    """
+    extra = sorted(random.Random(seed).sample(range(5, 65), 2))
+
+    def guess(n):
+        before = jobs_started()
+        g = predict(n)  # first, so a stub is "not attempted" without starting ranks
+        if jobs_started() != before:
+            raise AssertionError(f"predict({n}) ran ranks itself (it called labkit.launch or a Pool); work the "
+                                 f"values out from what each rank holds instead: the check runs the real all-reduce")
+        try:
+            g_max, g_sum = g
+        except (TypeError, ValueError):
+            raise AssertionError(f"return a pair (max_value, sum_value), got {g!r}") from None
+        return g_max, g_sum
+
+    def real(n):
+        def thunk():
+            g_max, g_sum = guess(n)
+            got = launch(max_and_sum_rank, n, pool=True, echo=False)[0]
+            expect_close(g_max, got[0], what=f"max with {n} ranks")
+            expect_close(g_sum, got[1], what=f"sum with {n} ranks")
+        return thunk
+
+    def rule(n):
+        def thunk():
+            g_max, g_sum = guess(n)
+            expect_close(g_max, n, what=f"max with {n} ranks (not run: the rule the real runs confirm)")
+            expect_close(g_sum, n * (n + 1) / 2, what=f"sum with {n} ranks (not run: the rule the real runs confirm)")
+        return thunk
+
+    cases = [(f"world size {n}", real(n)) for n in world_sizes] + [(f"world size {n} (by rule)", rule(n)) for n in extra]
+    return run_cases("predict all-reduce results", cases,
+                     hint="rank r holds r + 1, so the values are 1, 2, ..., n: write max and sum as formulas in n")
 
 
 def tour(world_size: int = 2) -> list[dict]:

@@ -46,6 +46,12 @@ from .._validate import check_int
 
 DEFAULT_TIMEOUT = 120.0
 START_TIMEOUT = 180.0
+_JOBS = [0]  # jobs started by this process, on any pool (exercise checks use it to see who ran ranks)
+
+
+def jobs_started() -> int:
+    """How many jobs this process has sent to rank processes so far (``launch`` and ``Pool.run`` alike)."""
+    return _JOBS[0]
 
 
 class LaunchError(RuntimeError):
@@ -300,6 +306,7 @@ class Pool:
                 self._kill()
                 self._start()
             self._jobs += 1
+            _JOBS[0] += 1
             t0 = time.perf_counter()
             for r in self._ranks:
                 r.log = []

@@ -68,11 +68,12 @@ def _children(pid: int) -> list[int]:
 class Session:
     """One kernel, started in the notebook's folder, that runs cells and watches each run's messages."""
 
-    def __init__(self, cwd: Path, dump: Path):
+    def __init__(self, cwd: Path, dump: Path, env: dict | None = None):
         from jupyter_client.manager import start_new_kernel
 
         self.dump = dump
-        self.km, self.kc = start_new_kernel(kernel_name="python3", cwd=str(cwd), startup_timeout=120)
+        extra = {"env": env} if env is not None else {}
+        self.km, self.kc = start_new_kernel(kernel_name="python3", cwd=str(cwd), startup_timeout=300, **extra)
         self.pid = self.km.provisioner.pid if getattr(self.km, "provisioner", None) else None
         self.run(_SETUP.format(path=str(dump)), timeout=60)
 
@@ -134,7 +135,10 @@ class Session:
                     os.kill(pid, signal.SIGUSR1)
                 except OSError:
                     pass
-            time.sleep(2)
+            t_end = time.monotonic() + 20  # a loaded machine may take a while to write the dump
+            while time.monotonic() < t_end and (not self.dump.exists() or self.dump.stat().st_size == before):
+                time.sleep(0.5)
+            time.sleep(1)
             if self.dump.exists():
                 stacks = self.dump.read_text(errors="replace")[before:][-6000:]
         self.km.interrupt_kernel()
