@@ -11,7 +11,7 @@ import labkit
 from labkit import ddp
 from labkit.ddp import (chunk_ranges, distributed_shards, local_shard, make_ddp, model_step,
                         plan_buckets)
-from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, equivalence_rank,
+from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, check_torch_buckets, equivalence_rank,
                             feature_split_rank, mismatched_rank, timeline_rank)
 
 TIGHT = 1e-12  # float64: only summation order separates the runs
@@ -107,10 +107,11 @@ def _equivalence_all(ctx):
     return out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_ddp_equals_single_process_and_torch_ddp(world_size):
-    res = labkit.launch(_equivalence_all, world_size=world_size, pool=True, echo=False, timeout=200)
+    res = labkit.launch(_equivalence_all, world_size=world_size, pool=True, echo=False, timeout=300)
     for case in res[0]:
         for algo, r in res[0][case].items():
             if algo.startswith("_"):
@@ -125,7 +126,9 @@ def test_ddp_equals_single_process_and_torch_ddp(world_size):
     n_params = res[0]["default"]["naive"]["stats"]["allreduce_calls"] / 3
     assert n_params == 8
     assert res[0]["mb1e-06"]["bucketed"]["buckets"] == 8 and res[0]["mb25.0"]["bucketed"]["buckets"] == 1
-    for algo in ("naive", "bucketed", "overlapped"):
+    # torch's DDP, counted by its comm hook, all-reduces the same gradient bytes per step as the others
+    assert res[0]["default"]["torch"]["stats"]["allreduce_bytes"] == res[0]["default"]["naive"]["stats"]["allreduce_bytes"]
+    for algo in ("naive", "bucketed", "overlapped", "torch"):
         skip = res[0]["accum_skipTrue"][algo]["stats"]["allreduce_bytes"]
         sync = res[0]["accum_skipFalse"][algo]["stats"]["allreduce_bytes"]
         assert sync == 3 * skip > 0
@@ -150,9 +153,9 @@ def _bad_inputs(ctx):
     return errors
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_bad_inputs_get_clear_errors_on_ranks():
-    res = labkit.launch(_bad_inputs, world_size=2, pool=True, echo=False, timeout=60)
+    res = labkit.launch(_bad_inputs, world_size=2, pool=True, echo=False, timeout=300)
     for e in res:
         assert e["bucket"][0] == "ValueError" and "bucket_mb" in e["bucket"][1]
         assert e["algo"][0] == "ValueError" and "'naive'" in e["algo"][1]
@@ -162,11 +165,12 @@ def test_bad_inputs_get_clear_errors_on_ranks():
         assert e["shards"][0] == "ValueError" and "one size per rank" in e["shards"][1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_timelines_show_overlap_and_stragglers():
     def events(algo, **kw):
         return labkit.launch(timeline_rank, world_size=2, kwargs=dict(algorithm=algo, bucket_mb=0.01, **kw),
-                             pool=True, echo=False, timeout=60)
+                             pool=True, echo=False, timeout=300)
 
     for r in events("overlapped"):
         bwd_end = max(e["end"] for e in r["events"] if e["kind"] == "backward")
@@ -178,16 +182,17 @@ def test_timelines_show_overlap_and_stragglers():
             nxt = [e for e in r["events"] if e["kind"] == "forward"][step + 1]["start"] if step < 2 else 1e99
             ars = [e for e in r["events"] if e["kind"] == "allreduce" and bwd["end"] <= e["start"] < nxt]
             assert len(ars) == r["buckets"]  # every all-reduce of this step after its backward
-    slow = events("bucketed", slow_rank=1, delay_s=0.1)
-    # rank 0 waits for the straggler inside its all-reduces: ~100 ms per step, 3 steps
-    assert slow[0]["comm_seconds"] - slow[1]["comm_seconds"] > 0.15
-    skew = events("naive", shard_sizes=[256, 8], width=32)
-    assert skew[1]["comm_seconds"] > skew[0]["comm_seconds"]  # the small shard waits for the big one
+    slow = events("bucketed", slow_rank=1, delay_s=0.2)
+    # rank 0 waits for the straggler inside its all-reduces: ~200 ms per step, 3 steps (made large on purpose,
+    # so load cannot flip it: asserted at half the sleep)
+    assert slow[0]["comm_seconds"] - slow[1]["comm_seconds"] > 0.5 * 3 * 0.2
+    skew = events("naive", shard_sizes=[1024, 16], width=32)
+    assert skew[1]["comm_seconds"] > 3 * skew[0]["comm_seconds"]  # the small shard waits for the big one (64x)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_feature_split_needs_forward_allreduce():
-    res = labkit.launch(feature_split_rank, world_size=2, pool=True, echo=False)
+    res = labkit.launch(feature_split_rank, world_size=2, pool=True, echo=False, timeout=300)
     for r in res:
         assert r["error"] < 1e-12 and r["partial_error"] > 1.0
 
@@ -205,24 +210,182 @@ def _hook_sum_only(p):
     dist.all_reduce(p.grad)
 
 
-def _hook_stub(p):
+def _hook_halves(p):  # the shortcut: fits the 2-rank case only
+    import torch.distributed as dist
+
+    dist.all_reduce(p.grad)
+    p.grad /= 2
+
+
+def _hook_local(p):  # skips the communication
+    p.grad /= 1
+
+
+def _stub(*a):
     raise NotImplementedError
 
 
-def _count_calls(sizes, mb):
-    return len(plan_buckets(sizes, mb))
-
-
-@pytest.mark.timeout(150)
-def test_exercise_checks():
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_check_average_hook():
     assert check_average_hook(_hook_good).passed
-    bad = check_average_hook(_hook_sum_only)
-    assert bad.attempted and not bad.passed and "divide" in bad.summary()
-    stub = check_average_hook(_hook_stub)
-    assert not stub.attempted and not stub.passed
-    assert check_allreduce_prediction(_count_calls, bucket_mbs=(0.001, 0.05, 1.0)).passed
-    wrong = check_allreduce_prediction(lambda s, mb: 1, bucket_mbs=(0.001, 1.0))
-    assert wrong.attempted and not wrong.passed and len(wrong.failed_cases) == 1
+    r = check_average_hook(_hook_sum_only)
+    assert r.attempted and not r.passed and "divide by the number of ranks" in r.summary()
+    r = check_average_hook(_hook_halves)
+    assert r.attempted and not r.passed and [c.name for c in r.failed_cases] == ["3 ranks equal whole-batch training"]
+    assert "mean over all 3 ranks" in r.summary() and "not a constant" in r.summary()
+    r = check_average_hook(_hook_local)
+    assert r.attempted and not r.passed and len(r.failed_cases) == 2
+    r = check_average_hook(_stub)
+    assert not r.attempted and not r.passed and "not attempted" in r.summary()
+
+
+def _labkit_count(sizes, mb):  # a correct answer, written out
+    count, filled = 0, None
+    for s in sizes:
+        if filled is None or filled + s > mb * 2 ** 20:
+            count, filled = count + 1, 0
+        filled += s
+    return count
+
+
+def _torch_buckets(sizes, mb, first):  # a correct answer to the PyTorch-rule exercise, written out
+    out, cur, b = [], [], 0
+    for i, s in enumerate(sizes):
+        cur.append(i)
+        b += s
+        if b >= int((first if not out else mb) * 2 ** 20):
+            out.append(cur)
+            cur, b = [], 0
+    return out + ([cur] if cur else [])
+
+
+def _torch_count(sizes, mb):  # PyTorch's rule, where labkit's is asked
+    return len(_torch_buckets(sizes, mb, mb))
+
+
+def _labkit_buckets(sizes, mb, first):  # labkit's rule, where PyTorch's is asked
+    out, cur, b = [], [], 0
+    for i, s in enumerate(sizes):
+        if cur and b + s > (first if not out else mb) * 2 ** 20:
+            out.append(cur)
+            cur, b = [], 0
+        cur.append(i)
+        b += s
+    return out + ([cur] if cur else [])
+
+
+def _hard_coded(sizes, mb):  # the shortcut: the notebook's printed case (width 16), anything else a guess
+    return {0.01: 4, 0.05: 2}.get(mb, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", [1, 2])
+def test_check_allreduce_prediction(seed):
+    assert check_allreduce_prediction(_labkit_count, seed=seed).passed
+    r = check_allreduce_prediction(_torch_count, seed=seed)  # at least one drawn case tells the rules apart
+    assert r.attempted and not r.passed and "that is PyTorch's rule" in r.summary()
+    r = check_allreduce_prediction(lambda s, mb: len(plan_buckets(s, mb)), seed=seed)
+    assert not r.passed and "calls labkit's plan_buckets" in r.summary()
+    r = check_allreduce_prediction(_hard_coded, seed=seed)
+    assert r.attempted and not r.passed and "measured" in r.summary()
+    r = check_allreduce_prediction(_stub, seed=seed)
+    assert not r.attempted and "not attempted" in r.summary()
+    # the cases are drawn at check time: two checks without a seed see different cases
+    a, b = (check_allreduce_prediction(_labkit_count) for _ in range(2))
+    assert a.passed and b.passed and [c.name for c in a.cases] != [c.name for c in b.cases]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_check_torch_buckets():
+    r = check_torch_buckets(_torch_buckets, seed=3)
+    assert r.passed, r.summary()
+    assert any("torch's defaults" in c.name for c in r.cases)
+    r = check_torch_buckets(_labkit_buckets, seed=3)
+    assert r.attempted and not r.passed and "that is labkit's rule" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: _torch_buckets(s, mb, mb), seed=3)  # forgets the 1 MiB first bucket
+    assert not r.passed and [c.name for c in r.failed_cases] == [r.cases[-1].name]
+    assert "first bucket's cap is 1.0 MiB" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: labkit.ddp.torch_bucket_assignment(s, mb, f), seed=3)
+    assert not r.passed and "write the rule yourself" in r.summary()
+    r = check_torch_buckets(lambda s, mb, f: [list(range(len(s)))], seed=3)  # one bucket
+    assert r.attempted and not r.passed and "torch's DDP used" in r.summary()
+    assert not check_torch_buckets(_stub).attempted
+
+
+# ----------------------------------------------------------------------------- PyTorch's buckets, measured
+def test_torch_rule_equals_torchs_assignment():
+    import random
+
+    import torch.distributed as dist
+
+    assert ddp.TORCH_FIRST_BUCKET_MB * ddp.MB == dist._DEFAULT_FIRST_BUCKET_BYTES
+    mib = 2 ** 20
+    assert plan_buckets([mib, mib, mib], 2, rule="torch") == [[0, 1], [2]]
+    assert plan_buckets([mib // 2, mib, 8], 1, rule="torch") == [[0, 1], [2]]  # a bucket may exceed the cap
+    assert plan_buckets([mib // 2, mib, 8], 1) == [[0], [1], [2]]               # labkit's never does
+    rng = random.Random(0)
+    for _ in range(500):
+        sizes = [4 * rng.randint(1, rng.choice([10, 1000, 100000])) for _ in range(rng.randint(1, 12))]
+        mb = rng.choice([1e-5, 1e-3, 0.01, 0.1])
+        first = rng.choice([None, mb / 3, 4 * mb])
+        assert plan_buckets(sizes, mb, rule="torch", first_bucket_mb=first) == \
+            ddp.torch_bucket_assignment(sizes, mb, first)
+    for w in (4, 16, 32):
+        sizes = labkit.ddp.lab.bucket_sizes_of(w)
+        for mb in (0.001, 0.01, 0.05, 25):
+            assert plan_buckets(sizes, mb, rule="torch") == ddp.torch_bucket_assignment(sizes, mb)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        plan_buckets([1], 1, rule="nccl")
+
+
+def _torch_buckets_seen(ctx):
+    from labkit.ddp.lab import torch_buckets_rank
+
+    return {mb: torch_buckets_rank(ctx, width=w, bucket_mb=mb, steps=3)
+            for w, mb in ((16, 0.01), (16, 0.05), (128, None))}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torch_ddp_buckets_seen_by_a_comm_hook_follow_the_torch_rule():
+    res = labkit.launch(_torch_buckets_seen, world_size=2, pool=True, echo=False, timeout=300)[0]
+    for mb, r in res.items():
+        first, later = r["steps"][0], r["steps"][1:]
+        assert len(first) == 1 and sorted(first[0][2]) == list(range(8))  # iteration 1: one bucket of everything
+        assert later[0] == later[1]                                       # rebuilt once, then kept
+        order = [i for _, _, ps in later[0] for i in ps]                  # the order gradients became ready
+        assert order != list(reversed(range(8)))                          # not quite reverse registration order
+        sizes = [r["sizes"][i] for i in order]
+        cap, first_cap = (mb, None) if mb is not None else (ddp.TORCH_DEFAULT_BUCKET_MB, ddp.TORCH_FIRST_BUCKET_MB)
+        want = plan_buckets(sizes, cap, rule="torch", first_bucket_mb=first_cap)
+        assert [[order.index(i) for i in ps] for _, _, ps in later[0]] == want
+        assert want == ddp.torch_bucket_assignment(sizes, cap, first_cap)
+        assert [b for _, b, _ in later[0]] == [sum(sizes[k] for k in bk) for bk in want]
+        # the hook counted every byte of every step: each step reduces all gradients once
+        assert r["stats"]["allreduce_bytes"] == 3 * sum(r["sizes"])
+    assert len(res[None]["steps"][1]) == 2  # defaults: a 1 MiB first bucket, then 25 MiB
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_batchnorm_under_ddp(world_size):
+    from labkit.ddp.lab import batchnorm_rank
+
+    res = labkit.launch(batchnorm_rank, world_size=world_size, pool=True, echo=False, timeout=300)
+    for r in res:
+        plain, ours = r["torch DDP, BatchNorm1d"], r["labkit overlapped, BatchNorm1d"]
+        assert plain["running_mean vs whole batch"] > 1e-2 and plain["params vs whole batch"] > 1e-3
+        assert plain["running_mean across ranks"] > 1e-2  # per-rank statistics
+        assert ours == plain  # labkit's wrappers broadcast buffers before each forward, as torch's DDP does
+        assert "GPU" in r["torch DDP, SyncBatchNorm"]["error"]  # torch 2.14.1: SyncBatchNorm refuses CPU
+        g = r["torch DDP, GlobalBatchNorm1d (labkit)"]
+        assert g["running_mean vs whole batch"] < 1e-12 and g["params vs whole batch"] < 1e-12
+        assert g["running_mean across ranks"] == 0.0
 
 
 def test_data_parallel_on_cpu_just_runs_the_module():
@@ -234,7 +397,8 @@ def test_data_parallel_on_cpu_just_runs_the_module():
         assert out["device_ids"] == []
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_bench_quick_prints_ratio(capsys):
     from labkit.ddp.bench import measure, ratio
 
@@ -244,8 +408,89 @@ def test_bench_quick_prints_ratio(capsys):
     assert ratio(rows, "torch") == 1.0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_mismatched_collective_ends_in_timeout():
     with pytest.raises(labkit.LaunchTimeout) as info:
         labkit.launch(mismatched_rank, world_size=2, pool=True, echo=False, timeout=3)
-    assert info.value.unfinished == [0]
+    assert 0 in info.value.unfinished  # rank 0 waits forever (rank 1 returns at once unless the machine is very busy)
+
+
+# ----------------------------------------------------------------------------- frozen, tied, unused (vs torch DDP)
+class _Odd(nn.Module):
+    """Frozen layer, frozen bias, tied weights, a parameter used in some steps only (and on some ranks only)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)  # a different start on every rank: the wrapper must broadcast rank 0's
+        self.inp = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)        # a frozen layer
+        self.mid = nn.Linear(6, 6)
+        self.mid.bias.requires_grad_(False)                         # a frozen bias
+        self.out = nn.Linear(6, 6, bias=False)
+        self.out.weight = self.inp.weight                           # tied weights
+        self.extra = nn.Linear(6, 6)                                # used in some steps only
+        self.calls, self.rank = 0, 0
+
+    def forward(self, x):
+        step, self.calls = self.calls, self.calls + 1
+        h = torch.tanh(self.mid(torch.tanh(self.frozen(self.inp(x)))))
+        if step == 0 or (step == 2 and self.rank == 0):  # step 1: no rank uses it; step 2: rank 0 only
+            h = h + self.extra(h)
+        return self.out(h)
+
+
+def _odd_rank(ctx, steps=4):
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(steps, 4 * ctx.world_size, 6, generator=g), torch.randn(steps, 4 * ctx.world_size, 6, generator=g)
+        mine = [[(local_shard(x[s], ctx.rank, ctx.world_size), local_shard(y[s], ctx.rank, ctx.world_size))]
+                for s in range(steps)]
+        out = {}
+        for algo in ALGORITHMS_ALL:
+            for unused in (True, False):
+                if algo == "torch" and not unused:
+                    continue  # torch's DDP refuses unused parameters without find_unused_parameters
+                model = _Odd(seed=ctx.rank)
+                model.rank = ctx.rank
+                w = make_ddp(algo, model, 1e-4, find_unused_parameters=unused)
+                opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+                labkit.ddp.train_steps(w, opt, mine, loss_fn=nn.functional.mse_loss)
+                out[(algo, unused)] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        rank0 = _Odd(seed=0)
+        out["rank0_frozen"] = {n: p.detach().clone() for n, p in rank0.named_parameters() if not p.requires_grad}
+        out["tied"] = model.out.weight is model.inp.weight
+        return out
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+ALGORITHMS_ALL = ("naive", "bucketed", "overlapped", "torch")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_wrappers_match_torch_ddp_frozen_tied_unused(world_size):
+    res = labkit.launch(_odd_rank, world_size=world_size, pool=True, echo=False, timeout=300)
+    for r in res:
+        assert r["tied"]
+        ref = r[("torch", True)]
+        for name, want in r["rank0_frozen"].items():  # frozen values are rank 0's everywhere (broadcast)
+            assert torch.equal(ref[name], want), name
+            for algo in ALGORITHMS_ALL[:3]:
+                assert torch.equal(r[(algo, True)][name], want), (algo, name)
+        for algo in ALGORITHMS_ALL[:3]:
+            for name, p in r[(algo, True)].items():
+                assert (p - ref[name]).abs().max() < 1e-12, (algo, name)
+            # without find_unused_parameters an unused parameter is reduced as zeros: momentum still moves it in
+            # the step where no rank used it, so `extra` drifts from torch's DDP; everything else still agrees
+            z = r[(algo, False)]
+            assert (z["extra.weight"] - ref["extra.weight"]).abs().max() > 1e-4, algo
+            for name in ("frozen.weight", "frozen.bias", "mid.bias"):
+                assert torch.equal(z[name], ref[name]), (algo, name)
+    for key in res[0]:
+        if isinstance(key, tuple):
+            for name, p in res[0][key].items():
+                for other in res[1:]:
+                    assert torch.equal(p, other[key][name]), (key, name)  # replicas agree across ranks

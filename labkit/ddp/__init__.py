@@ -7,13 +7,15 @@
 - ``training``: the lab's small CNN, the digits as images, ``train_steps`` (accumulation, timelines).
 - ``lab``: rank functions, exercise checks, tour; ``bench``: steps per second against torch's DDP.
 """
-from .plan import (MB, check_bucket_mb, chunk_ranges, distributed_shards, local_shard, model_step, plan_buckets,
+from .plan import (MB, RULES, TORCH_DEFAULT_BUCKET_MB, TORCH_FIRST_BUCKET_MB, check_bucket_mb, chunk_ranges,
+                   distributed_shards, local_shard, model_step, plan_buckets, torch_bucket_assignment,
                    ring_allreduce_seconds)
 from .training import digits_tensors, flat_params, small_cnn, train_steps
 from .wrappers import ALGORITHMS, BucketedDDP, NaiveDDP, OverlappedDDP, Timeline, TorchDDP, make_ddp
 
 __all__ = [
-    "MB", "distributed_shards", "chunk_ranges", "local_shard", "plan_buckets", "check_bucket_mb",
+    "MB", "RULES", "TORCH_FIRST_BUCKET_MB", "TORCH_DEFAULT_BUCKET_MB", "distributed_shards", "chunk_ranges",
+    "local_shard", "plan_buckets", "torch_bucket_assignment", "check_bucket_mb",
     "ring_allreduce_seconds", "model_step",
     "ALGORITHMS", "Timeline", "NaiveDDP", "BucketedDDP", "OverlappedDDP", "TorchDDP", "make_ddp",
     "small_cnn", "digits_tensors", "train_steps", "flat_params",

@@ -1,7 +1,8 @@
 """Lab 02's rank functions and checks: equivalence runs, timelines, stragglers, exercises, tour.
 
 Each ``*_rank(ctx, ...)`` is a module-level lab function for :func:`labkit.launch`; the others run
-in the notebook's process.
+in the notebook's process. It is long because it holds the lab's three exercise checks with their measured runs
+(and the shortcut detection they share) beside the rank functions they launch.
 """
 from __future__ import annotations
 
@@ -205,14 +206,76 @@ def data_parallel_demo(width: int = 8, batch: int = 32) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- torch's buckets, BatchNorm
+def torch_buckets_rank(ctx, width: int = 16, bucket_mb: float | None = 0.01, steps: int = 3,
+                       local_batch: int = 8) -> dict:
+    """Train ``steps`` steps of torch's DDP on :func:`small_cnn` and record, per step, the buckets its
+    communication hook saw: ``(index, bytes, parameter positions)``. ``bucket_mb=None``: torch's defaults
+    (25 MiB, first bucket 1 MiB). Also returns the parameter sizes (registration order) and the bytes counted."""
+    x, y = digits_tensors(torch.float32, ctx.cache)
+    model = small_cnn(width, 0)
+    ddp = make_ddp("torch", model, bucket_mb)
+    opt = _opt(model)
+    g = torch.Generator().manual_seed(ctx.rank)
+    log = []
+    for _ in range(steps):
+        j = torch.randint(0, len(x), (local_batch,), generator=g)
+        train_steps(ddp, opt, [[(x[j], y[j])]])
+        log.append(list(ddp.bucket_log))
+    return {"steps": log, "sizes": [p.numel() * p.element_size() for p in model.parameters()],
+            "stats": dict(ddp.stats)}
+
+
+def batchnorm_rank(ctx, steps: int = 2, local_batch: int = 16, seed: int = 0) -> dict:
+    """BatchNorm under DDP against one process on the whole batch (float64), after ``steps`` SGD steps.
+
+    The global batch is not shuffled (its mean drifts along it), so the ranks' shards have different
+    statistics. Per version: the largest difference of ``running_mean`` and of the parameters from the
+    whole-batch reference, and of ``running_mean`` across ranks; or the error the version raised."""
+    from .batchnorm import bn_mlp
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        n, B = ctx.world_size, local_batch * ctx.world_size
+        gen = torch.Generator().manual_seed(seed)
+        xs = [torch.randn(B, 8, generator=gen) + torch.linspace(0, 3, B)[:, None] for _ in range(steps)]
+        ys = [torch.randn(B, 4, generator=gen) for _ in range(steps)]
+        mse = nn.functional.mse_loss
+        ref = bn_mlp("batchnorm", seed)
+        train_steps(ref, _opt(ref), [[(x, y)] for x, y in zip(xs, ys)], loss_fn=mse)
+        out = {}
+        for name, (algo, norm) in {"torch DDP, BatchNorm1d": ("torch", "batchnorm"),
+                                   "labkit overlapped, BatchNorm1d": ("overlapped", "batchnorm"),
+                                   "torch DDP, SyncBatchNorm": ("torch", "sync"),
+                                   "torch DDP, GlobalBatchNorm1d (labkit)": ("torch", "global")}.items():
+            model = bn_mlp(norm, seed)
+            mine = [[(local_shard(x, ctx.rank, n), local_shard(y, ctx.rank, n))] for x, y in zip(xs, ys)]
+            try:
+                ddp = make_ddp(algo, model, 25.0)
+                train_steps(ddp, _opt(model), mine, loss_fn=mse)
+            except (ValueError, RuntimeError) as e:
+                out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+                continue
+            rm = model[1].running_mean.detach().clone()
+            hi, lo = rm.clone(), rm.clone()
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            out[name] = {"running_mean vs whole batch": float((rm - ref[1].running_mean).abs().max()),
+                         "params vs whole batch": float((flat_params(model) - flat_params(ref)).abs().max()),
+                         "running_mean across ranks": float((hi - lo).abs().max())}
+        return out
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 # ----------------------------------------------------------------------------- exercises
-def _hook_trial_rank(ctx, hook, steps=2, width=4):
+def _hook_trial_rank(ctx, hook, steps=2, width=4, seed=0):
     """Train with the learner's gradient hook on every parameter; compare with the whole-batch reference."""
     x, y = digits_tensors(torch.float64, ctx.cache)
-    batches = _global_batches(x, y, steps, 1, 8 * ctx.world_size)
-    ref = small_cnn(width, 0, torch.float64)
+    batches = _global_batches(x, y, steps, 1, 8 * ctx.world_size, seed)
+    ref = small_cnn(width, seed, torch.float64)
     train_steps(ref, _opt(ref), batches)
-    model = small_cnn(width, 0, torch.float64)
+    model = small_cnn(width, seed, torch.float64)
     handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
     try:
         train_steps(model, _opt(model), _shard(batches, ctx.rank, ctx.world_size))
@@ -224,49 +287,233 @@ def _hook_trial_rank(ctx, hook, steps=2, width=4):
     return {"error": float((flat_params(model) - flat_params(ref)).abs().max())}
 
 
-def check_average_hook(hook, world_size: int = 2, timeout: float = 60):
-    """Exercise: ``hook(param)`` must replace ``param.grad`` by its average over the ranks."""
-    from ..runtime import launch
+def _draw_seed(seed):
+    import random
+
+    return random.Random(seed if seed is not None else random.SystemRandom().getrandbits(32))
+
+
+def check_average_hook(hook, world_sizes=(2, 3), timeout: float = 300, seed: int | None = None):
+    """Exercise: ``hook(param)`` must replace ``param.grad`` by its average over the ranks.
+
+    Runs on each of ``world_sizes`` (2 and 3: an answer that divides by a hard-coded 2 fails on 3), with
+    a model and batches drawn at check time. ``timeout`` (seconds per run) is generous so that a busy
+    machine cannot fail a right answer; a hook that hangs (a collective on one rank only) waits that long."""
     from ..checks import run_cases
+    from ..runtime import launch
+
+    rng = _draw_seed(seed)
 
     def case(n):
         def thunk():
-            res = launch(_hook_trial_rank, world_size=n, kwargs=dict(hook=hook), pool=True, echo=False, timeout=timeout)
+            res = launch(_hook_trial_rank, world_size=n, kwargs=dict(hook=hook, seed=rng.randrange(10 ** 6)),
+                         pool=True, echo=False, timeout=timeout)
             if any(r.get("not_implemented") for r in res):
                 raise NotImplementedError
             worst = max(r["error"] for r in res)
-            assert worst < 1e-9, (f"after 2 steps the parameters differ from whole-batch training by {worst:.3g}: "
-                                  f"all-reduce param.grad (a SUM) and divide by dist.get_world_size()")
+            assert worst < 1e-9, (f"with {n} ranks, after 2 steps the parameters differ from whole-batch training "
+                                  f"by {worst:.3g}: the gradient must be the mean over all {n} ranks "
+                                  f"(all-reduce gives the sum; divide by the number of ranks, not a constant)")
         return thunk
 
-    return run_cases("gradient-averaging hook", [(f"{world_size} ranks equal whole-batch training", case(world_size))],
-                     hint="the hook runs on every rank: which collective makes all ranks hold the same gradient, and what turns a sum into a mean?")
+    return run_cases("gradient-averaging hook",
+                     [(f"{n} ranks equal whole-batch training", case(n)) for n in world_sizes],
+                     hint="the hook runs on every rank: which collective makes all ranks hold the same gradient, "
+                          "and what turns a sum into a mean for any number of ranks?")
 
 
 def bucket_sizes_of(width: int = 16, dtype=torch.float32) -> list[int]:
-    """Gradient sizes in bytes of :func:`small_cnn`, in the order backward produces them (last layer first)."""
+    """Gradient sizes in bytes of :func:`small_cnn`, last parameter first (the order BucketedDDP buckets them)."""
     return [p.numel() * p.element_size() for p in reversed(list(small_cnn(width, 0, dtype).parameters()))]
 
 
-def check_allreduce_prediction(predict, bucket_mbs=(0.001, 0.01, 0.05, 0.1, 1.0), width: int = 16):
-    """Exercise: ``predict(sizes_bytes, bucket_mb)`` -> all-reduce calls per step; checked against a real run."""
-    from ..runtime import launch
-    from ..checks import run_cases
+def _calls_shortcut(fn, *args):
+    """Call ``fn(*args)``; also say whether it called labkit's or torch's bucketing (the shortcut)."""
+    import sys
 
-    sizes = bucket_sizes_of(width)
-    cases = []
-    for mb in bucket_mbs:
-        def thunk(mb=mb):
-            guess = predict(list(sizes), mb)
-            res = launch(timeline_rank, world_size=2, kwargs=dict(algorithm="bucketed", bucket_mb=mb, steps=1,
-                                                                  width=width, local_batch=8), pool=True, echo=False)
-            measured = res[0]["stats"]["allreduce_calls"]
-            assert guess == measured, (f"predicted {guess} all-reduces per step, measured {measured} "
-                                       f"(a bucket closes when the next gradient would take it past {mb} MiB)")
-        cases.append((f"bucket_mb={mb}", thunk))
-    return run_cases("all-reduce calls per step", cases,
-                     hint="walk the sizes in order; start a new bucket when adding the next one would exceed "
-                          "bucket_mb * 2**20 bytes")
+    from . import plan
+
+    banned = {plan.plan_buckets.__code__, plan.torch_bucket_assignment.__code__}
+    c_banned = dist._compute_bucket_assignment_by_size
+    used = []
+
+    def prof(frame, event, arg):
+        if (event == "call" and frame.f_code in banned) or (event == "c_call" and arg is c_banned):
+            used.append(True)
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    try:
+        out = fn(*args)
+    finally:
+        sys.setprofile(old)
+    assert not used, ("your answer calls labkit's plan_buckets (or torch's bucket assignment): write the rule "
+                      "yourself, walking the sizes one by one")
+    return out
+
+
+def _attempted(fn, *args) -> bool:
+    """Whether ``fn`` is more than a stub: call it once (before any rank starts) and see if it raises
+    ``NotImplementedError``; any other outcome is judged by the cases."""
+    try:
+        fn(*args)
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001 - a wrong answer: the cases report it
+        pass
+    return True
+
+
+def _not_attempted(title, hint):
+    from ..checks import CheckResult
+
+    return CheckResult(title=title, attempted=False, hint=hint)
+
+
+def _count_buckets_rank(ctx, cases, rule):
+    """For each ``(width, bucket_mb)``: all-reduce calls of one BucketedDDP step with ``rule``."""
+    x, y = digits_tensors(torch.float32, ctx.cache)
+    out = []
+    for width, mb in cases:
+        model = small_cnn(width, 0)
+        ddp = make_ddp("bucketed", model, mb, rule=rule)
+        train_steps(ddp, _opt(model), [[(x[:8], y[:8])]])
+        out.append(ddp.stats["allreduce_calls"])
+    return out
+
+
+def _draw_cases(rng, n_cases, widths, differs):
+    """``n_cases`` random ``(width, bucket_mb)``; at least one where ``differs(width, mb)`` (the rules disagree)."""
+    cases, found = [], False
+    for _ in range(500):
+        w, mb = rng.choice(widths), round(10 ** rng.uniform(-4, -0.5), 5)
+        d = differs(w, mb)
+        if d and not found:
+            cases.insert(0, (w, mb))
+            found = True
+        elif len(cases) < n_cases - (0 if found else 1):
+            cases.append((w, mb))
+        if found and len(cases) >= n_cases:
+            break
+    if not found:  # never happens for these widths; a fixed case where the rules disagree
+        cases[0] = (16, 0.01)
+    rng.shuffle(cases)
+    return cases[:n_cases]
+
+
+def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = None, timeout: float = 300):
+    """Exercise (labkit's rule): ``predict(sizes_bytes, bucket_mb)`` -> all-reduce calls per step of
+    :class:`BucketedDDP` (a bucket closes *before* the next gradient would overflow it).
+
+    The cases (model width, bucket size) are drawn at check time, at least one where PyTorch's rule gives a
+    different count; every case is counted in one real 2-rank run."""
+    from ..checks import run_cases
+    from ..runtime import launch
+    from .plan import plan_buckets
+
+    rng = _draw_seed(seed)
+    widths = (4, 6, 8, 12, 16, 24, 32)
+
+    def differs(w, mb):
+        s = bucket_sizes_of(w)
+        return len(plan_buckets(s, mb)) != len(plan_buckets(s, mb, rule="torch"))
+
+    cases = _draw_cases(rng, n_cases, widths, differs)
+    title = "all-reduce calls per step (labkit's rule)"
+    hint = ("walk the sizes in order; start a new bucket when adding the next one would exceed "
+            "bucket_mb * 2**20 bytes")
+    if not _attempted(predict, bucket_sizes_of(4), 0.001):
+        return _not_attempted(title, hint)
+    state = {}
+
+    def measured():
+        if "m" not in state:
+            state["m"] = launch(_count_buckets_rank, world_size=2, kwargs=dict(cases=cases, rule="labkit"),
+                                pool=True, echo=False, timeout=timeout)[0]
+        return state["m"]
+
+    def case(k):
+        def thunk():
+            w, mb = cases[k]
+            sizes = bucket_sizes_of(w)
+            guess = _calls_shortcut(predict, list(sizes), mb)
+            got = measured()[k]
+            if guess != got and guess == len(plan_buckets(sizes, mb, rule="torch")):
+                raise AssertionError(f"predicted {guess}, measured {got}: that is PyTorch's rule (close a bucket once "
+                                     f"it reaches the cap); BucketedDDP closes a bucket *before* the next gradient "
+                                     f"would take it past the cap")
+            assert guess == got, (f"predicted {guess!r} all-reduces per step, measured {got} "
+                                  f"(width {w}, {len(sizes)} gradients, cap {mb} MiB = {int(mb * 2 ** 20)} bytes)")
+        return thunk
+
+    return run_cases(title, [(f"width {w}, bucket_mb={mb}", case(k)) for k, (w, mb) in enumerate(cases)], hint=hint)
+
+
+def _torch_cases_rank(ctx, cases):
+    """For each ``(width, bucket_mb)`` (``None``: torch's defaults): the sizes in the order torch's reducer got
+    them ready and the buckets its comm hook saw after the rebuild (step 2), as positions into those sizes."""
+    out = []
+    for width, mb in cases:
+        r = torch_buckets_rank(ctx, width=width, bucket_mb=mb, steps=2)
+        order = [i for _, _, ps in r["steps"][1] for i in ps]
+        pos = {p: k for k, p in enumerate(order)}
+        out.append({"sizes": [r["sizes"][i] for i in order],
+                    "buckets": [[pos[i] for i in ps] for _, _, ps in r["steps"][1]]})
+    return out
+
+
+def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, timeout: float = 300):
+    """Exercise (PyTorch's rule): ``predict(sizes_bytes, bucket_mb, first_bucket_mb)`` -> the buckets torch's DDP
+    uses after its first iteration, as lists of positions into ``sizes_bytes`` (given in the order the
+    gradients became ready). Checked against the buckets a comm hook sees in a real 2-rank torch DDP run;
+    one case uses torch's defaults (``bucket_cap_mb`` not given: 25 MiB, first bucket 1 MiB)."""
+    from ..checks import run_cases
+    from ..runtime import launch
+    from .plan import TORCH_DEFAULT_BUCKET_MB, TORCH_FIRST_BUCKET_MB, plan_buckets
+
+    rng = _draw_seed(seed)
+    widths = (4, 6, 8, 12, 16, 24, 32)
+
+    def differs(w, mb):
+        s = bucket_sizes_of(w)
+        return plan_buckets(s, mb) != plan_buckets(s, mb, rule="torch")
+
+    cases = _draw_cases(rng, n_cases - 1, widths, differs) + [(rng.choice((112, 128, 144)), None)]
+    title = "torch DDP's buckets (PyTorch's rule)"
+    hint = ("add the gradient to the open bucket first; close the bucket once its bytes reach the cap "
+            "(the first bucket's cap is first_bucket_mb)")
+    if not _attempted(predict, [4, 4, 4], 1e-5, 1e-5):  # a stub is "not attempted" before any rank starts
+        return _not_attempted(title, hint)
+    state = {}
+
+    def measured():
+        if "m" not in state:
+            state["m"] = launch(_torch_cases_rank, world_size=2, kwargs=dict(cases=cases), pool=True, echo=False,
+                                timeout=timeout)[0]
+        return state["m"]
+
+    def case(k):
+        def thunk():
+            w, mb = cases[k]
+            got = measured()[k]
+            cap, first = (mb, mb) if mb is not None else (TORCH_DEFAULT_BUCKET_MB, TORCH_FIRST_BUCKET_MB)
+            guess = _calls_shortcut(predict, list(got["sizes"]), cap, first)
+            try:
+                guess = [list(map(int, b)) for b in guess]
+            except TypeError:
+                raise AssertionError(f"return a list of buckets, each a list of positions into sizes; got {guess!r}")
+            if guess != got["buckets"] and guess == plan_buckets(got["sizes"], cap, first_bucket_mb=first):
+                raise AssertionError("that is labkit's rule (close before overflowing); torch's reducer adds the "
+                                     "gradient first and closes the bucket once it has reached the cap")
+            if guess != got["buckets"] and guess == plan_buckets(got["sizes"], cap, rule="torch"):
+                raise AssertionError(f"right rule, but the first bucket's cap is {first} MiB here "
+                                     f"(torch's default first bucket), not {cap} MiB")
+            assert guess == got["buckets"], (f"predicted {len(guess)} buckets {guess}, torch's DDP used "
+                                             f"{len(got['buckets'])} (cap {cap} MiB, first bucket {first} MiB)")
+        return thunk
+
+    names = [f"width {w}, " + (f"bucket_cap_mb={mb}" if mb is not None else "torch's defaults") for w, mb in cases]
+    return run_cases(title, [(nm, case(k)) for k, nm in enumerate(names)], hint=hint)
 
 
 # ----------------------------------------------------------------------------- tour

@@ -64,25 +64,80 @@ def local_shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------- buckets and costs
-def plan_buckets(sizes_bytes: Sequence[int], bucket_mb: float) -> list[list[int]]:
+RULES = ("labkit", "torch")
+TORCH_FIRST_BUCKET_MB = 1.0  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 1 MiB (DDP without bucket_cap_mb)
+TORCH_DEFAULT_BUCKET_MB = 25.0  # DistributedDataParallel's default bucket_cap_mb
+
+
+def plan_buckets(sizes_bytes: Sequence[int], bucket_mb: float, *, rule: str = "labkit",
+                 first_bucket_mb: float | None = None) -> list[list[int]]:
     """Group tensors (given in the order their gradients become ready) into buckets.
 
-    A bucket is closed when adding the next tensor would take it past ``bucket_mb`` MiB; a tensor
-    larger than a bucket gets a bucket of its own. Returns lists of positions into ``sizes_bytes``.
+    ``rule="labkit"`` (what :class:`~labkit.ddp.BucketedDDP` does by default): a bucket is closed
+    *before* adding the next tensor would take it past ``bucket_mb`` MiB, so no bucket exceeds the cap
+    unless one tensor alone does (it then gets a bucket of its own).
+
+    ``rule="torch"`` (what ``DistributedDataParallel``'s reducer does, ``_compute_bucket_assignment_by_size``
+    in torch/csrc/distributed/c10d/reducer.cpp): add the tensor, then close the bucket *once it has reached*
+    the cap, so a bucket can exceed the cap by up to one tensor. The first bucket's cap is
+    ``first_bucket_mb`` (default ``bucket_mb``); torch's DDP uses 1 MiB
+    (:data:`TORCH_FIRST_BUCKET_MB`) for it only when ``bucket_cap_mb`` is left at its default (25 MiB);
+    caps are whole bytes, ``int(mb * 2**20)``. Torch applies this rule twice: at construction, in reverse
+    parameter order, and (unless ``find_unused_parameters`` or ``static_graph`` is set, in which case the
+    first iteration runs as *one* bucket) again after the first iteration, in the order the gradients
+    actually became ready. Pass the sizes in the order you want bucketed.
+
+    Returns lists of positions into ``sizes_bytes`` (one dtype and device assumed; torch keeps one open
+    bucket per dtype/device).
     """
     check_bucket_mb(bucket_mb)
-    cap = bucket_mb * MB
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES} ('labkit': close before overflowing; 'torch': close once "
+                         f"the cap is reached), got {rule!r}")
+    if first_bucket_mb is not None:
+        check_bucket_mb(first_bucket_mb)
     buckets: list[list[int]] = []
     cur, cur_bytes = [], 0
-    for i, s in enumerate(sizes_bytes):
-        if cur and cur_bytes + s > cap:
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(i)
-        cur_bytes += s
+    if rule == "torch":
+        cap = int(bucket_mb * MB)
+        first = int((bucket_mb if first_bucket_mb is None else first_bucket_mb) * MB)
+        for i, s in enumerate(sizes_bytes):
+            cur.append(i)
+            cur_bytes += s
+            if cur_bytes >= (first if not buckets else cap):
+                buckets.append(cur)
+                cur, cur_bytes = [], 0
+    else:
+        cap = bucket_mb * MB if first_bucket_mb is None else None
+        for i, s in enumerate(sizes_bytes):
+            limit = cap if cap is not None else (first_bucket_mb if not buckets else bucket_mb) * MB
+            if cur and cur_bytes + s > limit:
+                buckets.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(i)
+            cur_bytes += s
     if cur:
         buckets.append(cur)
     return buckets
+
+
+def torch_bucket_assignment(sizes_bytes: Sequence[int], bucket_mb: float, first_bucket_mb: float | None = None,
+                            dtype=torch.float32) -> list[list[int]]:
+    """The buckets torch's own C++ assignment (``torch.distributed._compute_bucket_assignment_by_size``)
+    makes of tensors of these sizes, taken in the given order, as torch's reducer rebuilds them after
+    the first iteration (limits ``[first cap, cap]``, the tensors' order kept). A reference for
+    ``plan_buckets(..., rule="torch")``; starts no process."""
+    import torch.distributed as dist
+
+    check_bucket_mb(bucket_mb)
+    es = torch.empty((), dtype=dtype).element_size()
+    if any(s % es for s in sizes_bytes):
+        raise ValueError(f"every size must be a multiple of the element size ({es} bytes for {dtype})")
+    tensors = [torch.empty(s // es, dtype=dtype) for s in sizes_bytes]
+    limits = [int((bucket_mb if first_bucket_mb is None else first_bucket_mb) * MB), int(bucket_mb * MB)]
+    buckets, _ = dist._compute_bucket_assignment_by_size(tensors, limits, [False] * len(tensors),
+                                                         list(range(len(tensors))))
+    return [list(b) for b in buckets]
 
 
 def check_bucket_mb(bucket_mb) -> float:

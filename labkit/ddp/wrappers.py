@@ -17,6 +17,13 @@ Three wrappers do that averaging, from the simplest to the one torch's DDP uses:
 
 All three share one loop: ``loss.backward(); ddp.sync_grads(); opt.step()``; ``with
 ddp.no_sync():`` skips the averaging on the inner steps of gradient accumulation.
+
+As torch's DDP does, every wrapper broadcasts *every* parameter (frozen ones too) and every buffer
+from rank 0 when it wraps the model, and broadcasts the buffers again before each training forward
+(``broadcast_buffers=True``: BatchNorm's running statistics follow rank 0). A parameter that gets no
+gradient in a step is reduced as zeros; with ``find_unused_parameters=True`` the ranks also all-reduce
+a used/unused map after the gradients and a parameter no rank used keeps ``grad=None`` (so the
+optimizer skips it, as with torch's DDP).
 """
 from __future__ import annotations
 
@@ -83,7 +90,7 @@ class _DDPBase(nn.Module):
     """What the three wrappers share: checks, the initial broadcast, ``no_sync``, statistics."""
 
     def __init__(self, module: nn.Module, *, group=None, timeline: Timeline | None = None,
-                 broadcast: bool = True):
+                 broadcast: bool = True, broadcast_buffers: bool = True, find_unused_parameters: bool = False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"wrap an nn.Module (the model), got {type(module).__name__}")
@@ -96,15 +103,38 @@ class _DDPBase(nn.Module):
         self.timeline = timeline if timeline is not None else _NoTimeline()
         self.stats = {"allreduce_calls": 0, "allreduce_bytes": 0, "sync_seconds": 0.0}
         self._sync = True
-        _verify_same_model(self._params, group)
-        if broadcast:  # start from identical replicas, as torch's DDP does
-            src = dist.get_global_rank(group, 0) if group is not None else 0
+        self.broadcast_buffers = bool(broadcast_buffers)
+        self.find_unused_parameters = bool(find_unused_parameters)
+        self._src = dist.get_global_rank(group, 0) if group is not None else 0
+        _verify_same_model(list(module.parameters()), group)
+        if broadcast:  # start from identical replicas: every parameter (frozen too) and buffer, as torch's DDP
             with torch.no_grad():
-                for t in list(self._params) + list(module.buffers()):
-                    dist.broadcast(t.data, src=src, group=group)
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=self._src, group=group)
 
     def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self.module.training and torch.is_grad_enabled():
+            with torch.no_grad():  # as torch's DDP: rank 0's buffers (BatchNorm statistics) before each forward
+                for b in self.module.buffers():
+                    dist.broadcast(b.data, src=self._src, group=self.group)
         return self.module(*args, **kwargs)
+
+    def _used_mask(self):
+        """Which parameters got a gradient on this rank (read before any is replaced by zeros)."""
+        if not self.find_unused_parameters:
+            return None
+        return torch.tensor([p.grad is not None for p in self._params], dtype=torch.int32,
+                            device=self._params[0].device)
+
+    def _drop_unused(self, used) -> None:
+        """After the gradients: parameters that no rank used get ``grad=None`` again (torch's DDP leaves them)."""
+        if used is None:
+            return
+        dist.all_reduce(used, group=self.group)
+        self._count(used)
+        for p, u in zip(self._params, used.tolist()):
+            if u == 0:
+                p.grad = None
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -135,6 +165,7 @@ class NaiveDDP(_DDPBase):
         if not self._sync:
             return
         t_sync = time.perf_counter()
+        used = self._used_mask()
         for i, p in enumerate(self._params):
             g = self._grad(p)
             buf = g if g.is_contiguous() else g.contiguous()
@@ -145,6 +176,7 @@ class NaiveDDP(_DDPBase):
             buf.div_(self.world_size)
             if buf is not g:
                 g.copy_(buf)
+        self._drop_unused(used)
         self.stats["sync_seconds"] += time.perf_counter() - t_sync
 
 
@@ -152,13 +184,18 @@ class BucketedDDP(_DDPBase):
     """After backward, pack gradients into flat buckets of at most ``bucket_mb`` MiB; one all-reduce each.
 
     Parameters are bucketed in reverse registration order (roughly the order backward produces
-    their gradients), and a bucket never mixes dtypes or devices.
+    their gradients), and a bucket never mixes dtypes or devices. ``rule`` is the bucketing rule of
+    :func:`~labkit.ddp.plan_buckets`: ``"labkit"`` (close before overflowing, the default) or ``"torch"``
+    (close once the cap is reached, torch's reducer's rule; ``first_bucket_mb`` caps the first bucket).
     """
 
-    def __init__(self, module: nn.Module, bucket_mb: float = 25.0, **kwargs):
+    def __init__(self, module: nn.Module, bucket_mb: float = 25.0, *, rule: str = "labkit",
+                 first_bucket_mb: float | None = None, **kwargs):
         check_bucket_mb(bucket_mb)
+        plan_buckets([1], bucket_mb, rule=rule, first_bucket_mb=first_bucket_mb)  # validates rule / first cap
         super().__init__(module, **kwargs)
         self.bucket_mb = float(bucket_mb)
+        self.rule = rule
         order = list(reversed(self._params))
         self.buckets: list[list[nn.Parameter]] = []
         start = 0
@@ -166,7 +203,9 @@ class BucketedDDP(_DDPBase):
             if i == len(order) or (order[i].dtype, order[i].device) != (order[start].dtype, order[start].device):
                 run = order[start:i]
                 sizes = [p.numel() * p.element_size() for p in run]
-                self.buckets += [[run[j] for j in b] for b in plan_buckets(sizes, bucket_mb)]
+                plan = plan_buckets(sizes, bucket_mb, rule=rule,
+                                    first_bucket_mb=first_bucket_mb if not self.buckets else None)
+                self.buckets += [[run[j] for j in b] for b in plan]
                 start = i
         self._flat = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device)
                       for b in self.buckets]
@@ -191,6 +230,7 @@ class BucketedDDP(_DDPBase):
         if not self._sync:
             return
         t_sync = time.perf_counter()
+        used = self._used_mask()
         for i in range(len(self.buckets)):
             flat = self._pack(i)
             t0 = time.perf_counter()
@@ -198,6 +238,7 @@ class BucketedDDP(_DDPBase):
             self.timeline.add("allreduce", t0, time.perf_counter(), f"b{i}")
             self._count(flat)
             self._unpack(i)
+        self._drop_unused(used)
         self.stats["sync_seconds"] += time.perf_counter() - t_sync
 
 
@@ -249,6 +290,7 @@ class OverlappedDDP(BucketedDDP):
         if not self._sync:
             return
         t_sync = time.perf_counter()
+        used = self._used_mask()  # before the buckets still open fill their missing gradients with zeros
         while self._next < len(self.buckets):  # buckets with unused parameters: reduce them now
             self._launch(self._next)
             self._next += 1
@@ -258,6 +300,7 @@ class OverlappedDDP(BucketedDDP):
         self.timeline.add("wait", t0, time.perf_counter(), "wait")
         for i in range(len(self.buckets)):
             self._unpack(i)
+        self._drop_unused(used)  # after every bucket's all-reduce, in the same order on every rank
         self._reset()
         self.stats["sync_seconds"] += time.perf_counter() - t_sync
 
@@ -271,15 +314,37 @@ class TorchDDP(_DDPBase):
     """``torch.nn.parallel.DistributedDataParallel`` behind the same ``sync_grads``/``no_sync`` interface.
 
     Its reducer averages inside ``backward`` (C++ hooks, buckets, overlap), so ``sync_grads`` is a no-op.
+    A communication hook (``register_comm_hook``) wraps the default all-reduce and counts what torch really
+    sends: ``stats`` gets the calls and bytes of every bucket, and ``bucket_log`` the buckets of the last
+    backward as ``(index, bytes, parameter positions)`` in the order the hook saw them. ``bucket_mb=None``
+    keeps torch's defaults (25 MiB, first bucket 1 MiB).
     """
 
-    def __init__(self, module: nn.Module, bucket_mb: float = 25.0, *, group=None, timeline=None, **_):
-        check_bucket_mb(bucket_mb)
-        super().__init__(module, group=group, timeline=timeline, broadcast=False)
+    def __init__(self, module: nn.Module, bucket_mb: float | None = 25.0, *, group=None, timeline=None,
+                 find_unused_parameters: bool = False, broadcast_buffers: bool = True, count: bool = True, **_):
+        if bucket_mb is not None:
+            check_bucket_mb(bucket_mb)
+        super().__init__(module, group=group, timeline=timeline, broadcast=False, broadcast_buffers=False)
         dev = next(module.parameters()).device
+        kw = {} if bucket_mb is None else dict(bucket_cap_mb=bucket_mb)
         self.ddp = nn.parallel.DistributedDataParallel(
-            module, device_ids=[dev] if dev.type == "cuda" else None, bucket_cap_mb=bucket_mb,
-            process_group=group)
+            module, device_ids=[dev] if dev.type == "cuda" else None, process_group=group,
+            find_unused_parameters=find_unused_parameters, broadcast_buffers=broadcast_buffers, **kw)
+        self.bucket_log: list[tuple[int, int, list[int]]] = []
+        if count:
+            self._pos = {id(p): i for i, p in enumerate(module.parameters())}
+            self.ddp.register_comm_hook(None, self._hook)
+
+    def _hook(self, _state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if bucket.index() == 0:
+            self.bucket_log = []
+        buf = bucket.buffer()
+        self._count(buf)
+        self.bucket_log.append((bucket.index(), buf.numel() * buf.element_size(),
+                                [self._pos[id(p)] for p in bucket.parameters()]))
+        return allreduce_hook(self.group, bucket)  # the default: divide by the world size, all-reduce
 
     def forward(self, *args, **kwargs):
         return self.ddp(*args, **kwargs)
