@@ -163,6 +163,7 @@ def _run(fn, n, *args, **kwargs):
     return labkit.launch(fn, world_size=n, args=args, kwargs=kwargs, pool=True, timeout=180, echo=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("n", WORLD_SIZES)
 def test_every_algorithm_equals_torch(n):
@@ -506,6 +507,7 @@ def test_mismatched_collective_ends_in_the_launchers_timeout():
     assert info.value.unfinished == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("n", (1, 5, 6, 7, 8))
 def test_every_algorithm_equals_torch_more_world_sizes(n):
