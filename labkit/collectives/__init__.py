@@ -9,14 +9,16 @@
   the library (``python -m labkit bench collectives``); ``plots``: schedules, animations, bandwidth curves.
 """
 from .algorithms import all_gather, all_reduce, reduce_scatter
-from .cost import LIBRARY, MODELLED, bandwidths, bus_factor, cost_terms, fit_alpha_beta, predict_time
+from .cost import (DEFAULT_ALPHA_BETA, LIBRARY, MODELLED, bandwidths, bus_factor, cost_terms, crossover_bytes,
+                   describe_alpha_beta, fit_alpha_beta, predict_time, usable_alpha_beta)
 from .schedules import (ALGORITHMS, OPS, SCHEDULES, Message, Schedule, chunk_bounds, final_owners,
-                        log_matches_schedule, merge_logs, schedule, schedule_from_logs, simulate)
+                        log_matches_schedule, merge_logs, ring_traffic_problems, schedule, schedule_from_logs, simulate)
 from .validation import ranks_agree
 
 __all__ = [
     "ALGORITHMS", "OPS", "SCHEDULES", "Message", "Schedule", "chunk_bounds", "schedule", "simulate", "final_owners",
-    "merge_logs", "log_matches_schedule", "schedule_from_logs",
+    "merge_logs", "log_matches_schedule", "schedule_from_logs", "ring_traffic_problems",
     "all_reduce", "reduce_scatter", "all_gather", "ranks_agree",
     "LIBRARY", "MODELLED", "bus_factor", "bandwidths", "cost_terms", "predict_time", "fit_alpha_beta",
+    "DEFAULT_ALPHA_BETA", "usable_alpha_beta", "crossover_bytes", "describe_alpha_beta",
 ]

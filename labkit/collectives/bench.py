@@ -10,7 +10,7 @@ import statistics
 import time
 
 from .algorithms import all_gather, all_reduce, reduce_scatter
-from .cost import LIBRARY, bandwidths, fit_alpha_beta, predict_time
+from .cost import LIBRARY, bandwidths, fit_alpha_beta, predict_time, usable_alpha_beta
 from .schedules import ALGORITHMS
 
 # ------------------------------------------------------------------------------------ on the ranks
@@ -108,19 +108,22 @@ def time_collectives_rank(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), r
     return rows if ctx.rank == 0 else None
 
 
-def pingpong_rank(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: int = 7) -> list[dict] | None:
-    """Ranks 0 and 1 bounce a message; one-way time = half the round trip (median). Other ranks idle.
-    Rank 0 returns rows ``{"algorithm": "p2p", "bytes", "world_size": 2, "seconds"}``."""
+def pingpong_rank(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: int = 9) -> list[dict] | None:
+    """Ranks 0 and 1 bounce a message; one-way time = half the round trip (median of ``repeats``). Other ranks
+    idle. The sizes take turns within each repeat (in alternating order), so a burst of load from other
+    programs hits every size alike instead of bending the fit at one size.
+    Rank 0 returns rows ``{"algorithm": "p2p", "bytes", "world_size": 2, "seconds", "samples"}``."""
     import torch
     import torch.distributed as dist
 
     if ctx.world_size < 2:
         raise ValueError("pingpong_rank needs world_size >= 2 (two ranks bounce a message)")
-    rows = []
-    for nbytes in sizes:
-        buf = torch.zeros(max(1, int(nbytes) // 4), dtype=torch.float32, device=ctx.device)
-        times = []
-        for i in range(repeats + 1):
+    bufs = [torch.zeros(max(1, int(nbytes) // 4), dtype=torch.float32, device=ctx.device) for nbytes in sizes]
+    times: list[list[float]] = [[] for _ in sizes]
+    for i in range(repeats + 1):  # round 0 warms every size up
+        order = list(range(len(sizes))) if i % 2 == 0 else list(range(len(sizes)))[::-1]
+        for k in order:
+            buf = bufs[k]
             dist.barrier()
             t0 = time.perf_counter()
             if ctx.rank == 0:
@@ -130,9 +133,9 @@ def pingpong_rank(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: i
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
             if i:
-                times.append((time.perf_counter() - t0) / 2)
-        rows.append({"algorithm": "p2p", "bytes": buf.numel() * 4, "world_size": 2,
-                     "seconds": statistics.median(times)})
+                times[k].append((time.perf_counter() - t0) / 2)
+    rows = [{"algorithm": "p2p", "bytes": buf.numel() * 4, "world_size": 2, "seconds": statistics.median(ts),
+             "samples": ts} for buf, ts in zip(bufs, times)]
     return rows if ctx.rank == 0 else None
 
 
@@ -231,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
                         kwargs=dict(algorithms=tuple(algs), sizes=tuple(sizes), repeats=repeats, warmup=2),
                         timeout=max(600.0, 60.0 * len(sizes)), echo=False)
     rows = res[0]
-    alpha, beta = fit_alpha_beta([r for r in rows if r["algorithm"] in ALGORITHMS])  # hand-written ones only
+    alpha, beta, note = usable_alpha_beta(*fit_alpha_beta([r for r in rows if r["algorithm"] in ALGORITHMS]),
+                                          source="alpha-beta model fitted to these all-reduce times")
     print(f"collectives on {args.world_size} ranks, backend {res.backend}; medians of {repeats} repeats "
           f"(each: barrier, then the slowest rank's time);\n"
           f"vs_library = busbw / the library's busbw at the same size (ratio of the medians); paired = median over "
           f"repeats of the same ratio, each run next to a library run (robust when the machine is busy).")
     print(format_table(table_rows(rows, alpha, beta)))
-    print(f"alpha-beta model fitted to these all-reduce times: alpha = {alpha * 1e6:.1f} us, "
-          f"1/beta = {1 / beta / 1e9 if beta else float('inf'):.2f} GB/s (model_ms column)")
+    print(note, "(model_ms column)")
     lib = {r["bytes"]: r for r in rows if r["algorithm"] == LIBRARY}
     for name in ("ring", "ring_pipelined"):
         big = [(r["bytes"], ratio_to_library(r, lib.get(r["bytes"])), paired_ratio(r)) for r in rows

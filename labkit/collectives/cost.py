@@ -16,6 +16,11 @@ to measured times (point-to-point ping-pong, or the algorithms themselves) by le
 relative error. The model leaves out the reduction arithmetic and, on a small CPU, the ranks
 competing for cores; the notebook shows where that matters.
 
+A fit to noisy timings can come out degenerate (alpha or beta pinned at 0, or constants so far off that
+the ring never beats the tree in the range studied). :func:`usable_alpha_beta` says so and falls back to
+:data:`DEFAULT_ALPHA_BETA`; :func:`crossover_bytes` gives the size where one algorithm starts to beat
+another, exactly, instead of searching a list of sizes.
+
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ LIBRARY = "library"  # torch.distributed's own all_reduce (gloo's or NCCL's algo
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
               "all_gather": lambda n: (n - 1) / n, "broadcast": lambda n: 1.0, "reduce": lambda n: 1.0}
 MODELLED = ALGORITHMS + ("ring_pipelined", "p2p", "reduce_scatter", "all_gather")
+DEFAULT_ALPHA_BETA = (100e-6, 1 / 2e9)
+"""The stated fallback (alpha = 100 us, 1/beta = 2 GB/s) for a degenerate fit: gloo over the loopback device
+on a small shared CPU machine. Measured with lab 01's ping-pong on the course's 2-core machine under load
+(torch 2.14.1, December 2026): alpha 100-150 us, 1/beta 2.5-3.7 GB/s; an idle laptop has a smaller alpha."""
 
 
 def bus_factor(collective: str, world_size: int) -> float:
@@ -97,3 +106,55 @@ def fit_alpha_beta(rows) -> tuple[float, float]:
         x = float(np.dot(A[:, col] * w, t * w) / max(np.dot(A[:, col] * w, A[:, col] * w), 1e-300))
         alpha, beta = (0.0, x) if alpha < 0 else (x, 0.0)
     return alpha, beta
+
+
+def crossover_bytes(algorithm: str, other: str, world_size: int, alpha: float, beta: float) -> float:
+    """The message size (bytes) above which ``algorithm`` is predicted faster than ``other``, from the model's
+    terms (time = a * alpha + b * S * beta, so the two lines cross at one size). ``0.0`` when ``algorithm`` is
+    never slower; ``inf`` when it never wins (it pays at least as much per byte, or beta is 0)."""
+    a1, b1 = cost_terms(algorithm, 1.0, world_size)
+    a2, b2 = cost_terms(other, 1.0, world_size)
+    lat, per_byte = (a1 - a2) * alpha, (b2 - b1) * beta  # extra latency paid, bandwidth saved per byte
+    if lat <= 0 and per_byte >= 0:
+        return 0.0
+    if per_byte <= 0:
+        return float("inf")
+    return lat / per_byte
+
+
+def _size(nbytes: float) -> str:
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= k and nbytes != float("inf"):
+            return f"{nbytes / k:.3g} {unit}"
+    return f"{nbytes:.3g} B"
+
+
+def describe_alpha_beta(alpha: float, beta: float) -> str:
+    """``"alpha = 95 us, 1/beta = 3.1 GB/s"``, also for a zero or negative constant (no division by zero)."""
+    bw = f"1/beta = {1 / beta / 1e9:.3g} GB/s" if beta > 0 else f"beta = {beta:.3g} s/byte (no bandwidth term)"
+    return f"alpha = {alpha * 1e6:.3g} us, {bw}"
+
+
+def usable_alpha_beta(alpha: float, beta: float, source: str = "fit", default=DEFAULT_ALPHA_BETA,
+                      crossover=None) -> tuple[float, float, str]:
+    """``(alpha, beta, note)``: the fitted constants when they make sense, else ``default`` with a note saying
+    why. Degenerate: alpha or beta not > 0 (or not finite), or, with ``crossover=(algorithm, other,
+    world_size, lo, hi)``, the size where ``algorithm`` starts to beat ``other`` outside ``[lo, hi]`` bytes.
+    Never raises for a bad fit: a notebook on a busy machine prints the note and carries on."""
+    import math
+
+    problems = []
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            problems.append(f"{name} = {v!r} is not > 0")
+    if not problems and crossover is not None:
+        alg, other, n, lo, hi = crossover
+        s = crossover_bytes(alg, other, n, alpha, beta)
+        if not lo <= s <= hi:
+            problems.append(f"with it the model's {alg} would beat the {other} on {n} ranks from {_size(s)}, "
+                            f"outside {_size(lo)} to {_size(hi)}")
+    if not problems:
+        return float(alpha), float(beta), f"{source}: {describe_alpha_beta(alpha, beta)}"
+    a, b = default
+    return float(a), float(b), (f"{source} came out degenerate ({'; '.join(problems)}; timings on a busy machine are "
+                                f"noisy): using the stated default {describe_alpha_beta(a, b)} instead")

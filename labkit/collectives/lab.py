@@ -6,6 +6,7 @@ themselves are in :mod:`.algorithms` and their pure schedules in :mod:`.schedule
 """
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 
@@ -13,8 +14,9 @@ from .. import checks
 from ..runtime import launch
 from ..tour import check_row
 from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
-from .validation import _op_name
-from .schedules import ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule, schedule, simulate
+from .schedules import (ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule,
+                        ring_traffic_problems, schedule, simulate)
+from .validation import _op_name, call_watching, watch_p2p
 
 
 def _sample(numel: int, dtype, rank: int, seed: int = 0):
@@ -142,81 +144,77 @@ def demo_rank(ctx, numel: int = 4) -> dict:
     return res
 
 
-# --------------------------------------------------------------------------------------- exercise check
-_FORBIDDEN = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_gather_into_tensor",
-              "reduce_scatter_tensor", "all_to_all")
-
-
-def _ring_check_rank(ctx, fn, numels, dtypes):
-    """Run the learner's ``fn(tensor)`` on each case with torch's collectives disabled (only send/recv
-    allowed), and compare with ``dist.all_reduce``."""
+# --------------------------------------------------------------------------------------- exercise checks
+def _ring_check_rank(ctx, fn, numels, dtypes, seed):
+    """Run the learner's ``fn(tensor)`` on each case while :func:`.validation.watch_p2p` records every message
+    (torch's collectives refused), then compare the result with ``dist.all_reduce`` and the traffic with a
+    ring's (:func:`.schedules.ring_traffic_problems`). Returns ``[(case, ok, detail), ...]``."""
     import torch
     import torch.distributed as dist
 
     wants = []
     for dname in dtypes:  # references first, while the library collectives still work
         for numel in numels:
-            x = _sample(numel, getattr(torch, dname), ctx.rank, seed=7)
+            x = _sample(numel, getattr(torch, dname), ctx.rank, seed=seed)
             want = x.clone()
             dist.all_reduce(want)
             wants.append((dname, numel, x, want))
     dist.barrier()
-    saved = {name: getattr(dist, name) for name in _FORBIDDEN if hasattr(dist, name)}
-
-    def refuse(*a, **k):
-        raise AssertionError("this exercise builds all-reduce from dist.send/recv (or isend/irecv) only; "
-                             "do not call torch's collectives inside it")
-
     out = []
-    try:
-        for name in saved:
-            setattr(dist, name, refuse)
-        for dname, numel, x, want in wants:
-            case = f"{ctx.world_size} ranks, {numel} {dname} elements"
-            t = x.clone()
-            try:
+    for dname, numel, x, want in wants:
+        case = f"{ctx.world_size} ranks, {numel} {dname} elements"
+        t, log = x.clone(), []
+        try:
+            with watch_p2p(log):
                 got = fn(t)
-            except NotImplementedError:
-                return "not attempted"
-            except AssertionError as e:
-                out.append((case, False, str(e)))
-                break
-            got = t if got is None else got
-            if not isinstance(got, torch.Tensor) or got.shape != want.shape:
-                out.append((case, False, f"got {type(got).__name__} of shape {getattr(got, 'shape', None)}, "
-                                         f"expected a tensor of shape {tuple(want.shape)} (return it or fill it in)"))
-                continue
-            if got.dtype.is_floating_point:
-                ok = torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-4)
-            else:
-                ok = torch.equal(got, want)
-            bad = "" if ok else (f"rank {ctx.rank}: max abs error {float((got.double() - want.double()).abs().max()):.3g}"
-                                 f"; first wrong element at index "
-                                 f"{int(((got.double() - want.double()).abs() > 1e-4).nonzero()[0])}")
-            out.append((case, bool(ok), bad))
-    finally:
-        for name, f in saved.items():
-            setattr(dist, name, f)
+        except NotImplementedError:
+            return "not attempted"
+        except AssertionError as e:  # a refused collective: every rank stops here alike
+            out.append((case, False, str(e)))
+            break
+        problems = []
+        via = sorted({m["via"] for m in log if m["via"]})
+        if via:
+            problems.append(f"your messages were sent by labkit.collectives.{via[0]}, labkit's own implementation: "
+                            f"write the ring yourself with dist.isend/dist.irecv")
+        got = t if got is None else got
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            problems.append(f"got {type(got).__name__} of shape {getattr(got, 'shape', None)}, expected a tensor of "
+                            f"shape {tuple(want.shape)} (return it or fill it in)")
+        elif not (torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-4) if got.dtype.is_floating_point
+                  else torch.equal(got, want)):
+            diff = (got.double() - want.double()).abs()
+            problems.append(f"rank {ctx.rank}: wrong sum, max abs error {float(diff.max()):.3g}; first wrong element "
+                            f"at index {int((diff > 1e-4).nonzero()[0])}")
+        if not via:
+            problems += ring_traffic_problems(log, ctx.rank, ctx.world_size, numel, x.element_size())
+        out.append((case, not problems, "; ".join(problems[:2])))
     return out
 
 
 def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dtypes=("float32", "int64"),
-                          timeout: float = 60.0):
-    """Check a learner's ring all-reduce ``fn(tensor)`` (sum, in place or returned) against ``dist.all_reduce``
-    on several world sizes and sizes, including sizes that do not divide by the world size. Torch's own
-    collectives are disabled while ``fn`` runs. Returns a :class:`labkit.checks.CheckResult` naming each
-    failing case (a deadlock shows as a time-out of that world size)."""
+                          timeout: float = 120.0, seed: int | None = None, random_size: bool = True):
+    """Check a learner's ring all-reduce ``fn(tensor)`` (sum, in place or returned) on several world sizes and
+    sizes (some that do not divide by the world size, and with ``random_size`` one drawn now), on data drawn
+    from a seed chosen now (``seed`` fixes both, for tests). A case passes when the sum equals
+    ``dist.all_reduce``'s *and* the messages really sent are a ring's: each rank sends only to its right
+    neighbour and receives only from its left, one chunk per message, 2(n-1) chunks in all. Torch's collectives
+    and labkit's own all-reduce fail the case. Returns a :class:`labkit.checks.CheckResult`
+    naming each failing case (a deadlock shows as a time-out of that world size)."""
     if not callable(fn):
         raise TypeError(f"check_ring_all_reduce needs your function, e.g. check_ring_all_reduce(my_ring_all_reduce); "
                         f"got {type(fn).__name__}")
+    rng = random.Random(seed)
+    data_seed = rng.randrange(1 << 30)
+    numels = tuple(numels) + ((rng.randrange(1500, 5000),) if random_size else ())
     runs: dict = {}
 
     def case(n, i):
         def thunk():
             if n not in runs:
                 try:
-                    runs[n] = launch(_ring_check_rank, world_size=n, kwargs=dict(fn=fn, numels=tuple(numels), dtypes=tuple(dtypes)),
-                                     timeout=timeout, pool=True, echo=False)
+                    runs[n] = launch(_ring_check_rank, world_size=n, timeout=timeout, pool=True, echo=False,
+                                     kwargs=dict(fn=fn, numels=numels, dtypes=tuple(dtypes), seed=data_seed))
                 except Exception as e:  # keep the failure for this world size's other cases
                     runs[n] = e
             if isinstance(runs[n], Exception):
@@ -233,10 +231,10 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
 
     labels = {n: [f"{n} ranks, {k} {d} elements" for d in dtypes for k in numels] for n in world_sizes}
     cases = [(labels[n][i], case(n, i)) for n in world_sizes for i in range(len(labels[n]))]
-    return checks.run_cases("ring all-reduce == dist.all_reduce", cases,
-                            hint="chunk the tensor with torch.tensor_split(t, n); n-1 reduce-scatter steps "
-                                 "(send chunk (rank-s) % n right, add chunk (rank-s-1) % n from the left), then n-1 "
-                                 "all-gather steps; post dist.irecv and dist.isend together, then wait both")
+    return checks.run_cases("ring all-reduce: the sum of dist.all_reduce, with a ring's messages", cases,
+                            hint="cut the tensor into n chunks (torch.tensor_split); n-1 reduce-scatter steps, then "
+                                 "n-1 all-gather steps, each sending one chunk to the right neighbour and receiving "
+                                 "one from the left; post dist.irecv and dist.isend together, then wait for both")
 
 
 # --------------------------------------------------------------------------------------- tour
@@ -318,23 +316,71 @@ def traced_all_reduce_rank(ctx, algorithm: str = "ring", numel: int = 1024, op: 
     return {"log": log, "max_error": err, "seconds": seconds}
 
 
-def check_bytes_per_rank(fn):
+def _formula_codes() -> dict:
+    """The code objects of labkit's functions that compute bytes or cost for you (the bytes exercise may not
+    call them): ``{code: name}``."""
+    from . import cost
+    from .schedules import Schedule
+
+    fns = {"Schedule.bytes_per_rank": Schedule.bytes_per_rank, "cost_terms": cost.cost_terms,
+           "predict_time": cost.predict_time, "bus_factor": cost.bus_factor, "bandwidths": cost.bandwidths,
+           "crossover_bytes": cost.crossover_bytes}
+    fns.update({f"BUS_FACTOR[{k!r}]": f for k, f in cost.BUS_FACTOR.items()})
+    return {f.__code__: name for name, f in fns.items()}
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x - round(x)) < 1e-6 else f"{x:,.2f}"
+
+
+def _bytes_diagnosis(alg: str, got: float, S: float, n: int) -> str:
+    """Name the usual wrong counts: the other ring's, one phase only, whole tensors where chunks go."""
+    close = lambda v: abs(got - v) <= max(1.0, 1e-6 * v)  # noqa: E731
+    if alg == "ring":
+        if close((n - 1) * S):
+            return "that is what the unchunked ring sends; the chunked ring's messages are chunks, not the whole tensor"
+        if close(2 * (n - 1) * S):
+            return "right number of steps, but each step sends one chunk of S/n bytes, not all S"
+        if close((n - 1) / n * S):
+            return "that counts one phase (reduce-scatter); the all-gather phase sends as many bytes again"
+    elif close(2 * (n - 1) / n * S):
+        return "that is the chunked ring's count; the unchunked ring sends the whole tensor at each of its steps"
+    elif close(2 * (n - 1) * S):
+        return "the unchunked ring has n-1 steps, not 2(n-1): it adds as it passes the tensors on"
+    return "count a rank's messages (one per step) and the bytes in each"
+
+
+def check_bytes_per_rank(fn, seed: int | None = None, cases_per_algorithm: int = 4):
     """Check a learner's ``fn(algorithm, nbytes, world_size)`` -> bytes each rank sends, for ``"ring"`` and
-    ``"ring_unchunked"``, against the message schedules (whose bytes the tests match to real runs)."""
+    ``"ring_unchunked"``, against the message schedules (whose bytes the tests match to real runs). World sizes
+    (2-64) and sizes are drawn now (``seed`` fixes them, for tests), so no table of answers can pass; labkit's
+    own byte and cost functions (``Schedule.bytes_per_rank``, ``cost_terms``, ``bus_factor``, ...) are refused."""
     if not callable(fn):
         raise TypeError(f"check_bytes_per_rank needs your function fn(algorithm, nbytes, world_size); got "
                         f"{type(fn).__name__}")
+    rng = random.Random(seed)
+    draws = [(alg, rng.randrange(1000, 1 << 30), 2 if k == 0 else rng.randrange(3, 65))
+             for alg in ("ring", "ring_unchunked") for k in range(cases_per_algorithm)]
+    codes = _formula_codes()
 
     def case(alg, S, n):
+        want = schedule(alg, n).bytes_per_rank(S)[0]  # before the learner's code runs, with the hook off
+
         def thunk():
-            want = schedule(alg, n).bytes_per_rank(S)[0]
-            got = fn(alg, S, n)
-            if got is None or abs(float(got) - want) > 1e-6 * max(1.0, want):
-                raise AssertionError(f"{alg} with {n} ranks and S={S} bytes: you said {got}, each rank sends {want:g}")
+            got, called = call_watching(fn, (alg, S, n), codes)
+            if called:
+                raise AssertionError(f"you called labkit's {called[0]}, which computes this for you; work the count "
+                                     f"out from the algorithm's steps instead")
+            try:
+                value = float(got)
+            except (TypeError, ValueError):
+                raise AssertionError(f"return a number of bytes, got {got!r}") from None
+            if abs(value - want) > max(1.0, 1e-6 * want):
+                raise AssertionError(f"{alg} with {n} ranks and S={S} bytes: you said {_num(value)}, each rank sends "
+                                     f"{_num(want)}; {_bytes_diagnosis(alg, value, S, n)}")
         return thunk
 
-    cases = [(f"{alg}, {n} ranks, S={S}", case(alg, S, n)) for alg in ("ring", "ring_unchunked")
-             for n in (2, 3, 4, 8) for S in (1 << 20, 3000)]
+    cases = [(f"{alg}, {n} ranks, S={S}", case(alg, S, n)) for alg, S, n in draws]
     return checks.run_cases("bytes sent per rank", cases,
-                            hint="count the messages a rank sends and the size of each: the ring sends one chunk "
-                                 "of S/n per step for 2(n-1) steps; the unchunked ring sends the whole S each step")
+                            hint="follow one rank through the schedule (the figures above): how many steps, and how "
+                                 "big is what it sends at each, for a tensor of S bytes cut into n chunks?")

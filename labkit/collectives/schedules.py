@@ -220,4 +220,43 @@ def schedule_from_logs(per_rank_logs, algorithm: str, world_size: int) -> Schedu
     return Schedule(algorithm, world_size, schedule(algorithm, world_size).n_chunks, msgs)
 
 
-# The lab functions (run on ranks), the exercise checks and the tour live in labkit.collectives_lab, which
+def ring_traffic_problems(log, rank: int, world_size: int, numel: int, itemsize: int) -> list[str]:
+    """What one rank's message log shows that a ring all-reduce of ``numel`` elements would not do: messages
+    to anyone but the right neighbour (or receives from anyone but the left one), a message bigger than one
+    chunk, or a total outside 2(n-1) chunks (chunks of ``torch.tensor_split``, so up to one element of rounding
+    each). ``log`` entries are dicts with ``src``, ``dst``, ``bytes`` and optionally ``kind`` (``"send"``, the
+    default, or ``"recv"``): the logs of :mod:`.algorithms` (sends) and of :func:`.validation.watch_p2p` (both).
+    An empty list means the traffic is a ring's."""
+    n = _check_world_size(world_size)
+    if n == 1:
+        return []
+    right, left = (rank + 1) % n, (rank - 1) % n
+    sends = [m for m in log if m.get("kind", "send") == "send"]
+    recvs = [m for m in log if m.get("kind") == "recv"]
+    out = []
+    to = Counter(m["dst"] for m in sends if m["dst"] != right)
+    if to:
+        out.append(f"rank {rank} sent {sum(to.values())} message(s) to rank(s) {sorted(to, key=str)}; in a ring each "
+                   f"rank sends only to its right neighbour, (rank + 1) % n = {right}")
+    frm = Counter(m["src"] for m in recvs if m["src"] != left)
+    if frm:
+        who = ["any rank (src=None)" if s is None else s for s in frm]
+        out.append(f"rank {rank} received {sum(frm.values())} message(s) from {who}; in a ring each rank receives "
+                   f"only from its left neighbour, (rank - 1) % n = {left}")
+    chunk_lo, chunk_hi = numel // n * itemsize, -(-numel // n) * itemsize
+    biggest = max((m["bytes"] for m in sends), default=0)
+    if biggest > chunk_hi:
+        out.append(f"rank {rank} sent a message of {biggest} bytes, more than one chunk ({numel} elements cut into "
+                   f"{n} chunks: at most {chunk_hi} bytes each); a ring sends one chunk per step")
+    total, S = sum(m["bytes"] for m in sends), numel * itemsize
+    if total > 2 * (n - 1) * chunk_hi:
+        whole = " (that is (n-1)·S: the whole tensor passed around the ring)" if total == (n - 1) * S else ""
+        out.append(f"rank {rank} sent {total} bytes in all{whole}, more than the {2 * (n - 1)} chunks of a ring "
+                   f"all-reduce (at most {2 * (n - 1) * chunk_hi} bytes)")
+    elif total < 2 * (n - 1) * chunk_lo:
+        out.append(f"rank {rank} sent {total} bytes in all, fewer than the {2 * (n - 1)} chunks of a ring all-reduce "
+                   f"(at least {2 * (n - 1) * chunk_lo} bytes): is the reduce-scatter or the all-gather phase missing?")
+    return out
+
+
+# The lab functions (run on ranks), the exercise checks and the tour live in labkit.collectives.lab.

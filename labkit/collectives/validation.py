@@ -1,8 +1,14 @@
 """What the collectives check before they communicate: the tensor, the op, the log, and that every rank
-passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check)."""
+passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check); and, for
+the exercise checks, what a learner's code really did: :func:`watch_p2p` records every point-to-point message
+in the log format of :mod:`.algorithms` (torch's collectives refused, labkit's own all-reduce named), and
+:func:`call_watching` says which of a given set of functions a call reached."""
 from __future__ import annotations
 
+import os
+import sys
 import zlib
+from contextlib import contextmanager
 
 from .schedules import OPS
 
@@ -77,3 +83,88 @@ def _check_same_everywhere(tensor, what: str = "tensor") -> None:
 def _check_log(log) -> None:
     if log is not None and not isinstance(log, list):
         raise TypeError(f"log must be a list (pass log=[] to record messages) or None, got {type(log).__name__}")
+
+
+REFUSED = ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_gather_into_tensor",
+           "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather", "scatter")
+_ALGORITHMS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "algorithms.py")
+
+
+def _labkit_caller() -> str | None:
+    """The outermost function of labkit's own algorithms (``all_reduce``, ...) on the call stack, if any."""
+    f, found = sys._getframe(1), None
+    while f is not None:
+        if os.path.abspath(f.f_code.co_filename) == _ALGORITHMS_FILE:
+            found = f.f_code.co_name
+        f = f.f_back
+    return found
+
+
+@contextmanager
+def watch_p2p(log: list, refuse=REFUSED):
+    """While active, every ``dist.send/recv/isend/irecv`` on this rank (also through ``batch_isend_irecv``)
+    appends ``{"step", "kind": "send"|"recv", "src", "dst", "bytes", "call", "via"}`` to ``log`` (``via``: the
+    labkit all-reduce function that sent it, or None), and the collectives in ``refuse`` raise an
+    ``AssertionError`` that says what to use instead. Everything is restored on exit."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    _check_log(log)
+    rank = dist.get_rank()
+    saved = {}
+
+    def patch(name, fn):
+        for mod in (dist, c10d):
+            if hasattr(mod, name):
+                saved[(mod, name)] = getattr(mod, name)
+                setattr(mod, name, fn)
+
+    def recorder(name, orig, kind):
+        keys = ("dst", "group_dst") if kind == "send" else ("src", "group_src")
+
+        def wrapped(tensor, *args, **kwargs):
+            peer = args[0] if args else next((kwargs[k] for k in keys if kwargs.get(k) is not None), None)
+            log.append({"step": len(log), "kind": kind, "src": rank if kind == "send" else peer,
+                        "dst": peer if kind == "send" else rank, "bytes": tensor.numel() * tensor.element_size(),
+                        "call": name, "via": _labkit_caller()})
+            return orig(tensor, *args, **kwargs)
+        wrapped.__name__ = wrapped.__qualname__ = name
+        return wrapped
+
+    def refuser(name):
+        def refused(*args, **kwargs):
+            via = _labkit_caller()
+            if via:
+                raise AssertionError(f"you called labkit.collectives.{via}, labkit's own implementation: write the "
+                                     f"algorithm yourself with dist.isend/dist.irecv (or send/recv)")
+            raise AssertionError(f"you called dist.{name}, torch's own collective: this exercise builds it from "
+                                 f"dist.isend/dist.irecv (or send/recv) only")
+        refused.__name__ = name
+        return refused
+
+    try:
+        for name, kind in (("send", "send"), ("isend", "send"), ("recv", "recv"), ("irecv", "recv")):
+            patch(name, recorder(name, getattr(c10d, name), kind))
+        for name in refuse:
+            if hasattr(c10d, name):
+                patch(name, refuser(name))
+        yield log
+    finally:
+        for (mod, name), fn in saved.items():
+            setattr(mod, name, fn)
+
+
+def call_watching(fn, args, codes: dict):
+    """``fn(*args)`` with a profile hook on; returns ``(result, [names of the watched functions it called])``."""
+    called: list = []
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            called.append(codes[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        return fn(*args), called
+    finally:
+        sys.setprofile(previous)
