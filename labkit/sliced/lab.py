@@ -35,9 +35,13 @@ def check_stage_params(fn):
                 break
         drawn.append((name, cuts))
 
+    models: dict = {}  # one model per name and check: building ResNet-18 is the slow part
+
     def case(name, bounds):
         def thunk():
-            model = build_model(name)
+            if name not in models:
+                models[name] = build_model(name)
+            model = models[name]
             want = [sum(p.numel() for p in stage.parameters()) for stage in split_stages(model, bounds)]
             with calls_to(split_costs, (nn.Module.__call__, "a module's forward (model(x))")) as seen:
                 got = fn(model, list(bounds))
