@@ -1,4 +1,4 @@
-"""Command line: ``python -m labkit {doctor,tour,bench,slides,run,open}``."""
+"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run}``."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (try --help)")
     s = sub.add_parser("slides", help="build the lecture decks into reveal.js HTML (try slides --help)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
+    st = sub.add_parser("stress", help="re-run notebook cells that start processes, under busy processes; report "
+                        "stalls (try stress --help)", add_help=False)
+    st.add_argument("rest", nargs=argparse.REMAINDER)
     r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
     r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello_rank")
     r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
@@ -35,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from .slides import main as slides_main
 
         return slides_main(argv[1:]) or 0
+    if argv and argv[0] == "stress":
+        from .runtime.stress import main as stress_main
+
+        return stress_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "doctor":
         from .runtime.doctor import doctor

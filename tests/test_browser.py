@@ -1,9 +1,10 @@
-"""End-to-end: JupyterLab in Debian's Chromium (driven by Playwright) runs the first notebook.
+"""End-to-end: JupyterLab in Debian's Chromium (driven by Playwright) runs the first notebook and lab 04.
 
 Starts a private JupyterLab on a free loopback port with a random token, over a temporary copy of
 ``notebooks/``, opens ``00_start_here.ipynb`` in Chromium, runs all cells from the Run menu, waits
 for the kernel, and checks that every code cell ran, no cell printed a traceback, and the ipywidgets
-rendered in the page (so the widget front end and the kernel side agree). A tiny notebook that
+rendered in the page (so the widget front end and the kernel side agree). In lab 04 it then picks 3 stages and
+presses Run, and checks that the pool ran the new pipeline and its timeline appeared. A tiny notebook that
 fails on purpose checks that the checks themselves can fail.
 
 Needs ``/usr/bin/chromium`` (``bash .ci/install_browser.sh`` installs Debian's package); skips with
@@ -102,7 +103,7 @@ def lab(tmp_path_factory):
         start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"JupyterLab exited with {proc.returncode}; see {tmp / 'jupyterlab.log'}:\n"
@@ -114,7 +115,7 @@ def lab(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"JupyterLab did not answer on {base} within 90 s; see {tmp / 'jupyterlab.log'}")
+                raise RuntimeError(f"JupyterLab did not answer on {base} within 300 s; see {tmp / 'jupyterlab.log'}")
             time.sleep(0.5)
         yield base, token, tmp
     finally:
@@ -154,8 +155,10 @@ def browser():
             b.close()
 
 
-def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: float = 200) -> dict:
-    """Open ``notebook`` in Lab, Run > Run All Cells, wait for the kernel; return what the page shows."""
+def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: float = 200, then=None) -> dict:
+    """Open ``notebook`` in Lab, Run > Run All Cells, wait for the kernel; return what the page shows.
+
+    ``then(page)``, if given, runs after that (the page still open) and its return value is kept under "then"."""
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page_errors: list[str] = []
     page.on("pageerror", lambda e: page_errors.append(str(e)))
@@ -164,7 +167,7 @@ def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: f
         workspace = re.sub(r"\W", "-", Path(notebook).stem)
         page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}",
                   wait_until="domcontentloaded", timeout=60_000)
-        page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=90_000)
+        page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=240_000)
         # a kernel chooser only appears if the notebook names no kernel: accept the default
         accept = page.locator(".jp-Dialog .jp-mod-accept")
         page.wait_for_timeout(500)
@@ -173,7 +176,7 @@ def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: f
         # the kernel is connected once the status bar reads "<kernel name> | Idle"
         page.wait_for_function(
             "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
-            ".some(e => /\\|\\s*Idle/.test(e.textContent))", timeout=90_000)
+            ".some(e => /\\|\\s*Idle/.test(e.textContent))", timeout=240_000)
         prompts_js = "els => els.map(e => e.textContent.trim())"
         for attempt in range(3):  # Run > Run All Cells; retry if the click came before the kernel was ready
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
@@ -191,20 +194,8 @@ def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: f
         else:
             page.screenshot(path=str(shot), full_page=True)
             raise AssertionError(f"Run All Cells did not start {notebook}; screenshot {shot}")
-        # wait until no cell is queued or running and the kernel is idle
-        deadline = time.monotonic() + wait_s
-        while True:
-            page.wait_for_timeout(1000)
-            prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent)")
-            busy = any("*" in t for t in prompts)
-            idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count() > 0
-            if idle and not busy:
-                page.wait_for_timeout(1500)  # let widget views finish rendering
-                break
-            if time.monotonic() > deadline:
-                page.screenshot(path=str(shot), full_page=True)
-                raise AssertionError(f"{notebook} still running after {wait_s:.0f} s (prompts {prompts}); "
-                                     f"screenshot {shot}")
+        wait_idle(page, notebook, shot, wait_s)
+        after = then(page) if then else None
         cells = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell", """els => els.map(c => ({
             prompt: (c.querySelector('.jp-InputPrompt') || {textContent: ''}).textContent.trim(),
             outputs: [...c.querySelectorAll('.jp-OutputArea-output')].map(o => ({
@@ -216,9 +207,26 @@ def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: f
             bad.first.scroll_into_view_if_needed()
         page.screenshot(path=str(shot))
         return {"cells": cells, "prompts": [c["prompt"] for c in cells], "widgets": widgets,
-                "page_errors": page_errors}
+                "page_errors": page_errors, "then": after}
     finally:
         page.close()
+
+
+def wait_idle(page, notebook: str, shot: Path, wait_s: float) -> None:
+    """Wait until no cell is queued or running and the kernel is idle."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        page.wait_for_timeout(1000)
+        prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent)")
+        busy = any("*" in t for t in prompts)
+        idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count() > 0
+        if idle and not busy:
+            page.wait_for_timeout(1500)  # let widget views finish rendering
+            return
+        if time.monotonic() > deadline:
+            page.screenshot(path=str(shot), full_page=True)
+            raise AssertionError(f"{notebook} still running after {wait_s:.0f} s (prompts {prompts}); "
+                                 f"screenshot {shot}")
 
 
 def problems(seen: dict) -> list[str]:
@@ -239,7 +247,7 @@ def problems(seen: dict) -> list[str]:
     return out
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_start_here_runs_in_jupyterlab_with_widgets(lab, browser):
     base, token, tmp = lab
     shot = tmp / "00_start_here.png"
@@ -250,7 +258,43 @@ def test_start_here_runs_in_jupyterlab_with_widgets(lab, browser):
     assert seen["widgets"] >= 1, f"no ipywidget rendered in the page; screenshot: {shot}"
 
 
-@pytest.mark.timeout(180)
+def press_pipeline_run(page, shot: Path, wait_s: float = 150) -> dict:
+    """In lab 04: choose 3 stages, press Run, and wait until the Output widget shows the new run's timeline."""
+    box = page.locator(f"{PANEL} .widget-vbox").filter(has=page.locator(".widget-button", has_text="Run")).first
+    box.scroll_into_view_if_needed()
+    box.locator(".widget-dropdown").filter(has_text="stages").locator("select").select_option("3")
+    box.locator(".widget-button", has_text="Run").click()
+    text = ""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:  # p = 3, m = 4: the bubble in theory is (p-1)/(m+p-1) = 33.3%
+        page.wait_for_timeout(1000)
+        text = box.locator(".widget-output").inner_text()
+        if "theory 33.3%" in text:
+            break
+    page.wait_for_timeout(1500)
+    box.screenshot(path=str(shot))
+    out = box.locator(".widget-output")
+    return {"text": text, "images": out.locator("img").count(),
+            "errors": out.locator('[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()}
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_lab_widgets_run_and_draw(lab, browser):
+    """Lab 04 as a student uses it: run all, pick 3 stages, press Run; the pool runs it and the timeline appears."""
+    base, token, tmp = lab
+    shot, widget_shot = tmp / "04_pipeline.png", tmp / "04_pipeline_widget.png"
+    seen = run_all(browser, base, token, "04_pipeline.ipynb", shot, wait_s=300,
+                   then=lambda page: press_pipeline_run(page, widget_shot))
+    found = problems(seen)
+    assert not found, "04_pipeline.ipynb in JupyterLab: " + "\n".join(found) + f"\nscreenshot: {shot}"
+    pressed = seen["then"]
+    assert "theory 33.3%" in pressed["text"], (f"pressing Run with 3 stages did not show the 3-stage run: "
+                                               f"{pressed['text'][-500:]!r}; screenshot {widget_shot}")
+    assert pressed["images"] >= 1, f"no timeline image in the widget's output; screenshot {widget_shot}"
+    assert not pressed["errors"], f"error output after pressing Run: {pressed['errors']}; screenshot {widget_shot}"
+
+
+@pytest.mark.timeout(600)
 def test_the_checks_catch_a_failing_notebook(lab, browser):
     base, token, tmp = lab
     shot = tmp / "broken.png"
@@ -261,7 +305,7 @@ def test_the_checks_catch_a_failing_notebook(lab, browser):
     assert seen["widgets"] >= 1, f"the button should render; screenshot: {shot}"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_offline_deck_opens_in_chromium(browser, tmp_path):
     """The 00_course deck built against a local reveal.js works from disk.
 

@@ -15,7 +15,7 @@ import labkit
 from labkit import data
 from labkit.data import DatasetCorrupt, DatasetUnavailable
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(600)
 
 
 # --------------------------------------------------------------------------- digits
@@ -205,7 +205,7 @@ def _rank_shards(ctx, n, epoch):
 
 
 def test_shards_on_real_ranks():
-    out = labkit.launch(_rank_shards, world_size=2, args=(9,), kwargs={"epoch": 3}, echo=False, timeout=90)
+    out = labkit.launch(_rank_shards, world_size=2, args=(9,), kwargs={"epoch": 3}, echo=False, timeout=400)
     for r, res in enumerate(out):
         assert res["mine"] == res["sampler"]
         assert res["everyone"][r] == res["mine"]

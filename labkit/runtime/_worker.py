@@ -7,8 +7,10 @@ dies (so no rank outlives the notebook that started it).
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -33,6 +35,9 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def main() -> None:
+    # `kill -USR1 PID` prints every thread's stack to the rank's stderr (echoed as "[rank r]"): how a hang is
+    # located (python -m labkit stress uses it).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     rank = int(os.environ["LABKIT_RANK"])
     world_size = int(os.environ["LABKIT_WORLD_SIZE"])
     backend = os.environ["LABKIT_BACKEND"]
