@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .._calls import calls_to, refuse
-from ..checks import expect_close, expect_equal, run_cases
+from ..checks import expect_close, run_cases
 from ..tour import check_row
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..checks import expect_close, expect_equal, run_cases
+from ..checks import expect_close, run_cases
 from ..tour import check_row
 from .article import article_block_error
 from .channels import run_channel_checks
