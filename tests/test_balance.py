@@ -56,7 +56,6 @@ def test_fits_agrees_with_the_optimum():
         opt = B.brute_force_partition(costs, k).bottleneck
         assert B.fits(costs, k, opt)
         assert not B.fits(costs, k, opt - 0.5)
-    assert L.check_fits(B.fits).passed
 
 
 def test_cuts_sizes_even():
@@ -215,16 +214,63 @@ def test_sleeping_pipeline_balanced_beats_even_as_predicted():
 
 
 # ----------------------------------------------------------------------------- exercises and tour
-def test_exercise_checks():
+def _stub(*args):
+    raise NotImplementedError
+
+
+def _brute(costs, k):
+    import itertools
+    return list(min(itertools.combinations(range(1, len(costs)), k - 1),
+                    key=lambda c: max(B.evaluate_split(costs, list(c)).stage_costs)))
+
+
+def _my_fits(costs, k, limit):
+    stages, current = 1, 0
+    for c in costs:
+        if c > limit:
+            return False
+        if current + c > limit:
+            stages, current = stages + 1, 0
+        current += c
+    return stages <= k
+
+
+def test_hand_split_check():
     best = B.min_max_partition(L.EXERCISE_COSTS, L.EXERCISE_STAGES)
-    assert L.check_hand_split(best.cuts).passed
-    assert L.check_hand_split(lambda: best.cuts).passed
-    assert not L.check_hand_split(B.even_cuts(len(L.EXERCISE_COSTS), 3)).passed
-    assert not L.check_hand_split([5, 2]).passed
-    stub = L.check_hand_split(lambda: (_ for _ in ()).throw(NotImplementedError()))
-    assert not stub.attempted and not stub.passed
-    assert not L.check_fits(lambda costs, k, limit: True).passed
-    assert not L.check_fits(lambda c, k, lim: (_ for _ in ()).throw(NotImplementedError())).attempted
+    assert L.check_hand_split(_brute).passed
+    res = L.check_hand_split(_stub)
+    assert not res.attempted and not res.passed
+    res = L.check_hand_split(lambda costs, k: B.min_max_partition(costs, k).cuts)  # shortcut: the solver
+    assert not res.passed and "min_max_partition" in res.summary() and "yourself" in res.summary()
+    res = L.check_hand_split(lambda costs, k: B.balance_by_time(costs, k).cuts)
+    assert not res.passed and "balance_by_time" in res.summary()
+    res = L.check_hand_split(lambda costs, k: best.cuts)  # hard-codes the exercise's answer
+    assert not res.passed and res.cases[0].ok and all("drawn now" in c.name for c in res.failed_cases)
+    res = L.check_hand_split(best.cuts)  # a constant list: the check must try other costs
+    assert not res.passed and "my_cuts(costs, k)" in res.summary()
+    res = L.check_hand_split(lambda: best.cuts)
+    assert not res.passed and "my_cuts(costs, k)" in res.summary()
+    res = L.check_hand_split(lambda costs, k: B.even_cuts(len(costs), k))  # even, not balanced
+    assert not res.passed and "a better split exists" in res.summary() and "hint:" in res.summary()
+    res = L.check_hand_split(lambda costs, k: B.greedy_split(costs, k).cuts)  # the library's greedy pass
+    assert not res.passed and "greedy_split" in res.summary()
+
+
+def test_fits_check():
+    assert L.check_fits(_my_fits).passed
+    assert not L.check_fits(_stub).attempted
+    res = L.check_fits(B.fits)  # shortcut: the library's own test
+    assert not res.passed and "labkit.balance.solvers.fits" in res.summary() and "greedy pass" in res.summary()
+    res = L.check_fits(lambda costs, k, limit: B.min_max_partition(costs, k).bottleneck <= limit)
+    assert not res.passed and "min_max_partition" in res.summary()
+    res = L.check_fits(lambda costs, k, limit: True)
+    assert not res.passed and "expected False" in res.summary()
+    fixed = {((10, 20, 30, 40, 50, 60), 2, 110): True, ((10, 20, 30, 40, 50, 60), 2, 109): False,
+             ((5, 5, 5), 3, 5): True, ((5, 5, 5), 2, 5): False, ((1, 9, 1), 3, 8): False, ((4,), 1, 4): True}
+    res = L.check_fits(lambda costs, k, limit: fixed.get((tuple(costs), k, limit), sum(costs) <= k * limit))
+    assert not res.passed and all(c.ok for c in res.cases[:6])  # hard-coded edge cases, wrong rule elsewhere
+    res = L.check_fits(lambda costs, k, limit: _my_fits(costs, k, limit) if max(costs) <= limit else True)
+    assert not res.passed  # forgets that one layer above the limit makes it impossible
 
 
 def test_tour_pure_part():

@@ -154,3 +154,58 @@ def test_bench_real_pairs_naive_and_pipelined_runs():
     assert [r["setup"] for r in rows] == ["1 process", "2 stages, naive", "2 stages, 1f1b", "2 stages, 1f1b"]
     assert [r["split size"] for r in rows[2:]] == [4, 2]
     assert all(r["ms"] > 0 and r["vs naive"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- exercise checks
+def _stub(*args):
+    raise NotImplementedError
+
+
+def _my_1f1b(stage, p, m):
+    warm = min(p - stage - 1, m)
+    order = [f"F{i}" for i in range(warm)]
+    for k in range(m - warm):
+        order += [f"F{warm + k}", f"B{k}"]
+    return order + [f"B{i}" for i in range(m - warm, m)]
+
+
+def test_1f1b_order_check_correct_stub_and_wrong_answers():
+    from labkit.pipeline import schedules as S
+    from labkit.pipeline.lab import check_1f1b_order
+
+    assert check_1f1b_order(_my_1f1b).passed
+    assert not check_1f1b_order(_stub).attempted
+
+    res = check_1f1b_order(S.one_f_one_b_stage)  # shortcut: the library's own order
+    assert not res.passed and "one_f_one_b_stage" in res.summary() and "yourself" in res.summary()
+    res = check_1f1b_order(lambda s, p, m: [str(a) for a in S.one_f_one_b(p, m)[s]])
+    assert not res.passed and "one_f_one_b" in res.summary()
+
+    fixed = [(0, 4, 8), (3, 4, 8), (1, 4, 8), (0, 2, 1), (0, 4, 2), (2, 3, 5)]
+    table = {c: _my_1f1b(*c) for c in fixed}  # hard-codes the fixed cases, GPipe order elsewhere
+    res = check_1f1b_order(lambda s, p, m: table.get((s, p, m), [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]))
+    assert not res.passed and res.failed_cases and all("drawn now" in c.name for c in res.failed_cases)
+
+    gpipe_order = lambda s, p, m: [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]
+    res = check_1f1b_order(gpipe_order)
+    assert not res.passed and "warm-up" in res.summary()
+    res = check_1f1b_order(lambda s, p, m: _my_1f1b(s, p, m)[:-1])  # drops the last backward
+    assert not res.passed and "once each" in res.summary()
+
+
+def test_bubble_check_correct_stub_and_wrong_answers():
+    from labkit.pipeline import schedules as S
+    from labkit.pipeline.lab import check_bubble_prediction
+
+    assert check_bubble_prediction(lambda p, m: (p - 1) / (m + p - 1)).passed
+    assert not check_bubble_prediction(_stub).attempted
+    res = check_bubble_prediction(S.bubble_fraction)  # shortcut: the library's formula
+    assert not res.passed and "bubble_fraction" in res.summary() and "hint:" in res.summary()
+    res = check_bubble_prediction(lambda p, m: S.simulate(S.gpipe(p, m))["bubble"])
+    assert not res.passed and "simulate" in res.summary()
+    table = {(2, 4): 1 / 5, (4, 8): 3 / 11, (4, 1): 3 / 4, (8, 32): 7 / 39, (1, 5): 0.0}
+    res = check_bubble_prediction(lambda p, m: table.get((p, m), 0.5))  # hard-codes the fixed cases
+    assert not res.passed and all("drawn now" in c.name for c in res.failed_cases) and res.failed_cases
+    res = check_bubble_prediction(lambda p, m: (p - 1) / m)  # relative to ideal, not of the total
+    assert not res.passed and "bubble for p=" in res.summary()
+    assert "(p - 1)" not in res.hint  # the hint does not print the formula

@@ -116,21 +116,7 @@ def test_theory_values():
     assert S.bubble_fraction(4, 8, v=2) == pytest.approx(3 / 19)
 
 
-def test_exercise_checks_pass_fail_and_not_attempted():
-    from labkit.pipeline.lab import check_1f1b_order, check_bubble_prediction
-
-    assert check_1f1b_order(S.one_f_one_b_stage).passed
-    gpipe_order = lambda s, p, m: [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]
-    res = check_1f1b_order(gpipe_order)
-    assert res.attempted and not res.passed and res.failed_cases
-
-    def stub(*a):
-        raise NotImplementedError
-
-    assert not check_1f1b_order(stub).attempted
-    assert check_bubble_prediction(S.bubble_fraction).passed
-    assert not check_bubble_prediction(lambda p, m: (p - 1) / m).passed  # relative to ideal, not of the total
-    assert not check_bubble_prediction(stub).attempted
+# the exercise checks (check_1f1b_order, check_bubble_prediction) are tested in test_pipeline.py
 
 
 def test_single_process_baseline_and_reference_agree():

@@ -211,6 +211,10 @@ def test_article_block_fails_and_patch_fails_too():
     assert sc.article_block_error(patched=True).startswith("RuntimeError")
 
 
+def _stub(*args):
+    raise NotImplementedError
+
+
 def test_row_parallel_exercise_check():
     assert sliced_lab.check_row_parallel(sc.row_parallel_reference).passed
 
@@ -220,15 +224,35 @@ def test_row_parallel_exercise_check():
         return sum(parts)
 
     res = sliced_lab.check_row_parallel(bias_every_rank)
+    assert res.attempted and not res.passed and "max abs error" in res.summary()
+
+    def unsplit(x, conv, world):  # shortcut: the right value, from the whole layer
+        return conv(x)
+
+    res = sliced_lab.check_row_parallel(unsplit)
     assert res.attempted and not res.passed
+    assert "unsplit layer" in res.summary() and "hint:" in res.summary()
 
-    def stub(x, conv, world):
-        raise NotImplementedError
+    def whole_weight_split_work(x, conv, world):  # world "partials", but each uses every input channel
+        out = sum(nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding) / world for _ in range(world))
+        return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
 
-    res = sliced_lab.check_row_parallel(stub)
-    assert not res.attempted and not res.passed
+    res = sliced_lab.check_row_parallel(whole_weight_split_work)
+    assert not res.passed and "all" in res.summary() and "input channels" in res.summary()
+
+    def one_partial(x, conv, world):  # slices the input, but runs a single partial and scales it
+        k = x.shape[1] // world
+        out = nn.functional.conv2d(x[:, :k], conv.weight[:, :k], None, conv.stride, conv.padding) * world
+        return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
+
+    res = sliced_lab.check_row_parallel(one_partial)
+    assert not res.passed and "partial convolutions" in res.summary()
+
+    res = sliced_lab.check_row_parallel(_stub)
+    assert not res.attempted and not res.passed and "not attempted" in res.summary()
 
 
+@pytest.mark.slow
 def test_stage_params_exercise_check():
     def right(model, cuts):
         return [sum(p.numel() for p in s.parameters()) for s in split_stages(model, cuts)]
@@ -236,8 +260,28 @@ def test_stage_params_exercise_check():
     def off_by_one(model, cuts):
         return right(model, [b + 1 for b in cuts])
 
+    answers = {}
+    for name, cuts in (("small", (4,)), ("small", (2, 5, 8)), ("resnet18", (9,))):  # copied from a first run
+        model = build_model(name)
+        answers[(len(flatten_resnet(model)), cuts)] = right(model, list(cuts))
+
+    def hard_coded(model, cuts):
+        return answers.get((len(flatten_resnet(model)), tuple(cuts)), [0] * (len(cuts) + 1))
+
+    def via_split_costs(model, cuts):  # shortcut: the library's own cost table (runs the model)
+        return [r["params"] for r in split_costs(model, cuts, (2, 3, 32, 32))]
+
     assert sliced_lab.check_stage_params(right).passed
-    assert not sliced_lab.check_stage_params(off_by_one).passed
+    res = sliced_lab.check_stage_params(off_by_one)
+    assert not res.passed and "wrong count" in res.summary()
+    res = sliced_lab.check_stage_params(hard_coded)
+    assert not res.passed and "(drawn now)" in "".join(c.name for c in res.failed_cases)
+    assert all("drawn now" in c.name for c in res.failed_cases) and "add up to" in res.summary()
+    res = sliced_lab.check_stage_params(via_split_costs)
+    assert not res.passed and "split_costs" in res.summary() and "hint:" in res.summary()
+    assert not sliced_lab.check_stage_params(_stub).attempted
+    # the hint points at the method, it does not print the answer
+    assert "numel" in res.hint and "return" not in res.hint
 
 
 @pytest.mark.timeout(240)

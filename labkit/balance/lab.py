@@ -7,12 +7,13 @@ from typing import Sequence
 
 import torch
 
+from .._calls import calls_to, refuse
 from ..checks import run_cases
 from ..partition import check_cuts
 from ..tour import check_row
 from .profile import balance_by_memory, balance_by_time, memory_costs, profile_layers, sleep_layers
 from .run import lab_model, micro_sample
-from .solvers import brute_force_partition, evaluate_split, fits, min_max_partition
+from .solvers import brute_force_partition, evaluate_split, fits, greedy_split, min_max_partition
 
 
 # --------------------------------------------------------------------------- exercise checks
@@ -20,42 +21,67 @@ EXERCISE_COSTS = [7, 2, 5, 8, 3, 6, 4, 9, 1, 5]
 EXERCISE_STAGES = 3
 
 
-def check_hand_split(cuts_or_fn, costs: Sequence[float] = EXERCISE_COSTS, k: int = EXERCISE_STAGES):
-    """Exercise: give cuts (or a function returning them) that split ``costs`` into ``k`` stages optimally."""
-    costs = list(costs)
-    best = min_max_partition(costs, k)
-    got: dict = {}
+_SOLVERS = (min_max_partition, brute_force_partition, fits, balance_by_time, balance_by_memory, greedy_split)
 
-    def valid():
-        cuts = cuts_or_fn() if callable(cuts_or_fn) else cuts_or_fn
-        got["cuts"] = cuts
-        try:
-            check_cuts(cuts, len(costs), k)
-        except (TypeError, ValueError) as e:
-            raise AssertionError(str(e)) from None
 
-    def optimal():
-        if "cuts" not in got:
-            raise AssertionError("no valid cuts to score")
-        mine = evaluate_split(costs, got["cuts"])
-        assert mine.bottleneck <= best.bottleneck, (
-            f"your stages cost {mine.stage_costs} (slowest {mine.bottleneck:g}); the solver's best slowest stage "
-            f"is {best.bottleneck:g}")
+def _drawn_costs(rng: random.Random, n_cases: int, max_layers: int = 9) -> list[tuple[list[int], int]]:
+    """Cost lists and stage counts drawn at check time: inputs no answer can hard-code."""
+    out = []
+    while len(out) < n_cases:
+        costs = [rng.randint(0, 12) for _ in range(rng.randint(2, max_layers))]
+        k = rng.randint(2, min(4, len(costs)))
+        if (costs, k) != (EXERCISE_COSTS, EXERCISE_STAGES):
+            out.append((costs, k))
+    return out
 
-    return run_cases(f"split {costs} into {k} stages by hand", [
-        (f"{k - 1} valid cut(s), strictly increasing, in 1..{len(costs) - 1}", valid),
-        ("the slowest stage is as small as the exact solver's", optimal),
-    ], hint="start from total/k and move each cut one layer left or right; the solver's bottleneck is a lower "
-            "bound no split beats")
+
+def check_hand_split(fn, costs: Sequence[float] = EXERCISE_COSTS, k: int = EXERCISE_STAGES):
+    """Exercise: ``fn(costs, k) -> cuts`` splits ``costs`` into ``k`` stages with the smallest slowest stage.
+
+    Tried on the exercise's costs and on cost lists drawn at check time (a list of cuts written
+    for the exercise alone does not pass); calling the library's partitioners fails. The answer's
+    slowest stage is compared with the exact solver's; equal-cost alternatives pass."""
+    rng = random.Random()
+    inputs = [(list(costs), k, "")] + [(c, kk, " (drawn now)") for c, kk in _drawn_costs(rng, 6)]
+
+    def case(cs, kk):
+        def thunk():
+            if not callable(fn):
+                raise AssertionError(f"pass a function my_cuts(costs, k) that returns the cuts, not {fn!r}: "
+                                     f"the check tries it on other cost lists too")
+            with calls_to(*_SOLVERS) as seen:
+                try:
+                    cuts = fn(list(cs), kk)
+                except TypeError as e:
+                    if "positional argument" in str(e):
+                        raise AssertionError("write my_cuts(costs, k): it gets the costs and the number of "
+                                             "stages, and must work for any of them") from None
+                    raise
+            refuse(seen, "search the cut positions yourself (every placement, or a smarter exact method)")
+            try:
+                check_cuts(cuts, len(cs), kk)
+            except (TypeError, ValueError) as e:
+                raise AssertionError(f"for costs {cs}, k={kk}: {e}") from None
+            mine, best = evaluate_split(cs, cuts), min_max_partition(cs, kk)
+            assert mine.bottleneck <= best.bottleneck, (
+                f"costs {cs}, k={kk}: your stages cost {mine.stage_costs} (slowest {mine.bottleneck:g}); a better "
+                f"split exists (its slowest stage is {best.bottleneck:g})")
+        return thunk
+
+    return run_cases(f"split costs into k stages (the exercise: {list(costs)}, k={k})",
+                     [(f"{c}, k={kk}{label}", case(c, kk)) for c, kk, label in inputs],
+                     hint="itertools.combinations(range(1, len(costs)), k - 1) gives every placement of the cuts; "
+                          "keep the one whose slowest stage is smallest")
 
 
 def check_fits(fn) -> "object":
-    """Exercise: ``fn(costs, k, limit) -> bool`` must say whether k stages of at most ``limit`` each exist."""
-    import random
+    """Exercise: ``fn(costs, k, limit) -> bool`` must say whether k stages of at most ``limit`` each exist.
 
+    Fixed edge cases plus 40 cases drawn at check time; calling the library's ``fits`` or a
+    partitioner instead of writing the greedy pass fails."""
     cases = [([10, 20, 30, 40, 50, 60], 2, 110, True), ([10, 20, 30, 40, 50, 60], 2, 109, False),
              ([5, 5, 5], 3, 5, True), ([5, 5, 5], 2, 5, False), ([1, 9, 1], 3, 8, False), ([4], 1, 4, True)]
-    rng = random.Random(5)
+    rng = random.Random()
     for _ in range(40):
         costs = [rng.randint(0, 9) for _ in range(rng.randint(1, 8))]
         k, limit = rng.randint(1, len(costs)), rng.randint(0, 30)
@@ -63,7 +89,9 @@ def check_fits(fn) -> "object":
 
     def case(costs, k, limit, want):
         def thunk():
-            got = fn(list(costs), k, limit)
+            with calls_to(*_SOLVERS) as seen:
+                got = fn(list(costs), k, limit)
+            refuse(seen, "write the greedy pass yourself")
             assert bool(got) == want, f"fits({costs}, k={k}, limit={limit}) returned {got!r}, expected {want}"
         return thunk
 

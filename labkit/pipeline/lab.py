@@ -1,36 +1,94 @@
 """Lab 04's exercise checks and tour."""
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
 
-from ..checks import expect_close, expect_equal, run_cases
+from .._calls import calls_to, refuse
+from ..checks import expect_close, run_cases
 from ..tour import check_row
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step
-from .schedules import gpipe, one_f_one_b, one_f_one_b_stage, simulate
+from . import schedules as S
+from .schedules import gpipe, one_f_one_b, simulate
 from .stages import SleepStages, SplitModel
 
 
-def check_1f1b_order(fn: Callable):
-    """Check a learner's ``fn(stage, p, m)`` against the 1F1B order (actions or strings like "F0")."""
-    def case(stage, p, m):
-        def thunk():
-            got = [str(a) for a in fn(stage, p, m)]
-            expect_equal(got, [str(a) for a in one_f_one_b_stage(stage, p, m)], what=f"stage {stage} of p={p}, m={m}")
-        return (f"stage {stage}, p={p}, m={m}", thunk)
+def _draw_pm(rng: random.Random, fixed, n: int = 3) -> list[tuple[int, int]]:
+    """``n`` (p, m) pairs drawn now, none of them in ``fixed``: cases no answer can hard-code."""
+    out: list[tuple[int, int]] = []
+    while len(out) < n:
+        pm = (rng.randint(2, 9), rng.randint(1, 24))
+        if pm not in fixed and pm not in out:
+            out.append(pm)
+    return out
 
-    cases = [case(0, 4, 8), case(3, 4, 8), case(1, 4, 8), case(0, 2, 1), case(0, 4, 2), case(2, 3, 5)]
+
+_SCHEDULE_FUNCTIONS = (S.one_f_one_b_stage, S.one_f_one_b, S.make_schedule, S.gpipe, S.interleaved, S.naive)
+
+
+def check_1f1b_order(fn: Callable):
+    """Check a learner's ``fn(stage, p, m)`` against the 1F1B order (actions or strings like "F0").
+
+    Fixed cases plus stages, ``p`` and ``m`` drawn at check time; calling the library's schedules
+    (``labkit.pipeline.schedules``) instead of writing the order fails."""
+    rng = random.Random()
+    fixed = [(0, 4, 8), (3, 4, 8), (1, 4, 8), (0, 2, 1), (0, 4, 2), (2, 3, 5)]
+    drawn = [(rng.randrange(p), p, m) for p, m in _draw_pm(rng, {(p, m) for _, p, m in fixed})]
+
+    def case(stage, p, m, label=""):
+        def thunk():
+            with calls_to(*_SCHEDULE_FUNCTIONS) as seen:
+                got = fn(stage, p, m)
+            refuse(seen, "write the order yourself from the warm-up / steady / cool-down rule")
+            got = [str(a) for a in got]
+            want = [str(a) for a in S.one_f_one_b_stage(stage, p, m)]
+            if sorted(got) != sorted(want):
+                raise AssertionError(f"stage {stage} of p={p}, m={m} must run F0..F{m - 1} and B0..B{m - 1} once each; "
+                                     f"got {len(got)} actions: {got[:12]}{' ...' if len(got) > 12 else ''}")
+            first_b = next((i for i, a in enumerate(got) if a.startswith("B")), len(got))
+            warm = min(p - stage - 1, m)
+            if first_b != warm + (1 if warm < m else 0):
+                raise AssertionError(f"stage {stage} of p={p}, m={m}: your first backward comes after {first_b} "
+                                     f"forwards; count the warm-up forwards this stage needs before it can start one")
+            for i, (g, w) in enumerate(zip(got, want)):
+                if g != w:
+                    raise AssertionError(f"stage {stage} of p={p}, m={m}: action {i} is {g}; after the warm-up, "
+                                         f"alternate one forward and one backward (the oldest micro-batch first)")
+        return (f"stage {stage}, p={p}, m={m}{label}", thunk)
+
+    cases = [case(*c) for c in fixed] + [case(*c, " (drawn now)") for c in drawn]
     return run_cases("1F1B order of one stage", cases,
                      hint="warm-up: p - stage - 1 forwards (at most m); then F, B pairs; then the remaining backwards")
 
 
 def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tolerance: float = 0.1):
-    """Check ``fn(p, m) -> idle fraction`` against the theory and, if given, a measured run."""
-    cases = [(f"p={p}, m={m}", (lambda p=p, m=m: expect_close(fn(p, m), simulate(gpipe(p, m))["bubble"],
-                                                               atol=1e-6, what=f"bubble for p={p}, m={m}")))
-             for p, m in ((2, 4), (4, 8), (4, 1), (8, 32), (1, 5))]
+    """Check ``fn(p, m) -> idle fraction`` against the simulated schedule and, if given, a measured run.
+
+    Fixed and drawn-at-check-time (p, m); calling the library's ``bubble_fraction`` / ``simulate``
+    instead of predicting fails."""
+    rng = random.Random()
+    fixed = [(2, 4), (4, 8), (4, 1), (8, 32), (1, 5)]
+    pms = [(p, m, "") for p, m in fixed] + [(p, m, " (drawn now)") for p, m in _draw_pm(rng, set(fixed))]
+
+    def case(p, m):
+        def thunk():
+            with calls_to(S.bubble_fraction, S.ideal_speedup, S.simulate, S.gpipe, S.one_f_one_b, S.make_schedule) as seen:
+                got = fn(p, m)
+            refuse(seen, "predict the bubble from p and m by counting time slots")
+            want = simulate(gpipe(p, m))["bubble"]
+            try:
+                got = float(got)
+            except (TypeError, ValueError):
+                raise AssertionError(f"return a number (the idle fraction), got {got!r}") from None
+            if not 0 <= got < 1:
+                raise AssertionError(f"the idle fraction is between 0 and 1; you returned {got:g} for p={p}, m={m}")
+            expect_close(got, want, atol=1e-6, what=f"bubble for p={p}, m={m}")
+        return thunk
+
+    cases = [(f"p={p}, m={m}{label}", case(p, m)) for p, m, label in pms]
     if run is not None:
         def measured():
             pred = fn(run.n_stages, run.n_micro)

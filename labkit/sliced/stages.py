@@ -211,3 +211,39 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
         out["n_grads"] = len(grads)
         out["ref_loss"] = ref["loss"]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The contrast: data parallelism (torch DDP) holds the whole model on every rank
+# --------------------------------------------------------------------------------------------
+def replica_rank(ctx, model: str = "resnet18", batch: int = 2, image_size: int = 32) -> dict:
+    """One training step of ``model`` under ``torch.nn.parallel.DistributedDataParallel``.
+
+    Each rank builds the model from its own seed (so the replicas start different), DDP broadcasts
+    rank 0's parameters and buffers, and the step all-reduces the gradients. Returns this rank's
+    parameter + buffer bytes (:func:`param_bytes` of the wrapped module) and the largest parameter
+    difference to rank 0 after the step (0: every rank holds the same whole model)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = build_model(model, seed=100 + ctx.rank).train()
+    ddp = DistributedDataParallel(net)
+    g = torch.Generator().manual_seed(ctx.rank)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    nn.functional.cross_entropy(ddp(x), y).backward()
+    flat = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    return {"rank": ctx.rank, "param_bytes": param_bytes(ddp.module),
+            "n_params": sum(p.numel() for p in ddp.module.parameters()),
+            "max_diff_to_rank0": float((flat - ref).abs().max())}
+
+
+def run_replicas(model: str = "resnet18", world_size: int = 2, pool: bool = False, timeout: float = 120) -> list[dict]:
+    """Launch :func:`replica_rank` on ``world_size`` gloo ranks; one dict per rank."""
+    import labkit
+
+    world_size = check_int("world_size", world_size, minimum=1)
+    return list(labkit.launch(replica_rank, world_size=world_size, kwargs=dict(model=model), pool=pool,
+                              timeout=timeout, echo=False))
