@@ -74,18 +74,32 @@ def check_hand_split(fn, costs: Sequence[float] = EXERCISE_COSTS, k: int = EXERC
                           "keep the one whose slowest stage is smallest")
 
 
-def check_fits(fn) -> "object":
+def check_fits(fn, seed: int | None = None) -> "object":
     """Exercise: ``fn(costs, k, limit) -> bool`` must say whether k stages of at most ``limit`` each exist.
 
-    Fixed edge cases plus 40 cases drawn at check time; calling the library's ``fits`` or a
-    partitioner instead of writing the greedy pass fails."""
+    Fixed edge cases plus cases drawn at check time (``seed`` fixes them): 40 at random, and 8 that tell the greedy
+    pass from the usual wrong rules, whatever the draw (the total fits in k * limit but the layers do not; one
+    layer above the limit). Calling the library's ``fits`` or a partitioner instead of writing the greedy pass
+    fails."""
     cases = [([10, 20, 30, 40, 50, 60], 2, 110, True), ([10, 20, 30, 40, 50, 60], 2, 109, False),
              ([5, 5, 5], 3, 5, True), ([5, 5, 5], 2, 5, False), ([1, 9, 1], 3, 8, False), ([4], 1, 4, True)]
-    rng = random.Random()
+    rng = random.Random(seed)
     for _ in range(40):
         costs = [rng.randint(0, 9) for _ in range(rng.randint(1, 8))]
         k, limit = rng.randint(1, len(costs)), rng.randint(0, 30)
         cases.append((costs, k, limit, fits(costs, k, limit)))
+    tricky = 0
+    while tricky < 6:  # the total fits, the contiguous stages do not (found within a few dozen draws)
+        costs = [rng.randint(1, 9) for _ in range(rng.randint(3, 8))]
+        k = rng.randint(2, len(costs) - 1)
+        limit = -(-sum(costs) // k)
+        if not fits(costs, k, limit):
+            cases.append((costs, k, limit, False))
+            tricky += 1
+    for _ in range(2):  # one layer above the limit, though the total would fit
+        costs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
+        costs.insert(rng.randrange(len(costs) + 1), 20 + rng.randint(1, 3))
+        cases.append((costs, len(costs), 20, False))
 
     def case(costs, k, limit, want):
         def thunk():

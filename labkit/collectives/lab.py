@@ -16,7 +16,8 @@ from ..tour import check_row
 from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
 from .schedules import (ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule,
                         ring_traffic_problems, schedule, simulate)
-from .validation import _op_name, call_watching, watch_p2p
+from .._calls import calls_to
+from .validation import _op_name, watch_p2p
 
 
 def _sample(numel: int, dtype, rank: int, seed: int = 0):
@@ -316,9 +317,8 @@ def traced_all_reduce_rank(ctx, algorithm: str = "ring", numel: int = 1024, op: 
     return {"log": log, "max_error": err, "seconds": seconds}
 
 
-def _formula_codes() -> dict:
-    """The code objects of labkit's functions that compute bytes or cost for you (the bytes exercise may not
-    call them): ``{code: name}``."""
+def _formula_functions() -> list:
+    """labkit's functions that compute bytes or cost for you (the bytes exercise may not call them), with names."""
     from . import cost
     from .schedules import Schedule
 
@@ -326,7 +326,7 @@ def _formula_codes() -> dict:
            "predict_time": cost.predict_time, "bus_factor": cost.bus_factor, "bandwidths": cost.bandwidths,
            "crossover_bytes": cost.crossover_bytes}
     fns.update({f"BUS_FACTOR[{k!r}]": f for k, f in cost.BUS_FACTOR.items()})
-    return {f.__code__: name for name, f in fns.items()}
+    return [(f, name) for name, f in fns.items()]
 
 
 def _num(x: float) -> str:
@@ -361,16 +361,17 @@ def check_bytes_per_rank(fn, seed: int | None = None, cases_per_algorithm: int =
     rng = random.Random(seed)
     draws = [(alg, rng.randrange(1000, 1 << 30), 2 if k == 0 else rng.randrange(3, 65))
              for alg in ("ring", "ring_unchunked") for k in range(cases_per_algorithm)]
-    codes = _formula_codes()
+    watched = _formula_functions()
 
     def case(alg, S, n):
         want = schedule(alg, n).bytes_per_rank(S)[0]  # before the learner's code runs, with the hook off
 
         def thunk():
-            got, called = call_watching(fn, (alg, S, n), codes)
+            with calls_to(*watched) as called:
+                got = fn(alg, S, n)
             if called:
-                raise AssertionError(f"you called labkit's {called[0]}, which computes this for you; work the count "
-                                     f"out from the algorithm's steps instead")
+                raise AssertionError(f"you called labkit's {', '.join(sorted(called))}, which compute this for you; work the "
+                                     f"count out from the algorithm's steps instead")
             try:
                 value = float(got)
             except (TypeError, ValueError):

@@ -1,8 +1,8 @@
 """What the collectives check before they communicate: the tensor, the op, the log, and that every rank
 passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check); and, for
 the exercise checks, what a learner's code really did: :func:`watch_p2p` records every point-to-point message
-in the log format of :mod:`.algorithms` (torch's collectives refused, labkit's own all-reduce named), and
-:func:`call_watching` says which of a given set of functions a call reached."""
+in the log format of :mod:`.algorithms` (torch's collectives refused, labkit's own all-reduce named). Which
+library functions an answer called is :func:`labkit._calls.calls_to`."""
 from __future__ import annotations
 
 import os
@@ -152,19 +152,3 @@ def watch_p2p(log: list, refuse=REFUSED):
     finally:
         for (mod, name), fn in saved.items():
             setattr(mod, name, fn)
-
-
-def call_watching(fn, args, codes: dict):
-    """``fn(*args)`` with a profile hook on; returns ``(result, [names of the watched functions it called])``."""
-    called: list = []
-
-    def hook(frame, event, arg):
-        if event == "call" and frame.f_code in codes:
-            called.append(codes[frame.f_code])
-
-    previous = sys.getprofile()
-    sys.setprofile(hook)
-    try:
-        return fn(*args), called
-    finally:
-        sys.setprofile(previous)

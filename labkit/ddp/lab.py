@@ -328,27 +328,14 @@ def bucket_sizes_of(width: int = 16, dtype=torch.float32) -> list[int]:
 
 
 def _calls_shortcut(fn, *args):
-    """Call ``fn(*args)``; also say whether it called labkit's or torch's bucketing (the shortcut)."""
-    import sys
-
+    """Call ``fn(*args)``; fail if it called labkit's or torch's bucketing (the shortcut)."""
+    from .._calls import calls_to, refuse
     from . import plan
 
-    banned = {plan.plan_buckets.__code__, plan.torch_bucket_assignment.__code__}
-    c_banned = dist._compute_bucket_assignment_by_size
-    used = []
-
-    def prof(frame, event, arg):
-        if (event == "call" and frame.f_code in banned) or (event == "c_call" and arg is c_banned):
-            used.append(True)
-
-    old = sys.getprofile()
-    sys.setprofile(prof)
-    try:
+    with calls_to(plan.plan_buckets, plan.torch_bucket_assignment,
+                  (dist._compute_bucket_assignment_by_size, "torch's _compute_bucket_assignment_by_size")) as seen:
         out = fn(*args)
-    finally:
-        sys.setprofile(old)
-    assert not used, ("your answer calls labkit's plan_buckets (or torch's bucket assignment): write the rule "
-                      "yourself, walking the sizes one by one")
+    refuse(seen, "write the rule yourself, walking the sizes one by one")
     return out
 
 
