@@ -179,7 +179,7 @@ def test_measured_stages_of_a_resnet_cover_every_layer():
 # ----------------------------------------------------------------------------- real pipelines (gloo)
 @pytest.mark.timeout(180)
 def test_even_and_balanced_resnet_pipelines_equal_the_single_process():
-    from labkit.pipeline import SplitModel, max_grad_error, reference_step, run_pipeline
+    from labkit.pipeline import SplitModel, max_grad_error, reference_step
 
     # a made-up profile whose time-balanced cut is known ([8]), so the test does not depend on timing noise
     fake = [B.LayerProfile(i, "x", t, t, 0, 0, 0) for i, t in enumerate([1, 1, 1, 1, 1, 1, 1, 1, 6, 1, 1])]

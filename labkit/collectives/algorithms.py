@@ -149,7 +149,6 @@ def _ring_pipelined(flat, op, n, rank, rec, segments: int):
     """The ring's messages, but each chunk travels as ``segments`` pieces and every piece is passed on as
     soon as it has been added in: sending, receiving and adding overlap instead of taking turns (gloo's
     own ring works this way). The log still has one entry per chunk and step, as in :func:`schedule`."""
-    import torch
     import torch.distributed as dist
 
     right, left = (rank + 1) % n, (rank - 1) % n

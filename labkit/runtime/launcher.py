@@ -128,7 +128,7 @@ def choose_backend(world_size: int, backend: str = "auto") -> tuple[str, str]:
                 f"{n_gpu} GPU(s) (NCCL refuses two ranks on one GPU: 'Duplicate GPU detected'). "
                 f"Use backend='gloo' (CPU) or backend='auto', or world_size<={n_gpu}."
                 if n_gpu else
-                f"NCCL needs CUDA GPUs and none is visible here. Use backend='gloo' or backend='auto'."
+                "NCCL needs CUDA GPUs and none is visible here. Use backend='gloo' or backend='auto'."
             )
         return "nccl", f"nccl, one GPU per rank (cuda:0..{world_size - 1}), as asked"
     if n_gpu >= world_size:

@@ -12,7 +12,7 @@ from ..checks import expect_close, run_cases
 from ..tour import check_row
 from .article import article_block_error
 from .channels import run_channel_checks
-from .models import build_model, flatten_resnet, input_shape_for, small_resnet, split_costs, split_stages
+from .models import build_model, flatten_resnet, small_resnet, split_costs, split_stages
 from .stages import StagedModel, run_staged
 
 
