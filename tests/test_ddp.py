@@ -287,7 +287,7 @@ def test_check_allreduce_prediction(seed):
     r = check_allreduce_prediction(_torch_count, seed=seed)  # at least one drawn case tells the rules apart
     assert r.attempted and not r.passed and "that is PyTorch's rule" in r.summary()
     r = check_allreduce_prediction(lambda s, mb: len(plan_buckets(s, mb)), seed=seed)
-    assert not r.passed and "calls labkit's plan_buckets" in r.summary()
+    assert not r.passed and "called labkit.ddp.plan.plan_buckets" in r.summary()
     r = check_allreduce_prediction(_hard_coded, seed=seed)
     assert r.attempted and not r.passed and "measured" in r.summary()
     r = check_allreduce_prediction(_stub, seed=seed)

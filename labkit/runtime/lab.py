@@ -16,7 +16,7 @@ from ..data import (labelled_split, load_digits, semi_supervised_targets, shard_
                     train_test_split_digits)
 from ..tour import check_row
 from ..checks import CheckResult, expect_close, run_cases
-from .launcher import Pool, jobs_started, launch
+from .launcher import LaunchRefused, Pool, launch, refusing_launches
 
 
 def hello_rank(ctx):
@@ -47,17 +47,19 @@ def check_prediction(predict, world_sizes=(1, 2, 3, 4), seed: int | None = None)
 
     Each prediction for 1-4 ranks is compared with a real all-reduce; two more world sizes drawn at check time (5 to
     64, too many ranks to start here) are compared with the rule those runs confirm, so a table of the four tested
-    answers fails. A ``predict`` that runs ranks itself (calls ``labkit.launch``) fails: the exercise is to work the
-    values out.
+    answers fails. A ``predict`` that runs ranks itself (calls ``labkit.launch``) fails before it starts any process:
+    the exercise is to work the values out.
     """
     extra = sorted(random.Random(seed).sample(range(5, 65), 2))
 
     def guess(n):
-        before = jobs_started()
-        g = predict(n)  # first, so a stub is "not attempted" without starting ranks
-        if jobs_started() != before:
-            raise AssertionError(f"predict({n}) ran ranks itself (it called labkit.launch or a Pool); work the "
-                                 f"values out from what each rank holds instead: the check runs the real all-reduce")
+        why = (f"predict({n}) tried to run ranks itself (it called labkit.launch or a Pool); work the values out "
+               f"from what each rank holds instead: the check runs the real all-reduce")
+        try:
+            with refusing_launches(why):  # before any process starts, however many ranks it asked for
+                g = predict(n)  # first, so a stub is "not attempted" without starting ranks
+        except LaunchRefused:
+            raise AssertionError(why) from None
         try:
             g_max, g_sum = g
         except (TypeError, ValueError):

@@ -28,6 +28,7 @@ same rank processes and pipes; split up, each half would need the other's intern
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import selectors
@@ -46,12 +47,6 @@ from .._validate import check_int
 
 DEFAULT_TIMEOUT = 120.0
 START_TIMEOUT = 180.0
-_JOBS = [0]  # jobs started by this process, on any pool (exercise checks use it to see who ran ranks)
-
-
-def jobs_started() -> int:
-    """How many jobs this process has sent to rank processes so far (``launch`` and ``Pool.run`` alike)."""
-    return _JOBS[0]
 
 
 class LaunchError(RuntimeError):
@@ -73,6 +68,25 @@ class LaunchTimeout(LaunchError):
     def __init__(self, message: str, unfinished: list[int]):
         super().__init__(message)
         self.unfinished = unfinished
+
+
+_REFUSING: list[str] = []  # set by refusing_launches(): why starting ranks is not allowed right now
+
+
+class LaunchRefused(LaunchError):
+    """Raised by ``launch`` / ``Pool.run`` inside :func:`refusing_launches` (an exercise check's "no shortcuts")."""
+
+
+@contextlib.contextmanager
+def refusing_launches(why: str):
+    """Within this block, ``launch`` and ``Pool.run`` raise :class:`LaunchRefused` (with ``why``) instead of
+    starting or using rank processes: an exercise check runs the learner's prediction under it, so a prediction that
+    runs the experiment itself fails at once, before it can start any process."""
+    _REFUSING.append(why)
+    try:
+        yield
+    finally:
+        _REFUSING.pop()
 
 
 @dataclass
@@ -285,6 +299,8 @@ class Pool:
     def run(self, fn: Callable, args: tuple = (), kwargs: dict | None = None,
             timeout: float | None = DEFAULT_TIMEOUT) -> Results:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order."""
+        if _REFUSING:
+            raise LaunchRefused(_REFUSING[-1])
         if not callable(fn):
             raise TypeError(f"launch needs a function to run on each rank, got {type(fn).__name__}")
         if not isinstance(args, (tuple, list)):
@@ -306,7 +322,6 @@ class Pool:
                 self._kill()
                 self._start()
             self._jobs += 1
-            _JOBS[0] += 1
             t0 = time.perf_counter()
             for r in self._ranks:
                 r.log = []
