@@ -12,16 +12,7 @@ One package per lab, each exposing its concept API from its ``__init__``: ``labk
 ``data`` (datasets and sharding), ``partition`` (contiguous stage splits), ``slides`` (decks).
 ``labkit.tour.LABS`` is the list of labs.
 """
-from .runtime.launcher import (  # noqa: F401
-    Context,
-    LaunchError,
-    LaunchTimeout,
-    Pool,
-    RankError,
-    Results,
-    launch,
-    shutdown_pools,
-)
+from .runtime import *  # noqa: F401,F403  (launch, Pool, Results, ...: labkit.runtime's __all__, the one list)
 
 from . import checks, viz  # noqa: F401,E402  (labkit.checks.X in notebooks)
 
