@@ -5,10 +5,17 @@ which shows as a short report in a notebook (green tick or red cross per case) a
 asserted on in tests (``result.passed``). A function that still raises ``NotImplementedError``
 gives a "not attempted yet" result instead of a failure, so a notebook whose exercise is still
 a stub runs top to bottom.
+
+In a notebook an exercise's test cell calls :func:`graded` (``graded(check, answer, ...)``): it shows the report and
+fails the cell when the answer is wrong. The same cell is what nbgrader grades (the classroom, ``labkit.grading``):
+there an exercise not attempted yet fails too, so it scores no points, while a student's "Run all" goes on past it.
 """
 from __future__ import annotations
 
+import contextlib
 import html
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -118,3 +125,57 @@ def expect_close(actual, expected, *, rtol: float = 1e-5, atol: float = 1e-6, wh
 def expect_equal(actual, expected, *, what: str = "value") -> None:
     if actual != expected:
         raise AssertionError(f"{what}: got {actual!r}, expected {expected!r}")
+
+
+#: nbgrader sets this variable in the kernel while it grades: ``autograde`` (``nbgrader autograde``) or ``validate``
+#: (the Validate button, ``nbgrader validate``). See nbgrader/converters/autograde.py and nbgrader/validator.py.
+GRADING_VARIABLE = "NBGRADER_EXECUTION"
+
+
+def grading() -> str | None:
+    """``"autograde"`` or ``"validate"`` while nbgrader runs this notebook to grade it, else ``None``."""
+    return os.environ.get(GRADING_VARIABLE) or None
+
+
+def graded(check: Callable[..., CheckResult], *args, **kwargs) -> None:
+    """Run ``check(*args, **kwargs)`` in an exercise's test cell: show its report, fail the cell if it did not pass.
+
+    - passed: the cell succeeds (nbgrader gives the cell's points).
+    - failed: the cell raises ``AssertionError`` with the report (failing cases and hint), in every setting: the
+      instructor's notebook fails under nbval, and nbgrader's feedback shows what the check said.
+    - not attempted (the answer still raises ``NotImplementedError``): in a student's own run the cell says so and
+      succeeds, so "Run all" reaches the end; while nbgrader grades (:func:`grading`) it raises, so no points.
+
+    nbgrader scores a test cell zero when it writes to stderr, so the check runs with ``sys.stderr`` sent to
+    ``sys.stdout``: a warning printed by the check's own run is still shown and costs no points. It returns
+    nothing: nbgrader would read a value left as the cell's result as partial credit.
+    """
+    if not callable(check):
+        raise TypeError(f"graded(check, answer, ...): check must be a lab's check function, got {check!r}; "
+                        "write graded(L.check_something, my_answer), not graded(L.check_something(my_answer))")
+    with contextlib.redirect_stderr(sys.stdout):
+        result = check(*args, **kwargs)
+    if not isinstance(result, CheckResult):
+        raise TypeError(f"graded: {getattr(check, '__name__', check)!r} returned {type(result).__name__}, "
+                        "not a labkit.checks.CheckResult; pass a lab's check function")
+    _show(result)
+    mode = grading()
+    if not result.attempted:
+        if mode:
+            raise AssertionError(f"{result.summary()} [graded by nbgrader ({mode}): an exercise not attempted "
+                                 "scores no points]")
+        return
+    if not result.passed:
+        raise AssertionError(result.summary())
+
+
+def _show(result: CheckResult) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover - IPython comes with Jupyter
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(result)
+    else:
+        print(result.summary())
