@@ -9,7 +9,8 @@ The entry points most labs use:
 One package per lab, each exposing its concept API from its ``__init__``: ``labkit.runtime`` (00),
 ``labkit.collectives`` (01), ``labkit.ddp`` (02), ``labkit.sliced`` (03), ``labkit.pipeline`` (04),
 ``labkit.balance`` (05). Shared modules: ``checks`` (exercise checks), ``viz`` (plots and tables),
-``data`` (datasets and sharding), ``partition`` (contiguous stage splits), ``slides`` (decks).
+``data`` (datasets and sharding), ``partition`` (contiguous stage splits), ``slides`` (decks), ``grading`` and
+``classroom`` (a class: nbgrader, the hub's shares and plan).
 ``labkit.tour.LABS`` is the list of labs.
 """
 from .runtime import *  # noqa: F401,F403  (launch, Pool, Results, ...: labkit.runtime's __all__, the one list)

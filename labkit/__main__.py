@@ -1,4 +1,4 @@
-"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run}``."""
+"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run,handout,grade,classroom}``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("stress", help="re-run notebook cells that start processes, under busy processes; report "
                         "stalls (try stress --help)", add_help=False)
     st.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("handout", help="write the student versions through nbgrader (try handout --help)", add_help=False)
+    sub.add_parser("grade", help="autograde a lab's submissions with nbgrader, export CSVs, write feedback "
+                   "(try grade --help)", add_help=False)
+    sub.add_parser("classroom", help="classroom plan --students N: each student's share of this machine; "
+                   "classroom measure: what each lab needs", add_help=False)
     r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
     r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello_rank")
     r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
@@ -38,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         from .slides import main as slides_main
 
         return slides_main(argv[1:]) or 0
+    if argv and argv[0] in ("handout", "grade"):
+        from .grading import main as grading_main
+
+        return grading_main(argv)
+    if argv and argv[0] == "classroom":
+        from .classroom import main as classroom_main
+
+        return classroom_main(argv[1:])
     if argv and argv[0] == "stress":
         from .runtime.stress import main as stress_main
 
