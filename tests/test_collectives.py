@@ -509,7 +509,7 @@ def test_mismatched_collective_ends_in_the_launchers_timeout():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("n", (1, 5, 6, 7, 8))
+@pytest.mark.parametrize("n", (1, 7, 8))  # 2-4 in the test above; 7 is prime (no chunking divides evenly)
 def test_every_algorithm_equals_torch_more_world_sizes(n):
     res = labkit.launch(L.equivalence_rank, world_size=n, timeout=600, echo=False,
                         kwargs=dict(numels=(0, 5, 1001)))

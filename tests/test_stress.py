@@ -108,9 +108,9 @@ def test_stress_command_line_errors(capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_stress_start_here_pool_and_widget_cells():
-    """Notebook 00's pool and widget cells, re-run twice more in the same kernel (under whatever load the run has:
-    CI adds a busy process): none stalls or fails."""
+    """Notebook 00's pool and widget cells, re-run once more in the same kernel (under whatever load the run has:
+    CI adds a busy process): none stalls or fails. (`python -m labkit stress` repeats more: README.)"""
     nb = Path(__file__).resolve().parent.parent / "notebooks" / "00_start_here.ipynb"
-    rows = stress.stress_notebook(nb, repeat=2, timeout=300, log=print)
+    rows = stress.stress_notebook(nb, repeat=1, timeout=300, log=print)
     assert len(rows) >= 4, rows  # the pool, widget and launch cells were found and re-run
-    assert all(r["runs"] == 3 and r["stalls"] == 0 and r["errors"] == 0 for r in rows), rows
+    assert all(r["runs"] == 2 and r["stalls"] == 0 and r["errors"] == 0 for r in rows), rows
