@@ -306,22 +306,18 @@ def measure(notebooks: list[Path], interval: float = 0.2, timeout: float = 900, 
     """
     import threading
 
-    import nbformat
     import psutil
-    from nbclient import NotebookClient
+
+    from .runtime.stress import run_notebook
 
     out = {}
     for path in notebooks:
-        nb = nbformat.read(str(path), as_version=4)
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                resources={"metadata": {"path": str(Path(path).parent)}})
         peak = {"rss": 0, "pss": 0, "n": 0}
-        stop = threading.Event()
+        stop, kernel = threading.Event(), {}
 
         def sample():
             while not stop.is_set():
-                km = client.km
-                pid = getattr(getattr(km, "provisioner", None), "pid", None) if km is not None else None
+                pid = kernel.get("pid")
                 if pid:
                     try:
                         rss, pss, n = _tree_memory(psutil.Process(pid))
@@ -335,10 +331,14 @@ def measure(notebooks: list[Path], interval: float = 0.2, timeout: float = 900, 
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         try:
-            client.execute()
+            cells = run_notebook(Path(path), timeout=timeout, on_start=lambda s: kernel.update(pid=s.pid))
         finally:
             stop.set()
             th.join()
+        bad = [c for c in cells if c["state"] != "ok"]
+        if bad:
+            raise RuntimeError(f"{path}: cell {bad[0]['cell']} {bad[0]['state']}: {bad[0]['detail'][:2000]}; "
+                               "measure a notebook that runs")
         out[Path(path).stem] = v = {"peak_pss": peak["pss"], "peak_rss": peak["rss"], "peak_processes": peak["n"],
                                     "seconds": round(time.perf_counter() - t0, 1)}
         if log is not None:
@@ -427,9 +427,9 @@ def format_plan(p: dict) -> str:
     if p["labs"]:
         lines.append(f"Host memory each lab needs (peak PSS of the notebook's kernel and its ranks, measured {p['measured_on']}; "
                      "GPU memory not measured yet):")
-        lines.append(f"{'lab':>28}  {'per student':>11}  {'ranks':>5}  {'whole class':>11}  fits at once")
+        lines.append(f"{'lab':>28}  {'per student':>11}  {'ranks at once':>13}  {'whole class':>11}  fits at once")
         for row in p["labs"]:
-            lines.append(f"{row['lab']:>28}  {row['per_student'] / GIB:>9.2f}Gi  {row['ranks']:>5}  "
+            lines.append(f"{row['lab']:>28}  {row['per_student'] / GIB:>9.2f}Gi  {row['ranks']:>13}  "
                          f"{row['all_at_once'] / GIB:>9.1f}Gi  "
                          + ("all" if row["fits_all"] else f"{row['students_at_once']} of {p['students']}"))
         lines.append("")

@@ -149,11 +149,13 @@ class Kernel:
         assert r.status_code in (200, 201), f"{name}: no kernel: {r.status_code} {r.text[:500]}"
         kid = r.json()["kernel"]["id"]
         self.ws = websocket.create_connection(f"{base.replace('http', 'ws', 1)}/api/kernels/{kid}/channels",
-                                              header=[f"Authorization: token {token}"], timeout=900)
+                                              header=[f"Authorization: token {token}"], timeout=5)
         self.session = uuid.uuid4().hex
 
     def run(self, code: str) -> tuple[str, list[dict]]:
         """Execute ``code``; returns the reply's status and the outputs (iopub messages) it produced."""
+        import websocket
+
         mid = uuid.uuid4().hex
         self.ws.send(json.dumps({
             "header": {"msg_id": mid, "username": "test", "session": self.session, "msg_type": "execute_request",
@@ -161,16 +163,27 @@ class Kernel:
             "parent_header": {}, "metadata": {}, "channel": "shell",
             "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                         "allow_stdin": False, "stop_on_error": True}}))
-        outputs, status, idle = [], None, False
-        while status is None or not idle:
-            msg = json.loads(self.ws.recv())
+        outputs, status, idle_at = [], None, None
+        deadline = time.monotonic() + 600
+        while status is None or idle_at is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no reply in 600 s to: {code[:200]!r} (outputs so far: {outputs[-3:]})")
+            if idle_at is not None and time.monotonic() - idle_at > 20:
+                # the kernel went idle but its reply never came (a kernel-side loss: see labkit.runtime.stress);
+                # the cell has finished and its errors are on IOPub
+                status = "error" if any(o["type"] == "error" for o in outputs) else "ok"
+                break
+            try:
+                msg = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
+                continue
             if msg.get("parent_header", {}).get("msg_id") != mid:
                 continue
             kind = msg["header"]["msg_type"]
             if msg["channel"] == "shell" and kind == "execute_reply":
                 status = msg["content"]["status"]
             elif kind == "status" and msg["content"].get("execution_state") == "idle":
-                idle = True
+                idle_at = time.monotonic()
             elif kind in ("stream", "display_data", "execute_result", "error"):
                 outputs.append({"type": kind, **msg["content"]})
         return status, outputs

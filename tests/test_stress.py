@@ -97,6 +97,29 @@ def test_stress_reruns_process_cells_and_reports_a_stall(tmp_path, capsys):
     assert "Thread" in report and "line 2" in report, report  # the dump points at the sleeping line
 
 
+def test_a_lost_reply_is_told_apart_and_run_notebook_goes_on_past_it(tmp_path):
+    """The stall seen in CI (a widget cell; the kernel idle, its execute_reply never read by the client): simulated
+    by dropping every execute_reply on the client side."""
+    session = stress.Session(tmp_path, tmp_path / "stacks.txt")
+    try:
+        real = session.kc.get_shell_msg
+
+        def drop_replies(*a, **k):
+            msg = real(*a, **k)
+            if msg["msg_type"] == "execute_reply":
+                raise stress.queue.Empty
+            return msg
+
+        session.kc.get_shell_msg = drop_replies
+        r = session.run("print('hi')", timeout=8)
+        assert r["state"] == "stall" and r["detail"].startswith("finished, reply lost"), r
+        r = session.run("print('hi again')\n1 / 0", timeout=60, lost_reply_grace=1)
+        assert r["state"] == "error" and "ZeroDivisionError" in r["detail"] and "reply lost" in r["detail"], r
+        assert "hi again" in r["text"]
+    finally:
+        session.close()
+
+
 def test_stress_command_line_errors(capsys):
     with pytest.raises(SystemExit):
         stress.main(["no/such.ipynb", "--repeat", "1", "--busy", "0"])

@@ -11,6 +11,12 @@ command says where the time went, so that the cause can be told apart:
   thread's stack (``faulthandler`` on SIGUSR1) into the report, so a wait in labkit's pool shows up by name.
 - ``finished, reply lost``: the kernel published ``idle`` for the request but the reply never came: the client side.
 
+:func:`run_notebook` runs a notebook top to bottom with the same watch (the student-version test and
+``python -m labkit classroom measure`` use it), and goes on past a lost reply once the kernel is idle. That case was
+seen on 2026-12-02 in a CI-like run: nbclient (0.11.0) ran a widget cell (an ``Output`` with ``clear_output``) of
+notebook 05 on ipykernel 7.4.0; the kernel was idle and answered a second client, while nbclient waited for the
+cell's ``execute_reply`` until the test's 10-minute limit (nbclient#312 reports the same with widgets).
+
 Exit status 0 when every run finished, 1 otherwise. Use it on a classroom server before a class
 (``python -m labkit stress --repeat 20 --busy 2``); ``tests/test_stress.py`` runs a short version in CI.
 """
@@ -81,17 +87,28 @@ class Session:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
 
-    def run(self, source: str, timeout: float) -> dict:
-        """Execute ``source``; return {"seconds", "state": ok | error | stall, "detail"}."""
+    def run(self, source: str, timeout: float, lost_reply_grace: float | None = None) -> dict:
+        """Execute ``source``; return {"seconds", "state": ok | error | stall, "detail", "text"}.
+
+        ``text`` is what the cell showed (streams, the plain text of displays and results, errors). With
+        ``lost_reply_grace``, a cell whose ``idle`` came but whose ``execute_reply`` did not within that many seconds
+        counts as finished (its errors are known from IOPub), with ``detail`` saying the reply was lost: the runner
+        goes on instead of waiting out ``timeout`` (``run_notebook`` uses it; the stress report never does).
+        """
         t0 = time.monotonic()
         msg_id = self.kc.execute(source, allow_stdin=False, stop_on_error=False)
         started = idle = replied = False
-        error = ""
+        error, text, idle_at = "", [], None
         deadline = t0 + timeout
         while not (replied and idle):
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 break
+            if idle and lost_reply_grace is not None and now - idle_at > lost_reply_grace:
+                return {"seconds": now - t0, "state": "error" if error else "ok", "text": "".join(text),
+                        "detail": (error + "; " if error else "") + "finished, reply lost: the kernel went idle but "
+                        f"its execute_reply had not come {lost_reply_grace:g} s later; went on"}
             for getter, channel in ((self.kc.get_shell_msg, "shell"), (self.kc.get_iopub_msg, "iopub")):
                 try:
                     msg = getter(timeout=min(0.05, max(left, 0.001)))
@@ -103,14 +120,23 @@ class Session:
                 if channel == "shell" and kind == "execute_reply":
                     replied = True
                     if content.get("status") == "error":
-                        error = f"{content.get('ename')}: {content.get('evalue')}"
+                        error = error or f"{content.get('ename')}: {content.get('evalue')}"
                 elif kind == "status":
                     started = started or content["execution_state"] == "busy"
-                    idle = idle or content["execution_state"] == "idle"
+                    if content["execution_state"] == "idle" and not idle:
+                        idle, idle_at = True, time.monotonic()
+                elif kind == "stream":
+                    text.append(content.get("text", ""))
+                elif kind in ("display_data", "execute_result"):
+                    text.append(content.get("data", {}).get("text/plain", "") + "\n")
+                elif kind == "error":
+                    error = f"{content.get('ename')}: {content.get('evalue')}"
+                    text.append(error + "\n")
         seconds = time.monotonic() - t0
         if replied and idle:
-            return {"seconds": seconds, "state": "error" if error else "ok", "detail": error}
-        return {"seconds": seconds, "state": "stall", "detail": self._diagnose(msg_id, started, idle)}
+            return {"seconds": seconds, "state": "error" if error else "ok", "detail": error, "text": "".join(text)}
+        return {"seconds": seconds, "state": "stall", "detail": self._diagnose(msg_id, started, idle),
+                "text": "".join(text)}
 
     def _diagnose(self, msg_id: str, started: bool, idle: bool) -> str:
         if not started:
@@ -150,6 +176,29 @@ def _code_cells(path: Path) -> list[tuple[int, str]]:
 
     cells = json.loads(path.read_text())["cells"]
     return [(i, "".join(c["source"])) for i, c in enumerate(cells) if c["cell_type"] == "code"]
+
+
+def run_notebook(path: Path, timeout: float = 600, lost_reply_grace: float = 20, env: dict | None = None,
+                 on_start=None) -> list[dict]:
+    """Run a notebook's code cells top to bottom in a fresh kernel in its folder; one result per cell (see
+    :meth:`Session.run`), stopping at the first error or stall. A stall's result says where the time went (stacks of
+    the kernel and its ranks when the cell was still running); a lost reply after the kernel went idle does not stop
+    the run (``lost_reply_grace``), since the cell is known to have finished. ``on_start(session)`` is called once
+    the kernel is up (``labkit.classroom.measure`` watches its process tree)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="labkit-run-") as tmp:
+        session = Session(path.parent, Path(tmp) / "stacks.txt", env=env)
+        try:
+            if on_start is not None:
+                on_start(session)
+            for i, s in _code_cells(path):
+                r = session.run(s, timeout, lost_reply_grace=lost_reply_grace)
+                out.append({"cell": i, **r})
+                if r["state"] != "ok":
+                    break
+        finally:
+            session.close()
+    return out
 
 
 def stress_notebook(path: Path, repeat: int, timeout: float, log=print) -> list[dict]:
