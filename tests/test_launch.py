@@ -162,10 +162,23 @@ def test_function_defined_in_main_script_and_concurrent_students(tmp_path):
         assert "RESULT [21, 21]" in out
 
 
+def _signal_state(pid) -> str:
+    try:
+        return " ".join(line.strip() for line in open(f"/proc/{pid}/status") if line.startswith(("SigBlk", "SigIgn")))
+    except OSError:
+        return "(gone)"
+
+
 def test_keyboard_interrupt_stops_every_rank(tmp_path):
     script = tmp_path / "interrupt.py"
     script.write_text(textwrap.dedent("""
-        import sys, labkit
+        import faulthandler, signal, sys
+        # a kernel's own SIGINT handling, whatever this process inherited (a shell's background job starts with
+        # SIGINT ignored); and a stack dump on SIGUSR1 if the interrupt is not handled in time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        import labkit
         def hang(ctx):
             import time
             print("started", flush=True)
@@ -182,8 +195,17 @@ def test_keyboard_interrupt_stops_every_rank(tmp_path):
     t_end = time.time() + 400
     while sum("started" in line for line in lines) < 2 and time.time() < t_end:
         lines.append(p.stdout.readline())
+    state = _signal_state(p.pid)
     os.kill(p.pid, signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    try:
+        out, err = p.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.kill(p.pid, signal.SIGUSR1)   # its stacks, to say where it waits
+        time.sleep(3)
+        p.kill()
+        out, err = p.communicate(timeout=30)
+        raise AssertionError(f"not stopped 90 s after SIGINT; its signal state before: {state}; this test's: "
+                             f"{_signal_state(os.getpid())}\nstdout: {out[-1000:]}\nstderr: {err[-6000:]}")
     assert "INTERRUPTED" in out, err
     leftover = subprocess.run(["pgrep", "-f", "labkit.runtime._worker"], capture_output=True, text=True).stdout.split()
     for pid in leftover:  # none of the leftovers may be children of the interrupted script
