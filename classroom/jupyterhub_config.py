@@ -116,15 +116,6 @@ c.Spawner.cpu_limit = PLAN_EACH.cpu_limit
 RELEASE = Path(env("LABKIT_COURSE")) / "release" if env("LABKIT_COURSE") else None
 
 
-def _home(spawner) -> tuple[Path, int | None, int | None]:
-    if hasattr(spawner, "home_dir_template"):                 # the simple spawner: a folder per user name
-        return Path(spawner.home_dir), None, None
-    import pwd
-
-    pw = pwd.getpwnam(spawner.user.name)
-    return Path(pw.pw_dir), pw.pw_uid, pw.pw_gid
-
-
 def pre_spawn_hook(spawner):
     """Before a student's server starts: their GPUs and threads, and the labs in their home the first time."""
     name = spawner.user.name
@@ -132,13 +123,10 @@ def pre_spawn_hook(spawner):
     spawner.environment.update(classroom.spawner_environment(share))
     spawner.log.info("labkit share for %s: GPUs %s (shared by %s), %s threads", name, share.gpus or "none",
                      share.gpu_shared_with, share.threads)
-    if RELEASE is not None:
-        home, uid, gid = _home(spawner)
-        home.mkdir(parents=True, exist_ok=True)
-        if uid is not None:
-            os.chown(home, uid, gid)
-        copied = classroom.copy_handout(RELEASE, home, uid, gid)
-        spawner.log.info("labkit hand-out for %s: %d new files in %s", name, len(copied), home)
+    if RELEASE is not None:  # the simple spawner has a folder per user name; the others, the Unix user's home
+        home = spawner.home_dir if hasattr(spawner, "home_dir_template") else None
+        copied = classroom.give_handout(RELEASE, name, home)
+        spawner.log.info("labkit hand-out for %s: %d new files", name, len(copied))
 
 
 c.Spawner.pre_spawn_hook = pre_spawn_hook

@@ -59,10 +59,7 @@ def slurm_pre_spawn_hook(spawner):
     from labkit import classroom
 
     if RELEASE is not None:
-        import pwd
-
-        pw = pwd.getpwnam(spawner.user.name)
-        copied = classroom.copy_handout(RELEASE, pw.pw_dir, pw.pw_uid, pw.pw_gid)
+        copied = classroom.give_handout(RELEASE, spawner.user.name)
         spawner.log.info("labkit hand-out for %s: %d new files", spawner.user.name, len(copied))
 
 

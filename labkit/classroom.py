@@ -262,6 +262,21 @@ def copy_handout(release: str | Path, home: str | Path, uid: int | None = None, 
     return copied
 
 
+def give_handout(release: str | Path, user: str, home: str | Path | None = None) -> list[Path]:
+    """The hub's first-login copy for ``user``: into ``home`` as it is (the test spawner's folder per name), or into
+    the Unix user's own home, owned by them (the home made if missing). Returns the files copied."""
+    if home is not None:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        return copy_handout(release, home)
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    home = Path(pw.pw_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, pw.pw_uid, pw.pw_gid)
+    return copy_handout(release, home, pw.pw_uid, pw.pw_gid)
+
+
 # --- what each lab needs ---------------------------------------------------------------------------------------------
 
 def _pss(pid: int) -> int | None:

@@ -19,7 +19,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from labkit.classroom import free_port
 
 pytestmark = pytest.mark.browser
 
@@ -36,12 +37,6 @@ CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NOTEBOOK = "00_start_here.ipynb"
 PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on show
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_settings(settings: Path) -> None:
@@ -89,7 +84,7 @@ def lab(tmp_path_factory):
     shutil.copytree(REPO / "notebooks", root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
     _broken_notebook(root / "zz_broken_on_purpose.ipynb")
     _write_settings(tmp / "settings")
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_DATA_DIR=str(tmp / "data"),
                JUPYTER_RUNTIME_DIR=str(tmp / "runtime"))
     env.pop("MPLBACKEND", None)
