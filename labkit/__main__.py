@@ -1,4 +1,4 @@
-"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run,handout,grade,classroom}``."""
+"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run,handout,grade,classroom,ablate}``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(try grade --help)", add_help=False)
     sub.add_parser("classroom", help="classroom plan --students N: each student's share of this machine; "
                    "classroom measure: what each lab needs", add_help=False)
+    sub.add_parser("ablate", help="run, resume and report an ablation study from a TOML file; ablate merge OUT IN.. "
+                   "combines shards (try ablate --help)", add_help=False)
     r = sub.add_parser("run", help="run module:function on N ranks (or under torchrun)")
     r.add_argument("spec", help="module:function, e.g. labkit.runtime.lab:hello_rank")
     r.add_argument("-n", "--world-size", type=int, default=2, help="ranks to start (ignored under torchrun)")
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .classroom import main as classroom_main
 
         return classroom_main(argv[1:])
+    if argv and argv[0] == "ablate":
+        from .ablation.cli import main as ablate_main
+
+        return ablate_main(argv[1:])
     if argv and argv[0] == "stress":
         from .runtime.stress import main as stress_main
 

@@ -1,0 +1,188 @@
+"""The report of a study: per configuration, its mean metric and its paired difference to the baseline.
+
+For each configuration the seeds it shares with the baseline (both finished) are paired; the difference
+``variant - baseline`` per seed gives the mean difference, its 95 % confidence interval (t distribution over the
+seeds, or a percentile bootstrap), the paired t-test's p-value, and how many seeds the variant won, tied and lost.
+The p-values are adjusted for the number of comparisons by Holm's step-down method: with ten variants, one of them
+clears an unadjusted p < 0.05 by luck alone far more often than one time in twenty. For a metric where lower is
+better (``lower_is_better``), differences are reported as they are but wins are counted the other way.
+
+:class:`Report` holds the rows and turns them into a text table, HTML (in a notebook), CSV, a pandas DataFrame, a
+chart of the differences with their intervals, and learning curves.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from dataclasses import dataclass, field
+
+from .._validate import check_choice, check_number
+from . import stats
+from .store import Store
+
+__all__ = ["Report", "report", "COLUMNS"]
+
+COLUMNS = ("label", "n", "mean", "diff", "lo", "hi", "p", "p_holm", "wins", "ties", "losses", "verdict")
+
+
+def _verdict(row: dict, alpha: float, lower_is_better: bool) -> str:
+    p = row.get("p_holm")
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "too few seeds" if row["label"] != "baseline" else ""
+    if p >= alpha:
+        return "no evidence"
+    better = row["diff"] < 0 if lower_is_better else row["diff"] > 0
+    return "helps" if better else "hurts"
+
+
+@dataclass
+class Report:
+    study: str
+    metric: str
+    rows: list
+    baseline_seeds: list
+    method: str = "t"
+    confidence: float = 0.95
+    missing: dict = field(default_factory=dict)      # {label: seeds without a finished trial}
+    failed: dict = field(default_factory=dict)       # {"label seed=s": error}
+    interrupted: int = 0                             # trials that a stopped study interrupted (then run again)
+    curves: dict = field(default_factory=dict)       # {label: [curve of seed, ...]} when trials recorded curves
+
+    # ------------------------------------------------------------------ views
+    def table(self, floatfmt: str = "{:.4g}") -> str:
+        from ..viz import format_table
+
+        return format_table([{c: r.get(c, "") for c in COLUMNS} for r in self.rows], floatfmt) + self._notes()
+
+    def _notes(self) -> str:
+        out = [f"\n{self.metric}: paired difference to the baseline over seeds, "
+               f"{self.confidence:.0%} {'t' if self.method == 't' else 'bootstrap'} interval [lo, hi]; "
+               "p: paired t-test; p_holm: adjusted for the number of comparisons (Holm)"]
+        if self.interrupted:
+            out.append(f"{self.interrupted} trial(s) were interrupted by a stopped study and were run again from their "
+                       "start")
+        for label, seeds in self.missing.items():
+            out.append(f"{label}: no finished result for seed(s) {seeds}")
+        for what, err in self.failed.items():
+            out.append(f"failed: {what}: {err}")
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        from ..viz import table_html
+
+        notes = self._notes().strip().replace("\n", "<br>")
+        return table_html([{c: r.get(c, "") for c in COLUMNS} for r in self.rows]) + f"<p><small>{notes}</small></p>"
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def row(self, label: str) -> dict:
+        for r in self.rows:
+            if r["label"] == label:
+                return r
+        raise KeyError(f"no configuration {label!r} in the report; labels are: {[r['label'] for r in self.rows]}")
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """The table as CSV (one row per configuration, the per-seed values in ``values``); written to ``path``
+        when given; returns the text."""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(COLUMNS + ("values",))
+        for r in self.rows:
+            w.writerow([r.get(c, "") for c in COLUMNS] + [" ".join(f"{v:.6g}" for v in r["values"])])
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w", newline="") as f:
+                f.write(text)
+        return text
+
+    def to_pandas(self):
+        """The table as a pandas DataFrame (pandas is optional: a clear error says how to install it)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas (or use to_csv() / .rows)") from None
+        return pd.DataFrame([{c: r.get(c) for c in COLUMNS + ("values",)} for r in self.rows])
+
+    def plot(self, ax=None, title: str | None = None):
+        """A bar chart of each configuration's difference to the baseline, with its interval."""
+        from .plots import differences
+
+        return differences([r for r in self.rows if r["label"] != "baseline"], ax=ax,
+                           title=title or f"{self.study}: {self.metric} minus the baseline's")
+
+    def plot_curves(self, labels=None, ax=None, metric: str = "test_accuracy"):
+        """Learning curves (mean over seeds, min-max band) of ``labels`` (default: all)."""
+        from .plots import curves
+
+        chosen = {k: v for k, v in self.curves.items() if labels is None or k in labels}
+        return curves(chosen, ax=ax, metric=metric)
+
+
+def report(db: str | os.PathLike | Store, study: str | None = None, *, method: str = "t", confidence: float = 0.95,
+           alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> Report:
+    """The :class:`Report` of ``study`` (the only one in the file, by default) from its results file."""
+    method = check_choice("method", method, ("t", "bootstrap"))
+    confidence = check_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True)
+    store = db if isinstance(db, Store) else Store(db)
+    try:
+        specs = store.studies()
+        if not specs:
+            raise ValueError(f"results file {store.path} holds no study yet; run one first")
+        if study is None:
+            if len(specs) > 1:
+                raise ValueError(f"results file {store.path} holds several studies ({', '.join(specs)}); pass study=")
+            study = next(iter(specs))
+        if study not in specs:
+            raise ValueError(f"results file {store.path} has no study {study!r}; it has: {', '.join(specs)}")
+        spec = specs[study]
+        rows = store.rows(study=study)
+    finally:
+        if not isinstance(db, Store):
+            store.close()
+    seeds, labels, low = spec["seeds"], spec["labels"], spec.get("lower_is_better", False)
+    done: dict[str, dict[int, float]] = {lab: {} for lab in labels}
+    curves: dict[str, list] = {}
+    failed, interrupted = {}, 0
+    for r in rows:
+        interrupted += r["interrupted"]
+        if r["label"] not in done:  # a configuration no longer in the study (its spec changed): not reported
+            continue
+        if r["status"] == "done":
+            done[r["label"]][r["seed"]] = r["value"]
+            if r["result"] and "curve" in r["result"]:
+                curves.setdefault(r["label"], []).append(r["result"]["curve"])
+        elif r["status"] == "failed":
+            failed[f"{r['label']} seed={r['seed']}"] = r["error"]
+    base = done["baseline"]
+    out, missing = [], {}
+    for lab in labels:
+        got = done[lab]
+        miss = [s for s in seeds if s not in got]
+        if miss:
+            missing[lab] = miss
+        vals = [got[s] for s in seeds if s in got]
+        row = {"label": lab, "n": len(vals), "mean": sum(vals) / len(vals) if vals else math.nan, "values": vals}
+        if lab != "baseline":
+            common = [s for s in seeds if s in got and s in base]
+            if common:
+                d = stats.paired_difference([got[s] for s in common], [base[s] for s in common],
+                                            confidence=confidence, method=method, n_boot=n_boot, seed=seed)
+                row.update(n=len(common), diff=d["diff"], lo=d["lo"], hi=d["hi"], p=d["p"], wins=d["wins"],
+                           ties=d["ties"], losses=d["losses"])
+                if low:
+                    row["wins"], row["losses"] = d["losses"], d["wins"]
+                if d.get("note"):
+                    row["note"] = d["note"]
+            else:
+                row.update(n=0, diff=math.nan, lo=math.nan, hi=math.nan, p=math.nan, wins=0, ties=0, losses=0)
+        out.append(row)
+    ps = [r["p"] for r in out if r["label"] != "baseline"]
+    for r, ph in zip([r for r in out if r["label"] != "baseline"], stats.holm(ps) if ps else []):
+        r["p_holm"] = ph
+    for r in out:
+        r["verdict"] = _verdict(r, alpha, low)
+    return Report(study=study, metric=spec["metric"], rows=out, baseline_seeds=sorted(base), method=method,
+                  confidence=confidence, missing=missing, failed=failed, interrupted=interrupted, curves=curves)
