@@ -35,13 +35,14 @@ Every function says what it could not do instead of crashing: one seed gives no 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from labkit._validate import ArgumentError, check_choice, check_int, check_number
 
-__all__ = ["t_cdf", "t_sf", "t_ppf", "t_pdf", "paired_difference", "bootstrap_ci", "mean_ci", "holm"]
+__all__ = ["bootstrap_ci", "holm", "mean_ci", "paired_difference", "t_cdf", "t_pdf", "t_ppf", "t_sf"]
 
 _EPS = 1e-16  # relative accuracy asked of the continued fraction
 _TINY = 1e-300  # Lentz's guard against a zero denominator
@@ -237,7 +238,7 @@ def mean_ci(values, confidence: float = 0.95) -> dict:
     n, mean = a.size, float(a.mean())
     if n == 1:
         return dict(n=1, mean=mean, sd=math.nan, lo=math.nan, hi=math.nan, note="one seed: no interval")
-    if np.all(a == a[0]):
+    if np.ptp(a) <= 8 * np.finfo(float).eps * float(np.abs(a).max()):  # equal up to rounding
         return dict(n=n, mean=mean, sd=0.0, lo=mean, hi=mean, note="all values equal: interval of zero width")
     sd = float(a.std(ddof=1))
     half = _ppf1((1.0 + confidence) / 2.0, n - 1.0) * sd / math.sqrt(n)
