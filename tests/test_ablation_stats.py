@@ -242,3 +242,66 @@ def test_holm_properties_on_random_pvalues():
         assert np.all(np.diff(adj[order]) >= 0)  # monotone in the raw p
         assert adj[order[0]] == pytest.approx(min(1.0, m * p[order[0]]))  # the smallest gets Bonferroni
         assert np.all(adj <= np.minimum(1, m * p) + 1e-15)  # never worse than Bonferroni
+
+
+# ---------------------------------------------------------------- plots (smoke level, Agg)
+
+@pytest.fixture
+def plt():
+    mpl = pytest.importorskip("matplotlib")
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    yield plt
+    plt.close("all")
+
+
+def test_differences_chart_bars_colours_and_error_bars(plt):
+    from matplotlib.colors import to_hex
+
+    from labkit.ablation import plots
+
+    rng = np.random.default_rng(1)
+    b = rng.normal(0.8, 0.02, 5)
+    rows = [dict(paired_difference(b + 0.05 + rng.normal(0, 0.005, 5), b), label="mixup"),
+            dict(paired_difference(b - 0.04 + rng.normal(0, 0.005, 5), b), label="no augmentation"),
+            dict(paired_difference(b + rng.normal(0, 0.02, 5), b), label="label smoothing"),
+            dict(paired_difference([0.9], [0.8]), label="one seed")]
+    ax = plots.differences(rows, title="t")
+    bars = ax.patches
+    assert len(bars) == 4
+    assert [round(p.get_width(), 12) for p in bars] == [round(r["diff"], 12) for r in rows]
+    colours = [to_hex(p.get_facecolor()) for p in bars]
+    assert colours[0] == plots.interval_colour(rows[0]) == plots._ABOVE
+    assert colours[1] == plots._BELOW
+    assert colours[3] == plots._NOISE  # no interval
+    assert rows[2]["lo"] < 0 < rows[2]["hi"] and colours[2] == plots._NOISE  # seed 1: the interval holds 0
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r["label"] for r in rows]
+    segments = [c for c in ax.collections if hasattr(c, "get_segments")]
+    assert sum(len(c.get_segments()) for c in segments) == 3  # error bars for the three rows with an interval
+    assert any(np.allclose(line.get_xdata(), 0) for line in ax.lines)  # the zero line
+    assert [t.get_text() for t in ax.texts] == ["won 5/5", "won 0/5", "won 2/5", "won 1/1, no interval"]
+    assert ax.get_title() == "t"
+
+
+def test_learning_curves_one_line_and_band_per_label(plt):
+    from labkit.ablation import plots
+
+    def seed(shift, steps=(0, 10, 20)):
+        return [{"step": s, "test_accuracy": 0.5 + s / 100 + shift, "loss": 1.0} for s in steps]
+
+    data = {"baseline": [seed(0.0), seed(0.02), seed(-0.02)], "mixup": [seed(0.01), seed(0.03, (0, 10, 20, 30))],
+            "empty": [[{"step": 0, "loss": 1.0}]]}
+    _, ax = plt.subplots()
+    assert plots.curves(data, ax=ax) is ax
+    assert len(ax.lines) == 2 and len(ax.collections) == 2  # "empty" has no test_accuracy: skipped
+    base = ax.lines[0]
+    np.testing.assert_allclose(base.get_xdata(), [0, 10, 20])
+    np.testing.assert_allclose(base.get_ydata(), [0.5, 0.6, 0.7])  # mean over the three seeds
+    mix = ax.lines[1]
+    np.testing.assert_allclose(mix.get_xdata(), [0, 10, 20, 30])
+    np.testing.assert_allclose(mix.get_ydata(), [0.52, 0.62, 0.72, 0.83])  # step 30: only one seed
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(0.48) and band[:, 1].max() == pytest.approx(0.72)
+    ax2 = plots.curves(data, metric="loss")
+    assert len(ax2.lines) == 3 and ax2.get_ylabel() == "loss"
