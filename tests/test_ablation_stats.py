@@ -54,6 +54,8 @@ def test_t_ppf_against_scipy_and_inverts_cdf():
     assert t_ppf(0.975, 1) == pytest.approx(12.7062047, rel=1e-7)
     assert t_ppf(0.975, 10) == pytest.approx(2.2281389, rel=1e-7)
     assert t_ppf(0.995, 30) == pytest.approx(2.7499957, rel=1e-7)
+    # the normal quantile BCa uses, by the same solver
+    np.testing.assert_allclose([stats._norm_ppf(q) for q in QS], sst.norm.ppf(QS), rtol=1e-12, atol=1e-15)
 
 
 def test_t_edges_and_bad_input():
@@ -153,7 +155,7 @@ def test_bad_input_is_named():
     with pytest.raises(ArgumentError, match=r"len\(variant\)=3 and len\(baseline\)=2"):
         paired_difference([1, 2, 3], [1, 2])
     with pytest.raises(ArgumentError, match="method must be one of"):
-        paired_difference([1, 2], [1, 3], method="bca")
+        paired_difference([1, 2], [1, 3], method="BCa")
     with pytest.raises(ArgumentError, match="confidence"):
         paired_difference([1, 2], [1, 3], confidence=95)
     with pytest.raises(ArgumentError, match="variant must be a non-empty"):
@@ -188,6 +190,25 @@ def test_bootstrap_ci_against_a_direct_resampling():
     rng = np.random.default_rng(11)
     means = d[rng.integers(0, 5, size=(500, 5))].mean(axis=1)
     assert bootstrap_ci(d, 0.9, 500, 11) == pytest.approx(tuple(np.quantile(means, [0.05, 0.95])))
+
+
+def test_bca_matches_scipy_bootstrap_where_the_percentile_interval_does_not():
+    sst = pytest.importorskip("scipy.stats")
+    d = np.random.default_rng(4).exponential(0.02, 15) - 0.01  # skewed: BCa moves the interval to the right
+    ref = sst.bootstrap((d,), np.mean, n_resamples=20000, method="BCa", rng=np.random.default_rng(2))
+    ref = (ref.confidence_interval.low, ref.confidence_interval.high)
+    width = ref[1] - ref[0]
+    bca = bootstrap_ci(d, 0.95, 20000, 1, method="bca")
+    perc = bootstrap_ci(d, 0.95, 20000, 1)
+    assert abs(bca[0] - ref[0]) < 0.05 * width and abs(bca[1] - ref[1]) < 0.05 * width  # Monte Carlo noise ~2%
+    assert abs(perc[1] - ref[1]) > 0.08 * width  # ~13%: the test tells the two apart
+    r = paired_difference(d + 1.0, np.ones(15), method="bca", n_boot=20000, seed=1)
+    assert (r["lo"], r["hi"]) == pytest.approx(bca) and r["method"] == "bca"
+    assert r["p"] == pytest.approx(sst.ttest_1samp(d, 0).pvalue, rel=1e-6)
+    small = paired_difference([0.5, 0.7], [0.45, 0.5], method="bca", n_boot=200)  # n = 2 must not crash
+    assert small["lo"] <= small["hi"] and math.isfinite(small["lo"])
+    with pytest.raises(ArgumentError, match="method must be one of 'percentile', 'bca'"):
+        bootstrap_ci(d, method="basic")
 
 
 def test_mean_ci_against_scipy():

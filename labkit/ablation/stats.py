@@ -21,9 +21,10 @@ Pure numpy and :mod:`math` (no scipy): the t distribution is computed here from 
   the two-sided p-value ``2 P(T > |t|)`` (Student's paired t-test, exactly what ``scipy.stats.ttest_rel``
   computes), and the interval ``diff -/+ t_{(1+c)/2, n-1} se``; or, with ``method="bootstrap"``, the
   percentile bootstrap interval of the mean difference, resampling the seeds (the pairs) with replacement
-  (Efron & Tibshirani 1993, *An Introduction to the Bootstrap*, chapter 13). Wins, ties and losses count
+  (Efron & Tibshirani 1993, *An Introduction to the Bootstrap*, chapter 13), or its bias-corrected and
+  accelerated form (BCa, ibid. chapter 14; ``method="bca"``). Wins, ties and losses count
   the seeds on which the variant was above, equal to or below the baseline.
-* :func:`bootstrap_ci`: that percentile interval on its own.
+* :func:`bootstrap_ci`: those bootstrap intervals on their own.
 * :func:`mean_ci`: the t interval of one plain mean (a configuration's mean over its seeds).
 * :func:`holm`: Holm's step-down adjusted p-values (Holm 1979, *Scand. J. Statist.* 6, 65-70): sort the m
   p-values, ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``, put them back in the input order. Rejecting
@@ -128,30 +129,31 @@ def t_pdf(t, df):
     return _elementwise(_pdf1, t, df)
 
 
-def _upper_quantile(p: float, df: float) -> float:
-    """The t > 0 with P(T > t) = p, for 0 < p < 1/2: Newton inside a bracket that bisection keeps."""
+def _upper_quantile(p: float, sf, pdf) -> float:
+    """The x > 0 with sf(x) = p, for 0 < p < 1/2 (sf decreasing, pdf = -sf'): Newton inside a bracket that
+    bisection keeps, so it cannot diverge."""
     lo, hi = 0.0, 1.0
-    while _sf1(hi, df) > p:  # grow the bracket: the tail of df=1 needs t ~ 1 / (pi p)
+    while sf(hi) > p:  # grow the bracket: the tail of df=1 needs t ~ 1 / (pi p)
         lo, hi = hi, hi * 2.0
         if hi > 1e300:
             return math.inf
-    t = 0.5 * (lo + hi)
+    x = 0.5 * (lo + hi)
     for _ in range(400):
-        f = _sf1(t, df) - p
+        f = sf(x) - p
         if f == 0.0:
-            return t
+            return x
         if f > 0:
-            lo = t
+            lo = x
         else:
-            hi = t
-        dens = _pdf1(t, df)
-        new = t + f / dens if dens > 0 else math.nan  # f' = -pdf
+            hi = x
+        dens = pdf(x)
+        new = x + f / dens if dens > 0 else math.nan  # f' = -pdf
         if not lo < new < hi:  # Newton left the bracket: bisect (geometrically over orders of magnitude)
             new = math.sqrt(lo * hi) if lo > 0 and hi > 4 * lo else 0.5 * (lo + hi)
-        if abs(new - t) <= 1e-15 * abs(t) or hi - lo <= 1e-15 * hi:
+        if abs(new - x) <= 1e-15 * abs(x) or hi - lo <= 1e-15 * hi:
             return new
-        t = new
-    return t
+        x = new
+    return x
 
 
 def _ppf1(q: float, df: float) -> float:
@@ -163,7 +165,23 @@ def _ppf1(q: float, df: float) -> float:
         return math.inf
     if q == 0.5:
         return 0.0
-    return _upper_quantile(1.0 - q, df) if q > 0.5 else -_upper_quantile(q, df)
+    sf, pdf = (lambda x: _sf1(x, df)), (lambda x: _pdf1(x, df))
+    return _upper_quantile(1.0 - q, sf, pdf) if q > 0.5 else -_upper_quantile(q, sf, pdf)
+
+
+def _norm_cdf(z: float) -> float:
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+
+def _norm_ppf(q: float) -> float:
+    """The standard normal quantile (for BCa), by the same safeguarded Newton on erfc."""
+    if q <= 0.0 or q >= 1.0:
+        return -math.inf if q <= 0.0 else math.inf
+    if q == 0.5:
+        return 0.0
+    sf = lambda z: 0.5 * math.erfc(z / math.sqrt(2.0))
+    pdf = lambda z: math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return _upper_quantile(1.0 - q, sf, pdf) if q > 0.5 else -_upper_quantile(q, sf, pdf)
 
 
 def t_ppf(q, df):
@@ -202,16 +220,25 @@ def _check_confidence(confidence: Any) -> float:
                         hint="pass e.g. 0.95")
 
 
-def bootstrap_ci(diffs, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(diffs)``: resample the values with replacement ``n_boot``
-    times (numpy's ``default_rng(seed)``, so the interval is reproducible) and take the ``(1-c)/2`` and
-    ``(1+c)/2`` quantiles of the resampled means (Efron & Tibshirani 1993, section 13.3). One value: (nan, nan).
+def bootstrap_ci(diffs, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0,
+                 method: str = "percentile") -> tuple[float, float]:
+    """Bootstrap interval of ``mean(diffs)`` from ``n_boot`` resamples with replacement (numpy's
+    ``default_rng(seed)``, so the interval is reproducible). One value: (nan, nan).
+
+    * ``method="percentile"``: the ``(1-c)/2`` and ``(1+c)/2`` quantiles of the resampled means
+      (Efron & Tibshirani 1993, section 13.3).
+    * ``method="bca"``: bias-corrected and accelerated (Efron & Tibshirani 1993, section 14.3): the quantiles
+      at ``Phi(z0 + (z0 + z_a) / (1 - acc (z0 + z_a)))`` for ``z_a = Phi^-1((1-c)/2)`` and ``Phi^-1((1+c)/2)``,
+      with ``z0 = Phi^-1(share of resampled means below the mean, ties counted half)`` and the acceleration
+      ``acc = sum(u^3) / (6 (sum(u^2))^1.5)`` from the jackknife means, ``u_i = mean(jackknife) - mean(d without
+      i)``. The share is kept within ``[1/(2B), 1 - 1/(2B)]`` so that ``z0`` stays finite.
     """
     d = _as_sample("diffs", diffs)
     _refuse_nan("diffs", d)
     confidence = _check_confidence(confidence)
     n_boot = check_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
     seed = check_int("seed", seed, minimum=0)
+    method = check_choice("method", method, ("percentile", "bca"))
     n = d.size
     if n == 1:
         return math.nan, math.nan
@@ -222,7 +249,21 @@ def bootstrap_ci(diffs, confidence: float = 0.95, n_boot: int = 10000, seed: int
         stop = min(n_boot, start + chunk)
         means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    levels = [alpha, 1.0 - alpha]
+    if method == "bca":
+        centre = float(d.mean())
+        share = (np.sum(means < centre) + 0.5 * np.sum(means == centre)) / n_boot
+        share = min(max(share, 0.5 / n_boot), 1.0 - 0.5 / n_boot)
+        z0 = _norm_ppf(float(share))
+        jack = (d.sum() - d) / (n - 1)
+        u = jack.mean() - jack
+        denom = 6.0 * float(np.sum(u * u)) ** 1.5
+        acc = float(np.sum(u ** 3)) / denom if denom > 0 else 0.0
+        levels = []
+        for q in (alpha, 1.0 - alpha):
+            z = z0 + _norm_ppf(q)
+            levels.append(_norm_cdf(z0 + z / (1.0 - acc * z)))
+    lo, hi = np.quantile(means, levels)
     return float(lo), float(hi)
 
 
@@ -258,10 +299,10 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     * ``n`` (pairs used), ``mean_variant``, ``mean_baseline``, ``diff`` (mean of variant - baseline),
       ``sd`` (of the differences, ddof=1), ``se`` (= sd / sqrt(n)), ``df`` (= n - 1);
     * ``lo``, ``hi``: the ``confidence`` interval of the mean difference, the t interval
-      (``method="t"``) or the percentile bootstrap over the pairs (``method="bootstrap"``, ``n_boot``
-      resamples from ``seed``; see :func:`bootstrap_ci`);
-    * ``t``, ``p``: the paired t statistic and its two-sided p-value. With ``method="bootstrap"`` these are
-      still the t-test's (the bootstrap gives the interval only);
+      (``method="t"``), or the percentile bootstrap over the pairs (``method="bootstrap"``) or its BCa
+      correction (``method="bca"``), ``n_boot`` resamples from ``seed`` (see :func:`bootstrap_ci`);
+    * ``t``, ``p``: the paired t statistic and its two-sided p-value. With ``method="bootstrap"`` or
+      ``"bca"`` these are still the t-test's (the bootstrap gives the interval only);
     * ``wins``, ``ties``, ``losses``: seeds with variant >, ==, < baseline;
     * ``method``, ``confidence``, ``dropped`` (pairs dropped for NaN) and ``note`` ("" when nothing to say).
 
@@ -276,7 +317,7 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
         raise ArgumentError(f"variant and baseline must be paired (one value per seed, same seeds), got "
                             f"len(variant)={v.size} and len(baseline)={b.size}")
     nan = check_choice("nan", nan, ("raise", "drop"))
-    method = check_choice("method", method, ("t", "bootstrap"))
+    method = check_choice("method", method, ("t", "bootstrap", "bca"))
     confidence = _check_confidence(confidence)
     n_boot = check_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
     seed = check_int("seed", seed, minimum=0)
@@ -318,7 +359,7 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
         half = _ppf1((1.0 + confidence) / 2.0, n - 1.0) * se
         lo, hi = diff - half, diff + half
     else:
-        lo, hi = bootstrap_ci(d, confidence, n_boot, seed)
+        lo, hi = bootstrap_ci(d, confidence, n_boot, seed, "percentile" if method == "bootstrap" else "bca")
     out.update(sd=sd, se=se, t=t, p=p, lo=lo, hi=hi)
     return out
 
