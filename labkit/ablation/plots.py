@@ -56,7 +56,8 @@ def differences(rows, ax=None, title=None):
     for i, r in enumerate(rows):
         if "wins" in r and "n" in r:
             right = hi[i] if has[i] else diff[i]
-            ax.annotate(f"won {r['wins']}/{r['n']}" + ("" if has[i] else ", no interval"), (max(right, diff[i], 0.0), y[i]), xytext=(4, 0),
+            text = f"won {r['wins']}/{r['n']}" + ("" if has[i] else ", no interval")
+            ax.annotate(text, (max(right, diff[i], 0.0), y[i]), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=7)
     conf = next((r["confidence"] for r in rows if "confidence" in r), None)
     ax.set_xlabel("difference to the baseline" + (f" ({conf:.0%} interval over seeds)" if conf else ""))

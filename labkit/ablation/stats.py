@@ -309,7 +309,8 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     Edge cases: one pair gives ``lo``, ``hi``, ``t``, ``p`` = nan and the note "one seed: no interval";
     identical differences (sd = 0, up to the rounding of ``v - b``) give an interval of zero width at
     ``diff``, ``t = +-inf`` and ``p = 0`` if ``diff != 0`` (``t = nan``, ``p = 1`` if ``diff == 0``), and a note.
-    NaN in either input is refused (:class:`~labkit._validate.ArgumentError` naming the argument) unless ``nan="drop"``, which drops every pair holding a NaN and counts them in ``dropped``.
+    NaN in either input is refused (:class:`~labkit._validate.ArgumentError` naming the argument) unless
+    ``nan="drop"``, which drops every pair holding a NaN and counts them in ``dropped``.
     """
     v = _as_sample("variant", variant)
     b = _as_sample("baseline", baseline)
