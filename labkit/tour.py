@@ -36,6 +36,7 @@ LABS: tuple[Lab, ...] = (
     Lab("05", "load balancing", "labkit.balance", None, "05_load_balancing.ipynb"),
     Lab("06", "k-means", "labkit.kmeans", "kmeans", "06_kmeans_pseudo_labels.ipynb"),
     Lab("07", "pseudo-labels", "labkit.pseudo_label", "ssl", "07_generative_pseudo_labels.ipynb"),
+    Lab("08", "ablation", "labkit.ablation", "ablation", "08_ablation.ipynb"),
 )
 
 

@@ -186,7 +186,7 @@ def test_a_built_wheel_ships_every_lab_and_imports_without_the_source_tree(tmp_p
     assert p.returncode == 0, p.stdout + p.stderr
     (whl,) = wheel_dir.glob("labkit-*.whl")
     names = set(zipfile.ZipFile(whl).namelist())
-    missing = [str(f.relative_to(REPO)) for f in [*PKG.rglob("*.py"), *PKG.glob("*.json")]
+    missing = [str(f.relative_to(REPO)) for f in [*PKG.rglob("*.py"), *PKG.glob("*.json"), *PKG.rglob("*.toml")]
                if str(f.relative_to(REPO)) not in names]
     assert not missing, f"the wheel leaves out {missing}"
     zipfile.ZipFile(whl).extractall(target)

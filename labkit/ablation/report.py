@@ -22,7 +22,7 @@ from .._validate import check_choice, check_number
 from . import stats
 from .store import Store
 
-__all__ = ["Report", "report", "COLUMNS"]
+__all__ = ["Report", "report", "selection_bias", "COLUMNS"]
 
 COLUMNS = ("label", "n", "mean", "diff", "lo", "hi", "p", "p_holm", "wins", "ties", "losses", "verdict")
 
@@ -49,6 +49,7 @@ class Report:
     failed: dict = field(default_factory=dict)       # {"label seed=s": error}
     interrupted: int = 0                             # trials that a stopped study interrupted (then run again)
     curves: dict = field(default_factory=dict)       # {label: [curve of seed, ...]} when trials recorded curves
+    lower_is_better: bool = False
 
     # ------------------------------------------------------------------ views
     def table(self, floatfmt: str = "{:.4g}") -> str:
@@ -121,9 +122,13 @@ class Report:
         return curves(chosen, ax=ax, metric=metric)
 
 
-def report(db: str | os.PathLike | Store, study: str | None = None, *, method: str = "t", confidence: float = 0.95,
-           alpha: float = 0.05, n_boot: int = 10000, seed: int = 0) -> Report:
-    """The :class:`Report` of ``study`` (the only one in the file, by default) from its results file."""
+def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: str | None = None,
+           lower_is_better: bool | None = None, method: str = "t", confidence: float = 0.95, alpha: float = 0.05,
+           n_boot: int = 10000, seed: int = 0) -> Report:
+    """The :class:`Report` of ``study`` (the only one in the file, by default) from its results file.
+
+    ``metric``: another number the trials returned (e.g. ``"loss"``, the test cross-entropy) instead of the
+    study's metric; ``lower_is_better`` then says which way is better (default: the study's setting)."""
     method = check_choice("method", method, ("t", "bootstrap"))
     confidence = check_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True)
     store = db if isinstance(db, Store) else Store(db)
@@ -143,6 +148,13 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, method: s
         if not isinstance(db, Store):
             store.close()
     seeds, labels, low = spec["seeds"], spec["labels"], spec.get("lower_is_better", False)
+    if lower_is_better is not None:
+        low = bool(lower_is_better)
+    own = metric is None or metric == spec["metric"]
+    metric = spec["metric"] if metric is None else metric
+    if not own and not any(r["result"] and metric in r["result"] for r in rows if r["status"] == "done"):
+        raise ValueError(f"no finished trial of {study!r} returned {metric!r}; the study's metric is "
+                         f"{spec['metric']!r}")
     done: dict[str, dict[int, float]] = {lab: {} for lab in labels}
     curves: dict[str, list] = {}
     failed, interrupted = {}, 0
@@ -151,7 +163,7 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, method: s
         if r["label"] not in done:  # a configuration no longer in the study (its spec changed): not reported
             continue
         if r["status"] == "done":
-            done[r["label"]][r["seed"]] = r["value"]
+            done[r["label"]][r["seed"]] = r["value"] if own else float(r["result"][metric])
             if r["result"] and "curve" in r["result"]:
                 curves.setdefault(r["label"], []).append(r["result"]["curve"])
         elif r["status"] == "failed":
@@ -184,5 +196,43 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, method: s
         r["p_holm"] = ph
     for r in out:
         r["verdict"] = _verdict(r, alpha, low)
-    return Report(study=study, metric=spec["metric"], rows=out, baseline_seeds=sorted(base), method=method,
-                  confidence=confidence, missing=missing, failed=failed, interrupted=interrupted, curves=curves)
+    return Report(study=study, metric=metric, rows=out, baseline_seeds=sorted(base), method=method,
+                  confidence=confidence, missing=missing, failed=failed, interrupted=interrupted, curves=curves,
+                  lower_is_better=low)
+
+
+def selection_bias(db: str | os.PathLike | Store, study: str | None = None) -> dict:
+    """What "train several models and keep the best" overstates, measured on a finished study's own trials.
+
+    For each seed ``s``: pick the configuration with the best metric on seed ``s`` alone (the article's "best of
+    N"), note that winning score, then score the same pick on the *other* seeds (fresh seeds it was not chosen
+    on). ``bias`` is the mean of (winning score - the pick's mean on fresh seeds): how much the choice flatters
+    the winner. It is positive whenever the configurations differ little compared with the seed noise, because
+    the maximum of N noisy numbers sits above their means. Needs at least two seeds with every configuration
+    finished."""
+    rep = report(db, study)
+    labels = [r["label"] for r in rep.rows]
+    store = db if isinstance(db, Store) else Store(db)
+    try:
+        rows = store.rows(study=rep.study, status="done")
+    finally:
+        if not isinstance(db, Store):
+            store.close()
+    table: dict[int, dict[str, float]] = {}
+    for r in rows:
+        table.setdefault(r["seed"], {})[r["label"]] = r["value"]
+    seeds = sorted(s for s, got in table.items() if all(lab in got for lab in labels))
+    if len(seeds) < 2:
+        raise ValueError(f"selection_bias needs at least two seeds on which every configuration finished; "
+                         f"{len(seeds)} have ({seeds}). Run more seeds (or wait for the study to finish)")
+    sign = -1.0 if rep.lower_is_better else 1.0
+    picks = []
+    for s in seeds:
+        best = max(labels, key=lambda lab: sign * table[s][lab])
+        fresh = [table[t][best] for t in seeds if t != s]
+        picks.append({"seed": s, "pick": best, "score when picked": table[s][best],
+                      "score on fresh seeds": sum(fresh) / len(fresh)})
+    bias = sum(p["score when picked"] - p["score on fresh seeds"] for p in picks) / len(picks)
+    return {"configurations": len(labels), "seeds": seeds, "picks": picks, "bias": bias,
+            "picked_mean": sum(p["score when picked"] for p in picks) / len(picks),
+            "fresh_mean": sum(p["score on fresh seeds"] for p in picks) / len(picks)}

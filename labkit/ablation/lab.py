@@ -1,0 +1,268 @@
+"""Lab 08's rank function, the notebook's helpers, the exercise checks and the tour.
+
+* :func:`study_rank`: each rank runs one shard of a study (``shard=rank/world_size``) into its own results file,
+  then rank 0 merges the shards: what a Slurm job array does across machines, here across ranks.
+* :func:`start_in_background` / :func:`wait_for`: the notebook runs a study as ``python -m labkit ablate`` in a
+  separate process, so that a cell can kill it with SIGKILL in the middle and the next cell can resume it.
+* :func:`check_verdict`: the learner's ``verdict(row) -> "helps" | "hurts" | "no evidence"`` on rows whose intervals
+  and adjusted p-values the check knows (means that differ by more than the noise, a raw p below 0.05 that Holm's
+  adjustment lifts, small effects that are consistent).
+* :func:`check_factor`: the learner's own :class:`~labkit.ablation.factors.Factor`: new (not a shipped one renamed),
+  it changes the recipe and the trained model, and a study in the given results file ran it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+from .._calls import calls_to, refuse
+from ..checks import CheckResult, expect_equal, run_cases
+from . import report as _report
+from . import stats as _stats
+from .factors import FACTORS, Factor
+from .report import report
+from .runner import run_study
+from .store import Store, merge
+from .study import Study
+
+__all__ = ["study_rank", "start_in_background", "wait_for", "write_study_file", "verdict_rows", "check_verdict",
+           "check_factor", "tour", "LAB"]
+
+LAB = "08 ablation"
+
+
+def study_rank(ctx, spec: dict, folder: str, workers: int = 1) -> dict:
+    """Run shard ``rank/world_size`` of ``Study(**spec)`` into ``folder/shard{rank}.db``; rank 0 then merges every
+    shard into ``folder/study.db``. Returns this rank's counts (and rank 0's merge counts)."""
+    import torch.distributed as dist
+
+    study = Study(**spec)
+    mine = os.path.join(folder, f"shard{ctx.rank}.db")
+    got = run_study(study, mine, workers=workers, shard=(ctx.rank, ctx.world_size), progress=False, echo=False)
+    dist.barrier()
+    out = {"rank": ctx.rank, "trials": got.total, "done": got.done, "failed": got.failed}
+    if ctx.rank == 0:
+        out["merged"] = merge(os.path.join(folder, "study.db"),
+                              [os.path.join(folder, f"shard{r}.db") for r in range(ctx.world_size)])
+    dist.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------- a study in another process
+def write_study_file(path: str, study: dict) -> str:
+    """Write ``study`` (``name``, ``seeds``, ``baseline``, ``factors``, optional ``design``) as a TOML study file."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = [f"name = {value(study['name'])}", f"seeds = {value(list(study['seeds']))}"]
+    for k in ("design", "grid", "metric"):
+        if study.get(k) is not None:
+            lines.append(f"{k} = {value(study[k])}")
+    lines += ["", "[baseline]"] + [f"{k} = {value(v)}" for k, v in study["baseline"].items()]
+    lines += ["", "[factors]"] + [f"{k} = {value(v)}" for k, v in study["factors"].items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def start_in_background(study_file: str, db: str, workers: int = 2) -> subprocess.Popen:
+    """``python -m labkit ablate STUDY --db DB -j WORKERS`` in its own process (its output goes to ``DB.log``)."""
+    from ..runtime.launcher import _python_path
+
+    log = open(db + ".log", "w")
+    env = dict(os.environ, PYTHONPATH=_python_path(), LABKIT_NO_PROGRESS="1")
+    if env.get("MPLBACKEND", "").startswith("module://"):
+        env.pop("MPLBACKEND")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "labkit", "ablate", study_file, "--db", db, "-j", str(workers)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        log.close()
+
+
+def wait_for(db: str, done: int, proc: subprocess.Popen | None = None, timeout: float = 300.0) -> dict:
+    """Wait until ``db`` holds ``done`` finished trials (or ``proc`` ends, or ``timeout`` seconds pass); return the
+    counts. Never raises on a timeout: the counts say how far it got."""
+    deadline = time.monotonic() + timeout
+    counts = {"done": 0}
+    while time.monotonic() < deadline:
+        if os.path.exists(db):
+            try:
+                with Store(db) as st:
+                    counts = st.counts()
+            except Exception:  # the file is being created
+                pass
+        if counts.get("done", 0) >= done or (proc is not None and proc.poll() is not None):
+            break
+        time.sleep(0.1)
+    return counts
+
+
+# ----------------------------------------------------------------------------- exercise 1: read the table
+def verdict_rows(seed: int = 0) -> list[tuple[str, dict, str]]:
+    """Report rows with known answers, ``(what, row, expected verdict)``, built from paired samples drawn with
+    ``seed``: each through the same statistics as the lab's report (t interval, Holm over the family)."""
+    rng = random.Random(seed)
+    n = 5
+    specs = [  # (what, true mean difference, sd of the differences)
+        ("a clear gain", 0.05, 0.01),
+        ("a clear loss", -0.04, 0.01),
+        ("a large mean difference with noise larger still", 0.03, 0.08),
+        ("a small but very consistent gain", 0.006, 0.002),
+        ("nothing", 0.0, 0.01),
+    ]
+    rows = []
+    for what, mu, sd in specs:
+        base = [0.9 + rng.gauss(0, 0.01) for _ in range(n)]
+        var = [b + mu + rng.gauss(0, sd) for b in base]
+        d = _stats.paired_difference(var, base)
+        rows.append((what, {"label": what, "n": n, "mean": sum(var) / n, "diff": d["diff"], "lo": d["lo"],
+                            "hi": d["hi"], "p": d["p"], "wins": d["wins"], "ties": d["ties"], "losses": d["losses"]}))
+    # a raw p below 0.05 that the adjustment for 5 comparisons lifts above it
+    base = [0.9 + rng.gauss(0, 0.01) for _ in range(n)]
+    diffs = [0.012, 0.001, 0.016, 0.004, 0.010]
+    d = _stats.paired_difference([b + x for b, x in zip(base, diffs)], base)
+    rows.append(("p = {:.3f} before the adjustment".format(d["p"]),
+                 {"label": "borderline", "n": n, "mean": sum(base) / n + d["diff"], "diff": d["diff"], "lo": d["lo"],
+                  "hi": d["hi"], "p": d["p"], "wins": d["wins"], "ties": d["ties"], "losses": d["losses"]}))
+    holm = _stats.holm([r["p"] for _, r in rows])
+    out = []
+    for (what, r), ph in zip(rows, holm):
+        r["p_holm"] = ph
+        expected = "no evidence" if ph >= 0.05 else ("helps" if r["diff"] > 0 else "hurts")
+        out.append((what, r, expected))
+    return out
+
+
+def check_verdict(verdict, table=None) -> CheckResult:
+    """``verdict(row) -> "helps" | "hurts" | "no evidence"`` for a report row (keys ``diff``, ``lo``, ``hi``, ``p``,
+    ``p_holm``, ``wins``...), at a family-wise error rate of 5 %. Checked on rows with known answers drawn at check
+    time and, when given, on the rows of ``table`` (a :class:`~labkit.ablation.report.Report`)."""
+    seed = random.randrange(10**6)
+    cases = []
+    for what, row, expected in verdict_rows(seed):
+        if "borderline" in row["label"] and row["p"] >= 0.05:
+            continue  # the draw did not make a borderline case this time
+        cases.append((what, row, expected))
+    if table is not None:
+        for r in table.rows:
+            if r["label"] != "baseline" and r.get("p_holm") == r.get("p_holm"):  # not nan
+                cases.append((f"your study's {r['label']}", dict(r), r["verdict"]))
+
+    def one(row, expected):
+        def case():
+            with calls_to(_report._verdict, _report.report) as seen:
+                got = verdict({k: v for k, v in row.items() if k != "verdict"})
+            refuse(seen, "read the row's columns yourself instead of asking labkit's report for its verdict")
+            if got not in ("helps", "hurts", "no evidence"):
+                raise AssertionError(f"verdict must return 'helps', 'hurts' or 'no evidence', got {got!r}")
+            expect_equal(got, expected, what=f"the verdict for diff={row['diff']:+.4f}, interval "
+                         f"[{row['lo']:+.4f}, {row['hi']:+.4f}], p={row['p']:.3g}, p_holm={row['p_holm']:.3g}")
+        return case
+
+    return run_cases("verdict(row)", [(what, one(row, exp)) for what, row, exp in cases],
+                     hint="a difference counts only when the adjusted p-value (p_holm) is below 0.05; its sign says "
+                          "helps or hurts. A large mean with a wide interval, or a raw p below 0.05, is not enough.")
+
+
+# ----------------------------------------------------------------------------- exercise 2: your own factor
+def check_factor(factor, db: str | None = None) -> CheckResult:
+    """The learner's own factor: a new :class:`Factor` whose values change the recipe and the trained model, and
+    (with ``db``) a study in that results file that ran it on at least two seeds."""
+    from .training import BASELINE, Recipe, run_trial
+
+    def is_factor():
+        if not isinstance(factor, Factor):
+            raise AssertionError(f"expected a labkit.ablation.Factor, got {type(factor).__name__}; build one with "
+                                 "Factor(name, values, apply=...)")
+        if factor.name in FACTORS:
+            raise AssertionError(f"{factor.name!r} is one of the lab's factors; give yours a new name and behaviour")
+        if any(factor.apply is f.apply for f in FACTORS.values()):
+            raise AssertionError("its apply is a shipped factor's apply under another name; write your own")
+        if len(factor.values) < 2:
+            raise AssertionError("give at least two values: the baseline's and one to try")
+
+    def changes_recipe():
+        recipes = []
+        for v in factor.values:
+            r = Recipe.from_config(dict(BASELINE))
+            factor.apply(r, factor.check(v))
+            recipes.append(repr(r))
+        if len(set(recipes)) < 2:
+            raise AssertionError("every value of your factor gives the same recipe: apply(recipe, value) must change "
+                                 "the recipe according to value")
+
+    def changes_training():
+        accs = []
+        for v in factor.values[:2]:
+            cfg = {**BASELINE, factor.name: v, "steps": 20}
+            accs.append(run_trial(cfg, 0, factors={factor.name: factor}, eval_every=20)["accuracy"])
+        if accs[0] == accs[1]:
+            raise AssertionError(f"20 steps with {factor.name}={factor.values[0]!r} and {factor.values[1]!r} gave the "
+                                 "same test accuracy bit for bit: the factor does not reach the training")
+
+    def ran_in_study():
+        if db is None:
+            raise AssertionError("pass the results file of the study you ran with your factor: check_factor(f, db)")
+        with Store(db) as st:
+            rows = [r for r in st.rows(status="done") if factor.name in r["config"]]
+        values = {repr(r["config"][factor.name]) for r in rows}
+        seeds = {r["seed"] for r in rows}
+        if len(values) < 2 or len(seeds) < 2:
+            raise AssertionError(f"the results file holds {len(rows)} finished trial(s) with {factor.name} "
+                                 f"({len(values)} value(s), {len(seeds)} seed(s)); run a study with the baseline "
+                                 "value and another, on at least two seeds")
+
+    return run_cases("your factor", [("it is a new Factor", is_factor), ("its values change the recipe", changes_recipe),
+                                     ("its values change the trained model", changes_training),
+                                     ("a study ran it", ran_in_study)],
+                     hint="Factor('dropout', [0.0, 0.3], apply=lambda r, v: setattr(r, 'dropout', v)) is the shape; "
+                          "add it with Study(..., extra_factors=[f]) and a baseline value for it")
+
+
+# ----------------------------------------------------------------------------- the tour
+def tour(world_size: int = 2) -> list[dict]:
+    """A tiny study (baseline and one change, two seeds, 20 steps) sharded over ``world_size`` ranks and merged;
+    resumed, it runs nothing; its report has the change's paired interval."""
+    from ..runtime.launcher import launch
+    from ..tour import check_row
+    from .training import BASELINE
+
+    rows = []
+    folder = tempfile.mkdtemp(prefix="labkit-ablation-")
+    spec = {"name": "tour", "baseline": {**BASELINE, "steps": 20}, "factors": {"loss": ["smooth"]}, "seeds": [0, 1]}
+    state = {}
+
+    def sharded():
+        got = launch(study_rank, world_size, kwargs={"spec": spec, "folder": folder}, echo=False, quiet=True,
+                     timeout=600)
+        merged = got[0]["merged"]
+        state["db"] = os.path.join(folder, "study.db")
+        n = merged["added"]
+        return n == 4, f"{world_size} shard(s) ran {sum(g['done'] for g in got)} trials; merged {n} of 4"
+
+    def resumed():
+        out = run_study(Study(**spec), state["db"], workers=1, progress=False, echo=False)
+        return out.ran == 0 and out.already_done == 4, f"resuming ran {out.ran} trial(s), {out.already_done} kept"
+
+    def reported():
+        r = report(state["db"]).row("loss=smooth")
+        return r["n"] == 2 and r["lo"] <= r["diff"] <= r["hi"], (f"loss=smooth - baseline = {r['diff']:+.3f} "
+                                                                 f"[{r['lo']:+.3f}, {r['hi']:+.3f}] over 2 seeds")
+
+    for name, fn in (("shards run and merge", sharded), ("resume runs nothing twice", resumed),
+                     ("paired interval", reported)):
+        rows.append(check_row(LAB, name, fn))
+    return rows

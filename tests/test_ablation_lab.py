@@ -1,0 +1,162 @@
+"""Lab 08's exercise checks, notebook helpers, report views and tour (the harness itself: test_ablation_store)."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from labkit.ablation import BASELINE, FACTORS, Factor, Study, load_study, report, run_study, selection_bias
+from labkit.ablation import lab as L
+from labkit.ablation.report import _verdict
+
+
+def right(row):
+    if row["p_holm"] >= 0.05:
+        return "no evidence"
+    return "helps" if row["diff"] > 0 else "hurts"
+
+
+def by_means(row):  # reads the mean difference only
+    return "no evidence" if abs(row["diff"]) < 0.01 else ("helps" if row["diff"] > 0 else "hurts")
+
+
+def raw_p(row):  # forgets the adjustment for many comparisons
+    if row["p"] >= 0.05:
+        return "no evidence"
+    return "helps" if row["diff"] > 0 else "hurts"
+
+
+def asks_the_library(row):
+    return _verdict(row, 0.05, False)
+
+
+def stub(row):
+    raise NotImplementedError
+
+
+def test_verdict_rows_have_the_cases_they_claim():
+    rows = {what: (row, exp) for what, row, exp in L.verdict_rows(3)}
+    noisy = rows["a large mean difference with noise larger still"]
+    assert noisy[1] == "no evidence" and noisy[0]["lo"] < 0 < noisy[0]["hi"]
+    small = rows["a small but very consistent gain"]
+    assert small[1] == "helps" and small[0]["diff"] < 0.01
+    (border,) = [(r, e) for w, (r, e) in rows.items() if w.startswith("p = ")]
+    assert border[0]["p"] < 0.05 <= border[0]["p_holm"] and border[1] == "no evidence"
+
+
+def test_check_verdict():
+    assert L.check_verdict(right).passed
+    assert L.check_verdict(stub).status == "not attempted"
+    bad = L.check_verdict(by_means)
+    assert not bad.passed and "p_holm" in bad.hint
+    assert not L.check_verdict(raw_p).passed
+    short = L.check_verdict(asks_the_library)
+    assert not short.passed and "read the row's columns yourself" in str(short)
+    assert not L.check_verdict(lambda row: "maybe").passed
+
+
+def _dropout():
+    return Factor("dropout", [0.0, 0.3], apply=lambda r, v: setattr(r, "dropout", v))
+
+
+def test_check_factor_without_a_study_and_wrong_factors():
+    got = L.check_factor(_dropout())
+    assert not got.passed and "pass the results file" in str(got)  # the last case needs the study
+    assert sum(c.ok for c in got.cases) == 3
+    renamed = Factor("my_loss", ["ce", "smooth"], apply=FACTORS["loss"].apply)
+    assert "shipped factor" in str(L.check_factor(renamed))
+    assert "one of the lab's factors" in str(L.check_factor(Factor("loss", ["ce", "smooth"], apply=lambda r, v: None)))
+    inert = Factor("nothing", [0, 1], apply=lambda r, v: None)
+    assert "same recipe" in str(L.check_factor(inert))
+    assert "expected a labkit.ablation.Factor" in str(L.check_factor({"name": "dropout"}))
+
+
+@pytest.mark.slow
+def test_check_factor_with_its_study(tmp_path):
+    f = _dropout()
+    study = Study("mine", {**BASELINE, "steps": 20, "dropout": 0.0}, {"dropout": [0.3]}, seeds=[0, 1],
+                  extra_factors=[f])
+    db = str(tmp_path / "mine.db")
+    got = run_study(study, db, workers=2, echo=False, progress=False)
+    assert got.done == 4, got.errors
+    assert L.check_factor(f, db).passed
+    assert not L.check_factor(f, str(tmp_path / "other.db")).passed  # an empty file: no trial of it
+
+
+def test_study_file_round_trip(tmp_path):
+    spec = {"name": "rt", "seeds": [0, 1], "baseline": dict(BASELINE),
+            "factors": {"distill": [{"T": 4.0, "alpha": 0.7}], "loss": ["smooth"], "reg": ["l2"]}}
+    path = L.write_study_file(str(tmp_path / "rt.toml"), spec)
+    s = load_study(path)
+    assert s.baseline == BASELINE and s.factors == spec["factors"] and s.seeds == [0, 1]
+    assert [lab for lab, _, _ in s.configurations()] == ["baseline", "distill=T=4.0,alpha=0.7", "loss=smooth", "reg=l2"]
+
+
+def test_example_study_file_loads():
+    s = load_study(os.path.join(os.path.dirname(L.__file__), "example_study.toml"))
+    assert s.baseline == BASELINE and len(s.configurations()) > 5
+
+
+def test_bad_factor_values_name_the_factor():
+    with pytest.raises(ValueError, match=r"factors\['augment'\].*no value 'rotate'"):
+        Study("x", dict(BASELINE), {"augment": ["rotate"]})
+    with pytest.raises(ValueError, match="unknown factor 'dropout'"):
+        Study("x", {**BASELINE, "dropout": 0.0}, {"dropout": [0.1]})
+
+
+NOISE = '''
+import random
+def trial(config, seed):
+    r = random.Random(f"{config['x']}-{seed}")
+    return {"accuracy": 0.9 + r.gauss(0, 0.02), "loss": 0.3 + r.gauss(0, 0.01)}
+'''
+
+
+def test_best_of_n_overstates_the_winner(tmp_path, monkeypatch):
+    (tmp_path / "noise_trial.py").write_text(NOISE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    import noise_trial
+
+    study = Study("noise", {"x": "a"}, {"x": ["b", "c", "d", "e", "f"]}, seeds=list(range(6)), trial=noise_trial.trial)
+    db = tmp_path / "n.db"
+    run_study(study, db, workers=2, echo=False, progress=False)
+    sb = selection_bias(db)
+    assert sb["configurations"] == 6 and len(sb["picks"]) == 6
+    assert sb["bias"] > 0 and sb["picked_mean"] > sb["fresh_mean"]
+    rep = report(db)
+    assert all(r["verdict"] in ("no evidence", "") for r in rep.rows)  # noise: Holm finds nothing
+    loss = report(db, metric="loss", lower_is_better=True)
+    assert loss.metric == "loss" and loss.rows[0]["mean"] == pytest.approx(0.3, abs=0.02)
+    with pytest.raises(ValueError, match="returned 'nope'"):
+        report(db, metric="nope")
+
+
+def test_report_views(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    (tmp_path / "noise_trial.py").write_text(NOISE.replace('"loss"', '"curve": [{"step": 1, "test_accuracy": 0.5}], "loss"'))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    import importlib
+
+    import noise_trial
+    importlib.reload(noise_trial)
+    study = Study("views", {"x": "a"}, {"x": ["b"]}, seeds=[0, 1, 2], trial=noise_trial.trial)
+    db = tmp_path / "v.db"
+    run_study(study, db, workers=1, echo=False, progress=False)
+    rep = report(db, method="bootstrap", n_boot=500)
+    assert "<table" in rep._repr_html_() and "bootstrap" in rep.table()
+    assert rep.plot() is not None and rep.plot_curves() is not None
+    assert not math.isnan(rep.row("x=b")["lo"])
+    with pytest.raises(KeyError, match="labels are"):
+        rep.row("nope")
+
+
+@pytest.mark.slow
+def test_tour():
+    rows = L.tour(2)
+    assert rows and all(r["ok"] for r in rows), rows
