@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -309,6 +310,14 @@ def _apply_steps(recipe, value):
     recipe.steps = value
 
 
+def _check_steps(value):
+    return check_int("factor 'steps'", value, minimum=1)
+
+
+def _check_lr(value):
+    return check_number("factor 'lr'", value, minimum=0, open_low=True)
+
+
 def _apply_pseudo(recipe, value):
     recipe.pseudo = value == "lab07"
 
@@ -333,11 +342,10 @@ FACTORS: dict[str, Factor] = {f.name: f for f in [
     Factor("loss", ["ce", "smooth", "focal"], _apply_loss,
            "cross-entropy, label smoothing (eps 0.1), focal (gamma 2)"),
     Factor("steps", [50, 150, 400], _apply_steps, "training length in optimizer steps (any int >= 1)",
-           validate=lambda v: check_int("factor 'steps'", v, minimum=1)),
+           validate=_check_steps),
     Factor("pseudo", ["none", "lab07"], _apply_pseudo,
            "add the unlabelled pool with lab 07's GaussianEM pseudo-labels (posterior >= 0.9)"),
-    Factor("lr", [3e-3, 1e-2, 3e-2], _apply_lr, "learning rate (any number > 0)",
-           validate=lambda v: check_number("factor 'lr'", v, minimum=0, open_low=True)),
+    Factor("lr", [3e-3, 1e-2, 3e-2], _apply_lr, "learning rate (any number > 0)", validate=_check_lr),
 ]}
 
 

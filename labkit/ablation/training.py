@@ -11,12 +11,15 @@ test           597     the rest: the trial's metric is its accuracy here
 =============  ======  =====================================================================================
 
 So little labelled data is on purpose: with 200 labels the factors move the test accuracy by more than the
-seeds do.
+seeds do. The baseline (:data:`BASELINE`: shift augmentation, cross-entropy, Adam at lr 1e-2, 150 steps of
+32, width 8) reaches 0.935 +- 0.018 test accuracy over seeds 0-4 (chance: 0.1) in about 0.4 s a trial on
+one thread (``benchmarks/ablation_ofat.py`` prints the one-factor-at-a-time table).
 
 Pre-trained model (``init="pretrained"``): the convolutional body is pre-trained on P by *rotation
 prediction* (each image turned by 0, 90, 180 or 270 degrees, the network predicts which; Gidaris et al.
 2018), a self-supervised task that uses no digit label, so fine-tuning is not a disguised form of more
 labelled data. The trial then copies the body and trains a freshly initialised head (and the body) on L.
+Measured over seeds 0-4 (paired with the baseline): +0.024 +- 0.014 test accuracy; at lr 3e-3, +0.056 +- 0.017.
 
 Teacher (``distill``): a wider CNN (:data:`TEACHER_WIDTH`) trained on P and L with their labels. Both are
 deterministic (fixed seeds, trained on one thread), built lazily, kept in a module-level dict and, where a
@@ -29,12 +32,12 @@ order, dropout and the augmentations (a ``torch.Generator`` plus torch's global 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +95,7 @@ class Recipe:
     model_hook: Callable | None = None
 
     @classmethod
-    def from_config(cls, config: dict, factors: dict | None = None) -> "Recipe":
+    def from_config(cls, config: dict, factors: dict | None = None) -> Recipe:
         """A default recipe with each ``config`` value applied by its factor, in sorted order of the factor
         names (so the result does not depend on the order of the dict). Unknown keys raise."""
         factors = fx.FACTORS if factors is None else factors
@@ -147,7 +150,8 @@ def digits_split() -> dict:
 
 def pseudo_labels() -> tuple[torch.Tensor, torch.Tensor]:
     """U's images whose lab 07 posterior is >= 0.9 and their pseudo-labels. GaussianEM (semi-supervised EM,
-    lab 07's fixed settings) is fitted on L (labelled) + U (unlabelled, y = -1), flattened."""
+    lab 07's fixed settings) is fitted on L (labelled) + U (unlabelled, y = -1), flattened. Measured: all 400
+    pass the threshold, 96.25% of them correctly labelled."""
     if "pseudo" not in _CACHE:
         from ..pseudo_label import GaussianEM
 
@@ -351,4 +355,4 @@ def run_trial(config: dict, seed: int, *, factors: dict | None = None, eval_ever
     if not isinstance(config, dict):
         raise ArgumentError(f"config must be a dict {{factor: value}}, got {type(config).__name__}")
     recipe = Recipe.from_config({**{k: v for k, v in BASELINE.items() if k in every}, **config}, every)
-    return train(copy.copy(recipe), seed, eval_every=eval_every, on_step=on_step, cache_dir=cache_dir)
+    return train(recipe, seed, eval_every=eval_every, on_step=on_step, cache_dir=cache_dir)

@@ -1,0 +1,1 @@
+"""Lab 08: ablation studies (placeholder: the lead owns this file and its exports)."""
