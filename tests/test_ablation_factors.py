@@ -290,3 +290,24 @@ def test_every_shipped_value_runs(tmp_path):
     for name in ("augment", "reg", "loss"):
         for v in fx.FACTORS[name].values:
             assert 0 <= tr.run_trial({name: v, "steps": 3}, 0)["accuracy"] <= 1
+
+
+def _freeze_body(model):
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_model_hook_and_width_hooks_reach_the_model():
+    seen = {}
+
+    def spy(model):
+        seen["convs"] = model[0][0].out_channels
+        return _freeze_body(model)
+
+    hook = fx.Factor("frozen", [False, True], apply=lambda r, v: setattr(r, "model_hook", spy if v else None))
+    width = fx.Factor("width", [4, 8], apply=lambda r, v: setattr(r, "width", v))
+    both = {"frozen": hook, "width": width}
+    free = tr.run_trial({"frozen": False, "width": 4, "steps": 10}, 0, factors=both, eval_every=10)
+    frozen = tr.run_trial({"frozen": True, "width": 4, "steps": 10}, 0, factors=both, eval_every=10)
+    assert seen == {"convs": 4} and free["curve"] != frozen["curve"]
