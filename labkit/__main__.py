@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return classroom_main(argv[1:])
     if argv and argv[0] == "ablate":
-        from .ablation.cli import main as ablate_main
-
-        return ablate_main(argv[1:])
+        return importlib.import_module("labkit.ablation.cli").main(argv[1:])  # a lab's CLI: loaded by name
     if argv and argv[0] == "stress":
         from .runtime.stress import main as stress_main
 

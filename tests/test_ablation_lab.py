@@ -8,7 +8,7 @@ import pytest
 
 from labkit.ablation import BASELINE, FACTORS, Factor, Study, load_study, report, run_study, selection_bias
 from labkit.ablation import lab as L
-from labkit.ablation.report import _verdict
+from labkit.ablation.reporting import _verdict
 
 
 def right(row):
@@ -47,7 +47,7 @@ def test_verdict_rows_have_the_cases_they_claim():
 
 def test_check_verdict():
     assert L.check_verdict(right).passed
-    assert L.check_verdict(stub).status == "not attempted"
+    assert L.check_verdict(stub).attempted is False
     bad = L.check_verdict(by_means)
     assert not bad.passed and "p_holm" in bad.hint
     assert not L.check_verdict(raw_p).passed
@@ -60,28 +60,38 @@ def _dropout():
     return Factor("dropout", [0.0, 0.3], apply=lambda r, v: setattr(r, "dropout", v))
 
 
-def test_check_factor_without_a_study_and_wrong_factors():
-    got = L.check_factor(_dropout())
-    assert not got.passed and "pass the results file" in str(got)  # the last case needs the study
-    assert sum(c.ok for c in got.cases) == 3
+def test_check_factor_wrong_factors(tmp_path):
+    db = str(tmp_path / "none.db")
+    got = L.check_factor(_dropout(), db)
+    assert not got.passed and "does not exist" in str(got)  # the last case needs the study
+    assert sum(c.ok for c in got.cases) == 4
     renamed = Factor("my_loss", ["ce", "smooth"], apply=FACTORS["loss"].apply)
-    assert "shipped factor" in str(L.check_factor(renamed))
-    assert "one of the lab's factors" in str(L.check_factor(Factor("loss", ["ce", "smooth"], apply=lambda r, v: None)))
+    assert "shipped factor" in str(L.check_factor(renamed, db))
+    assert "one of the lab's factors" in str(L.check_factor(Factor("loss", ["ce", "smooth"], apply=lambda r, v: None), db))
     inert = Factor("nothing", [0, 1], apply=lambda r, v: None)
-    assert "same recipe" in str(L.check_factor(inert))
-    assert "expected a labkit.ablation.Factor" in str(L.check_factor({"name": "dropout"}))
+    assert "same recipe" in str(L.check_factor(inert, db))
+    assert "expected your function to return" in str(L.check_factor(lambda db: {"name": "dropout"}, db))
+
+    def stub(db):
+        raise NotImplementedError
+
+    assert L.check_factor(stub, db).attempted is False
 
 
 @pytest.mark.slow
-def test_check_factor_with_its_study(tmp_path):
-    f = _dropout()
-    study = Study("mine", {**BASELINE, "steps": 20, "dropout": 0.0}, {"dropout": [0.3]}, seeds=[0, 1],
-                  extra_factors=[f])
+def test_check_factor_runs_the_learners_study(tmp_path):
+    def run_my_study(db):
+        f = _dropout()
+        study = Study("mine", {**BASELINE, "steps": 20, "dropout": 0.0}, {"dropout": [0.3]}, seeds=[0, 1],
+                      extra_factors=[f])
+        got = run_study(study, db, workers=2, echo=False, progress=False)
+        assert got.done + got.already_done == 4, got.errors
+        return f
+
     db = str(tmp_path / "mine.db")
-    got = run_study(study, db, workers=2, echo=False, progress=False)
-    assert got.done == 4, got.errors
-    assert L.check_factor(f, db).passed
-    assert not L.check_factor(f, str(tmp_path / "other.db")).passed  # an empty file: no trial of it
+    assert L.check_factor(run_my_study, db).passed
+    elsewhere = L.check_factor(lambda d: run_my_study(db), str(tmp_path / "other.db"))  # ran into another file
+    assert not elsewhere.passed and "does not exist" in str(elsewhere)
 
 
 def test_study_file_round_trip(tmp_path):
@@ -150,7 +160,10 @@ def test_report_views(tmp_path, monkeypatch):
     run_study(study, db, workers=1, echo=False, progress=False)
     rep = report(db, method="bootstrap", n_boot=500)
     assert "<table" in rep._repr_html_() and "bootstrap" in rep.table()
-    assert rep.plot() is not None and rep.plot_curves() is not None
+    from labkit.ablation import plots
+
+    assert plots.differences(rep.rows) is not None
+    assert plots.curves(rep.curves) is not None
     assert not math.isnan(rep.row("x=b")["lo"])
     with pytest.raises(KeyError, match="labels are"):
         rep.row("nope")

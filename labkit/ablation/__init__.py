@@ -10,17 +10,34 @@
 * :mod:`.store`: the SQLite results file (:class:`Store`), crash-safe; :func:`merge` of shard files.
 * :mod:`.runner`: :func:`run_study`, worker processes (one per GPU, else N CPU workers with one thread), resume.
 * :mod:`.stats`: the t distribution, paired differences with t or bootstrap intervals, Holm's adjustment.
-* :mod:`.report`: :func:`report` (the table, CSV, pandas, charts) and :func:`selection_bias` ("best of N").
+* :mod:`.plots`: the differences with their intervals, learning curves.
+* :mod:`.reporting`: :func:`report` (the table, CSV, pandas) and :func:`selection_bias` ("best of N").
 * :mod:`.cli`: ``python -m labkit ablate``.
 """
-from .factors import FACTORS, Factor
-from .report import Report, report, selection_bias
-from .runner import RunSummary, run_study
-from .stats import holm, mean_ci, paired_difference
-from .store import MergeConflict, Store, StoreError, merge
-from .study import Study, StudyFileError, load_study, trial_key
-from .training import BASELINE, Recipe, run_trial
+import importlib
 
-__all__ = ["Factor", "FACTORS", "Recipe", "BASELINE", "run_trial", "Study", "load_study", "StudyFileError",
-           "trial_key", "Store", "StoreError", "MergeConflict", "merge", "run_study", "RunSummary", "report",
-           "Report", "selection_bias", "paired_difference", "holm", "mean_ci"]
+# Exported lazily (PEP 562): a worker process or the command line that needs only the store or the study does not
+# import torch. ``from labkit.ablation import Study`` works as usual.
+_EXPORTS = {
+    "factors": ["Factor", "FACTORS"],
+    "training": ["Recipe", "BASELINE", "run_trial"],
+    "study": ["Study", "load_study", "StudyFileError", "trial_key"],
+    "store": ["Store", "StoreError", "MergeConflict", "merge"],
+    "runner": ["run_study", "RunSummary"],
+    "reporting": ["report", "Report", "selection_bias"],
+    "stats": ["paired_difference", "holm", "mean_ci"],
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ import time
 
 def throughput(workers: int, seeds: list[int], steps: int) -> tuple[float, float]:
     """(trials per minute, median seconds per trial inside the worker) of one fresh run."""
-    from .report import report as _  # noqa: F401  (import cost outside the timing)
+    from .reporting import report as _  # noqa: F401  (import cost outside the timing)
     from .runner import run_study
     from .store import Store
     from .study import Study

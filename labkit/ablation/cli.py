@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from .._validate import ArgumentError
-    from .report import report
+    from .reporting import report
     from .runner import parse_shard, run_study
     from .store import StoreError
     from .study import StudyFileError, load_study

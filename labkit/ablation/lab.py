@@ -21,10 +21,9 @@ import time
 
 from .._calls import calls_to, refuse
 from ..checks import CheckResult, expect_equal, run_cases
-from . import report as _report
 from . import stats as _stats
 from .factors import FACTORS, Factor
-from .report import report
+from .reporting import _verdict, report
 from .runner import run_study
 from .store import Store, merge
 from .study import Study
@@ -149,7 +148,7 @@ def verdict_rows(seed: int = 0) -> list[tuple[str, dict, str]]:
 def check_verdict(verdict, table=None) -> CheckResult:
     """``verdict(row) -> "helps" | "hurts" | "no evidence"`` for a report row (keys ``diff``, ``lo``, ``hi``, ``p``,
     ``p_holm``, ``wins``...), at a family-wise error rate of 5 %. Checked on rows with known answers drawn at check
-    time and, when given, on the rows of ``table`` (a :class:`~labkit.ablation.report.Report`)."""
+    time and, when given, on the rows of ``table`` (a :class:`~labkit.ablation.reporting.Report`)."""
     seed = random.randrange(10**6)
     cases = []
     for what, row, expected in verdict_rows(seed):
@@ -163,7 +162,7 @@ def check_verdict(verdict, table=None) -> CheckResult:
 
     def one(row, expected):
         def case():
-            with calls_to(_report._verdict, _report.report) as seen:
+            with calls_to(_verdict, report) as seen:
                 got = verdict({k: v for k, v in row.items() if k != "verdict"})
             refuse(seen, "read the row's columns yourself instead of asking labkit's report for its verdict")
             if got not in ("helps", "hurts", "no evidence"):
@@ -178,58 +177,76 @@ def check_verdict(verdict, table=None) -> CheckResult:
 
 
 # ----------------------------------------------------------------------------- exercise 2: your own factor
-def check_factor(factor, db: str | None = None) -> CheckResult:
-    """The learner's own factor: a new :class:`Factor` whose values change the recipe and the trained model, and
-    (with ``db``) a study in that results file that ran it on at least two seeds."""
+def check_factor(answer, db: str) -> CheckResult:
+    """The learner's ``run_my_study(db) -> Factor``: it defines a factor of its own, runs a study of it into the
+    results file ``db`` and returns the factor. Checked: the factor is new (not a shipped one renamed), its values
+    change the recipe and the trained model, and ``db`` holds finished trials of it (two values, two seeds at least).
+    A :class:`Factor` may be passed instead of the function (then ``db`` must already hold its study)."""
     from .training import BASELINE, Recipe, run_trial
 
-    def is_factor():
-        if not isinstance(factor, Factor):
-            raise AssertionError(f"expected a labkit.ablation.Factor, got {type(factor).__name__}; build one with "
-                                 "Factor(name, values, apply=...)")
-        if factor.name in FACTORS:
-            raise AssertionError(f"{factor.name!r} is one of the lab's factors; give yours a new name and behaviour")
-        if any(factor.apply is f.apply for f in FACTORS.values()):
+    got = {}
+
+    def runs():
+        f = answer if isinstance(answer, Factor) else answer(db)
+        if not isinstance(f, Factor):
+            raise AssertionError(f"expected your function to return a labkit.ablation.Factor, got {type(f).__name__}; "
+                                 "build one with Factor(name, values, apply=...)")
+        got["f"] = f
+
+    def is_new():
+        f = got["f"]
+        if f.name in FACTORS:
+            raise AssertionError(f"{f.name!r} is one of the lab's factors; give yours a new name and behaviour")
+        if any(f.apply is g.apply for g in FACTORS.values()):
             raise AssertionError("its apply is a shipped factor's apply under another name; write your own")
-        if len(factor.values) < 2:
+        if len(f.values) < 2:
             raise AssertionError("give at least two values: the baseline's and one to try")
 
     def changes_recipe():
-        recipes = []
-        for v in factor.values:
+        f, recipes = got["f"], []
+        for v in f.values:
             r = Recipe.from_config(dict(BASELINE))
-            factor.apply(r, factor.check(v))
+            f.apply(r, f.check(v))
             recipes.append(repr(r))
         if len(set(recipes)) < 2:
             raise AssertionError("every value of your factor gives the same recipe: apply(recipe, value) must change "
                                  "the recipe according to value")
 
     def changes_training():
-        accs = []
-        for v in factor.values[:2]:
-            cfg = {**BASELINE, factor.name: v, "steps": 20}
-            accs.append(run_trial(cfg, 0, factors={factor.name: factor}, eval_every=20)["accuracy"])
+        f, accs = got["f"], []
+        for v in f.values[:2]:
+            cfg = {**BASELINE, f.name: v, "steps": 20}
+            accs.append(run_trial(cfg, 0, factors={f.name: f}, eval_every=20)["accuracy"])
         if accs[0] == accs[1]:
-            raise AssertionError(f"20 steps with {factor.name}={factor.values[0]!r} and {factor.values[1]!r} gave the "
-                                 "same test accuracy bit for bit: the factor does not reach the training")
+            raise AssertionError(f"20 steps with {f.name}={f.values[0]!r} and {f.values[1]!r} gave the same test "
+                                 "accuracy bit for bit: the factor does not reach the training")
 
     def ran_in_study():
-        if db is None:
-            raise AssertionError("pass the results file of the study you ran with your factor: check_factor(f, db)")
+        f = got["f"]
+        if not os.path.exists(db):
+            raise AssertionError(f"{db} does not exist: run a study of your factor into it (run_study(study, db))")
         with Store(db) as st:
-            rows = [r for r in st.rows(status="done") if factor.name in r["config"]]
-        values = {repr(r["config"][factor.name]) for r in rows}
+            rows = [r for r in st.rows(status="done") if f.name in r["config"]]
+        values = {repr(r["config"][f.name]) for r in rows}
         seeds = {r["seed"] for r in rows}
         if len(values) < 2 or len(seeds) < 2:
-            raise AssertionError(f"the results file holds {len(rows)} finished trial(s) with {factor.name} "
+            raise AssertionError(f"the results file holds {len(rows)} finished trial(s) with {f.name} "
                                  f"({len(values)} value(s), {len(seeds)} seed(s)); run a study with the baseline "
                                  "value and another, on at least two seeds")
 
-    return run_cases("your factor", [("it is a new Factor", is_factor), ("its values change the recipe", changes_recipe),
-                                     ("its values change the trained model", changes_training),
-                                     ("a study ran it", ran_in_study)],
+    def needs(fn):
+        def case():
+            if "f" not in got:
+                raise AssertionError("no factor to check (see the first case)")
+            fn()
+        return case
+
+    return run_cases("your factor", [("your function returns a Factor", runs), ("it is a new factor", needs(is_new)),
+                                     ("its values change the recipe", needs(changes_recipe)),
+                                     ("its values change the trained model", needs(changes_training)),
+                                     ("a study of it is in the results file", needs(ran_in_study))],
                      hint="Factor('dropout', [0.0, 0.3], apply=lambda r, v: setattr(r, 'dropout', v)) is the shape; "
-                          "add it with Study(..., extra_factors=[f]) and a baseline value for it")
+                          "study it with Study(..., extra_factors=[f]) and a baseline value for it")
 
 
 # ----------------------------------------------------------------------------- the tour

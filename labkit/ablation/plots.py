@@ -36,9 +36,10 @@ def differences(rows, ax=None, title=None):
     ``row["hi"]``, labelled ``row["label"]``, first row on top; a line at 0. A bar is green or red when its
     interval excludes 0 (above or below), grey when the difference may be noise. A row without an interval
     (nan, one seed) gets no error bar. Where a row has ``wins`` and ``n``, "won w/n" is written beside it
-(", no interval" added where there is none).
+(", no interval" added where there is none). Rows without a ``diff`` (the baseline's) are left out, so a
+    report's rows can be passed as they are.
     """
-    rows = list(rows)
+    rows = [r for r in rows if "diff" in r]
     ax = _ax(ax, (6.5, 0.45 * len(rows) + 1.4))
     y = np.arange(len(rows))
     diff = np.array([float(r["diff"]) for r in rows])

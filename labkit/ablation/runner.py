@@ -29,6 +29,8 @@ from .study import Study, Trial
 
 __all__ = ["run_study", "RunSummary", "parse_shard", "in_shard", "default_workers"]
 
+START_TIMEOUT = 300.0  # seconds a worker may take to start a trial it was given (imports on a loaded server)
+
 
 @dataclass
 class RunSummary:
@@ -113,11 +115,11 @@ class _Worker:
         os.close(res_w)
         self.cmd = Connection(cmd_w, readable=False)
         self.res = Connection(res_r, writable=False)
-        self.slot, self.trial, self.since = slot, None, 0.0
+        self.slot, self.trial, self.given, self.since = slot, None, 0.0, None
         self.cmd.send_bytes(payload)
 
     def give(self, t: Trial, study: str) -> None:
-        self.trial, self.since = t, time.monotonic()
+        self.trial, self.given, self.since = t, time.monotonic(), None  # since: when the trial itself started
         self.cmd.send(("trial", t.key, t.label, t.config, t.seed, t.code, study))
 
     def kill(self) -> None:
@@ -272,9 +274,13 @@ def _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_r
                             w.trial = None
                             if bar is not None:
                                 bar.update(1)
-                        # "started": nothing to do
-                elif trial_timeout is not None and time.monotonic() - w.since > trial_timeout:
+                        elif kind == "started":  # the timeout counts from here, not from the worker's start-up
+                            w.since = time.monotonic()
+                elif (trial_timeout is not None and w.since is not None
+                      and time.monotonic() - w.since > trial_timeout):
                     replace(w, f"was stopped after the trial ran over trial_timeout={trial_timeout:g} s")
+                elif w.since is None and time.monotonic() - w.given > START_TIMEOUT:
+                    replace(w, f"did not start the trial within {START_TIMEOUT:g} s")
                 if w.trial is None and queue:
                     w = pool[[p.slot for p in pool].index(w.slot)]
                     w.give(queue.pop(0), study.name)

@@ -182,6 +182,11 @@ class Store:
         elif row[0] != text:
             old = json.loads(row[0])
             diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+            if diff == ["code"]:
+                raise StoreError(f"results file {self.path} holds study {name!r} run with other code (version "
+                                 f"{old['code']}; now {spec['code']}): the trial function or a factor changed, so its "
+                                 "finished trials do not answer for the new code. Pass another --db path, or give the "
+                                 "study another name; nothing in the file was changed")
             raise StoreError(f"results file {self.path} already holds a study named {name!r} with a different "
                              f"specification (differs in: {', '.join(diff)}); give the study another name or "
                              "pass another --db path. Its finished trials are kept.")

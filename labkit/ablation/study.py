@@ -30,7 +30,7 @@ from typing import Any, Callable
 from .._validate import ArgumentError, check_choice, check_int
 
 __all__ = ["Study", "Trial", "DESIGNS", "trial_key", "code_version", "load_study", "StudyFileError", "label_of",
-           "default_trial"]
+           "default_trial", "spec_keys"]
 
 DESIGNS = ("one-at-a-time", "grid")
 _KEYS = {"name", "seeds", "design", "grid", "metric", "lower_is_better", "trial", "baseline", "factors"}
@@ -91,7 +91,7 @@ def code_version(trial_fn: Callable | None = None, sources: dict[str, str] | Non
         with open(path, "rb") as f:
             h.update(f.read())
         if getattr(fn, "__module__", "") == "labkit.ablation.training":  # the lab's trial: its factors module too
-            from . import factors
+            import labkit.ablation.factors as factors  # not `from . import`: the package imports this module
 
             with open(factors.__file__, "rb") as f:
                 h.update(f.read())
@@ -235,6 +235,10 @@ class Study:
     def code(self) -> str:
         return code_version(self.trial, self.sources())
 
+    def keys(self) -> dict[str, tuple[str, int]]:
+        """``{trial key: (label, seed)}`` of every trial."""
+        return {t.key: (t.label, t.seed) for t in self.trials()}
+
     def trials(self) -> list[Trial]:
         """Every (configuration, seed) trial, seed-major (all configurations on seed 0 first: a study stopped
         early has complete pairs)."""
@@ -249,7 +253,15 @@ class Study:
                 "design": self.design, "grid": self.grid, "metric": self.metric,
                 "lower_is_better": self.lower_is_better,
                 "trial": f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}",
-                "labels": [label for label, _, _ in self.configurations()]}
+                "labels": [label for label, _, _ in self.configurations()],
+                "configs": {label: config for label, config, _ in self.configurations()}, "code": self.code()}
+
+
+def spec_keys(spec: dict) -> dict[str, tuple[str, int]]:
+    """``{trial key: (label, seed)}`` from a study's recorded specification (:meth:`Study.spec`): a trial that two
+    studies share (same configuration, seed and code) is found by both."""
+    return {trial_key(spec["configs"][label], s, spec["code"]): (label, s) for s in spec["seeds"] for label in
+            spec["labels"]}
 
 
 # ---------------------------------------------------------------------------------------------- study files

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import ArgumentError, check_choice, check_int, check_number
-from . import factors as fx
+import labkit.ablation.factors as fx  # not `from . import`: that would import the package, a cycle
 
 __all__ = ["Recipe", "BASELINE", "run_trial", "digits_split", "make_cnn", "pretrained_body", "teacher",
            "pseudo_labels", "N_LABELLED", "N_UNLABELLED", "N_PRETRAIN", "SPLIT_SEED", "TEACHER_WIDTH"]
@@ -346,6 +346,7 @@ def run_trial(config: dict, seed: int, *, factors: dict | None = None, eval_ever
 
     config: ``{factor: value}``; factors it leaves out take :data:`BASELINE`'s value. factors: extra factors
     (or replacements of shipped ones, by name), merged over :data:`labkit.ablation.factors.FACTORS`.
+    Runs on one torch thread (restored afterwards).
     on_step: called with each curve point (a dict) as it is measured. cache_dir: where the teacher and the
     pre-trained body are kept on disk (default: $LABKIT_ABLATION_CACHE, else memory only).
 
@@ -357,4 +358,9 @@ def run_trial(config: dict, seed: int, *, factors: dict | None = None, eval_ever
     if not isinstance(config, dict):
         raise ArgumentError(f"config must be a dict {{factor: value}}, got {type(config).__name__}")
     recipe = Recipe.from_config({**{k: v for k, v in BASELINE.items() if k in every}, **config}, every)
-    return train(recipe, seed, eval_every=eval_every, on_step=on_step, cache_dir=cache_dir)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the fastest for this small CNN, and the same bits in a kernel or a worker
+    try:
+        return train(recipe, seed, eval_every=eval_every, on_step=on_step, cache_dir=cache_dir)
+    finally:
+        torch.set_num_threads(n)

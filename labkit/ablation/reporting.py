@@ -7,8 +7,9 @@ The p-values are adjusted for the number of comparisons by Holm's step-down meth
 clears an unadjusted p < 0.05 by luck alone far more often than one time in twenty. For a metric where lower is
 better (``lower_is_better``), differences are reported as they are but wins are counted the other way.
 
-:class:`Report` holds the rows and turns them into a text table, HTML (in a notebook), CSV, a pandas DataFrame, a
-chart of the differences with their intervals, and learning curves.
+:class:`Report` holds the rows and turns them into a text table, HTML (in a notebook), CSV and a pandas DataFrame;
+:mod:`labkit.ablation.plots` draws the differences with their intervals (``plots.differences(report.rows)``) and the
+learning curves (``plots.curves(report.curves)``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import os
 from dataclasses import dataclass, field
 
 from .._validate import check_choice, check_number
-from . import stats
+from .stats import holm, paired_difference
 from .store import Store
+from .study import spec_keys
 
 __all__ = ["Report", "report", "selection_bias", "COLUMNS"]
 
@@ -107,20 +109,6 @@ class Report:
             raise ImportError("to_pandas() needs pandas: pip install pandas (or use to_csv() / .rows)") from None
         return pd.DataFrame([{c: r.get(c) for c in COLUMNS + ("values",)} for r in self.rows])
 
-    def plot(self, ax=None, title: str | None = None):
-        """A bar chart of each configuration's difference to the baseline, with its interval."""
-        from .plots import differences
-
-        return differences([r for r in self.rows if r["label"] != "baseline"], ax=ax,
-                           title=title or f"{self.study}: {self.metric} minus the baseline's")
-
-    def plot_curves(self, labels=None, ax=None, metric: str = "test_accuracy"):
-        """Learning curves (mean over seeds, min-max band) of ``labels`` (default: all)."""
-        from .plots import curves
-
-        chosen = {k: v for k, v in self.curves.items() if labels is None or k in labels}
-        return curves(chosen, ax=ax, metric=metric)
-
 
 def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: str | None = None,
            lower_is_better: bool | None = None, method: str = "t", confidence: float = 0.95, alpha: float = 0.05,
@@ -143,7 +131,8 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
         if study not in specs:
             raise ValueError(f"results file {store.path} has no study {study!r}; it has: {', '.join(specs)}")
         spec = specs[study]
-        rows = store.rows(study=study)
+        keys = spec_keys(spec)
+        rows = [dict(r, label=keys[r["key"]][0]) for r in store.rows() if r["key"] in keys]
     finally:
         if not isinstance(db, Store):
             store.close()
@@ -180,7 +169,7 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
         if lab != "baseline":
             common = [s for s in seeds if s in got and s in base]
             if common:
-                d = stats.paired_difference([got[s] for s in common], [base[s] for s in common],
+                d = paired_difference([got[s] for s in common], [base[s] for s in common],
                                             confidence=confidence, method=method, n_boot=n_boot, seed=seed)
                 row.update(n=len(common), diff=d["diff"], lo=d["lo"], hi=d["hi"], p=d["p"], wins=d["wins"],
                            ties=d["ties"], losses=d["losses"])
@@ -192,7 +181,7 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
                 row.update(n=0, diff=math.nan, lo=math.nan, hi=math.nan, p=math.nan, wins=0, ties=0, losses=0)
         out.append(row)
     ps = [r["p"] for r in out if r["label"] != "baseline"]
-    for r, ph in zip([r for r in out if r["label"] != "baseline"], stats.holm(ps) if ps else []):
+    for r, ph in zip([r for r in out if r["label"] != "baseline"], holm(ps) if ps else []):
         r["p_holm"] = ph
     for r in out:
         r["verdict"] = _verdict(r, alpha, low)
@@ -214,7 +203,8 @@ def selection_bias(db: str | os.PathLike | Store, study: str | None = None) -> d
     labels = [r["label"] for r in rep.rows]
     store = db if isinstance(db, Store) else Store(db)
     try:
-        rows = store.rows(study=rep.study, status="done")
+        keys = spec_keys(store.studies()[rep.study])
+        rows = [dict(r, label=keys[r["key"]][0]) for r in store.rows(status="done") if r["key"] in keys]
     finally:
         if not isinstance(db, Store):
             store.close()
