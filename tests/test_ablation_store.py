@@ -16,7 +16,7 @@ import time
 import pytest
 
 from labkit._validate import ArgumentError
-from labkit.ablation.report import report
+from labkit.ablation.reporting import report
 from labkit.ablation.runner import in_shard, parse_shard, run_study
 from labkit.ablation.store import SCHEMA_VERSION, MergeConflict, Store, StoreError, merge
 from labkit.ablation.study import Study, StudyFileError, load_study
