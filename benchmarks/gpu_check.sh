@@ -29,4 +29,5 @@ step bench_collectives 90 "$PY" -m labkit bench collectives --quick
 step bench_ddp     60 "$PY" -m labkit bench ddp --quick
 step bench_pipeline 90 "$PY" -m labkit bench pipeline --quick
 step bench_kmeans 300 "$PY" -m labkit bench kmeans --gpu
+step bench_ablation 120 "$PY" -m labkit bench ablation --quick
 echo "results in $OUT/ (summary: $summary)"

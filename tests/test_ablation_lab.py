@@ -67,7 +67,8 @@ def test_check_factor_wrong_factors(tmp_path):
     assert sum(c.ok for c in got.cases) == 4
     renamed = Factor("my_loss", ["ce", "smooth"], apply=FACTORS["loss"].apply)
     assert "shipped factor" in str(L.check_factor(renamed, db))
-    assert "one of the lab's factors" in str(L.check_factor(Factor("loss", ["ce", "smooth"], apply=lambda r, v: None), db))
+    own_loss = Factor("loss", ["ce", "smooth"], apply=lambda r, v: None)
+    assert "one of the lab's factors" in str(L.check_factor(own_loss, db))
     inert = Factor("nothing", [0, 1], apply=lambda r, v: None)
     assert "same recipe" in str(L.check_factor(inert, db))
     assert "expected your function to return" in str(L.check_factor(lambda db: {"name": "dropout"}, db))
@@ -148,7 +149,8 @@ def test_report_views(tmp_path, monkeypatch):
     import matplotlib
 
     matplotlib.use("Agg")
-    (tmp_path / "noise_trial.py").write_text(NOISE.replace('"loss"', '"curve": [{"step": 1, "test_accuracy": 0.5}], "loss"'))
+    curve = '"curve": [{"step": 1, "test_accuracy": 0.5}], "loss"'
+    (tmp_path / "noise_trial.py").write_text(NOISE.replace('"loss"', curve))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     import importlib
@@ -173,3 +175,21 @@ def test_report_views(tmp_path, monkeypatch):
 def test_tour():
     rows = L.tour(2)
     assert rows and all(r["ok"] for r in rows), rows
+
+
+def test_bench_store_overhead_and_help(capsys):
+    from labkit.ablation import bench
+
+    assert 0 < bench.store_overhead(10) < 5.0
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_runs_and_prints_its_ratios(capsys):
+    from labkit.ablation import bench
+
+    assert bench.main(["--quick", "--seeds", "1", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio 2/1" in out and "store per trial" in out

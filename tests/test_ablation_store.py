@@ -101,9 +101,10 @@ def test_store_schema_and_refusals(tmp_path):
     db = tmp_path / "r.db"
     s = Store(db)
     assert s.journal_mode == "wal"
-    s.save_study("a", {"seeds": [0]})
-    with pytest.raises(StoreError, match="different specification"):
-        s.save_study("a", {"seeds": [0, 1]})
+    assert s.save_study("a", {"seeds": [0], "code": "c"}) == []
+    assert s.save_study("a", {"seeds": [0], "code": "c"}) == []
+    assert s.save_study("a", {"seeds": [0, 1], "code": "c"}) == ["seeds"]  # updated: trials are keyed on their own
+    assert s.studies()["a"]["seeds"] == [0, 1]
     assert s.claim("k1", study="a", label="baseline", config={}, seed=0, code="c")
     assert s.finish("k1", 0.5, {"accuracy": 0.5})
     assert not s.claim("k1", study="a", label="baseline", config={}, seed=0, code="c")  # done: never again
@@ -240,9 +241,10 @@ def test_kill_minus_9_and_resume_loses_nothing_and_runs_nothing_twice(tmp_path, 
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         before = len(_starts(tmp_path))
         deadline = time.monotonic() + 60
-        while len(_starts(tmp_path)) < before + 2 and time.monotonic() < deadline and p.poll() is None:
+        target = before + 3 + rng.randrange(3)  # a third start: at least one trial of this run has finished
+        while len(_starts(tmp_path)) < target and time.monotonic() < deadline and p.poll() is None:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))
+        time.sleep(rng.uniform(0.0, 0.7))  # then anywhere within a trial
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
     with Store(db) as st:
@@ -313,15 +315,28 @@ def test_study_file_errors_name_the_line_and_key(tmp_path, fake):
     p.write_text('name = "x"\ntrial = "no_such_module:f"\n[baseline]\nx = "a"\n[factors]\nx = ["b"]\n')
     with pytest.raises(StudyFileError, match="line 2, key trial: cannot import"):
         load_study(p)
-    r = _cli(str(p))
+    r = _cli(str(p), cwd=tmp_path)
     assert r.returncode == 2 and "cannot import" in r.stderr
 
 
 def test_cli_runs_resumes_and_reports(tmp_path, fake):
     study = _write_study(tmp_path, seeds=3, sleep=0.0)
-    r = _cli(study, "-j", "2", "--csv", str(tmp_path / "out.csv"))
+    r = _cli(study, "-j", "2", "--csv", str(tmp_path / "out.csv"), cwd=tmp_path)  # the results file: ./s.db
     assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s.db").exists()
     assert "9 done" in r.stdout and "x=b" in r.stdout and (tmp_path / "out.csv").exists()
-    r = _cli(study, "--report")
+    r = _cli(study, "--report", cwd=tmp_path)
     assert r.returncode == 0 and "x=b" in r.stdout and "helps" in r.stdout
+    r = _cli(study, "--report", "--db", str(tmp_path / "none.db"))
+    assert r.returncode == 2 and "does not exist yet" in r.stderr
+    assert len(_starts(tmp_path)) == 9
+
+
+def test_more_seeds_reuse_what_is_done(tmp_path, fake):
+    db = tmp_path / "r.db"
+    first = run_study(_study(fake, seeds=[0, 1]), db, workers=1, echo=False)
+    assert first.done == 6
+    more = run_study(_study(fake, seeds=[0, 1, 2]), db, workers=1, echo=False)
+    assert (more.already_done, more.ran) == (6, 3)
+    assert report(db).row("x=b")["n"] == 3
     assert len(_starts(tmp_path)) == 9

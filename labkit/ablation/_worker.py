@@ -33,11 +33,13 @@ def _jsonable(x):
 def call_trial(fn, config: dict, seed: int, factors: dict, metric: str) -> tuple[float, dict]:
     """Run ``fn(config, seed[, factors=])``; return (the metric's value, the JSON result). Raises on a bad result."""
     params = inspect.signature(fn).parameters
-    kwargs = {"factors": factors} if "factors" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()) else {}
+    takes = "factors" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    kwargs = {"factors": factors} if takes else {}
     result = fn(dict(config), seed, **kwargs)
     if not isinstance(result, dict) or metric not in result:
         raise ValueError(f"the trial function must return a dict holding the study's metric {metric!r}, got "
-                         f"{type(result).__name__}" + (f" with keys {sorted(result)}" if isinstance(result, dict) else ""))
+                         f"{type(result).__name__}"
+                         + (f" with keys {sorted(result)}" if isinstance(result, dict) else ""))
     value = float(result[metric])
     if not math.isfinite(value):
         raise ValueError(f"the trial's {metric} is {value}: the training diverged (a lower learning rate, fewer "

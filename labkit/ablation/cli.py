@@ -17,8 +17,9 @@ __all__ = ["main", "default_db"]
 
 
 def default_db(study_file: str, shard: tuple[int, int] | None = None) -> str:
-    """``study.toml`` -> ``study.db`` beside it (``study.shard2of8.db`` for shard 2/8)."""
-    stem = os.path.splitext(study_file)[0]
+    """``some/where/study.toml`` -> ``study.db`` in the current folder (``study.shard2of8.db`` for shard 2/8): the
+    study file may live where nothing can be written (the example ships inside the installed package)."""
+    stem = os.path.splitext(os.path.basename(study_file))[0]
     return f"{stem}.shard{shard[0]}of{shard[1]}.db" if shard else f"{stem}.db"
 
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m labkit ablate", description="Run (or resume) an ablation study "
                                 "from a TOML file and print its report. `ablate merge OUT IN...` combines shards.")
     p.add_argument("study", help="the study file (.toml); see labkit/ablation/example_study.toml")
-    p.add_argument("--db", help="the results file (default: the study file's name with .db)")
+    p.add_argument("--db", help="the results file (default: the study file's name with .db, in the current folder)")
     p.add_argument("-j", "--workers", type=int, default=None, help="worker processes (default: one per GPU, else "
                    "up to 4 CPU workers with one thread each)")
     p.add_argument("--shard", help="I/N: run only slice I of N (0-based), into its own results file")

@@ -119,6 +119,9 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
     study's metric; ``lower_is_better`` then says which way is better (default: the study's setting)."""
     method = check_choice("method", method, ("t", "bootstrap"))
     confidence = check_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True)
+    if not isinstance(db, Store) and not os.path.exists(db):
+        raise ValueError(f"results file {os.fspath(db)} does not exist; run the study first (run_study or python -m "
+                         "labkit ablate STUDY.toml)")
     store = db if isinstance(db, Store) else Store(db)
     try:
         specs = store.studies()

@@ -53,7 +53,8 @@ class RunSummary:
         s = (f"{self.done} done, {self.failed} failed in this run ({self.ran} started) in {self.seconds:.1f} s on "
              f"{self.workers} {self.device} worker(s); {self.already_done} were already done")
         if self.interrupted:
-            s += f"; {len(self.interrupted)} had been interrupted by a stopped study and were run again from their start"
+            s += (f"; {len(self.interrupted)} had been interrupted by a stopped study and were run again from their "
+                  "start")
         if self.skipped_failed:
             s += f"; {self.skipped_failed} failed earlier and were not retried (retry_failed=True / --retry-failed)"
         return s
@@ -177,7 +178,10 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
     store = Store(db)
     t0 = time.perf_counter()
     try:
-        store.save_study(study.name, study.spec())
+        changed = store.save_study(study.name, study.spec())
+        if changed and echo:
+            print(f"study {study.name}: its specification changed since {db} was written ({', '.join(changed)}); "
+                  "finished trials it still names are reused, the others stay in the file", flush=True)
         interrupted = store.recover()
         trials = [t for t in study.trials() if in_shard(t.key, shard)]
         status = store.statuses()
@@ -185,7 +189,7 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
                 or (status.get(t.key) == "failed" and retry_failed)]
         summary = RunSummary(db=db, total=len(trials), already_done=sum(status.get(t.key) == "done" for t in trials),
                              interrupted=[k for k in interrupted if any(t.key == k for t in trials)],
-                             skipped_failed=sum(status.get(t.key) == "failed" for t in trials) if not retry_failed else 0)
+                             skipped_failed=0 if retry_failed else sum(status.get(t.key) == "failed" for t in trials))
         n = min(workers, len(todo)) if todo else 0
         if gpus and n > gpus:
             n = gpus
@@ -194,7 +198,8 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
             where = f"{n} GPU worker(s)" if gpus else f"{n} CPU worker(s), 1 thread each"
             part = f" (shard {shard[0]}/{shard[1]})" if shard else ""
             print(f"study {study.name}{part}: {len(trials)} trials, {summary.already_done} already done, "
-                  f"{len(summary.interrupted)} interrupted earlier, {len(todo)} to run" + (f" on {where}" if todo else ""),
+                  f"{len(summary.interrupted)} interrupted earlier, {len(todo)} to run"
+                  + (f" on {where}" if todo else ""),
                   flush=True)
         if todo:
             payload = cloudpickle.dumps((study.trial, study.registry, study.metric))
@@ -265,7 +270,7 @@ def _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_r
                         replace(w, _death(w.proc.returncode))
                         msg = None
                     if msg is not None:
-                        kind, key = msg[0], msg[1]
+                        kind = msg[0]
                         if kind == "done":
                             report(w, "done", value=msg[2])
                         elif kind == "failed":

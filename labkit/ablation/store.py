@@ -173,23 +173,21 @@ class Store:
         self.close()
 
     # ------------------------------------------------------------------ studies
-    def save_study(self, name: str, spec: dict) -> None:
-        """Record a study's specification; refuse a different one under the same name (nothing is overwritten)."""
+    def save_study(self, name: str, spec: dict) -> list[str]:
+        """Record a study's specification. A study of that name already in the file with another specification
+        (more seeds, another factor, changed code) is updated: its trials are keyed by configuration, seed and code,
+        so every finished trial stays in the file, and those the new specification still names are reused. Returns
+        the keys of the specification that changed (empty for a new or unchanged study)."""
         text = json.dumps(spec, sort_keys=True)
         row = self._db.execute("SELECT spec FROM studies WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            self._write([("INSERT OR IGNORE INTO studies VALUES (?, ?, ?)", (name, text, time.time()))])
-        elif row[0] != text:
+        if row is not None and row[0] == text:
+            return []
+        changed = []
+        if row is not None:
             old = json.loads(row[0])
-            diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
-            if diff == ["code"]:
-                raise StoreError(f"results file {self.path} holds study {name!r} run with other code (version "
-                                 f"{old['code']}; now {spec['code']}): the trial function or a factor changed, so its "
-                                 "finished trials do not answer for the new code. Pass another --db path, or give the "
-                                 "study another name; nothing in the file was changed")
-            raise StoreError(f"results file {self.path} already holds a study named {name!r} with a different "
-                             f"specification (differs in: {', '.join(diff)}); give the study another name or "
-                             "pass another --db path. Its finished trials are kept.")
+            changed = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        self._write([("INSERT OR REPLACE INTO studies VALUES (?, ?, ?)", (name, text, time.time()))])
+        return changed
 
     def studies(self) -> dict[str, dict]:
         return {n: json.loads(s) for n, s in self._db.execute("SELECT name, spec FROM studies ORDER BY created")}
@@ -301,7 +299,8 @@ class Store:
 
     def events(self, key: str | None = None) -> list[dict]:
         sql = "SELECT key, event, time, pid, detail FROM events" + (" WHERE key = ?" if key else "") + " ORDER BY id"
-        return [dict(zip(("key", "event", "time", "pid", "detail"), r)) for r in self._db.execute(sql, (key,) if key else ())]
+        names = ("key", "event", "time", "pid", "detail")
+        return [dict(zip(names, r)) for r in self._db.execute(sql, (key,) if key else ())]
 
     def counts(self, study: str | None = None) -> dict[str, int]:
         """Trials per status (``done``, ``failed``, ``running``, ``interrupted``: waiting to run again) and

@@ -13,7 +13,7 @@ test           597     the rest: the trial's metric is its accuracy here
 So little labelled data is on purpose: with 200 labels the factors move the test accuracy by more than the
 seeds do. The baseline (:data:`BASELINE`: shift augmentation, cross-entropy, Adam at lr 1e-2, 150 steps of
 32, width 8) reaches 0.935 +- 0.018 test accuracy over seeds 0-4 (chance: 0.1) in about 0.4 s a trial on
-one thread (``benchmarks/ablation_ofat.py`` prints the one-factor-at-a-time table).
+one thread (``python -m labkit ablate labkit/ablation/example_study.toml`` prints the one-factor-at-a-time table).
 
 Pre-trained model (``init="pretrained"``): the convolutional body is pre-trained on P by *rotation
 prediction* (each image turned by 0, 90, 180 or 270 degrees, the network predicts which; Gidaris et al.
