@@ -509,7 +509,7 @@ def test_mismatched_collective_ends_in_the_launchers_timeout():
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("n", (1, 7, 8))  # 2-4 in the test above; 7 is prime (no chunking divides evenly)
+@pytest.mark.parametrize("n", (1, 8))  # 2-4 in the test above (3: a prime, uneven chunks); 7 dropped for CI time
 def test_every_algorithm_equals_torch_more_world_sizes(n):
     res = labkit.launch(L.equivalence_rank, world_size=n, timeout=600, echo=False,
                         kwargs=dict(numels=(0, 5, 1001)))
