@@ -340,3 +340,17 @@ def test_more_seeds_reuse_what_is_done(tmp_path, fake):
     assert (more.already_done, more.ran) == (6, 3)
     assert report(db).row("x=b")["n"] == 3
     assert len(_starts(tmp_path)) == 9
+
+
+def test_a_trial_function_the_workers_cannot_load_is_one_clear_error(tmp_path, fake, monkeypatch):
+    from labkit.ablation.runner import WorkerError
+
+    (tmp_path / "gone_trial.py").write_text("def trial(config, seed):\n    return {'accuracy': 1.0}\n")
+    import gone_trial
+
+    s = _study(fake, trial=gone_trial.trial, seeds=[0])
+    (tmp_path / "gone_trial.py").unlink()  # the workers import it by name: it is not there any more
+    with pytest.raises(WorkerError, match="(?s)could not load the study's trial function.*No module named 'gone_trial'"):
+        run_study(s, tmp_path / "r.db", workers=1, echo=False)
+    with Store(tmp_path / "r.db") as st:
+        assert st.counts()["running"] == 0

@@ -54,7 +54,11 @@ def main() -> None:
     cmd = Connection(int(os.environ["LABKIT_CMD_FD"]), writable=False)
     res = Connection(int(os.environ["LABKIT_RES_FD"]), readable=False)
     _die_with_parent(int(os.environ["LABKIT_PARENT_PID"]))
-    fn, factors, metric = pickle.loads(cmd.recv_bytes())
+    try:
+        fn, factors, metric = pickle.loads(cmd.recv_bytes())
+    except Exception:  # the trial function cannot be loaded here: say why, once, instead of dying silently
+        res.send(("fatal", None, traceback.format_exc()))
+        sys.exit(1)
     if "torch" in sys.modules:  # the trial function uses torch: one thread per worker
         sys.modules["torch"].set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     store = Store(os.environ["LABKIT_ABLATION_DB"])

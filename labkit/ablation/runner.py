@@ -27,9 +27,13 @@ from .._validate import ArgumentError, check_int, check_number
 from .store import Store
 from .study import Study, Trial
 
-__all__ = ["run_study", "RunSummary", "parse_shard", "in_shard", "default_workers"]
+__all__ = ["run_study", "RunSummary", "parse_shard", "in_shard", "default_workers", "WorkerError"]
 
 START_TIMEOUT = 300.0  # seconds a worker may take to start a trial it was given (imports on a loaded server)
+
+
+class WorkerError(RuntimeError):
+    """The worker processes cannot run any trial (the trial function does not load there): nothing was run."""
 
 
 @dataclass
@@ -281,6 +285,11 @@ def _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_r
                                 bar.update(1)
                         elif kind == "started":  # the timeout counts from here, not from the worker's start-up
                             w.since = time.monotonic()
+                        elif kind == "fatal":
+                            raise WorkerError(
+                                "a worker process could not load the study's trial function and factors, so no "
+                                "trial can run. Define them in an importable module (or make sure everything they "
+                                f"use can be pickled by cloudpickle). The worker said:\n{msg[2]}")
                 elif (trial_timeout is not None and w.since is not None
                       and time.monotonic() - w.since > trial_timeout):
                     replace(w, f"was stopped after the trial ran over trial_timeout={trial_timeout:g} s")
