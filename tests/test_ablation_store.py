@@ -350,7 +350,8 @@ def test_a_trial_function_the_workers_cannot_load_is_one_clear_error(tmp_path, f
 
     s = _study(fake, trial=gone_trial.trial, seeds=[0])
     (tmp_path / "gone_trial.py").unlink()  # the workers import it by name: it is not there any more
-    with pytest.raises(WorkerError, match="(?s)could not load the study's trial function.*No module named 'gone_trial'"):
+    said = "(?s)could not load the study's trial function.*No module named 'gone_trial'"
+    with pytest.raises(WorkerError, match=said):
         run_study(s, tmp_path / "r.db", workers=1, echo=False)
     with Store(tmp_path / "r.db") as st:
         assert st.counts()["running"] == 0
