@@ -355,3 +355,19 @@ def test_a_trial_function_the_workers_cannot_load_is_one_clear_error(tmp_path, f
         run_study(s, tmp_path / "r.db", workers=1, echo=False)
     with Store(tmp_path / "r.db") as st:
         assert st.counts()["running"] == 0
+
+
+def test_recover_refuses_while_another_run_holds_a_trial(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with Store(tmp_path / "r.db") as st:
+            st.claim("k1", study="a", label="baseline", config={}, seed=0, code="c", pid=other.pid)
+            with pytest.raises(StoreError, match=f"being run by process {other.pid}.*another run"):
+                st.recover(wait=0.5)
+            assert st.statuses() == {"k1": "running"}  # untouched
+            other.kill()
+            other.wait()
+            assert st.recover(wait=0.5) == ["k1"] and st.statuses() == {"k1": "interrupted"}
+    finally:
+        other.kill()
+        other.wait()

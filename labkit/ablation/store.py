@@ -243,11 +243,11 @@ class Store:
             db.execute("COMMIT")
         return bool(n)
 
-    def recover(self, wait: float = 5.0) -> list[str]:
+    def recover(self, wait: float = 30.0) -> list[str]:
         """Trials left ``running`` by a study that died: mark them ``interrupted`` (they run again from their
         start). A trial whose worker is still alive on this machine is waited for (up to ``wait`` seconds: an
-        orphaned worker notices its study died within half a second and exits); if it stays alive, another run
-        is using this file, and :class:`StoreError` says so."""
+        orphaned worker notices its study died within half a second and exits, later on a loaded server); if it
+        stays alive, another run is using this file, and :class:`StoreError` says so."""
         host = os.uname().nodename
         deadline = time.monotonic() + wait
         while True:
