@@ -1,7 +1,8 @@
 """Shared test fixtures: the shared rank pools stop after each test module, so pools started with
 ``launch(..., pool=True)`` in one file never pile up (or count as leftovers) in the next; ``write_mnist`` writes
-MNIST files for the data tests. (``--busy N`` lives in the repository's root ``conftest.py``, so it also works when
-only ``notebooks/`` is collected.)"""
+MNIST files for the data tests; ``trial_module`` writes an importable module (lab 08's trial functions).
+(``--busy N`` lives in the repository's root ``conftest.py``, so it also works when only ``notebooks/`` is
+collected.)"""
 import pytest
 
 
@@ -11,6 +12,27 @@ def _stop_shared_pools_after_module():
     import labkit
 
     labkit.shutdown_pools()
+
+
+@pytest.fixture
+def trial_module(tmp_path, monkeypatch):
+    """A function ``make(name, source)`` that writes ``tmp_path/name.py``, makes it importable here and in child
+    processes (``sys.path`` and ``PYTHONPATH``, both restored after the test) and returns the freshly imported
+    module: a trial function that ablation workers load by reference."""
+    import importlib
+    import os
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+    def make(name, source):
+        (tmp_path / f"{name}.py").write_text(source)
+        sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+    return make
 
 
 @pytest.fixture

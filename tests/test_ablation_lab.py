@@ -124,11 +124,8 @@ def trial(config, seed):
 '''
 
 
-def test_best_of_n_overstates_the_winner(tmp_path, monkeypatch):
-    (tmp_path / "noise_trial.py").write_text(NOISE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    import noise_trial
+def test_best_of_n_overstates_the_winner(tmp_path, trial_module):
+    noise_trial = trial_module("noise_trial", NOISE)
 
     study = Study("noise", {"x": "a"}, {"x": ["b", "c", "d", "e", "f"]}, seeds=list(range(6)), trial=noise_trial.trial)
     db = tmp_path / "n.db"
@@ -144,19 +141,13 @@ def test_best_of_n_overstates_the_winner(tmp_path, monkeypatch):
         report(db, metric="nope")
 
 
-def test_report_views(tmp_path, monkeypatch):
+def test_report_views(tmp_path, trial_module):
     pytest.importorskip("matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
     curve = '"curve": [{"step": 1, "test_accuracy": 0.5}], "loss"'
-    (tmp_path / "noise_trial.py").write_text(NOISE.replace('"loss"', curve))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    import importlib
-
-    import noise_trial
-    importlib.reload(noise_trial)
+    noise_trial = trial_module("noise_trial", NOISE.replace('"loss"', curve))
     study = Study("views", {"x": "a"}, {"x": ["b"]}, seeds=[0, 1, 2], trial=noise_trial.trial)
     db = tmp_path / "v.db"
     run_study(study, db, workers=1, echo=False, progress=False)

@@ -40,17 +40,10 @@ def trial(config, seed):
 
 
 @pytest.fixture()
-def fake(tmp_path, monkeypatch):
-    (tmp_path / "fake_trial.py").write_text(FAKE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def fake(tmp_path, monkeypatch, trial_module):
     monkeypatch.setenv("SIDE_LOG", str(tmp_path / "side.log"))
     monkeypatch.setenv("LABKIT_NO_PROGRESS", "1")
-    import importlib
-
-    import fake_trial
-    importlib.reload(fake_trial)
-    return fake_trial
+    return trial_module("fake_trial", FAKE)
 
 
 def _starts(tmp_path) -> list[str]:
@@ -342,11 +335,10 @@ def test_more_seeds_reuse_what_is_done(tmp_path, fake):
     assert len(_starts(tmp_path)) == 9
 
 
-def test_a_trial_function_the_workers_cannot_load_is_one_clear_error(tmp_path, fake, monkeypatch):
+def test_a_trial_function_the_workers_cannot_load_is_one_clear_error(tmp_path, fake, trial_module):
     from labkit.ablation.runner import WorkerError
 
-    (tmp_path / "gone_trial.py").write_text("def trial(config, seed):\n    return {'accuracy': 1.0}\n")
-    import gone_trial
+    gone_trial = trial_module("gone_trial", "def trial(config, seed):\n    return {'accuracy': 1.0}\n")
 
     s = _study(fake, trial=gone_trial.trial, seeds=[0])
     (tmp_path / "gone_trial.py").unlink()  # the workers import it by name: it is not there any more

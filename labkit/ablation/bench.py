@@ -21,7 +21,6 @@ import time
 def throughput(workers: int, seeds: list[int], steps: int) -> tuple[float, float, float]:
     """(trials per minute of the whole run, trials per minute from the first trial's start to the last one's end:
     without the workers' start-up, median seconds per trial inside the worker) of one fresh run."""
-    from .reporting import report as _  # noqa: F401  (import cost outside the timing)
     from .runner import run_study
     from .store import Store
     from .study import Study

@@ -78,12 +78,10 @@ def write_study_file(path: str, study: dict) -> str:
 
 def start_in_background(study_file: str, db: str, workers: int = 2) -> subprocess.Popen:
     """``python -m labkit ablate STUDY --db DB -j WORKERS`` in its own process (its output goes to ``DB.log``)."""
-    from ..runtime.launcher import _python_path
+    from ..runtime.launcher import child_env
 
     log = open(db + ".log", "w")
-    env = dict(os.environ, PYTHONPATH=_python_path(), LABKIT_NO_PROGRESS="1")
-    if env.get("MPLBACKEND", "").startswith("module://"):
-        env.pop("MPLBACKEND")
+    env = child_env(LABKIT_NO_PROGRESS="1")
     try:
         return subprocess.Popen([sys.executable, "-m", "labkit", "ablate", study_file, "--db", db, "-j", str(workers)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -103,17 +103,14 @@ def default_workers() -> int:
 
 class _Worker:
     def __init__(self, slot: int, db: str, payload: bytes, gpu: int | None):
-        from ..runtime.launcher import _python_path
+        from ..runtime.launcher import child_env
 
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
-        env = dict(os.environ, PYTHONPATH=_python_path(), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1", LABKIT_PARENT_PID=str(os.getpid()), LABKIT_ABLATION_DB=db,
-                   LABKIT_CMD_FD=str(cmd_r), LABKIT_RES_FD=str(res_w))
+        env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LABKIT_PARENT_PID=str(os.getpid()),
+                        LABKIT_ABLATION_DB=db, LABKIT_CMD_FD=str(cmd_r), LABKIT_RES_FD=str(res_w))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        if env.get("MPLBACKEND", "").startswith("module://"):
-            env.pop("MPLBACKEND")
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "labkit.ablation._worker"], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=(cmd_r, res_w), start_new_session=True)
         os.close(cmd_r)

@@ -137,16 +137,28 @@ class Store:
                     f"version {SCHEMA_VERSION}. Use the labkit that wrote it, or pass another --db path; nothing in "
                     "it was changed")
             return
-        with self._tx() as db:
-            db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
-                             "COMMIT;")
+        try:
+            self._db.executescript("BEGIN IMMEDIATE;" + _SCHEMA
+                                   + f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION}); COMMIT;")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     # ------------------------------------------------------------------ plumbing
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``: take the write lock now, wait for it if another holds it)."""
+        """One write transaction: ``BEGIN IMMEDIATE`` (take the write lock now, wait for it if another holds it),
+        ``COMMIT`` when the block ends, ``ROLLBACK`` if it raises; SQLite's errors become :class:`StoreError`."""
         try:
-            yield self._db
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -154,14 +166,8 @@ class Store:
 
     def _write(self, statements: Iterable[tuple[str, tuple]]) -> None:
         with self._tx() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    db.execute(sql, args)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+            for sql, args in statements:
+                db.execute(sql, args)
 
     def close(self) -> None:
         self._db.close()
@@ -199,10 +205,8 @@ class Store:
         now, pid = time.time(), pid or os.getpid()
         host = os.uname().nodename
         with self._tx() as db:
-            db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT status FROM trials WHERE key = ?", (key,)).fetchone()
             if row is not None and row[0] == "done":
-                db.execute("ROLLBACK")
                 return False
             if row is None:
                 db.execute("INSERT INTO trials (key, study, label, config, seed, code, status, starts, started, pid, "
@@ -212,7 +216,6 @@ class Store:
                 db.execute("UPDATE trials SET status = 'running', starts = starts + 1, started = ?, pid = ?, host = ?, "
                            "error = NULL, traceback = NULL WHERE key = ?", (now, pid, host, key))
             db.execute("INSERT INTO events (key, event, time, pid) VALUES (?, 'start', ?, ?)", (key, now, pid))
-            db.execute("COMMIT")
         return True
 
     def finish(self, key: str, value: float, result: dict) -> bool:
@@ -220,27 +223,25 @@ class Store:
 
         Only the process that claimed the trial may finish it: a worker orphaned by a killed study, whose trial
         was meanwhile claimed again, changes nothing (returns False)."""
-        return self._settle(key, "done", [("UPDATE trials SET status = 'done', value = ?, result = ?, finished = ? "
-                                           "WHERE key = ? AND pid = ? AND status = 'running'",
-                                           (float(value), json.dumps(result)))], None)
+        return self._settle(key, "done", "UPDATE trials SET status = 'done', value = ?, result = ?, finished = ? "
+                            "WHERE key = ? AND pid = ? AND status = 'running'", (float(value), json.dumps(result)))
 
     def fail(self, key: str, error: str, tb: str = "", *, pid: int | None = None) -> bool:
         """Store a failed trial with its error and traceback (the study goes on). ``pid``: the claimant's
         process id (default: this process; the runner passes a dead worker's)."""
-        return self._settle(key, "failed", [("UPDATE trials SET status = 'failed', error = ?, traceback = ?, "
-                                             "finished = ? WHERE key = ? AND pid = ? AND status = 'running'",
-                                             (error, tb))], error[:500], pid)
+        return self._settle(key, "failed", "UPDATE trials SET status = 'failed', error = ?, traceback = ?, "
+                            "finished = ? WHERE key = ? AND pid = ? AND status = 'running'", (error, tb),
+                            detail=error[:500], pid=pid)
 
-    def _settle(self, key, event, stmts, detail, pid=None) -> bool:
+    def _settle(self, key: str, event: str, sql: str, args: tuple, detail: str | None = None,
+                pid: int | None = None) -> bool:
+        """Run ``sql`` (ending in ``finished = ? WHERE key = ? AND pid = ?``) and log ``event`` if it changed a row."""
         now, pid = time.time(), pid or os.getpid()
         with self._tx() as db:
-            db.execute("BEGIN IMMEDIATE")
-            sql, args = stmts[0]
             n = db.execute(sql, args + (now, key, pid)).rowcount
             if n:
                 db.execute("INSERT INTO events (key, event, time, pid, detail) VALUES (?, ?, ?, ?, ?)",
                            (key, event, now, pid, detail))
-            db.execute("COMMIT")
         return bool(n)
 
     def recover(self, wait: float = 30.0) -> list[str]:
@@ -262,13 +263,11 @@ class Store:
             time.sleep(0.1)
         now = time.time()
         with self._tx() as db:
-            db.execute("BEGIN IMMEDIATE")
             keys = [r[0] for r in db.execute("SELECT key FROM trials WHERE status = 'running'")]
             for k in keys:
                 db.execute("UPDATE trials SET status = 'interrupted', interrupted = interrupted + 1, error = ? "
                            "WHERE key = ?", ("interrupted: the study stopped while this trial ran", k))
                 db.execute("INSERT INTO events (key, event, time) VALUES (?, 'interrupted', ?)", (k, now))
-            db.execute("COMMIT")
         return keys
 
     def statuses(self) -> dict[str, str]:

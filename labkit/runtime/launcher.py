@@ -165,6 +165,17 @@ def _python_path() -> str:
     return os.pathsep.join(out)
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a labkit child process (a rank, an ablation worker, a study run in the background): this
+    process's, with its import path, unbuffered output, and no inline matplotlib backend (a notebook's
+    ``module://...`` backend does not exist outside the kernel), plus ``extra``."""
+    env = dict(os.environ, PYTHONPATH=_python_path(), PYTHONUNBUFFERED="1")
+    if env.get("MPLBACKEND", "").startswith("module://"):
+        env.pop("MPLBACKEND")
+    env.update(extra)
+    return env
+
+
 class _Rank:
     def __init__(self, rank: int, proc: subprocess.Popen, cmd: Connection, res: Connection):
         self.rank, self.proc, self.cmd, self.res = rank, proc, cmd, res
@@ -199,10 +210,8 @@ class Pool:
     def _start(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="labkit-")  # created 0700: only this user can read it
         store = os.path.join(self._dir, "store")
-        env = dict(os.environ)
+        env = child_env()
         env.update({
-            "PYTHONPATH": _python_path(),
-            "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": str(self.threads),
             "MKL_NUM_THREADS": str(self.threads),
             "LABKIT_WORLD_SIZE": str(self.world_size),
@@ -213,7 +222,6 @@ class Pool:
         })
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # bind to loopback unless the user chose otherwise
         env.setdefault("NCCL_SOCKET_IFNAME", "lo")
-        env.pop("MPLBACKEND", None) if env.get("MPLBACKEND", "").startswith("module://") else None
         if not self.quiet:
             print(f"labkit: starting {self.world_size} rank(s) on {self.reason}", flush=True)
         self.starts += 1
