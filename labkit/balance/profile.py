@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import check_int
+from ..memory_model import bytes_per_parameter
 from ..partition import as_costs as _as_costs
 from ..pipeline import Sleep  # one sleeping autograd function for labs 04 and 05
 from .solvers import Split, min_max_partition
@@ -162,12 +163,18 @@ def balance_by_time(profiles_or_costs, k: int, method: str = "dp") -> Split:
     return min_max_partition(_costs_from(profiles_or_costs, lambda p: p.time_ms), k, method)
 
 
-def memory_costs(profiles: Sequence[LayerProfile], param_scale: float = 4.0, micro_batches: int = 1) -> list[float]:
+# copies of an fp32 parameter that training with Adam keeps: weights, gradients, two moments (16 bytes / 4)
+ADAM_FP32_COPIES = bytes_per_parameter("fp32", "adam")["total"] / 4
+
+
+def memory_costs(profiles: Sequence[LayerProfile], param_scale: float = ADAM_FP32_COPIES,
+                 micro_batches: int = 1) -> list[float]:
     """Bytes each layer needs on its stage: parameters x ``param_scale`` + saved activations x ``micro_batches``.
 
-    ``param_scale`` counts the copies kept per parameter: 1 (weights) + 1 (gradients) + the
-    optimiser's state (2 for Adam's two moments): 4 by default. A GPipe stage keeps the
-    activations of every micro-batch in flight until its backward (``micro_batches`` of them).
+    ``param_scale`` counts the copies kept per parameter; the default, 4 (weights, gradients and Adam's two
+    moments), comes from :func:`labkit.memory_model.bytes_per_parameter` (``"fp32", "adam"``: 16 bytes per
+    4-byte parameter), the same formulas lab 09's calculator uses. A GPipe stage keeps the activations of every
+    micro-batch in flight until its backward (``micro_batches`` of them).
     """
     if not isinstance(param_scale, (int, float)) or param_scale < 0:
         raise ValueError(f"param_scale must be a number >= 0 (copies per parameter), got {param_scale!r}")
@@ -177,7 +184,7 @@ def memory_costs(profiles: Sequence[LayerProfile], param_scale: float = 4.0, mic
     return [float(p.param_bytes * param_scale + p.activation_bytes * micro_batches) for p in profiles]
 
 
-def balance_by_memory(profiles_or_costs, k: int, param_scale: float = 4.0, micro_batches: int = 1,
+def balance_by_memory(profiles_or_costs, k: int, param_scale: float = ADAM_FP32_COPIES, micro_batches: int = 1,
                       method: str = "dp") -> Split:
     """The split minimising the largest stage's memory (see :func:`memory_costs`), from profiles or a list of bytes."""
     items = list(profiles_or_costs)
