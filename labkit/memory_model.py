@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from ._validate import ArgumentError, check_choice, check_int
 
-__all__ = ["PRECISIONS", "OPTIMIZERS", "bytes_per_parameter", "zero_bytes_per_rank", "transformer_params",
+__all__ = ["GB", "PRECISIONS", "OPTIMIZERS", "bytes_per_parameter", "zero_bytes_per_rank", "transformer_params",
            "transformer_activations", "pipeline_in_flight"]
 
+GB = 10 ** 9  # the ZeRO paper's and the Playbook's gigabyte (GPU memory lines are GiB: 80 GB cards hold 80 GiB)
 PRECISIONS = ("fp32", "bf16", "autocast-bf16", "autocast-fp16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimiser state tensors per parameter
 RECOMPUTE = ("none", "selective", "full")

@@ -1,0 +1,245 @@
+"""What autograd saves for backward, found without running the model (lab 09's calculator).
+
+:func:`meta_call` runs a model on ``meta`` copies of its tensors (no memory, no compute) under a
+``TorchFunctionMode`` (:class:`Walk`) that applies one rule per function the model calls (linear, conv2d, relu,
+gelu, batch_norm, layer_norm, dropout, max_pool2d, softmax, matmul, mul, embedding, cross_entropy,
+scaled_dot_product_attention; views, adds and reductions save nothing) and records the storages autograd would
+keep. A tensor saved twice is one storage and counts once, exactly as the saved-tensor ledger
+(:func:`labkit.sliced.models.saved_bytes`) counts, which the tests hold it to. A function without a rule is
+listed in ``Walk.unknown``, and the caller falls back to that ledger run on ``meta``.
+
+The walk also records, per operation, the storages it saves and the parameters it uses, which gives the order
+in which backward frees activations and makes gradients (:func:`backward_peak`). :func:`checkpointed` applies
+Chen et al. 2016's segment rule: the inputs of every segment are kept, and one segment at a time is recomputed.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .._validate import check_int
+
+__all__ = ["Walk", "meta_call", "checkpointed", "backward_peak", "ce_loss", "nbytes"]
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _arg(args, kwargs, i, name, default=None):
+    return args[i] if len(args) > i else (kwargs or {}).get(name, default)
+
+
+_NOTHING = {  # functions that save no tensor for backward (their outputs may be views or copies)
+    "view", "reshape", "permute", "transpose", "t", "contiguous", "flatten", "unflatten", "unbind", "chunk", "split",
+    "squeeze", "unsqueeze", "expand", "__getitem__", "add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_",
+    "__sub__", "neg", "clone", "detach", "sum", "mean", "cat", "stack", "narrow", "select", "float", "to", "type_as",
+    "adaptive_avg_pool2d", "identity", "__setitem__", "size", "dim", "__get__", "__set__",
+}
+
+
+class Walk(TorchFunctionMode):
+    """Apply each function, on meta tensors, and record the storages autograd would save (one rule per function)."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude          # ids of parameter and buffer roots
+        self.saved: dict[int, int] = {}
+        self.ops: list[dict] = []       # per op: keys saved, parameters used, output and input bytes
+        self.unknown: list[str] = []
+        self._keep: list[torch.Tensor] = []
+        self._new = itertools.count(-1, -1)
+
+    def _save(self, t, keys, params):
+        r = _root(t)
+        if id(r) in self.exclude:
+            params.append(r)
+            return
+        self._keep.append(r)
+        self.saved[id(r)] = max(self.saved.get(id(r), 0), r.untyped_storage().nbytes())
+        keys.append(id(r))
+
+    def _save_new(self, nbytes, keys):
+        k = next(self._new)
+        self.saved[k] = int(nbytes)
+        keys.append(k)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", str(func))
+        tensors = [a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)]
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or name in _NOTHING:
+            return out
+        keys, params = [], []
+        rg = lambda t: isinstance(t, torch.Tensor) and t.requires_grad
+        a0 = args[0] if args else None
+        if name in ("linear", "conv2d", "conv1d"):
+            w = _arg(args, kwargs, 1, "weight")
+            if rg(w):
+                if name == "linear" and a0.dim() > 2 and not a0.is_contiguous():
+                    self._save_new(nbytes(a0), keys)  # reshaped to 2-D by a copy
+                else:
+                    self._save(a0, keys, params)
+            if rg(a0) or name != "linear":
+                self._save(w, keys, params)
+            b = _arg(args, kwargs, 2, "bias")
+            if rg(b):
+                params.append(b)
+        elif name in ("relu", "relu_", "softmax", "log_softmax", "sigmoid", "tanh"):
+            self._save(out, keys, params)
+        elif name in ("gelu", "silu"):
+            self._save(a0, keys, params)
+        elif name == "batch_norm":
+            self._save(a0, keys, params)
+            for t in (_arg(args, kwargs, 1, "running_mean"), _arg(args, kwargs, 2, "running_var"),
+                      _arg(args, kwargs, 3, "weight"), _arg(args, kwargs, 4, "bias")):
+                if isinstance(t, torch.Tensor):
+                    self._save(t, keys, params)
+            if _arg(args, kwargs, 5, "training", False):
+                for _ in range(2):  # save_mean, save_invstd: one fp32 value per channel
+                    self._save_new(4 * a0.shape[1], keys)
+        elif name == "layer_norm":
+            k = len(_arg(args, kwargs, 1, "normalized_shape"))
+            self._save(a0, keys, params)
+            for t in (_arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")):
+                if isinstance(t, torch.Tensor):
+                    self._save(t, keys, params)
+            for _ in range(2):  # mean and rstd, fp32, one per normalised row
+                self._save_new(4 * math.prod(a0.shape[:a0.dim() - k]), keys)
+        elif name == "dropout":
+            p, train = _arg(args, kwargs, 1, "p", 0.5), _arg(args, kwargs, 2, "training", True)
+            if train and p > 0:
+                self._save_new(nbytes(a0), keys)  # CPU keeps the scaled noise in the input's dtype (CUDA: a bool mask)
+        elif name in ("max_pool2d", "_max_pool2d", "max_pool2d_with_indices"):
+            self._save(a0, keys, params)
+            o = out[0] if isinstance(out, tuple) else out
+            self._save_new(8 * o.numel(), keys)  # int64 indices
+        elif name in ("matmul", "__matmul__", "bmm", "mm"):
+            self._matmul(a0, args[1], keys, params)
+        elif name in ("mul", "__mul__", "__rmul__", "div", "__truediv__"):
+            other = args[1] if len(args) > 1 else None
+            if isinstance(other, torch.Tensor):
+                if rg(a0) or name.endswith("div__") or name == "div":
+                    self._save(other, keys, params)
+                if rg(other):
+                    self._save(a0, keys, params)
+        elif name == "embedding":
+            self._save(a0, keys, params)
+            params.append(args[1])
+        elif name == "cross_entropy":
+            logits, target = a0, args[1]
+            self._save_new(nbytes(logits), keys)  # log_softmax's result, also saved by nll_loss
+            self._save(target, keys, params)
+            self._save_new(logits.element_size(), keys)  # total_weight
+        elif name == "scaled_dot_product_attention":
+            for t in args[:3]:
+                self._save(t, keys, params)
+            self._save(out, keys, params)
+            self._save_new(4 * math.prod(out.shape[:-1]), keys)  # logsumexp, fp32
+        else:
+            self.unknown.append(name)
+        o = out[0] if isinstance(out, tuple) else out
+        self.ops.append({"keys": keys, "params": params, "out": nbytes(o) if isinstance(o, torch.Tensor) else 0,
+                         "in": nbytes(a0) if isinstance(a0, torch.Tensor) and a0.requires_grad else 0})
+        return out
+
+    def _matmul(self, a, b, keys, params):
+        """matmul folds to mm/bmm: batch dimensions are expanded and reshaped (a copy where no view exists)."""
+        if a.dim() >= 3 or b.dim() >= 3:
+            batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) if a.dim() >= 3 and b.dim() >= 3 else None
+            if batch is not None:
+                a = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+                b = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+            elif a.dim() >= 3:
+                a = a.reshape(-1, a.shape[-1])
+        for t, other in ((a, b), (b, a)):
+            if other.requires_grad:
+                self._save(t, keys, params)
+
+
+def ce_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the last dimension (a sequence's tokens are flattened into the batch)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+def meta_call(model: nn.Module, x: torch.Tensor, with_loss: bool = True, ledger: bool = False, dtype=None):
+    """Run ``model`` on meta copies of its tensors (plus the loss); the walk's record, or the ledger's bytes.
+    ``dtype`` casts the floating-point tensors (pure bf16 training)."""
+    cast = lambda t: torch.empty_like(t, device="meta", dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+    state = {n: cast(t).requires_grad_(t.requires_grad)
+             for n, t in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                         model.named_buffers(remove_duplicate=False))}
+    # tied parameters: one meta tensor per shared original
+    by_id: dict[int, torch.Tensor] = {}
+    for n, t in itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers()):
+        state[n] = by_id.setdefault(id(t), state[n])
+    xm = cast(x)
+    exclude = {id(t) for t in state.values()}
+
+    def run():
+        out = torch.func.functional_call(model, state, (xm,), tie_weights=False)
+        if with_loss:
+            target = torch.empty(out.shape[:-1], dtype=torch.long, device="meta")
+            return ce_loss(out, target), out
+        return out, out
+
+    if ledger:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            r = _root(t)
+            if id(r) not in exclude:
+                seen[id(r)] = r.untyped_storage().nbytes()
+                keep.append(r)
+            return t
+        keep: list = []
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, out = run()
+        return sum(seen.values()), out
+    walk = Walk(exclude)
+    with walk:
+        _, out = run()
+    return walk, out
+
+
+def checkpointed(model: nn.Sequential, x, segments: int):
+    layers = list(model)
+    segments = check_int("checkpoint", segments, minimum=1, maximum=len(layers))
+    size = math.ceil(len(layers) / segments)
+    inputs, largest, h = 0, 0, torch.empty_like(x, device="meta")
+    for i in range(0, len(layers), size):
+        seg = nn.Sequential(*layers[i:i + size])
+        walk, out = meta_call(seg, h, with_loss=i + size >= len(layers))
+        inputs += nbytes(h)
+        largest = max(largest, sum(walk.saved.values()))
+        h = out.detach()
+    return inputs + largest, None
+
+
+def backward_peak(walk, params, grad_bytes, all_grads, grads_all):
+    """max over ops j (in reverse) of: saved storages still needed + gradients made so far + the gradient flowing."""
+    first_user: dict[int, int] = {}
+    for j, op in enumerate(walk.ops):
+        for k in op["keys"]:
+            first_user.setdefault(k, j)
+    last_use: dict[int, tuple] = {}
+    for j, op in enumerate(walk.ops):
+        for p in op["params"]:
+            if p.requires_grad:
+                last_use[id(p)] = (j, p.numel() * grad_bytes)
+    best = 0
+    for j in range(len(walk.ops) - 1, -1, -1):
+        live = sum(walk.saved[k] for k, u in first_user.items() if u <= j)
+        grads = all_grads if grads_all else sum(b for (u, b) in last_use.values() if u >= j)
+        best = max(best, live + grads + walk.ops[j]["out"] + walk.ops[j]["in"])
+    return best

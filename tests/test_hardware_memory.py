@@ -1,0 +1,236 @@
+"""Lab 09's memory calculator against PyTorch's real memory: MemTracker on CPU, the saved-tensor ledger,
+and the published figures (ZeRO, the Ultra-Scale Playbook, Korthikanti et al. 2022)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from labkit._validate import ArgumentError
+from labkit.hardware import Setup, TransformerShape, compare, confirm_batch, estimate, largest_batch, measure
+from labkit.hardware import tiny_transformer
+from labkit.hardware.walk import ce_loss as _loss
+from labkit.memory_model import (GB, bytes_per_parameter, pipeline_in_flight, transformer_activations,
+                                 transformer_params, zero_bytes_per_rank)
+from labkit.sliced.models import build_model, saved_bytes
+
+SHAPE = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.GELU(), nn.Dropout(0.1),
+                         nn.Linear(512, 10))
+
+
+def models():
+    torch.manual_seed(0)
+    return {"mlp": (mlp(), torch.randn(64, 256)),
+            "transformer": (tiny_transformer(SHAPE, dropout=0.1), torch.randint(0, SHAPE.vocab, (8, SHAPE.seq)))}
+
+
+def ledger(model, x):
+    model.train()
+    with torch.no_grad():
+        out = model(x)
+    target = torch.randint(0, out.shape[-1], out.shape[:-1])
+    return saved_bytes(lambda: _loss(model(x), target), exclude=model)[1]
+
+
+# --------------------------------------------------------------------------- model states against MemTracker
+SETUPS = [Setup(), Setup(optimizer="sgd"), Setup(optimizer="momentum"),
+          Setup(precision="autocast-bf16", optimizer="adamw"), Setup(foreach=True), Setup(precision="bf16")]
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: f"{s.precision}-{s.optimizer}-{s.foreach}")
+def test_model_states_match_memtracker(name, setup):
+    model, x = models()[name]
+    est, got = estimate(model, setup, x), measure(model, x, setup=setup, steps=2)
+    assert got.method == "MemTracker"
+    first, second = got.steps
+    assert first["optimizer_before"] == 0  # no state before the first step ...
+    assert second["optimizer_before"] == first["optimizer"] > 0 or setup.optimizer == "sgd"  # ... then it stays
+    rows = {r["component"]: r for r in compare(est, got)}
+    for k in ("params", "grads", "optimizer"):
+        assert rows[k]["predicted"] == pytest.approx(rows[k]["measured"], rel=0.01), k
+    assert est.intermediates == pytest.approx(second["intermediates"], rel=0.01, abs=4096)
+
+
+def test_adam_step_temporaries_loop_against_foreach():
+    model, x = models()["mlp"]
+    loop = measure(model, x, setup=Setup(), steps=1).intermediates
+    multi = measure(model, x, setup=Setup(foreach=True), steps=1).intermediates
+    largest = max(p.numel() for p in model.parameters()) * 4
+    total = sum(p.numel() for p in model.parameters()) * 4
+    assert loop == pytest.approx(2 * largest, rel=0.01) and multi == pytest.approx(total, rel=0.01)
+
+
+# --------------------------------------------------------------------------- activations against the ledger
+@pytest.mark.parametrize("name", ["mlp", "resnet", "transformer", "transformer-no-dropout"])
+def test_saved_activations_equal_the_ledger(name):
+    torch.manual_seed(0)
+    if name == "resnet":
+        model, x = build_model("small"), torch.randn(8, 3, 32, 32)
+    elif name == "transformer-no-dropout":
+        model, x = tiny_transformer(SHAPE), torch.randint(0, SHAPE.vocab, (4, SHAPE.seq))
+    else:
+        model, x = models()[name]
+    est = estimate(model, Setup(), x)
+    assert est.notes == []  # every function had a rule: no fallback
+    assert est.activations == ledger(model, x)
+
+
+def test_pure_bf16_activations_of_the_mlp_equal_the_ledger():
+    model, x = models()["mlp"]
+    got = measure(model, x, setup=Setup(precision="bf16"), steps=1)
+    assert estimate(model, Setup(precision="bf16"), x).activations == got.activations
+
+
+def test_unknown_function_falls_back_to_the_meta_ledger_and_says_so():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return torch.cumsum(self.fc(x).exp(), dim=-1)
+
+    torch.manual_seed(0)
+    model, x = Odd(), torch.randn(5, 8)
+    est = estimate(model, Setup(), x)
+    assert any("no rule for" in n and "ledger" in n for n in est.notes)
+    assert est.activations == ledger(model, x)
+
+
+# --------------------------------------------------------------------------- peak
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_peak_within_ten_percent(name):
+    model, x = models()[name]
+    est, got = estimate(model, Setup(), x), measure(model, x, steps=2)
+    assert est.peak == pytest.approx(got.peak, rel=0.10)
+
+
+def test_profiler_fallback_reports_states_and_a_peak():
+    model, x = models()["mlp"]
+    got = measure(model, x, steps=1, tracker="profiler")
+    est = estimate(model, Setup(), x)
+    assert got.method == "torch.profiler"
+    assert got.params == est.params and got.optimizer == est.optimizer
+    assert got.peak >= est.params + est.optimizer + est.grads
+
+
+# --------------------------------------------------------------------------- the published figures
+def test_zero_figure_1():
+    psi, n = 7.5e9, 64
+    got = [zero_bytes_per_rank(int(psi), n, s)["total"] / GB for s in range(4)]
+    assert [round(g, 1) for g in got] == [120.0, 31.4, 16.6, 1.9]
+    z1 = zero_bytes_per_rank(1000, 8, 1)
+    assert z1["total"] == 4 * 1000 + 12 * 1000 / 8
+    assert zero_bytes_per_rank(1000, 8, 2)["total"] == 2 * 1000 + 14 * 1000 / 8
+
+
+def test_bytes_per_parameter_split_autocast_against_mixed():
+    a, m = bytes_per_parameter("autocast-bf16", "adam"), bytes_per_parameter("mixed-fp16", "adam")
+    assert a["total"] == m["total"] == 16
+    assert (a["weights"], a["grads"], a["optimizer"]) == (4, 4, 8)
+    assert (m["weights"], m["grads"], m["optimizer"]) == (2, 2, 12)
+    assert bytes_per_parameter("fp32", "sgd")["total"] == 8 and bytes_per_parameter("fp32", "momentum")["total"] == 12
+    assert bytes_per_parameter("mixed-bf16", "adam")["total"] * 10 ** 9 / GB == 16  # Playbook: 1B -> 16 GB
+
+
+def test_transformer_params_equal_the_tiny_transformer():
+    for shape in (SHAPE, TransformerShape(3, 48, 6, 37, 8, 2)):
+        model = tiny_transformer(shape)
+        assert sum(p.numel() for p in model.parameters()) == transformer_params(shape.layers, shape.hidden,
+                                                                                  shape.vocab)
+    assert transformer_params(2, 64, 100, tied=False) == transformer_params(2, 64, 100) + 64 * 100
+
+
+def test_korthikanti_forms_reduce_to_each_other():
+    s, b, h, a = 2048, 1, 1024, 16
+    sbh = s * b * h
+    assert transformer_activations(s, b, h, a) == sbh * 34 + 5 * a * s * s * b
+    for t in (1, 2, 4, 8):
+        tp = transformer_activations(s, b, h, a, tp=t)
+        assert tp == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+        sp = transformer_activations(s, b, h, a, tp=t, sp=True)
+        assert sp == pytest.approx(sbh * (34 / t + 5 * a * s / (h * t)))
+        assert transformer_activations(s, b, h, a, tp=t, sp=True, recompute="selective") == pytest.approx(34 * sbh / t)
+        assert transformer_activations(s, b, h, a, tp=t, sp=True, flash=True) == pytest.approx(34 * sbh / t)
+    assert transformer_activations(s, b, h, a, tp=1, sp=False) == transformer_activations(s, b, h, a, tp=1, sp=True)
+    assert transformer_activations(s, b, h, a, layers=3, recompute="full") == 3 * 2 * sbh
+
+
+def test_pipeline_in_flight():
+    assert [pipeline_in_flight("1f1b", s, 4, 8) for s in range(4)] == [4, 3, 2, 1]
+    assert [pipeline_in_flight("1f1b", s, 4, 2) for s in range(4)] == [2, 2, 2, 1]
+    assert [pipeline_in_flight("gpipe", s, 4, 8) for s in range(4)] == [8] * 4
+
+
+def test_per_rank_figures_follow_the_degrees():
+    e0 = estimate(SHAPE)
+    e = estimate(SHAPE, Setup(dp=4, zero=3, tp=2, sp=True, pp=2, micro_batches=4))
+    assert e.rank_params == e0.params // 4 // 4
+    assert e.rank_activations == int(transformer_activations(64, 8, 64, 4, layers=2, tp=2, sp=True, bytes_per_value=4)
+                                     / 2 * 2)
+    z1 = estimate(SHAPE, Setup(dp=4, zero=1))
+    assert z1.rank_optimizer == e0.optimizer // 4 and z1.rank_grads == e0.grads
+
+
+# --------------------------------------------------------------------------- largest batch
+@pytest.mark.slow
+def test_largest_batch_fits_and_the_next_does_not():
+    model = tiny_transformer(SHAPE, dropout=0.1)
+    budget = 6_000_000
+    got = confirm_batch(model, (1, SHAPE.seq), budget)
+    b = got["batch"]
+    assert b == largest_batch(model, (1, SHAPE.seq), budget) >= 2
+    assert got["peak"] < got["next_peak"]
+    if not (got["fits"] and got["next_exceeds"]):  # then the measured largest batch is within one of b
+        x = torch.randint(0, SHAPE.vocab, (b - 1 if not got["fits"] else b + 2, SHAPE.seq))
+        peak = measure(model, x, steps=2).peak
+        assert peak <= budget if not got["fits"] else peak > budget
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_argument_and_value():
+    model, x = models()["mlp"]
+    with pytest.raises(ArgumentError, match="precision.*'fp8'"):
+        Setup(precision="fp8")
+    with pytest.raises(ArgumentError, match="optimizer.*'lion'"):
+        bytes_per_parameter("fp32", "lion")
+    with pytest.raises(ArgumentError, match="stage.*4"):
+        zero_bytes_per_rank(10, 2, 4)
+    with pytest.raises(ArgumentError, match="world.*0"):
+        zero_bytes_per_rank(10, 0, 1)
+    with pytest.raises(ArgumentError, match="micro_batch.*0"):
+        transformer_activations(8, 0, 64, 4)
+    with pytest.raises(ArgumentError, match="tp=3 must divide heads=4"):
+        transformer_activations(8, 1, 96, 4, tp=3)
+    with pytest.raises(ArgumentError, match="pp must divide layers.*pp=3"):
+        estimate(SHAPE, Setup(pp=3))
+    with pytest.raises(ArgumentError, match="tp must divide.*tp=3"):
+        estimate(model, Setup(tp=3), x)
+    with pytest.raises(ArgumentError, match="zero.*5"):
+        Setup(zero=5)
+    with pytest.raises(ArgumentError, match="grad_accum.*0"):
+        Setup(grad_accum=0)
+    with pytest.raises(ArgumentError, match="model must have parameters"):
+        estimate(nn.ReLU(), Setup(), (2, 3))
+    with pytest.raises(ArgumentError, match="sample must be.*str"):
+        estimate(model, Setup(), "x")
+    with pytest.raises(ArgumentError, match="sample must be an input tensor.*list"):
+        measure(model, [1, 2])
+    with pytest.raises(ArgumentError, match="budget_bytes.*0"):
+        largest_batch(model, (1, 256), 0)
+    with pytest.raises(ArgumentError, match="sample_shape.*0"):
+        largest_batch(model, (0, 256), 10 ** 9)
+    with pytest.raises(ArgumentError, match="precision 'mixed-fp16'"):
+        measure(model, x, setup=Setup(precision="mixed-fp16"))
