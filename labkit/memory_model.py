@@ -42,6 +42,7 @@ GB = 10 ** 9  # the ZeRO paper's and the Playbook's gigabyte (GPU memory lines a
 PRECISIONS = ("fp32", "bf16", "autocast-bf16", "autocast-fp16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimiser state tensors per parameter
 RECOMPUTE = ("none", "selective", "full")
+_REFUSE: str | None = None  # set by lab 09's exercise check while the learner's answer runs: the formulas then refuse
 SCHEDULES = ("1f1b", "gpipe")
 
 
@@ -51,6 +52,8 @@ def bytes_per_parameter(precision: str = "fp32", optimizer: str = "adam") -> dic
 
     ``fp32`` + Adam: 4 + 4 + 8 = 16; ``mixed-fp16`` + Adam: 2 + 2 + 12 = 16 (ZeRO's K = 12); ``bf16`` + Adam:
     2 + 2 + 4 = 8; SGD without momentum keeps no state (the master copy still counts under ``mixed-*``)."""
+    if _REFUSE:
+        raise AssertionError(_REFUSE)
     check_choice("precision", precision, PRECISIONS)
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     states = OPTIMIZERS[optimizer]

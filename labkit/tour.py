@@ -37,6 +37,7 @@ LABS: tuple[Lab, ...] = (
     Lab("06", "k-means", "labkit.kmeans", "kmeans", "06_kmeans_pseudo_labels.ipynb"),
     Lab("07", "pseudo-labels", "labkit.pseudo_label", "ssl", "07_generative_pseudo_labels.ipynb"),
     Lab("08", "ablation", "labkit.ablation", "ablation", "08_ablation.ipynb"),
+    Lab("09", "hardware", "labkit.hardware", "hardware", "09_hardware.ipynb"),
 )
 
 

@@ -22,12 +22,13 @@ from .cpu import CpuInfo, cpu_info, gpu_info, predict_bf16  # noqa: F401
 from .loading import DecodeLikeDataset, input_pipeline  # noqa: F401
 from .measure import Measured, compare, confirm_batch, measure  # noqa: F401
 from .memory import Estimate, Setup, estimate, largest_batch  # noqa: F401
-from .speed import batch_sweep, channels_last_speed, checkpointing, compile_speed, mixed_precision  # noqa: F401
+from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision  # noqa: F401
 from .step import Result, Step, make_step  # noqa: F401
 from .timing import Timing, interleaved  # noqa: F401
 from .transformer import TransformerShape, tiny_transformer  # noqa: F401
 
 __all__ = ["CpuInfo", "cpu_info", "gpu_info", "predict_bf16", "Timing", "interleaved", "Step", "Result",
-           "make_step", "mixed_precision", "channels_last_speed", "compile_speed", "batch_sweep", "checkpointing",
+           "make_step", "mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep",
+           "checkpointing",
            "input_pipeline", "DecodeLikeDataset", "TransformerShape", "tiny_transformer", "Setup", "Estimate",
            "estimate", "largest_batch", "Measured", "measure", "compare", "confirm_batch"]

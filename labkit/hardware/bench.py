@@ -5,6 +5,8 @@ Prints the processor (or GPU) and its flags, then one table per experiment of
 baseline measured in the same run, with published figures beside them (for other hardware: a
 guide to the direction and size, not a target here):
 
+- bf16 by instruction set: the same CPU with oneDNN held to AVX512 without BF16, and to AVX2
+  (``ONEDNN_MAX_CPU_ISA``): bf16 where the hardware has no bf16 arithmetic.
 - mixed precision: NVIDIA DeepLearningExamples, ResNet-50 v1.5 training (PyTorch 21.03): A100-80GB
   TF32 938 img/s vs AMP 2470 (2.63x), V100 FP32 367 vs AMP 1200 (3.26x); on CPUs, bf16 autocast is
   fast only with AVX512-BF16 or AMX (pytorch/pytorch#86270: over 2x slower; #146508: 44-499x slower
@@ -22,13 +24,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXPERIMENTS = ("precision", "channels_last", "compile", "batch", "checkpoint", "input")
+EXPERIMENTS = ("precision", "isa", "channels_last", "compile", "batch", "checkpoint", "input")
 
 PUBLISHED = {
     "precision": ["NVIDIA DeepLearningExamples ResNet-50 v1.5 (PyTorch 21.03): A100 TF32 938 -> AMP 2470 img/s "
                   "(2.63x); V100 FP32 367 -> AMP 1200 (3.26x)",
                   "CPU bf16 without AVX512-BF16/AMX: >2x slower (pytorch/pytorch#86270), matmuls 44-499x slower on "
                   "AVX2 only (pytorch/pytorch#146508)"],
+    "isa": ["pytorch/pytorch#86270: BERT inference over 2x slower under CPU bf16 autocast without native bf16; "
+            "pytorch/pytorch#146508: bf16 matmuls 44-499x slower on an AVX2-only CPU"],
     "channels_last": ["PyTorch channels_last tutorial: 8-35% faster on Volta with AMP (ResNet-50 ~772 -> ~1011 "
                       "img/s in its example)"],
     "compile": ["PyTorch 2.0 release: torch.compile trained 43% faster on average on an A100 (21% fp32, 51% AMP), "
@@ -67,9 +71,16 @@ def table(rows: list[dict]) -> str:
 def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
     """Run the named experiments, print each table with its verdict and published figures; ``{name: Result}``."""
     from .loading import input_pipeline
-    from .speed import batch_sweep, channels_last_speed, checkpointing, compile_speed, mixed_precision
+    from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision
 
-    fns = {"precision": mixed_precision, "channels_last": channels_last_speed, "compile": compile_speed,
+    def isa(device="cpu", trials=7, quick=True):
+        if device == "cuda":
+            from .step import Result
+            return Result("bf16 by instruction set", [], "skipped: ONEDNN_MAX_CPU_ISA concerns CPU kernels only",
+                          device)
+        return bf16_by_isa(batch=8 if quick else 16, trials=trials)
+
+    fns = {"precision": mixed_precision, "isa": isa, "channels_last": channels_last_speed, "compile": compile_speed,
            "batch": batch_sweep, "checkpoint": checkpointing, "input": input_pipeline}
     out = {}
     for name in names:

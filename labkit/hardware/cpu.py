@@ -16,6 +16,11 @@ and ``amx_bf16`` / ``amx_tile`` (Intel AMX tile matrix units), plus
   in the autocast docs came with PR #86550);
 - ``"unknown"`` otherwise (no flags readable, or another architecture).
 
+The prediction follows the instruction sets torch may use, not only those the chip has: oneDNN (the library behind
+torch's CPU convolutions and matrix products) reads ``ONEDNN_MAX_CPU_ISA`` and uses nothing above it, so
+``ONEDNN_MAX_CPU_ISA=AVX2`` on an AVX512-BF16 machine behaves as an AVX2-only one. The lab uses that to measure both
+cases on one machine (:func:`labkit.hardware.bf16_by_isa`).
+
 :func:`gpu_info` says what the GPU is (name, compute capability, bf16 support, TF32 state), or
 ``None`` without one.
 """
@@ -26,9 +31,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-__all__ = ["CpuInfo", "cpu_info", "predict_bf16", "gpu_info", "FLAGS"]
+__all__ = ["CpuInfo", "cpu_info", "predict_bf16", "gpu_info", "FLAGS", "ONEDNN_ISAS"]
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+#: oneDNN's ``ONEDNN_MAX_CPU_ISA`` levels, oldest first, and the flags each one gives up to (its documentation,
+#: "CPU dispatcher control"); a level not listed here is newer and keeps every flag.
+ONEDNN_ISAS = {"SSE41": (), "AVX": (), "AVX2": ("avx2",), "AVX2_VNNI": ("avx2",), "AVX512_CORE": ("avx2", "avx512f"),
+               "AVX512_CORE_VNNI": ("avx2", "avx512f"), "AVX512_CORE_BF16": ("avx2", "avx512f", "avx512_bf16")}
 
 
 @dataclass
@@ -40,6 +49,14 @@ class CpuInfo:
     flags: dict = field(default_factory=dict)  # flag -> True/False; None when it could not be read
     source: str = "/proc/cpuinfo"       # where the flags came from
     cores: int | None = None
+    max_isa: str | None = None          # ONEDNN_MAX_CPU_ISA, when set: oneDNN uses no instruction set above it
+
+    def usable(self) -> dict:
+        """The flags oneDNN may use: the chip's, less those above ``ONEDNN_MAX_CPU_ISA``."""
+        keep = ONEDNN_ISAS.get((self.max_isa or "").upper())
+        if keep is None:
+            return dict(self.flags)
+        return {f: (v and f in keep) if v is not None else None for f, v in self.flags.items()}
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,8 +66,9 @@ class CpuInfo:
         have = [f for f in FLAGS if self.flags.get(f)]
         unread = [f for f in FLAGS if self.flags.get(f) is None]
         tail = f"; unread: {', '.join(unread)}" if unread else ""
+        cap = f"; oneDNN limited to {self.max_isa} (ONEDNN_MAX_CPU_ISA)" if self.max_isa else ""
         return (f"{self.model} ({self.cores} logical CPUs); torch capability {self.capability}; "
-                f"flags: {', '.join(have) or 'none of ' + '/'.join(FLAGS)} (from {self.source}{tail})")
+                f"flags: {', '.join(have) or 'none of ' + '/'.join(FLAGS)} (from {self.source}{tail}){cap}")
 
 
 def _read_proc_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str] | None]:
@@ -89,7 +107,8 @@ def cpu_info(proc_path: str = "/proc/cpuinfo") -> CpuInfo:
             got = {f: None for f in FLAGS}
         source = "torch.backends.cpu.get_cpu_capability()"
     return CpuInfo(model=model or platform.processor() or platform.machine() or "unknown CPU",
-                   capability=capability, flags=got, source=source, cores=os.cpu_count())
+                   capability=capability, flags=got, source=source, cores=os.cpu_count(),
+                   max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
 
 
 def predict_bf16(info: CpuInfo | dict) -> tuple[str, str]:
@@ -99,7 +118,7 @@ def predict_bf16(info: CpuInfo | dict) -> tuple[str, str]:
     from .._validate import ArgumentError
 
     if isinstance(info, CpuInfo):
-        flags = info.flags
+        flags = info.usable()
     elif isinstance(info, dict):
         flags = info
     else:

@@ -6,6 +6,8 @@ The experiments time :class:`labkit.hardware.step.Step` variants with :func:`lab
 
 - :func:`mixed_precision`: fp32 vs autocast-bf16 (vs autocast-fp16 + GradScaler on a GPU), beside
   :func:`labkit.hardware.cpu.predict_bf16`'s prediction, and the bf16 loss against fp32's.
+- :func:`bf16_by_isa`: the same comparison on the same CPU with oneDNN held to older instruction sets
+  (``ONEDNN_MAX_CPU_ISA``), each in a fresh process: what bf16 costs where the hardware has no bf16 arithmetic.
 - :func:`channels_last_speed`: NCHW vs NHWC, in fp32 and in bf16.
 - :func:`compile_speed`: eager vs ``torch.compile``: compile time of the first call apart from the
   steady-state ratio; the compiled losses against eager's.
@@ -23,10 +25,13 @@ lack of a GPU.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -34,12 +39,13 @@ from torch import nn
 
 from .._validate import ArgumentError, check_int
 from ..sliced.models import saved_bytes, small_resnet
-from .cpu import cpu_info, gpu_info, predict_bf16
+from ..runtime.launcher import child_env
+from .cpu import ONEDNN_ISAS, cpu_info, gpu_info, predict_bf16
 from .step import (LOSS_RTOL, Result, _agreement, _close, _model_name, _setup, _skipped, _threads,
                    _timed_row, _where, make_step)
 from .timing import interleaved
 
-__all__ = ["mixed_precision", "channels_last_speed", "compile_speed", "batch_sweep", "checkpointing"]
+__all__ = ["mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep", "checkpointing"]
 
 
 def _predict(device):
@@ -82,6 +88,73 @@ def mixed_precision(model=None, batch=None, device="cpu", trials=7, quick=True, 
                f"({'within' if close else 'NOT within'} {LOSS_RTOL:.0%})")
     return Result("mixed precision", rows, verdict, device, notes,
                   {"prediction": pred, "reason": reason, "agreement": agree, "bf16_speedup": bf}, timing)
+
+
+_ISA_SCRIPT = """
+import json, torch
+torch.set_num_threads({threads})
+from labkit.hardware import cpu_info, mixed_precision, predict_bf16
+r = mixed_precision(model={model!r}, batch={batch}, trials={trials})
+t = r.timing
+print("LABKIT-JSON " + json.dumps({{"fp32 ms": t.median("fp32") * 1e3, "bf16 ms": t.median("autocast-bf16") * 1e3,
+      "bf16 speed-up": t.speedup("autocast-bf16"), "predicted": predict_bf16(cpu_info())[0],
+      "torch kernels": torch.backends.cpu.get_cpu_capability()}}))
+"""
+
+
+def _isa_row(isa: str, model: str, batch: int, trials: int, threads: int, timeout: float) -> dict:
+    keep = ONEDNN_ISAS[isa]
+    env = {"ONEDNN_MAX_CPU_ISA": isa}
+    if "avx512f" not in keep:  # torch's own (non-oneDNN) kernels too: AVX2, or none
+        env["ATEN_CPU_CAPABILITY"] = "avx2" if "avx2" in keep else "default"
+    code = _ISA_SCRIPT.format(threads=threads, model=model, batch=batch, trials=trials)
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                           env=child_env(**env))
+    except subprocess.TimeoutExpired:
+        return _skipped(f"oneDNN <= {isa}", f"did not finish in {timeout:g} s (a busy machine?)")
+    line = next((x for x in p.stdout.splitlines() if x.startswith("LABKIT-JSON ")), None)
+    if p.returncode or line is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        return _skipped(f"oneDNN <= {isa}", f"the run failed (exit {p.returncode}): {tail[0]}")
+    return {"variant": f"oneDNN <= {isa}", **json.loads(line[len("LABKIT-JSON "):])}
+
+
+def bf16_by_isa(isas=("AVX512_CORE", "AVX2"), model="small", batch=8, trials=3, threads=1,
+                timeout: float = 300) -> Result:
+    """fp32 against autocast-bf16 on this CPU as it is, then with oneDNN held to each of ``isas``
+    (``ONEDNN_MAX_CPU_ISA``; below AVX512 torch's own kernels are held to AVX2 too, ``ATEN_CPU_CAPABILITY``), each
+    in a fresh process (the variables are read once, when the library loads). Rows: the prediction from the
+    usable flags, fp32 and bf16 step times (medians of interleaved rounds) and bf16's speed-up.
+
+    On an AVX512-BF16 or AMX machine this shows both sides of "mixed precision is faster" on one chip: without
+    native bf16 instructions every bf16 value is converted around fp32 kernels."""
+    if not isinstance(isas, (list, tuple)) or not isas:
+        raise ArgumentError(f"isas must be a non-empty list of oneDNN ISA names, got {isas!r}; pick from "
+                            f"{list(ONEDNN_ISAS)}")
+    bad = [i for i in isas if str(i).upper() not in ONEDNN_ISAS]
+    if bad:
+        raise ArgumentError(f"isas has unknown oneDNN ISA names {bad}; pick from {list(ONEDNN_ISAS)}")
+    if not isinstance(model, str):
+        raise ArgumentError(f"model must be a model name (each run is a fresh process), got {type(model).__name__}")
+    trials = check_int("trials", trials, minimum=1)
+    info = cpu_info()
+    notes = []
+    with _threads(threads):
+        here = mixed_precision(model=model, batch=batch, trials=trials, threads=threads)
+    t = here.timing
+    rows = [{"variant": "every ISA this CPU has", "fp32 ms": t.median("fp32") * 1e3,
+             "bf16 ms": t.median("autocast-bf16") * 1e3, "bf16 speed-up": t.speedup("autocast-bf16"),
+             "predicted": predict_bf16(info)[0], "torch kernels": info.capability}]
+    if not any(info.flags.get(f) for f in ("avx2", "avx512f")):
+        notes.append("no x86 vector flags could be read here: ONEDNN_MAX_CPU_ISA applies to x86 CPUs only")
+    else:
+        rows += [_isa_row(str(i).upper(), model, batch, trials, threads, timeout) for i in isas]
+    ran = [r for r in rows if r.get("bf16 speed-up") is not None]
+    verdict = "bf16 speed-up over fp32: " + "; ".join(f"{r['bf16 speed-up']:.2f}x with {r['variant']}" for r in ran)
+    verdict += f" ({model}, batch {batch}, {info.model}, medians of {trials} interleaved rounds per process)"
+    return Result("bf16 by instruction set", rows, verdict, "cpu", notes, {"speedups": {
+        r["variant"]: r["bf16 speed-up"] for r in ran}}, here.timing)
 
 
 def channels_last_speed(model=None, batch=None, device="cpu", trials=7, quick=True, optimizer="sgd", threads=1,

@@ -1,8 +1,8 @@
 """Lab 09's figures: speed-ups against the fp32 run, memory per GPU as stacked bars against a memory line, the
 checkpointing trade-off, throughput against batch size, and the input pipeline's timeline.
 
-Every function takes plain rows or dicts (what the experiments and the calculator return), an optional
-matplotlib ``ax``, and returns the ``ax``.
+Every function takes what the experiments (:class:`labkit.hardware.Result` rows) and the calculator return, an
+optional matplotlib ``ax``, and returns the ``ax``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _ax(ax, figsize=(6, 3.2)):
     return ax
 
 
-def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None, published: Mapping[str, float] | None = None):
+def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
+             published: Mapping[str, float] | None = None):
     """Horizontal bars of speed-ups (baseline time / variant time), a line at 1 (no change).
 
     ``published`` adds a hollow marker per label (a cited figure, e.g. NVIDIA's AMP speed-up)."""
@@ -91,45 +92,61 @@ def memory_stack(bars: Mapping[str, Mapping[str, float]], limits: Mapping[str, f
 
 
 def checkpoint_tradeoff(rows: Sequence[Mapping], ax=None, layers: int | None = None, title: str | None = None):
-    """Saved activation memory against step time, one point per number of checkpointed segments
-    (rows with ``segments``, ``saved_bytes`` and ``seconds``); the segment count nearest sqrt(layers) marked."""
+    """Activation memory at the backward's peak against step time, one point per number of checkpointed segments
+    (the rows of :func:`labkit.hardware.checkpointing`); the segment count nearest sqrt(layers) circled."""
     if not rows:
-        raise ValueError("checkpoint_tradeoff() got no rows")
+        raise ValueError("checkpoint_tradeoff() got no rows: run labkit.hardware.checkpointing() first")
     ax = _ax(ax)
-    xs = [r["seconds"] * 1e3 for r in rows]
-    ys = [r["saved_bytes"] / 1e6 for r in rows]
+    xs = [r["median ms"] for r in rows]
+    ys = [r["backward peak MB"] for r in rows]
     ax.plot(xs, ys, "o-", color="#4c78a8")
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(str(r["segments"] or "none"), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=8)
     if layers:
         best = min(rows, key=lambda r: abs((r["segments"] or layers) - math.sqrt(layers)))
-        ax.scatter([best["seconds"] * 1e3], [best["saved_bytes"] / 1e6], s=120, facecolors="none", edgecolors="#c33",
+        ax.scatter([best["median ms"]], [best["backward peak MB"]], s=120, facecolors="none", edgecolors="#c33",
                    label=f"~sqrt({layers}) = {math.sqrt(layers):.1f} segments (Chen et al. 2016)")
         ax.legend(fontsize=7)
     ax.set_xlabel("training step (ms, median)")
-    ax.set_ylabel("activations kept for backward (MB)")
+    ax.set_ylabel("activations at the backward's peak (MB)")
     ax.set_title(title or "checkpointing: memory saved against time paid", fontsize=9)
     return ax
 
 
 def batch_curve(rows: Sequence[Mapping], ax=None, title: str | None = None):
-    """Images per second (left axis) and activation memory (right axis) against batch size
-    (rows with ``batch``, ``images_per_s`` and ``activation_bytes``)."""
+    """Images per second (left axis) and activation memory (right axis) against batch size (the rows of
+    :func:`labkit.hardware.batch_sweep`)."""
     if not rows:
-        raise ValueError("batch_curve() got no rows")
+        raise ValueError("batch_curve() got no rows: run labkit.hardware.batch_sweep() first")
     ax = _ax(ax)
     b = [r["batch"] for r in rows]
-    ax.plot(b, [r["images_per_s"] for r in rows], "o-", color="#4c78a8", label="images/s")
+    ax.plot(b, [r["images/s"] for r in rows], "o-", color="#4c78a8", label="images/s")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("images per second", color="#4c78a8")
     ax2 = ax.twinx()
-    ax2.plot(b, [r["activation_bytes"] / 1e6 for r in rows], "s--", color="#54a24b", label="activations")
+    ax2.plot(b, [r["activation MB"] for r in rows], "s--", color="#54a24b", label="activations")
     ax2.set_ylabel("activations kept (MB)", color="#54a24b")
     ax.set_title(title or "throughput and memory against batch size", fontsize=9)
     return ax
 
 
-def pipeline_timeline(events: Sequence[Mapping], ax=None, title: str | None = None):
-    """The input pipeline's timeline (events in :mod:`labkit.viz`'s format, lanes load / copy / compute)."""
-    return gantt(events, ax=ax, title=title or "input pipeline: load, copy and compute per batch", lane_name="")
+def timeline_events(timeline: Sequence[Mapping]) -> list[dict]:
+    """One input-pipeline run's per-batch timeline (``Result.extra["timelines"][variant]`` of
+    :func:`labkit.hardware.input_pipeline`) as :func:`labkit.viz.gantt` events on three lanes: load (in whichever
+    process made the batch), wait (the training loop blocked on the loader) and compute (copy + step)."""
+    events = []
+    for r in timeline:
+        b = r["batch"]
+        events.append({"lane": "load", "kind": "recv", "start": r["load_start"], "end": r["load_end"], "label": b})
+        if r["copy_start"] > r["wait_start"]:
+            events.append({"lane": "wait", "kind": "wait", "start": r["wait_start"], "end": r["copy_start"]})
+        events.append({"lane": "step", "kind": "compute", "start": r["copy_start"], "end": r["compute_end"],
+                       "label": b})
+    return events
+
+
+def pipeline_timeline(timeline: Sequence[Mapping], ax=None, title: str | None = None):
+    """The input pipeline's timeline: load, wait and step per batch (see :func:`timeline_events`)."""
+    return gantt(timeline_events(timeline), ax=ax, origin=0.0, lane_name="",
+                 title=title or "input pipeline: load, wait and step per batch")
