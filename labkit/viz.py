@@ -24,6 +24,7 @@ KIND_COLOURS = {
     "idle": "#eeeeee",
     "optimizer": "#b279a2",
     "sleep": "#9d755d",
+    "load": "#72b7b2",
 }
 
 

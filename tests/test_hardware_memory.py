@@ -234,3 +234,15 @@ def test_bad_input_names_the_argument_and_value():
         largest_batch(model, (0, 256), 10 ** 9)
     with pytest.raises(ArgumentError, match="precision 'mixed-fp16'"):
         measure(model, x, setup=Setup(precision="mixed-fp16"))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_shape_only_estimate_of_the_step_temporaries_matches_the_real_model(foreach):
+    """From the shape alone: the optimiser step's temporaries (2 x the largest tensor, or every tensor with foreach)
+    and the model states equal what the real model of that shape measures."""
+    setup = Setup(foreach=foreach)
+    model, x = tiny_transformer(SHAPE), torch.randint(0, SHAPE.vocab, (8, SHAPE.seq))
+    est, got = estimate(SHAPE, setup), measure(model, x, setup=setup, steps=2).steps[-1]
+    assert est.intermediates == pytest.approx(got["intermediates"], rel=0.01)
+    assert est.params == got["params"] and est.grads == got["grads"]
+    assert est.optimizer == pytest.approx(got["optimizer"], rel=0.001)  # Adam's step counters aside

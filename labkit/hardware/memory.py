@@ -195,6 +195,15 @@ def _per_rank(est: Estimate, setup: Setup, acts_one: int, tp_acts: int | None = 
                                 f"activations / tp / pp x {flight} micro-batches in flight (pipeline_in_flight)")
 
 
+def _tensor_sizes(shape: TransformerShape) -> list[int]:
+    """Elements of each parameter tensor of :class:`~labkit.hardware.transformer.TinyTransformer` of ``shape``
+    (the optimiser's step works tensor by tensor): per layer QKV, projection and the MLP's two weights with their
+    biases and two LayerNorms; the (tied) embedding and the final LayerNorm."""
+    h = shape.hidden
+    layer = [3 * h * h, 3 * h, h * h, h, 4 * h * h, 4 * h, 4 * h * h, h, h, h, h, h]
+    return layer * shape.layers + [h * shape.vocab, h, h]
+
+
 def _estimate_shape(shape: TransformerShape, setup: Setup) -> Estimate:
     if shape.layers % setup.pp:
         raise ArgumentError(f"pp must divide layers, got pp={setup.pp}, layers={shape.layers}")
@@ -211,14 +220,16 @@ def _estimate_shape(shape: TransformerShape, setup: Setup) -> Estimate:
     tp_acts = transformer_activations(**kw, tp=setup.tp, sp=setup.sp)
     z = zero_bytes_per_rank(n, 1, 0, setup.precision, setup.optimizer)
     est = Estimate(params=int(z["weights"]), grads=int(z["grads"]), optimizer=int(z["optimizer"]),
-                   intermediates=_intermediates(setup, [shape.hidden * shape.vocab], _state_bytes(setup)),
+                   intermediates=_intermediates(setup, _tensor_sizes(shape), _state_bytes(setup)),
                    activations=acts, peak=0)
     est.peak = est.params + est.optimizer + max(acts + est.grads, est.grads + est.intermediates)
     est.peak_at = "during backward" if acts > est.intermediates else "in the optimiser step"
     est.formulas = {"params": "h.v + L(12h^2 + 13h) + 2h -- Ultra-Scale Playbook",
                     "optimizer": f"{per['optimizer']} B/parameter -- ZeRO 2019 sec. 3.1",
                     "activations": "sbh(34 + 5as/h) per layer, tp/sp/recompute variants -- Korthikanti et al. 2022",
-                    "intermediates": "2 x the largest parameter (the embedding) -- measured, torch 2.14 CPU"}
+                    "intermediates": ("all parameters at once (foreach)" if setup.foreach else
+                                      "2 x the largest parameter (embedding or MLP weight)")
+                    + " -- measured, torch 2.14 CPU"}
     _per_rank(est, setup, acts, tp_acts)
     return est
 

@@ -99,7 +99,7 @@ def checkpoint_tradeoff(rows: Sequence[Mapping], ax=None, layers: int | None = N
     ax = _ax(ax)
     xs = [r["median ms"] for r in rows]
     ys = [r["backward peak MB"] for r in rows]
-    ax.plot(xs, ys, "o-", color="#4c78a8")
+    ax.plot(xs, ys, "o", color="#4c78a8")
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(str(r["segments"] or "none"), (x, y), xytext=(4, 3), textcoords="offset points", fontsize=8)
     if layers:
@@ -138,7 +138,7 @@ def timeline_events(timeline: Sequence[Mapping]) -> list[dict]:
     events = []
     for r in timeline:
         b = r["batch"]
-        events.append({"lane": "load", "kind": "recv", "start": r["load_start"], "end": r["load_end"], "label": b})
+        events.append({"lane": "load", "kind": "load", "start": r["load_start"], "end": r["load_end"], "label": b})
         if r["copy_start"] > r["wait_start"]:
             events.append({"lane": "wait", "kind": "wait", "start": r["wait_start"], "end": r["copy_start"]})
         events.append({"lane": "step", "kind": "compute", "start": r["copy_start"], "end": r["compute_end"],

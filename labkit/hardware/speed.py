@@ -112,12 +112,12 @@ def _isa_row(isa: str, model: str, batch: int, trials: int, threads: int, timeou
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                            env=child_env(**env))
     except subprocess.TimeoutExpired:
-        return _skipped(f"oneDNN <= {isa}", f"did not finish in {timeout:g} s (a busy machine?)")
+        return _skipped(f"oneDNN held to {isa}", f"did not finish in {timeout:g} s (a busy machine?)")
     line = next((x for x in p.stdout.splitlines() if x.startswith("LABKIT-JSON ")), None)
     if p.returncode or line is None:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-        return _skipped(f"oneDNN <= {isa}", f"the run failed (exit {p.returncode}): {tail[0]}")
-    return {"variant": f"oneDNN <= {isa}", **json.loads(line[len("LABKIT-JSON "):])}
+        return _skipped(f"oneDNN held to {isa}", f"the run failed (exit {p.returncode}): {tail[0]}")
+    return {"variant": f"oneDNN held to {isa}", **json.loads(line[len("LABKIT-JSON "):])}
 
 
 def bf16_by_isa(isas=("AVX512_CORE", "AVX2"), model="small", batch=8, trials=3, threads=1,
