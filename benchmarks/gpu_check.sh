@@ -30,4 +30,7 @@ step bench_ddp     60 "$PY" -m labkit bench ddp --quick
 step bench_pipeline 90 "$PY" -m labkit bench pipeline --quick
 step bench_kmeans 300 "$PY" -m labkit bench kmeans --gpu
 step bench_ablation 120 "$PY" -m labkit bench ablation --quick
+# lab 09: ResNet-50 at batch 256 (fp32 with TF32 off and on, bf16, fp16 + GradScaler, channels_last, compile,
+# cudnn.benchmark, pinned memory), and the memory calculator against torch.cuda.max_memory_allocated
+step bench_hardware 420 "$PY" -m labkit bench hardware --device cuda --trials 7
 echo "results in $OUT/ (summary: $summary)"

@@ -246,3 +246,12 @@ def test_shape_only_estimate_of_the_step_temporaries_matches_the_real_model(fore
     assert est.intermediates == pytest.approx(got["intermediates"], rel=0.01)
     assert est.params == got["params"] and est.grads == got["grads"]
     assert est.optimizer == pytest.approx(got["optimizer"], rel=0.001)  # Adam's step counters aside
+
+
+def test_fused_attention_removes_the_scores_from_a_shape_estimate():
+    big = TransformerShape(layers=32, hidden=4096, heads=32, vocab=32000, seq=4096, micro_batch=1)
+    full, fused = estimate(big, Setup(precision="mixed-bf16")), estimate(big, Setup(precision="mixed-bf16", flash=True))
+    assert fused.activations / full.activations == pytest.approx(34 / (34 + 5 * 32 * 4096 / 4096))
+    assert fused.params == full.params and fused.optimizer == full.optimizer
+    with pytest.raises(ArgumentError, match="flash must be True or False"):
+        Setup(flash="yes")

@@ -7,6 +7,7 @@ guide to the direction and size, not a target here):
 
 - bf16 by instruction set: the same CPU with oneDNN held to AVX512 without BF16, and to AVX2
   (``ONEDNN_MAX_CPU_ISA``): bf16 where the hardware has no bf16 arithmetic.
+- memory: the calculator against PyTorch's memory tracker (CPU) or the CUDA allocator's peak (GPU).
 - mixed precision: NVIDIA DeepLearningExamples, ResNet-50 v1.5 training (PyTorch 21.03): A100-80GB
   TF32 938 img/s vs AMP 2470 (2.63x), V100 FP32 367 vs AMP 1200 (3.26x); on CPUs, bf16 autocast is
   fast only with AVX512-BF16 or AMX (pytorch/pytorch#86270: over 2x slower; #146508: 44-499x slower
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXPERIMENTS = ("precision", "isa", "channels_last", "compile", "batch", "checkpoint", "input")
+EXPERIMENTS = ("memory", "precision", "isa", "channels_last", "compile", "batch", "checkpoint", "input")
 
 PUBLISHED = {
+    "memory": ["ZeRO (Rajbhandari et al. 2019): 16 bytes per parameter for mixed-precision Adam; the Ultra-Scale "
+               "Playbook: 1B parameters -> 16 GB before activations"],
     "precision": ["NVIDIA DeepLearningExamples ResNet-50 v1.5 (PyTorch 21.03): A100 TF32 938 -> AMP 2470 img/s "
                   "(2.63x); V100 FP32 367 -> AMP 1200 (3.26x)",
                   "CPU bf16 without AVX512-BF16/AMX: >2x slower (pytorch/pytorch#86270), matmuls 44-499x slower on "
@@ -68,6 +71,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in width]), *(line(row) for row in cells)])
 
 
+def memory_check(device="cpu", trials=7, quick=True):
+    """The calculator against a measured run (MemTracker on CPU, the CUDA allocator on a GPU) for an MLP, the small
+    ResNet and a 2-layer transformer, fp32 Adam: one row per model and component (``trials`` is not used: memory
+    does not vary from run to run)."""
+    import torch
+
+    from ..sliced.models import build_model
+    from .lab import mlp
+    from .measure import compare, measure
+    from .memory import Setup, estimate
+    from .step import Result, _resolve_device
+    from .transformer import TransformerShape, tiny_transformer
+
+    device, notes = _resolve_device(device)
+    b = 16 if quick else 64
+    shape = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=b // 2)
+    torch.manual_seed(0)
+    models = {"MLP 256-512-512-10": (mlp(dropout=0.1), torch.randn(b, 256)),
+              "small ResNet": (build_model("small"), torch.randn(b, 3, 32, 32)),
+              "transformer 2 x 64": (tiny_transformer(shape, dropout=0.1), torch.randint(0, 100, (b // 2, 64)))}
+    rows, worst = [], {}
+    for name, (model, x) in models.items():
+        got = measure(model, x, setup=Setup(), steps=2, device=device)
+        for r in compare(estimate(model, Setup(), x), got):
+            rows.append({"model": name, "batch": x.shape[0], **r, "method": got.method})
+            worst[r["component"]] = max(worst.get(r["component"], 0.0), abs(r["ratio"] - 1)
+                                        if r["measured"] else 0.0)
+    verdict = (f"predicted / measured, worst over the models: params, grads, optimizer within "
+               f"{max(worst['params'], worst['grads'], worst['optimizer']):.2%}; activations within "
+               f"{worst['activations']:.2%}; peak within {worst['peak']:.2%} ({rows[0]['method']})")
+    return Result("memory: calculator against a measured run", rows, verdict, device, notes, {"worst": worst})
+
+
 def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
     """Run the named experiments, print each table with its verdict and published figures; ``{name: Result}``."""
     from .loading import input_pipeline
@@ -80,7 +116,7 @@ def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
                           device)
         return bf16_by_isa(batch=8 if quick else 16, trials=trials)
 
-    fns = {"precision": mixed_precision, "isa": isa, "channels_last": channels_last_speed, "compile": compile_speed,
+    fns = {"memory": memory_check, "precision": mixed_precision, "isa": isa, "channels_last": channels_last_speed, "compile": compile_speed,
            "batch": batch_sweep, "checkpoint": checkpointing, "input": input_pipeline}
     out = {}
     for name in names:

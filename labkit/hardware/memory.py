@@ -42,7 +42,8 @@ class Setup:
     """How a model is trained: precision, optimiser, gradient accumulation, checkpointed segments and the
     parallel degrees (data parallel ``dp`` with ZeRO ``zero`` stage, tensor ``tp``, sequence ``sp``, pipeline
     ``pp`` with ``schedule`` over ``micro_batches``). ``foreach`` picks torch's multi-tensor optimiser
-    (``False`` is torch's default on CPU)."""
+    (``False`` is torch's default on CPU); ``flash`` says a fused attention kernel keeps no s x s scores (for a
+    :class:`~labkit.hardware.transformer.TransformerShape`; a real model's walk sees what it calls)."""
 
     precision: str = "fp32"
     optimizer: str = "adam"
@@ -56,6 +57,7 @@ class Setup:
     schedule: str = "1f1b"
     micro_batches: int = 1
     foreach: bool = False
+    flash: bool = False
 
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
@@ -65,7 +67,7 @@ class Setup:
         check_int("checkpoint", self.checkpoint, minimum=0, hint="pass the number of checkpointed segments (0: none)")
         check_int("zero", self.zero, minimum=0, maximum=3, hint="ZeRO stages are 0 (none), 1, 2 and 3")
         check_choice("schedule", self.schedule, ("gpipe", "1f1b"))
-        for name in ("sp", "foreach"):
+        for name in ("sp", "foreach", "flash"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.sp and self.tp == 1:
@@ -215,7 +217,8 @@ def _estimate_shape(shape: TransformerShape, setup: Setup) -> Estimate:
     bpv = 4 if setup.precision == "fp32" else 2
     recompute = "full" if setup.checkpoint else "none"
     kw = dict(seq=shape.seq, micro_batch=shape.micro_batch, hidden=shape.hidden, heads=shape.heads,
-              layers=shape.layers, recompute=recompute, bytes_per_value=bpv)
+              layers=shape.layers, recompute=recompute, bytes_per_value=bpv,
+              flash=setup.flash)
     acts = transformer_activations(**kw)
     tp_acts = transformer_activations(**kw, tp=setup.tp, sp=setup.sp)
     z = zero_bytes_per_rank(n, 1, 0, setup.precision, setup.optimizer)

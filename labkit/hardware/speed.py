@@ -68,7 +68,15 @@ def mixed_precision(model=None, batch=None, device="cpu", trials=7, quick=True, 
     precisions = ["fp32", "autocast-bf16"] + (["autocast-fp16"] if device == "cuda" else [])
     with _threads(threads if device == "cpu" else None):
         steps = {p: make_step(model, batch, device, precision=p, optimizer=optimizer) for p in precisions}
-        timing = interleaved(steps, trials=trials, warmup=1, device=device, progress=progress)
+        runs = dict(steps)
+        if device == "cuda":  # the fp32 baseline without TF32 (PyTorch's default lets convolutions use it), and with
+            steps["fp32 + TF32"] = make_step(model, batch, device, optimizer=optimizer)
+            runs = {"fp32": _tf32(steps["fp32"], False), "fp32 + TF32": _tf32(steps["fp32 + TF32"], True),
+                    **{p: _tf32(steps[p], False) for p in precisions[1:]}}
+            precisions.insert(1, "fp32 + TF32")
+            notes.append("fp32 runs with TF32 off in matmuls and convolutions; 'fp32 + TF32' with it on "
+                         "(torch.backends.cudnn.allow_tf32 is on by default)")
+        timing = interleaved(runs, trials=trials, warmup=1, device=device, progress=progress)
     pred, reason = _predict(device)
     ref = steps["fp32"].losses[0]
     rows = []
@@ -81,13 +89,27 @@ def mixed_precision(model=None, batch=None, device="cpu", trials=7, quick=True, 
                                               "half type is bf16)"))
     bf = timing.speedup("autocast-bf16")
     agree = _agreement(pred, bf)
-    close = rows[1]["loss close"]
-    verdict = (f"autocast-bf16 step {bf:.2f}x the speed of fp32 ({_model_name(model)}, batch {batch}, "
+    bf_row = next(r for r in rows if r["variant"] == "autocast-bf16")
+    close = bf_row["loss close"]
+    fp16 = f", autocast-fp16 {timing.speedup('autocast-fp16'):.2f}x" if "autocast-fp16" in timing.names else ""
+    verdict = (f"autocast-bf16 step {bf:.2f}x the speed of fp32{fp16} ({_model_name(model)}, batch {batch}, "
                f"{_where(device)}, median of {trials} interleaved rounds); predicted '{pred}': {agree}; "
-               f"bf16 loss at init {rows[1]['loss at init']:.4f} vs fp32 {ref:.4f} "
+               f"bf16 loss at init {bf_row['loss at init']:.4f} vs fp32 {ref:.4f} "
                f"({'within' if close else 'NOT within'} {LOSS_RTOL:.0%})")
     return Result("mixed precision", rows, verdict, device, notes,
                   {"prediction": pred, "reason": reason, "agreement": agree, "bf16_speedup": bf}, timing)
+
+
+def _tf32(step, on: bool):
+    """``step`` with TF32 on or off in CUDA matmuls and convolutions while it runs (restored after)."""
+    def run():
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+        try:
+            return step()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    return run
 
 
 _ISA_SCRIPT = """
