@@ -255,3 +255,21 @@ def test_fused_attention_removes_the_scores_from_a_shape_estimate():
     assert fused.params == full.params and fused.optimizer == full.optimizer
     with pytest.raises(ArgumentError, match="flash must be True or False"):
         Setup(flash="yes")
+
+
+def test_a_model_that_cannot_be_walked_says_why_and_what_to_do():
+    class ReadsValues(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y if y.sum().item() > 0 else -y
+
+    with pytest.raises(ArgumentError, match=r"ReadsValues could not be walked.*\.item\(\).*measure"):
+        estimate(ReadsValues(), Setup(), (2, 4))
+    with pytest.raises(ArgumentError, match=r"Linear could not be walked on the meta device with a sample of shape "
+                                            r"\(2, 5\)"):
+        estimate(nn.Linear(4, 4), Setup(), (2, 5))
+    assert estimate(nn.Linear(4, 4), Setup(), (2, 4)).params == 20 * 4  # a single layer (no children) is fine

@@ -165,6 +165,15 @@ def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
                 est.notes.append("no rule for " + ", ".join(sorted(set(walk.unknown))) +
                                  ": activations from a saved_tensors_hooks ledger on the meta device")
                 walk = None
+    except ArgumentError:
+        raise
+    except Exception as e:  # a forward that reads values, or a sample the model does not accept
+        raise ArgumentError(
+            f"model {type(model).__name__} could not be walked on the meta device with a sample of shape "
+            f"{tuple(x.shape)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. The calculator runs "
+            "the model without data, so a sample of the wrong shape, or a forward that reads values (.item(), "
+            "branches on data), cannot be walked: pass a sample the model accepts, or measure it with "
+            "labkit.hardware.measure(model, sample)") from e
     finally:
         model.train(mode)
     est.activations = acts
@@ -258,7 +267,7 @@ def _check_degrees(model: nn.Module, setup: Setup):
         if dim is not None and dim % setup.tp:
             raise ArgumentError(f"tp must divide every layer's output width, got tp={setup.tp} and {name} "
                                 f"({type(m).__name__}) with {dim} outputs")
-    children = len(list(model.children()))
+    children = max(1, len(list(model.children())))  # a single layer is one stage
     if setup.pp > children:
         raise ArgumentError(f"pp must be <= the model's {children} top-level layers, got pp={setup.pp}")
 
