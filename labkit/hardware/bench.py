@@ -78,11 +78,10 @@ def memory_check(device="cpu", trials=7, quick=True):
     import torch
 
     from ..sliced.models import build_model
-    from .lab import mlp
     from .measure import compare, measure
     from .memory import Setup, estimate
     from .step import Result, _resolve_device
-    from .transformer import TransformerShape, tiny_transformer
+    from .transformer import TransformerShape, mlp, tiny_transformer
 
     device, notes = _resolve_device(device)
     b = 16 if quick else 64

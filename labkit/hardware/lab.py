@@ -27,26 +27,13 @@ from ..sliced.models import build_model
 from . import memory as _memory
 from .measure import measure
 from .memory import Setup, _as_sample, estimate, largest_batch
-from .transformer import TransformerShape, tiny_transformer
+from .transformer import TransformerShape, mlp, tiny_transformer
 
 __all__ = ["LAB", "mlp", "state_cases", "check_state_bytes", "batch_cases", "check_pick_batch", "transformer_bars",
            "GPU_LINES", "tour"]
 
 LAB = "09 hardware"
 GPU_LINES = {"24 GB (RTX 4090)": 24e9, "80 GB (A100/H100)": 80e9}  # marketed GB: the cards hold that many GiB
-
-
-def mlp(widths=(256, 512, 512, 10), seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of ``widths`` with ReLU between them (and dropout before the last when ``dropout`` > 0)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    if dropout:
-        layers.insert(len(layers) - 1, nn.Dropout(dropout))
-    return nn.Sequential(*layers)
 
 
 # ----------------------------------------------------------------------------- exercise 1: predict, then measure

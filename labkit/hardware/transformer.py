@@ -5,7 +5,8 @@ sequence length, micro-batch): the calculator (:func:`labkit.hardware.estimate`)
 formulas alone, and :func:`tiny_transformer` builds the real model of that shape, so the prediction can be
 checked against a measured run. Pre-LN blocks, full attention (or PyTorch's fused
 ``scaled_dot_product_attention`` with ``flash=True``), the output head tied to the embedding, no position table:
-:func:`labkit.memory_model.transformer_params` counts exactly this model's parameters.
+:func:`labkit.memory_model.transformer_params` counts exactly this model's parameters. :func:`mlp` is the other
+small model the lab measures.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from .._validate import ArgumentError, check_int, check_number
 
-__all__ = ["TransformerShape", "TinyTransformer", "tiny_transformer"]
+__all__ = ["TransformerShape", "TinyTransformer", "tiny_transformer", "mlp"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,16 @@ def tiny_transformer(shape: TransformerShape, dropout: float = 0.0, flash: bool 
     check_number("dropout", dropout, minimum=0, maximum=1, open_high=True)
     torch.manual_seed(seed)
     return TinyTransformer(shape, dropout, flash)
+
+
+def mlp(widths=(256, 512, 512, 10), seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of ``widths`` with ReLU between them (and dropout before the last when ``dropout`` > 0)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    if dropout:
+        layers.insert(len(layers) - 1, nn.Dropout(dropout))
+    return nn.Sequential(*layers)
