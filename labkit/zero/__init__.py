@@ -1,0 +1,25 @@
+"""Lab 10, sharded data parallelism: ZeRO stages 1, 2 and 3 from scratch, checked against one process and torch.
+
+- ``flat`` (pure): many parameters laid end to end in one flat buffer padded to a multiple of N, each rank's
+  equal shard of ⌈P/N⌉ values, views back into the parameters' shapes (tied parameters kept once).
+- ``comm``: the collectives ZeRO uses, counted in the paper's units (all-reduce 2Ψ, reduce-scatter and
+  all-gather Ψ; Rajbhandari et al. 2019, section 7) so a test can check 2Ψ per step for ZeRO-1/2 and 3Ψ for ZeRO-3.
+- ``optim``: :class:`Zero1` (reduce-scatter, step the shard, all-gather), :class:`NaiveZero1` (all-reduce, beside
+  it) and :class:`Zero2` (gradients reduced to their owners bucket by bucket during backward), drop-in optimisers
+  built from any element-wise ``torch.optim`` class; a consolidated ``state_dict`` that re-shards onto any N.
+- ``stage3``: :class:`Zero3` shards a model's parameters per unit, all-gathers a unit before its forward and
+  again in its backward, and reduce-scatters its gradient.
+- ``torch_ref``: torch's ``ZeroRedundancyOptimizer`` and FSDP2 (``fully_shard``) behind small helpers.
+- ``lab``: the rank functions (train one small model with each method against one process), the tour.
+"""
+from .comm import FACTORS, Traffic
+from .flat import FlatLayout, ceil_div, unique_params
+from .optim import SUPPORTED, NaiveZero1, Zero1, Zero2, check_optimizer_class, state_numel
+from .stage3 import Zero3
+from .torch_ref import fsdp2_full_parameters, torch_fsdp2, torch_zero1
+
+__all__ = [
+    "FlatLayout", "ceil_div", "unique_params", "FACTORS", "Traffic",
+    "SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "check_optimizer_class", "state_numel", "Zero3",
+    "torch_zero1", "torch_fsdp2", "fsdp2_full_parameters",
+]

@@ -1,0 +1,242 @@
+"""Lab 10's rank functions and tour: one small model trained with every sharding method against one process.
+
+The model is a 3-layer MLP whose layers differ in size (6->11->7->3, 185 values: no N in 2..4 divides it, so
+shards end inside parameters and the last one is padded). Every rank builds it from the same seed, sees its own
+equal slice of each global batch, and takes the mean loss over that slice, so averaging the gradients over the
+ranks gives the gradient of the whole batch: every method must end where one process ends.
+
+Methods (:data:`METHODS`): ``"single"`` (one process, whole batch), ``"ddp"`` (lab 02's ``BucketedDDP``),
+``"zero1-naive"``, ``"zero1"``, ``"zero2"``, ``"zero3"`` (this lab), ``"zero-torch"`` (torch's
+``ZeroRedundancyOptimizer`` under ``DistributedDataParallel``) and ``"fsdp2"`` (``fully_shard``).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._validate import ArgumentError, check_choice, check_int
+from ..ddp import make_ddp
+from .flat import FlatLayout
+from .optim import NaiveZero1, Zero1, Zero2, state_numel
+from .stage3 import Zero3
+from .torch_ref import fsdp2_full_parameters, torch_fsdp2, torch_zero1
+
+METHODS = ("single", "ddp", "zero1-naive", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
+OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
+              "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+              "adam": (torch.optim.Adam, dict(lr=0.01)),
+              "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1))}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SIZES = (6, 11, 7, 3)
+
+
+def mlp(seed: int = 0, dtype: str = "float64", sizes=SIZES) -> nn.Module:
+    """Linear layers of ``sizes`` with tanh between them, from ``seed`` (the same model on every rank)."""
+    check_choice("dtype", dtype, tuple(DTYPES))
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers).to(DTYPES[dtype])
+
+
+def batches(steps: int, global_batch: int = 12, seed: int = 0, dtype: str = "float64", sizes=SIZES) -> list:
+    """``steps`` global batches ``(x, y)`` of a fixed random classification task (3 classes by default)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(global_batch, sizes[0], generator=g, dtype=torch.float64).to(DTYPES[dtype])
+        out.append((x, torch.randint(0, sizes[-1], (global_batch,), generator=g)))
+    return out
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
+
+
+class _Run:
+    """One method on one rank: the module to call, the optimiser, and how to read its results."""
+
+    def __init__(self, method, model, opt_cls, kw, world, bucket_mb):
+        self.method, self.model, self.sync, self.traffic, self.z3 = method, model, None, None, None
+        params = list(model.parameters())
+        self.layout = FlatLayout(tuple(tuple(p.shape) for p in params), world)
+        if method in ("single", "ddp", "fsdp2", "zero3", "zero-torch"):
+            if method == "ddp":
+                self.ddp = make_ddp("bucketed", model, bucket_mb)
+                self.forward, self.sync = self.ddp, self.ddp.sync_grads
+            elif method == "fsdp2":
+                self.forward = torch_fsdp2(model)
+            elif method == "zero3":
+                self.forward = self.z3 = Zero3(model)
+                self.traffic = self.z3.traffic
+            elif method == "zero-torch":
+                self.forward, self.opt = torch_zero1(model, opt_cls, **kw)
+            else:
+                self.forward = model
+            if method != "zero-torch":
+                self.opt = opt_cls(self.forward.parameters(), **kw)
+        else:
+            cls = {"zero1-naive": NaiveZero1, "zero1": Zero1, "zero2": Zero2}[method]
+            extra = dict(bucket_mb=bucket_mb) if method == "zero2" else {}
+            self.opt = cls(params, opt_cls, **extra, **kw)
+            self.forward, self.traffic = model, self.opt.traffic
+
+    def step(self, x, y) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.forward(x), y)
+        loss.backward()
+        if self.sync is not None:
+            self.sync()
+        self.opt.step()
+        return loss.detach()
+
+    def params(self) -> list[torch.Tensor]:
+        if self.z3 is not None:
+            return self.z3.full_parameters()
+        if self.method == "fsdp2":
+            return fsdp2_full_parameters(self.model)
+        return [p.detach() for p in self.model.parameters()]
+
+    def state_numel(self) -> int:
+        opt = self.opt.optim if self.method == "zero-torch" else getattr(self.opt, "inner", self.opt)
+        return state_numel(opt)
+
+    def grad_numel(self) -> int:
+        if hasattr(self.opt, "grad_numel"):
+            return self.opt.grad_numel()
+        ps = self.z3.shards if self.z3 is not None else self.model.parameters()
+        return sum((g.to_local() if hasattr(g, "to_local") else g).numel() for g in (p.grad for p in ps)
+                   if g is not None)
+
+    def volume(self) -> int | None:
+        if self.traffic is not None:
+            return self.traffic.volume
+        if self.method == "ddp":  # lab 02 counts the all-reduced buffer; an all-reduce moves it twice
+            return 2 * self.ddp.stats["allreduce_bytes"]
+        return None  # torch's methods: not counted here
+
+
+def _check_common(methods, steps, global_batch, world, optimizer):
+    for m in methods:
+        check_choice("method", m, METHODS)
+    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    steps = check_int("steps", steps, minimum=1)
+    global_batch = check_int("global_batch", global_batch, minimum=world)
+    if global_batch % world:
+        raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a multiple "
+                         f"of {world} (equal slices keep the average of the ranks' mean losses the global mean)")
+    return steps, global_batch
+
+
+def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", optimizer: str = "adam",
+               global_batch: int = 12, seed: int = 0, bucket_mb: float = 0.0002, start=None, first_step: int = 0,
+               save: bool = False) -> dict:
+    """Train ``steps`` steps with each of ``methods`` and, on every rank, one process on the whole batch.
+
+    Returns ``{method: {...}}`` with ``vs_single`` (largest difference from one process, relative to the largest
+    parameter), ``losses`` (global mean loss per step), ``volume_per_step`` (bytes, the paper's units; None where
+    not counted), ``state_numel`` and ``grad_numel`` (on this rank, after the last step), ``params`` (rank 0) and,
+    with ``save``, ``state_dict`` (rank 0, ZeRO-1/2). ``start=(flat parameters, optimiser state dict)`` resumes
+    from a checkpoint at global step ``first_step``."""
+    world, rank = ctx.world_size, ctx.rank
+    steps, global_batch = _check_common(methods, steps, global_batch, world, optimizer)
+    opt_cls, kw = OPTIMIZERS[optimizer]
+    data = batches(first_step + steps, global_batch, seed, dtype)[first_step:]
+    n = global_batch // world
+    out = {"P": sum(p.numel() for p in mlp(seed, dtype).parameters())}
+    ref_p = None
+    for method in ("single",) + tuple(m for m in methods if m != "single"):
+        model = mlp(seed, dtype)
+        if start is not None:
+            with torch.no_grad():
+                for p, v in zip(model.parameters(), FlatLayout.of(model.parameters(), 1).views(start[0])):
+                    p.copy_(v)
+        run = _Run(method, model, opt_cls, kw, 1 if method == "single" else world, bucket_mb)
+        if start is not None:  # a copy: a plain optimiser keeps the loaded tensors and updates them in place
+            run.opt.load_state_dict(copy.deepcopy(start[1]))
+        if run.traffic is not None:
+            run.traffic.reset()
+        losses, t0 = [], time.perf_counter()
+        for x, y in data:
+            if method != "single":
+                x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+            loss = run.step(x, y)
+            if method != "single":
+                dist.all_reduce(loss)  # for the report only (not part of the method's traffic)
+                loss /= world
+            losses.append(float(loss))
+        seconds = time.perf_counter() - t0
+        vol = run.volume()  # before gathering the parameters for the report
+        traffic = None if run.traffic is None else run.traffic.as_dict()
+        held = run.z3.held_numel() if run.z3 is not None else None  # ZeRO-3: what is left gathered after a step
+        flat = _flat(run.params())
+        if method == "single":
+            ref_p = flat
+        psi = sum(lay.padded for lay in run.z3.layouts) if run.z3 is not None else (
+            run.layout.total if method == "ddp" else run.layout.padded)
+        res = {"vs_single": float((flat - ref_p).abs().max() / ref_p.abs().max()), "losses": losses,
+               "traffic": traffic,
+               "volume_per_step": None if vol is None else vol / steps, "state_numel": run.state_numel(),
+               "grad_numel": run.grad_numel(), "held_numel": held, "padded": run.layout.padded, "psi": psi,
+               "seconds": seconds}
+        if rank == 0:
+            res["params"] = flat
+        if save and method in ("zero1-naive", "zero1", "zero2"):
+            res["state_dict"] = run.opt.state_dict()
+        elif save and method == "single" and rank == 0:
+            res["state_dict"] = run.opt.state_dict()
+        out[method] = res
+    return out
+
+
+# ----------------------------------------------------------------------------- tour
+def tour(world_size: int = 2) -> list[dict]:
+    """Headless quick path: every method for 3 Adam steps in float64 on ``world_size`` ranks against one
+    process, the optimiser state per rank, and the bytes per step against 2Ψ / 3Ψ."""
+    from ..runtime import launch
+    from ..tour import check_row
+
+    lab, state = "10 sharded data parallel", {}
+
+    def ran():
+        t0 = time.perf_counter()
+        state["res"] = launch(train_rank, world_size=world_size, echo=False, quiet=True, timeout=180)
+        return True, f"{time.perf_counter() - t0:.1f} s incl. start-up"
+
+    rows = [check_row(lab, f"every method ran on {world_size} ranks", ran)]
+    if not rows[-1]["ok"]:
+        return rows
+    res = state["res"]
+
+    def same(m):
+        worst = max(r[m]["vs_single"] for r in res)
+        return worst < 1e-12, f"max relative diff {worst:.1e}"
+
+    def sharded():
+        got = [r["zero1"]["state_numel"] for r in res]
+        want = 2 * res[0]["zero1"]["padded"] // world_size
+        torch_got = [r["zero-torch"]["state_numel"] for r in res]
+        fsdp2 = [r["fsdp2"]["state_numel"] for r in res]
+        return all(g == want for g in got), f"Adam state per rank {got} (torch's ZeRO: {torch_got}, FSDP2: {fsdp2})"
+
+    def volume(m, k):
+        r = res[0][m]
+        psi, vol = r["psi"] * 8, r["volume_per_step"]
+        if m == "zero3":  # the first layer is not gathered again in backward: its input needs no gradient
+            again = r["traffic"]["volume_by_label"].get("backward", 0) / 3
+            ok = vol == 2 * psi + again and again < psi
+            return ok, f"{vol:.0f} B/step = 2Ψ + {again / psi:.2f}Ψ gathered again in backward"
+        return vol == k * psi, f"{vol:.0f} B/step = {vol / psi:g} Ψ"
+
+    for m in METHODS[1:]:
+        rows.append(check_row(lab, f"{m} after 3 steps == single process (float64)", lambda m=m: same(m)))
+    rows.append(check_row(lab, "ZeRO-1 Adam state per rank == 2·⌈P/N⌉ values", sharded))
+    for m, k in (("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero1-naive", 3), ("zero3", 3)):
+        rows.append(check_row(lab, f"{m} moves {'at most ' if m == 'zero3' else ''}{k}Ψ per step",
+                              lambda m=m, k=k: volume(m, k)))
+    return rows

@@ -1,0 +1,216 @@
+"""ZeRO stage 3 from scratch: the parameters themselves are sharded, and gathered only while a unit needs them.
+
+:class:`Zero3` wraps a model given a list of *units* (submodules; by default its top-level children that hold
+parameters). Each unit's parameters are laid out flat (``FlatLayout``) and rank r keeps only its ⌈P_u/N⌉ values,
+as one leaf ``nn.Parameter`` (``zero3.parameters()``: give those to any optimiser, whose state is then sharded
+too). Per step and unit (Rajbhandari et al. 2019, arXiv 1910.02054, sections 5.3 and 7.2.2):
+
+1. forward: a forward pre-hook all-gathers the unit's full parameters (Ψ_u), the unit runs, a forward hook frees
+   them. Whatever autograd saves for the backward that is a view of those gathered values is saved as a *recipe*
+   (``torch.autograd.graph.saved_tensors_hooks``: which unit, offset, shape, strides), not as the values;
+2. backward: the first saved recipe of a unit to be unpacked all-gathers its parameters again (Ψ_u);
+3. the gather is one autograd function whose backward reduce-scatters the full gradient (Ψ_u) and divides by N,
+   so the shard's ``.grad`` is this rank's slice of the averaged gradient; the re-gathered values are freed there.
+
+That is 3Ψ per step instead of data parallelism's 2Ψ, in exchange for holding 1/N of the weights between units.
+(At most 3Ψ: a unit whose weights no backward formula needs is not gathered again. The first layer of a model
+whose input needs no gradient is one: its weight gradient needs the input, not the weight. ``traffic``
+labels the gathers "forward" and "backward", so a test can see which units were gathered twice.)
+Shard sizes are per unit, so the state is Σ_u ⌈P_u/N⌉ values per buffer (the first FSDP also flattened each
+unit; FSDP2 instead splits every parameter along its first dimension, unevenly when N does not divide it).
+The original parameters are removed from the model (the units hold plain tensor attributes only while gathered);
+:meth:`Zero3.full_parameters` gathers them back, in ``model.parameters()`` order, e.g. for a checkpoint.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._validate import ArgumentError, check_number
+from ..collectives import ranks_agree
+from .comm import Traffic
+from .flat import FlatLayout, unique_params
+
+__all__ = ["Zero3"]
+
+
+class _Gather(torch.autograd.Function):
+    """shard -> full flat parameters; backward: full gradient -> reduce-scatter -> averaged gradient shard."""
+
+    @staticmethod
+    def forward(ctx, shard, owner, u):
+        ctx.owner, ctx.u = owner, u
+        return owner._all_gather(u, shard)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        owner, u = ctx.owner, ctx.u
+        owner._regathered.pop(u, None)  # every use of the unit's weights is behind us: free them
+        mine = torch.empty(owner.layouts[u].shard_numel, dtype=grad_full.dtype, device=grad_full.device)
+        owner.traffic.reduce_scatter(mine, grad_full.contiguous())
+        return mine.div_(owner.world_size), None, None
+
+
+class Zero3(nn.Module):
+    """Shard ``module``'s parameters unit by unit over the ranks of ``group``; gather each unit only to use it."""
+
+    def __init__(self, module: nn.Module, units=None, *, group=None, broadcast: bool = True):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise ArgumentError(f"module must be an nn.Module (the model), got {type(module).__name__}")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("no process group: run this inside a rank function started by labkit.launch(fn, "
+                               "world_size=N) (or torchrun), where torch.distributed is already initialised")
+        self.world_size, self.rank, self.group = dist.get_world_size(group), dist.get_rank(group), group
+        units = self._check_units(module, units)
+        device = next(module.parameters()).device
+        if not ranks_agree([len(units), sum(p.numel() for p in module.parameters())], group=group, device=device):
+            raise ArgumentError("the model or its units differ across ranks; build the same model and pass the "
+                                "same units on every rank")
+        self.module = module
+        self.units = units
+        self.traffic = Traffic(group)
+        self.layouts, self.slots = [], []  # slots[u][j]: every (submodule, name) holding parameter j of unit u
+        self.shards = nn.ParameterList()
+        self._order = {id(p): k for k, p in enumerate(module.parameters())}
+        self._places = []  # (unit, index in unit) per model parameter, in model.parameters() order
+        src = dist.get_global_rank(group, 0) if group is not None else 0
+        where: dict[int, list] = {}  # a tied parameter sits in several modules: every one gets the gathered view
+        for m in module.modules():
+            for n, p in m._parameters.items():
+                if p is not None:
+                    where.setdefault(id(p), []).append((m, n))
+        for u, unit in enumerate(units):
+            params = unique_params(unit.parameters(), what=f"units[{u}].parameters()")
+            inside = {id(m) for m in unit.modules()}
+            for p in params:  # a weight tied to a module outside its unit would be used while not gathered
+                outside = [type(m).__name__ for m, _ in where[id(p)] if id(m) not in inside]
+                if outside:
+                    raise ArgumentError(f"a parameter of units[{u}] is also held by a {outside[0]} outside that unit "
+                                        f"(tied weights); put every module that uses it in one unit, e.g. units=[model]")
+            lay = FlatLayout(tuple(tuple(p.shape) for p in params), self.world_size)
+            with torch.no_grad():
+                if broadcast:
+                    for p in params:
+                        dist.broadcast(p.data, src=src, group=group)
+                lo, hi = lay.shard_range(self.rank)
+                self.shards.append(nn.Parameter(lay.flatten(params)[lo:hi].clone()))
+            self.layouts.append(lay)
+            self.slots.append([where[id(p)] for p in params])
+            for j, p in enumerate(params):
+                self._places.append((self._order[id(p)], u, j))
+        self._places = [(u, j) for _, u, j in sorted(self._places)]
+        for slots in self.slots:  # the model keeps no full copy: only the shards remain
+            for places in slots:
+                for m, name in places:
+                    del m._parameters[name]
+                    setattr(m, name, None)
+        self._gathered: dict[int, torch.Tensor] = {}     # forward: unit -> full flat values (with autograd)
+        self._regathered: dict[int, torch.Tensor] = {}   # backward: unit -> full flat values (no autograd)
+        self._hooks = []
+        for u, unit in enumerate(units):
+            self._hooks.append(unit.register_forward_pre_hook(lambda _m, _a, u=u: self._before(u)))
+            self._hooks.append(unit.register_forward_hook(lambda _m, _a, _o, u=u: self._after(u)))
+
+    @staticmethod
+    def _check_units(module, units) -> list[nn.Module]:
+        if units is None:
+            units = [c for c in module.children() if any(True for _ in c.parameters())]
+            if not units:
+                units = [module]
+        units = list(units)
+        inside = {id(m) for m in module.modules()}
+        for i, m in enumerate(units):
+            if not isinstance(m, nn.Module) or id(m) not in inside:
+                raise ArgumentError(f"units[{i}] ({type(m).__name__}) is not a submodule of the model; pass "
+                                    f"submodules of it, e.g. list(model.children())")
+        owner: dict[int, int] = {}
+        for i, m in enumerate(units):
+            for p in m.parameters():
+                if id(p) in owner and owner[id(p)] != i:
+                    raise ArgumentError(f"units[{owner[id(p)]}] and units[{i}] share a parameter (nested units or "
+                                        f"tied weights); pass units whose parameters do not overlap")
+                owner[id(p)] = i
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ArgumentError(f"parameters {frozen[:5]} are frozen (requires_grad=False); Zero3 trains every "
+                                f"parameter it shards: keep frozen layers out of the model you wrap, or unfreeze them")
+        missing = [n for n, p in module.named_parameters() if id(p) not in owner]
+        if missing:
+            raise ArgumentError(f"the units do not cover the model's parameters {missing[:5]}"
+                                f"{' ...' if len(missing) > 5 else ''}: every parameter must belong to a unit; "
+                                f"add the modules holding them to units (or pass units=[model])")
+        return units
+
+    # --------------------------------------------------------------- gathering and freeing
+    def _all_gather(self, u: int, shard: torch.Tensor, label: str = "forward") -> torch.Tensor:
+        full = torch.empty(self.layouts[u].padded, dtype=shard.dtype, device=shard.device)
+        self.traffic.all_gather(full, shard.detach().contiguous(), label=label)
+        return full
+
+    def _set(self, u: int, full) -> None:
+        views = self.layouts[u].views(full) if full is not None else [None] * len(self.slots[u])
+        for places, v in zip(self.slots[u], views):
+            for m, name in places:
+                setattr(m, name, v)
+
+    def _before(self, u: int) -> None:
+        shard = self.shards[u]
+        full = _Gather.apply(shard, self, u) if torch.is_grad_enabled() else self._all_gather(u, shard)
+        self._gathered[u] = full
+        self._set(u, full)
+
+    def _after(self, u: int) -> None:
+        self._set(u, None)
+        self._gathered.pop(u, None)
+
+    def _pack(self, t: torch.Tensor):
+        if t.layout is torch.strided:
+            ptr = t.untyped_storage().data_ptr()
+            for u, full in self._gathered.items():
+                if full.untyped_storage().data_ptr() == ptr:
+                    return ("zero3", u, t.storage_offset(), tuple(t.shape), t.stride(), t.requires_grad)
+        return t
+
+    def _unpack(self, packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] == "zero3"):
+            return packed
+        _, u, offset, shape, stride, _ = packed
+        if u not in self._regathered:  # the unit's second all-gather, in the backward
+            with torch.no_grad():
+                self._regathered[u] = self._all_gather(u, self.shards[u], "backward")
+        return self._regathered[u].as_strided(shape, stride, offset)
+
+    def forward(self, *args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradient shards by the global 2-norm (one all-reduce of one value); return the norm before.
+
+        ``torch.nn.utils.clip_grad_norm_(zero3.parameters(), ...)`` would see this rank's shards only."""
+        max_norm = check_number("max_norm", max_norm, minimum=0, open_low=True, hint="e.g. 1.0")
+        grads = [s.grad for s in self.shards if s.grad is not None]
+        sq = torch.zeros(1, dtype=torch.float64, device=self.shards[0].device)
+        for g in grads:
+            sq += g.double().pow(2).sum()
+        self.traffic.all_reduce(sq)
+        total = sq.sqrt()[0]
+        for g in grads:
+            g.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0).to(g.dtype))
+        return total
+
+    # --------------------------------------------------------------- inspection
+    @torch.no_grad()
+    def full_parameters(self) -> list[torch.Tensor]:
+        """Every parameter, full, in ``model.parameters()`` order (all ranks must call it: it all-gathers)."""
+        fulls = [[t.clone() for t in lay.views(self._all_gather(u, self.shards[u], "full_parameters"))]
+                 for u, lay in enumerate(self.layouts)]
+        return [fulls[u][j] for u, j in self._places]
+
+    def held_numel(self) -> int:
+        """Parameter values this rank holds now: its shards plus any unit still gathered."""
+        return (sum(s.numel() for s in self.shards) + sum(f.numel() for f in self._gathered.values())
+                + sum(f.numel() for f in self._regathered.values()))
