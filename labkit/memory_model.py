@@ -42,7 +42,7 @@ GB = 10 ** 9  # the ZeRO paper's and the Playbook's gigabyte (GPU memory lines a
 PRECISIONS = ("fp32", "bf16", "autocast-bf16", "autocast-fp16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}  # optimiser state tensors per parameter
 RECOMPUTE = ("none", "selective", "full")
-_REFUSE: str | None = None  # set by lab 09's exercise check while the learner's answer runs: the formulas then refuse
+_REFUSE: str | None = None  # set by an exercise check (labs 09, 10) while the answer runs: the formulas then refuse
 SCHEDULES = ("1f1b", "gpipe")
 
 

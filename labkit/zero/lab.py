@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._validate import ArgumentError, check_choice, check_int
+from ..checks import CheckResult
 from ..ddp import make_ddp
 from .flat import FlatLayout
 from .optim import NaiveZero1, Zero1, Zero2, state_numel
@@ -240,3 +241,139 @@ def tour(world_size: int = 2) -> list[dict]:
         rows.append(check_row(lab, f"{m} moves {'at most ' if m == 'zero3' else ''}{k}Ψ per step",
                               lambda m=m, k=k: volume(m, k)))
     return rows
+
+
+# ----------------------------------------------------------------------------- exercise 1: the ZeRO-1 step
+_COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "reduce_scatter", "all_gather",
+                "all_gather_into_tensor", "all_gather_single", "broadcast", "reduce")
+
+
+def zero1_exercise_rank(ctx, step_fn, steps: int = 3, seed: int = 0, optimizer: str = "adam") -> dict:
+    """Train the lab's MLP for ``steps`` Adam steps with the learner's ``step_fn(params_flat, grads_flat, shard,
+    optimizer)`` and with lab 02's DDP, on this rank's slice of each batch; the largest difference between the two
+    (relative), the bytes the learner's step put into collectives (every call counted by its input's size, the
+    all-reduce twice: the paper's units) and the optimiser state this rank keeps."""
+    world, rank = ctx.world_size, ctx.rank
+    opt_cls, kw = OPTIMIZERS[optimizer]
+    data = batches(steps, 12, seed)
+    n = 12 // world
+    model = mlp(seed)
+    params = list(model.parameters())
+    layout = FlatLayout.of(params, world)
+    lo, hi = layout.shard_range(rank)
+    shard = layout.flatten(params)[lo:hi].clone().requires_grad_(True)
+    inner = opt_cls([shard], **kw)
+    sent = {"bytes": 0}
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            t = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            if isinstance(t, torch.Tensor):
+                sent["bytes"] += t.numel() * t.element_size() * (2 if name == "all_reduce" else 1)
+            return fn(*args, **kwargs)
+        return call
+
+    for x, y in data:
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        params_flat = layout.flatten(params)
+        grads_flat = layout.flatten([p.grad for p in params])
+        for name, fn in originals.items():
+            setattr(dist, name, counted(name, fn))
+        try:
+            step_fn(params_flat, grads_flat, shard, inner)
+        finally:
+            for name, fn in originals.items():
+                setattr(dist, name, fn)
+        with torch.no_grad():
+            for p, v in zip(params, layout.views(params_flat)):
+                p.copy_(v)
+    ref = mlp(seed)
+    ddp = make_ddp("bucketed", ref, 0.0002)
+    opt = opt_cls(ref.parameters(), **kw)
+    for x, y in data:
+        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        ddp.sync_grads()
+        opt.step()
+    mine, want = _flat(params), _flat(ref.parameters())
+    return {"vs_ddp": float((mine - want).abs().max() / want.abs().max()), "bytes_per_step": sent["bytes"] / steps,
+            "psi_bytes": layout.padded * 8, "state_numel": state_numel(inner), "shard": layout.shard_numel,
+            "moved": bool((mine - _flat(mlp(seed).parameters())).abs().max() > 0)}
+
+
+def check_zero1_step(step_fn, world_sizes=(2, 3)) -> CheckResult:
+    """Run the learner's ZeRO-1 step on real ranks: after 3 Adam steps the parameters must equal lab 02's DDP
+    (within 1e-12, float64) at every world size, the optimiser state per rank must stay one shard, and the step
+    must move no more than 2Ψ per step (reduce-scatter + all-gather, as DDP's all-reduce)."""
+    from ..checks import run_cases
+    from ..runtime import launch
+
+    results = {}
+
+    def ran(n):
+        if n not in results:
+            results[n] = launch(zero1_exercise_rank, world_size=n, kwargs={"step_fn": step_fn}, echo=False,
+                                quiet=True, timeout=180, pool=True)
+        return results[n]
+
+    def equal(n):
+        def thunk():
+            res = ran(n)
+            if not all(r["moved"] for r in res):
+                raise AssertionError("the parameters did not change: all-gather the stepped shards into params_flat")
+            worst = max(r["vs_ddp"] for r in res)
+            if worst > 1e-12:
+                raise AssertionError(f"after 3 steps the parameters differ from DDP's by {worst:.2e} (relative); "
+                                     "average the reduced gradient over the ranks before the step")
+        return thunk
+
+    def traffic():
+        res = ran(world_sizes[0])
+        got, psi = res[0]["bytes_per_step"], res[0]["psi_bytes"]
+        if got > 2 * psi:
+            raise AssertionError(f"{got / psi:.2g}Ψ per step: an all-reduce of the gradients (2Ψ) plus an all-gather "
+                                 "(Ψ) is 3Ψ; reduce-scatter them instead (Ψ), so the step costs what DDP costs")
+
+    cases = [(f"{n} ranks: parameters after 3 Adam steps == DDP's", equal(n)) for n in world_sizes]
+    cases.append((f"{world_sizes[0]} ranks: at most 2Ψ moved per step", traffic))
+    return run_cases("the ZeRO-1 step", cases,
+                     hint="reduce-scatter grads_flat (sum) into a shard-sized tensor, divide by the world size, "
+                          "set shard.grad, optimizer.step(), then all-gather shard into params_flat")
+
+
+# ----------------------------------------------------------------------------- exercise 2: memory per rank
+def check_memory_per_rank(predict, seed: int | None = None) -> CheckResult:
+    """``predict(params, world, stage)`` -> bytes per rank of weights + gradients + optimiser state for fp32 Adam
+    (4 + 4 + 8 bytes per parameter) under ZeRO ``stage`` 0-3 over ``world`` ranks, for cases drawn afresh; the
+    shared formulas refuse to run meanwhile."""
+    import random
+
+    from .. import memory_model as _mm
+    from ..checks import run_cases
+
+    rng = random.Random(seed)
+    cases = [(rng.randrange(10 ** 6, 10 ** 10), rng.choice((2, 4, 8, 16, 64)), stage) for stage in (0, 1, 2, 3)]
+    cases.append((rng.randrange(10 ** 6, 10 ** 9), 1, 3))  # one rank: nothing to shard
+
+    def case(psi, world, stage):
+        def thunk():
+            want = _mm.zero_bytes_per_rank(psi, world, stage, "fp32", "adam")["total"]
+            _mm._REFUSE = "you called labkit's memory formulas: write the bytes per rank from the stage and N"
+            try:
+                got = predict(psi, world, stage)
+            finally:
+                _mm._REFUSE = None
+            if not isinstance(got, (int, float)) or isinstance(got, bool):
+                raise AssertionError(f"return a number of bytes, got {got!r}")
+            if abs(got - want) > 1e-6 * want:
+                raise AssertionError(f"predicted {got:,.0f} bytes, the paper's count is {want:,.0f}")
+        return thunk
+
+    return run_cases("memory per rank under ZeRO", [(f"Ψ = {p:,}, N = {n}, stage {s}", case(p, n, s))
+                                                   for p, n, s in cases],
+                     hint="fp32 Adam keeps 4 (weights) + 4 (gradients) + 8 (m and v) bytes per parameter; stage 1 "
+                          "divides the 8 by N, stage 2 also the gradients' 4, stage 3 also the weights' 4")

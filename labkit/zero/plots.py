@@ -1,0 +1,96 @@
+"""Lab 10's figures: what every rank holds under each ZeRO stage, bytes per rank beside the paper's formulas, and the
+optimiser state per rank of labkit's even shards beside torch's greedy partition.
+
+Each function takes plain numbers (what :func:`labkit.memory_model.zero_bytes_per_rank` and the lab's rank
+functions return), an optional matplotlib ``ax``, and returns the ``ax``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from .._validate import check_int
+
+ROWS = (("weights", "#4c78a8"), ("grads", "#f58518"), ("optimizer", "#b279a2"))
+STAGE_SHARDS = {0: set(), 1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"optimizer", "grads", "weights"}}
+
+
+def _ax(ax, figsize):
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def holdings(stage: int, world: int = 4, ax=None, title: str | None = None):
+    """A grid: one column per rank, one row per kind of model state; a full cell where the rank keeps all of it, a
+    1/N slice (at the rank's own position) where the stage shards it."""
+    stage = check_int("stage", stage, minimum=0, maximum=3, hint="ZeRO stages are 0 (plain data parallel) to 3")
+    world = check_int("world", world, minimum=1, maximum=16, hint="draw at most 16 ranks")
+    ax = _ax(ax, (1.2 + 1.0 * world, 2.2))
+    for row, (kind, colour) in enumerate(ROWS):
+        y = len(ROWS) - 1 - row
+        for r in range(world):
+            ax.add_patch(_rect(r, y, 0.9, colour, alpha=0.12))  # the whole, faint
+            if kind in STAGE_SHARDS[stage]:
+                ax.add_patch(_rect(r + r / world * 0.9, y, 0.9 / world, colour))
+            else:
+                ax.add_patch(_rect(r, y, 0.9, colour))
+        ax.text(-0.1, y + 0.4, kind, ha="right", va="center", fontsize=8)
+    ax.set_xlim(-1.1, world)
+    ax.set_ylim(-0.1, len(ROWS))
+    ax.set_xticks([r + 0.45 for r in range(world)], [f"rank {r}" for r in range(world)], fontsize=8)
+    ax.set_yticks([])
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    names = {0: "plain data parallel (DDP)", 1: "ZeRO-1: optimiser state sharded",
+             2: "ZeRO-2: + gradients sharded", 3: "ZeRO-3: + weights sharded"}
+    ax.set_title(title or names[stage], fontsize=9)
+    return ax
+
+
+def _rect(x, y, w, colour, alpha=1.0):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, 0.8, color=colour, alpha=alpha, lw=0)
+
+
+def bytes_per_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mapping[str, float] | None = None,
+                   ax=None, unit: float = 1e3, unit_name: str = "kB", title: str | None = None):
+    """Stacked bars of each method's bytes on one rank (``{method: {"weights", "grads", "optimizer"}}``), with the
+    formula's total per method as a marker (``predicted``: ``{method: bytes}``)."""
+    if not measured:
+        raise ValueError("bytes_per_rank() got no methods: run the lab's measurement first")
+    ax = _ax(ax, (1.5 + 1.1 * len(measured), 3.2))
+    for i, (method, parts) in enumerate(measured.items()):
+        bottom = 0.0
+        for kind, colour in ROWS:
+            v = float(parts.get(kind, 0.0)) / unit
+            ax.bar(i, v, bottom=bottom, color=colour, edgecolor="white", label=kind if i == 0 else None)
+            bottom += v
+    if predicted:
+        xs = [i for i, m in enumerate(measured) if m in predicted]
+        ax.scatter(xs, [predicted[m] / unit for m in measured if m in predicted], marker="_", s=600, color="k",
+                   zorder=3, label="formula (ZeRO paper)")
+    ax.set_xticks(range(len(measured)), list(measured), fontsize=8)
+    ax.set_ylabel(f"bytes on one rank ({unit_name})")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "model states on one rank: measured (bars) and the formula", fontsize=9)
+    return ax
+
+
+def state_per_rank(per_method: Mapping[str, Sequence[int]], ax=None, title: str | None = None):
+    """Grouped bars: optimiser-state values on each rank, one group per method (even shards against greedy ones)."""
+    if not per_method:
+        raise ValueError("state_per_rank() got no methods")
+    ax = _ax(ax, (6, 2.8))
+    world = max(len(v) for v in per_method.values())
+    width = 0.8 / len(per_method)
+    for k, (method, values) in enumerate(per_method.items()):
+        xs = [r + (k - (len(per_method) - 1) / 2) * width for r in range(len(values))]
+        ax.bar(xs, values, width, label=method)
+    ax.set_xticks(range(world), [f"rank {r}" for r in range(world)])
+    ax.set_ylabel("optimiser-state values")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "optimiser state per rank", fontsize=9)
+    return ax
