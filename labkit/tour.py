@@ -38,7 +38,7 @@ LABS: tuple[Lab, ...] = (
     Lab("07", "pseudo-labels", "labkit.pseudo_label", "ssl", "07_generative_pseudo_labels.ipynb"),
     Lab("08", "ablation", "labkit.ablation", "ablation", "08_ablation.ipynb"),
     Lab("09", "hardware", "labkit.hardware", "hardware", "09_hardware.ipynb"),
-    Lab("10", "sharded data parallel", "labkit.zero", None, "10_sharded_data_parallel.ipynb"),
+    Lab("10", "sharded data parallel", "labkit.zero", "zero", "10_sharded_data_parallel.ipynb"),
 )
 
 

@@ -10,7 +10,10 @@
 - ``stage3``: :class:`Zero3` shards a model's parameters per unit, all-gathers a unit before its forward and
   again in its backward, and reduce-scatters its gradient.
 - ``torch_ref``: torch's ``ZeroRedundancyOptimizer`` and FSDP2 (``fully_shard``) behind small helpers.
-- ``lab``: the rank functions (train one small model with each method against one process), the tour.
+- ``measure``: one method on one rank behind one interface (:class:`~labkit.zero.measure.Method`), the bytes it
+  holds after a step and its peak during one (MemTracker), beside the paper's formulas.
+- ``lab``: the rank functions (train one small model with each method against one process), the exercise checks,
+  the tour; ``bench``: ``python -m labkit bench zero``; ``plots``: what each rank holds, bytes and state per rank.
 """
 from .comm import FACTORS, Traffic
 from .flat import FlatLayout, ceil_div, unique_params

@@ -22,9 +22,9 @@ from .._validate import ArgumentError, check_choice, check_int
 from ..checks import CheckResult
 from ..ddp import make_ddp
 from .flat import FlatLayout
-from .optim import NaiveZero1, Zero1, Zero2, state_numel
-from .stage3 import Zero3
-from .torch_ref import fsdp2_full_parameters, torch_fsdp2, torch_zero1
+from .measure import Method
+from .optim import state_numel
+from .torch_ref import fsdp2_full_parameters
 
 METHODS = ("single", "ddp", "zero1-naive", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
@@ -59,42 +59,14 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
 
 
-class _Run:
-    """One method on one rank: the module to call, the optimiser, and how to read its results."""
+class _Run(Method):
+    """One method on one rank (:class:`labkit.zero.measure.Method`), with the flat layout of the model's
+    parameters over ``world`` ranks and how the lab reads its results."""
 
     def __init__(self, method, model, opt_cls, kw, world, bucket_mb):
-        self.method, self.model, self.sync, self.traffic, self.z3 = method, model, None, None, None
-        params = list(model.parameters())
-        self.layout = FlatLayout(tuple(tuple(p.shape) for p in params), world)
-        if method in ("single", "ddp", "fsdp2", "zero3", "zero-torch"):
-            if method == "ddp":
-                self.ddp = make_ddp("bucketed", model, bucket_mb)
-                self.forward, self.sync = self.ddp, self.ddp.sync_grads
-            elif method == "fsdp2":
-                self.forward = torch_fsdp2(model)
-            elif method == "zero3":
-                self.forward = self.z3 = Zero3(model)
-                self.traffic = self.z3.traffic
-            elif method == "zero-torch":
-                self.forward, self.opt = torch_zero1(model, opt_cls, **kw)
-            else:
-                self.forward = model
-            if method != "zero-torch":
-                self.opt = opt_cls(self.forward.parameters(), **kw)
-        else:
-            cls = {"zero1-naive": NaiveZero1, "zero1": Zero1, "zero2": Zero2}[method]
-            extra = dict(bucket_mb=bucket_mb) if method == "zero2" else {}
-            self.opt = cls(params, opt_cls, **extra, **kw)
-            self.forward, self.traffic = model, self.opt.traffic
-
-    def step(self, x, y) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.forward(x), y)
-        loss.backward()
-        if self.sync is not None:
-            self.sync()
-        self.opt.step()
-        return loss.detach()
+        shapes = tuple(tuple(p.shape) for p in model.parameters())  # before ZeRO-3 or FSDP2 takes them over
+        super().__init__(method, model, (opt_cls, kw), bucket_mb)
+        self.layout = FlatLayout(shapes, world)
 
     def params(self) -> list[torch.Tensor]:
         if self.z3 is not None:
@@ -103,23 +75,12 @@ class _Run:
             return fsdp2_full_parameters(self.model)
         return [p.detach() for p in self.model.parameters()]
 
-    def state_numel(self) -> int:
-        opt = self.opt.optim if self.method == "zero-torch" else getattr(self.opt, "inner", self.opt)
-        return state_numel(opt)
-
     def grad_numel(self) -> int:
         if hasattr(self.opt, "grad_numel"):
             return self.opt.grad_numel()
         ps = self.z3.shards if self.z3 is not None else self.model.parameters()
         return sum((g.to_local() if hasattr(g, "to_local") else g).numel() for g in (p.grad for p in ps)
                    if g is not None)
-
-    def volume(self) -> int | None:
-        if self.traffic is not None:
-            return self.traffic.volume
-        if self.method == "ddp":  # lab 02 counts the all-reduced buffer; an all-reduce moves it twice
-            return 2 * self.ddp.stats["allreduce_bytes"]
-        return None  # torch's methods: not counted here
 
 
 def _check_common(methods, steps, global_batch, world, optimizer):
@@ -160,8 +121,7 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
         run = _Run(method, model, opt_cls, kw, 1 if method == "single" else world, bucket_mb)
         if start is not None:  # a copy: a plain optimiser keeps the loaded tensors and updates them in place
             run.opt.load_state_dict(copy.deepcopy(start[1]))
-        if run.traffic is not None:
-            run.traffic.reset()
+        run.reset_volume()
         losses, t0 = [], time.perf_counter()
         for x, y in data:
             if method != "single":

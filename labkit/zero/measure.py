@@ -1,0 +1,301 @@
+"""Memory per rank, measured: the bytes each sharding method really holds after a step, and its peak during one.
+
+:func:`memory_rank` builds one model with each method of :data:`METHODS`, trains it a few steps and, on every
+rank, counts the tensors the method holds after a step, each storage once (:meth:`Method.held`):
+
+- ``params``: the model's parameters (DDP, ZeRO-1/2 and torch's ZeRO: full copies; ZeRO-3: this rank's shards;
+  FSDP2: the local piece of each ``DTensor``). labkit's ZeRO-1/2 also keep their shard as a flat copy (the inner
+  optimiser's parameter), counted here: 4P/N bytes more than the paper's fp32 figure;
+- ``grads``: the ``.grad`` of those tensors (and of ZeRO-1/2's shard);
+- ``optimizer``: the optimiser's per-element state (Adam: two buffers; ``step`` counters left out);
+- ``buffers``: what a method keeps besides (lab 02's ``BucketedDDP``: its flat buckets, 4P bytes; ZeRO-2:
+  buckets still in flight; ZeRO-3: units still gathered). torch's DDP reducer buckets (under ``zero-torch``) live
+  in C++ and are not counted.
+
+beside :func:`labkit.memory_model.zero_bytes_per_rank` (Rajbhandari et al. 2019, arXiv 1910.02054, section 5:
+stage 0 = plain data parallelism), with precision ``"fp32"`` (4 + 4 + 8 bytes per parameter with Adam; float64
+doubles every figure).
+
+The **peak** during one step (zero_grad, forward, backward, communication, optimiser step) is read by PyTorch's
+memory tracker, ``torch.distributed._tools.mem_tracker.MemTracker`` (a ``TorchDispatchMode``: it sees every
+storage an operator allocates, and frees through weak references). It starts from the tensors the method holds
+when the step begins (parameters, optimiser state, the batch; gradients already set to None). It does not see
+gloo's own transport buffers, nor allocations in C++ outside the dispatcher (torch's DDP reducer). A private API:
+if it fails, ``peak`` is None and ``peak_note`` says why.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._validate import ArgumentError, check_choice, check_int, check_number
+from ..ddp import make_ddp
+from ..memory_model import zero_bytes_per_rank
+from .optim import NaiveZero1, Zero1, Zero2
+from .stage3 import Zero3
+from .torch_ref import torch_fsdp2, torch_zero1
+
+__all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp", "memory_rank", "memory_row",
+           "peak_bytes", "storage_bytes", "check_args", "check_sizes", "batches", "rank_slice"]
+
+METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
+ALL_METHODS = ("single", "zero1-naive") + METHODS  # Method also builds these: one process, the naive ZeRO-1
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3}  # what shards, as ZeRO says
+OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
+              "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+              "adam": (torch.optim.Adam, dict(lr=1e-3)),
+              "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1))}
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SIZES = (256, 1024, 1024, 10)  # the bench's MLP: 1.3 M parameters, 5.3 MB per fp32 copy
+
+
+def check_sizes(sizes) -> tuple:
+    try:
+        sizes = tuple(int(s) for s in sizes)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"sizes must be layer widths such as (256, 1024, 1024, 10), got {sizes!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise ArgumentError(f"sizes must be at least two positive widths (input, ..., classes), got {sizes!r}; "
+                            f"pass e.g. (256, 1024, 1024, 10)")
+    return sizes
+
+
+def mlp(sizes=SIZES, dtype: str = "float32", seed: int = 0, device="cpu") -> nn.Module:
+    """Linear layers of ``sizes`` with ReLU between them, the same on every rank (built from ``seed``)."""
+    check_choice("dtype", dtype, tuple(DTYPES))
+    sizes = check_sizes(sizes)
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers).to(device=device, dtype=DTYPES[dtype])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def storage_bytes(tensors, seen: set | None = None) -> int:
+    """Bytes of the distinct storages under ``tensors`` (a storage shared by several views counted once;
+    storages already in ``seen`` skipped, and the new ones added to it)."""
+    seen = set() if seen is None else seen
+    n = 0
+    for t in tensors:
+        if t is None:
+            continue
+        st = _local(t).detach().untyped_storage()
+        key = (st.data_ptr(), str(st.device))
+        if key not in seen and st.nbytes():
+            seen.add(key)
+            n += st.nbytes()
+    return n
+
+
+class Method:
+    """One sharding method on one rank: ``step(x, y)``, the tensors it holds, the bytes it sends.
+
+    ``method`` is one of :data:`METHODS`: ``"ddp"`` (lab 02's ``BucketedDDP``), ``"zero1"``, ``"zero2"``,
+    ``"zero3"`` (this lab, from scratch), ``"zero-torch"`` (torch's ``ZeroRedundancyOptimizer`` under
+    ``DistributedDataParallel``), ``"fsdp2"`` (``fully_shard``), and for the lab's rank functions ``"single"``
+    (one process) and ``"zero1-naive"``. ``optimizer`` is a name of :data:`OPTIMIZERS` or ``(class, kwargs)``."""
+
+    def __init__(self, method: str, model: nn.Module, optimizer="adam", bucket_mb: float = 25.0):
+        check_choice("method", method, ALL_METHODS)
+        if isinstance(optimizer, tuple):  # (optimizer class, keyword arguments), as the lab's rank functions pass
+            opt_cls, kw = optimizer
+        else:
+            opt_cls, kw = OPTIMIZERS[check_choice("optimizer", optimizer, tuple(OPTIMIZERS))]
+        check_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
+        self.method, self.model, self.sync, self.traffic, self.ddp, self.z3 = method, model, None, None, None, None
+        self.P = sum(p.numel() for p in model.parameters())
+        self.esize = next(model.parameters()).element_size()
+        if method in ("zero1", "zero2", "zero1-naive"):
+            extra = dict(bucket_mb=bucket_mb) if method == "zero2" else {}
+            cls = {"zero1": Zero1, "zero2": Zero2, "zero1-naive": NaiveZero1}[method]
+            self.opt = cls(list(model.parameters()), opt_cls, **extra, **kw)
+            self.forward, self.traffic = model, self.opt.traffic
+            self.psi = self.opt.layout.padded
+        elif method == "zero-torch":
+            self.forward, self.opt = torch_zero1(model, opt_cls, **kw)
+            self.psi = self.P
+        else:
+            if method == "ddp":
+                self.ddp = make_ddp("bucketed", model, bucket_mb)
+                self.forward, self.sync = self.ddp, self.ddp.sync_grads
+            elif method == "zero3":
+                self.forward = self.z3 = Zero3(model)
+                self.traffic = self.z3.traffic
+            elif method == "fsdp2":
+                self.forward = torch_fsdp2(model)
+            else:  # "single": one process, no sharding
+                self.forward = model
+            self.opt = opt_cls(self.forward.parameters(), **kw)
+            self.psi = sum(lay.padded for lay in self.z3.layouts) if self.z3 is not None else self.P
+        self._ddp_sent = 0
+
+    def step(self, x, y) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.forward(x), y)
+        loss.backward()
+        if self.sync is not None:
+            self.sync()
+        self.opt.step()
+        return loss.detach()
+
+    # ------------------------------------------------------------------ what it sends
+    def reset_volume(self) -> None:
+        if self.traffic is not None:
+            self.traffic.reset()
+        if self.ddp is not None:
+            self._ddp_sent = self.ddp.stats["allreduce_bytes"]
+
+    def volume(self) -> int | None:
+        """Bytes sent since :meth:`reset_volume`, in the ZeRO paper's units (an all-reduce counts 2Ψ); None for
+        torch's methods, whose collectives are not counted here."""
+        if self.traffic is not None:
+            return self.traffic.volume
+        if self.ddp is not None:  # lab 02 counts the all-reduced buffer once; an all-reduce moves it twice
+            return 2 * (self.ddp.stats["allreduce_bytes"] - self._ddp_sent)
+        return None
+
+    # ------------------------------------------------------------------ what it holds
+    def _inner(self):
+        if self.method == "zero-torch":
+            return self.opt.optim
+        return getattr(self.opt, "inner", self.opt)
+
+    def _param_tensors(self) -> list:
+        ps = list(self.z3.shards) if self.z3 is not None else list(self.model.parameters())
+        return ps + ([self.opt.shard] if self.method in ("zero1", "zero2", "zero1-naive") else [])
+
+    def _state_tensors(self) -> list:
+        return [v for st in self._inner().state.values() for k, v in st.items()
+                if isinstance(v, torch.Tensor) and k != "step" and v.dim() > 0]
+
+    def _buffer_tensors(self) -> list:
+        if self.ddp is not None:
+            return list(getattr(self.ddp, "_flat", []))
+        if self.method == "zero2":
+            return list(self.opt._buffers.values())
+        if self.z3 is not None:
+            return list(self.z3._gathered.values()) + list(self.z3._regathered.values())
+        return []
+
+    def held(self) -> dict:
+        """Bytes this rank holds now, by kind, each storage counted once (see the module's docstring)."""
+        seen: set = set()
+        params = self._param_tensors()
+        out = {"params": storage_bytes(params, seen),
+               "grads": storage_bytes([p.grad for p in params], seen),
+               "optimizer": storage_bytes(self._state_tensors(), seen),
+               "buffers": storage_bytes(self._buffer_tensors(), seen)}
+        out["total"] = sum(out.values())
+        return out
+
+    def state_numel(self) -> int:
+        return sum(_local(v).numel() for v in self._state_tensors())
+
+    def tracked(self) -> list:
+        """What a memory tracker must be told about: modules, optimisers and the tensors outside them."""
+        mods = [self.model] + ([self.forward] if self.forward is not self.model else [])
+        return mods + [self._inner()] + [t for t in self._param_tensors() + self._buffer_tensors()
+                                         if not isinstance(t, nn.Parameter) or self.method in ("zero1", "zero2",
+                                                                                                "zero1-naive")]
+
+
+def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
+    """``(peak, note)``: the most bytes live at once during one step of ``run`` (MemTracker), or None and why."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as e:  # pragma: no cover - torch without the tracker
+        return None, f"MemTracker unavailable ({e})"
+    run.opt.zero_grad(set_to_none=True)  # the step starts without gradients (it would free them first anyway)
+    try:
+        mt = MemTracker()
+        mt.track_external(*run.tracked(), x, y)
+        with mt:
+            run.step(x, y)
+        snap = mt.get_tracker_snapshot("peak")
+        return sum(dev.get("Total", 0) for dev in snap.values()), "MemTracker"
+    except Exception as e:  # noqa: BLE001 - a private API: report, do not crash the bench
+        return None, f"MemTracker failed ({type(e).__name__}: {e})"
+
+
+def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: bool = True) -> dict:
+    """Steps of ``run`` on each ``(x, y)`` of ``data`` (under the tracker when ``peak``); then the bytes held, the
+    formula's figures (``formula_*``), ``state_numel``, ``peak`` (the highest over those steps), ``peak_low`` (the
+    lowest: they differ when a buffer's release waits on gloo's thread, as ZeRO-2's asynchronous reduces do) and
+    ``peak_note`` (see :func:`memory_rank`)."""
+    peaks, note = [], "not measured"
+    for x, y in data:
+        if peak:
+            got, note = peak_bytes(run, x, y)
+            if got is not None:
+                peaks.append(got)
+        else:
+            run.step(x, y)
+    scale = run.esize / 4  # the formula's fp32 bytes, scaled to the dtype trained
+    f = zero_bytes_per_rank(run.P, world, STAGE[run.method], "fp32", optimizer)
+    return {**run.held(), "formula_params": f["weights"] * scale, "formula_grads": f["grads"] * scale,
+            "formula_optimizer": f["optimizer"] * scale, "formula_total": f["total"] * scale,
+            "state_numel": run.state_numel(), "peak": max(peaks) if peaks else None,
+            "peak_low": min(peaks) if peaks else None, "peak_note": note}
+
+
+def batches(steps: int, global_batch: int, sizes, dtype: str, seed: int, device) -> list:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return [(torch.randn(global_batch, sizes[0], generator=g).to(device=device, dtype=DTYPES[dtype]),
+             torch.randint(0, sizes[-1], (global_batch,), generator=g).to(device)) for _ in range(steps)]
+
+
+def rank_slice(data, rank: int, world: int) -> list:
+    """Rank ``rank``'s equal slice of each global batch, as its own tensors (not views of the whole batch)."""
+    n = data[0][0].shape[0] // world
+    return [(x[rank * n:(rank + 1) * n].clone(), y[rank * n:(rank + 1) * n].clone()) for x, y in data]
+
+
+def check_args(methods, sizes, dtype, optimizer, steps, global_batch, world):
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not methods:
+        raise ArgumentError(f"methods must name at least one of {METHODS}, got an empty list")
+    for m in methods:
+        check_choice("method", m, METHODS)
+    check_choice("dtype", dtype, tuple(DTYPES))
+    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    steps = check_int("steps", steps, minimum=1)
+    global_batch = check_int("global_batch", global_batch, minimum=world)
+    if global_batch % world:
+        raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a "
+                            f"multiple of {world}, e.g. {world * max(1, global_batch // world)}")
+    return methods, check_sizes(sizes), steps, global_batch
+
+
+def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optimizer: str = "adam",
+                steps: int = 3, global_batch: int = 32, seed: int = 0, bucket_mb: float = 25.0,
+                peak: bool = True, peak_steps: int = 2) -> dict:
+    """Train ``steps`` steps with each method (the last ``peak_steps`` of them under the memory tracker); the
+    bytes this rank holds after the last one, beside the formula.
+
+    Returns ``{"P": parameters, "world": N, "rows": {method: {...}}}``; each row has ``params``, ``grads``,
+    ``optimizer``, ``buffers`` and ``total`` (bytes held after the last step, :meth:`Method.held`), the formula's
+    ``formula_params``, ``formula_grads``, ``formula_optimizer``, ``formula_total``
+    (``zero_bytes_per_rank(P, N, stage, "fp32", optimizer)``, times 2 in float64), ``state_numel``, ``peak``
+    (bytes, the highest over the tracked steps; None if not measured), ``peak_low`` and ``peak_note``."""
+    world, rank = ctx.world_size, ctx.rank
+    methods, sizes, steps, global_batch = check_args(methods, sizes, dtype, optimizer, steps, global_batch, world)
+    peak_steps = check_int("peak_steps", peak_steps, minimum=1, maximum=steps,
+                           hint=f"at most steps={steps} (the tracked steps are the last ones)")
+    device = getattr(ctx, "device", "cpu")
+    data = rank_slice(batches(steps, global_batch, sizes, dtype, seed, device), rank, world)
+    out = {"P": None, "world": world, "rows": {}}
+    for method in methods:
+        run = Method(method, mlp(sizes, dtype, seed, device), optimizer, bucket_mb)
+        out["P"] = run.P
+        for x, y in data[:-peak_steps]:
+            run.step(x, y)
+        dist.barrier()
+        out["rows"][method] = memory_row(run, data[-peak_steps:], world, optimizer, peak)
+        del run
+        dist.barrier()
+    return out
