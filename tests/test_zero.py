@@ -535,3 +535,13 @@ def test_measured_bytes_per_rank_match_the_memory_model(n):
                 assert 0 <= got - model[k] < slack * per_value[k], (stage, k, got, model[k])
         plain = zero_bytes_per_rank(P, n, 0, precision="fp32", optimizer="adam")
         assert a["ddp"]["state_numel"] * 4 == plain["optimizer"] and a["ddp"]["grad_numel"] * 4 == plain["grads"]
+
+
+def test_fsdp2_with_bf16_compute_stays_close_to_one_process():
+    """FSDP2's MixedPrecisionPolicy (bf16 gathers and compute, fp32 shards, optimiser and reduction) trains on gloo:
+    its losses follow one process's to bf16's precision, and the sharded parameters stay fp32."""
+    res = labkit.launch(train_rank, world_size=2, kwargs=dict(methods=("fsdp2-bf16",), steps=3, dtype="float32"),
+                        echo=False, pool=True)
+    single, mixed = res[0]["single"]["losses"], res[0]["fsdp2-bf16"]["losses"]
+    assert all(abs(a - b) <= 0.01 * abs(a) for a, b in zip(single, mixed)), (single, mixed)
+    assert res[0]["fsdp2-bf16"]["vs_single"] < 0.1 and res[0]["fsdp2-bf16"]["params"].dtype == torch.float32

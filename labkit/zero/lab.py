@@ -27,6 +27,7 @@ from .optim import state_numel
 from .torch_ref import fsdp2_full_parameters
 
 METHODS = ("single", "ddp", "zero1-naive", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
+BF16_METHODS = ("fsdp2-bf16",)  # bf16 compute: close to one process, not equal, so not in METHODS
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
               "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
               "adam": (torch.optim.Adam, dict(lr=0.01)),
@@ -71,7 +72,7 @@ class _Run(Method):
     def params(self) -> list[torch.Tensor]:
         if self.z3 is not None:
             return self.z3.full_parameters()
-        if self.method == "fsdp2":
+        if self.method.startswith("fsdp2"):
             return fsdp2_full_parameters(self.model)
         return [p.detach() for p in self.model.parameters()]
 
@@ -85,7 +86,7 @@ class _Run(Method):
 
 def _check_common(methods, steps, global_batch, world, optimizer):
     for m in methods:
-        check_choice("method", m, METHODS)
+        check_choice("method", m, METHODS + BF16_METHODS)
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     steps = check_int("steps", steps, minimum=1)
     global_batch = check_int("global_batch", global_batch, minimum=world)
@@ -126,7 +127,7 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
         for x, y in data:
             if method != "single":
                 x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-            loss = run.step(x, y)
+            loss = run.step(x, y).float()
             if method != "single":
                 dist.all_reduce(loss)  # for the report only (not part of the method's traffic)
                 loss /= world

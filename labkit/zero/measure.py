@@ -40,8 +40,9 @@ __all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp",
            "peak_bytes", "storage_bytes", "check_args", "check_sizes", "batches", "rank_slice"]
 
 METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
-ALL_METHODS = ("single", "zero1-naive") + METHODS  # Method also builds these: one process, the naive ZeRO-1
-STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3}  # what shards, as ZeRO says
+ALL_METHODS = ("single", "zero1-naive") + METHODS + ("fsdp2-bf16",)  # also: one process, the naive ZeRO-1, FSDP2
+# with bf16 compute (MixedPrecisionPolicy): not bit-comparable to the others, so not in the default lists
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3, "fsdp2-bf16": 3}  # what shards, as ZeRO says
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
               "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
               "adam": (torch.optim.Adam, dict(lr=1e-3)),
@@ -126,8 +127,8 @@ class Method:
             elif method == "zero3":
                 self.forward = self.z3 = Zero3(model)
                 self.traffic = self.z3.traffic
-            elif method == "fsdp2":
-                self.forward = torch_fsdp2(model)
+            elif method in ("fsdp2", "fsdp2-bf16"):
+                self.forward = torch_fsdp2(model, mixed_precision=method == "fsdp2-bf16")
             else:  # "single": one process, no sharding
                 self.forward = model
             self.opt = opt_cls(self.forward.parameters(), **kw)
