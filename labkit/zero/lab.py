@@ -127,7 +127,9 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
         for x, y in data:
             if method != "single":
                 x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-            loss = run.step(x, y).float()
+            loss = run.step(x, y)
+            if loss.dtype in (torch.bfloat16, torch.float16):  # bf16 compute: report the loss in fp32
+                loss = loss.float()
             if method != "single":
                 dist.all_reduce(loss)  # for the report only (not part of the method's traffic)
                 loss /= world
