@@ -33,4 +33,6 @@ step bench_ablation 120 "$PY" -m labkit bench ablation --quick
 # lab 09: ResNet-50 at batch 256 (fp32 with TF32 off and on, bf16, fp16 + GradScaler, channels_last, compile,
 # cudnn.benchmark, pinned memory), and the memory calculator against torch.cuda.max_memory_allocated
 step bench_hardware 420 "$PY" -m labkit bench hardware --device cuda --trials 7
+# lab 10: ZeRO-1/2/3, torch's ZeRO and FSDP2; NCCL when there is one GPU per rank, else gloo (it says which)
+step bench_zero 180 "$PY" -m labkit bench zero --quick
 echo "results in $OUT/ (summary: $summary)"
