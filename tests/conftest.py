@@ -15,6 +15,17 @@ def _stop_shared_pools_after_module():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, as the labs' notebooks and rank functions run it; restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def trial_module(tmp_path, monkeypatch):
     """A function ``make(name, source)`` that writes ``tmp_path/name.py``, makes it importable here and in child
     processes (``sys.path`` and ``PYTHONPATH``, both restored after the test) and returns the freshly imported

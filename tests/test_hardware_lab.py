@@ -3,7 +3,6 @@ bf16 experiment on one CPU held to older instruction sets."""
 import platform
 
 import pytest
-import torch
 
 from labkit.hardware import Setup, TransformerShape, bf16_by_isa, cpu_info, estimate, predict_bf16
 from labkit.hardware import lab
@@ -11,12 +10,7 @@ from labkit.hardware.cpu import CpuInfo
 from labkit.memory_model import transformer_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # measured as the notebook measures: one thread
 
 
 def predict_states(model, precision, optimizer):  # the notebook's answer

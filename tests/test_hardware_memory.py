@@ -15,12 +15,7 @@ from labkit.sliced.models import build_model, saved_bytes
 SHAPE = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # measured as the notebook measures: one thread
 
 
 def mlp():

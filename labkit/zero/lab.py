@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import check_choice, check_int
 from ..checks import CheckResult
 from ..ddp import make_ddp
 from .flat import FlatLayout
-from .measure import Method
+from .measure import Method, check_global_batch
 from .optim import state_numel
 from .torch_ref import fsdp2_full_parameters
 
@@ -88,12 +88,7 @@ def _check_common(methods, steps, global_batch, world, optimizer):
     for m in methods:
         check_choice("method", m, METHODS + BF16_METHODS)
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    steps = check_int("steps", steps, minimum=1)
-    global_batch = check_int("global_batch", global_batch, minimum=world)
-    if global_batch % world:
-        raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a multiple "
-                         f"of {world} (equal slices keep the average of the ranks' mean losses the global mean)")
-    return steps, global_batch
+    return check_int("steps", steps, minimum=1), check_global_batch(global_batch, world)
 
 
 def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", optimizer: str = "adam",

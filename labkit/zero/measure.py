@@ -37,7 +37,7 @@ from .stage3 import Zero3
 from .torch_ref import torch_fsdp2, torch_zero1
 
 __all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp", "memory_rank", "memory_row",
-           "peak_bytes", "storage_bytes", "check_args", "check_sizes", "batches", "rank_slice"]
+           "peak_bytes", "storage_bytes", "check_args", "check_sizes", "check_global_batch", "batches", "rank_slice"]
 
 METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
 ALL_METHODS = ("single", "zero1-naive") + METHODS + ("fsdp2-bf16",)  # also: one process, the naive ZeRO-1, FSDP2
@@ -265,11 +265,17 @@ def check_args(methods, sizes, dtype, optimizer, steps, global_batch, world):
     check_choice("dtype", dtype, tuple(DTYPES))
     check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     steps = check_int("steps", steps, minimum=1)
+    return methods, check_sizes(sizes), steps, check_global_batch(global_batch, world)
+
+
+def check_global_batch(global_batch, world: int) -> int:
+    """``global_batch`` if it splits into ``world`` equal slices (then the mean of the ranks' mean losses is the
+    global batch's mean loss, and averaging the gradients gives its gradient)."""
     global_batch = check_int("global_batch", global_batch, minimum=world)
     if global_batch % world:
         raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a "
                             f"multiple of {world}, e.g. {world * max(1, global_batch // world)}")
-    return methods, check_sizes(sizes), steps, global_batch
+    return global_batch
 
 
 def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optimizer: str = "adam",
