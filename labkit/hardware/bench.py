@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..viz import format_table
+
 EXPERIMENTS = ("memory", "precision", "isa", "channels_last", "compile", "batch", "checkpoint", "input")
 
 PUBLISHED = {
@@ -59,16 +61,14 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Rows as an aligned text table (the union of their keys, in first-seen order)."""
+    """Rows as an aligned text table (the union of their keys, in first-seen order, a note last), each cell as
+    :func:`_fmt` writes it, laid out by :func:`labkit.viz.format_table`."""
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols and k != "note"]
     if any("note" in r for r in rows):
         cols.append("note")
-    cells = [[_fmt(r.get(c)) if c in r else "" for c in cols] for r in rows]
-    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, width)).rstrip()
-    return "\n".join([line(cols), line(["-" * w for w in width]), *(line(row) for row in cells)])
+    return format_table([{c: _fmt(r[c]) if c in r else "" for c in cols} for r in rows])
 
 
 def memory_check(device="cpu", trials=7, quick=True):

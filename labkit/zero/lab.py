@@ -22,6 +22,7 @@ from .._validate import check_choice, check_int
 from ..checks import CheckResult
 from ..ddp import make_ddp
 from .flat import FlatLayout
+from . import measure as _measure
 from .measure import Method, check_global_batch
 from .optim import state_numel
 from .torch_ref import fsdp2_full_parameters
@@ -32,28 +33,17 @@ OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
               "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
               "adam": (torch.optim.Adam, dict(lr=0.01)),
               "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1))}
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SIZES = (6, 11, 7, 3)
 
 
 def mlp(seed: int = 0, dtype: str = "float64", sizes=SIZES) -> nn.Module:
     """Linear layers of ``sizes`` with tanh between them, from ``seed`` (the same model on every rank)."""
-    check_choice("dtype", dtype, tuple(DTYPES))
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers).to(DTYPES[dtype])
+    return _measure.mlp(sizes, dtype, seed, activation=nn.Tanh)
 
 
 def batches(steps: int, global_batch: int = 12, seed: int = 0, dtype: str = "float64", sizes=SIZES) -> list:
     """``steps`` global batches ``(x, y)`` of a fixed random classification task (3 classes by default)."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    out = []
-    for _ in range(steps):
-        x = torch.randn(global_batch, sizes[0], generator=g, dtype=torch.float64).to(DTYPES[dtype])
-        out.append((x, torch.randint(0, sizes[-1], (global_batch,), generator=g)))
-    return out
+    return _measure.batches(steps, global_batch, sizes, dtype, seed)
 
 
 def _flat(tensors) -> torch.Tensor:

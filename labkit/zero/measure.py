@@ -62,14 +62,14 @@ def check_sizes(sizes) -> tuple:
     return sizes
 
 
-def mlp(sizes=SIZES, dtype: str = "float32", seed: int = 0, device="cpu") -> nn.Module:
-    """Linear layers of ``sizes`` with ReLU between them, the same on every rank (built from ``seed``)."""
+def mlp(sizes=SIZES, dtype: str = "float32", seed: int = 0, device="cpu", activation=nn.ReLU) -> nn.Module:
+    """Linear layers of ``sizes`` with ``activation`` between them, the same on every rank (built from ``seed``)."""
     check_choice("dtype", dtype, tuple(DTYPES))
     sizes = check_sizes(sizes)
     torch.manual_seed(seed)
     layers = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+        layers += [nn.Linear(a, b)] + ([activation()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers).to(device=device, dtype=DTYPES[dtype])
 
 
@@ -244,9 +244,12 @@ def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: boo
             "peak_low": min(peaks) if peaks else None, "peak_note": note}
 
 
-def batches(steps: int, global_batch: int, sizes, dtype: str, seed: int, device) -> list:
+def batches(steps: int, global_batch: int, sizes, dtype: str, seed: int, device="cpu") -> list:
+    """``steps`` global batches ``(x, y)`` of a fixed random classification task: inputs drawn in float64 from
+    ``seed`` (the same values whatever ``dtype`` they are cast to), ``sizes[-1]`` classes."""
     g = torch.Generator().manual_seed(1000 + seed)
-    return [(torch.randn(global_batch, sizes[0], generator=g).to(device=device, dtype=DTYPES[dtype]),
+    return [(torch.randn(global_batch, sizes[0], generator=g, dtype=torch.float64).to(device=device,
+                                                                                     dtype=DTYPES[dtype]),
              torch.randint(0, sizes[-1], (global_batch,), generator=g).to(device)) for _ in range(steps)]
 
 
