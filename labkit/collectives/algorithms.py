@@ -5,6 +5,10 @@ Every algorithm here is written with ``dist.send``/``dist.recv`` (or ``isend``/`
 checked against ``dist.all_reduce`` / ``dist.reduce_scatter`` / ``dist.all_gather`` by the tests. Pass
 ``log=[]`` and each rank appends one dict per message it *sends* (step, src, dst, chunks, op, bytes,
 start, end); the tests check that the messages really sent equal the pure schedule in :mod:`.schedules`.
+
+``group=`` (a process group, e.g. ``mesh["tp"].get_group()``) runs a collective among that group's ranks
+only: ``n`` and ``rank`` are the size of the group and the position in it, every message names its peer by
+group rank (``group_dst=``/``group_src=``), and the log records group ranks. ``None``: the default group.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import time
 
 from .._validate import check_int
 from .schedules import _check_algorithm, _hd_layout, chunk_bounds
-from .validation import _check_log, _check_same_everywhere, _check_tensor, _op_name
+from .validation import _check_log, _check_same_everywhere, _check_tensor, _group_position, _op_name
 
 def _reduce_into(dst, src, op: str) -> None:
     import torch
@@ -31,7 +35,8 @@ def _finish_avg(tensor, n: int) -> None:
 
 
 class _Recorder:
-    """Appends one dict per message this rank sends to ``log`` (when a list is given)."""
+    """Appends one dict per message this rank sends to ``log`` (when a list is given); ``rank`` and the
+    peers are positions in the group the collective runs on."""
 
     def __init__(self, log, rank: int, itemsize: int):
         _check_log(log)
@@ -43,14 +48,15 @@ class _Recorder:
                              "bytes": numel * self.itemsize, "start": start, "end": end, "data_from": data_from})
 
 
-def _exchange(send_buf, dst, recv_buf, src, tag: int, pending_sends: list | None = None) -> None:
+def _exchange(send_buf, dst, recv_buf, src, tag: int, pending_sends: list | None = None, *, group) -> None:
     """Send and receive at the same time (isend + irecv, then wait both): a ring step cannot deadlock.
     With ``pending_sends``, only the receive is waited for and the send request is appended there, to be
-    waited for later (the caller promises not to write into ``send_buf`` before then)."""
+    waited for later (the caller promises not to write into ``send_buf`` before then). ``dst`` and ``src``
+    are ranks in ``group`` (None: the default group)."""
     import torch.distributed as dist
 
-    rq = dist.irecv(recv_buf, src, tag=tag) if recv_buf is not None else None
-    sq = dist.isend(send_buf, dst, tag=tag) if send_buf is not None else None
+    rq = dist.irecv(recv_buf, group_src=src, group=group, tag=tag) if recv_buf is not None else None
+    sq = dist.isend(send_buf, group_dst=dst, group=group, tag=tag) if send_buf is not None else None
     if rq is not None:
         rq.wait()
     if sq is not None:
@@ -61,27 +67,27 @@ def _exchange(send_buf, dst, recv_buf, src, tag: int, pending_sends: list | None
 
 
 # --------------------------------------------------------------------------------------- algorithms
-def _naive(flat, op, n, rank, rec):
+def _naive(flat, op, n, rank, rec, *, group):
     import torch
     import torch.distributed as dist
 
     if rank == 0:  # reduce: rank 0 receives every other rank's tensor in turn
         buf = torch.empty_like(flat)
         for k in range(1, n):
-            dist.recv(buf, k, tag=k - 1)
+            dist.recv(buf, group_src=k, group=group, tag=k - 1)
             _reduce_into(flat, buf, op)
         for k in range(1, n):  # broadcast: rank 0 sends the result to every other rank in turn
             t0 = time.perf_counter()
-            dist.send(flat, k, tag=n - 2 + k)
+            dist.send(flat, group_dst=k, group=group, tag=n - 2 + k)
             rec(n - 2 + k, k, (0,), "copy", flat.numel(), t0, time.perf_counter())
     else:
         t0 = time.perf_counter()
-        dist.send(flat, 0, tag=rank - 1)
+        dist.send(flat, group_dst=0, group=group, tag=rank - 1)
         rec(rank - 1, 0, (0,), "reduce", flat.numel(), t0, time.perf_counter())
-        dist.recv(flat, 0, tag=n - 2 + rank)
+        dist.recv(flat, group_src=0, group=group, tag=n - 2 + rank)
 
 
-def _tree(flat, op, n, rank, rec):
+def _tree(flat, op, n, rank, rec, *, group):
     import torch
     import torch.distributed as dist
 
@@ -91,22 +97,22 @@ def _tree(flat, op, n, rank, rec):
         d = 1 << k
         if rank % (2 * d) == d:
             t0 = time.perf_counter()
-            dist.send(flat, rank - d, tag=k)
+            dist.send(flat, group_dst=rank - d, group=group, tag=k)
             rec(k, rank - d, (0,), "reduce", flat.numel(), t0, time.perf_counter())
         elif rank % (2 * d) == 0 and rank + d < n:
-            dist.recv(buf, rank + d, tag=k)
+            dist.recv(buf, group_src=rank + d, group=group, tag=k)
             _reduce_into(flat, buf, op)
     for j in range(levels):  # broadcast down the same tree
         d = 1 << (levels - 1 - j)
         if rank % (2 * d) == 0 and rank + d < n:
             t0 = time.perf_counter()
-            dist.send(flat, rank + d, tag=levels + j)
+            dist.send(flat, group_dst=rank + d, group=group, tag=levels + j)
             rec(levels + j, rank + d, (0,), "copy", flat.numel(), t0, time.perf_counter())
         elif rank % (2 * d) == d:
-            dist.recv(flat, rank - d, tag=levels + j)
+            dist.recv(flat, group_src=rank - d, group=group, tag=levels + j)
 
 
-def _ring_reduce_scatter(chunks, op, n, rank, rec, own, step0=0):
+def _ring_reduce_scatter(chunks, op, n, rank, rec, own, step0=0, *, group):
     """n-1 steps; at step s send chunk (rank+own-1-s) right, receive chunk (rank+own-2-s) from the left and
     reduce it in. Afterwards chunk (rank+own) % n holds every rank's contribution."""
     import torch
@@ -118,14 +124,14 @@ def _ring_reduce_scatter(chunks, op, n, rank, rec, own, step0=0):
         i_send, i_recv = (rank + own - 1 - s) % n, (rank + own - 2 - s) % n
         incoming = buf[: chunks[i_recv].numel()]
         t0 = time.perf_counter()
-        _exchange(chunks[i_send], right, incoming, left, tag=step0 + s, pending_sends=sends)
+        _exchange(chunks[i_send], right, incoming, left, tag=step0 + s, pending_sends=sends, group=group)
         rec(step0 + s, right, (i_send,), "reduce", chunks[i_send].numel(), t0, time.perf_counter())
         _reduce_into(chunks[i_recv], incoming, op)
     for q in sends:
         q.wait()
 
 
-def _ring_all_gather(chunks, n, rank, rec, own, step0=0):
+def _ring_all_gather(chunks, n, rank, rec, own, step0=0, *, group):
     """n-1 steps; rank starts owning chunk (rank+own) % n; at step s it forwards chunk (rank+own-s) and
     receives chunk (rank+own-1-s) straight into place."""
     right, left = (rank + 1) % n, (rank - 1) % n
@@ -133,19 +139,19 @@ def _ring_all_gather(chunks, n, rank, rec, own, step0=0):
     for s in range(n - 1):
         i_send, i_recv = (rank + own - s) % n, (rank + own - 1 - s) % n
         t0 = time.perf_counter()
-        _exchange(chunks[i_send], right, chunks[i_recv], left, tag=step0 + s, pending_sends=sends)
+        _exchange(chunks[i_send], right, chunks[i_recv], left, tag=step0 + s, pending_sends=sends, group=group)
         rec(step0 + s, right, (i_send,), "copy", chunks[i_send].numel(), t0, time.perf_counter())
     for q in sends:
         q.wait()
 
 
-def _ring(flat, op, n, rank, rec):
+def _ring(flat, op, n, rank, rec, *, group):
     chunks = [flat[a:b] for a, b in chunk_bounds(flat.numel(), n)]
-    _ring_reduce_scatter(chunks, op, n, rank, rec, own=1, step0=0)
-    _ring_all_gather(chunks, n, rank, rec, own=1, step0=n - 1)
+    _ring_reduce_scatter(chunks, op, n, rank, rec, own=1, step0=0, group=group)
+    _ring_all_gather(chunks, n, rank, rec, own=1, step0=n - 1, group=group)
 
 
-def _ring_pipelined(flat, op, n, rank, rec, segments: int):
+def _ring_pipelined(flat, op, n, rank, rec, segments: int, *, group):
     """The ring's messages, but each chunk travels as ``segments`` pieces and every piece is passed on as
     soon as it has been added in: sending, receiving and adding overlap instead of taking turns (gloo's
     own ring works this way). The log still has one entry per chunk and step, as in :func:`schedule`."""
@@ -164,12 +170,13 @@ def _ring_pipelined(flat, op, n, rank, rec, segments: int):
     def post_recvs(t):
         c = chunk_in(t)
         into = bufs[t % 2] if t < n - 1 else chunks[c]  # all-gather steps receive straight into place
-        return [dist.irecv(into[a:b], left, tag=t * segments + k) for k, (a, b) in enumerate(pieces[c])]
+        return [dist.irecv(into[a:b], group_src=left, group=group, tag=t * segments + k)
+                for k, (a, b) in enumerate(pieces[c])]
 
     c = rank % n
     started = [time.perf_counter()] * steps
     recvs = post_recvs(0)
-    sends = [dist.isend(chunks[c][a:b], right, tag=k) for k, (a, b) in enumerate(pieces[c])]
+    sends = [dist.isend(chunks[c][a:b], group_dst=right, group=group, tag=k) for k, (a, b) in enumerate(pieces[c])]
     for t in range(steps):
         nxt = post_recvs(t + 1) if t + 1 < steps else None
         c = chunk_in(t)
@@ -180,7 +187,7 @@ def _ring_pipelined(flat, op, n, rank, rec, segments: int):
             if t < n - 1:
                 _reduce_into(chunks[c][a:b], bufs[t % 2][a:b], op)
             if t + 1 < steps:  # forward this piece at once
-                sends.append(dist.isend(chunks[c][a:b], right, tag=(t + 1) * segments + k))
+                sends.append(dist.isend(chunks[c][a:b], group_dst=right, group=group, tag=(t + 1) * segments + k))
         sent = (rank - t) % n if t < n - 1 else (rank + 1 - (t - (n - 1))) % n
         rec(t, right, (sent,), "reduce" if t < n - 1 else "copy", chunks[sent].numel(), started[t], time.perf_counter())
         recvs = nxt
@@ -188,7 +195,7 @@ def _ring_pipelined(flat, op, n, rank, rec, segments: int):
         q.wait()
 
 
-def _ring_unchunked(flat, op, n, rank, rec):
+def _ring_unchunked(flat, op, n, rank, rec, *, group):
     """Pass whole tensors around the ring: each rank forwards what it received last step, n-1 times.
     Correct, but every rank sends (n-1)*S bytes instead of the chunked ring's 2(n-1)/n*S."""
     import torch
@@ -197,13 +204,13 @@ def _ring_unchunked(flat, op, n, rank, rec):
     outgoing, incoming = flat.clone(), torch.empty_like(flat)
     for s in range(n - 1):
         t0 = time.perf_counter()
-        _exchange(outgoing, right, incoming, left, tag=s)
+        _exchange(outgoing, right, incoming, left, tag=s, group=group)
         rec(s, right, (0,), "reduce", flat.numel(), t0, time.perf_counter(), data_from=(rank - s) % n)
         _reduce_into(flat, incoming, op)
         outgoing, incoming = incoming, outgoing
 
 
-def _halving_doubling(flat, op, n, rank, rec):
+def _halving_doubling(flat, op, n, rank, rec, *, group):
     import torch
 
     p, r, new, old = _hd_layout(n)
@@ -218,10 +225,10 @@ def _halving_doubling(flat, op, n, rank, rec):
     if r:  # fold: among the first 2r ranks, each even rank hands its data to the odd rank above it
         if rank < 2 * r and rank % 2 == 0:
             t0 = time.perf_counter()
-            _exchange(flat, rank + 1, None, None, tag=0)
+            _exchange(flat, rank + 1, None, None, tag=0, group=group)
             rec(0, rank + 1, everything, "reduce", flat.numel(), t0, time.perf_counter())
         elif rank < 2 * r:
-            _exchange(None, None, buf, rank - 1, tag=0)
+            _exchange(None, None, buf, rank - 1, tag=0, group=group)
             _reduce_into(flat, buf, op)
         step = 1
     v = new[rank]
@@ -235,7 +242,7 @@ def _halving_doubling(flat, op, n, rank, rec):
             keep, send = span(klo, khi), span(slo, shi)
             incoming = buf[: keep.numel()]
             t0 = time.perf_counter()
-            _exchange(send, old[v ^ mask], incoming, old[v ^ mask], tag=step)
+            _exchange(send, old[v ^ mask], incoming, old[v ^ mask], tag=step, group=group)
             rec(step, old[v ^ mask], tuple(range(slo, shi)), "reduce", send.numel(), t0, time.perf_counter())
             _reduce_into(keep, incoming, op)
             step += 1
@@ -245,7 +252,8 @@ def _halving_doubling(flat, op, n, rank, rec):
             lo = v & ~(mask - 1)
             plo = (v ^ mask) & ~(mask - 1)
             t0 = time.perf_counter()
-            _exchange(span(lo, lo + mask), old[v ^ mask], span(plo, plo + mask), old[v ^ mask], tag=step)
+            _exchange(span(lo, lo + mask), old[v ^ mask], span(plo, plo + mask), old[v ^ mask], tag=step,
+                      group=group)
             rec(step, old[v ^ mask], tuple(range(lo, lo + mask)), "copy", span(lo, lo + mask).numel(), t0,
                 time.perf_counter())
             step += 1
@@ -255,10 +263,10 @@ def _halving_doubling(flat, op, n, rank, rec):
     if r:  # unfold: odd ranks hand the result back to their even partner
         if rank < 2 * r and rank % 2 == 1:
             t0 = time.perf_counter()
-            _exchange(flat, rank - 1, None, None, tag=step)
+            _exchange(flat, rank - 1, None, None, tag=step, group=group)
             rec(step, rank - 1, everything, "copy", flat.numel(), t0, time.perf_counter())
         elif rank < 2 * r:
-            _exchange(None, None, flat, rank + 1, tag=step)
+            _exchange(None, None, flat, rank + 1, tag=step, group=group)
 
 
 _IMPLS = {"naive": _naive, "tree": _tree, "ring": _ring, "halving_doubling": _halving_doubling,
@@ -266,17 +274,17 @@ _IMPLS = {"naive": _naive, "tree": _tree, "ring": _ring, "halving_doubling": _ha
 
 
 def all_reduce(tensor, op="sum", algorithm: str = "ring", log: list | None = None, check: bool = True,
-               segments: int = 1):
-    """All-reduce ``tensor`` in place across the default process group with ``algorithm`` (see
-    :data:`ALGORITHMS`), using only point-to-point messages. Returns ``tensor``.
+               segments: int = 1, group=None):
+    """All-reduce ``tensor`` in place across ``group`` (None: the default process group) with ``algorithm``
+    (see :data:`ALGORITHMS`), using only point-to-point messages. Returns ``tensor``.
 
     ``op``: ``"sum"``, ``"max"`` or ``"avg"`` (integer averages round toward zero).
-    ``log``: a list to which this rank appends one dict per message it sends.
+    ``log``: a list to which this rank appends one dict per message it sends; ``src`` and ``dst`` are ranks
+    within ``group`` (``dist.get_global_rank(group, r)`` translates them).
     ``check``: first verify (one tiny all-gather) that every rank passed the same shape and dtype.
     ``segments``: ring only; > 1 sends each chunk in that many pieces, pipelined (:func:`_ring_pipelined`).
+    ``group``: a process group this rank belongs to (``dist.new_group``, ``mesh["tp"].get_group()``).
     """
-    import torch.distributed as dist
-
     _check_algorithm(algorithm)
     check_int("segments", segments, minimum=1, hint="the pieces per ring chunk")
     if segments > 1 and algorithm != "ring":
@@ -284,56 +292,54 @@ def all_reduce(tensor, op="sum", algorithm: str = "ring", log: list | None = Non
     op = _op_name(op)
     _check_tensor(tensor)
     _check_log(log)
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialised; run this inside labkit.launch(fn, world_size=...)")
-    n, rank = dist.get_world_size(), dist.get_rank()
+    n, rank = _group_position(group, "all_reduce")
     if check and n > 1:
-        _check_same_everywhere(tensor)
+        _check_same_everywhere(tensor, group=group)
     rec = _Recorder(log, rank, tensor.element_size())
     if n > 1 and segments > 1:
-        _ring_pipelined(tensor.view(-1), op, n, rank, rec, segments)
+        _ring_pipelined(tensor.view(-1), op, n, rank, rec, segments, group=group)
     elif n > 1:
-        _IMPLS[algorithm](tensor.view(-1), op, n, rank, rec)
+        _IMPLS[algorithm](tensor.view(-1), op, n, rank, rec, group=group)
     if op == "avg":
         _finish_avg(tensor, n)
     return tensor
 
 
-def reduce_scatter(tensor, op="sum", log: list | None = None, check: bool = True):
-    """Ring reduce-scatter: return this rank's piece ``torch.tensor_split(flat, world_size)[rank]`` of the
+def reduce_scatter(tensor, op="sum", log: list | None = None, check: bool = True, group=None):
+    """Ring reduce-scatter: return this rank's piece ``torch.tensor_split(flat, n)[rank]`` of the
     elementwise reduction of every rank's ``tensor`` (which is left unchanged). n-1 steps, each rank
-    sends (n-1)/n of the tensor."""
-    import torch.distributed as dist
-
+    sends (n-1)/n of the tensor. ``n`` and ``rank`` are the size of ``group`` and the position in it
+    (None: the default group); ``log`` as in :func:`all_reduce`, with group ranks."""
     op = _op_name(op)
     _check_tensor(tensor)
     _check_log(log)
-    n, rank = dist.get_world_size(), dist.get_rank()
+    n, rank = _group_position(group, "reduce_scatter")
     if check and n > 1:
-        _check_same_everywhere(tensor)
+        _check_same_everywhere(tensor, group=group)
     work = tensor.reshape(-1).clone()
     chunks = [work[a:b] for a, b in chunk_bounds(work.numel(), n)]
     if n > 1:
-        _ring_reduce_scatter(chunks, op, n, rank, _Recorder(log, rank, tensor.element_size()), own=0)
+        _ring_reduce_scatter(chunks, op, n, rank, _Recorder(log, rank, tensor.element_size()), own=0, group=group)
     mine = chunks[rank]
     if op == "avg":
         _finish_avg(mine, n)
     return mine
 
 
-def all_gather(tensor, log: list | None = None, check: bool = True) -> list:
-    """Ring all-gather: return ``[rank 0's tensor, rank 1's tensor, ...]`` on every rank (like
-    ``dist.all_gather``). n-1 steps; each rank sends (n-1) tensors' worth, i.e. (n-1)/n of the output."""
+def all_gather(tensor, log: list | None = None, check: bool = True, group=None) -> list:
+    """Ring all-gather: return ``[group rank 0's tensor, group rank 1's tensor, ...]`` on every rank of
+    ``group`` (None: the default group), like ``dist.all_gather``. n-1 steps; each rank sends (n-1) tensors'
+    worth, i.e. (n-1)/n of the output. ``log`` as in :func:`all_reduce`, with group ranks."""
     import torch
-    import torch.distributed as dist
 
     _check_tensor(tensor)
     _check_log(log)
-    n, rank = dist.get_world_size(), dist.get_rank()
+    n, rank = _group_position(group, "all_gather")
     if check and n > 1:
-        _check_same_everywhere(tensor)
+        _check_same_everywhere(tensor, group=group)
     out = torch.empty((n,) + tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
     out[rank].copy_(tensor)
     if n > 1:
-        _ring_all_gather(list(out.view(n, tensor.numel())), n, rank, _Recorder(log, rank, tensor.element_size()), own=0)
+        _ring_all_gather(list(out.view(n, tensor.numel())), n, rank, _Recorder(log, rank, tensor.element_size()),
+                         own=0, group=group)
     return list(out.unbind(0))

@@ -1,4 +1,5 @@
-"""What the collectives check before they communicate: the tensor, the op, the log, and that every rank
+"""What the collectives check before they communicate: the tensor, the op, the log, the process group and this
+rank's place in it (:func:`_group_position`; :func:`_rank_world` for lab 03's layers), and that every rank
 passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check); and, for
 the exercise checks, what a learner's code really did: :func:`watch_p2p` records every point-to-point message
 in the log format of :mod:`.algorithms` (torch's collectives refused, labkit's own all-reduce named). Which
@@ -40,6 +41,52 @@ def _check_tensor(tensor, what: str = "tensor"):
     return tensor
 
 
+def _describe_group(group) -> str:
+    """``"the default group"`` or ``"the group of global ranks [0, 1]"``, for messages."""
+    import torch.distributed as dist
+
+    if group is None or group is dist.GroupMember.WORLD:
+        return "the default group"
+    if isinstance(group, dist.ProcessGroup):
+        return f"the group of global ranks {dist.get_process_group_ranks(group)}"
+    if group == dist.GroupMember.NON_GROUP_MEMBER:
+        return f"the group (dist.new_group gave this process its placeholder for non-members, {group!r})"
+    return f"group={group!r}"
+
+
+def _group_position(group, fn: str) -> tuple[int, int]:
+    """``(size, rank)`` of this process within ``group`` (None: the default group), as ``dist.get_world_size(group)``
+    and ``dist.get_rank(group)``; refuses a missing ``torch.distributed``, a ``group`` that is not a process group,
+    and a group this process is not in (``dist.new_group`` hands non-members a placeholder)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError(f"torch.distributed is not initialised; run {fn} inside labkit.launch(fn, world_size=...)")
+    outsider = isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER
+    if group is not None and not outsider and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (from dist.new_group(ranks) or "
+                        f"mesh['tp'].get_group()) or None for the default group, got {type(group).__name__}")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not in {_describe_group(group)}; "
+                         f"call it only on the group's own ranks, or pass group=None for the default group")
+    return dist.get_world_size(group), rank
+
+
+def _rank_world(rank, world, group, who: str) -> tuple[int, int]:
+    """``(rank, world)`` of code split over ``group``'s ranks (lab 03's layers): the values given, the missing ones
+    from the group (None: the default group). Given values must agree with a group; without one, both given, no
+    ``torch.distributed`` is needed."""
+    if group is None and rank is not None and world is not None:
+        return rank, world
+    g_world, g_rank = _group_position(group, who)
+    if group is not None and (rank not in (None, g_rank) or world not in (None, g_world)):
+        raise ValueError(f"{who} got rank={rank!r}, world={world!r}, but this process is rank {g_rank} of {g_world} in "
+                         f"{_describe_group(group)}; pass group= alone (rank and world then come from it), or "
+                         f"rank={g_rank}, world={g_world}")
+    return (g_rank if rank is None else rank), (g_world if world is None else world)
+
+
 def ranks_agree(values, group=None, device=None) -> bool:
     """True when every rank passed the same list of integers (one MAX and one MIN all-reduce).
 
@@ -57,8 +104,9 @@ def ranks_agree(values, group=None, device=None) -> bool:
     return bool(torch.equal(hi, lo))
 
 
-def _check_same_everywhere(tensor, what: str = "tensor") -> None:
-    """Ranks passing different tensors get a clear error on every rank instead of a hang or garbage."""
+def _check_same_everywhere(tensor, what: str = "tensor", group=None) -> None:
+    """Ranks passing different tensors get a clear error on every rank of ``group`` (None: the default group)
+    instead of a hang or garbage; the ranks it names are ranks within the group."""
     import torch
     import torch.distributed as dist
 
@@ -68,16 +116,18 @@ def _check_same_everywhere(tensor, what: str = "tensor") -> None:
     desc = [0] * 16
     desc[0], desc[1] = code, tensor.dim()
     desc[2:2 + tensor.dim()] = list(tensor.shape)
-    if ranks_agree(desc, device=tensor.device):
+    if ranks_agree(desc, group=group, device=tensor.device):
         return
     mine = torch.tensor(desc, dtype=torch.int64, device=tensor.device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)  # only on disagreement, to say which rank had what
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)  # only on disagreement, to say which rank had what
+    where = "" if group is None else f" of {_describe_group(group)} (keys: ranks within it)"
     if any(not torch.equal(d[1:], everyone[0][1:]) for d in everyone):
         shapes = {r: tuple(d[2:2 + int(d[1])].tolist()) for r, d in enumerate(everyone)}
-        raise ValueError(f"{what} shapes differ across ranks: {shapes}; every rank must pass a tensor of the same shape")
-    raise ValueError(f"{what} dtypes differ across ranks (this rank has {tensor.dtype}); every rank must pass the "
-                     f"same dtype")
+        raise ValueError(f"{what} shapes differ across ranks{where}: {shapes}; every rank must pass a tensor of the "
+                         f"same shape")
+    raise ValueError(f"{what} dtypes differ across ranks{where} (this rank has {tensor.dtype}); every rank must "
+                     f"pass the same dtype")
 
 
 def _check_log(log) -> None:

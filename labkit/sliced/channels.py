@@ -17,17 +17,20 @@ to a conv-BN-ReLU-conv block: this is the working version of the source article'
 The collectives are written as four tiny autograd functions so their forward and backward are
 visible: :func:`copy_to_ranks` (identity / all-reduce), :func:`reduce_from_ranks`
 (all-reduce / identity), :func:`gather_channels` (all-gather / keep own slice),
-:func:`scatter_channels` (keep own slice / all-gather).
+:func:`scatter_channels` (keep own slice / all-gather). With ``group=`` (e.g. ``mesh["tp"].get_group()``) the
+channels are split over that group's ranks, by position in it, and the collectives run on it (None: all ranks).
 """
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
 import torch.nn.functional as F
 
 from .._validate import check_int
+from ..collectives.validation import _group_position, _rank_world
 from .models import saved_bytes
 
 __all__ = [
@@ -44,14 +47,6 @@ def _count(kind: str, t: torch.Tensor) -> None:
     COMM_BYTES[kind] += t.numel() * t.element_size()
 
 
-def _dist():
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        raise RuntimeError("channel-parallel layers need torch.distributed: run them inside labkit.launch(fn, world_size=N)")
-    return dist
-
-
 def _chunk(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     size = t.shape[dim]
     if size % world:
@@ -62,78 +57,79 @@ def _chunk(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
 
 class _CopyToRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group):
+        _group_position(group, "copy_to_ranks")  # fail here, not in the backward pass
+        ctx.group = group
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous().clone()
         _count("all_reduce", g)
-        _dist().all_reduce(g)  # every rank used x: the gradients of its uses add up
-        return g
+        dist.all_reduce(g, group=ctx.group)  # every rank used x: the gradients of its uses add up
+        return g, None
 
 
 class _ReduceFromRanks(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, group):
+        _group_position(group, "reduce_from_ranks")
         x = x.contiguous().clone()
         _count("all_reduce", x)
-        _dist().all_reduce(x)
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, g):
-        return g  # d(sum)/d(part) = 1: each rank's partial gets the whole gradient
+        return g, None  # d(sum)/d(part) = 1: each rank's partial gets the whole gradient
 
 
 class _GatherChannels(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim):
-        dist = _dist()
-        ctx.dim, ctx.rank, ctx.world = dim, dist.get_rank(), dist.get_world_size()
+    def forward(ctx, x, dim, group):
+        ctx.dim, (ctx.world, ctx.rank) = dim, _group_position(group, "gather_channels")
         parts = [torch.empty_like(x) for _ in range(ctx.world)]
         _count("all_gather", x)
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _chunk(g, ctx.dim, ctx.rank, ctx.world).contiguous(), None
+        return _chunk(g, ctx.dim, ctx.rank, ctx.world).contiguous(), None, None
 
 
 class _ScatterChannels(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim):
-        dist = _dist()
-        ctx.dim, ctx.world = dim, dist.get_world_size()
-        return _chunk(x, dim, dist.get_rank(), ctx.world).contiguous()
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group, (ctx.world, rank) = dim, group, _group_position(group, "scatter_channels")
+        return _chunk(x, dim, rank, ctx.world).contiguous()
 
     @staticmethod
     def backward(ctx, g):
         parts = [torch.empty_like(g) for _ in range(ctx.world)]
         _count("all_gather", g)
-        _dist().all_gather(parts, g.contiguous())
-        return torch.cat(parts, dim=ctx.dim), None
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=ctx.dim), None, None
 
 
-def copy_to_ranks(x):
-    """Forward: identity (x is replicated). Backward: all-reduce the gradient."""
-    return _CopyToRanks.apply(x)
+def copy_to_ranks(x, group=None):
+    """Forward: identity (x is replicated). Backward: all-reduce the gradient over ``group``."""
+    return _CopyToRanks.apply(x, group)
 
 
-def reduce_from_ranks(x):
-    """Forward: all-reduce (sum the partial results). Backward: identity."""
-    return _ReduceFromRanks.apply(x)
+def reduce_from_ranks(x, group=None):
+    """Forward: all-reduce over ``group`` (sum the partial results). Backward: identity."""
+    return _ReduceFromRanks.apply(x, group)
 
 
-def gather_channels(x, dim: int = 1):
-    """Forward: all-gather the channel slices and concatenate. Backward: keep this rank's slice."""
-    return _GatherChannels.apply(x, dim)
+def gather_channels(x, dim: int = 1, group=None):
+    """Forward: all-gather the channel slices over ``group`` and concatenate. Backward: keep this rank's slice."""
+    return _GatherChannels.apply(x, dim, group)
 
 
-def scatter_channels(x, dim: int = 1):
-    """Forward: keep this rank's channel slice. Backward: all-gather the gradient slices."""
-    return _ScatterChannels.apply(x, dim)
+def scatter_channels(x, dim: int = 1, group=None):
+    """Forward: keep this rank's channel slice. Backward: all-gather the gradient slices over ``group``."""
+    return _ScatterChannels.apply(x, dim, group)
 
 
 def _check_layer(layer):
@@ -181,18 +177,20 @@ class ColumnParallel(nn.Module):
 
     Built from the full layer (each rank copies its slice). Input: the whole tensor, the same on
     every rank. Output: the whole result (``gather_output=True``, one all-gather) or this rank's
-    slice of channels (``False``, to feed a :class:`RowParallel`).
+    slice of channels (``False``, to feed a :class:`RowParallel`). ``group``: split over that process group's
+    ranks, communicate within it (None: all ranks); ``rank``, ``world``: from the group unless given.
     """
 
-    def __init__(self, layer: nn.Module, rank: int, world: int, gather_output: bool = True):
+    def __init__(self, layer: nn.Module, rank=None, world=None, gather_output: bool = True, *, group=None):
         super().__init__()
+        rank, world = _rank_world(rank, world, group, "ColumnParallel")
         self.local = shard_layer(layer, "column", rank, world)
         self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        self.gather_output = gather_output
+        self.gather_output, self.group = gather_output, group
 
     def forward(self, x):
-        y = self.local(copy_to_ranks(x))
-        return gather_channels(y, self.dim) if self.gather_output else y
+        y = self.local(copy_to_ranks(x, group=self.group))
+        return gather_channels(y, self.dim, group=self.group) if self.gather_output else y
 
 
 class RowParallel(nn.Module):
@@ -201,20 +199,22 @@ class RowParallel(nn.Module):
     Input: this rank's channel slice (``input_is_split=True``, e.g. from a ``ColumnParallel``
     with ``gather_output=False``) or the whole tensor (``False``: each rank takes its slice).
     Output: the whole result on every rank (one all-reduce), bias added once after the sum.
+    ``group``, ``rank``, ``world``: as in :class:`ColumnParallel`.
     """
 
-    def __init__(self, layer: nn.Module, rank: int, world: int, input_is_split: bool = True):
+    def __init__(self, layer: nn.Module, rank=None, world=None, input_is_split: bool = True, *, group=None):
         super().__init__()
+        rank, world = _rank_world(rank, world, group, "RowParallel")
         self.local = shard_layer(layer, "row", rank, world)
         self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        self.input_is_split = input_is_split
+        self.input_is_split, self.group = input_is_split, group
         self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
         self._conv = isinstance(layer, nn.Conv2d)
 
     def forward(self, x):
         if not self.input_is_split:
-            x = scatter_channels(x, self.dim)
-        y = reduce_from_ranks(self.local(x))
+            x = scatter_channels(x, self.dim, group=self.group)
+        y = reduce_from_ranks(self.local(x), group=self.group)
         if self.bias is not None:
             y = y + (self.bias.view(1, -1, 1, 1) if self._conv else self.bias)
         return y
@@ -231,7 +231,7 @@ def conv_block(inplanes: int = 16, mid: int = 32, planes: int = 16) -> nn.Sequen
 def _shard_bn(bn: nn.BatchNorm2d, rank: int, world: int) -> nn.BatchNorm2d:
     """BatchNorm normalises each channel on its own, so a channel slice of it is exact."""
     k = bn.num_features // world
-    new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine)
+    new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, dtype=bn.running_mean.dtype)
     with torch.no_grad():
         sl = slice(rank * k, (rank + 1) * k)
         if bn.affine:
@@ -250,14 +250,16 @@ class TensorParallelConvBlock(nn.Module):
     ReLU on the local channels (exact: both work channel by channel), 3x3 conv row-parallel
     (partial sums), one all-reduce, then the last BN and ReLU replicated. Equals the unsplit
     block, forward and backward; the big weights and the ``mid``-channel activation are 1/N per rank.
+    ``group``, ``rank``, ``world``: as in :class:`ColumnParallel`.
     """
 
-    def __init__(self, block: nn.Sequential, rank: int, world: int):
+    def __init__(self, block: nn.Sequential, rank=None, world=None, *, group=None):
         super().__init__()
         conv_a, bn_a, _, conv_b, bn_b, _ = block
-        self.col = ColumnParallel(conv_a, rank, world, gather_output=False)
+        rank, world = _rank_world(rank, world, group, "TensorParallelConvBlock")
+        self.col = ColumnParallel(conv_a, rank, world, gather_output=False, group=group)
         self.bn_a = _shard_bn(bn_a, rank, world)
-        self.row = RowParallel(conv_b, rank, world, input_is_split=True)
+        self.row = RowParallel(conv_b, rank, world, input_is_split=True, group=group)
         self.bn_b = copy.deepcopy(bn_b)
 
     def forward(self, x):
