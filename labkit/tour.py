@@ -39,6 +39,7 @@ LABS: tuple[Lab, ...] = (
     Lab("08", "ablation", "labkit.ablation", "ablation", "08_ablation.ipynb"),
     Lab("09", "hardware", "labkit.hardware", "hardware", "09_hardware.ipynb"),
     Lab("10", "sharded data parallel", "labkit.zero", "zero", "10_sharded_data_parallel.ipynb"),
+    Lab("11", "capstone", "labkit.capstone", "capstone", "11_capstone.ipynb"),
 )
 
 

@@ -73,8 +73,9 @@ def _recv(src: int, tag: int, dtype=torch.float32, group=None) -> torch.Tensor:
     return buf
 
 
-def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str = "1f1b", loss_fn=None,
-                  chunks: int = 2, repeats: int = 1, n_stages: int | None = None, warmup: int = 1) -> dict:
+def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedule: str = "1f1b", loss_fn=None,
+                  chunks: int = 2, repeats: int = 1, n_stages: int | None = None, warmup: int = 1, *,
+                  group=None, stages: dict | None = None) -> dict:
     """One rank of a pipeline (run by :func:`run_pipeline` through ``labkit.launch``).
 
     Runs ``warmup`` untimed steps then ``repeats`` timed ones. The first step learns the shape of
@@ -83,30 +84,46 @@ def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str 
     "wait" event is only time spent really waiting for the neighbour.
     Returns this rank's events (absolute ``perf_counter`` seconds), per-repeat (start, end) times,
     the loss (last rank), gradients of its stage(s), and memory samples ``(t, live, saved_bytes)``.
+
+    ``group``: the pipeline's process group (for example the ``pp`` group of a mesh, lab 11); the stage is this
+    rank's position in it and messages go to its neighbours in it. ``None``: the whole world, stage = rank.
+    ``stages``: ``{chunk: module}`` already built on this rank (kept between calls, as a training loop needs),
+    instead of ``make_stage``.
     """
     import torch.distributed as dist
 
-    p, r = ctx.world_size, ctx.rank
+    if group is None:
+        p, r = ctx.world_size, ctx.rank
+    else:
+        p, r = dist.get_world_size(group), dist.get_rank(group)
     if n_stages is not None and n_stages != p:
-        raise ValueError(f"the pipeline has {n_stages} stages but was launched on {p} ranks: "
+        where = "ranks" if group is None else "ranks in its group"
+        raise ValueError(f"the pipeline has {n_stages} stages but was launched on {p} {where}: "
                          f"launch with world_size={n_stages} (one rank per stage)")
     loss_fn = loss_fn or _default_loss
     sched = make_schedule(schedule, p, n_micro, chunks)
     v = n_chunks(sched)
     S = p * v
     xs, ys, ws = split_batch(batch, n_micro)
-    stages = {c: make_stage(c * p + r).to(ctx.device) for c in range(v)}
+    if stages is None:
+        stages = {c: make_stage(c * p + r).to(ctx.device) for c in range(v)}
+    elif sorted(stages) != list(range(v)):
+        raise ValueError(f"stages must map each of this rank's chunks {list(range(v))} to its module, "
+                         f"got chunks {sorted(stages)}")
     params = {id(q) for st in stages.values() for q in st.parameters()}
     param_ptrs = {q.data_ptr() for st in stages.values() for q in st.parameters()}
     dtype = next((q.dtype for st in stages.values() for q in st.parameters()), torch.float32)
     # Messages always travel through gloo on CPU tensors. Under NCCL (one GPU per rank) the stages
     # compute on their GPU and a gloo group carries the messages: NCCL's send blocks its stream until
     # the matching receive is posted, which deadlocks 1F1B unless sends and receives are paired.
-    group = None
-    if ctx.backend != "gloo":
+    if ctx.backend != "gloo" and group is None:
         group = ctx.cache.get("pipeline_gloo")
         if group is None:
             group = ctx.cache["pipeline_gloo"] = dist.new_group(backend="gloo")
+    elif ctx.backend != "gloo" and dist.get_backend(group) != "gloo":
+        raise ValueError("under NCCL the pipeline's messages need a gloo group: build the mesh with "
+                         "ctx.mesh(..., pp_backend='gloo') (labkit.runtime.mesh) or pass a gloo group")
+    peer = (lambda i: i) if group is None else (lambda i: dist.get_global_rank(group, i))
     dev = ctx.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -117,9 +134,9 @@ def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str 
     for a in sched[r]:
         s = a.chunk * p + r
         if a.kind == "F" and s > 0:
-            needs.append((0, a.micro, s - 1, (r - 1) % p))
+            needs.append((0, a.micro, s - 1, peer((r - 1) % p)))
         if a.kind == "B" and s < S - 1:
-            needs.append((1, a.micro, s, (r + 1) % p))
+            needs.append((1, a.micro, s, peer((r + 1) % p)))
     shapes: dict = {}
 
     out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": r}
@@ -168,7 +185,7 @@ def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str 
                 if s == 0:
                     x = xs[a.micro].to(dev)
                 else:
-                    x = receive(0, a.micro, s - 1, (r - 1) % p, f"r{a}")
+                    x = receive(0, a.micro, s - 1, peer((r - 1) % p), f"r{a}")
                     x.requires_grad_(True)
                 saved = [0, set()]
 
@@ -189,20 +206,20 @@ def pipeline_rank(ctx, make_stage: Callable, batch, n_micro: int, schedule: str 
                 if s == S - 1:
                     loss_total += float(y.detach())
                 else:
-                    send(y, 0, a.micro, s, (r + 1) % p)
+                    send(y, 0, a.micro, s, peer((r + 1) % p))
                 held[(a.micro, a.chunk)] = (x, y, saved[0])
                 live_bytes += saved[0]
                 memory.append((time.perf_counter(), len(held), live_bytes))
             else:
                 x, y, nbytes = held.pop((a.micro, a.chunk))
-                grad = None if s == S - 1 else receive(1, a.micro, s, (r + 1) % p, f"r{a}")
+                grad = None if s == S - 1 else receive(1, a.micro, s, peer((r + 1) % p), f"r{a}")
                 t0 = time.perf_counter()
                 torch.autograd.backward(y, grad)
                 sync()
                 events.append({"lane": r, "kind": "backward", "start": t0, "end": time.perf_counter(),
                                "label": str(a)})
                 if s > 0:
-                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, (r - 1) % p)
+                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, peer((r - 1) % p))
                 del x, y
                 live_bytes -= nbytes
                 memory.append((time.perf_counter(), len(held), live_bytes))

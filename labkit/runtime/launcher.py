@@ -110,6 +110,12 @@ class Context:
 
         dist.barrier()
 
+    def mesh(self, dp: int = 1, pp: int = 1, tp: int = 1, pp_backend: str | None = None):
+        """This rank's place on a dp × pp × tp grid and its three process groups (:mod:`labkit.runtime.mesh`)."""
+        from .mesh import build_mesh
+
+        return build_mesh(self, dp=dp, pp=pp, tp=tp, pp_backend=pp_backend)
+
 
 class Results(list):
     """The per-rank return values, in rank order, plus what the run printed and how long it took."""

@@ -1,0 +1,184 @@
+"""The whole grid: train the capstone's transformer on dp × pp × tp ranks and compare it with one process.
+
+On every rank (:func:`train_rank`): ``ctx.mesh(dp=, pp=, tp=)`` gives its coordinates and groups; it builds its
+share of the model (:class:`~labkit.capstone.tp.ParallelStage`: pipeline stage = its pp coordinate, tensor-parallel
+rank = its tp coordinate) and then, each step,
+
+1. takes its data-parallel replica's rows of the global batch (the same batch one process would use);
+2. runs one 1F1B step of lab 04's executor (:func:`~labkit.pipeline.executor.pipeline_rank`) over the pp group,
+   with the stage's tensor-parallel collectives inside each forward and backward;
+3. under sequence parallelism, sums the partial LayerNorm and position gradients over the tp group;
+4. averages gradients over the dp group with lab 02's :class:`~labkit.ddp.BucketedDDP` (one flat all-reduce per
+   bucket);
+5. takes an Adam step on its shard.
+
+A :class:`~labkit.capstone.comm.CommMeter` counts every byte each group carries, and the executor's timeline
+gives the pipeline's bubble. :func:`run_grid` launches it and puts the shards back together (:func:`assemble`),
+:meth:`GridRun.compare` measures the distance to :func:`~labkit.capstone.model.train_single`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .._validate import ArgumentError, check_int
+from ..runtime.mesh import check_shape
+from .comm import CommMeter, wire_bytes
+from .model import Config, build, make_optimizer, sort_batch, stage_layers, train_single
+from .tp import ParallelStage, assemble, check_tp
+
+
+def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
+    """The micro-batches per replica: ``n_micro`` checked, or by default the largest of 4, 2, 1 that divides the
+    replica's rows."""
+    batch, dp = check_int("batch", batch, minimum=1), check_int("dp", dp, minimum=1)
+    if batch % dp:
+        ok = [d for d in range(1, batch + 1) if batch % d == 0]
+        raise ArgumentError(f"batch={batch} rows do not split evenly over dp={dp} replicas: pass a batch that is a "
+                            f"multiple of {dp}, or dp in {ok}")
+    rows = batch // dp
+    if n_micro is None:
+        return next(m for m in (4, 2, 1) if rows % m == 0)
+    n_micro = check_int("n_micro", n_micro, minimum=1)
+    if rows % n_micro:
+        ok = [m for m in range(1, rows + 1) if rows % m == 0]
+        raise ArgumentError(f"n_micro={n_micro} micro-batches do not divide the {rows} rows of each replica "
+                            f"(batch={batch} / dp={dp}): pass n_micro in {ok}")
+    return n_micro
+
+
+def check_grid(dp: int, pp: int, tp: int, cfg: Config = Config(), sp: bool = False, batch: int = 16,
+               n_micro: int | None = None) -> int:
+    """Every bad-input check, before any process starts; returns the micro-batches per replica."""
+    dp, pp, tp = check_shape(check_int("dp", dp, minimum=1) * check_int("pp", pp, minimum=1)
+                             * check_int("tp", tp, minimum=1), dp, pp, tp)
+    check_tp(cfg, tp, sp)
+    stage_layers(cfg.layers, pp)
+    return micro_batches(batch, dp, n_micro)
+
+
+def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, steps: int = 3, batch: int = 16,
+               n_micro: int | None = None, cfg: Config = Config(), seed: int = 0, lr: float = 3e-3,
+               dtype=torch.float64) -> dict:
+    """One rank of the grid (see the module docstring). Returns its losses (last stage), step times, busy times,
+    bytes per group and op, and, on dp rank 0, its parameter shards."""
+    from ..ddp import BucketedDDP
+    from ..pipeline.executor import pipeline_rank
+
+    n_micro = check_grid(dp, pp, tp, cfg, sp, batch, n_micro)
+    mesh = ctx.mesh(dp=dp, pp=pp, tp=tp)
+    c = mesh.coords
+    stage = ParallelStage(build(cfg, seed, dtype), c["pp"], pp, mesh.group("tp"), c["tp"], tp, sp).to(ctx.device)
+    module = BucketedDDP(stage, group=mesh.group("dp"), broadcast=False) if dp > 1 else stage
+    opt = make_optimizer(stage.parameters(), lr)
+    rows = batch // dp
+    meter = CommMeter({"dp": mesh.group("dp"), "pp": mesh.group("pp"), "tp": mesh.group("tp")})
+    out = {"coords": c, "losses": [], "times": [], "busy": [], "spans": []}
+    for step in range(steps):
+        x, y = sort_batch(batch, cfg, seed=seed * 1000 + step)
+        x, y = x[c["dp"] * rows:(c["dp"] + 1) * rows], y[c["dp"] * rows:(c["dp"] + 1) * rows]
+        t0 = time.perf_counter()
+        with meter:
+            run = pipeline_rank(ctx, None, (x, y), n_micro, "1f1b", loss_fn=stage.loss, repeats=1, warmup=0,
+                                group=mesh.group("pp"), stages={0: module})
+            stage.sync_sp_grads()
+            if dp > 1:
+                module.sync_grads()
+        opt.step()
+        out["times"].append((t0, time.perf_counter()))
+        out["spans"].append(run["times"][0])
+        out["busy"].append(run["busy"][0])
+        if run["loss"] is not None:
+            out["losses"].append(run["loss"])
+    out["bytes"] = {f"{g}/{op}": v["bytes"] / steps for g, ops in meter.by_group().items() for op, v in ops.items()}
+    out["calls"] = {f"{g}/{op}": v["calls"] / steps for g, ops in meter.by_group().items() for op, v in ops.items()}
+    out["params"] = stage.shards() if c["dp"] == 0 else None
+    return out
+
+
+@dataclass
+class GridRun:
+    """What :func:`run_grid` measured. ``bytes[group][op]``: payload per rank per step, averaged over the
+    group's ranks; ``wire``: the same on the wire (ring algorithms); seconds are medians over steps."""
+
+    dp: int
+    pp: int
+    tp: int
+    sp: bool
+    n_micro: int
+    losses: list
+    params: dict
+    bytes: dict
+    calls: dict
+    step_seconds: float
+    bubble: float
+    per_rank: list = field(repr=False, default_factory=list)
+
+    @property
+    def shape(self) -> str:
+        return f"{self.dp}×{self.pp}×{self.tp}" + (" sp" if self.sp else "")
+
+    @property
+    def wire(self) -> dict:
+        sizes = {"dp": self.dp, "pp": self.pp, "tp": self.tp}
+        return {g: sum(wire_bytes(op, b, sizes.get(g, 1)) for op, b in ops.items()) for g, ops in self.bytes.items()}
+
+    @property
+    def bubble_theory(self) -> float:
+        """(p - 1) / (m + p - 1): the idle fraction of 1F1B with equal stages (GPipe paper; Narayanan et al.)."""
+        return (self.pp - 1) / (self.n_micro + self.pp - 1)
+
+    def compare(self, single: dict) -> dict:
+        """Largest differences from :func:`~labkit.capstone.model.train_single`: ``loss`` (absolute) and
+        ``params`` (relative to the largest value of each tensor)."""
+        loss = max(abs(a - b) for a, b in zip(self.losses, single["losses"], strict=True))
+        if set(self.params) != set(single["state"]):
+            raise ValueError(f"parameters differ: {sorted(set(self.params) ^ set(single['state']))}")
+        rel = max(float((self.params[k] - v).abs().max() / v.abs().max().clamp_min(1e-300))
+                  for k, v in single["state"].items())
+        return {"loss": loss, "params": rel}
+
+
+def run_grid(dp: int = 2, pp: int = 2, tp: int = 2, sp: bool = False, steps: int = 3, batch: int = 16,
+             n_micro: int | None = None, cfg: Config = Config(), seed: int = 0, lr: float = 3e-3,
+             timeout: float = 300, pool: bool = True, backend: str = "auto") -> GridRun:
+    """Train on a dp × pp × tp grid of ``dp·pp·tp`` ranks (gloo on CPU) and return a :class:`GridRun`."""
+    import labkit
+
+    n_micro = check_grid(dp, pp, tp, cfg, sp, batch, n_micro)
+    steps = check_int("steps", steps, minimum=1)
+    res = labkit.launch(train_rank, world_size=dp * pp * tp, timeout=timeout, pool=pool, backend=backend,
+                        kwargs=dict(dp=dp, pp=pp, tp=tp, sp=sp, steps=steps, batch=batch, n_micro=n_micro, cfg=cfg,
+                                    seed=seed, lr=lr))
+    last = [r for r in res if r["coords"]["pp"] == pp - 1 and r["coords"]["tp"] == 0]
+    losses = [statistics.fmean(r["losses"][s] for r in last) for s in range(steps)]
+    pieces = sorted((r for r in res if r["params"] is not None), key=lambda r: (r["coords"]["pp"], r["coords"]["tp"]))
+    params = assemble([r["params"] for r in pieces])
+    groups = sorted({k.split("/")[0] for r in res for k in r["bytes"]})
+    nbytes = {g: {} for g in groups}
+    calls = {g: {} for g in groups}
+    for r in res:
+        for k, v in r["bytes"].items():
+            g, op = k.split("/")
+            nbytes[g][op] = nbytes[g].get(op, 0.0) + v / len(res)
+            calls[g][op] = calls[g].get(op, 0.0) + r["calls"][k] / len(res)
+    step_s = statistics.median(max(r["times"][s][1] for r in res) - min(r["times"][s][0] for r in res)
+                               for s in range(steps))
+    bubbles = []
+    for s in range(steps):  # one pipeline per (dp, tp): the idle share of its stages' time
+        for d in range(dp):
+            for t in range(tp):
+                pipe = [r for r in res if r["coords"]["dp"] == d and r["coords"]["tp"] == t]
+                span = max(r["spans"][s][1] for r in pipe) - min(r["spans"][s][0] for r in pipe)
+                bubbles.append(1 - sum(r["busy"][s] for r in pipe) / (len(pipe) * span) if span > 0 else 0.0)
+    return GridRun(dp, pp, tp, sp, n_micro, losses, params, nbytes, calls, step_s, statistics.median(bubbles),
+                   list(res))
+
+
+def check_against_single(run: GridRun, steps: int | None = None, **kw) -> dict:
+    """``run.compare`` against one process trained with the same settings."""
+    single = train_single(steps or len(run.losses), **kw)
+    return run.compare(single)
