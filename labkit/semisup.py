@@ -26,7 +26,7 @@ import numpy as np
 from ._validate import check_int
 
 __all__ = ["Split", "split", "evaluate", "supervised_only", "label_spreading", "self_training",
-           "logistic_regression", "SEEDS"]
+           "logistic_regression", "one_blas_thread", "SEEDS"]
 
 SEEDS = tuple(range(10))
 
@@ -47,6 +47,20 @@ class Split:
     @property
     def labelled(self) -> np.ndarray:
         return np.flatnonzero(self.y_semi >= 0)
+
+
+def one_blas_thread():
+    """Limit NumPy's and scikit-learn's BLAS (OpenBLAS) to one thread in this process, until the returned
+    limiter's ``restore_original_limits()`` is called (or use it as a context manager).
+
+    The matrices of these labs are small (64 pixels, 25 components), so a second BLAS thread buys nothing; on a
+    loaded machine it costs a great deal, because OpenBLAS threads wait for each other by spinning. Measured
+    here (2 cores, one busy process beside the kernel): lab 07 run top to bottom took 118-195 s with the
+    default two BLAS threads and 21 s with one (22 s unloaded). Lab 07's first cell calls this.
+    """
+    from threadpoolctl import threadpool_limits   # scikit-learn's own dependency
+
+    return threadpool_limits(1, user_api="blas")
 
 
 def split(k_per_class: int, seed: int = 0, dataset: tuple[np.ndarray, np.ndarray] | None = None) -> Split:

@@ -373,3 +373,19 @@ def test_bench_on_mnist_format_files(tmp_path, write_mnist, capsys):
 def test_tour():
     rows = lab.tour(2)
     assert len(rows) == 4 and all(r["ok"] for r in rows), rows
+
+
+def test_one_blas_thread_limits_blas_and_restores_it():
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    before = blas()
+    assert before, "NumPy's BLAS is visible to threadpoolctl"
+    limiter = semisup.one_blas_thread()
+    try:
+        assert blas() == [1] * len(before)
+    finally:
+        limiter.restore_original_limits()
+    assert blas() == before
