@@ -35,4 +35,7 @@ step bench_ablation 120 "$PY" -m labkit bench ablation --quick
 step bench_hardware 420 "$PY" -m labkit bench hardware --device cuda --trials 7
 # lab 10: ZeRO-1/2/3, torch's ZeRO and FSDP2; NCCL when there is one GPU per rank, else gloo (it says which)
 step bench_zero 180 "$PY" -m labkit bench zero --quick
+# lab 11: the transformer on dp × pp × tp grids against one process; NCCL for tp and dp when every rank has its own
+# GPU (the pipeline's messages go through gloo), else gloo on CPU (it says which)
+step bench_capstone 180 "$PY" -m labkit bench capstone --grid 2x1x1 --grid 1x2x1 --grid 1x1x2 --grid 2x2x2 --rounds 2
 echo "results in $OUT/ (summary: $summary)"

@@ -100,7 +100,7 @@ def table(res: dict, batch: int = 16) -> str:
         diff = run.compare(res["reference"])
         rows.append({"grid": run.shape, "ms/step": f"{sec * 1e3:.0f}", "vs 1 proc": f"{sec / base:.1f}x",
                      **{f"{k} kB": f"{meas.get(k, 0) / 1e3:.1f}" for k in ("dp", "pp", "tp")},
-                     "= formula": "yes" if same else "NO",
+                     "wire kB": f"{sum(run.wire.values()) / 1e3:.1f}", "= formula": "yes" if same else "NO",
                      "bubble": f"{statistics.median(x.bubble for x in runs):.2f}",
                      "theory": f"{run.bubble_theory:.2f}", "max diff": f"{max(diff.values()):.1e}"})
     return format_table(rows)
@@ -115,5 +115,6 @@ def main(argv=None) -> int:
     print(f"one process, one thread: {res['single'] * 1e3:.1f} ms per step (median of {args.rounds})")
     print(table(res, args.batch))
     print("kB: payload per rank per step, averaged over the ranks (dp: gradients; pp: activations and their "
-          "gradients with a 64-byte header; tp: activations in the layers, the embedding and the loss)")
+          "gradients with a 64-byte header; tp: activations in the layers, the embedding and the loss); wire: what "
+          "a rank sends with ring algorithms, 2(n-1)/n of an all-reduce's payload, (n-1)/n of a gather's")
     return 0

@@ -6,7 +6,7 @@
 - :func:`check_tp_mlp_bytes`: the learner predicts the bytes one rank sends for a tensor-parallel MLP's step; the
   check *measures* them on real ranks (lab 03's column and row layers under a
   :class:`~labkit.capstone.comm.CommMeter`, ring all-reduce) while launching ranks is refused to the prediction.
-- :func:`check_configuration`: the learner picks (dp, pp, tp) for a model and cluster; the planner's rules
+- :func:`check_configuration`: the learner's function picks (dp, pp, tp) for a model and cluster; the planner's rules
   (:func:`~labkit.capstone.planner.rule_out`) must find nothing against it, and its rank among the feasible
   choices is reported.
 """
@@ -102,24 +102,33 @@ def check_tp_mlp_bytes(predict, cases=None) -> CheckResult:
                           "the backward; a ring all-reduce sends 2(t-1)/t of the tensor")
 
 
-def check_configuration(choice, model, cluster) -> CheckResult:
-    """``choice = (dp, pp, tp)`` for the planner's ``model`` and ``cluster``: no rule of the planner may rule it
-    out (memory, tensor parallel across nodes, divisibility, bubble)."""
+def check_configuration(choose, model, cluster) -> CheckResult:
+    """``choose(model, cluster) -> (dp, pp, tp)`` for the planner's ``model`` and ``cluster``: no rule of the planner
+    may rule the choice out (memory, tensor parallel across nodes, divisibility, bubble)."""
+    from . import planner as _planner
     from .planner import plan, rule_out
 
     def thunk():
+        _planner._REFUSE = "you called the planner: choose from the model's memory and the placement rule yourself"
+        try:
+            choice = choose(model, cluster)
+        finally:
+            _planner._REFUSE = None
         if not (isinstance(choice, (tuple, list)) and len(choice) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in choice)):
-            raise AssertionError(f"choose a tuple of three integers (dp, pp, tp), got {choice!r}")
+            raise AssertionError(f"return a tuple of three integers (dp, pp, tp), got {choice!r}")
+        if choice[0] * choice[1] * choice[2] != cluster.gpus:
+            raise AssertionError(f"dp·pp·tp = {choice[0] * choice[1] * choice[2]}, but the cluster has "
+                                 f"{cluster.gpus} GPUs: use them all")
         reasons = rule_out(*choice, model, cluster)
         if reasons:
             raise AssertionError("; ".join(reasons))
         feasible = [c for c in plan(model, cluster) if not c.reasons]
         where = next(i for i, c in enumerate(feasible) if (c.dp, c.pp, c.tp) == tuple(choice))
-        print(f"({choice[0]}, {choice[1]}, {choice[2]}) is feasible: number {where + 1} of {len(feasible)} by "
-              f"the planner's estimated step time")
+        print(f"{tuple(choice)} is feasible: number {where + 1} of {len(feasible)} by the planner's estimated "
+              "step time")
 
-    return run_cases("a configuration for the cluster", [(f"dp×pp×tp = {choice!r}", thunk)],
+    return run_cases("a configuration for the cluster", [(f"{cluster.gpus} GPUs", thunk)],
                      hint="keep tensor parallel inside a node, add pipeline stages until the model fits, and give "
                           "the remaining GPUs to data parallelism")
 
