@@ -81,6 +81,18 @@ class CheckResult:
         return self
 
 
+@contextlib.contextmanager
+def refusing(module, why: str):
+    """While the learner's answer runs, ``module``'s own shortcut refuses to run: the module checks its
+    ``_REFUSE`` and raises ``AssertionError(why)`` (the check then fails with ``why``). Launching ranks has its own
+    guard, :func:`labkit.runtime.launcher.refusing_launches`."""
+    module._REFUSE = why
+    try:
+        yield
+    finally:
+        module._REFUSE = None
+
+
 def run_cases(title: str, cases: Iterable[tuple[str, Callable[[], Any]]], hint: str = "") -> CheckResult:
     """Run each ``(name, thunk)``; a thunk passes by returning without raising.
 

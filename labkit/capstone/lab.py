@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..checks import CheckResult, run_cases
+from ..checks import CheckResult, refusing, run_cases
 from ..runtime import mesh as _mesh
 from ..runtime.launcher import refusing_launches
 from .comm import CommMeter, wire_bytes
@@ -31,8 +31,7 @@ def check_mesh_groups(place) -> CheckResult:
     def case(dp, pp, tp):
         def thunk():
             grid = torch.arange(dp * pp * tp).view(dp, pp, tp)
-            _mesh._REFUSE = "you called labkit's mesh arithmetic: compute the groups from the layout yourself"
-            try:
+            with refusing(_mesh, "you called labkit's mesh arithmetic: compute the groups from the layout yourself"):
                 for g in range(dp * pp * tp):
                     d, p, t = ((grid == g).nonzero()[0]).tolist()
                     want = {"dp": grid[:, p, t].tolist(), "pp": grid[d, :, t].tolist(), "tp": grid[d, p, :].tolist()}
@@ -42,8 +41,6 @@ def check_mesh_groups(place) -> CheckResult:
                     for dim in ("dp", "pp", "tp"):
                         if list(got.get(dim, [])) != want[dim]:
                             raise AssertionError(f"rank {g}: {dim} group {got.get(dim)!r}, expected {want[dim]}")
-            finally:
-                _mesh._REFUSE = None
         return thunk
 
     return run_cases("ranks on a mesh", [(f"{d}×{p}×{t}", case(d, p, t)) for d, p, t in MESHES],
@@ -109,11 +106,8 @@ def check_configuration(choose, model, cluster) -> CheckResult:
     from .planner import plan, rule_out
 
     def thunk():
-        _planner._REFUSE = "you called the planner: choose from the model's memory and the placement rule yourself"
-        try:
+        with refusing(_planner, "you called the planner: choose from the model's memory and the placement rule yourself"):
             choice = choose(model, cluster)
-        finally:
-            _planner._REFUSE = None
         if not (isinstance(choice, (tuple, list)) and len(choice) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in choice)):
             raise AssertionError(f"return a tuple of three integers (dp, pp, tp), got {choice!r}")

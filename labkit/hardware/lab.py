@@ -15,14 +15,13 @@ ZeRO, tensor and pipeline parallelism are predicted here and measured in labs 02
 """
 from __future__ import annotations
 
-import contextlib
 import random
 
 import torch
 import torch.nn as nn
 
 from .. import memory_model as _mm
-from ..checks import CheckResult, run_cases
+from ..checks import CheckResult, refusing, run_cases
 from ..sliced.models import build_model
 from . import memory as _memory
 from .measure import measure
@@ -37,15 +36,6 @@ GPU_LINES = {"24 GB (RTX 4090)": 24e9, "80 GB (A100/H100)": 80e9}  # marketed GB
 
 
 # ----------------------------------------------------------------------------- exercise 1: predict, then measure
-@contextlib.contextmanager
-def _refusing(module, why: str):
-    module._REFUSE = why
-    try:
-        yield
-    finally:
-        module._REFUSE = None
-
-
 def state_cases(seed: int | None = None) -> list[tuple[str, nn.Module, str, str]]:
     """``(name, model, precision, optimizer)`` cases; widths and the order of setups drawn from ``seed`` (fresh
     randomness when None, so an answer that hard-codes the cases fails)."""
@@ -65,7 +55,7 @@ def check_state_bytes(predict_states, seed: int | None = None) -> CheckResult:
 
     def case(model, precision, optimizer):
         def thunk():
-            with _refusing(_mm, "you called labkit's bytes_per_parameter (or the calculator built on it): count "
+            with refusing(_mm, "you called labkit's bytes_per_parameter (or the calculator built on it): count "
                                 "the bytes yourself from the parameters, the precision and the optimiser"):
                 got = predict_states(model, precision, optimizer)
             if not isinstance(got, dict) or not {"params", "grads", "optimizer"} <= set(got):
@@ -110,7 +100,7 @@ def check_pick_batch(pick_batch, seed: int | None = None) -> CheckResult:
     def case(model, sample_shape, budget):
         def thunk():
             want = largest_batch(model, sample_shape, budget)
-            with _refusing(_memory, "you called labkit's largest_batch: search the batch sizes yourself with "
+            with refusing(_memory, "you called labkit's largest_batch: search the batch sizes yourself with "
                                     "estimate(model, Setup(), (b, ...)).peak"):
                 got = pick_batch(model, sample_shape, budget)
             if isinstance(got, bool) or not isinstance(got, int):

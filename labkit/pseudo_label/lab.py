@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ..checks import CheckResult, expect_close, run_cases
+from ..checks import CheckResult, expect_close, refusing, run_cases
 from . import generative as _gen
 from . import methods as _methods
 from .methods import METHODS, local_protocol, make_methods  # noqa: F401  (the notebook reads them here too)
@@ -133,12 +133,9 @@ def calibration_rows(seeds=(0, 1, 2), k: int = 5, repeats: int = 2) -> list[dict
 @contextlib.contextmanager
 def _no_library_e_step():
     """While the learner's function runs, labkit's own E-step (and everything built on it) refuses to run."""
-    _gen._REFUSE = ("you called labkit's own E-step (e_step / log_joint / predict_proba): write the "
-                    "responsibilities yourself from the means, covariances and priors")
-    try:
+    with refusing(_gen, "you called labkit's own E-step (e_step / log_joint / predict_proba): write the "
+                        "responsibilities yourself from the means, covariances and priors"):
         yield
-    finally:
-        _gen._REFUSE = None
 
 
 def _random_case(rng, n, d, C, spread=3.0, far=0.0, skew_priors=False, same_cov=False):

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._validate import check_choice, check_int
-from ..checks import CheckResult
+from ..checks import CheckResult, refusing
 from ..ddp import make_ddp
 from .flat import FlatLayout
 from . import measure as _measure
@@ -310,11 +310,8 @@ def check_memory_per_rank(predict, seed: int | None = None) -> CheckResult:
     def case(psi, world, stage):
         def thunk():
             want = _mm.zero_bytes_per_rank(psi, world, stage, "fp32", "adam")["total"]
-            _mm._REFUSE = "you called labkit's memory formulas: write the bytes per rank from the stage and N"
-            try:
+            with refusing(_mm, "you called labkit's memory formulas: write the bytes per rank from the stage and N"):
                 got = predict(psi, world, stage)
-            finally:
-                _mm._REFUSE = None
             if not isinstance(got, (int, float)) or isinstance(got, bool):
                 raise AssertionError(f"return a number of bytes, got {got!r}")
             if abs(got - want) > 1e-6 * want:
