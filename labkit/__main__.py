@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tour", help="run every lab's quick path and print a table")
     t.add_argument("labs", nargs="*", help="only labs whose name contains one of these")
     t.add_argument("-n", "--world-size", type=int, default=2)
+    t.add_argument("--require-backend", choices=["nccl", "gloo"], default=None,
+                   help="refuse to start unless backend='auto' (what the labs launch with) picks this backend for "
+                        "N ranks here: --require-backend nccl -n 1 proves the 1-rank runs are NCCL on a GPU machine "
+                        "(labs whose checks need a fixed number of ranks, such as the capstone's 8, launch those "
+                        "on whatever 'auto' picks for them)")
     b = sub.add_parser("bench", help=f"run a benchmark: {', '.join(BENCHES)}")
     b.add_argument("name", choices=sorted(BENCHES))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (try --help)")
@@ -65,8 +70,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return 0 if doctor(backends=not args.no_backends).ok else 1
     if args.cmd == "tour":
+        from .runtime.launcher import choose_backend
         from .tour import run_tour
 
+        if args.world_size < 1:
+            parser.error(f"tour: -n/--world-size must be >= 1, got {args.world_size}")
+        backend, reason = choose_backend(args.world_size)
+        print(f"tour: {args.world_size} rank(s) per launch, backend='auto' picks {reason}", flush=True)
+        if args.require_backend and backend != args.require_backend:
+            print(f"tour: --require-backend {args.require_backend}, but backend='auto' picks {backend} for "
+                  f"{args.world_size} rank(s) here; run with fewer ranks (-n) or on a machine with one GPU per rank",
+                  file=sys.stderr)
+            return 2
         rows = run_tour(args.labs or None, world_size=args.world_size)
         bad = [r for r in rows if r["result"] != "ok"]
         print(f"\n{len(rows) - len(bad)}/{len(rows)} checks ok")

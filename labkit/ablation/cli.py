@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "from a TOML file and print its report. `ablate merge OUT IN...` combines shards.")
     p.add_argument("study", help="the study file (.toml); see labkit/ablation/example_study.toml")
     p.add_argument("--db", help="the results file (default: the study file's name with .db, in the current folder)")
-    p.add_argument("-j", "--workers", type=int, default=None, help="worker processes (default: one per GPU, else "
-                   "up to 4 CPU workers with one thread each)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="worker processes (default: up to 4 CPU "
+                   "workers with one thread each; one per GPU for a trial with uses_gpu = True)")
     p.add_argument("--shard", help="I/N: run only slice I of N (0-based), into its own results file")
     p.add_argument("--retry-failed", action="store_true", help="run failed trials again")
     p.add_argument("--trial-timeout", type=float, default=None, help="seconds before a trial is stopped and failed")

@@ -9,8 +9,15 @@ its result itself, in one transaction, before it says it is done (:mod:`.store`)
 * the study's own process dying (a kill, a power cut, the kernel restarted) loses nothing finished: the workers
   exit with it, and the next run marks the trials that were running as interrupted and runs them from their start.
 
-Workers: one per GPU where there are GPUs (each sees only its own, through ``CUDA_VISIBLE_DEVICES``), else ``N``
-CPU workers with one thread each. ``shard=(i, n)`` runs only the trials whose hash falls in slice ``i`` of ``n``
+Workers: ``N`` CPU workers with one thread each, unless the trial uses a GPU. A trial function says so with an
+attribute, ``trial.uses_gpu = True`` (or the caller with ``run_study(..., gpus=True)``); then there is one worker per
+visible GPU, each seeing only its own through ``CUDA_VISIBLE_DEVICES``: worker ``i`` gets the ``i``-th entry of this
+process's own list (``"2,3"`` gives ``"2"`` and ``"3"``, not ``"0"`` and ``"1"``: a student pinned to GPUs 2 and 3 by
+the classroom's spawner must not land on a classmate's GPU 0), or GPU ``i`` when the list is unset. Why a
+declaration rather than "one per GPU whenever there are GPUs": the runner cannot see what a trial will do, and the
+lab's own trial (:func:`labkit.ablation.training.run_trial`, a small CNN on the digits) never touches CUDA, so
+capping its workers at the GPU count only made a one-GPU server run one trial at a time.
+``shard=(i, n)`` runs only the trials whose hash falls in slice ``i`` of ``n``
 (disjoint slices; one Slurm array task per slice, each into its own file, then :func:`labkit.ablation.store.merge`).
 """
 from __future__ import annotations
@@ -27,7 +34,8 @@ from .._validate import ArgumentError, check_int, check_number
 from .store import Store
 from .study import Study, Trial
 
-__all__ = ["run_study", "RunSummary", "parse_shard", "in_shard", "default_workers", "WorkerError"]
+__all__ = ["run_study", "RunSummary", "parse_shard", "in_shard", "default_workers", "gpu_slots", "uses_gpu",
+           "WorkerError"]
 
 START_TIMEOUT = 300.0  # seconds a worker may take to start a trial it was given (imports on a loaded server)
 
@@ -96,21 +104,39 @@ def _gpus() -> int:
         return 0
 
 
-def default_workers() -> int:
-    """One per GPU, else as many CPU workers as cores (at most 4: a shared server)."""
-    return _gpus() or max(1, min(4, len(os.sched_getaffinity(0))))
+def uses_gpu(trial) -> bool:
+    """Whether ``trial`` declares that it trains on a GPU (``trial.uses_gpu = True``); undeclared means the CPU."""
+    return bool(getattr(trial, "uses_gpu", False))
+
+
+def default_workers(gpu: bool = False) -> int:
+    """GPU trials: one worker per visible GPU. CPU trials: as many workers as cores (at most 4: a shared server),
+    whatever GPUs the machine has."""
+    cpus = max(1, min(4, len(os.sched_getaffinity(0))))
+    return (_gpus() or cpus) if gpu else cpus
+
+
+def gpu_slots(n: int) -> list[str]:
+    """The ``CUDA_VISIBLE_DEVICES`` value for each of ``n`` GPU workers: the ``i``-th entry of this process's own
+    list (indices, UUIDs or MIG names, as given), or ``"i"`` when the variable is unset. At most as many as the list
+    names (CUDA stops at an entry it cannot use, and ``torch.cuda.device_count()`` counts only those before it)."""
+    n = check_int("n", n, minimum=0)
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(n)]
+    return [e.strip() for e in listed.split(",") if e.strip()][:n]
 
 
 class _Worker:
-    def __init__(self, slot: int, db: str, payload: bytes, gpu: int | None):
+    def __init__(self, slot: int, db: str, payload: bytes, gpu: str | None):
         from ..runtime.launcher import child_env
 
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
         env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LABKIT_PARENT_PID=str(os.getpid()),
                         LABKIT_ABLATION_DB=db, LABKIT_CMD_FD=str(cmd_r), LABKIT_RES_FD=str(res_w))
-        if gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        if gpu is not None:  # this worker's GPU alone (an entry of the parent's list: see gpu_slots)
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         self.proc = subprocess.Popen([sys.executable, "-u", "-m", "labkit.ablation._worker"], env=env,
                                      stdin=subprocess.DEVNULL, pass_fds=(cmd_r, res_w), start_new_session=True)
         os.close(cmd_r)
@@ -159,19 +185,25 @@ def _death(rc: int | None) -> str:
 
 def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None, shard=None,
               retry_failed: bool = False, trial_timeout: float | None = None, progress: bool = True,
-              echo: bool = True, on_result=None) -> RunSummary:
+              echo: bool = True, on_result=None, gpus: bool | None = None) -> RunSummary:
     """Run the trials of ``study`` that ``db`` does not hold finished; return a :class:`RunSummary`.
 
     Run it again to resume: finished trials are skipped, interrupted ones run from their start, failed ones are
     retried only with ``retry_failed=True``. ``on_result(row)`` is called after each finished or failed trial
-    with ``{"key", "label", "seed", "status", "value" or "error"}`` (a notebook's live view)."""
+    with ``{"key", "label", "seed", "status", "value" or "error"}`` (a notebook's live view). ``gpus``: one worker
+    per GPU (True) or CPU workers (False); ``None`` asks the trial function (:func:`uses_gpu`). A GPU trial on a
+    machine without a visible GPU runs on CPU workers, and the summary says so."""
     import cloudpickle
 
     if not isinstance(study, Study):
         raise ArgumentError(f"study must be a labkit.ablation.Study, got {type(study).__name__}; build one with "
                             "Study(...) or load_study('file.toml')")
-    gpus = _gpus()
-    workers = default_workers() if workers is None else check_int("workers", workers, minimum=1)
+    if gpus is not None and not isinstance(gpus, bool):
+        raise ArgumentError(f"gpus must be True (one worker per GPU), False (CPU workers) or None (ask the trial "
+                            f"function's uses_gpu attribute), got {gpus!r}")
+    wants_gpu = uses_gpu(study.trial) if gpus is None else gpus
+    n_gpus = _gpus() if wants_gpu else 0
+    workers = default_workers(bool(n_gpus)) if workers is None else check_int("workers", workers, minimum=1)
     if trial_timeout is not None:
         trial_timeout = check_number("trial_timeout", trial_timeout, minimum=0, open_low=True, hint="seconds")
     shard = parse_shard(shard)
@@ -191,12 +223,13 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
         summary = RunSummary(db=db, total=len(trials), already_done=sum(status.get(t.key) == "done" for t in trials),
                              interrupted=[k for k in interrupted if any(t.key == k for t in trials)],
                              skipped_failed=0 if retry_failed else sum(status.get(t.key) == "failed" for t in trials))
-        n = min(workers, len(todo)) if todo else 0
-        if gpus and n > gpus:
-            n = gpus
-        summary.workers, summary.device = n, ("gpu" if gpus else "cpu")
+        n = min(workers, len(todo), n_gpus or workers) if todo else 0  # a GPU trial: at most one worker per GPU
+        slots = gpu_slots(n) if n_gpus else None
+        summary.workers, summary.device = n, ("gpu" if n_gpus else "cpu")
         if echo:
-            where = f"{n} GPU worker(s)" if gpus else f"{n} CPU worker(s), 1 thread each"
+            where = (f"{n} GPU worker(s) (CUDA_VISIBLE_DEVICES {', '.join(slots)})" if n_gpus else
+                     f"{n} CPU worker(s), 1 thread each" + (" (the trial asks for a GPU, but none is visible here)"
+                                                              if wants_gpu else ""))
             part = f" (shard {shard[0]}/{shard[1]})" if shard else ""
             print(f"study {study.name}{part}: {len(trials)} trials, {summary.already_done} already done, "
                   f"{len(summary.interrupted)} interrupted earlier, {len(todo)} to run"
@@ -204,7 +237,7 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
                   flush=True)
         if todo:
             payload = cloudpickle.dumps((study.trial, study.registry, study.metric))
-            _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_result, summary)
+            _run(study, store, db, todo, n, payload, slots, trial_timeout, progress, on_result, summary)
     finally:
         store.close()
     summary.seconds = time.perf_counter() - t0
@@ -213,7 +246,9 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
     return summary
 
 
-def _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_result, summary) -> None:
+def _run(study, store, db, todo, n, payload, slots, trial_timeout, progress, on_result, summary) -> None:
+    """Keep ``n`` workers busy until ``todo`` is done; worker ``i`` sees GPU ``slots[i]`` alone (``slots=None``: the
+    CPU)."""
     from ..viz import progress as _progress
 
     queue = list(todo)
@@ -249,11 +284,11 @@ def _run(study, store, db, todo, n, payload, gpus, trial_timeout, progress, on_r
         except Exception:  # the trial was never claimed (died before): nothing to mark
             pass
         report(w, "failed", error=f"worker {why}")
-        pool[pool.index(w)] = _Worker(w.slot, db, payload, w.slot if gpus else None)
+        pool[pool.index(w)] = _Worker(w.slot, db, payload, slots[w.slot] if slots else None)
 
     try:
         for i in range(n):
-            pool.append(_Worker(i, db, payload, i if gpus else None))
+            pool.append(_Worker(i, db, payload, slots[i] if slots else None))
         for w in pool:
             if queue:
                 w.give(queue.pop(0), study.name)

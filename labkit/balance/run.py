@@ -73,6 +73,7 @@ class Comparison:
     rows: list = field(default_factory=list)
     runs: dict = field(default_factory=dict)  # name -> labkit.pipeline.PipelineRun (if pipeline=True)
     predicted_events: dict = field(default_factory=dict)  # name -> GPipe timeline predicted from measured stages
+    device: str = "cpu"  # where the profile, the stage measurements and the pipeline's ranks ran
 
     def table(self) -> list[dict]:
         """Rows for ``labkit.viz.format_table`` / ``table_html`` (times in ms, lists rounded)."""
@@ -111,6 +112,25 @@ def _fmt(xs) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
 
 
+def _pipeline_device(device, k: int, pipeline: bool = True) -> tuple[torch.device, str]:
+    """``(device, backend)``: where :func:`compare_splits` profiles and measures, and the backend its ``k``-rank
+    pipeline launches with, so that both run on one kind of device (see its docstring)."""
+    from ..runtime.launcher import choose_backend
+
+    auto, reason = choose_backend(k)
+    ranks_on = "cuda" if auto == "nccl" else "cpu"
+    if device is None:
+        return torch.device(ranks_on), "auto"
+    device = torch.device(device)
+    if not pipeline or device.type == ranks_on:
+        return device, "auto"
+    if device.type == "cpu":
+        return device, "gloo"  # asked for the CPU on a GPU machine: the ranks too
+    raise ValueError(f"device={str(device)!r}, but a pipeline of k={k} stages runs its ranks on the CPU here "
+                     f"({reason}), and a profile on one device predicts nothing about a run on another: pass "
+                     f"device='cpu', k <= the number of GPUs, or pipeline=False to profile on {device.type} alone")
+
+
 def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4, splits: dict | None = None,
                    repeats: int = 3, pipeline: bool = True, schedule: str = "gpipe", seed: int = 0,
                    profile: list | None = None, timeout: float = 120, baselines: bool = True,
@@ -122,8 +142,11 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
     and (``pipeline=True``) runs ``repeats`` real GPipe steps on ``k`` ranks per split.
     ``splits`` adds named cuts of your own; ``baselines=False`` keeps only those. Each stage is
     timed ``stage_repeats`` times (median); that is cheap, a few ms per stage. ``device``: where the
-    profile and the stage measurements run (default: ``cuda`` when there is a GPU, where the pipeline's
-    NCCL ranks run too, else ``cpu``).
+    profile and the stage measurements run; the pipeline's ranks run there too, so that the prediction and
+    the run it is compared with time the same hardware. Default: where ``backend="auto"`` puts ``k`` ranks,
+    ``cuda`` when there is a GPU per stage (NCCL), else ``cpu`` (gloo; one GPU cannot hold two NCCL ranks).
+    ``device="cpu"`` on a GPU machine runs the pipeline on gloo; ``device="cuda"`` with fewer GPUs than stages
+    is refused (the pipeline could not run there). ``Comparison.device`` says where it all ran.
     """
     k = check_int("k (stages, one rank each)", k, minimum=1)
     m = check_int("m (micro-batches)", m, minimum=1)
@@ -133,7 +156,7 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
         raise ValueError(f"a batch of {batch} does not divide into {m} equal micro-batches; the pipeline would run "
                          f"micro-batches of different sizes, which the stage profile (one micro-batch size) cannot "
                          f"predict. Pass a batch that is a multiple of m, e.g. {batch - batch % m or m}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device, backend = _pipeline_device(device, k, pipeline)
     layers = lab_model(model, seed).to(device)
     extra = {name: check_cuts(cuts, len(layers), k) for name, cuts in (splits or {}).items()}
     micro = micro_sample(model, batch // m, seed).to(device)
@@ -145,7 +168,7 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
     plan.update(extra)
     if not plan:
         raise ValueError("nothing to compare: pass splits={'name': cuts} or keep baselines=True")
-    cmp = Comparison(model, k, batch, m, profile, plan)
+    cmp = Comparison(model, k, batch, m, profile, plan, device=str(device))
     times = [p.time_ms for p in profile]
     x_full = micro_sample(model, batch, seed + 1)
     y_full = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(seed + 2))
@@ -161,7 +184,7 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
             from ..pipeline import SplitModel, run_pipeline
 
             run = run_pipeline(SplitModel(model, cuts=cuts, seed=seed), k, (x_full, y_full), m,
-                               schedule=schedule, repeats=repeats, timeout=timeout, pool=True)
+                               schedule=schedule, repeats=repeats, timeout=timeout, pool=True, backend=backend)
             cmp.runs[name] = run
             row["pipeline_step_ms"] = run.seconds * 1e3
             row["samples_per_s"] = batch / run.seconds

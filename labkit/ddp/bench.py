@@ -4,6 +4,9 @@ A small CNN on 8x8 digit images, a fixed local batch per rank (weak scaling), 1/
 repeat runs every version in turn on the same ranks, so they share the machine's noise; the
 table shows medians, each version's speed relative to torch's DDP measured in the same run, and
 the gradient bytes each rank all-reduces per step (torch's DDP counted by a communication hook).
+The ranks run where ``backend="auto"`` puts them (NCCL with one GPU each when there are enough GPUs,
+else gloo processes with one thread each); data, models and the timing tensor live on ``ctx.device``,
+and the table's ``backend`` column is read from each launch's results.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..devices import now
 from .plan import check_bucket_mb
 from .training import digits_tensors, small_cnn, train_steps
 from .wrappers import ALGORITHMS, make_ddp
@@ -29,13 +33,13 @@ def throughput_rank(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3
     for a in algorithms:
         if a not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {a!r}: pass some of {ALGORITHMS}")
-    x, y = digits_tensors(torch.float32, ctx.cache)
+    x, y = _on_device(ctx)
     g = torch.Generator().manual_seed(ctx.rank)
-    idx = torch.randint(0, len(x), (steps, local_batch), generator=g)
+    idx = torch.randint(0, len(x), (steps, local_batch), generator=g).to(x.device)
     batches = [[(x[i], y[i])] for i in idx]
     runs = {}
     for a in algorithms:
-        model = small_cnn(width, 0)
+        model = small_cnn(width, 0).to(ctx.device)
         ddp = make_ddp(a, model, bucket_mb)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train_steps(ddp, opt, batches[:warmup])
@@ -47,16 +51,25 @@ def throughput_rank(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3
         for a in algorithms:
             ddp, opt = runs[a]
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = now(ctx.device)
             train_steps(ddp, opt, batches)
             dist.barrier()  # the step is only done when the slowest rank is done
-            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = torch.tensor([now(ctx.device) - t0], dtype=torch.float64, device=ctx.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # on ctx.device: NCCL has no backend for CPU tensors
             out[a].append(t.item() / steps)
     for a in algorithms:  # bytes all-reduced per step on this rank (torch's DDP: counted by its comm hook)
         sent[a] = (sent[a] + runs[a][0].stats["allreduce_bytes"]) / (steps * repeats)
     return {"seconds_per_step": out, "parameters": params, "allreduce_bytes_per_step": sent,
             "buckets": {a: len(getattr(runs[a][0], "buckets", [])) for a in algorithms}}
+
+
+def _on_device(ctx):
+    """The digits as ``(x, y)`` on this rank's device (moved once, kept in ``ctx.cache`` between pooled jobs)."""
+    key = ("ddp_bench_digits", str(ctx.device))
+    if key not in ctx.cache:
+        x, y = digits_tensors(torch.float32, ctx.cache)
+        ctx.cache[key] = (x.to(ctx.device), y.to(ctx.device))
+    return ctx.cache[key]
 
 
 def single_process_rank(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3, local_batch: int = 64,
@@ -67,17 +80,17 @@ def single_process_rank(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3,
     """
     out = None
     if ctx.rank == 0:
-        x, y = digits_tensors(torch.float32, ctx.cache)
-        idx = torch.randint(0, len(x), (steps, local_batch), generator=torch.Generator().manual_seed(0))
+        x, y = _on_device(ctx)
+        idx = torch.randint(0, len(x), (steps, local_batch), generator=torch.Generator().manual_seed(0)).to(x.device)
         batches = [[(x[i], y[i])] for i in idx]
-        model = small_cnn(width, 0)
+        model = small_cnn(width, 0).to(ctx.device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train_steps(model, opt, batches[:warmup])
         out = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = now(ctx.device)
             train_steps(model, opt, batches)
-            out.append((time.perf_counter() - t0) / steps)
+            out.append((now(ctx.device) - t0) / steps)
     dist.barrier()
     return out
 
@@ -92,14 +105,16 @@ def measure(world_sizes=(1, 2, 4), steps=20, repeats=5, local_batch=64, width=32
     from ..viz import progress
 
     for n in progress(world_sizes, desc="ddp bench: world sizes"):
-        res = launch(throughput_rank, world_size=n, kwargs=dict(
+        got = launch(throughput_rank, world_size=n, kwargs=dict(
             algorithms=algorithms, steps=steps, repeats=repeats, local_batch=local_batch, width=width,
-            bucket_mb=bucket_mb), pool=pool, echo=False, quiet=True, timeout=timeout)[0]
+            bucket_mb=bucket_mb), pool=pool, echo=False, quiet=True, timeout=timeout)
+        res = got[0]
         sps = res["seconds_per_step"]
         base = statistics.median(sps["torch"]) if "torch" in sps else None
         for a in algorithms:
             med = statistics.median(sps[a])
-            rows.append({"ranks": n, "version": LABELS[a], "ms/step": med * 1e3, "steps/s": 1 / med,
+            rows.append({"ranks": n, "backend": got.backend, "version": LABELS[a], "ms/step": med * 1e3,
+                         "steps/s": 1 / med,
                          "samples/s": n * local_batch / med,
                          "vs torch DDP": (base / med) if base else float("nan"),
                          "kB all-reduced/step": res["allreduce_bytes_per_step"][a] / 1e3,
@@ -140,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in small_cnn(a.width).parameters())
     print(f"DDP throughput: small CNN (width {a.width}, {params} parameters, {params * 4 / 1e3:.0f} kB of fp32 "
           f"gradients), {a.batch} samples per rank, bucket {a.bucket_mb} MiB, {a.steps} steps x {a.repeats} "
-          f"repeats (medians), ranks {ranks}; on the CPU ranks are gloo processes with one thread each",
-          flush=True)
+          f"repeats (medians), ranks {ranks}; the backend column says what ran (gloo: CPU processes with one "
+          "thread each; nccl: one GPU per rank)", flush=True)
     t0 = time.perf_counter()
     rows = measure(ranks, a.steps, a.repeats, a.batch, a.width, a.bucket_mb)
     print(format_table(rows, floatfmt="{:.3g}"))

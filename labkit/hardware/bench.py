@@ -18,11 +18,18 @@ guide to the direction and size, not a target here):
   48 GB to 7 GB at about 30% more time).
 
 ``--quick`` runs the small configurations the notebook uses (seconds each, torch.compile excepted:
-its first compile on a CPU takes a minute or more, later runs reuse inductor's cache).
+its first compile on a CPU takes a minute or more, later runs reuse inductor's cache). ``--model`` and ``--batch``
+size every experiment that trains a ResNet (default: the small ResNet on a CPU; ResNet-50 at batch 64 with
+``--quick``, 256 without, on a GPU): ``--model resnet18 --batch 64 --trials 3`` on a GPU is a run of about a minute.
+
+Each experiment is guarded: one that raises (a CUDA out-of-memory at a batch too large for the card, a compiler
+missing) is reported as FAILED with its error, the GPU's cached memory is released, and the next one runs. The
+command exits 1 when any experiment failed.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from ..viz import format_table
@@ -103,8 +110,23 @@ def memory_check(device="cpu", trials=7, quick=True):
     return Result("memory: calculator against a measured run", rows, verdict, device, notes, {"worst": worst})
 
 
-def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
-    """Run the named experiments, print each table with its verdict and published figures; ``{name: Result}``."""
+def _sized(name: str, model, batch) -> dict:
+    """The keyword arguments that size experiment ``name`` (``model``, ``batch``; None keeps its own default)."""
+    if name in ("memory", "isa"):  # fixed small models / a CPU-only comparison in fresh processes
+        return {}
+    kw = {} if model is None else {"model": model}
+    if batch is not None:
+        if name == "batch":  # a sweep up to the batch asked for
+            kw["batches"] = tuple(sorted({max(1, batch // 4), max(1, batch // 2), batch}))
+        else:
+            kw["batch"] = batch
+    return kw
+
+
+def run(names, device="cpu", trials=7, quick=True, echo=print, model=None, batch=None) -> dict:
+    """Run the named experiments, print each table with its verdict and published figures; ``{name: Result}``,
+    or ``{name: exception}`` for one that failed (reported as FAILED; the others still run). ``model`` and ``batch``
+    size the experiments that train a ResNet (:func:`_sized`)."""
     from .loading import input_pipeline
     from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision
 
@@ -119,7 +141,15 @@ def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
            "batch": batch_sweep, "checkpoint": checkpointing, "input": input_pipeline}
     out = {}
     for name in names:
-        result = fns[name](device=device, trials=trials, quick=quick)
+        try:
+            result = fns[name](device=device, trials=trials, quick=quick, **_sized(name, model, batch))
+        except Exception as e:  # one experiment's failure (out of memory, no compiler) must not end the others
+            out[name] = e
+            first = str(e).strip().splitlines()
+            echo(f"\n== {name}: FAILED ==\n{type(e).__name__}: {first[0][:300] if first else ''}")
+            del e
+            _release(device)
+            continue
         out[name] = result
         echo(f"\n== {result.name} ==")
         echo(table(result.rows()))
@@ -131,14 +161,30 @@ def run(names, device="cpu", trials=7, quick=True, echo=print) -> dict:
     return out
 
 
+def _release(device) -> None:
+    """Give the failed experiment's memory back (its tensors die with its frames; the CUDA cache keeps them)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..sliced.models import MODEL_NAMES
     from .cpu import cpu_info, gpu_info, predict_bf16
 
     p = argparse.ArgumentParser(prog="python -m labkit bench hardware", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the notebook's small configurations")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--trials", type=int, default=7, help="interleaved timed rounds per experiment (default 7)")
-    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(EXPERIMENTS)}, run in the "
+                   "order given")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None,
+                   help="the ResNet the speed experiments train (default: small on CPU, resnet50 on GPU)")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: the experiment's own; the "
+                   "batch sweep goes up to it)")
     args = p.parse_args(argv)
     names = list(EXPERIMENTS)
     if args.only:
@@ -148,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--only: unknown experiment(s) {bad}; choose from {','.join(EXPERIMENTS)}")
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
+    if args.batch is not None and args.batch < 1:
+        p.error(f"--batch must be >= 1, got {args.batch}")
     info = cpu_info()
     verdict, reason = predict_bf16(info)
     print(f"CPU: {info.summary()}")
@@ -155,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu = gpu_info()
     if args.device == "cuda":
         print(f"GPU: {gpu}" if gpu else "GPU: none here; --device cuda runs the CPU case and says so")
+    size = ", ".join(x for x in (args.model and f"model {args.model}", args.batch and f"batch {args.batch}") if x)
     print(f"{'quick' if args.quick else 'full'} run, {args.trials} interleaved rounds per experiment, "
-          f"one torch thread on CPU")
-    run(names, device=args.device, trials=args.trials, quick=args.quick)
-    return 0
+          f"one torch thread on CPU" + (f"; {size}" if size else ""))
+    out = run(names, device=args.device, trials=args.trials, quick=args.quick, model=args.model, batch=args.batch)
+    failed = [n for n, r in out.items() if isinstance(r, BaseException)]
+    print(f"\nexperiments: {len(out) - len(failed)} ran, {len(failed)} FAILED" + (f" ({', '.join(failed)})"
+                                                                                  if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ limit for scikit-learn's OpenMP loops). Trials alternate (labkit, scikit-learn, 
 one untimed warm-up of each; the table gives medians and the median of the per-pair time ratios.
 Targets: inertia within 1% of scikit-learn's, time ratio <= 1.0.
 
-The distributed part runs the same fit on 2 ranks (gloo, one thread each, each rank building its
-shard from the same seed) beside one process with one thread: the median time per Lloyd iteration,
-and the numbers each rank all-reduced per iteration (measured), against k(d + 1).
+The distributed part runs the same fit on 2 ranks (each rank building its shard from the same seed)
+beside one process: the median time per Lloyd iteration, and the numbers each rank all-reduced per
+iteration (measured), against k(d + 1). On the CPU the ranks are gloo processes and everything runs on one
+thread each. With ``--device cuda`` the ranks run where ``backend="auto"`` puts them: NCCL, one GPU per
+rank, when there are 2 GPUs or more, and the one process on a GPU too; with a single GPU NCCL cannot
+run 2 ranks, so the ranks are gloo processes on the CPU and the one process runs on the CPU as well (like
+for like). The table's "ran on" column says which ran.
 
 ``--device cuda`` runs labkit on the GPU (scikit-learn stays on the CPU, with every core unless
 ``--threads``); ``--gpu`` is the GPU size preset (1,000,000 x 64, k = 64). Without CUDA it stops with
@@ -27,6 +31,8 @@ import time
 import numpy as np
 import torch
 
+from ..devices import now
+
 
 def _sets(args) -> list[tuple[str, dict, int]]:
     if args.gpu:
@@ -34,11 +40,6 @@ def _sets(args) -> list[tuple[str, dict, int]]:
     n = 50_000 if args.quick else 200_000
     return [("digits 1797 x 64", {"name": "digits"}, 10),
             (f"generated {n:,} x 32", {"name": "generated", "n": n, "d": 32, "centers": 10}, 10)]
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def compare(X, k, inits, max_iter, tol, device="cpu", threads=1, sk_threads=None, repeats=3) -> dict:
@@ -51,12 +52,11 @@ def compare(X, k, inits, max_iter, tol, device="cpu", threads=1, sk_threads=None
     torch.set_num_threads(threads)
 
     def ours():
-        _sync(device)
-        t0 = time.perf_counter()
+        t0 = now(device)  # synchronised: the GPU's queued work counts where it runs
         fits = [KMeans(k, init=c, max_iter=max_iter, tol=tol, device=device).fit(X) for c in inits]
-        _sync(device)
+        seconds = now(device) - t0
         best = min(fits, key=lambda f: f.inertia_)
-        return time.perf_counter() - t0, best.inertia_, best.n_iter_, best
+        return seconds, best.inertia_, best.n_iter_, best
 
     def theirs():
         with threadpool_limits(sk_threads or threads):
@@ -83,29 +83,36 @@ def _dist_rank(ctx, data, k, init, max_iter, tol):
     from .datasets import load
 
     X = shard(load(**data), ctx.rank, ctx.world_size)
-    r = fit_distributed(X, k, init=init, max_iter=max_iter, tol=tol, dtype="float32")
+    r = fit_distributed(X, k, init=init, max_iter=max_iter, tol=tol, dtype="float32", device=ctx.device)
     return {"ms_per_iter": 1e3 * float(np.median(r.iter_seconds)), "numbers": r.numbers_per_iter,
             "n_iter": r.n_iter, "inertia": r.inertia}
 
 
-def distributed(label, data, X, k, init, max_iter, tol, repeats=3) -> dict:
-    """2 gloo ranks (one thread each) beside one process (one thread), interleaved; medians."""
+def distributed(label, data, X, k, init, max_iter, tol, repeats=3, device="cpu") -> dict:
+    """2 ranks beside one process, interleaved; medians. ``device="cpu"``: gloo ranks and the process on one thread
+    each. Otherwise the ranks take ``backend="auto"`` (NCCL with a GPU each where there are 2 GPUs or more, else gloo
+    on the CPU) and the one process runs where they do; the row's ``ran on`` says which."""
     from ..runtime import Pool
     from .estimator import KMeans
 
     torch.set_num_threads(1)
     one, two, numbers = [], [], 0
-    with Pool(2, backend="gloo", quiet=True, echo=False) as pool:
+    with Pool(2, backend="gloo" if device == "cpu" else "auto", quiet=True, echo=False) as pool:
+        where = "cuda" if pool.backend == "nccl" else "cpu"
+        ran_on = ("2 NCCL ranks on 2 GPUs, 1 process on a GPU" if where == "cuda" else
+                  "2 gloo ranks, 1 process, on the CPU, 1 thread each"
+                  + ("" if device == "cpu" else f" ({pool.reason})"))
         pool.run(_dist_rank, kwargs={"data": data, "k": k, "init": init, "max_iter": 2, "tol": tol}, timeout=600)
         for _ in range(repeats):
-            f = KMeans(k, init=init, max_iter=max_iter, tol=tol).fit(X)
+            f = KMeans(k, init=init, max_iter=max_iter, tol=tol, device=where).fit(X)
             one.append(1e3 * float(np.median(f.iter_seconds_)))
             res = pool.run(_dist_rank, kwargs={"data": data, "k": k, "init": init, "max_iter": max_iter, "tol": tol},
                            timeout=600)
             two.append(max(r["ms_per_iter"] for r in res))
             numbers = res[0]["numbers"]
     d = X.shape[1]
-    return {"set": label, "1 process ms/iter": statistics.median(one), "2 ranks ms/iter": statistics.median(two),
+    return {"set": label, "ran on": ran_on, "1 process ms/iter": statistics.median(one),
+            "2 ranks ms/iter": statistics.median(two),
             "speed-up": statistics.median(one) / statistics.median(two),
             "numbers all-reduced / iter (measured)": numbers, "k(d+1)": k * (d + 1),
             "bytes / iter": numbers * 4, "iterations": res[0]["n_iter"]}
@@ -176,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"set": label, "k": k, "restarts": n_init, **r,
                      "inertia ok (<1%)": abs(float(r["inertia ratio"]) - 1) <= 0.01, "time ok (<=1)": r["time ratio"] <= 1.0})
         print(f"  {label}: done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
-        if not args.no_distributed and device == "cpu":
-            drows.append(distributed(label, data, X, k, inits[0], args.max_iter, args.tol, repeats))
+        if not args.no_distributed:
+            drows.append(distributed(label, data, X, k, inits[0], args.max_iter, args.tol, repeats, device))
     where = f"labkit on {device}" + (f" ({torch.cuda.get_device_name()})" if device != "cpu" else "")
     print(f"k-means: labkit vs scikit-learn KMeans, same inits, max_iter={args.max_iter}, tol={args.tol:g}, float32; "
           f"{where}; threads: labkit {threads}, scikit-learn {sk_threads}; medians of {repeats} interleaved trials")
     print(format_table(rows, floatfmt="{:.4g}"))
     if drows:
-        print("\ndistributed Lloyd: 2 gloo ranks (1 thread each) beside 1 process (1 thread), same init; "
+        print("\ndistributed Lloyd: 2 ranks beside 1 process, same init (where: the 'ran on' column); "
               "ms per iteration (median; for 2 ranks the slower rank)")
         print(format_table(drows, floatfmt="{:.4g}"))
     print(f"\n({time.perf_counter() - t_start:.0f} s)")

@@ -1,8 +1,11 @@
 """``python -m labkit doctor`` / ``labkit.doctor()``: what this machine can run, and how to fix what it cannot.
 
 It reports versions, CPUs, GPUs (name, memory), whether a private rendezvous can be made, which
-backends really work (a 2-rank all-reduce on each; a 1-rank one on NCCL with a single GPU), and the
-world sizes the labs will use here. The command exits non-zero when something the labs need is broken.
+backends really work (a 2-rank all-reduce on gloo; on NCCL a 2-rank one with two GPUs or more, a 1-rank one with a
+single GPU), which backend ``backend="auto"`` picks for 1, 2 and 4 ranks (the launcher's own
+:func:`~labkit.runtime.launcher.choose_backend`), and the world sizes the labs will use here. The command exits
+non-zero when something the labs need is broken; NCCL is needed wherever ``auto`` picks it, which is on any machine
+with a GPU (a 1-rank launch there is NCCL).
 """
 from __future__ import annotations
 
@@ -87,7 +90,9 @@ def _check_backend(report: Report, backend: str, world_size: int, needed: bool) 
         report.add(f"{backend} all-reduce, {world_size} ranks", False, f"{type(e).__name__}: {first[0] if first else ''}"[:300],
                    fix=("gloo binds to loopback (GLOO_SOCKET_IFNAME=lo); if that interface is missing set "
                         "GLOO_SOCKET_IFNAME to one that exists (see `ip addr`)" if backend == "gloo" else
-                        "check `nvidia-smi`, the driver version and that torch was built with CUDA"),
+                        "check `nvidia-smi`, the driver version and that torch was built with CUDA and NCCL "
+                        "(torch.distributed.is_nccl_available()); until then launch with backend='gloo' (the "
+                        "labs run on CPU processes)"),
                    needed=needed)
         return False
 
@@ -117,6 +122,8 @@ def doctor(backends: bool = True, echo: bool = True) -> Report:
             print(report.text())
         return report
 
+    from .launcher import choose_backend
+
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     report.info["torch CUDA build"] = torch.version.cuda or "none (CPU build)"
     if n_gpu:
@@ -136,12 +143,16 @@ def doctor(backends: bool = True, echo: bool = True) -> Report:
     except OSError as e:
         report.add("private rendezvous folder", False, str(e), fix="set TMPDIR to a writable folder you own")
 
+    # What a launch with the default backend="auto" runs here, from the launcher's own rule: the NCCL check is
+    # needed exactly when that rule picks NCCL for the world size it checks (any GPU: 1 rank on NCCL, and 2 when
+    # there are 2 GPUs), so a broken NCCL fails the doctor on every machine where the labs would use it.
+    report.info["backend='auto'"] = (", ".join(f"{n} rank(s) {choose_backend(n)[0]}" for n in (1, 2, 4))
+                                     + f" ({n_gpu} GPU(s) here; NCCL needs one GPU per rank)")
     if backends:
         _check_backend(report, "gloo", 2, needed=True)
-        if n_gpu >= 2:
-            _check_backend(report, "nccl", 2, needed=False)
-        elif n_gpu == 1:
-            _check_backend(report, "nccl", 1, needed=False)
+        if n_gpu:
+            ws = min(n_gpu, 2)
+            _check_backend(report, "nccl", ws, needed=choose_backend(ws)[0] == "nccl")
     ws_cpu = "1, 2, 4 (gloo processes; with %d core(s), more than %d ranks share cores)" % (usable, usable)
     report.info["world sizes (CPU)"] = ws_cpu
     if n_gpu:

@@ -11,8 +11,10 @@ optimiser state per rank beside ⌈P/N⌉·8 bytes (Adam, fp32: two buffers of 4
 beside labkit's equal shards; and the memory each rank holds after a step and at its peak during one
 (:mod:`labkit.zero.measure`), beside the paper's per-rank formula.
 
-On two CPU cores the ranks are gloo processes with one thread each: the times show what each method costs in
-compute and copies here, not what it would gain on GPUs with a fast interconnect.
+The ranks run where ``backend="auto"`` puts them (NCCL with one GPU each when there are enough GPUs, else gloo
+processes with one thread each), and every tensor a rank makes lives on its ``ctx.device``; the output says which
+backend ran for each world size, read from the launch's results. On two CPU cores the times show what each method
+costs in compute and copies here, not what it would gain on GPUs with a fast interconnect.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..devices import now
 from ..memory_model import OPTIMIZERS as STATES
 from .measure import METHODS, STAGE, Method, batches, check_args, memory_row, mlp, rank_slice
 
@@ -49,17 +52,18 @@ def bench_rank(ctx, methods=METHODS, sizes=QUICK_SIZES, dtype: str = "float32", 
         for x, y in data[:warmup]:
             run.step(x, y)
         run.reset_volume()
-    times = torch.zeros(rounds, len(methods), dtype=torch.float64)
+    seconds = [[0.0] * len(methods) for _ in range(rounds)]
     for r in range(rounds):
         x, y = data[warmup + r]
         for j, m in enumerate(methods):
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = now(device)  # after a synchronise: the queued GPU work of the barrier is not this step's
             runs[m].step(x, y)
-            if getattr(device, "type", device) == "cuda":
-                torch.cuda.synchronize()
-            times[r, j] = time.perf_counter() - t0
+            seconds[r][j] = now(device) - t0
+    # on the rank's device: an NCCL group has no backend for CPU tensors
+    times = torch.tensor(seconds, dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step is done when the slowest rank is done
+    times = times.cpu()
     out = {"P": next(iter(runs.values())).P, "world": world,
            "seconds": {m: times[:, j].tolist() for j, m in enumerate(methods)},
            "volume_per_step": {m: (None if run.volume() is None else run.volume() / rounds) for m, run in runs.items()},
@@ -142,21 +146,29 @@ def memory_rows(res: list[dict]) -> list[dict]:
 
 def measure(world_sizes=(2,), sizes=QUICK_SIZES, rounds: int = 7, dtype: str = "float32", optimizer: str = "adam",
             global_batch: int = 32, memory: bool = True, pool: bool = False, timeout: float = 300) -> dict:
-    """One launch per world size; ``{"timing": rows, "uneven": rows, "memory": rows, "raw": {N: results}}``."""
+    """One launch per world size; ``{"timing": rows, "uneven": rows, "memory": rows, "raw": {N: results},
+    "backend": {N: the backend that ran}}``."""
     from ..runtime import launch
     from ..viz import progress
 
-    out = {"timing": [], "uneven": [], "memory": [], "raw": {}}
+    out = {"timing": [], "uneven": [], "memory": [], "raw": {}, "backend": {}}
     _UNIT[:] = [1e3, "kB"] if sum(p.numel() for p in mlp(sizes).parameters()) * 4 < 1e6 else [1e6, "MB"]
     for n in progress(world_sizes, desc="zero bench: world sizes"):
         res = launch(bench_rank, world_size=n, kwargs=dict(sizes=sizes, rounds=rounds, dtype=dtype,
                      optimizer=optimizer, global_batch=-(-global_batch // n) * n, memory=memory),
                      pool=pool, echo=False, quiet=True, timeout=timeout)
         out["raw"][n] = list(res)
+        out["backend"][n] = res.backend
         out["timing"] += timing_rows(res, optimizer)
         out["uneven"] += uneven_rows(res, optimizer)
         out["memory"] += memory_rows(res)
     return out
+
+
+def ran_on(backends: dict) -> str:
+    """What ran, from the launches' results: ``{world size: backend}`` as one line."""
+    where = {"nccl": "NCCL, one GPU per rank", "gloo": "gloo, CPU processes with one thread each"}
+    return "ran on: " + "; ".join(f"{n} rank(s) on {where.get(b, b)}" for n, b in backends.items())
 
 
 def _ints(ap, flag: str, text: str, example: str) -> tuple:
@@ -198,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     P = sum(p.numel() for p in mlp(sizes).parameters())
     print(f"ZeRO bench: MLP {'-'.join(map(str, sizes))} ({P:,} parameters, {P * 4 / 1e6:.1f} MB per fp32 copy), "
           f"{a.dtype}, {a.optimizer}, global batch {a.batch}, {rounds} interleaved rounds (medians), ranks "
-          f"{list(ranks)}; on the CPU each rank is a gloo process with one thread", flush=True)
+          f"{list(ranks)}", flush=True)
     t0 = time.perf_counter()
     got = measure(ranks, sizes, rounds, a.dtype, a.optimizer, a.batch, not a.no_memory, a.pool)
+    print(ran_on(got["backend"]))
     print("\n== time per step (slowest rank), bytes sent per rank per step, optimiser state per rank ==")
     print(format_table(_show(got["timing"]), floatfmt="{:.3g}"))
     print("time / DDP: the method's median time over DDP's (lab 02's BucketedDDP), measured in the same rounds; "
@@ -216,10 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(_show(got["memory"]), floatfmt="{:.3g}"))
         print("formula: zero_bytes_per_rank(P, N, stage, 'fp32', optimizer) (ZeRO, section 5; doubled in float64). "
               "labkit's ZeRO-1/2 also keep a flat copy of their shard (+P/N values); BucketedDDP keeps flat buckets "
-              "(+P values); torch DDP's reducer buckets are not counted. peak: MemTracker, from a step's start "
-              "(no gradients) to its end, the highest over 2 steps and the ranks; peak varies: low-high where the 2 "
-              "steps differed (a buffer freed when gloo's thread lets go of it); peak / DDP: against DDP's peak in "
-              "the same launch")
+              "(+P values); torch DDP's reducer buckets are not counted. peak: MemTracker on the CPU, the CUDA "
+              "allocator on a GPU, from a step's start (no gradients) to its end, the highest over 2 steps and the "
+              "ranks; peak varies: low-high where the 2 steps differed (a buffer freed when gloo's thread lets go of "
+              "it); peak / DDP: against DDP's peak in the same launch")
         for row in got["memory"]:
             if row["method"] == "fsdp2" and row["ranks"] == 2 and row["peak / DDP"] is not None:
                 verdict = "meets" if row["peak / DDP"] <= 0.6 else "misses"

@@ -16,12 +16,17 @@ beside :func:`labkit.memory_model.zero_bytes_per_rank` (Rajbhandari et al. 2019,
 stage 0 = plain data parallelism), with precision ``"fp32"`` (4 + 4 + 8 bytes per parameter with Adam; float64
 doubles every figure).
 
-The **peak** during one step (zero_grad, forward, backward, communication, optimiser step) is read by PyTorch's
-memory tracker, ``torch.distributed._tools.mem_tracker.MemTracker`` (a ``TorchDispatchMode``: it sees every
-storage an operator allocates, and frees through weak references). It starts from the tensors the method holds
-when the step begins (parameters, optimiser state, the batch; gradients already set to None). It does not see
-gloo's own transport buffers, nor allocations in C++ outside the dispatcher (torch's DDP reducer). A private API:
-if it fails, ``peak`` is None and ``peak_note`` says why.
+The **peak** during one step (zero_grad, forward, backward, communication, optimiser step) starts from the tensors
+the method holds when the step begins (parameters, optimiser state, the batch; gradients already set to None). On
+the CPU it is read by PyTorch's memory tracker, ``torch.distributed._tools.mem_tracker.MemTracker`` (a
+``TorchDispatchMode``: it sees every storage an operator allocates, and frees through weak references). It does not
+see gloo's own transport buffers, nor allocations in C++ outside the dispatcher (torch's DDP reducer). A private
+API: if it fails, ``peak`` is None and ``peak_note`` says why. On a GPU the CUDA caching allocator's own figures are
+used instead (``torch.cuda.max_memory_allocated`` above ``memory_allocated`` at the step's start, plus what the method
+held then; as lab 09's :mod:`labkit.hardware.measure` does): they are what the card really had to hold, they see
+every allocation on the device (the DDP reducer's buckets too; NCCL's own buffers live outside the allocator), they
+are not a private API, and they cost nothing, where MemTracker's dispatch mode would slow every GPU kernel launch.
+The allocator rounds each block up to 512 bytes, so on a GPU small tensors weigh a little more than their bytes.
 """
 from __future__ import annotations
 
@@ -206,7 +211,10 @@ class Method:
 
 
 def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
-    """``(peak, note)``: the most bytes live at once during one step of ``run`` (MemTracker), or None and why."""
+    """``(peak, note)``: the most bytes live at once during one step of ``run`` (MemTracker on the CPU, the CUDA
+    allocator on a GPU), or None and why."""
+    if x.device.type == "cuda":
+        return _cuda_peak(run, x, y), "CUDA allocator"
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError as e:  # pragma: no cover - torch without the tracker
@@ -221,6 +229,22 @@ def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
         return sum(dev.get("Total", 0) for dev in snap.values()), "MemTracker"
     except Exception as e:  # noqa: BLE001 - a private API: report, do not crash the bench
         return None, f"MemTracker failed ({type(e).__name__}: {e})"
+
+
+def _cuda_peak(run: Method, x, y) -> int:
+    """The step's peak on the GPU: the allocator's high-water mark above what was allocated when the step began,
+    plus what the method held then (so other methods' tensors alive on the same device are not counted)."""
+    from ..devices import synchronize
+
+    dev = x.device
+    run.opt.zero_grad(set_to_none=True)
+    synchronize(dev)
+    start = run.held()["total"] + storage_bytes([x, y])
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    run.step(x, y)
+    synchronize(dev)
+    return torch.cuda.max_memory_allocated(dev) - before + start
 
 
 def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: bool = True) -> dict:
