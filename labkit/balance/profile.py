@@ -4,7 +4,6 @@ whose cost is known, to test it all deterministically."""
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import check_int
+from ..devices import now
 from ..memory_model import bytes_per_parameter
 from ..partition import as_costs as _as_costs
 from ..pipeline import Sleep  # one sleeping autograd function for labs 04 and 05
@@ -105,19 +105,15 @@ def profile_layers(model, sample, repeats: int = 5, warmup: int = 1) -> list[Lay
                         storages[id(t)] = _nbytes(t)
                     return t
 
-                _sync(x)
-                t0 = time.perf_counter()
+                t0 = now(x)
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     out = _first_tensor(layer(inp))
-                _sync(out)
-                t1 = time.perf_counter()
+                t1 = now(out)
                 if out.requires_grad:
                     grad = torch.randn_like(out)
-                    _sync(grad)
-                    t2 = time.perf_counter()
+                    t2 = now(grad)
                     torch.autograd.backward(out, grad)
-                    _sync(out)
-                    t3 = time.perf_counter()
+                    t3 = now(out)
                 else:
                     t2 = t3 = 0.0
                 if it >= warmup:
@@ -144,11 +140,6 @@ def _warm_autograd() -> None:
     x = torch.ones(2, requires_grad=True)
     y = Sleep.apply(x * 1, torch.ones(()), 0.0, 0.0, False)
     torch.autograd.backward(y, torch.ones_like(y))
-
-
-def _sync(t) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
 
 
 def _costs_from(profiles_or_costs, key: Callable[[LayerProfile], float]) -> list[float]:

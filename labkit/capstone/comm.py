@@ -26,8 +26,13 @@ from collections import defaultdict
 
 import torch
 
+from ..distops import all_gather_tensor, reduce_scatter_tensor
+
 _WRAPPED = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "reduce_scatter",
             "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "isend", "send")
+# one operation, two names: torch 2.14 renamed the equal-size collectives (labkit.distops); both count under the new
+# name, the one lab 11's formulas (:mod:`.traffic`) use, whichever this torch has
+_SAME_AS = {"all_gather_into_tensor": "all_gather_single", "reduce_scatter_tensor": "reduce_scatter_single"}
 
 
 _GROUP_AT = {"all_reduce": 2, "all_gather": 2, "all_gather_single": 2, "all_gather_into_tensor": 2,
@@ -44,19 +49,31 @@ def _nbytes(t) -> int:
 
 
 class CommMeter:
-    """Counts calls and payload bytes per (group name, operation) on this rank while active."""
+    """Counts calls and payload bytes per (group name, operation) on this rank while active.
+
+    Only the outermost call is counted: torch's ``send`` posts an ``isend``, and its deprecated collective names
+    call the new ones, so a nested call is the same message again. ``isend`` is replaced in ``torch.distributed``
+    and in ``distributed_c10d`` alike: ``dist.batch_isend_irecv`` (lab 04's executor, :mod:`labkit.distops`)
+    accepts only a ``P2POp`` whose function *is* c10d's ``isend``, and calls it from there."""
 
     def __init__(self, groups: dict):
         self.names = {id(g): name for name, g in groups.items() if g is not None}
         self.calls = defaultdict(int)    # (group, op) -> calls
         self.payload = defaultdict(int)  # (group, op) -> bytes
         self._saved = {}
+        self._depth = 0
 
     def _name(self, group) -> str:
-        return "world" if group is None else self.names.get(id(group), "other")
+        import torch.distributed as dist
+
+        if id(group) in self.names:  # first: a mesh dimension that spans every rank is the default group itself
+            return self.names[id(group)]
+        return "world" if group is None or group is dist.group.WORLD else "other"  # a P2POp holds the default group
 
     def _wrap(self, op, fn):
         def counted(*args, **kwargs):
+            if self._depth:  # inside a counted call: the same message again
+                return fn(*args, **kwargs)
             at = _GROUP_AT[op]
             group = kwargs.get("group", args[at] if len(args) > at else None)
             if op in _GATHERS + _SCATTERS:
@@ -65,27 +82,35 @@ class CommMeter:
                 nbytes = _nbytes(whole)
             else:
                 nbytes = _nbytes(args[0])
-            key = (self._name(group), op)
+            key = (self._name(group), _SAME_AS.get(op, op))
             self.calls[key] += 1
             self.payload[key] += nbytes
-            return fn(*args, **kwargs)
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
         return counted
 
     def __enter__(self):
         import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
 
         if self._saved:
             raise RuntimeError("this CommMeter is already active")
         for op in _WRAPPED:
-            self._saved[op] = getattr(dist, op)
-            setattr(dist, op, self._wrap(op, self._saved[op]))
+            fn = getattr(dist, op, None)
+            if fn is None:  # a name this torch does not have (torch < 2.14: no *_single)
+                continue
+            counted = self._wrap(op, fn)
+            for mod in (dist, c10d) if op == "isend" else (dist,):
+                self._saved[(mod, op)] = getattr(mod, op)
+                setattr(mod, op, counted)
         return self
 
     def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        for op, fn in self._saved.items():
-            setattr(dist, op, fn)
+        for (mod, op), fn in self._saved.items():
+            setattr(mod, op, fn)
         self._saved = {}
 
     def by_group(self) -> dict:
@@ -134,7 +159,7 @@ def _all_gather_seq(x, group):
     n = dist.get_world_size(group)
     x = x.contiguous()
     stacked = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(stacked, x, group=group)  # rank j's slice at rows j·b ... (j+1)·b - 1
+    all_gather_tensor(stacked, x, group=group)  # rank j's slice at rows j·b ... (j+1)·b - 1
     parts = stacked.view(n, *x.shape).transpose(0, 1)  # b × n × s/n × ...
     return parts.reshape(x.shape[0], n * x.shape[1], *x.shape[2:])
 
@@ -150,7 +175,7 @@ def _reduce_scatter_seq(x, group):
                          f"pass a sequence length that is a multiple of {n} or tp dividing {s}")
     parts = x.reshape(b, n, s // n, *x.shape[2:]).transpose(0, 1).contiguous()  # n × b × s/n × ...
     out = torch.empty(parts.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, parts.view(n * b, *parts.shape[2:]), group=group)
+    reduce_scatter_tensor(out, parts.view(n * b, *parts.shape[2:]), group=group)
     return out
 
 

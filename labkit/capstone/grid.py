@@ -19,12 +19,12 @@ gives the pipeline's bubble. :func:`run_grid` launches it and puts the shards ba
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .._validate import ArgumentError, check_int
+from ..devices import now
 from ..runtime.mesh import check_shape
 from .comm import CommMeter, wire_bytes
 from .model import Config, build, make_optimizer, sort_batch, stage_layers, train_single
@@ -80,7 +80,7 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
     for step in range(steps):
         x, y = sort_batch(batch, cfg, seed=seed * 1000 + step)
         x, y = x[c["dp"] * rows:(c["dp"] + 1) * rows], y[c["dp"] * rows:(c["dp"] + 1) * rows]
-        t0 = time.perf_counter()
+        t0 = now(ctx.device)  # the step's span, synchronised at both ends: on a GPU it ends when its work has run
         with meter:
             run = pipeline_rank(ctx, None, (x, y), n_micro, "1f1b", loss_fn=stage.loss, repeats=1, warmup=0,
                                 group=mesh.group("pp"), stages={0: module})
@@ -88,7 +88,7 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
             if dp > 1:
                 module.sync_grads()
         opt.step()
-        out["times"].append((t0, time.perf_counter()))
+        out["times"].append((t0, now(ctx.device)))
         out["spans"].append(run["times"][0])
         out["busy"].append(run["busy"][0])
         if run["loss"] is not None:

@@ -1,20 +1,25 @@
 """All-reduce built from point-to-point messages, executed on real ranks: naive, binomial tree, ring,
 recursive halving-doubling; plus ring reduce-scatter and all-gather.
 
-Every algorithm here is written with ``dist.send``/``dist.recv`` (or ``isend``/``irecv``) only, and is
-checked against ``dist.all_reduce`` / ``dist.reduce_scatter`` / ``dist.all_gather`` by the tests. Pass
-``log=[]`` and each rank appends one dict per message it *sends* (step, src, dst, chunks, op, bytes,
-start, end); the tests check that the messages really sent equal the pure schedule in :mod:`.schedules`.
+Every algorithm here is written with point-to-point messages only, and is checked against
+``dist.all_reduce`` / ``dist.reduce_scatter`` / ``dist.all_gather`` by the tests. Pass ``log=[]`` and each
+rank appends one dict per message it *sends* (step, src, dst, chunks, op, bytes, start, end); the tests
+check that the messages really sent equal the pure schedule in :mod:`.schedules`.
+
+Every message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`), a step's send and receive in
+one batch: that is the form NCCL needs. Unbatched, NCCL queues a rank's ``irecv`` and ``isend`` one behind the
+other on one communicator, and a ring step in which every rank posts its receive first waits on itself.
 
 ``group=`` (a process group, e.g. ``mesh["tp"].get_group()``) runs a collective among that group's ranks
 only: ``n`` and ``rank`` are the size of the group and the position in it, every message names its peer by
-group rank (``group_dst=``/``group_src=``), and the log records group ranks. ``None``: the default group.
+group rank (:func:`labkit.distops.p2p` translates it), and the log records group ranks. ``None``: the default
+group.
 """
 from __future__ import annotations
 
-import time
-
 from .._validate import check_int
+from ..devices import now
+from ..distops import p2p, recv, send, wait_all
 from .schedules import _check_algorithm, _hd_layout, chunk_bounds
 from .validation import _check_log, _check_same_everywhere, _check_tensor, _group_position, _op_name
 
@@ -38,9 +43,15 @@ class _Recorder:
     """Appends one dict per message this rank sends to ``log`` (when a list is given); ``rank`` and the
     peers are positions in the group the collective runs on."""
 
-    def __init__(self, log, rank: int, itemsize: int):
+    def __init__(self, log, rank: int, itemsize: int, device=None):
         _check_log(log)
-        self.log, self.rank, self.itemsize = log, rank, itemsize
+        self.log, self.rank, self.itemsize, self.device = log, rank, itemsize, device
+
+    def now(self) -> float:
+        """The clock for a message's start and end, read after a synchronise of the device (queued NCCL work
+        and kernels done: :func:`labkit.devices.now`); 0.0 when nothing is logged, so an unlogged run is not
+        slowed by synchronising at every message."""
+        return now(self.device) if self.log is not None else 0.0
 
     def __call__(self, step, dst, chunks, op, numel, start, end, data_from=None):
         if self.log is not None and dst is not None:
@@ -49,67 +60,61 @@ class _Recorder:
 
 
 def _exchange(send_buf, dst, recv_buf, src, tag: int, pending_sends: list | None = None, *, group) -> None:
-    """Send and receive at the same time (isend + irecv, then wait both): a ring step cannot deadlock.
+    """Send and receive at the same time (one ``batch_isend_irecv``, then wait): a ring step cannot deadlock.
     With ``pending_sends``, only the receive is waited for and the send request is appended there, to be
     waited for later (the caller promises not to write into ``send_buf`` before then). ``dst`` and ``src``
-    are ranks in ``group`` (None: the default group)."""
-    import torch.distributed as dist
-
-    rq = dist.irecv(recv_buf, group_src=src, group=group, tag=tag) if recv_buf is not None else None
-    sq = dist.isend(send_buf, group_dst=dst, group=group, tag=tag) if send_buf is not None else None
-    if rq is not None:
-        rq.wait()
-    if sq is not None:
-        if pending_sends is None:
-            sq.wait()
-        else:
-            pending_sends.append(sq)
+    are ranks in ``group`` (None: the default group); a ``None`` buffer leaves that direction out."""
+    sq, rq = p2p([(send_buf, dst, tag)] if send_buf is not None else [],
+                 [(recv_buf, src, tag)] if recv_buf is not None else [], group=group)
+    wait_all(rq)
+    if pending_sends is None:
+        wait_all(sq)
+    else:
+        pending_sends.extend(sq)
 
 
 # --------------------------------------------------------------------------------------- algorithms
 def _naive(flat, op, n, rank, rec, *, group):
     import torch
-    import torch.distributed as dist
 
     if rank == 0:  # reduce: rank 0 receives every other rank's tensor in turn
         buf = torch.empty_like(flat)
         for k in range(1, n):
-            dist.recv(buf, group_src=k, group=group, tag=k - 1)
+            recv(buf, k, k - 1, group=group)
             _reduce_into(flat, buf, op)
         for k in range(1, n):  # broadcast: rank 0 sends the result to every other rank in turn
-            t0 = time.perf_counter()
-            dist.send(flat, group_dst=k, group=group, tag=n - 2 + k)
-            rec(n - 2 + k, k, (0,), "copy", flat.numel(), t0, time.perf_counter())
+            t0 = rec.now()
+            send(flat, k, n - 2 + k, group=group)
+            rec(n - 2 + k, k, (0,), "copy", flat.numel(), t0, rec.now())
     else:
-        t0 = time.perf_counter()
-        dist.send(flat, group_dst=0, group=group, tag=rank - 1)
-        rec(rank - 1, 0, (0,), "reduce", flat.numel(), t0, time.perf_counter())
-        dist.recv(flat, group_src=0, group=group, tag=n - 2 + rank)
+        t0 = rec.now()
+        send(flat, 0, rank - 1, group=group)
+        rec(rank - 1, 0, (0,), "reduce", flat.numel(), t0, rec.now())
+        recv(flat, 0, n - 2 + rank, group=group)
 
 
 def _tree(flat, op, n, rank, rec, *, group):
     import torch
-    import torch.distributed as dist
 
     levels = (n - 1).bit_length()
     buf = torch.empty_like(flat)
     for k in range(levels):  # reduce up a binomial tree: round k pairs ranks 2^k apart
         d = 1 << k
         if rank % (2 * d) == d:
-            t0 = time.perf_counter()
-            dist.send(flat, group_dst=rank - d, group=group, tag=k)
-            rec(k, rank - d, (0,), "reduce", flat.numel(), t0, time.perf_counter())
+            t0 = rec.now()
+            send(flat, rank - d, k, group=group)
+            rec(k, rank - d, (0,), "reduce", flat.numel(), t0, rec.now())
         elif rank % (2 * d) == 0 and rank + d < n:
-            dist.recv(buf, group_src=rank + d, group=group, tag=k)
+            recv(buf, rank + d, k, group=group)
             _reduce_into(flat, buf, op)
     for j in range(levels):  # broadcast down the same tree
         d = 1 << (levels - 1 - j)
         if rank % (2 * d) == 0 and rank + d < n:
-            t0 = time.perf_counter()
-            dist.send(flat, group_dst=rank + d, group=group, tag=levels + j)
-            rec(levels + j, rank + d, (0,), "copy", flat.numel(), t0, time.perf_counter())
+            t0 = rec.now()
+            send(flat, rank + d, levels + j, group=group)
+            rec(levels + j, rank + d, (0,), "copy", flat.numel(), t0, rec.now())
         elif rank % (2 * d) == d:
-            dist.recv(flat, group_src=rank - d, group=group, tag=levels + j)
+            recv(flat, rank - d, levels + j, group=group)
 
 
 def _ring_reduce_scatter(chunks, op, n, rank, rec, own, step0=0, *, group):
@@ -123,9 +128,9 @@ def _ring_reduce_scatter(chunks, op, n, rank, rec, own, step0=0, *, group):
     for s in range(n - 1):
         i_send, i_recv = (rank + own - 1 - s) % n, (rank + own - 2 - s) % n
         incoming = buf[: chunks[i_recv].numel()]
-        t0 = time.perf_counter()
+        t0 = rec.now()
         _exchange(chunks[i_send], right, incoming, left, tag=step0 + s, pending_sends=sends, group=group)
-        rec(step0 + s, right, (i_send,), "reduce", chunks[i_send].numel(), t0, time.perf_counter())
+        rec(step0 + s, right, (i_send,), "reduce", chunks[i_send].numel(), t0, rec.now())
         _reduce_into(chunks[i_recv], incoming, op)
     for q in sends:
         q.wait()
@@ -138,9 +143,9 @@ def _ring_all_gather(chunks, n, rank, rec, own, step0=0, *, group):
     sends: list = []  # the chunk sent at step s arrived at step s-1 and is not overwritten again
     for s in range(n - 1):
         i_send, i_recv = (rank + own - s) % n, (rank + own - 1 - s) % n
-        t0 = time.perf_counter()
+        t0 = rec.now()
         _exchange(chunks[i_send], right, chunks[i_recv], left, tag=step0 + s, pending_sends=sends, group=group)
-        rec(step0 + s, right, (i_send,), "copy", chunks[i_send].numel(), t0, time.perf_counter())
+        rec(step0 + s, right, (i_send,), "copy", chunks[i_send].numel(), t0, rec.now())
     for q in sends:
         q.wait()
 
@@ -154,9 +159,10 @@ def _ring(flat, op, n, rank, rec, *, group):
 def _ring_pipelined(flat, op, n, rank, rec, segments: int, *, group):
     """The ring's messages, but each chunk travels as ``segments`` pieces and every piece is passed on as
     soon as it has been added in: sending, receiving and adding overlap instead of taking turns (gloo's
-    own ring works this way). The log still has one entry per chunk and step, as in :func:`schedule`."""
-    import torch.distributed as dist
+    own ring works this way). The log still has one entry per chunk and step, as in :func:`schedule`.
 
+    Each piece's batch holds its send to the right and the matching receive from the left for the same step
+    (posted together, as NCCL needs); step t+1's piece k is posted as soon as step t's piece k is in."""
     right, left = (rank + 1) % n, (rank - 1) % n
     chunks = [flat[a:b] for a, b in chunk_bounds(flat.numel(), n)]
     pieces = [chunk_bounds(c.numel(), segments) for c in chunks]
@@ -167,32 +173,38 @@ def _ring_pipelined(flat, op, n, rank, rec, segments: int, *, group):
     def chunk_in(t):  # the chunk received at step t; it is the one sent at step t+1
         return (rank - 1 - t) % n if t < n - 1 else (rank - (t - (n - 1))) % n
 
-    def post_recvs(t):
+    def post(t, k, send_chunk):  # step t's piece k: send it right, receive its counterpart from the left
         c = chunk_in(t)
+        a, b = pieces[c][k]
         into = bufs[t % 2] if t < n - 1 else chunks[c]  # all-gather steps receive straight into place
-        return [dist.irecv(into[a:b], group_src=left, group=group, tag=t * segments + k)
-                for k, (a, b) in enumerate(pieces[c])]
+        sa, sb = pieces[send_chunk][k]
+        sq, rq = p2p([(chunks[send_chunk][sa:sb], right, t * segments + k)],
+                     [(into[a:b], left, t * segments + k)], group=group)
+        return sq, rq[0]
 
-    c = rank % n
-    started = [time.perf_counter()] * steps
-    recvs = post_recvs(0)
-    sends = [dist.isend(chunks[c][a:b], group_dst=right, group=group, tag=k) for k, (a, b) in enumerate(pieces[c])]
+    started = [rec.now()] * steps
+    sends, recvs = [], []
+    for k in range(segments):
+        sq, rq = post(0, k, rank % n)
+        sends += sq
+        recvs.append(rq)
     for t in range(steps):
-        nxt = post_recvs(t + 1) if t + 1 < steps else None
         c = chunk_in(t)
         if t + 1 < steps:
-            started[t + 1] = time.perf_counter()
+            started[t + 1] = rec.now()
+        nxt = []
         for k, (a, b) in enumerate(pieces[c]):
             recvs[k].wait()
             if t < n - 1:
                 _reduce_into(chunks[c][a:b], bufs[t % 2][a:b], op)
-            if t + 1 < steps:  # forward this piece at once
-                sends.append(dist.isend(chunks[c][a:b], group_dst=right, group=group, tag=(t + 1) * segments + k))
+            if t + 1 < steps:  # forward this piece at once, with the receive of the next step's piece
+                sq, rq = post(t + 1, k, c)
+                sends += sq
+                nxt.append(rq)
         sent = (rank - t) % n if t < n - 1 else (rank + 1 - (t - (n - 1))) % n
-        rec(t, right, (sent,), "reduce" if t < n - 1 else "copy", chunks[sent].numel(), started[t], time.perf_counter())
+        rec(t, right, (sent,), "reduce" if t < n - 1 else "copy", chunks[sent].numel(), started[t], rec.now())
         recvs = nxt
-    for q in sends:
-        q.wait()
+    wait_all(sends)
 
 
 def _ring_unchunked(flat, op, n, rank, rec, *, group):
@@ -203,9 +215,9 @@ def _ring_unchunked(flat, op, n, rank, rec, *, group):
     right, left = (rank + 1) % n, (rank - 1) % n
     outgoing, incoming = flat.clone(), torch.empty_like(flat)
     for s in range(n - 1):
-        t0 = time.perf_counter()
+        t0 = rec.now()
         _exchange(outgoing, right, incoming, left, tag=s, group=group)
-        rec(s, right, (0,), "reduce", flat.numel(), t0, time.perf_counter(), data_from=(rank - s) % n)
+        rec(s, right, (0,), "reduce", flat.numel(), t0, rec.now(), data_from=(rank - s) % n)
         _reduce_into(flat, incoming, op)
         outgoing, incoming = incoming, outgoing
 
@@ -224,9 +236,9 @@ def _halving_doubling(flat, op, n, rank, rec, *, group):
     step = 0
     if r:  # fold: among the first 2r ranks, each even rank hands its data to the odd rank above it
         if rank < 2 * r and rank % 2 == 0:
-            t0 = time.perf_counter()
+            t0 = rec.now()
             _exchange(flat, rank + 1, None, None, tag=0, group=group)
-            rec(0, rank + 1, everything, "reduce", flat.numel(), t0, time.perf_counter())
+            rec(0, rank + 1, everything, "reduce", flat.numel(), t0, rec.now())
         elif rank < 2 * r:
             _exchange(None, None, buf, rank - 1, tag=0, group=group)
             _reduce_into(flat, buf, op)
@@ -241,9 +253,9 @@ def _halving_doubling(flat, op, n, rank, rec, *, group):
             (klo, khi), (slo, shi) = ((mid, hi), (lo, mid)) if v & mask else ((lo, mid), (mid, hi))
             keep, send = span(klo, khi), span(slo, shi)
             incoming = buf[: keep.numel()]
-            t0 = time.perf_counter()
+            t0 = rec.now()
             _exchange(send, old[v ^ mask], incoming, old[v ^ mask], tag=step, group=group)
-            rec(step, old[v ^ mask], tuple(range(slo, shi)), "reduce", send.numel(), t0, time.perf_counter())
+            rec(step, old[v ^ mask], tuple(range(slo, shi)), "reduce", send.numel(), t0, rec.now())
             _reduce_into(keep, incoming, op)
             step += 1
             mask //= 2
@@ -251,20 +263,20 @@ def _halving_doubling(flat, op, n, rank, rec, *, group):
         while mask < p:  # recursive doubling: swap what each has, the owned range doubles
             lo = v & ~(mask - 1)
             plo = (v ^ mask) & ~(mask - 1)
-            t0 = time.perf_counter()
+            t0 = rec.now()
             _exchange(span(lo, lo + mask), old[v ^ mask], span(plo, plo + mask), old[v ^ mask], tag=step,
                       group=group)
             rec(step, old[v ^ mask], tuple(range(lo, lo + mask)), "copy", span(lo, lo + mask).numel(), t0,
-                time.perf_counter())
+                rec.now())
             step += 1
             mask *= 2
     else:
         step += 2 * levels
     if r:  # unfold: odd ranks hand the result back to their even partner
         if rank < 2 * r and rank % 2 == 1:
-            t0 = time.perf_counter()
+            t0 = rec.now()
             _exchange(flat, rank - 1, None, None, tag=step, group=group)
-            rec(step, rank - 1, everything, "copy", flat.numel(), t0, time.perf_counter())
+            rec(step, rank - 1, everything, "copy", flat.numel(), t0, rec.now())
         elif rank < 2 * r:
             _exchange(None, None, flat, rank + 1, tag=step, group=group)
 
@@ -295,7 +307,7 @@ def all_reduce(tensor, op="sum", algorithm: str = "ring", log: list | None = Non
     n, rank = _group_position(group, "all_reduce")
     if check and n > 1:
         _check_same_everywhere(tensor, group=group)
-    rec = _Recorder(log, rank, tensor.element_size())
+    rec = _Recorder(log, rank, tensor.element_size(), tensor.device)
     if n > 1 and segments > 1:
         _ring_pipelined(tensor.view(-1), op, n, rank, rec, segments, group=group)
     elif n > 1:
@@ -319,7 +331,8 @@ def reduce_scatter(tensor, op="sum", log: list | None = None, check: bool = True
     work = tensor.reshape(-1).clone()
     chunks = [work[a:b] for a, b in chunk_bounds(work.numel(), n)]
     if n > 1:
-        _ring_reduce_scatter(chunks, op, n, rank, _Recorder(log, rank, tensor.element_size()), own=0, group=group)
+        rec = _Recorder(log, rank, tensor.element_size(), tensor.device)
+        _ring_reduce_scatter(chunks, op, n, rank, rec, own=0, group=group)
     mine = chunks[rank]
     if op == "avg":
         _finish_avg(mine, n)
@@ -340,6 +353,6 @@ def all_gather(tensor, log: list | None = None, check: bool = True, group=None) 
     out = torch.empty((n,) + tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
     out[rank].copy_(tensor)
     if n > 1:
-        _ring_all_gather(list(out.view(n, tensor.numel())), n, rank, _Recorder(log, rank, tensor.element_size()),
-                         own=0, group=group)
+        rec = _Recorder(log, rank, tensor.element_size(), tensor.device)
+        _ring_all_gather(list(out.view(n, tensor.numel())), n, rank, rec, own=0, group=group)
     return list(out.unbind(0))

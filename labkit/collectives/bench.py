@@ -1,7 +1,9 @@
 """``python -m labkit bench collectives``: time every all-reduce built from send/recv next to the library's.
 
 Timing runs on real ranks (:func:`time_collectives_rank`, :func:`pingpong_rank`); the figures are turned into
-nccl-tests bandwidths and compared with the alpha-beta model of :mod:`.cost` (:func:`table_rows`).
+nccl-tests bandwidths and compared with the alpha-beta model of :mod:`.cost` (:func:`table_rows`). Every clock
+read on a rank is :func:`labkit.devices.now`: NCCL calls and CUDA kernels return when they are queued, so a
+time read without synchronising the device would measure the queueing and fit alpha and beta to nothing.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import argparse
 import statistics
 import time
 
+from ..devices import now
+from ..distops import recv, send
 from .algorithms import all_gather, all_reduce, reduce_scatter
 from .cost import LIBRARY, bandwidths, fit_alpha_beta, predict_time, usable_alpha_beta
 from .schedules import ALGORITHMS
@@ -68,11 +72,11 @@ def time_collectives_rank(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), r
     refs = {p: _op_for(p, n) for p in partners.values() if p is not None}
     dt = getattr(torch, dtype)
     item = torch.empty(0, dtype=dt).element_size()
-    sync = (lambda: torch.cuda.synchronize()) if ctx.device.type == "cuda" else (lambda: None)
     rows = []
     for nbytes in sizes:
         numel = max(n, int(nbytes) // item // n * n)  # a multiple of n, so library reduce-scatter works
-        src = torch.randn(numel, generator=torch.Generator().manual_seed(ctx.rank)).to(dt).to(ctx.device)
+        gen = torch.Generator(device=ctx.device).manual_seed(ctx.rank)
+        src = torch.randn(numel, generator=gen, device=ctx.device).to(dt)
         work = torch.empty_like(src)
         samples = {name: [] for name in algorithms}
         pair_samples = {name: [] for name in algorithms}
@@ -80,11 +84,9 @@ def time_collectives_rank(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), r
         def run(fn) -> float:
             work.copy_(src)
             dist.barrier()
-            sync()
-            t0 = time.perf_counter()
+            t0 = now(ctx.device)
             fn(work)
-            sync()
-            return time.perf_counter() - t0
+            return now(ctx.device) - t0
 
         for i in range(warmup + repeats):
             order = list(ops.items()) if i % 2 == 0 else list(ops.items())[::-1]  # alternate, to cancel drift
@@ -100,7 +102,7 @@ def time_collectives_rank(ctx, algorithms=("ring", LIBRARY), sizes=(1 << 20,), r
                     if partner is not None:
                         pair_samples[name].append(t_ref)
         for name, (collective, _) in ops.items():
-            t = torch.tensor(samples[name] + pair_samples[name], dtype=torch.float64)
+            t = torch.tensor(samples[name] + pair_samples[name], dtype=torch.float64, device=ctx.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a run lasts as long as its slowest rank
             mine, ref = t[:repeats].tolist(), t[repeats:].tolist()
             rows.append({"algorithm": name, "collective": collective, "bytes": numel * item, "world_size": n,
@@ -125,15 +127,16 @@ def pingpong_rank(ctx, sizes=(4, 1 << 12, 1 << 16, 1 << 20, 1 << 22), repeats: i
         for k in order:
             buf = bufs[k]
             dist.barrier()
-            t0 = time.perf_counter()
+            t0 = now(ctx.device)
             if ctx.rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
+                send(buf, 1)
+                recv(buf, 1)
             elif ctx.rank == 1:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
+                recv(buf, 0)
+                send(buf, 0)
+            t1 = now(ctx.device)
             if i:
-                times[k].append((time.perf_counter() - t0) / 2)
+                times[k].append((t1 - t0) / 2)
     rows = [{"algorithm": "p2p", "bytes": buf.numel() * 4, "world_size": 2, "seconds": statistics.median(ts),
              "samples": ts} for buf, ts in zip(bufs, times)]
     return rows if ctx.rank == 0 else None

@@ -87,7 +87,7 @@ def _rank_world(rank, world, group, who: str) -> tuple[int, int]:
     return (g_rank if rank is None else rank), (g_world if world is None else world)
 
 
-def ranks_agree(values, group=None, device=None) -> bool:
+def ranks_agree(values, group=None) -> bool:
     """True when every rank passed the same list of integers (one MAX and one MIN all-reduce).
 
     The one "same on every rank" check of the course: the collectives use it for shapes and dtypes,
@@ -97,7 +97,9 @@ def ranks_agree(values, group=None, device=None) -> bool:
     import torch
     import torch.distributed as dist
 
-    hi = torch.tensor(list(values), dtype=torch.int64, device=device)
+    from ..devices import group_device
+
+    hi = torch.tensor(list(values), dtype=torch.int64, device=group_device(group))  # NCCL needs it on the GPU
     lo = hi.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
@@ -116,9 +118,11 @@ def _check_same_everywhere(tensor, what: str = "tensor", group=None) -> None:
     desc = [0] * 16
     desc[0], desc[1] = code, tensor.dim()
     desc[2:2 + tensor.dim()] = list(tensor.shape)
-    if ranks_agree(desc, group=group, device=tensor.device):
+    if ranks_agree(desc, group=group):
         return
-    mine = torch.tensor(desc, dtype=torch.int64, device=tensor.device)
+    from ..devices import group_device
+
+    mine = torch.tensor(desc, dtype=torch.int64, device=group_device(group))
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)  # only on disagreement, to say which rank had what
     where = "" if group is None else f" of {_describe_group(group)} (keys: ranks within it)"
@@ -169,15 +173,23 @@ def watch_p2p(log: list, refuse=REFUSED):
                 saved[(mod, name)] = getattr(mod, name)
                 setattr(mod, name, fn)
 
+    depth = [0]  # a message is logged once, by the outermost call (torch's send is built on isend)
+
     def recorder(name, orig, kind):
         keys = ("dst", "group_dst") if kind == "send" else ("src", "group_src")
 
         def wrapped(tensor, *args, **kwargs):
+            if depth[0]:
+                return orig(tensor, *args, **kwargs)
             peer = args[0] if args else next((kwargs[k] for k in keys if kwargs.get(k) is not None), None)
             log.append({"step": len(log), "kind": kind, "src": rank if kind == "send" else peer,
                         "dst": peer if kind == "send" else rank, "bytes": tensor.numel() * tensor.element_size(),
                         "call": name, "via": _labkit_caller()})
-            return orig(tensor, *args, **kwargs)
+            depth[0] += 1
+            try:
+                return orig(tensor, *args, **kwargs)
+            finally:
+                depth[0] -= 1
         wrapped.__name__ = wrapped.__qualname__ = name
         return wrapped
 
@@ -186,9 +198,9 @@ def watch_p2p(log: list, refuse=REFUSED):
             via = _labkit_caller()
             if via:
                 raise AssertionError(f"you called labkit.collectives.{via}, labkit's own implementation: write the "
-                                     f"algorithm yourself with dist.isend/dist.irecv (or send/recv)")
+                                     f"algorithm yourself with dist.P2POp and dist.batch_isend_irecv (or send/recv)")
             raise AssertionError(f"you called dist.{name}, torch's own collective: this exercise builds it from "
-                                 f"dist.isend/dist.irecv (or send/recv) only")
+                                 f"point-to-point messages only: dist.P2POp and dist.batch_isend_irecv (or send/recv)")
         refused.__name__ = name
         return refused
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._validate import check_int
+from ..devices import now
 from .wrappers import Timeline, _NoTimeline
 
 
@@ -47,18 +48,25 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[
 
     ``model`` is a wrapper from :func:`make_ddp` or a plain module (single-process reference).
     ``skip_sync``: on the inner micro-steps, skip the gradient averaging (``no_sync``).
-    ``delay_s``: extra seconds of "compute" per micro-step (to play a straggler). Returns step times.
+    ``delay_s``: extra seconds of "compute" per micro-step (to play a straggler). Returns step times, each read
+    with :func:`labkit.devices.now` on the model's device (synchronised: a GPU step ends when its kernels and
+    collectives have run); a ``timeline`` without a device takes the model's.
     """
     tl = timeline if timeline is not None else _NoTimeline()
+    dev = next((p.device for p in model.parameters()), None)  # None: the CPU
+    if tl.device is None:
+        tl.device = dev
     loss_fn = loss_fn or nn.functional.cross_entropy
     sync = getattr(model, "sync_grads", None)
     times = []
     for s, micro in enumerate(batches):
         if len(micro) != accum:
             raise ValueError(f"step {s} has {len(micro)} micro-batches but accum={accum}; pass accum micro-batches per step")
-        t_step = time.perf_counter()
+        t_step = now(dev)
         opt.zero_grad(set_to_none=True)
         for m, (x, y) in enumerate(micro):
+            if dev is not None:  # batches come from the host (a dataset, a shard): onto the model's device
+                x, y = x.to(dev), y.to(dev)
             inner = m < accum - 1
             guard = model.no_sync() if (inner and skip_sync and sync is not None) else contextlib.nullcontext()
             with guard:
@@ -73,7 +81,7 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[
                     sync()
         with tl.span("optimizer", "opt"):
             opt.step()
-        times.append(time.perf_counter() - t_step)
+        times.append(now(dev) - t_step)
     return times
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..collectives import ranks_agree
+from ..devices import now
 from .plan import check_bucket_mb, plan_buckets
 
 ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
@@ -42,27 +43,44 @@ ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
 
 # ----------------------------------------------------------------------------- timelines
 class Timeline:
-    """Collects ``{"lane", "kind", "start", "end", "label"}`` events (perf_counter seconds) for one rank."""
+    """Collects ``{"lane", "kind", "start", "end", "label"}`` events (perf_counter seconds) for one rank.
 
-    def __init__(self, lane: int = 0):
+    Its clock is :func:`labkit.devices.now` on ``device``: on a GPU a span ends when its kernels and collectives
+    have run, not when they were queued. A timeline given to a wrapper (or to ``train_steps``) without a device
+    takes the model's."""
+
+    def __init__(self, lane: int = 0, device=None):
         self.lane = lane
+        self.device = device
         self.events: list[dict] = []
+
+    def now(self) -> float:
+        return now(self.device)
 
     def add(self, kind: str, start: float, end: float, label: str = "") -> None:
         self.events.append({"lane": self.lane, "kind": kind, "start": start, "end": end, "label": label})
 
     @contextlib.contextmanager
     def span(self, kind: str, label: str = ""):
-        t0 = time.perf_counter()
+        t0 = self.now()
         try:
             yield
         finally:
-            self.add(kind, t0, time.perf_counter(), label)
+            self.add(kind, t0, self.now(), label)
 
 
 class _NoTimeline(Timeline):
+    """Records nothing, and reads no clock: no synchronise in the middle of an untimed step."""
+
+    def now(self) -> float:
+        return 0.0
+
     def add(self, *a, **k):
         pass
+
+    @contextlib.contextmanager
+    def span(self, kind: str, label: str = ""):
+        yield
 
 
 # ----------------------------------------------------------------------------- the wrappers
@@ -80,7 +98,7 @@ def _verify_same_model(params: list, group) -> None:
     sig = [len(params), sum(p.numel() for p in params)]
     sig.append(sum((i + 1) * p.numel() for i, p in enumerate(params)) % (2 ** 61))
     sig.append(sum((i + 1) * (zlib.crc32(str(p.dtype).encode()) % 9973) for i, p in enumerate(params)))
-    if not ranks_agree(sig, group=group, device=params[0].device):
+    if not ranks_agree(sig, group=group):
         raise ValueError(f"the model differs across ranks (this rank: {len(params)} parameter tensors, "
                          f"{sig[1]} values; the ranks disagree). Build the same model, with the same shapes and "
                          f"dtypes, on every rank")
@@ -100,7 +118,10 @@ class _DDPBase(nn.Module):
         self._params = [p for p in module.parameters() if p.requires_grad]
         if not self._params:
             raise ValueError("the model has no parameters that require gradients: nothing to synchronise")
+        self.device = self._params[0].device
         self.timeline = timeline if timeline is not None else _NoTimeline()
+        if self.timeline.device is None:
+            self.timeline.device = self.device
         self.stats = {"allreduce_calls": 0, "allreduce_bytes": 0, "sync_seconds": 0.0}
         self._sync = True
         self.broadcast_buffers = bool(broadcast_buffers)
@@ -164,20 +185,20 @@ class NaiveDDP(_DDPBase):
     def sync_grads(self) -> None:
         if not self._sync:
             return
-        t_sync = time.perf_counter()
+        t_sync = now(self.device)
         used = self._used_mask()
         for i, p in enumerate(self._params):
             g = self._grad(p)
             buf = g if g.is_contiguous() else g.contiguous()
-            t0 = time.perf_counter()
+            t0 = self.timeline.now()
             dist.all_reduce(buf, group=self.group)
-            self.timeline.add("allreduce", t0, time.perf_counter(), f"p{i}")
+            self.timeline.add("allreduce", t0, self.timeline.now(), f"p{i}")
             self._count(buf)
             buf.div_(self.world_size)
             if buf is not g:
                 g.copy_(buf)
         self._drop_unused(used)
-        self.stats["sync_seconds"] += time.perf_counter() - t_sync
+        self.stats["sync_seconds"] += now(self.device) - t_sync
 
 
 class BucketedDDP(_DDPBase):
@@ -229,17 +250,17 @@ class BucketedDDP(_DDPBase):
     def sync_grads(self) -> None:
         if not self._sync:
             return
-        t_sync = time.perf_counter()
+        t_sync = now(self.device)
         used = self._used_mask()
         for i in range(len(self.buckets)):
             flat = self._pack(i)
-            t0 = time.perf_counter()
+            t0 = self.timeline.now()
             dist.all_reduce(flat, group=self.group)
-            self.timeline.add("allreduce", t0, time.perf_counter(), f"b{i}")
+            self.timeline.add("allreduce", t0, self.timeline.now(), f"b{i}")
             self._count(flat)
             self._unpack(i)
         self._drop_unused(used)
-        self.stats["sync_seconds"] += time.perf_counter() - t_sync
+        self.stats["sync_seconds"] += now(self.device) - t_sync
 
 
 class OverlappedDDP(BucketedDDP):
@@ -248,6 +269,11 @@ class OverlappedDDP(BucketedDDP):
     A ``register_post_accumulate_grad_hook`` on each parameter counts down its bucket; when a
     bucket is complete its all-reduce starts (``async_op=True``), in bucket order on every rank so
     the ranks' collectives match. ``sync_grads`` only waits for what is still in flight.
+
+    Its bucket spans are read with the host's clock, not :func:`labkit.devices.now`: they start inside an
+    autograd hook, where a synchronise would stall the very backward the all-reduce is meant to overlap, and end
+    in the work's completion callback (on gloo, when the all-reduce is done; on NCCL, when it is queued). The
+    "wait" span and ``sync_seconds`` start when the host reaches ``sync_grads`` and end synchronised.
     """
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25.0, **kwargs):
@@ -289,7 +315,7 @@ class OverlappedDDP(BucketedDDP):
     def sync_grads(self) -> None:
         if not self._sync:
             return
-        t_sync = time.perf_counter()
+        t_sync = time.perf_counter()  # not synchronised: that would wait for the all-reduces still in flight
         used = self._used_mask()  # before the buckets still open fill their missing gradients with zeros
         while self._next < len(self.buckets):  # buckets with unused parameters: reduce them now
             self._launch(self._next)
@@ -297,12 +323,12 @@ class OverlappedDDP(BucketedDDP):
         t0 = time.perf_counter()
         for w in self._works:
             w.wait()
-        self.timeline.add("wait", t0, time.perf_counter(), "wait")
+        self.timeline.add("wait", t0, self.timeline.now(), "wait")
         for i in range(len(self.buckets)):
             self._unpack(i)
         self._drop_unused(used)  # after every bucket's all-reduce, in the same order on every rank
         self._reset()
-        self.stats["sync_seconds"] += time.perf_counter() - t_sync
+        self.stats["sync_seconds"] += now(self.device) - t_sync
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_int, check_number
+from ..devices import Stopwatch, now
 from .step import Result, _num_classes, _setup, _skipped, _threads, _timed_row, _where, make_step
 from .timing import interleaved
 
@@ -76,24 +77,22 @@ def _overlap(intervals, others) -> float:
 
 
 def _epoch(loader, step, device, non_blocking) -> dict:
+    """One pass over ``loader``: every time is :func:`labkit.devices.now` on ``device`` (a copy or a step on a GPU
+    ends when it has run), on the clock the workers' ``(start, end)`` use."""
     timeline = []
-    t_begin = time.perf_counter()
+    t_begin = now(device)
     it = iter(loader)
     for b in range(len(loader)):
-        wait = time.perf_counter()
+        wait = now(device)
         x, y, l0, l1 = next(it)
-        c0 = time.perf_counter()
+        c0 = now(device)
         x, y = x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        c1 = time.perf_counter()
+        c1 = now(device)
         step(x, y)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        k1 = time.perf_counter()
+        k1 = now(device)
         timeline.append({"batch": b, "load_start": l0, "load_end": l1, "wait_start": wait, "copy_start": c0,
                          "copy_end": c1, "compute_start": c1, "compute_end": k1})
-    t_end = time.perf_counter()
+    t_end = now(device)
     for row in timeline:  # seconds from the epoch's start
         for key in row:
             if key != "batch":
@@ -135,7 +134,7 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
         side = int(step.x.shape[-1])
         for _ in range(2):
             step()
-        compute_s = statistics.median(_time(step, 3))
+        compute_s = statistics.median(_time(step, 3, device))  # sizes the loading work: must be the real time
         probe = DecodeLikeDataset(8, side=side, passes=10)
         per_pass = probe.item_seconds() / 10
         target = item_ms / 1e3 if item_ms is not None else compute_s / batch
@@ -185,12 +184,13 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
                    "item_ms": target * 1e3, "compute_ms_per_batch": compute_s * 1e3}, timing)
 
 
-def _time(fn, n) -> list[float]:
+def _time(fn, n, device) -> list[float]:
+    """Seconds of each of ``n`` calls of ``fn``, synchronised on ``device``."""
     out = []
     for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        with Stopwatch(device) as sw:
+            fn()
+        out.append(sw.seconds)
     return out
 
 

@@ -32,12 +32,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from torch import nn
 
 from .._validate import ArgumentError, check_int
+from ..devices import now
 from ..sliced.models import saved_bytes, small_resnet
 from ..runtime.launcher import child_env
 from .cpu import ONEDNN_ISAS, cpu_info, gpu_info, predict_bf16
@@ -214,20 +214,18 @@ def compile_speed(model=None, batch=None, device="cpu", trials=7, quick=True, op
     name = _model_name(model)
     with _threads(threads if device == "cpu" else None):
         eager = make_step(model, batch, device, optimizer=optimizer)
-        t0 = time.perf_counter()
+        t0 = now(device)
         eager()
-        eager_first = time.perf_counter() - t0
+        eager_first = now(device) - t0
         if device == "cpu" and _cxx() is None:
             reason = "no C++ compiler found (set CXX or install g++/clang++): inductor generates C++ on the CPU"
             return Result("torch.compile", [_skipped("compiled", reason)], f"torch.compile not measured: {reason}",
                           device, notes + [reason])
         try:
             compiled = make_step(model, batch, device, optimizer=optimizer, compiled=True)
-            t0 = time.perf_counter()
+            t0 = now(device)
             compiled()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            first = time.perf_counter() - t0
+            first = now(device) - t0
         except Exception as e:  # inductor or dynamo failing is a result to report, not a crash
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             reason = f"torch.compile failed ({type(e).__name__}: {msg}); a working C++ compiler is needed on CPU"

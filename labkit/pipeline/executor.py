@@ -1,4 +1,4 @@
-"""Pipeline parallelism on real ranks: one process per stage, micro-batches, isend/irecv, timelines.
+"""Pipeline parallelism on real ranks: one process per stage, micro-batches, batched isend/irecv, timelines.
 
 Public API (used by the pipeline lab, its benchmark, and the load-balancing lab)::
 
@@ -24,20 +24,23 @@ How a rank runs (:func:`pipeline_rank`): it walks its action list; a forward rec
 from the previous rank (``irecv`` then wait: the wait is recorded), runs the stage and posts the
 output with ``isend`` (never blocking, so a send does not hold up the next action); a backward
 receives the output's gradient, runs autograd and ``isend``\\ s the input's gradient back. Every
-forward, backward, send and wait is recorded with ``time.perf_counter`` (one clock for all
-processes on a machine), and the bytes autograd saves for each micro-batch are counted with
+message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`; a header and its tensor in one
+batch), the form NCCL needs. Every forward, backward, send and wait is recorded with
+:func:`labkit.devices.now` (``time.perf_counter``, one clock for all processes on a machine, read after the
+device has finished its queued kernels), and the bytes autograd saves for each micro-batch are counted with
 ``torch.autograd.graph.saved_tensors_hooks`` to measure activation memory over time.
 """
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .._validate import check_int
+from ..devices import now
+from ..distops import p2p, recv
 from .reference import _default_loss, _grads, split_batch
 from .schedules import SCHEDULES, bubble_fraction, ideal_speedup, make_schedule, n_chunks
 
@@ -49,27 +52,24 @@ _HEADER = 8  # ndim + up to 7 dimensions
 
 
 def _send(t: torch.Tensor, dst: int, tag: int, works: list, group=None):
-    import torch.distributed as dist
-
+    """Post ``t`` to ``dst`` (a rank in ``group``) after a header with its shape (on ``t``'s device), both in one
+    batch."""
     t = t.detach().contiguous()
     if t.dim() > _HEADER - 1:
         raise ValueError(f"pipeline can send tensors of at most {_HEADER - 1} dimensions, got {t.dim()}")
-    head = torch.zeros(_HEADER, dtype=torch.int64)
-    head[0] = t.dim()
-    head[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    works.append((dist.isend(head, dst, tag=2 * tag, group=group), head))
-    works.append((dist.isend(t, dst, tag=2 * tag + 1, group=group), t))  # keep t alive until it is sent
+    head = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
+    sent, _ = p2p([(head, dst, 2 * tag), (t, dst, 2 * tag + 1)], group=group)
+    works += zip(sent, (head, t))  # keep head and t alive until they are sent
 
 
-def _recv(src: int, tag: int, dtype=torch.float32, group=None) -> torch.Tensor:
-    """Receive a tensor of unknown shape: a header with the shape first, then the data."""
-    import torch.distributed as dist
-
-    head = torch.empty(_HEADER, dtype=torch.int64)
-    dist.irecv(head, src, tag=2 * tag, group=group).wait()
+def _recv(src: int, tag: int, dtype=torch.float32, group=None, device=None) -> torch.Tensor:
+    """Receive a tensor of unknown shape from ``src`` (a rank in ``group``) onto ``device`` (None: the CPU): a
+    header with the shape first, then the data."""
+    head = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    recv(head, src, 2 * tag, group=group)
     h = head.tolist()
-    buf = torch.empty(h[1:1 + h[0]], dtype=dtype)
-    dist.irecv(buf, src, tag=2 * tag + 1, group=group).wait()
+    buf = torch.empty(h[1:1 + h[0]], dtype=dtype, device=device)
+    recv(buf, src, 2 * tag + 1, group=group)
     return buf
 
 
@@ -82,8 +82,9 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     every tensor this rank receives (a small header precedes each message); later steps post all
     their ``irecv`` at the start, so a message lands while this rank computes and a
     "wait" event is only time spent really waiting for the neighbour.
-    Returns this rank's events (absolute ``perf_counter`` seconds), per-repeat (start, end) times,
-    the loss (last rank), gradients of its stage(s), and memory samples ``(t, live, saved_bytes)``.
+    Returns this rank's events (absolute ``perf_counter`` seconds, each read after a synchronise of
+    ``ctx.device``), per-repeat (start, end) times, the loss (last rank), gradients of its stage(s), and memory
+    samples ``(t, live, saved_bytes)``.
 
     ``group``: the pipeline's process group (for example the ``pp`` group of a mesh, lab 11); the stage is this
     rank's position in it and messages go to its neighbours in it. ``None``: the whole world, stage = rank.
@@ -113,9 +114,10 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     params = {id(q) for st in stages.values() for q in st.parameters()}
     param_ptrs = {q.data_ptr() for st in stages.values() for q in st.parameters()}
     dtype = next((q.dtype for st in stages.values() for q in st.parameters()), torch.float32)
-    # Messages always travel through gloo on CPU tensors. Under NCCL (one GPU per rank) the stages
-    # compute on their GPU and a gloo group carries the messages: NCCL's send blocks its stream until
-    # the matching receive is posted, which deadlocks 1F1B unless sends and receives are paired.
+    # Messages always travel through gloo. Under NCCL (one GPU per rank) the stages compute on their GPU
+    # and a gloo group carries the messages, on CPU tensors: NCCL's send blocks its stream until the
+    # matching receive is posted, which deadlocks 1F1B unless sends and receives are paired. Under gloo
+    # the messages are made on ctx.device (the CPU, or the device check's stand-in for a GPU).
     if ctx.backend != "gloo" and group is None:
         group = ctx.cache.get("pipeline_gloo")
         if group is None:
@@ -123,9 +125,11 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     elif ctx.backend != "gloo" and dist.get_backend(group) != "gloo":
         raise ValueError("under NCCL the pipeline's messages need a gloo group: build the mesh with "
                          "ctx.mesh(..., pp_backend='gloo') (labkit.runtime.mesh) or pass a gloo group")
-    peer = (lambda i: i) if group is None else (lambda i: dist.get_global_rank(group, i))
     dev = ctx.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    wire = dev if ctx.backend == "gloo" else torch.device("cpu")  # where messages live: see above
+
+    def clock():  # kernels queued on the GPU count where they run, not where they were queued
+        return now(dev)
 
     def tag(kind, micro, edge):  # edge: the virtual stage that sends the activation forward
         return (edge * n_micro + micro) * 2 + kind
@@ -134,9 +138,9 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     for a in sched[r]:
         s = a.chunk * p + r
         if a.kind == "F" and s > 0:
-            needs.append((0, a.micro, s - 1, peer((r - 1) % p)))
+            needs.append((0, a.micro, s - 1, (r - 1) % p))
         if a.kind == "B" and s < S - 1:
-            needs.append((1, a.micro, s, peer((r + 1) % p)))
+            needs.append((1, a.micro, s, (r + 1) % p))
     shapes: dict = {}
 
     out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": r}
@@ -147,35 +151,37 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
         held = {}  # (micro, chunk) -> (input, output or loss, saved bytes)
         live_bytes, loss_total = 0, 0.0
         dist.barrier(group=group)
-        t_begin = time.perf_counter()
+        t_begin = clock()
         posted = {}
         if len(shapes) == len(needs):  # shapes known: post every receive of this step now
             for kind, micro, edge, src in needs:
-                buf = torch.empty(shapes[(kind, micro, edge)], dtype=dtype)
-                posted[(kind, micro, edge)] = (dist.irecv(buf, src, tag=2 * tag(kind, micro, edge) + 1, group=group),
-                                               buf)
+                buf = torch.empty(shapes[(kind, micro, edge)], dtype=dtype, device=wire)
+                _, (work,) = p2p(recvs=[(buf, src, 2 * tag(kind, micro, edge) + 1)], group=group)
+                posted[(kind, micro, edge)] = (work, buf)
 
         def receive(kind, micro, edge, src, label):
-            t0 = time.perf_counter()
+            t0 = clock()
             key = (kind, micro, edge)
             if key in posted:
                 work, buf = posted.pop(key)
                 work.wait()
             else:
-                buf = _recv(src, tag(kind, micro, edge), dtype, group)
+                buf = _recv(src, tag(kind, micro, edge), dtype, group, wire)
             shapes[key] = tuple(buf.shape)
-            events.append({"lane": r, "kind": "wait", "start": t0, "end": time.perf_counter(), "label": label})
-            return buf.to(dev)
+            buf = buf.to(dev)
+            events.append({"lane": r, "kind": "wait", "start": t0, "end": clock(), "label": label})
+            return buf
 
         def send(t, kind, micro, edge, dst):
-            t0 = time.perf_counter()
-            t = t.detach().cpu()
+            t0 = clock()
+            t = t.detach().to(wire)
             if shapes_known_by_peer:
                 t = t.contiguous()
-                works.append((dist.isend(t, dst, tag=2 * tag(kind, micro, edge) + 1, group=group), t))
+                (work,), _ = p2p([(t, dst, 2 * tag(kind, micro, edge) + 1)], group=group)
+                works.append((work, t))
             else:
                 _send(t, dst, tag(kind, micro, edge), works, group)
-            events.append({"lane": r, "kind": "send", "start": t0, "end": time.perf_counter(), "label": ""})
+            events.append({"lane": r, "kind": "send", "start": t0, "end": clock(), "label": ""})
 
         shapes_known_by_peer = rep > 0
         for a in sched[r]:
@@ -185,7 +191,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 if s == 0:
                     x = xs[a.micro].to(dev)
                 else:
-                    x = receive(0, a.micro, s - 1, peer((r - 1) % p), f"r{a}")
+                    x = receive(0, a.micro, s - 1, (r - 1) % p, f"r{a}")
                     x.requires_grad_(True)
                 saved = [0, set()]
 
@@ -195,38 +201,34 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                         saved[0] += t.numel() * t.element_size()
                     return t
 
-                t0 = time.perf_counter()
+                t0 = clock()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     y = st(x)
                     if s == S - 1:
                         y = loss_fn(y, ys[a.micro].to(dev)) * ws[a.micro]
-                sync()
-                events.append({"lane": r, "kind": "forward", "start": t0, "end": time.perf_counter(),
-                               "label": str(a)})
+                events.append({"lane": r, "kind": "forward", "start": t0, "end": clock(), "label": str(a)})
                 if s == S - 1:
                     loss_total += float(y.detach())
                 else:
-                    send(y, 0, a.micro, s, peer((r + 1) % p))
+                    send(y, 0, a.micro, s, (r + 1) % p)
                 held[(a.micro, a.chunk)] = (x, y, saved[0])
                 live_bytes += saved[0]
-                memory.append((time.perf_counter(), len(held), live_bytes))
+                memory.append((clock(), len(held), live_bytes))
             else:
                 x, y, nbytes = held.pop((a.micro, a.chunk))
-                grad = None if s == S - 1 else receive(1, a.micro, s, peer((r + 1) % p), f"r{a}")
-                t0 = time.perf_counter()
+                grad = None if s == S - 1 else receive(1, a.micro, s, (r + 1) % p, f"r{a}")
+                t0 = clock()
                 torch.autograd.backward(y, grad)
-                sync()
-                events.append({"lane": r, "kind": "backward", "start": t0, "end": time.perf_counter(),
-                               "label": str(a)})
+                events.append({"lane": r, "kind": "backward", "start": t0, "end": clock(), "label": str(a)})
                 if s > 0:
-                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, peer((r - 1) % p))
+                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, (r - 1) % p)
                 del x, y
                 live_bytes -= nbytes
-                memory.append((time.perf_counter(), len(held), live_bytes))
-        t0 = time.perf_counter()
+                memory.append((clock(), len(held), live_bytes))
+        t0 = clock()
         for w, _ in works:
             w.wait()
-        t_end = time.perf_counter()
+        t_end = clock()
         if t_end - t0 > 1e-4:
             events.append({"lane": r, "kind": "wait", "start": t0, "end": t_end, "label": "flush"})
         if rep >= warmup:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
+from ..devices import now
 from .reference import _default_loss, _grads, split_batch
 
 
@@ -32,7 +32,7 @@ def torch_pipelining_rank(ctx, make_stage: Callable, batch, n_micro: int, schedu
         module.zero_grad(set_to_none=True)
         losses = []
         dist.barrier()
-        t0 = time.perf_counter()
+        t0 = now(ctx.device)
         if ctx.rank == 0:
             sched.step(x.to(ctx.device))
         elif ctx.rank == ctx.world_size - 1:
@@ -40,7 +40,7 @@ def torch_pipelining_rank(ctx, make_stage: Callable, batch, n_micro: int, schedu
         else:
             sched.step()
         dist.barrier()
-        times.append(time.perf_counter() - t0)
+        times.append(now(ctx.device) - t0)
     return {"grads": _grads(module), "losses": [float(v.detach()) for v in losses], "times": times}
 
 

@@ -8,13 +8,14 @@ box; on a CPU every device is the CPU). :func:`stage_rank` runs one stage per ra
 from __future__ import annotations
 
 import copy
-import time
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .._validate import check_int
+from ..devices import now
+from ..distops import p2p, recv, wait_all
 from ..partition import check_cuts
 from .models import build_model, flatten_resnet, input_shape_for, param_bytes, saved_bytes, split_stages
 
@@ -57,27 +58,20 @@ def send_tensor(t: torch.Tensor, dst: int) -> int:
     """Send a float tensor of any shape to ``dst`` (a small header with the shape goes first).
 
     Returns the bytes of payload sent."""
-    import torch.distributed as dist
-
     if t.dim() > _MAX_DIMS:
         raise ValueError(f"send_tensor handles up to {_MAX_DIMS} dimensions, got {t.dim()}")
-    header = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64)
-    header[0] = t.dim()
-    header[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    dist.send(header.to(t.device), dst)
-    dist.send(t.detach().contiguous(), dst)
+    header = torch.tensor([t.dim(), *t.shape] + [0] * (_MAX_DIMS - t.dim()), dtype=torch.int64, device=t.device)
+    wait_all(p2p([(header, dst, 0), (t.detach().contiguous(), dst, 1)])[0])  # one batch: the form NCCL needs
     return t.numel() * t.element_size()
 
 
 def recv_tensor(src: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Receive a tensor sent by :func:`send_tensor` from ``src``."""
-    import torch.distributed as dist
-
     header = torch.zeros(_MAX_DIMS + 1, dtype=torch.int64, device=device)
-    dist.recv(header, src)
+    recv(header, src, 0)
     shape = header[1:1 + int(header[0])].tolist()
     buf = torch.empty(shape, dtype=dtype, device=device)
-    dist.recv(buf, src)
+    recv(buf, src, 1)
     return buf
 
 
@@ -110,32 +104,30 @@ def stage_rank(ctx, model: str | nn.Module, cuts: Sequence[int], x: torch.Tensor
         import torch.distributed as dist
 
         dist.barrier()  # a common start, so the timeline shows who waits for whom
-    t0 = time.perf_counter()
+    t0 = now(ctx.device)  # every time below is read after a synchronise: a GPU span ends when its kernels have run
     if r == 0:
         inp = x.to(ctx.device)
     else:
         inp = recv_tensor(r - 1, ctx.device).requires_grad_()
-    t_in = time.perf_counter()
+    t_in = now(ctx.device)
     recv_bytes = inp.numel() * inp.element_size() if r > 0 else 0
     out, saved = saved_bytes(lambda: stage(inp), exclude=stage)
     sent = 0
-    t_fwd = time.perf_counter()
+    t_fwd = now(ctx.device)
     if r < last:
         sent += send_tensor(out, r + 1)
         grad_out = recv_tensor(r + 1, ctx.device)
-        t_grad = time.perf_counter()
+        t_grad = now(ctx.device)
         out.backward(grad_out)
         loss = None
     else:
-        t_grad = time.perf_counter()
+        t_grad = now(ctx.device)
         loss = nn.functional.cross_entropy(out, y.to(ctx.device))
         loss.backward()
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    t_bwd = time.perf_counter()
+    t_bwd = now(ctx.device)
     if r > 0:
         sent += send_tensor(inp.grad, r - 1)
-    t_end = time.perf_counter()
+    t_end = now(ctx.device)
     events = [{"lane": r, "kind": "wait", "start": t0, "end": t_in, "label": "wait x"},
               {"lane": r, "kind": "forward", "start": t_in, "end": t_fwd, "label": f"F{r}"},
               {"lane": r, "kind": "wait", "start": t_fwd, "end": t_grad, "label": "wait grad"},
@@ -226,11 +218,11 @@ def replica_rank(ctx, model: str = "resnet18", batch: int = 2, image_size: int =
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    net = build_model(model, seed=100 + ctx.rank).train()
+    net = build_model(model, seed=100 + ctx.rank).train().to(ctx.device)
     ddp = DistributedDataParallel(net)
-    g = torch.Generator().manual_seed(ctx.rank)
-    x = torch.randn(batch, 3, image_size, image_size, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
+    g = torch.Generator().manual_seed(ctx.rank)  # drawn on the CPU (the same numbers on every machine), then moved
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(ctx.device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(ctx.device)
     nn.functional.cross_entropy(ddp(x), y).backward()
     flat = torch.cat([p.detach().reshape(-1) for p in ddp.module.parameters()])
     ref = flat.clone()

@@ -22,12 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..distops import all_gather_tensor, reduce_scatter_tensor
+
 __all__ = ["Traffic", "FACTORS"]
 
 FACTORS = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2, "reduce": 1}
-# torch 2.14 renamed the equal-size collectives (``*_into_tensor``/``*_tensor`` still work, with a warning)
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class Traffic:
@@ -65,11 +64,11 @@ class Traffic:
     # the collectives, counted: ``full`` is always the whole (padded) buffer, ``shard`` one rank's 1/N of it
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor, async_op: bool = False, label: str | None = None):
         self._count("all_gather", full, label)
-        return _ALL_GATHER(full, shard, group=self.group, async_op=async_op)
+        return all_gather_tensor(full, shard, group=self.group, async_op=async_op)
 
     def reduce_scatter(self, shard: torch.Tensor, full: torch.Tensor, async_op: bool = False):
         self._count("reduce_scatter", full)
-        return _REDUCE_SCATTER(shard, full, group=self.group, async_op=async_op)
+        return reduce_scatter_tensor(shard, full, group=self.group, async_op=async_op)
 
     def all_reduce(self, t: torch.Tensor, async_op: bool = False):
         self._count("all_reduce", t)
