@@ -1,9 +1,21 @@
 """Loaded for every pytest run in this repository (tests/ and notebooks/ alike).
 
+GPUs are hidden and the device check is on for the whole run (see below); ``LABKIT_TEST_CUDA=1`` keeps the GPUs,
+``LABKIT_DEVICE_CHECK=0`` turns the check off.
+
 ``--busy N`` (or ``LABKIT_BUSY=N``; ``N:matmul`` for torch matmul loops instead of pure-Python spinning) keeps N
 busy processes running for the whole session, so the suite, notebooks included, runs as on a busy classroom server.
 """
 import os
+
+# The suite runs on the CPU with gloo, whatever GPUs the machine has (a teacher's first `bash labkit.sh test` on a
+# GPU server must pass as it does on a laptop): GPUs are hidden unless LABKIT_TEST_CUDA=1. And every rank runs under
+# labkit's device check (labkit/runtime/placement.py): a GPU's placement rules emulated on the CPU, so a rank
+# function that leaves a tensor or a model off ctx.device fails here as it would under NCCL. Set when this file is
+# imported, before any test starts CUDA or a rank; kernels and ranks inherit both.
+if os.environ.get("LABKIT_TEST_CUDA", "") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ.setdefault("LABKIT_DEVICE_CHECK", "1")
 
 _busy = None
 

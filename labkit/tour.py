@@ -82,7 +82,7 @@ def run_tour(labs: list[str] | None = None, world_size: int = 2, echo: bool = Tr
             for i, row in enumerate(got):  # the lab's wall time goes on its first row
                 rows.append({"lab": row.get("lab", lab.name), "check": row["check"],
                              "result": "ok" if row["ok"] else "FAIL", "seconds": f"{secs:.1f}" if i == 0 else "",
-                             "detail": str(row.get("detail", ""))[:80]})
+                             "detail": str(row.get("detail", ""))[:80], "full": str(row.get("detail", ""))})
         except ModuleNotFoundError as e:
             rows.append({"lab": lab.name, "check": "module present", "result": "MISSING", "seconds": "",
                          "detail": str(e)})
@@ -97,5 +97,8 @@ def run_tour(labs: list[str] | None = None, world_size: int = 2, echo: bool = Tr
             print(f"  {lab.name}: {sum(r['result'] == 'ok' for r in done)}/{len(done)} ok", flush=True)
     if echo:
         print()
-        print(format_table(rows, floatfmt="{:.2f}"))
+        print(format_table([{k: v for k, v in r.items() if k != "full"} for r in rows], floatfmt="{:.2f}"))
+        failed = [r for r in rows if r["result"] != "ok" and len(r.get("full", "")) > 80]
+        for r in failed:  # the table cuts details at 80 characters: a failure's whole story comes after it
+            print(f"\n--- {r['lab']}: {r['check']}\n{r['full']}")
     return rows

@@ -294,7 +294,7 @@ def _upd_good(X, labels, C):
     import torch.distributed as dist
 
     k, d = C.shape
-    s = torch.zeros(k, d + 1, dtype=X.dtype)
+    s = torch.zeros(k, d + 1, dtype=X.dtype, device=X.device)
     s[:, :d].index_add_(0, labels, X)
     s[:, d] = torch.bincount(labels, minlength=k).to(X.dtype)
     if dist.is_initialized():
@@ -304,7 +304,7 @@ def _upd_good(X, labels, C):
 
 def _upd_local(X, labels, C):  # skips the all-reduce
     k, d = C.shape
-    s = torch.zeros(k, d + 1, dtype=X.dtype)
+    s = torch.zeros(k, d + 1, dtype=X.dtype, device=X.device)
     s[:, :d].index_add_(0, labels, X)
     s[:, d] = torch.bincount(labels, minlength=k).to(X.dtype)
     return torch.where(s[:, d:] > 0, s[:, :d] / s[:, d:].clamp(min=1), C)

@@ -149,7 +149,7 @@ def test_function_defined_in_main_script_and_concurrent_students(tmp_path):
         import labkit
         def my_fn(ctx, base):
             import torch, torch.distributed as dist
-            t = torch.tensor([base + ctx.rank])
+            t = torch.tensor([base + ctx.rank], device=ctx.device)
             dist.all_reduce(t)
             return int(t.item())
         print("RESULT", list(labkit.launch(my_fn, 2, args=(10,), quiet=True, echo=False)))

@@ -58,10 +58,10 @@ def _mlp_bytes_rank(ctx, cases) -> list:
     for b, s, h, e in cases:
         dtype = {8: torch.float64, 4: torch.float32, 2: torch.bfloat16}[e]
         torch.manual_seed(0)
-        fc1, fc2 = nn.Linear(h, 4 * h).to(dtype), nn.Linear(4 * h, h).to(dtype)
+        fc1, fc2 = nn.Linear(h, 4 * h).to(ctx.device, dtype), nn.Linear(4 * h, h).to(ctx.device, dtype)
         col = ColumnParallel(fc1, gather_output=False, group=m.group("tp"))
         row = RowParallel(fc2, input_is_split=True, group=m.group("tp"))
-        x = torch.randn(b, s, h, dtype=dtype, requires_grad=True)
+        x = torch.randn(b, s, h, dtype=dtype).to(ctx.device).requires_grad_(True)
         meter = CommMeter({"tp": m.group("tp")})
         with meter:
             row(torch.nn.functional.gelu(col(x))).sum().backward()

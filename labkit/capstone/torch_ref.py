@@ -25,9 +25,9 @@ def compare_block_rank(ctx, tp: int | None = None, cfg: Config = Config(), seed:
 
     tp = tp or ctx.world_size
     mesh = ctx.mesh(dp=ctx.world_size // tp, pp=1, tp=tp)
-    ref = build(cfg, seed).blocks[0]
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(rows, cfg.seq, cfg.width, generator=g, dtype=torch.float64)
+    ref = build(cfg, seed).blocks[0].to(ctx.device)
+    g = torch.Generator().manual_seed(seed + 1)  # drawn on the CPU (the same numbers everywhere), then moved
+    x = torch.randn(rows, cfg.seq, cfg.width, generator=g, dtype=torch.float64).to(ctx.device)
 
     def run(block):
         xi = x.clone().requires_grad_(True)

@@ -10,23 +10,26 @@ import random
 import time
 from collections import Counter
 
-from .. import checks
+from .. import checks, distops
 from ..runtime import launch
 from ..tour import check_row
 from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
 from .schedules import (ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule,
                         ring_traffic_problems, schedule, simulate)
 from .._calls import calls_to
+from ..devices import now
 from .validation import _op_name, watch_p2p
 
 
-def _sample(numel: int, dtype, rank: int, seed: int = 0):
+def _sample(numel: int, dtype, rank: int, device, seed: int = 0):
+    """Rank ``rank``'s test data on ``device``: drawn on the CPU from a seeded generator (the same numbers on every
+    machine), then moved."""
     import torch
 
     g = torch.Generator().manual_seed(1000 * seed + rank)
     if dtype.is_floating_point:
-        return torch.randn(numel, generator=g, dtype=torch.float64).to(dtype)
-    return torch.randint(-1000, 1000, (numel,), generator=g, dtype=torch.int64).to(dtype)
+        return torch.randn(numel, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return torch.randint(-1000, 1000, (numel,), generator=g, dtype=torch.int64).to(device=device, dtype=dtype)
 
 
 def equivalence_rank(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dtypes=("float32", "float64", "int64"),
@@ -52,7 +55,7 @@ def equivalence_rank(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dty
     for dname in dtypes:
         dtype = getattr(torch, dname)
         for numel in numels:
-            x = _sample(numel, dtype, rank)
+            x = _sample(numel, dtype, rank, ctx.device)
             for op in ops:
                 want = x.clone()
                 if op == "avg" and not dtype.is_floating_point:  # gloo refuses AVG on integers: sum, then
@@ -69,7 +72,7 @@ def equivalence_rank(ctx, algorithms=ALGORITHMS, numels=(0, 1, 7, 64, 1001), dty
                 if "reduce_scatter" in collectives:
                     got = reduce_scatter(x, op=op)
                     if numel % n == 0 and op != "avg":
-                        ref = torch.empty(numel // n, dtype=dtype)
+                        ref = torch.empty(numel // n, dtype=dtype, device=ctx.device)
                         dist.reduce_scatter(ref, list(torch.tensor_split(x.clone(), n)), op=lib_op[op])
                     else:  # gloo's reduce_scatter needs equal pieces: compare with all_reduce, then split
                         ref = torch.tensor_split(want, n)[rank]
@@ -89,7 +92,7 @@ def record_messages_rank(ctx, algorithm: str = "ring", numel: int = 16, dtype: s
 
     _check_algorithm(algorithm, SCHEDULES)
     log: list = []
-    x = _sample(numel, getattr(torch, dtype), ctx.rank)
+    x = _sample(numel, getattr(torch, dtype), ctx.rank, ctx.device)
     if algorithm == "reduce_scatter":
         reduce_scatter(x, log=log)
     elif algorithm == "all_gather":
@@ -113,15 +116,15 @@ def demo_rank(ctx, numel: int = 4) -> dict:
     if not 1 <= numel <= 9 or numel % n:
         raise ValueError(f"numel must be between 1 and 9 (so 10r+j names its rank) and a multiple of the world size "
                          f"{n} (for scatter/reduce_scatter); pass e.g. {n if n <= 9 else 'a smaller world size'}")
-    mine = lambda: torch.arange(1, numel + 1) + 10 * rank  # noqa: E731
+    mine = lambda: torch.arange(1, numel + 1, device=ctx.device) + 10 * rank  # noqa: E731
     res = {}
     x = mine()
     before = x.tolist()
     if n > 1:  # point to point: rank 0 sends to rank 1
         if rank == 0:
-            dist.send(x, 1)
+            distops.send(x, 1)  # dist.send as a batch of one (dist.batch_isend_irecv): the form NCCL needs
         elif rank == 1:
-            dist.recv(x, 0)
+            distops.recv(x, 0)
     res["send/recv"] = {"before": before, "after": x.tolist()}
     for name in ("broadcast", "reduce", "all_reduce"):
         x = mine()
@@ -136,10 +139,10 @@ def demo_rank(ctx, numel: int = 4) -> dict:
     bucket = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(bucket, x)
     res["all_gather"] = {"before": x.tolist(), "after": torch.cat(bucket).tolist()}
-    piece = torch.empty(numel // n, dtype=x.dtype)
+    piece = torch.empty(numel // n, dtype=x.dtype, device=ctx.device)
     dist.scatter(piece, list(x.chunk(n)) if rank == 0 else None, src=0)
     res["scatter"] = {"before": x.tolist(), "after": piece.tolist()}
-    piece = torch.empty(numel // n, dtype=x.dtype)
+    piece = torch.empty(numel // n, dtype=x.dtype, device=ctx.device)
     dist.reduce_scatter(piece, list(x.clone().chunk(n)))
     res["reduce_scatter"] = {"before": x.tolist(), "after": piece.tolist()}
     return res
@@ -156,7 +159,7 @@ def _ring_check_rank(ctx, fn, numels, dtypes, seed):
     wants = []
     for dname in dtypes:  # references first, while the library collectives still work
         for numel in numels:
-            x = _sample(numel, getattr(torch, dname), ctx.rank, seed=seed)
+            x = _sample(numel, getattr(torch, dname), ctx.rank, ctx.device, seed=seed)
             want = x.clone()
             dist.all_reduce(want)
             wants.append((dname, numel, x, want))
@@ -177,7 +180,7 @@ def _ring_check_rank(ctx, fn, numels, dtypes, seed):
         via = sorted({m["via"] for m in log if m["via"]})
         if via:
             problems.append(f"your messages were sent by labkit.collectives.{via[0]}, labkit's own implementation: "
-                            f"write the ring yourself with dist.isend/dist.irecv")
+                            f"write the ring yourself with dist.P2POp and dist.batch_isend_irecv")
         got = t if got is None else got
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             problems.append(f"got {type(got).__name__} of shape {getattr(got, 'shape', None)}, expected a tensor of "
@@ -235,7 +238,8 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
     return checks.run_cases("ring all-reduce: the sum of dist.all_reduce, with a ring's messages", cases,
                             hint="cut the tensor into n chunks (torch.tensor_split); n-1 reduce-scatter steps, then "
                                  "n-1 all-gather steps, each sending one chunk to the right neighbour and receiving "
-                                 "one from the left; post dist.irecv and dist.isend together, then wait for both")
+                                 "one from the left; post both as dist.P2POp in one dist.batch_isend_irecv (the form NCCL "
+                                 "needs), then wait for both")
 
 
 # --------------------------------------------------------------------------------------- tour
@@ -305,14 +309,14 @@ def traced_all_reduce_rank(ctx, algorithm: str = "ring", numel: int = 1024, op: 
     import torch
     import torch.distributed as dist
 
-    x = _sample(numel, torch.float32, ctx.rank)
+    x = _sample(numel, torch.float32, ctx.rank, ctx.device)
     want = x.clone()
     dist.all_reduce(want, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}[_op_name(op)])
     log: list = []
     dist.barrier()
-    t0 = time.perf_counter()
+    t0 = now(ctx.device)
     all_reduce(x, op=op, algorithm=algorithm, log=log, check=False)
-    seconds = time.perf_counter() - t0
+    seconds = now(ctx.device) - t0
     err = float((x - want).abs().max()) if numel else 0.0
     return {"log": log, "max_error": err, "seconds": seconds}
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import Stopwatch, as_device, no_tf32
 from .plan import distributed_shards, local_shard
 from .training import digits_tensors, flat_params, small_cnn, train_steps
 from .wrappers import ALGORITHMS, Timeline, make_ddp
@@ -71,10 +72,10 @@ def equivalence_rank(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: in
     got = {}
     for algo in algorithms:
         # a different start on every rank: the wrapper's initial broadcast must copy rank 0's replica
-        model = small_cnn(width, seed + 1 + ctx.rank, dt)
+        model = small_cnn(width, seed + 1 + ctx.rank, dt).to(ctx.device)
         got[algo] = (make_ddp(algo, model, bucket_mb), model)
-    start = small_cnn(width, seed + 1, dt)  # rank 0's start, where the reference starts too
-    ref = small_cnn(width, seed + 1, dt)
+    start = small_cnn(width, seed + 1, dt).to(ctx.device)  # rank 0's start, where the reference starts too
+    ref = small_cnn(width, seed + 1, dt).to(ctx.device)
     train_steps(ref, _opt(ref), batches, accum=accum)
     ref_p = flat_params(ref)
     out, params = {}, {}
@@ -116,7 +117,7 @@ def timeline_rank(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, s
         local_batch = int(shard_sizes[ctx.rank])
     x, y = digits_tensors(dt, ctx.cache)
     torch.manual_seed(ctx.rank)
-    model = small_cnn(width, 0, dt)
+    model = small_cnn(width, 0, dt).to(ctx.device)
     tl = Timeline(ctx.rank)
     ddp = make_ddp(algorithm, model, bucket_mb, timeline=tl)
     opt = _opt(model)
@@ -153,10 +154,10 @@ def feature_split_rank(ctx, n_samples: int = 16, n_features: int = 64, n_out: in
     A linear layer then needs an all-reduce of partial *outputs* in the forward pass (this is
     tensor parallelism, not data parallelism). Returns the error against the unsplit layer.
     """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_samples, n_features, generator=g, dtype=torch.float64)
-    w = torch.randn(n_out, n_features, generator=g, dtype=torch.float64)
-    cols = torch.tensor_split(torch.arange(n_features), ctx.world_size)[ctx.rank]
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU (the same numbers on every machine), then moved
+    x = torch.randn(n_samples, n_features, generator=g, dtype=torch.float64).to(ctx.device)
+    w = torch.randn(n_out, n_features, generator=g, dtype=torch.float64).to(ctx.device)
+    cols = torch.tensor_split(torch.arange(n_features, device=ctx.device), ctx.world_size)[ctx.rank]
     partial = x[:, cols] @ w[:, cols].T  # this rank's share of x @ w.T
     full = partial.clone()
     dist.all_reduce(full)
@@ -166,41 +167,42 @@ def feature_split_rank(ctx, n_samples: int = 16, n_features: int = 64, n_out: in
 
 def mismatched_rank(ctx) -> float:
     """A deliberate bug: only rank 0 calls all_reduce, so it waits forever (the launcher's timeout ends it)."""
-    t = torch.ones(1)
+    t = torch.ones(1, device=ctx.device)
     if ctx.rank == 0:
         dist.all_reduce(t)
     return float(t.item())
 
 
 # ----------------------------------------------------------------------------- nn.DataParallel
-def data_parallel_demo(width: int = 8, batch: int = 32) -> dict:
+def data_parallel_demo(width: int = 8, batch: int = 32, device=None) -> dict:
     """What the legacy single-process ``nn.DataParallel`` does here, measured.
 
     Each forward it scatters the batch over ``device_ids``, *replicates the module onto every GPU*,
     runs the replicas in threads of one Python process, and gathers outputs on GPU 0; backward
     sums gradients back onto GPU 0. With no GPU (``device_ids == []``) it just calls the module.
+    The module and the batch start on ``device`` (default: GPU 0 when there is one, else the CPU):
+    ``nn.DataParallel`` refuses a module that is not on its first GPU, and a one-GPU run hands the module
+    its input on that GPU.
     """
-    model = small_cnn(width, 0)
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = as_device(device) if device is not None else torch.device("cuda", 0) if n_gpu else torch.device("cpu")
+    model = small_cnn(width, 0).to(dev)
     dp = nn.DataParallel(model)
     x, _ = digits_tensors()
-    xb = x[:batch]
-    same = torch.equal(dp(xb), model(xb))
-    out = {"gpus": torch.cuda.device_count(), "device_ids": list(dp.device_ids), "same_as_module": same}
-    if torch.cuda.device_count() >= 2:  # compare its forward+backward time with one GPU
-        dev = torch.device("cuda", 0)
-        model = model.to(dev)
-        dp = nn.DataParallel(model)
+    xb = x[:batch].to(dev)
+    with no_tf32(), torch.no_grad():  # replicas on other GPUs against the module: full float32 on both sides
+        diff = float((dp(xb) - model(xb)).abs().max())
+    out = {"gpus": n_gpu, "device_ids": list(dp.device_ids), "same_as_module": diff <= 1e-5, "max_difference": diff}
+    if n_gpu >= 2:  # compare its forward+backward time with one GPU
         xb = x[:batch * 8].to(dev)
 
         def timed(m):
             for _ in range(3):
                 m(xb).sum().backward()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                m(xb).sum().backward()
-            torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / 20
+            with Stopwatch(dev) as sw:  # synchronised: CUDA kernels return when queued
+                for _ in range(20):
+                    m(xb).sum().backward()
+            return sw.seconds / 20
 
         out.update(one_gpu_s=timed(model), data_parallel_s=timed(dp))
     return out
@@ -213,7 +215,7 @@ def torch_buckets_rank(ctx, width: int = 16, bucket_mb: float | None = 0.01, ste
     communication hook saw: ``(index, bytes, parameter positions)``. ``bucket_mb=None``: torch's defaults
     (25 MiB, first bucket 1 MiB). Also returns the parameter sizes (registration order) and the bytes counted."""
     x, y = digits_tensors(torch.float32, ctx.cache)
-    model = small_cnn(width, 0)
+    model = small_cnn(width, 0).to(ctx.device)
     ddp = make_ddp("torch", model, bucket_mb)
     opt = _opt(model)
     g = torch.Generator().manual_seed(ctx.rank)
@@ -241,14 +243,15 @@ def batchnorm_rank(ctx, steps: int = 2, local_batch: int = 16, seed: int = 0) ->
         xs = [torch.randn(B, 8, generator=gen) + torch.linspace(0, 3, B)[:, None] for _ in range(steps)]
         ys = [torch.randn(B, 4, generator=gen) for _ in range(steps)]
         mse = nn.functional.mse_loss
-        ref = bn_mlp("batchnorm", seed)
+        xs, ys = [x.to(ctx.device) for x in xs], [y.to(ctx.device) for y in ys]
+        ref = bn_mlp("batchnorm", seed).to(ctx.device)
         train_steps(ref, _opt(ref), [[(x, y)] for x, y in zip(xs, ys)], loss_fn=mse)
         out = {}
         for name, (algo, norm) in {"torch DDP, BatchNorm1d": ("torch", "batchnorm"),
                                    "labkit overlapped, BatchNorm1d": ("overlapped", "batchnorm"),
                                    "torch DDP, SyncBatchNorm": ("torch", "sync"),
                                    "torch DDP, GlobalBatchNorm1d (labkit)": ("torch", "global")}.items():
-            model = bn_mlp(norm, seed)
+            model = bn_mlp(norm, seed).to(ctx.device)
             mine = [[(local_shard(x, ctx.rank, n), local_shard(y, ctx.rank, n))] for x, y in zip(xs, ys)]
             try:
                 ddp = make_ddp(algo, model, 25.0)
@@ -273,9 +276,9 @@ def _hook_trial_rank(ctx, hook, steps=2, width=4, seed=0):
     """Train with the learner's gradient hook on every parameter; compare with the whole-batch reference."""
     x, y = digits_tensors(torch.float64, ctx.cache)
     batches = _global_batches(x, y, steps, 1, 8 * ctx.world_size, seed)
-    ref = small_cnn(width, seed, torch.float64)
+    ref = small_cnn(width, seed, torch.float64).to(ctx.device)
     train_steps(ref, _opt(ref), batches)
-    model = small_cnn(width, seed, torch.float64)
+    model = small_cnn(width, seed, torch.float64).to(ctx.device)
     handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
     try:
         train_steps(model, _opt(model), _shard(batches, ctx.rank, ctx.world_size))
@@ -362,7 +365,7 @@ def _count_buckets_rank(ctx, cases, rule):
     x, y = digits_tensors(torch.float32, ctx.cache)
     out = []
     for width, mb in cases:
-        model = small_cnn(width, 0)
+        model = small_cnn(width, 0).to(ctx.device)
         ddp = make_ddp("bucketed", model, mb, rule=rule)
         train_steps(ddp, _opt(model), [[(x[:8], y[:8])]])
         out.append(ddp.stats["allreduce_calls"])

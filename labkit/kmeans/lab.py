@@ -110,11 +110,11 @@ def reference_update(X, labels, C) -> np.ndarray:
 def centroid_update_rank(ctx, fn, X, labels, centers) -> np.ndarray:
     """Run the learner's ``fn(X_local, labels_local, centers)`` on this rank's shard (labkit's own
     update is switched off, so an answer that calls it fails)."""
-    Xl = torch.as_tensor(shard(X, ctx.rank, ctx.world_size))
-    ll = torch.as_tensor(shard(labels, ctx.rank, ctx.world_size))
+    Xl = torch.as_tensor(shard(X, ctx.rank, ctx.world_size)).to(ctx.device)  # on the rank's device, as on a GPU
+    ll = torch.as_tensor(shard(labels, ctx.rank, ctx.world_size)).to(ctx.device)
     try:
         with E.forbid("centroid_update"):
-            out = fn(Xl, ll, torch.as_tensor(centers).clone())
+            out = fn(Xl, ll, torch.as_tensor(centers).to(ctx.device))
     except NotImplementedError:
         return "not attempted"
     except Exception as e:  # say what went wrong on which rank, in the check's own words
@@ -168,7 +168,8 @@ def check_centroid_update(fn, world_sizes=(2, 3)) -> "CheckResult":
 
     return run_cases("distributed centroid update", [(f"{ws} rank(s)", case(ws, 10 + ws)) for ws in world_sizes],
                      hint="per-cluster sums and counts of the local points, one dist.all_reduce of both "
-                          "(k x (d+1) numbers), then sums / counts; a count of 0 keeps the old centre")
+                          "(k x (d+1) numbers, made on X_local.device: NCCL takes no CPU tensor), then sums / counts; "
+                          "a count of 0 keeps the old centre")
 
 
 # ----------------------------------------------------------------------------- notebook callbacks

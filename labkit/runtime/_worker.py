@@ -8,6 +8,7 @@ dies (so no rank outlives the notebook that started it).
 from __future__ import annotations
 
 import faulthandler
+import io
 import os
 import pickle
 import signal
@@ -34,6 +35,35 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="labkit-parent-watch").start()
 
 
+def _dumps(obj) -> bytes:
+    """``pickle.dumps(obj)``, with every tensor on a GPU copied to the CPU first: a result then loads in a parent
+    that has no GPU (or does not want to start CUDA in the notebook's kernel)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return pickle.dumps(obj)
+
+    class HostPickler(pickle.Pickler):
+        def reducer_override(self, o):
+            if isinstance(o, torch.Tensor) and o.device.type not in ("cpu", "meta"):
+                return o.detach().cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            return NotImplemented
+
+    buf = io.BytesIO()
+    HostPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def _mark_tensors_host(tree) -> None:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    from labkit.runtime.placement import mark_host
+
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor):
+            mark_host(t, "the launch's arguments (the parent's memory)")
+
+
 def main() -> None:
     # `kill -USR1 PID` prints every thread's stack to the rank's stderr (echoed as "[rank r]"): how a hang is
     # located (python -m labkit stress uses it).
@@ -51,7 +81,7 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            data = pickle.dumps((kind, body))
+            data = _dumps((kind, body))
         except Exception as e:
             data = pickle.dumps(("error", (
                 f"rank {rank} returned a value that cannot be pickled ({type(e).__name__}: {e}). "
@@ -65,11 +95,14 @@ def main() -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
+        from labkit.runtime import placement
+
+        check = backend == "gloo" and placement.enabled()  # GPU placement rules emulated (the test suite's mode)
         if backend == "nccl":
             torch.cuda.set_device(rank)
             device = torch.device("cuda", rank)
         else:
-            device = torch.device("cpu")
+            device = torch.device("cpu", 0) if check else torch.device("cpu")
         kw = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30), **kw)
@@ -100,7 +133,14 @@ def main() -> None:
             break
         _, fn, args, kwargs = job
         try:
-            value = fn(ctx, *args, **kwargs)
+            held = check and placement.applies_to(fn)
+            ctx.device = device if held or not check else torch.device("cpu")  # the stand-in only when held
+            if held:  # arguments arrive in host memory, as on a GPU server
+                _mark_tensors_host((args, kwargs))
+                with placement.DeviceDiscipline():
+                    value = fn(ctx, *args, **kwargs)
+            else:
+                value = fn(ctx, *args, **kwargs)
         except BaseException:
             send("error", traceback.format_exc())
             continue

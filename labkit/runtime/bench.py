@@ -15,7 +15,7 @@ def trivial_rank(ctx):
     import torch
     import torch.distributed as dist
 
-    t = torch.ones(1)
+    t = torch.ones(1, device=ctx.device)
     dist.all_reduce(t)
     return t.item()
 

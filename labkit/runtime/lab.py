@@ -35,7 +35,7 @@ def max_and_sum_rank(ctx):
     import torch
     import torch.distributed as dist
 
-    a = torch.tensor([ctx.rank + 1.0])
+    a = torch.tensor([ctx.rank + 1.0], device=ctx.device)
     b = a.clone()
     dist.all_reduce(a, op=dist.ReduceOp.MAX)
     dist.all_reduce(b, op=dist.ReduceOp.SUM)

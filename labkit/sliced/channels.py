@@ -30,6 +30,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from .._validate import check_int
+from ..devices import no_tf32
 from ..collectives.validation import _group_position, _rank_world
 from .models import saved_bytes
 
@@ -231,7 +232,8 @@ def conv_block(inplanes: int = 16, mid: int = 32, planes: int = 16) -> nn.Sequen
 def _shard_bn(bn: nn.BatchNorm2d, rank: int, world: int) -> nn.BatchNorm2d:
     """BatchNorm normalises each channel on its own, so a channel slice of it is exact."""
     k = bn.num_features // world
-    new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, dtype=bn.running_mean.dtype)
+    new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, dtype=bn.running_mean.dtype,
+                         device=bn.running_mean.device)  # where the layer it slices lives
     with torch.no_grad():
         sl = slice(rank * k, (rank + 1) * k)
         if bn.affine:
@@ -286,8 +288,9 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
     """
     torch.manual_seed(seed)
     c = channels
-    x_img = torch.randn(batch, c, side, side)
-    x_vec = torch.randn(batch, c)
+    dev = ctx.device  # everything on the rank's device: NCCL's collectives take no CPU tensor
+    x_img = torch.randn(batch, c, side, side).to(dev)
+    x_vec = torch.randn(batch, c).to(dev)
     full = {
         "column conv": nn.Conv2d(c, 2 * c, 3, padding=1),
         "row conv": nn.Conv2d(2 * c, c, 3, padding=1),
@@ -296,36 +299,38 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
         "column->row linears": nn.Sequential(nn.Linear(c, 4 * c), nn.ReLU(), nn.Linear(4 * c, c)),
         "TP conv block": conv_block(c, 2 * c, c),
     }
-    inputs = {"column conv": x_img, "row conv": torch.randn(batch, 2 * c, side, side), "column linear": x_vec,
-              "row linear": torch.randn(batch, 4 * c), "column->row linears": x_vec, "TP conv block": x_img}
+    full = {name: m.to(dev) for name, m in full.items()}
+    inputs = {"column conv": x_img, "row conv": torch.randn(batch, 2 * c, side, side).to(dev), "column linear": x_vec,
+              "row linear": torch.randn(batch, 4 * c).to(dev), "column->row linears": x_vec, "TP conv block": x_img}
     r, n = ctx.rank, ctx.world_size
     out = {"rank": r, "world": n, "cases": []}
-    for name, ref in full.items():
-        ref.train()
-        if name.startswith("column") and "->" not in name:
-            par = ColumnParallel(ref, r, n)
-        elif name.startswith("row"):
-            par = RowParallel(ref, r, n, input_is_split=False)
-        elif name == "column->row linears":
-            par = nn.Sequential(ColumnParallel(ref[0], r, n, gather_output=False), nn.ReLU(), RowParallel(ref[2], r, n))
-        else:
-            par = TensorParallelConvBlock(ref, r, n)
-        x = inputs[name]
-        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        COMM_BYTES.update(all_reduce=0, all_gather=0)
-        ya, saved_full = saved_bytes(lambda: ref(xa), ref)
-        yb, saved_par = saved_bytes(lambda: par(xb), par)
-        w = torch.randn_like(ya)  # a random upstream gradient, the same on every rank
-        (ya * w).sum().backward()
-        (yb * w).sum().backward()
-        grad_err = _param_grad_err(ref, par, r, n)
-        out["cases"].append({
-            "case": name, "out_err": _rel(yb, ya), "xgrad_err": _rel(xb.grad, xa.grad),
-            "wgrad_err": grad_err, "full_param_bytes": _pbytes(ref), "param_bytes": _pbytes(par),
-            "full_saved_bytes": saved_full, "saved_bytes": saved_par,
-            "comm_bytes": COMM_BYTES["all_reduce"] + COMM_BYTES["all_gather"], "in_bytes": x.numel() * x.element_size(),
-            "out_bytes": ya.numel() * ya.element_size(),
-        })
+    with no_tf32():  # float32 against float32 at 1e-5: TF32 convolutions on a GPU would differ by 1e-3
+        for name, ref in full.items():
+            ref.train()
+            if name.startswith("column") and "->" not in name:
+                par = ColumnParallel(ref, r, n)
+            elif name.startswith("row"):
+                par = RowParallel(ref, r, n, input_is_split=False)
+            elif name == "column->row linears":
+                par = nn.Sequential(ColumnParallel(ref[0], r, n, gather_output=False), nn.ReLU(), RowParallel(ref[2], r, n))
+            else:
+                par = TensorParallelConvBlock(ref, r, n)
+            x = inputs[name]
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            COMM_BYTES.update(all_reduce=0, all_gather=0)
+            ya, saved_full = saved_bytes(lambda: ref(xa), ref)
+            yb, saved_par = saved_bytes(lambda: par(xb), par)
+            w = torch.randn_like(ya)  # a random upstream gradient, the same on every rank
+            (ya * w).sum().backward()
+            (yb * w).sum().backward()
+            grad_err = _param_grad_err(ref, par, r, n)
+            out["cases"].append({
+                "case": name, "out_err": _rel(yb, ya), "xgrad_err": _rel(xb.grad, xa.grad),
+                "wgrad_err": grad_err, "full_param_bytes": _pbytes(ref), "param_bytes": _pbytes(par),
+                "full_saved_bytes": saved_full, "saved_bytes": saved_par,
+                "comm_bytes": COMM_BYTES["all_reduce"] + COMM_BYTES["all_gather"], "in_bytes": x.numel() * x.element_size(),
+                "out_bytes": ya.numel() * ya.element_size(),
+            })
     return out
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .._validate import check_choice, check_int
 from ..checks import CheckResult, refusing
+from ..devices import now
 from ..ddp import make_ddp
 from .flat import FlatLayout
 from . import measure as _measure
@@ -99,7 +100,7 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
     out = {"P": sum(p.numel() for p in mlp(seed, dtype).parameters())}
     ref_p = None
     for method in ("single",) + tuple(m for m in methods if m != "single"):
-        model = mlp(seed, dtype)
+        model = mlp(seed, dtype).to(ctx.device)
         if start is not None:
             with torch.no_grad():
                 for p, v in zip(model.parameters(), FlatLayout.of(model.parameters(), 1).views(start[0])):
@@ -108,18 +109,18 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
         if start is not None:  # a copy: a plain optimiser keeps the loaded tensors and updates them in place
             run.opt.load_state_dict(copy.deepcopy(start[1]))
         run.reset_volume()
-        losses, t0 = [], time.perf_counter()
+        losses, t0 = [], now(ctx.device)
         for x, y in data:
             if method != "single":
                 x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
-            loss = run.step(x, y)
+            loss = run.step(x.to(ctx.device), y.to(ctx.device))
             if loss.dtype in (torch.bfloat16, torch.float16):  # bf16 compute: report the loss in fp32
                 loss = loss.float()
             if method != "single":
                 dist.all_reduce(loss)  # for the report only (not part of the method's traffic)
                 loss /= world
             losses.append(float(loss))
-        seconds = time.perf_counter() - t0
+        seconds = now(ctx.device) - t0
         vol = run.volume()  # before gathering the parameters for the report
         traffic = None if run.traffic is None else run.traffic.as_dict()
         held = run.z3.held_numel() if run.z3 is not None else None  # ZeRO-3: what is left gathered after a step

@@ -95,7 +95,7 @@ class _Sharded(torch.optim.Optimizer):
                                 f"[p for p in model.parameters() if p.requires_grad]")
         self.layout = FlatLayout(tuple(tuple(p.shape) for p in self.params), self.world_size)
         lay = self.layout
-        if not ranks_agree([len(self.params), lay.total], group=group, device=self.params[0].device):
+        if not ranks_agree([len(self.params), lay.total], group=group):
             raise ArgumentError(f"the parameters differ across ranks (this rank: {len(self.params)} tensors, "
                                 f"{lay.total} values); build the same model on every rank")
         src = dist.get_global_rank(group, 0) if group is not None else 0

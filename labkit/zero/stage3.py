@@ -65,7 +65,7 @@ class Zero3(nn.Module):
         self.world_size, self.rank, self.group = dist.get_world_size(group), dist.get_rank(group), group
         units = self._check_units(module, units)
         device = next(module.parameters()).device
-        if not ranks_agree([len(units), sum(p.numel() for p in module.parameters())], group=group, device=device):
+        if not ranks_agree([len(units), sum(p.numel() for p in module.parameters())], group=group):
             raise ArgumentError("the model or its units differ across ranks; build the same model and pass the "
                                 "same units on every rank")
         self.module = module
