@@ -200,3 +200,23 @@ def gloo_side_group_rank(ctx):
 def test_a_gloo_group_by_name_takes_cpu_tensors():
     got = labkit.launch(gloo_side_group_rank, 2, echo=False, quiet=True, timeout=120)
     assert got == [([2.0, 2.0, 2.0], "refused on the default group")] * 2
+
+
+def tf32_rank(ctx):
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_ranks_compute_in_full_float32_and_no_tf32_restores():
+    """Finding 5: cuDNN convolutions use TF32 by default on a GPU, and the float32 equalities at 1e-5 against a CPU
+    reference would not hold. Ranks start with TF32 off; labkit.devices.no_tf32 switches it off for a block."""
+    from labkit.devices import no_tf32
+
+    assert labkit.launch(tf32_rank, 2, echo=False, quiet=True, timeout=120) == [(False, False)] * 2
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with no_tf32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

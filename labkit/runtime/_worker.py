@@ -95,6 +95,11 @@ def main() -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(threads)
+        # Full float32 on every rank: lab functions check their results against one process (often on the CPU) at
+        # 1e-5, which TF32 convolutions and matmuls on Ampere or later GPUs (10 mantissa bits) would miss. A function
+        # that measures TF32's speed turns it on itself (labkit.hardware does, in one process).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         from labkit.runtime import placement
 
         check = backend == "gloo" and placement.enabled()  # GPU placement rules emulated (the test suite's mode)
