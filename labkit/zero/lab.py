@@ -206,7 +206,7 @@ def zero1_exercise_rank(ctx, step_fn, steps: int = 3, seed: int = 0, optimizer: 
     opt_cls, kw = OPTIMIZERS[optimizer]
     data = batches(steps, 12, seed)
     n = 12 // world
-    model = mlp(seed)
+    model = mlp(seed).to(ctx.device)
     params = list(model.parameters())
     layout = FlatLayout.of(params, world)
     lo, hi = layout.shard_range(rank)
@@ -224,7 +224,7 @@ def zero1_exercise_rank(ctx, step_fn, steps: int = 3, seed: int = 0, optimizer: 
         return call
 
     for x, y in data:
-        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        x, y = x[rank * n:(rank + 1) * n].to(ctx.device), y[rank * n:(rank + 1) * n].to(ctx.device)
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         params_flat = layout.flatten(params)
@@ -239,11 +239,11 @@ def zero1_exercise_rank(ctx, step_fn, steps: int = 3, seed: int = 0, optimizer: 
         with torch.no_grad():
             for p, v in zip(params, layout.views(params_flat)):
                 p.copy_(v)
-    ref = mlp(seed)
+    ref = mlp(seed).to(ctx.device)
     ddp = make_ddp("bucketed", ref, 0.0002)
     opt = opt_cls(ref.parameters(), **kw)
     for x, y in data:
-        x, y = x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+        x, y = x[rank * n:(rank + 1) * n].to(ctx.device), y[rank * n:(rank + 1) * n].to(ctx.device)
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(ddp(x), y).backward()
         ddp.sync_grads()
@@ -251,7 +251,7 @@ def zero1_exercise_rank(ctx, step_fn, steps: int = 3, seed: int = 0, optimizer: 
     mine, want = _flat(params), _flat(ref.parameters())
     return {"vs_ddp": float((mine - want).abs().max() / want.abs().max()), "bytes_per_step": sent["bytes"] / steps,
             "psi_bytes": layout.padded * 8, "state_numel": state_numel(inner), "shard": layout.shard_numel,
-            "moved": bool((mine - _flat(mlp(seed).parameters())).abs().max() > 0)}
+            "moved": bool((mine - _flat(mlp(seed).to(ctx.device).parameters())).abs().max() > 0)}
 
 
 def check_zero1_step(step_fn, world_sizes=(2, 3)) -> CheckResult:
