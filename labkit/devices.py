@@ -20,7 +20,7 @@ import contextlib
 import time
 from typing import Any, Iterator
 
-__all__ = ["as_device", "group_device", "synchronize", "now", "Stopwatch", "no_tf32", "to_device"]
+__all__ = ["as_device", "group_device", "synchronize", "now", "Stopwatch", "cuda_peak", "no_tf32", "to_device"]
 
 
 def as_device(device: Any = None):
@@ -95,6 +95,20 @@ class Stopwatch:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def cuda_peak(device: Any, fn) -> tuple[Any, int]:
+    """``(fn(), bytes)``: run ``fn`` on a CUDA ``device`` and read the allocator's high-water mark during it, above
+    what was allocated when it began (read after a synchronise at both ends: the counters move as kernels run)."""
+    import torch
+
+    dev = as_device(device)
+    synchronize(dev)
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    out = fn()
+    synchronize(dev)
+    return out, torch.cuda.max_memory_allocated(dev) - before
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import ArgumentError, check_choice, check_int
-from ..devices import synchronize
+from ..devices import cuda_peak
 from ..sliced.models import saved_bytes
 from .memory import Estimate, Setup, _as_sample, _shape, largest_batch
 from .walk import ce_loss, nbytes
@@ -190,18 +190,19 @@ def _step_profiler(m, x, target, opt, setup):
 
 
 def _step_cuda(m, x, target, opt, setup):
-    synchronize(x.device)  # the allocator's counters are read when the queued kernels have run
-    base = torch.cuda.memory_allocated()
     opt_before = _state_nbytes(opt)
-    torch.cuda.reset_peak_memory_stats()
-    acts = _backward(m, x, target, setup)
-    grads = sum(nbytes(p.grad) for p in m.parameters() if p.grad is not None)
-    opt.step()
-    opt.zero_grad()
-    synchronize(x.device)
+
+    def step():
+        acts = _backward(m, x, target, setup)
+        grads = sum(nbytes(p.grad) for p in m.parameters() if p.grad is not None)
+        opt.step()
+        opt.zero_grad()
+        return acts, grads
+
+    (acts, grads), above = cuda_peak(x.device, step)
     fig = _tensor_figures(m, opt, grads, opt_before, acts)
-    fig.update(intermediates=0, peak=torch.cuda.max_memory_allocated() - base + sum(
-        nbytes(p) for p in m.parameters()) + opt_before + nbytes(x) + nbytes(target))
+    fig.update(intermediates=0, peak=above + sum(nbytes(p) for p in m.parameters()) + opt_before + nbytes(x)
+               + nbytes(target))
     return fig
 
 

@@ -71,13 +71,13 @@ def applies_to(fn) -> bool:
     return bool(getattr(sys.modules.get(module), "LABKIT_DEVICE_CHECK", False))
 
 
+STAND_IN = "cpu:0"  # the stand-in device's name (torch.device("cpu", 0))
+
+
 def _stand_in():
     import torch
 
-    return torch.device("cpu", 0)
-
-
-STAND_IN = "cpu:0"  # the stand-in device's name (torch.device("cpu", 0))
+    return torch.device(STAND_IN)
 
 _host: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()  # storage -> where it was made
 _active = 0  # how many DeviceDiscipline blocks are open (the collective checks run only inside one)

@@ -234,17 +234,11 @@ def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
 def _cuda_peak(run: Method, x, y) -> int:
     """The step's peak on the GPU: the allocator's high-water mark above what was allocated when the step began,
     plus what the method held then (so other methods' tensors alive on the same device are not counted)."""
-    from ..devices import synchronize
+    from ..devices import cuda_peak
 
-    dev = x.device
     run.opt.zero_grad(set_to_none=True)
-    synchronize(dev)
     start = run.held()["total"] + storage_bytes([x, y])
-    before = torch.cuda.memory_allocated(dev)
-    torch.cuda.reset_peak_memory_stats(dev)
-    run.step(x, y)
-    synchronize(dev)
-    return torch.cuda.max_memory_allocated(dev) - before + start
+    return cuda_peak(x.device, lambda: run.step(x, y))[1] + start
 
 
 def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: bool = True) -> dict:
