@@ -17,6 +17,12 @@ if os.environ.get("LABKIT_TEST_CUDA", "") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("LABKIT_DEVICE_CHECK", "1")
 
+# Tests that execute notebooks with nbclient (nbgrader's autograde, the slide decks) get labkit's fix for the reply
+# nbclient can leave unread after a widget cell (labkit/runtime/zmq_rearm.py; nbval's blocking client needs none).
+from labkit.runtime import zmq_rearm  # noqa: E402
+
+zmq_rearm.install()
+
 _busy = None
 
 

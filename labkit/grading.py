@@ -55,6 +55,14 @@ c.Exchange.root = os.environ.get("LABKIT_NBGRADER_EXCHANGE", "/srv/nbgrader/exch
 c.Execute.timeout = 900
 c.Execute.interrupt_on_timeout = True
 
+# nbgrader runs notebooks with nbclient, which can leave a widget cell's reply unread until that timeout (labkit issue
+# 32: labkit/runtime/zmq_rearm.py says why); labkit's fix, for `nbgrader autograde` run by hand too.
+try:
+    from labkit.runtime import zmq_rearm
+    zmq_rearm.install()
+except ImportError:
+    pass
+
 # The stub the student sees in place of each answer: the course's convention (a check says "not attempted yet").
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\\nraise NotImplementedError()"}
 '''
@@ -131,6 +139,10 @@ def _convert(course: Path, converter: str, lab: str, student: str | None = None,
     course; returns nbgrader's ``{"success", "error", "log"}`` (``nbgrader.utils.capture_log``)."""
     _nbgrader()
     from nbgrader import converters
+
+    from .runtime import zmq_rearm
+
+    zmq_rearm.install()        # nbgrader executes with nbclient: a widget cell's reply must not strand
     from nbgrader.coursedir import CourseDirectory
     from nbgrader.utils import capture_log
 

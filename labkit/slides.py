@@ -170,6 +170,9 @@ def execute_deck(nb, name: str, cwd: str | os.PathLike, timeout: float = 120):
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from nbconvert.preprocessors import ExecutePreprocessor
 
+    from .runtime import zmq_rearm
+
+    zmq_rearm.install()        # nbclient: a widget cell's reply must not strand (runtime/zmq_rearm.py)
     current = {"index": None, "cell": None}
 
     def on_cell_execute(cell, cell_index):

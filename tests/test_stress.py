@@ -67,8 +67,8 @@ def test_busy_load_refuses_bad_arguments():
 
 
 def _notebook(path: Path, cells: list[str]) -> Path:
-    nb = {"cells": [{"cell_type": "code", "metadata": {}, "source": s, "outputs": [], "execution_count": None}
-                    for s in cells],
+    nb = {"cells": [{"id": f"c{i}", "cell_type": "code", "metadata": {}, "source": s, "outputs": [],
+                     "execution_count": None} for i, s in enumerate(cells)],
           "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
           "nbformat": 4, "nbformat_minor": 5}
     path.write_text(json.dumps(nb))
@@ -137,3 +137,48 @@ def test_stress_start_here_pool_and_widget_cells():
     rows = stress.stress_notebook(nb, repeat=1, timeout=300, log=print)
     assert len(rows) >= 4, rows  # the pool, widget and launch cells were found and re-run
     assert all(r["runs"] == 2 and r["stalls"] == 0 and r["errors"] == 0 for r in rows), rows
+
+
+def test_rate_interval():
+    lo, hi = stress.rate_interval(0, 300)
+    assert lo == 0.0 and 0.011 < hi < 0.014           # zero in 300: below about 1.3% with 95% confidence
+    lo, hi = stress.rate_interval(12, 40)
+    assert lo < 0.3 < hi and 0.15 < lo and hi < 0.5
+    assert stress.rate_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_repro_never_stalls_with_the_fix():
+    """The smallest stalling cell (a figure drawn into an Output, run by nbclient), alternately without and with
+    labkit's zmq_rearm fix: with the fix no run strands its reply. (Without it the rate depends on load: printed,
+    not asserted; `python -m labkit stress --repro 600 --busy 2` measures both.)"""
+    from labkit.runtime import zmq_rearm
+
+    r = stress.repro(60, log=print)
+    assert r["patched"] == (0, 30), r["patched"]
+    assert r["unpatched"][1] == 30 and len(r["seconds"]) == 60
+    assert zmq_rearm.installed()                      # the A/B leaves the fix in place
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("client", ["nbclient", "blocking"])
+def test_fresh_runs_a_widget_notebook_top_to_bottom(tmp_path, client):
+    nb = _notebook(tmp_path / "w.ipynb", [
+        "import ipywidgets as widgets, matplotlib.pyplot as plt\n%matplotlib inline\nout = widgets.Output()\n"
+        "display(out)",
+        stress.REPRO_CELL,
+        "assert 1 + 1 == 2",
+    ])
+    rows = stress.run_fresh(nb, client, watch=20, timeout=300)
+    assert [(r["cell"], r["state"]) for r in rows] == [(0, "ok"), (1, "ok"), (2, "ok")], rows
+    bad = _notebook(tmp_path / "bad.ipynb", ["x = 1", "1 / 0", "y = 2"])
+    rows = stress.run_fresh(bad, client, watch=20, timeout=300)
+    assert [r["state"] for r in rows] == ["ok", "error"] and "ZeroDivisionError" in rows[1]["detail"], rows
+
+
+def test_fresh_and_repro_refuse_negative_counts(capsys):
+    with pytest.raises(SystemExit):
+        stress.main(["--fresh", "-1", "--busy", "0"])
+    assert "--fresh and --repro take a number of runs >= 0, got -1" in capsys.readouterr().err
