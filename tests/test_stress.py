@@ -159,6 +159,7 @@ def test_repro_never_stalls_with_the_fix():
     assert r["patched"] == (0, 30), r["patched"]
     assert r["unpatched"][1] == 30 and len(r["seconds"]) == 60
     assert zmq_rearm.installed()                      # the A/B leaves the fix in place
+    assert r["kernel"].startswith("ipykernel "), r["kernel"]
 
 
 @pytest.mark.slow

@@ -361,7 +361,7 @@ REPRO_CELL = """with out:
 def repro(runs: int, watch: float = 5.0, log=print) -> dict:
     """The smallest stalling cell: a figure drawn into an ``Output`` (what the slider callbacks of notebooks 05 and
     09 do), run ``runs`` times in one kernel with nbclient, alternately without and with the fix. Returns
-    {"unpatched": (stalls, runs), "patched": (stalls, runs), "seconds": [...]}."""
+    {"unpatched": (stalls, runs), "patched": (stalls, runs), "seconds": [...], "kernel": "ipykernel X.Y.Z"}."""
     import asyncio
 
     import nbformat
@@ -369,17 +369,21 @@ def repro(runs: int, watch: float = 5.0, log=print) -> dict:
 
     from . import zmq_rearm
 
-    setup = nbformat.v4.new_code_cell("import ipywidgets as widgets, matplotlib.pyplot as plt\n%matplotlib inline\n"
-                                      "out = widgets.Output(); display(out)")
+    setup = nbformat.v4.new_code_cell("import ipywidgets as widgets, matplotlib.pyplot as plt, ipykernel\n"
+                                      "%matplotlib inline\nout = widgets.Output(); display(out)\n"
+                                      "print('kernel: ipykernel', ipykernel.__version__)")
     cell = nbformat.v4.new_code_cell(REPRO_CELL)
     nb = nbformat.v4.new_notebook(cells=[setup, cell])
     counts = {"unpatched": [0, 0], "patched": [0, 0]}
     seconds: list[float] = []
+    kernel: list[str] = []
 
     async def go():
         client = NotebookClient(nb, timeout=120, kernel_name="python3")
         async with client.async_setup_kernel():
             await client.async_execute_cell(setup, 0)
+            said = "".join(o.get("text", "") for o in setup.outputs if o.get("output_type") == "stream")
+            kernel.append(said.strip().rpartition("kernel: ")[2])
             for k in range(runs):
                 name = "patched" if k % 2 else "unpatched"
                 (zmq_rearm.install if k % 2 else zmq_rearm.uninstall)()
@@ -397,7 +401,8 @@ def repro(runs: int, watch: float = 5.0, log=print) -> dict:
         asyncio.run(go())
     finally:
         zmq_rearm.install()
-    return {"unpatched": tuple(counts["unpatched"]), "patched": tuple(counts["patched"]), "seconds": seconds}
+    return {"unpatched": tuple(counts["unpatched"]), "patched": tuple(counts["patched"]), "seconds": seconds,
+            "kernel": kernel[0] if kernel else "unknown"}
 
 
 def _rate_text(k: int, n: int) -> str:
@@ -432,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stress --repro: {args.repro} runs, {n_busy} busy {kind} process(es); {_versions()}")
         with BusyLoad(n_busy, kind):
             r = repro(args.repro, watch=min(args.watch, 5.0))
+        print(f"kernel side: {r['kernel']}; median run {statistics.median(r['seconds']):.2f} s")
         print(f"stalls without the fix: {_rate_text(*r['unpatched'])}")
         print(f"stalls with the fix:    {_rate_text(*r['patched'])}")
         return 1 if r["patched"][0] else 0
