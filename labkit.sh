@@ -2,6 +2,7 @@
 # The course's two commands (see README.md):
 #   bash labkit.sh lab    install what is needed, then open JupyterLab on notebooks/
 #   bash labkit.sh test   install what is needed, then run the whole test suite with pytest
+#   bash labkit.sh lint   install what is needed, then ruff (configured in pyproject.toml) on the code
 # Extra arguments go to JupyterLab or pytest. The environment lives in .venv (override with LABKIT_VENV).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,11 +34,15 @@ case "$cmd" in
     install
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  lint)
+    install
+    exec "$VENV/bin/python" -m ruff check "$@"
+    ;;
   install)
     install
     ;;
   *)
-    echo "usage: bash labkit.sh lab|test|install [args...]" >&2
+    echo "usage: bash labkit.sh lab|test|lint|install [args...]" >&2
     exit 2
     ;;
 esac

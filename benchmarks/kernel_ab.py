@@ -22,14 +22,17 @@ from labkit.runtime.stress import Session
 
 n, busy, timeout, other = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 cells = ["x = 1", "print('hello')", "import ipywidgets as w; w.IntSlider()", "import sys; sys.stderr.write('e\\n')"]
-SETUP = ("%matplotlib inline\nimport ipywidgets as w\nimport matplotlib.pyplot as plt\nfrom IPython.display import display\n"
-         "out = w.Output()\ndef draw(k):\n    fig, ax = plt.subplots(figsize=(3, 2)); ax.bar([0, 1], [k, 2]); plt.show()\n"
+SETUP = ("%matplotlib inline\nimport ipywidgets as w\nimport matplotlib.pyplot as plt\n"
+         "from IPython.display import display\n"
+         "out = w.Output()\ndef draw(k):\n"
+         "    fig, ax = plt.subplots(figsize=(3, 2)); ax.bar([0, 1], [k, 2]); plt.show()\n"
          "def on(change=None):\n    with out:\n        out.clear_output(wait=True)\n        draw(1)\n")
 if len(sys.argv) > 5 and sys.argv[5] == "widgets":
     cells = ["on()\ndisplay(out)", "on()", "with out:\n    print('x')", "x = 1"]
 env6 = dict(os.environ, PYTHONPATH=other)
 with BusyLoad(busy), tempfile.TemporaryDirectory() as tmp:
-    S = {"installed": Session(Path(tmp), Path(tmp) / "s7.txt"), "other": Session(Path(tmp), Path(tmp) / "s6.txt", env=env6)}
+    S = {"installed": Session(Path(tmp), Path(tmp) / "s7.txt"),
+         "other": Session(Path(tmp), Path(tmp) / "s6.txt", env=env6)}
     for k, s in S.items():
         print(k, s.run("import ipykernel; print(ipykernel.__version__)", 60)["text"].strip(), flush=True)
         if len(sys.argv) > 5 and sys.argv[5] == "widgets":
@@ -41,12 +44,14 @@ with BusyLoad(busy), tempfile.TemporaryDirectory() as tmp:
             if stats[k]["stall"] >= 3:
                 continue
             r = s.run(cells[i % len(cells)], timeout=timeout)
-            stats[k]["runs"] += 1; stats[k]["times"].append(r["seconds"])
+            stats[k]["runs"] += 1
+            stats[k]["times"].append(r["seconds"])
             if r["state"] != "ok":
                 stats[k]["stall"] += 1
                 print(f"ipykernel {k}: cell {i}: {r['state']}: {r['detail'][:200]}", flush=True)
         if i % 250 == 0:
-            print(i, f"{time.monotonic() - t0:.0f} s", {k: (v["runs"], v["stall"]) for k, v in stats.items()}, flush=True)
+            print(i, f"{time.monotonic() - t0:.0f} s", {k: (v["runs"], v["stall"]) for k, v in stats.items()},
+                  flush=True)
     for s in S.values():
         s.close()
 for k, v in stats.items():

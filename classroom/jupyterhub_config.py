@@ -45,7 +45,7 @@ SPAWNER = env("LABKIT_HUB_SPAWNER", "local")
 STATE = Path(env("LABKIT_HUB_STATE", ".")).resolve()
 STATE.mkdir(parents=True, exist_ok=True)
 
-# --- where the hub listens, and its own state ---------------------------------------------------------------------------
+# --- where the hub listens, and its own state -------------------------------------------------------------------------
 c.JupyterHub.bind_url = env("LABKIT_HUB_URL", "http://127.0.0.1:8000")  # never 0.0.0.0 without TLS in front
 c.JupyterHub.db_url = f"sqlite:///{STATE / 'jupyterhub.sqlite'}"
 c.JupyterHub.cookie_secret_file = str(STATE / "jupyterhub_cookie_secret")
@@ -60,7 +60,7 @@ c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{classroom.free_port()}"
 if classroom.proxy_command():
     c.ConfigurableHTTPProxy.command = [classroom.proxy_command()]
 
-# --- who may log in ----------------------------------------------------------------------------------------------------
+# --- who may log in ---------------------------------------------------------------------------------------------------
 ROSTER = classroom.read_roster(env("LABKIT_ROSTER")) if env("LABKIT_ROSTER") else None
 ADMINS = {a.strip() for a in env("LABKIT_HUB_ADMINS", "").split(",") if a.strip()}
 c.Authenticator.admin_users = ADMINS
@@ -103,7 +103,7 @@ elif SPAWNER == "simple":
 else:
     raise ValueError(f"LABKIT_HUB_SPAWNER={SPAWNER!r}: pass local, systemd or simple")
 
-# --- each student's share of the machine ---------------------------------------------------------------------------------
+# --- each student's share of the machine ------------------------------------------------------------------------------
 N_GPUS = int(env("LABKIT_GPUS")) if env("LABKIT_GPUS") else None
 MACHINE = classroom.read_machine(gpus=N_GPUS)
 STUDENTS = int(env("LABKIT_HUB_STUDENTS") or (len(ROSTER) if ROSTER else 20))
@@ -131,7 +131,7 @@ def pre_spawn_hook(spawner):
 
 c.Spawner.pre_spawn_hook = pre_spawn_hook
 
-# --- stop idle servers (jupyterhub-idle-culler), so a class's forgotten kernels give their memory back -------------------
+# --- stop idle servers (jupyterhub-idle-culler), so a class's forgotten kernels give their memory back ----------------
 IDLE = int(env("LABKIT_HUB_IDLE", "60"))
 try:
     import jupyterhub_idle_culler  # noqa: F401

@@ -13,9 +13,8 @@ One package per lab, each exposing its concept API from its ``__init__``: ``labk
 ``classroom`` (a class: nbgrader, the hub's shares and plan).
 ``labkit.tour.LABS`` is the list of labs.
 """
-from .runtime import *  # noqa: F401,F403  (launch, Pool, Results, ...: labkit.runtime's __all__, the one list)
-
 from . import checks, viz  # noqa: F401,E402  (labkit.checks.X in notebooks)
+from .runtime import *  # noqa: F401,F403  (launch, Pool, Results, ...: labkit.runtime's __all__, the one list)
 
 try:  # one version, kept in pyproject.toml
     from importlib.metadata import version as _version

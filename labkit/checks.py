@@ -117,7 +117,8 @@ def run_cases(title: str, cases: Iterable[tuple[str, Callable[[], Any]]], hint: 
                 return result
             tb = traceback.extract_tb(e.__traceback__)
             where = f" (at {tb[-1].filename.split('/')[-1]}:{tb[-1].lineno})" if tb else ""
-            result.cases.append(CaseResult(name, False, f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}{where}"))
+            result.cases.append(CaseResult(name, False,
+                                           f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}{where}"))
     return result
 
 

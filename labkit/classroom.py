@@ -232,7 +232,8 @@ def read_roster(path: str | Path) -> dict[str, list[int] | None]:
         try:
             out[name] = [int(x) for x in spec.split(",") if x.strip()] if spec else None
         except ValueError:
-            raise ValueError(f"{path}, line {n}: gpus={spec!r} for {name}; write GPU indices such as 0 or 0;1") from None
+            raise ValueError(f"{path}, line {n}: gpus={spec!r} for {name}; write GPU indices such as "
+                             "0 or 0;1") from None
     return out
 
 
@@ -244,8 +245,8 @@ def copy_handout(release: str | Path, home: str | Path, uid: int | None = None, 
     """
     release, home = Path(release), Path(home)
     if not release.is_dir():
-        raise FileNotFoundError(f"release={str(release)!r} is not a folder; make it with `python -m labkit handout DIR` "
-                                "and point the hub at DIR/release")
+        raise FileNotFoundError(f"release={str(release)!r} is not a folder; make it with "
+                                "`python -m labkit handout DIR` and point the hub at DIR/release")
     copied = []
     for src in sorted(p for p in release.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts):
         dst = home / src.relative_to(release)
@@ -369,7 +370,7 @@ def lab_memory(path: Path = MEASURED) -> dict:
     return json.loads(path.read_text())
 
 
-# --- the plan ----------------------------------------------------------------------------------------------------------
+# --- the plan --------------------------------------------------------------------------------------------------------
 
 def plan(n_students: int, machine: Machine, needs: dict | None = None,
          roster: dict[str, list[int] | None] | None = None) -> dict:
@@ -440,8 +441,8 @@ def format_plan(p: dict) -> str:
                      f"{s.mem_limit / GIB:>7.1f}Gi  {(str(s.nccl_ranks) + ' ranks') if s.nccl_ranks else 'gloo only'}")
     lines.append("")
     if p["labs"]:
-        lines.append(f"Host memory each lab needs (peak PSS of the notebook's kernel and its ranks, measured {p['measured_on']}; "
-                     "GPU memory not measured yet):")
+        lines.append(f"Host memory each lab needs (peak PSS of the notebook's kernel and its ranks, measured "
+                     f"{p['measured_on']}; GPU memory not measured yet):")
         lines.append(f"{'lab':>28}  {'per student':>11}  {'ranks at once':>13}  {'whole class':>11}  fits at once")
         for row in p["labs"]:
             lines.append(f"{row['lab']:>28}  {row['per_student'] / GIB:>9.2f}Gi  {row['ranks']:>13}  "

@@ -351,5 +351,13 @@ def shard_arrays(X, y, rank: int, world_size: int, **kwargs):
 
 
 # the downloadable datasets live in their own module; they are part of this one's API
-from .torchvision_data import (TORCHVISION_DATASETS, DatasetCorrupt, DatasetError, DatasetUnavailable,  # noqa: E402
-                               data_root, expected_files, load_torchvision, local_datasets)
+from .torchvision_data import (  # noqa: E402
+    TORCHVISION_DATASETS,
+    DatasetCorrupt,
+    DatasetError,
+    DatasetUnavailable,
+    data_root,
+    expected_files,
+    load_torchvision,
+    local_datasets,
+)

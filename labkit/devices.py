@@ -59,7 +59,8 @@ def synchronize(device: Any = None) -> None:
 
 
 def now(device: Any = None) -> float:
-    """``time.perf_counter()`` read after :func:`synchronize` of ``device``: the time at which the queued work is done."""
+    """``time.perf_counter()`` read after :func:`synchronize` of ``device``: the time at which the queued work is
+    done."""
     synchronize(device)
     return time.perf_counter()
 

@@ -108,7 +108,8 @@ def _nbgrader():
     try:
         import nbgrader  # noqa: F401
     except ImportError as e:
-        raise ImportError("the classroom needs nbgrader: pip install -r requirements.txt (or pip install nbgrader)") from e
+        raise ImportError("the classroom needs nbgrader: pip install -r requirements.txt "
+                          "(or pip install nbgrader)") from e
 
 
 def exercises_of(notebook: str | Path) -> list[Exercise]:

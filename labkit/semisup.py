@@ -58,7 +58,7 @@ def one_blas_thread():
     here (2 cores, one busy process beside the kernel): lab 07 run top to bottom took 118-195 s with the
     default two BLAS threads and 21 s with one (22 s unloaded). Lab 07's first cell calls this.
     """
-    from threadpoolctl import threadpool_limits   # scikit-learn's own dependency
+    from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
     return threadpool_limits(1, user_api="blas")
 

@@ -225,7 +225,7 @@ def local_datasets(root: str | os.PathLike | None = None) -> list[dict]:
     """Which downloadable datasets are already unpacked under ``root`` (no network, no checksums)."""
     root = data_root(root)
     rows = []
-    for key, (cls_name, c, hw, n_train, n_test) in TORCHVISION_DATASETS.items():
+    for key, (_cls, c, hw, n_train, n_test) in TORCHVISION_DATASETS.items():
         files = expected_files(key, root)
         rows.append({"dataset": key, "present": all(p.is_file() for p in files), "folder": str(files[0].parent),
                      "shape": f"{c}x{hw}x{hw}", "train": n_train, "test": n_test})

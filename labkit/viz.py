@@ -78,7 +78,8 @@ def bars(values: Mapping[str, float], ax=None, title: str | None = None, ylabel:
     names, vals = list(values), list(values.values())
     rects = ax.bar(names, vals, color="#4c78a8")
     for r, v in zip(rects, vals):
-        ax.annotate(fmt.format(v), (r.get_x() + r.get_width() / 2, r.get_height()), ha="center", va="bottom", fontsize=8)
+        ax.annotate(fmt.format(v), (r.get_x() + r.get_width() / 2, r.get_height()), ha="center", va="bottom",
+                    fontsize=8)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)

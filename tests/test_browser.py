@@ -173,7 +173,7 @@ def run_all(browser, base: str, token: str, notebook: str, shot: Path, wait_s: f
             "() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
             ".some(e => /\\|\\s*Idle/.test(e.textContent))", timeout=240_000)
         prompts_js = "els => els.map(e => e.textContent.trim())"
-        for attempt in range(3):  # Run > Run All Cells; retry if the click came before the kernel was ready
+        for _attempt in range(3):  # Run > Run All Cells; retry if the click came before the kernel was ready
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator('.lm-Menu-item[data-command="runmenu:run-all"], '
                          '.lm-Menu-item[data-command="notebook:run-all-cells"]').first.click()
@@ -212,7 +212,8 @@ def wait_idle(page, notebook: str, shot: Path, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while True:
         page.wait_for_timeout(1000)
-        prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent)")
+        prompts = page.eval_on_selector_all(f"{PANEL} .jp-CodeCell .jp-InputPrompt",
+                                            "els => els.map(e => e.textContent)")
         busy = any("*" in t for t in prompts)
         idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').count() > 0
         if idle and not busy:

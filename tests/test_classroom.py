@@ -136,7 +136,7 @@ def test_shipped_measurements_cover_every_notebook():
                for v in doc["labs"].values())
 
 
-# --- the hub's configuration, loaded as JupyterHub loads it ------------------------------------------------------------
+# --- the hub's configuration, loaded as JupyterHub loads it -----------------------------------------------------------
 
 def _load(path: Path, monkeypatch, **env):
     from traitlets.config.loader import PyFileConfigLoader

@@ -74,7 +74,8 @@ c.JupyterHub.load_roles.append({{"name": "labkit-test", "services": ["labkit-tes
         deadline = time.monotonic() + 240
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"the hub exited ({proc.returncode}):\n{(tmp_path / 'hub.log').read_text()[-4000:]}")
+                raise AssertionError(f"the hub exited ({proc.returncode}):\n"
+                                     f"{(tmp_path / 'hub.log').read_text()[-4000:]}")
             try:
                 if requests.get(f"{url}/hub/api/", timeout=5).status_code == 200:
                     break

@@ -387,6 +387,7 @@ def test_ring_check_fails_shortcuts_and_wrong_rings_with_helpful_messages():
 def _watched(ctx):
     """The recorder sees send/recv, isend/irecv and batch_isend_irecv, refuses collectives, and restores all."""
     import torch.distributed as dist
+
     from labkit.collectives.validation import watch_p2p
 
     n, r = ctx.world_size, ctx.rank

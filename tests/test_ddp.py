@@ -9,10 +9,16 @@ from torch.utils.data import DistributedSampler
 
 import labkit
 from labkit import ddp
-from labkit.ddp import (chunk_ranges, distributed_shards, local_shard, make_ddp, model_step,
-                        plan_buckets)
-from labkit.ddp.lab import (check_allreduce_prediction, check_average_hook, check_torch_buckets, equivalence_rank,
-                            feature_split_rank, mismatched_rank, timeline_rank)
+from labkit.ddp import chunk_ranges, distributed_shards, local_shard, make_ddp, model_step, plan_buckets
+from labkit.ddp.lab import (
+    check_allreduce_prediction,
+    check_average_hook,
+    check_torch_buckets,
+    equivalence_rank,
+    feature_split_rank,
+    mismatched_rank,
+    timeline_rank,
+)
 
 TIGHT = 1e-12  # float64: only summation order separates the runs
 
@@ -113,7 +119,7 @@ def _equivalence_all(ctx):
 def test_ddp_equals_single_process_and_torch_ddp(world_size):
     res = labkit.launch(_equivalence_all, world_size=world_size, pool=True, echo=False, timeout=300)
     for case in res[0]:
-        for algo, r in res[0][case].items():
+        for algo, _r in res[0][case].items():
             if algo.startswith("_"):
                 continue
             for rank_res in res:
@@ -127,7 +133,8 @@ def test_ddp_equals_single_process_and_torch_ddp(world_size):
     assert n_params == 8
     assert res[0]["mb1e-06"]["bucketed"]["buckets"] == 8 and res[0]["mb25.0"]["bucketed"]["buckets"] == 1
     # torch's DDP, counted by its comm hook, all-reduces the same gradient bytes per step as the others
-    assert res[0]["default"]["torch"]["stats"]["allreduce_bytes"] == res[0]["default"]["naive"]["stats"]["allreduce_bytes"]
+    assert (res[0]["default"]["torch"]["stats"]["allreduce_bytes"]
+            == res[0]["default"]["naive"]["stats"]["allreduce_bytes"])
     for algo in ("naive", "bucketed", "overlapped", "torch"):
         skip = res[0]["accum_skipTrue"][algo]["stats"]["allreduce_bytes"]
         sync = res[0]["accum_skipFalse"][algo]["stats"]["allreduce_bytes"]
@@ -443,7 +450,8 @@ def _odd_rank(ctx, steps=4):
     torch.set_default_dtype(torch.float64)
     try:
         g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(steps, 4 * ctx.world_size, 6, generator=g), torch.randn(steps, 4 * ctx.world_size, 6, generator=g)
+        x, y = (torch.randn(steps, 4 * ctx.world_size, 6, generator=g),
+                torch.randn(steps, 4 * ctx.world_size, 6, generator=g))
         mine = [[(local_shard(x[s], ctx.rank, ctx.world_size), local_shard(y[s], ctx.rank, ctx.world_size))]
                 for s in range(steps)]
         out = {}

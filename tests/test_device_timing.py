@@ -266,7 +266,7 @@ def test_rank_functions_synchronise_their_device_around_every_timed_region():
     """Fails while lab 01's ping-pong, its collective timings, lab 02's wrappers, lab 03's stages or lab 04's
     executor read the clock without synchronising ``ctx.device``."""
     res = labkit.launch(_timed_ranks, world_size=2, timeout=300)
-    for rank, out in enumerate(res):
+    for _rank, out in enumerate(res):
         dev = out["device"]  # every synchronise names the rank's device
         assert out["pingpong"] == {dev: 2 * 3 * (2 + 1)}  # ranks 0 and 1: both ends of every bounce, warm-up too
         assert out["collectives"] == {dev: 2 * 2 * (2 + 1)}  # 2 algorithms x (warm-up + 2 repeats), both ends

@@ -62,7 +62,8 @@ def test_a_broken_step_fails_the_dry_run(tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     text = SCRIPT.read_text()
     broken = (text.replace("--max-iter 50", "--max-iters 50")                         # an option that does not exist
-              .replace("--device cuda --quick --model resnet18", "--device gpu --quick --model resnet18")  # a bad choice
+              # a bad choice
+              .replace("--device cuda --quick --model resnet18", "--device gpu --quick --model resnet18")
               .replace("tour -n 1 --require-backend nccl", "tour 00 -n 1 --require-backend nccl")   # one lab only
               .replace("notebooks/09_hardware.ipynb", "notebooks/09_hardwar.ipynb"))            # a missing notebook
     assert broken.count("\n") == text.count("\n") and broken != text

@@ -71,7 +71,7 @@ def test_graded_refuses_a_result_in_place_of_the_check():
         graded(lambda answer: True, lambda x: 2 * x)
 
 
-# --- through nbgrader ----------------------------------------------------------------------------------------------------
+# --- through nbgrader -------------------------------------------------------------------------------------------------
 
 nbgrader = pytest.importorskip("nbgrader", reason="nbgrader is not installed (pip install -r requirements.txt)")
 from labkit import grading  # noqa: E402
@@ -155,7 +155,7 @@ def test_every_student_version_runs_to_the_end_saying_not_attempted(course, name
     assert all("not attempted yet" in said[i] for i in graded_cells), [said[i] for i in graded_cells]
 
 
-# --- autograde: two students and a corrupt file -------------------------------------------------------------------------
+# --- autograde: two students and a corrupt file -----------------------------------------------------------------------
 
 LAB = "03_model_parallel"     # two exercises, one of the quicker notebooks to run twice
 

@@ -71,7 +71,8 @@ def _collective_checks(ctx, g):
             ref = [torch.empty_like(x) for _ in range(n)]
             dist.all_gather(ref, x, group=g)
             got = C.all_gather(x, group=g)
-            for name, want in (("all-gather", ref), ("all-gather vs members' data", [_data(m, numel, dtype) for m in members])):
+            for name, want in (("all-gather", ref),
+                               ("all-gather vs members' data", [_data(m, numel, dtype) for m in members])):
                 cases += 1
                 if not all(torch.equal(a, b) for a, b in zip(got, want)):
                     bad.append(f"{name}, {numel} {dtype}, rank {ctx.rank}")
@@ -117,7 +118,8 @@ def _megatron_checks(ctx, g):
 
     # gather_channels / scatter_channels: a gathered column layer, then a row layer that splits its input
     lin = nn.Sequential(ref[0], ref[2])
-    split = nn.Sequential(sc.ColumnParallel(ref[0], gr, n, True, group=g), sc.RowParallel(ref[2], input_is_split=False, group=g))
+    split = nn.Sequential(sc.ColumnParallel(ref[0], gr, n, True, group=g),
+                          sc.RowParallel(ref[2], input_is_split=False, group=g))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya2, yb2 = lin(xa), split(xb)
     (ya2 * w).sum().backward()
@@ -208,7 +210,8 @@ def test_logs_name_group_ranks_and_match_the_schedules(results):
                 for gr, log in enumerate(logs):
                     assert log, (label, alg, gr)
                     assert all(m["src"] == gr and 0 <= m["dst"] < n and m["dst"] != gr for m in log), (label, alg, log)
-                assert C.log_matches_schedule(logs, "ring" if alg == "ring_pipelined" else alg, n), (label, members, alg)
+                assert C.log_matches_schedule(
+                    logs, "ring" if alg == "ring_pipelined" else alg, n), (label, members, alg)
 
 
 @pytest.mark.timeout(300)
@@ -239,5 +242,6 @@ def test_rank_or_world_against_the_group_and_outsiders_are_refused(results):
             assert "group=None" in not_member
         else:
             assert not_member is None
-        assert not_group.startswith("TypeError: group must be a torch.distributed ProcessGroup") and "DeviceMesh" in not_group
+        assert (not_group.startswith("TypeError: group must be a torch.distributed ProcessGroup")
+                and "DeviceMesh" in not_group)
         assert res["default_group_slice"]

@@ -4,11 +4,9 @@ import platform
 
 import pytest
 
-from labkit.hardware import Setup, TransformerShape, bf16_by_isa, cpu_info, estimate, predict_bf16
-from labkit.hardware import lab
+from labkit.hardware import Setup, TransformerShape, bf16_by_isa, cpu_info, estimate, lab, predict_bf16
 from labkit.hardware.cpu import CpuInfo
 from labkit.memory_model import transformer_params
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # measured as the notebook measures: one thread
 

@@ -5,11 +5,25 @@ import torch
 import torch.nn as nn
 
 from labkit._validate import ArgumentError
-from labkit.hardware import Setup, TransformerShape, compare, confirm_batch, estimate, largest_batch, measure
-from labkit.hardware import tiny_transformer
+from labkit.hardware import (
+    Setup,
+    TransformerShape,
+    compare,
+    confirm_batch,
+    estimate,
+    largest_batch,
+    measure,
+    tiny_transformer,
+)
 from labkit.hardware.walk import ce_loss as _loss
-from labkit.memory_model import (GB, bytes_per_parameter, pipeline_in_flight, transformer_activations,
-                                 transformer_params, zero_bytes_per_rank)
+from labkit.memory_model import (
+    GB,
+    bytes_per_parameter,
+    pipeline_in_flight,
+    transformer_activations,
+    transformer_params,
+    zero_bytes_per_rank,
+)
 from labkit.sliced.models import build_model, saved_bytes
 
 SHAPE = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=8)

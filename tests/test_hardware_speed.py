@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
+from labkit import hardware as hw
 from labkit._validate import ArgumentError
 from labkit.hardware import cpu as hwcpu
-from labkit import hardware as hw
 from labkit.hardware import speed, step
 from labkit.hardware.timing import Timing, interleaved
 

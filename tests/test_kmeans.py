@@ -5,8 +5,15 @@ import torch
 
 import labkit
 import labkit.semisup  # noqa: F401  (labkit.semisup.split)
-from labkit.kmeans import (KMeans, assign, cluster_then_label, cluster_then_label_method, kmeans_plusplus,
-                           label_clusters, shard_bounds)
+from labkit.kmeans import (
+    KMeans,
+    assign,
+    cluster_then_label,
+    cluster_then_label_method,
+    kmeans_plusplus,
+    label_clusters,
+    shard_bounds,
+)
 from labkit.kmeans import lab as L
 from labkit.kmeans.datasets import load
 

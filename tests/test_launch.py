@@ -199,13 +199,13 @@ def test_keyboard_interrupt_stops_every_rank(tmp_path):
     os.kill(p.pid, signal.SIGINT)
     try:
         out, err = p.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         os.kill(p.pid, signal.SIGUSR1)   # its stacks, to say where it waits
         time.sleep(3)
         p.kill()
         out, err = p.communicate(timeout=30)
         raise AssertionError(f"not stopped 90 s after SIGINT; its signal state before: {state}; this test's: "
-                             f"{_signal_state(os.getpid())}\nstdout: {out[-1000:]}\nstderr: {err[-6000:]}")
+                             f"{_signal_state(os.getpid())}\nstdout: {out[-1000:]}\nstderr: {err[-6000:]}") from e
     assert "INTERRUPTED" in out, err
     leftover = subprocess.run(["pgrep", "-f", "labkit.runtime._worker"], capture_output=True, text=True).stdout.split()
     for pid in leftover:  # none of the leftovers may be children of the interrupted script
@@ -277,7 +277,8 @@ def test_same_function_under_torchrun():
     if not os.path.exists(torchrun):
         pytest.skip("torchrun is not installed next to this Python")
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "labkit", "run", "labkit.runtime.lab:hello_rank"],
+    p = subprocess.run([torchrun, "--standalone", "--nproc-per-node=2", "-m", "labkit", "run",
+                        "labkit.runtime.lab:hello_rank"],
                        capture_output=True, text=True, timeout=480, env=env, cwd=REPO)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "rank 0: 1.0" in p.stdout and "rank 1: 1.0" in p.stdout

@@ -3,9 +3,18 @@ import pytest
 import torch
 
 import labkit
-from labkit.pipeline import (SleepStage, SleepStages, SplitModel, max_grad_error, pipeline_rank, reference_step,
-                             run_pipeline, run_torch_pipelining, speedup_over_naive,
-                             split_batch)
+from labkit.pipeline import (
+    SleepStage,
+    SleepStages,
+    SplitModel,
+    max_grad_error,
+    pipeline_rank,
+    reference_step,
+    run_pipeline,
+    run_torch_pipelining,
+    speedup_over_naive,
+    split_batch,
+)
 from labkit.pipeline.schedules import bubble_fraction
 
 
@@ -131,13 +140,14 @@ def test_bad_input_gives_clear_errors():
         SleepStage(-1.0, 0.0)
     # world size not equal to the number of stages, on real ranks
     with pytest.raises(labkit.RankError, match="launch with world_size=3"):
-        labkit.launch(pipeline_rank, world_size=2, kwargs=dict(make_stage=model, batch=batch, n_micro=2, n_stages=3), pool=True,
-                      echo=False)
+        labkit.launch(pipeline_rank, world_size=2, kwargs=dict(make_stage=model, batch=batch, n_micro=2, n_stages=3),
+                      pool=True, echo=False)
 
 
 @pytest.mark.timeout(120)
 def test_bench_rows_and_arguments():
-    from labkit.pipeline.bench import bench_simulated, main as bench_main
+    from labkit.pipeline.bench import bench_simulated
+    from labkit.pipeline.bench import main as bench_main
 
     rows = bench_simulated(ps=(2,), ms=(2,), forward_s=0.002, backward_s=0.004, repeats=1)
     assert len(rows) == 1 and rows[0]["theory pm/(m+p-1)"] == pytest.approx(4 / 3)
@@ -183,7 +193,8 @@ def test_1f1b_order_check_correct_stub_and_wrong_answers():
 
     fixed = [(0, 4, 8), (3, 4, 8), (1, 4, 8), (0, 2, 1), (0, 4, 2), (2, 3, 5)]
     table = {c: _my_1f1b(*c) for c in fixed}  # hard-codes the fixed cases, GPipe order elsewhere
-    res = check_1f1b_order(lambda s, p, m: table.get((s, p, m), [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]))
+    res = check_1f1b_order(lambda s, p, m: table.get((s, p, m),
+                                                     [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]))
     assert not res.passed and res.failed_cases and all("drawn now" in c.name for c in res.failed_cases)
 
     gpipe_order = lambda s, p, m: [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]

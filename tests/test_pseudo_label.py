@@ -5,11 +5,26 @@ from scipy.stats import multivariate_normal
 
 import labkit
 from labkit import semisup
-from labkit.pseudo_label import (GaussianEM, SelfTraining, e_step, expected_calibration_error, fit_temperature,
-                                 log_joint, odds_to_posterior_threshold, posterior_odds,
-                                 posterior_to_odds_threshold, reliability_diagram, softmax, train_cnn,
-                                 strong_augment, weak_augment, cross_fitted_temperature)
-from labkit.pseudo_label import bench, lab, methods
+from labkit.pseudo_label import (
+    GaussianEM,
+    SelfTraining,
+    bench,
+    cross_fitted_temperature,
+    e_step,
+    expected_calibration_error,
+    fit_temperature,
+    lab,
+    log_joint,
+    methods,
+    odds_to_posterior_threshold,
+    posterior_odds,
+    posterior_to_odds_threshold,
+    reliability_diagram,
+    softmax,
+    strong_augment,
+    train_cnn,
+    weak_augment,
+)
 
 
 @pytest.fixture(scope="module")

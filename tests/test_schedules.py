@@ -4,7 +4,6 @@ import pytest
 from labkit.pipeline import schedules as S
 from labkit.pipeline.schedules import Action
 
-
 PM = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
 
 
@@ -99,7 +98,8 @@ def test_deadlock_and_bad_orders_are_reported():
         S.validate([[F(0), B(0)]], 2)
 
 
-@pytest.mark.parametrize("bad", [dict(name="zigzag"), dict(p=0), dict(m=0), dict(m=1.5), dict(name="interleaved", p=2, m=3)])
+@pytest.mark.parametrize("bad", [dict(name="zigzag"), dict(p=0), dict(m=0), dict(m=1.5),
+                                 dict(name="interleaved", p=2, m=3)])
 def test_bad_input(bad):
     kw = dict(name="1f1b", p=2, m=4) | bad
     with pytest.raises(ValueError) as e:
@@ -121,6 +121,7 @@ def test_theory_values():
 
 def test_single_process_baseline_and_reference_agree():
     import torch
+
     from labkit.pipeline import SplitModel, reference_step, time_in_process
 
     model = SplitModel("mlp", n_stages=3)

@@ -9,8 +9,15 @@ import labkit
 from labkit import sliced
 from labkit import sliced as sc
 from labkit.partition import cuts_to_sizes, even_cuts, sizes_to_cuts
-from labkit.sliced import (StagedModel, build_model, candidate_cuts, flatten_resnet, small_resnet, split_costs,
-                           split_stages)
+from labkit.sliced import (
+    StagedModel,
+    build_model,
+    candidate_cuts,
+    flatten_resnet,
+    small_resnet,
+    split_costs,
+    split_stages,
+)
 from labkit.sliced import lab as sliced_lab
 
 
@@ -159,7 +166,8 @@ def test_four_stages_and_world_size_mismatch():
     assert [x["layers"][0] for x in r["ranks"]] == ["conv1", "maxpool", "layer3_0", "flatten"]
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     with pytest.raises(labkit.RankError) as e:
-        labkit.launch(sliced.stage_rank, world_size=2, kwargs=dict(model="small", cuts=[3, 6], x=x, y=y), pool=True, echo=False)
+        labkit.launch(sliced.stage_rank, world_size=2, kwargs=dict(model="small", cuts=[3, 6], x=x, y=y), pool=True,
+                      echo=False)
     assert "world_size=3" in str(e.value) or "world_size=3" in "".join(e.value.tracebacks.values())
 
 

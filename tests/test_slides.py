@@ -53,7 +53,8 @@ def test_course_deck_executes_with_its_figure(course_build):
     # the figure made at build time by a real 2-rank all-reduce is embedded in the page
     imgs = re.findall(r"<img\b[^>]*>", html)
     assert len(imgs) == 1, imgs
-    assert re.search(r'src="data:image/png;base64,[^"]{1000,}"', imgs[0]) and re.search(r'alt="[^"]*all-reduce', imgs[0])
+    assert (re.search(r'src="data:image/png;base64,[^"]{1000,}"', imgs[0])
+            and re.search(r'alt="[^"]*all-reduce', imgs[0]))
     # no cell raised (an error would have failed the build) and nothing printed a traceback
     assert "Traceback (most recent call last)" not in html
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html
@@ -166,6 +167,7 @@ def test_a_failing_deck_names_the_deck_and_cell(tmp_path):
                              new_code_cell("# the broken one\nraise RuntimeError('boom in deck')")])
     p = tmp_path / "99_broken.ipynb"
     nbformat.write(nb, str(p))
-    with pytest.raises(slides.SlideBuildError, match=r"(?s)deck 99_broken: cell 2 \('# the broken one'\) raised.*boom in deck"):
+    with pytest.raises(slides.SlideBuildError,
+                       match=r"(?s)deck 99_broken: cell 2 \('# the broken one'\) raised.*boom in deck"):
         slides.build([str(p)], out_dir=tmp_path / "o", execute=True, timeout=60, quiet=True)
     assert not (tmp_path / "o" / "99_broken.slides.html").exists()

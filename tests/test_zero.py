@@ -522,12 +522,12 @@ def test_measured_bytes_per_rank_match_the_memory_model(n):
 
     for r in _run(n):
         a = r["adam32"]
-        for stage, m, measured in ((1, "zero1", {"optimizer": a["zero1"]["state_numel"] * 4}),
-                                   (2, "zero2", {"optimizer": a["zero2"]["state_numel"] * 4,
-                                                 "grads": a["zero2"]["grad_numel"] * 4}),
-                                   (3, "zero3", {"optimizer": a["zero3"]["state_numel"] * 4,
-                                                 "grads": a["zero3"]["grad_numel"] * 4,
-                                                 "weights": a["zero3"]["held_numel"] * 4})):
+        for stage, _name, measured in ((1, "zero1", {"optimizer": a["zero1"]["state_numel"] * 4}),
+                                      (2, "zero2", {"optimizer": a["zero2"]["state_numel"] * 4,
+                                                    "grads": a["zero2"]["grad_numel"] * 4}),
+                                      (3, "zero3", {"optimizer": a["zero3"]["state_numel"] * 4,
+                                                    "grads": a["zero3"]["grad_numel"] * 4,
+                                                    "weights": a["zero3"]["held_numel"] * 4})):
             model = zero_bytes_per_rank(P, n, stage, precision="fp32", optimizer="adam")
             slack = len(UNITS) if stage == 3 else 1  # values of rounding up, per buffer
             per_value = {"optimizer": 8, "grads": 4, "weights": 4}

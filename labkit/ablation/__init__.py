@@ -8,7 +8,8 @@
 * :mod:`.study`: :class:`Study` (a baseline, factors, seeds, one-at-a-time or grid design), the trial hash,
   study files in TOML (:func:`load_study`).
 * :mod:`.store`: the SQLite results file (:class:`Store`), crash-safe; :func:`merge` of shard files.
-* :mod:`.runner`: :func:`run_study`, worker processes (N CPU workers with one thread; one per GPU for a trial with ``uses_gpu = True``), resume.
+* :mod:`.runner`: :func:`run_study`, worker processes (N CPU workers with one thread; one per GPU for a trial with
+  ``uses_gpu = True``), resume.
 * :mod:`.stats`: the t distribution, paired differences with t or bootstrap intervals, Holm's adjustment.
 * :mod:`.plots`: the differences with their intervals, learning curves.
 * :mod:`.reporting`: :func:`report` (the table, CSV, pandas) and :func:`selection_bias` ("best of N").

@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
 import labkit.ablation.factors as fx  # not `from . import`: that would import the package, a cycle
+
+from .._validate import ArgumentError, check_choice, check_int, check_number
 
 __all__ = ["Recipe", "BASELINE", "run_trial", "digits_split", "make_cnn", "pretrained_body", "teacher",
            "pseudo_labels", "N_LABELLED", "N_UNLABELLED", "N_PRETRAIN", "SPLIT_SEED", "TEACHER_WIDTH"]

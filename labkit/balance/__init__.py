@@ -10,11 +10,18 @@ slowest stage (which sets the pace) is as fast as it can be.
 - ``lab``: exercise checks and the tour.
 """
 from ..partition import check_cuts, cuts_to_sizes, even_cuts, sizes_to_cuts, stage_sums
-from .profile import (LayerProfile, SleepLayer, as_layers, balance_by_memory, balance_by_time, memory_costs,
-                      profile_layers, sleep_layers)
+from .profile import (
+                      LayerProfile,
+                      SleepLayer,
+                      as_layers,
+                      balance_by_memory,
+                      balance_by_time,
+                      memory_costs,
+                      profile_layers,
+                      sleep_layers,
+)
 from .run import Comparison, compare_splits, lab_model, measure_stages, micro_sample, sleep_pipeline
-from .solvers import (Split, brute_force_partition, evaluate_split, fits, gpipe_timeline, greedy_split,
-                      min_max_partition)
+from .solvers import Split, brute_force_partition, evaluate_split, fits, gpipe_timeline, greedy_split, min_max_partition
 
 __all__ = [
     "check_cuts", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_sums",

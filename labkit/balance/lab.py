@@ -15,7 +15,6 @@ from .profile import balance_by_memory, balance_by_time, memory_costs, profile_l
 from .run import lab_model, micro_sample
 from .solvers import brute_force_partition, evaluate_split, fits, greedy_split, min_max_partition
 
-
 # --------------------------------------------------------------------------- exercise checks
 EXERCISE_COSTS = [7, 2, 5, 8, 3, 6, 4, 9, 1, 5]
 EXERCISE_STAGES = 3

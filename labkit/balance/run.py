@@ -80,7 +80,8 @@ class Comparison:
         out = []
         for r in self.rows:
             row = {"split": r["split"], "cuts": str(r["cuts"]), "sizes": str(r["sizes"]),
-                   "predicted stage ms": _fmt(r["predicted_stage_ms"]), "measured stage ms": _fmt(r["measured_stage_ms"]),
+                   "predicted stage ms": _fmt(r["predicted_stage_ms"]),
+                   "measured stage ms": _fmt(r["measured_stage_ms"]),
                    "predicted step ms": r["predicted_step_ms"]}
             if "pipeline_step_ms" in r:
                 row["pipeline step ms"] = r["pipeline_step_ms"]
@@ -97,7 +98,8 @@ class Comparison:
             axes = axes[0]
         for ax, r in zip(axes, self.rows):
             xs = range(len(r["cuts"]) + 1)
-            ax.bar([x - 0.2 for x in xs], r["predicted_stage_ms"], 0.4, label="predicted (sum of layers)", color="#9ecae9")
+            ax.bar([x - 0.2 for x in xs], r["predicted_stage_ms"], 0.4, label="predicted (sum of layers)",
+                   color="#9ecae9")
             ax.bar([x + 0.2 for x in xs], r["measured_stage_ms"], 0.4, label="measured (stage)", color="#4c78a8")
             ax.axhline(max(r["measured_stage_ms"]), color="#c33", lw=1, ls="--")
             ax.set_xticks(list(xs))

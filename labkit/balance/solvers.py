@@ -8,7 +8,8 @@ slowest stage (which sets the pace of the whole pipeline) is as fast as it can b
 
 Vocabulary. ``n`` layers are cut into ``k`` contiguous stages by ``k - 1`` *cuts*: a cut ``c``
 means "a new stage starts at layer ``c``", so the cuts are strictly increasing integers in
-``1 .. n-1`` (:mod:`labkit.partition`, shared with :mod:`labkit.sliced` and :class:`labkit.pipeline.SplitModel`). ``sizes`` (layers per stage, what torchgpipe calls a
+``1 .. n-1`` (:mod:`labkit.partition`, shared with :mod:`labkit.sliced` and :class:`labkit.pipeline.SplitModel`).
+``sizes`` (layers per stage, what torchgpipe calls a
 *balance*) say the same thing: ``cuts [4]`` of 6 layers is ``sizes [4, 2]``.
 
 The problem. Given non-negative layer costs ``c_0 .. c_{n-1}``, choose the cuts minimising

@@ -106,7 +106,8 @@ def check_configuration(choose, model, cluster) -> CheckResult:
     from .planner import plan, rule_out
 
     def thunk():
-        with refusing(_planner, "you called the planner: choose from the model's memory and the placement rule yourself"):
+        with refusing(_planner, "you called the planner: choose from the model's memory and the placement rule "
+                                "yourself"):
             choice = choose(model, cluster)
         if not (isinstance(choice, (tuple, list)) and len(choice) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in choice)):

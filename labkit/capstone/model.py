@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .._validate import ArgumentError, check_int
 

@@ -48,8 +48,17 @@ import math
 from dataclasses import dataclass, field
 
 from .._validate import ArgumentError, check_choice, check_int, check_number
-from ..memory_model import (GB, OPTIMIZERS, PRECISIONS, RECOMPUTE, bytes_per_parameter, pipeline_in_flight,
-                            transformer_activations, transformer_params, zero_bytes_per_rank)
+from ..memory_model import (
+    GB,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECOMPUTE,
+    bytes_per_parameter,
+    pipeline_in_flight,
+    transformer_activations,
+    transformer_params,
+    zero_bytes_per_rank,
+)
 from ..runtime.mesh import check_shape, rank_of
 from ..viz import format_table
 

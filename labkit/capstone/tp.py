@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .._validate import ArgumentError
 from ..sliced.channels import copy_to_ranks, reduce_from_ranks, shard_layer

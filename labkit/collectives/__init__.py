@@ -9,10 +9,34 @@
   the library (``python -m labkit bench collectives``); ``plots``: schedules, animations, bandwidth curves.
 """
 from .algorithms import all_gather, all_reduce, reduce_scatter
-from .cost import (DEFAULT_ALPHA_BETA, LIBRARY, MODELLED, bandwidths, bus_factor, cost_terms, crossover_bytes,
-                   describe_alpha_beta, fit_alpha_beta, predict_time, usable_alpha_beta)
-from .schedules import (ALGORITHMS, OPS, SCHEDULES, Message, Schedule, chunk_bounds, final_owners,
-                        log_matches_schedule, merge_logs, ring_traffic_problems, schedule, schedule_from_logs, simulate)
+from .cost import (
+                   DEFAULT_ALPHA_BETA,
+                   LIBRARY,
+                   MODELLED,
+                   bandwidths,
+                   bus_factor,
+                   cost_terms,
+                   crossover_bytes,
+                   describe_alpha_beta,
+                   fit_alpha_beta,
+                   predict_time,
+                   usable_alpha_beta,
+)
+from .schedules import (
+                   ALGORITHMS,
+                   OPS,
+                   SCHEDULES,
+                   Message,
+                   Schedule,
+                   chunk_bounds,
+                   final_owners,
+                   log_matches_schedule,
+                   merge_logs,
+                   ring_traffic_problems,
+                   schedule,
+                   schedule_from_logs,
+                   simulate,
+)
 from .validation import ranks_agree
 
 __all__ = [

@@ -23,6 +23,7 @@ from ..distops import p2p, recv, send, wait_all
 from .schedules import _check_algorithm, _hd_layout, chunk_bounds
 from .validation import _check_log, _check_same_everywhere, _check_tensor, _group_position, _op_name
 
+
 def _reduce_into(dst, src, op: str) -> None:
     import torch
 

@@ -17,6 +17,7 @@ from .algorithms import all_gather, all_reduce, reduce_scatter
 from .cost import LIBRARY, bandwidths, fit_alpha_beta, predict_time, usable_alpha_beta
 from .schedules import ALGORITHMS
 
+
 # ------------------------------------------------------------------------------------ on the ranks
 def _op_for(name: str, n: int):
     import torch.distributed as dist
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m labkit bench collectives``: busbw of each all-reduce algorithm, and of ring reduce-scatter
     and all-gather, next to the library's own, measured in the same run."""
     import labkit
+
     from ..viz import format_table
 
     ap = argparse.ArgumentParser(prog="python -m labkit bench collectives", description=main.__doc__)

@@ -2,22 +2,31 @@
 shown rank by rank, the exercise checks and the headless tour.
 
 Rank functions (``*_rank``, ``ctx`` first) run on every rank through :func:`labkit.launch`. The algorithms
-themselves are in :mod:`.algorithms` and their pure schedules in :mod:`.schedules`.
+themselves are in :mod:`.algorithms` and their pure schedules in :mod:`.schedules`. The module is long because
+it holds the rank functions beside the exercise checks and the tour that launch them.
 """
 from __future__ import annotations
 
 import random
-import time
 from collections import Counter
 
 from .. import checks, distops
+from .._calls import calls_to
+from ..devices import now
 from ..runtime import launch
 from ..tour import check_row
 from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
-from .schedules import (ALGORITHMS, OPS, SCHEDULES, _check_algorithm, final_owners, log_matches_schedule,
-                        ring_traffic_problems, schedule, simulate)
-from .._calls import calls_to
-from ..devices import now
+from .schedules import (
+    ALGORITHMS,
+    OPS,
+    SCHEDULES,
+    _check_algorithm,
+    final_owners,
+    log_matches_schedule,
+    ring_traffic_problems,
+    schedule,
+    simulate,
+)
 from .validation import _op_name, watch_p2p
 
 
@@ -238,8 +247,8 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
     return checks.run_cases("ring all-reduce: the sum of dist.all_reduce, with a ring's messages", cases,
                             hint="cut the tensor into n chunks (torch.tensor_split); n-1 reduce-scatter steps, then "
                                  "n-1 all-gather steps, each sending one chunk to the right neighbour and receiving "
-                                 "one from the left; post both as dist.P2POp in one dist.batch_isend_irecv (the form NCCL "
-                                 "needs), then wait for both")
+                                 "one from the left; post both as dist.P2POp in one dist.batch_isend_irecv (the form "
+                                 "NCCL needs), then wait for both")
 
 
 # --------------------------------------------------------------------------------------- tour
@@ -286,7 +295,8 @@ def tour(world_size: int = 2) -> list[dict]:
         def fn():
             cs = [c for c in state["res"][0]["cases"] if c["case"].startswith(prefix)]
             fails = [c["case"] for c in cs if not c["ok"]]
-            return (bool(cs) or not need_some) and not fails, f"{len(cs)} cases" + (f"; failed: {fails[:2]}" if fails else "")
+            return ((bool(cs) or not need_some) and not fails,
+                    f"{len(cs)} cases" + (f"; failed: {fails[:2]}" if fails else ""))
         return fn
 
     for alg in ALGORITHMS:
@@ -311,7 +321,8 @@ def traced_all_reduce_rank(ctx, algorithm: str = "ring", numel: int = 1024, op: 
 
     x = _sample(numel, torch.float32, ctx.rank, ctx.device)
     want = x.clone()
-    dist.all_reduce(want, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}[_op_name(op)])
+    dist.all_reduce(want, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                              "avg": dist.ReduceOp.AVG}[_op_name(op)])
     log: list = []
     dist.barrier()
     t0 = now(ctx.device)
@@ -374,8 +385,8 @@ def check_bytes_per_rank(fn, seed: int | None = None, cases_per_algorithm: int =
             with calls_to(*watched) as called:
                 got = fn(alg, S, n)
             if called:
-                raise AssertionError(f"you called labkit's {', '.join(sorted(called))}, which compute this for you; work the "
-                                     f"count out from the algorithm's steps instead")
+                raise AssertionError(f"you called labkit's {', '.join(sorted(called))}, which compute this for you; "
+                                     f"work the count out from the algorithm's steps instead")
             try:
                 value = float(got)
             except (TypeError, ValueError):

@@ -63,7 +63,8 @@ def plot_collective(results, name: str, axes=None):
 
 
 def _positions(n: int):
-    return [(math.cos(math.pi / 2 - 2 * math.pi * r / n), math.sin(math.pi / 2 - 2 * math.pi * r / n)) for r in range(n)]
+    return [(math.cos(math.pi / 2 - 2 * math.pi * r / n), math.sin(math.pi / 2 - 2 * math.pi * r / n))
+            for r in range(n)]
 
 
 def draw_step(sched: Schedule, step: int, ax=None):
@@ -84,7 +85,8 @@ def draw_step(sched: Schedule, step: int, ax=None):
         dx, dy = x1 - x0, y1 - y0
         d = math.hypot(dx, dy) or 1.0
         ox, oy = -dy / d * 0.06, dx / d * 0.06  # shift sideways so a<->b exchanges show two arrows
-        sx, sy, ex, ey = x0 + dx / d * 0.18 + ox, y0 + dy / d * 0.18 + oy, x1 - dx / d * 0.18 + ox, y1 - dy / d * 0.18 + oy
+        sx, sy, ex, ey = (x0 + dx / d * 0.18 + ox, y0 + dy / d * 0.18 + oy,
+                          x1 - dx / d * 0.18 + ox, y1 - dy / d * 0.18 + oy)
         colour = "#54a24b" if m.op == "reduce" else "#4c78a8"
         ax.annotate("", xy=(ex, ey), xytext=(sx, sy), arrowprops=dict(arrowstyle="->", color=colour, lw=1.8))
         label = _chunk_label(m.chunks, sched.n_chunks) if m.data_from is None else f"data of {m.data_from}"
@@ -225,6 +227,7 @@ def plot_predicted_vs_measured(rows, alpha: float, beta: float, ax=None, title: 
     ax.set_xlabel("message size (bytes)")
     ax.set_ylabel("time (ms)")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title or f"alpha-beta model (alpha={alpha * 1e6:.0f} us, 1/beta={1 / beta / 1e9 if beta else 0:.2f} GB/s)"
+    ax.set_title(title or f"alpha-beta model (alpha={alpha * 1e6:.0f} us, "
+                 f"1/beta={1 / beta / 1e9 if beta else 0:.2f} GB/s)"
                  " vs measured", fontsize=9)
     return ax

@@ -7,9 +7,20 @@
 - ``training``: the lab's small CNN, the digits as images, ``train_steps`` (accumulation, timelines).
 - ``lab``: rank functions, exercise checks, tour; ``bench``: steps per second against torch's DDP.
 """
-from .plan import (MB, RULES, TORCH_DEFAULT_BUCKET_MB, TORCH_FIRST_BUCKET_MB, check_bucket_mb, chunk_ranges,
-                   distributed_shards, local_shard, model_step, plan_buckets, torch_bucket_assignment,
-                   ring_allreduce_seconds)
+from .plan import (
+                   MB,
+                   RULES,
+                   TORCH_DEFAULT_BUCKET_MB,
+                   TORCH_FIRST_BUCKET_MB,
+                   check_bucket_mb,
+                   chunk_ranges,
+                   distributed_shards,
+                   local_shard,
+                   model_step,
+                   plan_buckets,
+                   ring_allreduce_seconds,
+                   torch_bucket_assignment,
+)
 from .training import digits_tensors, flat_params, small_cnn, train_steps
 from .wrappers import ALGORITHMS, BucketedDDP, NaiveDDP, OverlappedDDP, Timeline, TorchDDP, make_ddp
 

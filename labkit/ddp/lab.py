@@ -491,7 +491,8 @@ def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, time
             try:
                 guess = [list(map(int, b)) for b in guess]
             except TypeError:
-                raise AssertionError(f"return a list of buckets, each a list of positions into sizes; got {guess!r}")
+                raise AssertionError(f"return a list of buckets, each a list of positions into sizes; got {guess!r}") \
+                    from None
             if guess != got["buckets"] and guess == plan_buckets(got["sizes"], cap, first_bucket_mb=first):
                 raise AssertionError("that is labkit's rule (close before overflowing); torch's reducer adds the "
                                      "gradient first and closes the bucket once it has reached the cap")
@@ -554,7 +555,8 @@ def tour(world_size: int = 2) -> list[dict]:
     def accumulation(skip):
         key = "skip" if skip else "sync"
         worst = max(x[key]["overlapped"]["vs_reference"] for x in res)
-        return worst < 1e-10, (f"max diff {worst:.1e}; {res[0][key]['overlapped']['stats']['allreduce_bytes'] / 1e3:.0f}"
+        return worst < 1e-10, (f"max diff {worst:.1e}; "
+                               f"{res[0][key]['overlapped']['stats']['allreduce_bytes'] / 1e3:.0f}"
                                f" kB all-reduced in 2 steps")
 
     def fewer_bytes():

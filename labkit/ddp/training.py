@@ -61,7 +61,8 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[
     times = []
     for s, micro in enumerate(batches):
         if len(micro) != accum:
-            raise ValueError(f"step {s} has {len(micro)} micro-batches but accum={accum}; pass accum micro-batches per step")
+            raise ValueError(f"step {s} has {len(micro)} micro-batches but accum={accum}; "
+                             "pass accum micro-batches per step")
         t_step = now(dev)
         opt.zero_grad(set_to_none=True)
         for m, (x, y) in enumerate(micro):

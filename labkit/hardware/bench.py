@@ -137,8 +137,8 @@ def run(names, device="cpu", trials=7, quick=True, echo=print, model=None, batch
                           device)
         return bf16_by_isa(batch=8 if quick else 16, trials=trials)
 
-    fns = {"memory": memory_check, "precision": mixed_precision, "isa": isa, "channels_last": channels_last_speed, "compile": compile_speed,
-           "batch": batch_sweep, "checkpoint": checkpointing, "input": input_pipeline}
+    fns = {"memory": memory_check, "precision": mixed_precision, "isa": isa, "channels_last": channels_last_speed,
+           "compile": compile_speed, "batch": batch_sweep, "checkpoint": checkpointing, "input": input_pipeline}
     out = {}
     for name in names:
         try:

@@ -27,8 +27,15 @@ import torch
 import torch.nn as nn
 
 from .._validate import ArgumentError, check_choice, check_int
-from ..memory_model import (OPTIMIZERS, PRECISIONS, bytes_per_parameter, pipeline_in_flight, transformer_activations,
-                            transformer_params, zero_bytes_per_rank)
+from ..memory_model import (
+    OPTIMIZERS,
+    PRECISIONS,
+    bytes_per_parameter,
+    pipeline_in_flight,
+    transformer_activations,
+    transformer_params,
+    zero_bytes_per_rank,
+)
 from .transformer import TransformerShape
 from .walk import backward_peak, checkpointed, meta_call, nbytes
 

@@ -65,7 +65,7 @@ def memory_stack(bars: Mapping[str, Mapping[str, float]], limits: Mapping[str, f
     ax = _ax(ax, figsize=(1.6 + 1.1 * len(bars), 3.4))
     order = list(COMPONENT_COLOURS) + sorted({c for b in bars.values() for c in b} - set(COMPONENT_COLOURS))
     seen = set()
-    for i, (label, parts) in enumerate(bars.items()):
+    for i, parts in enumerate(bars.values()):
         bottom = 0.0
         for comp in order:
             v = float(parts.get(comp, 0.0)) / unit

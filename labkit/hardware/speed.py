@@ -38,11 +38,22 @@ from torch import nn
 
 from .._validate import ArgumentError, check_int
 from ..devices import now
-from ..sliced.models import saved_bytes, small_resnet
 from ..runtime.launcher import child_env
+from ..sliced.models import saved_bytes, small_resnet
 from .cpu import ONEDNN_ISAS, cpu_info, gpu_info, predict_bf16
-from .step import (LOSS_RTOL, Result, _agreement, _close, _model_name, _setup, _skipped, _threads,
-                   _timed_row, _where, make_step)
+from .step import (
+    LOSS_RTOL,
+    Result,
+    _agreement,
+    _close,
+    _model_name,
+    _setup,
+    _skipped,
+    _threads,
+    _timed_row,
+    _where,
+    make_step,
+)
 from .timing import interleaved
 
 __all__ = ["mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep", "checkpointing"]

@@ -7,10 +7,9 @@
   iteration), the init broadcast from rank 0, and k-means|| (Bahmani et al. 2012) across ranks;
 * :mod:`.cluster_label` — cluster-then-label (majority label per cluster), instrumented.
 """
+from .cluster_label import ClusterLabelResult, cluster_then_label, cluster_then_label_method, label_clusters  # noqa: F401
+from .distributed import centroid_update, fit_distributed, kmeans_parallel, shard, shard_bounds  # noqa: F401
 from .estimator import KMeans, assign, kmeans_plusplus, lloyd, tolerance  # noqa: F401
-from .distributed import (centroid_update, fit_distributed, kmeans_parallel, shard, shard_bounds)  # noqa: F401
-from .cluster_label import (ClusterLabelResult, cluster_then_label, cluster_then_label_method,  # noqa: F401
-                            label_clusters)
 
 __all__ = ["KMeans", "assign", "kmeans_plusplus", "lloyd", "tolerance", "fit_distributed", "kmeans_parallel",
            "centroid_update", "shard", "shard_bounds", "cluster_then_label", "cluster_then_label_method",

@@ -71,7 +71,7 @@ def compare(X, k, inits, max_iter, tol, device="cpu", threads=1, sk_threads=None
         a.append(ours())
         b.append(theirs())
     ratios = [x[0] / y[0] for x, y in zip(a, b)]
-    fa, fb = a[-1][3], b[-1][3]
+    fa = a[-1][3]
     return {"labkit s": statistics.median(x[0] for x in a), "sklearn s": statistics.median(y[0] for y in b),
             "time ratio": statistics.median(ratios), "inertia ratio": f"{a[-1][1] / b[-1][1]:.6f}",
             "iterations": f"{a[-1][2]} / {b[-1][2]}",
@@ -79,8 +79,8 @@ def compare(X, k, inits, max_iter, tol, device="cpu", threads=1, sk_threads=None
 
 
 def _dist_rank(ctx, data, k, init, max_iter, tol):
-    from .distributed import fit_distributed, shard
     from .datasets import load
+    from .distributed import fit_distributed, shard
 
     X = shard(load(**data), ctx.rank, ctx.world_size)
     r = fit_distributed(X, k, init=init, max_iter=max_iter, tol=tol, dtype="float32", device=ctx.device)
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for both (default 1 on the CPU; on --device cuda scikit-learn gets every core)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (labkit only; scikit-learn runs on the CPU)")
-    p.add_argument("--gpu", action="store_true", help="the GPU size preset: 1,000,000 x 64, k = 64 (implies --device cuda)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU size preset: 1,000,000 x 64, k = 64 (implies --device cuda)")
     p.add_argument("--no-distributed", action="store_true", help="skip the 2-rank comparison")
     p.add_argument("--accuracy", action="store_true",
                    help="instead: the cluster-then-label accuracy table by the semi-supervised protocol "
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         r = compare(X, k, inits, args.max_iter, args.tol, device, threads, sk_threads, repeats)
         r.pop("_labels_equal")
         rows.append({"set": label, "k": k, "restarts": n_init, **r,
-                     "inertia ok (<1%)": abs(float(r["inertia ratio"]) - 1) <= 0.01, "time ok (<=1)": r["time ratio"] <= 1.0})
+                     "inertia ok (<1%)": abs(float(r["inertia ratio"]) - 1) <= 0.01,
+                     "time ok (<=1)": r["time ratio"] <= 1.0})
         print(f"  {label}: done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr, flush=True)
         if not args.no_distributed:
             drows.append(distributed(label, data, X, k, inits[0], args.max_iter, args.tol, repeats, device))

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from .._validate import ArgumentError, check_int, check_number
-from .seeding import as_tensor, kmeans_plusplus, resolve_dtype
 from .loop import LocalComm, assign, lloyd
+from .seeding import as_tensor, kmeans_plusplus, resolve_dtype
 
 __all__ = ["DistComm", "shard_bounds", "shard", "fit_distributed", "DistributedResult", "kmeans_parallel",
            "centroid_update", "world"]
@@ -255,7 +255,8 @@ def kmeans_parallel(X_local: torch.Tensor, n_clusters: int, *, oversampling: flo
             comm.reduce_other_(phi)
         if float(phi) <= 0:
             break
-        u = torch.as_tensor(np.random.RandomState([seed, rank, r]).uniform(size=X.shape[0]), dtype=X.dtype, device=X.device)
+        u = torch.as_tensor(np.random.RandomState([seed, rank, r]).uniform(size=X.shape[0]), dtype=X.dtype,
+                            device=X.device)
         new = X[u < ell * d2 / phi]
         if ws > 1:
             counts = [int(c) for c in comm.gather(torch.tensor([new.shape[0]], device=X.device))]

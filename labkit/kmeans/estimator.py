@@ -38,8 +38,18 @@ import torch
 
 from .._validate import ArgumentError, check_choice, check_int, check_number
 from .distributed import kmeans_parallel
-from .loop import (CHUNK_ELEMENTS, CHUNK_ROWS, LloydResult, LocalComm, _guard, assign, cluster_sums,  # noqa: F401
-                    default_chunk_size, forbid, lloyd)
+from .loop import (  # noqa: F401
+    CHUNK_ELEMENTS,
+    CHUNK_ROWS,
+    LloydResult,
+    LocalComm,
+    _guard,
+    assign,
+    cluster_sums,
+    default_chunk_size,
+    forbid,
+    lloyd,
+)
 from .seeding import as_tensor, kmeans_plusplus, resolve_device, resolve_dtype, tolerance  # noqa: F401
 
 __all__ = ["KMeans", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
@@ -101,7 +111,8 @@ class KMeans:
         if sample_weight is not None:
             w = torch.as_tensor(np.asarray(sample_weight), dtype=dtype, device=dev).flatten()
             if w.numel() != n or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-                raise ArgumentError(f"sample_weight must be {n} finite non-negative numbers, got shape {tuple(w.shape)}")
+                raise ArgumentError(f"sample_weight must be {n} finite non-negative numbers, "
+                                    f"got shape {tuple(w.shape)}")
         rs = self.random_state if isinstance(self.random_state, np.random.RandomState) \
             else np.random.RandomState(self.random_state)
         mean = X.mean(0)
@@ -118,7 +129,8 @@ class KMeans:
         self.cluster_centers_ = (best.centers + mean).cpu().numpy()
         self.labels_ = best.labels.cpu().numpy()
         self.inertia_, self.n_iter_ = best.inertia, best.n_iter
-        self.inertia_history_, self.n_relocated_, self.iter_seconds_ = best.inertia_history, best.n_relocated, best.iter_seconds
+        self.inertia_history_, self.n_relocated_, self.iter_seconds_ = (best.inertia_history, best.n_relocated,
+                                                                        best.iter_seconds)
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -157,4 +169,5 @@ class KMeans:
         return -float(((X - C[lab]) ** 2).sum())
 
     def __repr__(self):
-        return f"KMeans(n_clusters={self.n_clusters}, init={self.init!r}, n_init={self.n_init}, dtype={self.dtype!r}, device={self.device!r})"
+        return (f"KMeans(n_clusters={self.n_clusters}, init={self.init!r}, n_init={self.n_init}, "
+                f"dtype={self.dtype!r}, device={self.device!r})")

@@ -88,7 +88,8 @@ def check_assign(fn) -> "CheckResult":
 
     cases = [("300 x 5, k = 4, float32, chunks of 64", case(300, 5, 4, torch.float32, 64, seed=1)),
              ("one centre: every label is 0", case(50, 3, 1, torch.float64, 16, seed=2)),
-             ("centres of very different norms (needs ||C||^2)", case(400, 8, 6, torch.float64, 100, seed=3, spread=2.0)),
+             ("centres of very different norms (needs ||C||^2)",
+              case(400, 8, 6, torch.float64, 100, seed=3, spread=2.0)),
              ("chunk size 7 does not divide n = 250", case(250, 4, 5, torch.float64, 7, seed=4)),
              ("fresh random data, 2,000 x 16, k = 20", case(2000, 16, 20, torch.float32, 512))]
     return run_cases("assignment step (chunked)", cases,
@@ -229,7 +230,8 @@ def tour(world_size: int = 2) -> list[dict]:
 
         sk = SK(10, init=init, n_init=1).fit(X)
         rel = abs(local.inertia_ / sk.inertia_ - 1)
-        return rel < 1e-9 and (local.labels_ == sk.labels_).all(), f"inertia ratio - 1 = {rel:.1e}, {local.n_iter_} iterations"
+        return (rel < 1e-9 and (local.labels_ == sk.labels_).all(),
+                f"inertia ratio - 1 = {rel:.1e}, {local.n_iter_} iterations")
 
     def distributed():
         res = launch(fit_rank, world_size, kwargs={"X": X, "init": init, "dtype": "float64"}, echo=False, pool=True)

@@ -124,7 +124,7 @@ def _update_sums(packed, X, labels, old_labels, chunk, weights=None):
     """[sums | counts] for ``labels`` from those for ``old_labels``: only the points that changed cluster
     are moved (subtracted from the old cluster, added to the new). The same sums up to rounding;
     recomputed from scratch when more than a quarter of the points changed."""
-    k, d = packed.shape[0], packed.shape[1] - 1
+    k = packed.shape[0]
     moved = torch.nonzero(labels != old_labels).flatten()
     if moved.numel() == 0:
         return packed
@@ -180,7 +180,8 @@ def lloyd(X: torch.Tensor, centers: torch.Tensor, max_iter: int = 300, tol_abs: 
 
     Per iteration: a chunked pass assigns the points; this process's per-cluster sums and counts
     are formed (from scratch in the first iteration, then by moving only the points that changed
-    cluster); ``comm.all_reduce_`` adds them over the ranks as one ``k x (d + 1)`` tensor; empty clusters are relocated; the centres
+    cluster); ``comm.all_reduce_`` adds them over the ranks as one ``k x (d + 1)`` tensor;
+    empty clusters are relocated; the centres
     move to sums / counts. Stops when the squared shift summed over clusters is ``<= tol_abs``.
     """
     _guard("centroid_update", "the centroid update")

@@ -11,9 +11,23 @@
 """
 from .executor import PipelineRun, pipeline_rank, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step, split_batch, time_in_process
-from .schedules import (SCHEDULES, Action, bubble_fraction, format_schedule, gpipe, ideal_speedup, interleaved,
-                        make_schedule, n_chunks, naive, one_f_one_b, one_f_one_b_stage, peak_in_flight, simulate,
-                        validate)
+from .schedules import (
+                        SCHEDULES,
+                        Action,
+                        bubble_fraction,
+                        format_schedule,
+                        gpipe,
+                        ideal_speedup,
+                        interleaved,
+                        make_schedule,
+                        n_chunks,
+                        naive,
+                        one_f_one_b,
+                        one_f_one_b_stage,
+                        peak_in_flight,
+                        simulate,
+                        validate,
+)
 from .stages import Sleep, SleepStage, SleepStages, SplitModel, mlp
 from .torch_pipelining import run_torch_pipelining, torch_pipelining_rank
 

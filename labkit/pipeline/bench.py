@@ -24,8 +24,8 @@ import torch
 
 from .executor import run_pipeline, speedup_over_naive
 from .reference import time_in_process
-from .stages import SleepStages, SplitModel, mlp
 from .schedules import ideal_speedup
+from .stages import SleepStages, SplitModel, mlp
 
 
 def bench_simulated(ps=(2, 4), ms=(1, 2, 4, 8, 16), forward_s=0.01, backward_s=0.02, repeats=3,
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         ms_real = (4,) if args.quick else (2, 4, 8)
         repeats = args.repeats or (2 if args.quick else 5)  # real compute is noisier than sleeping
-        print(f"Real compute on 2 CPU processes, one thread each, forward + backward; medians of {repeats} naive-then-pipelined pairs. "
-              f"Theory for 2 equal stages and free messages: 2m/(m+1).")
+        print(f"Real compute on 2 CPU processes, one thread each, forward + backward; medians of {repeats} "
+              f"naive-then-pipelined pairs. Theory for 2 equal stages and free messages: 2m/(m+1).")
         print("(a) two equal stages: Linear(1024, 1024) x 8 with ReLU, batch 1024")
         real = bench_real(*mlp_case(), ms=ms_real, repeats=repeats, label="MLP 1024x8")
         print(format_table(real, floatfmt="{:.3g}"))

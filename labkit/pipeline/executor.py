@@ -44,7 +44,6 @@ from ..distops import p2p, recv
 from .reference import _default_loss, _grads, split_batch
 from .schedules import SCHEDULES, bubble_fraction, ideal_speedup, make_schedule, n_chunks
 
-
 # --------------------------------------------------------------------------------------------
 # The rank function
 # --------------------------------------------------------------------------------------------
@@ -359,7 +358,8 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
     memory = {rr["rank"]: [(t - origin, n, b) for t, n, b in rr["memory"]] for rr in res}
     bubbles = [1.0 - sum(rr["busy"][k] for rr in res) / (n_stages * times[k]) if times[k] > 0 else 0.0
                for k in range(repeats)]
-    return PipelineRun(schedule=schedule, n_stages=n_stages, n_micro=n_micro, chunks=v, seconds=statistics.median(times),
+    return PipelineRun(schedule=schedule, n_stages=n_stages, n_micro=n_micro, chunks=v,
+                       seconds=statistics.median(times),
                        times=times, loss=loss, grads=[grads[i] for i in range(n_stages * v)], events=events,
                        memory=memory, bubbles=bubbles, per_rank=list(res))
 

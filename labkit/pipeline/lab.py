@@ -9,9 +9,9 @@ import torch
 from .._calls import calls_to, refuse
 from ..checks import expect_close, run_cases
 from ..tour import check_row
+from . import schedules as S
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step
-from . import schedules as S
 from .schedules import gpipe, one_f_one_b, simulate
 from .stages import SleepStages, SplitModel
 
@@ -75,7 +75,8 @@ def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tole
 
     def case(p, m):
         def thunk():
-            with calls_to(S.bubble_fraction, S.ideal_speedup, S.simulate, S.gpipe, S.one_f_one_b, S.make_schedule) as seen:
+            with calls_to(S.bubble_fraction, S.ideal_speedup, S.simulate, S.gpipe, S.one_f_one_b,
+                          S.make_schedule) as seen:
                 got = fn(p, m)
             refuse(seen, "predict the bubble from p and m by counting time slots")
             want = simulate(gpipe(p, m))["bubble"]
@@ -132,7 +133,8 @@ def tour(world_size: int = 2) -> list[dict]:
         g = run_pipeline(SleepStages(0.0, 0.0, n_stages=p), p, data, 8, "gpipe")
         o = run_pipeline(SleepStages(0.0, 0.0, n_stages=p), p, data, 8, "1f1b")
         return (g.peak_live[0] == 8 and o.peak_live[0] == min(p, 8),
-                f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), 1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)")
+                f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), "
+                f"1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)")
 
     rows = [check_row(lab, "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", simulated)]
     for sched in ("gpipe", "1f1b"):

@@ -19,7 +19,8 @@ def torch_pipelining_rank(ctx, make_stage: Callable, batch, n_micro: int, schedu
 
     classes = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}
     if schedule not in classes:
-        raise ValueError(f"torch.distributed.pipelining comparison supports schedule 'gpipe' or '1f1b', got {schedule!r}")
+        raise ValueError(f"torch.distributed.pipelining comparison supports schedule 'gpipe' or '1f1b', "
+                         f"got {schedule!r}")
     x, y = batch
     if x.shape[0] % n_micro:
         raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {x.shape[0]} rows do not divide "
@@ -52,7 +53,8 @@ def run_torch_pipelining(make_stage: Callable, n_stages: int, batch, n_micro: in
     split_batch(batch, n_micro)
     if batch[0].shape[0] % n_micro:
         raise ValueError(f"torch.distributed.pipelining needs equal micro-batches: {batch[0].shape[0]} rows do not "
-                         f"divide into {n_micro}; pass a batch of {n_micro * max(1, batch[0].shape[0] // n_micro)} rows")
+                         f"divide into {n_micro}; pass a batch of "
+                         f"{n_micro * max(1, batch[0].shape[0] // n_micro)} rows")
     res = labkit.launch(torch_pipelining_rank, world_size=n_stages,
                         kwargs=dict(make_stage=make_stage, batch=batch, n_micro=n_micro, schedule=schedule,
                                     loss_fn=loss_fn, repeats=repeats),

@@ -11,9 +11,16 @@
   weak/strong variant, logging the mask rate and the pseudo-label accuracy per step.
 * :mod:`.methods`: the lab's methods for :func:`labkit.semisup.evaluate` (hyper-parameters fixed in advance).
 """
-from .confidence import (cross_fitted_temperature, expected_calibration_error, fit_temperature,
-                         odds_to_posterior_threshold, posterior_odds, posterior_to_odds_threshold,
-                         reliability_diagram, softmax)
+from .confidence import (
+                         cross_fitted_temperature,
+                         expected_calibration_error,
+                         fit_temperature,
+                         odds_to_posterior_threshold,
+                         posterior_odds,
+                         posterior_to_odds_threshold,
+                         reliability_diagram,
+                         softmax,
+)
 from .consistency import MODES, SmallCNN, strong_augment, train_cnn, weak_augment
 from .generative import COVARIANCE_TYPES, GaussianEM, check_semi_supervised, e_step, log_joint
 from .self_training import Failure, SelfTraining, pseudo_label_counts

@@ -5,7 +5,8 @@ rest of the train half unlabelled, accuracy on the test half, mean ± sd over 10
 the same splits, one after the other for each split (interleaved), so the seconds column compares like with
 like. "shifted labels": every labelled image is also given moved by one pixel in each direction, with its
 label (``labkit.pseudo_label.methods.with_shifted_labels``); such rows come with their own labelled-only
-baseline and with LabelSpreading given the same copies. Hyper-parameters are fixed in advance (``labkit.pseudo_label.methods``: chosen on development seeds
+baseline and with LabelSpreading given the same copies. Hyper-parameters are fixed in advance
+(``labkit.pseudo_label.methods``: chosen on development seeds
 100-104, never on the reported seeds 0-9) or fitted on labelled points only (the temperature). The CNN of
 :mod:`labkit.pseudo_label.consistency` is not in this table (too slow for 40 runs on 2 cores; the notebook
 measures it on a few seeds).
@@ -79,7 +80,8 @@ def targets(rows: list[dict], k: int = 5, floor: float = 0.94) -> list[str]:
         lines.append(f"best lab method at K={k}: {best['method']} {best['mean']:.3f} (target >= {floor}): "
                      + ("MET" if best["mean"] >= floor else f"MISSED by {floor - best['mean']:.3f}"))
         lines.append(f"  above LabelSpreading ({ls['mean']:.3f}) on the same seeds: "
-                     + ("MET" if best["mean"] > ls["mean"] else "MISSED") + f" (higher on {wins}/{len(ls['accuracies'])} seeds)")
+                     + ("MET" if best["mean"] > ls["mean"] else "MISSED")
+                     + f" (higher on {wins}/{len(ls['accuracies'])} seeds)")
     for em_name, sup_name in PAIRS:
         if (em_name, k) in by and (sup_name, k) in by:
             em, sup = by[(em_name, k)], by[(sup_name, k)]

@@ -150,7 +150,7 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         run = CNNRun(mode, steps, None)
         t0 = time.perf_counter()
-        for step in range(steps):
+        for _ in range(steps):
             bi = torch.randint(0, len(lab), (batch_labelled,), generator=gen)
             xl = weak_augment(images[lab][bi], gen)
             loss = F.cross_entropy(model(xl), yl[bi])

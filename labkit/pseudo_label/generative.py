@@ -144,7 +144,8 @@ class GaussianEM:
         iterates (EM on the labelled points alone).
 
     Attributes after ``fit``: ``classes_``, ``pca_mean_``, ``pca_components_``, ``means_``, ``covariances_``,
-    ``priors_``, ``component_class_``, ``log_likelihood_`` (J/n after the supervised start and after every EM iteration),
+    ``priors_``, ``component_class_``, ``log_likelihood_``
+    (J/n after the supervised start and after every EM iteration),
     ``n_iter_``, ``converged_``, ``transduction_`` (argmax label of every training point; labelled keep theirs).
     """
 

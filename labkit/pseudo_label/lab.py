@@ -21,8 +21,8 @@ from . import generative as _gen
 from . import methods as _methods
 from .methods import METHODS, local_protocol, make_methods  # noqa: F401  (the notebook reads them here too)
 
-__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step", "check_threshold",
-           "threshold_cases", "tour"]
+__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step",
+           "check_threshold", "threshold_cases", "tour"]
 
 LAB = "07 pseudo-labels"
 
@@ -141,7 +141,7 @@ def _no_library_e_step():
 def _random_case(rng, n, d, C, spread=3.0, far=0.0, skew_priors=False, same_cov=False):
     means = rng.normal(scale=spread, size=(C, d))
     covs = []
-    for c in range(C):
+    for _ in range(C):
         A = rng.normal(size=(d, d)) * (0.3 + rng.random())
         covs.append(A @ A.T + 0.5 * np.eye(d))
     if same_cov:
@@ -176,10 +176,12 @@ def check_e_step(e_step_fn, seed: int | None = None) -> CheckResult:
             got = np.asarray(got, dtype=float)
             want, _ = _gen.e_step(Z, means, covs, priors, "full")
             if got.shape != want.shape:
-                raise AssertionError(f"return an (n, C) = {want.shape} array of responsibilities, got shape {got.shape}")
+                raise AssertionError(f"return an (n, C) = {want.shape} array of responsibilities, "
+                                     f"got shape {got.shape}")
             if not np.all(np.isfinite(got)):
                 raise AssertionError(f"{int((~np.isfinite(got)).sum())} NaN/inf responsibilities: exp of very negative "
-                                     "log-densities underflows to 0/0; subtract the row maximum before exp (log-sum-exp)")
+                                     "log-densities underflows to 0/0; subtract the row maximum before exp "
+                                     "(log-sum-exp)")
             if not np.allclose(got.sum(axis=1), 1, atol=1e-6):
                 raise AssertionError("rows must sum to 1: divide each row by its sum (normalise over classes)")
             expect_close(got, want, rtol=1e-5, atol=1e-6, what="responsibilities")
@@ -244,7 +246,7 @@ def check_threshold(choose_threshold, min_precision: float = 0.95, min_share: fl
             try:
                 t = float(t)
             except (TypeError, ValueError):
-                raise AssertionError(f"return one number, the threshold, got {t!r}")
+                raise AssertionError(f"return one number, the threshold, got {t!r}") from None
             if not 0 < t <= 1:
                 raise AssertionError(f"a posterior threshold lies in (0, 1], got {t:g}")
             n, prec = admitted(t, c)
@@ -277,7 +279,8 @@ def tour(world_size: int = 2) -> list[dict]:
         m = _gen.GaussianEM(**_methods.GENERATIVE).fit(sp.X_train, sp.y_semi)
         d = np.diff(m.log_likelihood_)
         acc = m.score(sp.X_test, sp.y_test)
-        return bool((d >= -1e-9).all()) and acc > 0.8, f"{m.n_iter_} EM iterations, min step {d.min():.2e}, acc {acc:.3f}"
+        return (bool((d >= -1e-9).all()) and acc > 0.8,
+                f"{m.n_iter_} EM iterations, min step {d.min():.2e}, acc {acc:.3f}")
 
     def odds():
         p = np.random.default_rng(0).dirichlet(np.ones(10) * 0.3, size=500)
@@ -291,7 +294,8 @@ def tour(world_size: int = 2) -> list[dict]:
         got = launch(protocol_rank, world_size, kwargs=kw, echo=False, timeout=300)[0]
         ref = local_protocol(**kw)
         same = got[0]["accuracies"] == ref[0]["accuracies"]
-        return same, f"{world_size} ranks, {len(kw['seeds'])} seeds, acc {got[0]['mean']:.3f}, {time.perf_counter() - t0:.1f} s"
+        return same, (f"{world_size} ranks, {len(kw['seeds'])} seeds, acc {got[0]['mean']:.3f}, "
+                      f"{time.perf_counter() - t0:.1f} s")
 
     def cnn():
         sp = semisup.split(5, 0)

@@ -173,7 +173,8 @@ class SelfTraining:
 
     def pseudo_label_precision(self, y_true) -> float:
         pseudo = self.labeled_iter_ > 0
-        return float((self.transduction_[pseudo] == np.asarray(y_true)[pseudo]).mean()) if pseudo.any() else float("nan")
+        return (float((self.transduction_[pseudo] == np.asarray(y_true)[pseudo]).mean()) if pseudo.any()
+                else float("nan"))
 
     def predict_proba(self, X):
         return self.estimator_.predict_proba(check_semi_supervised(X))

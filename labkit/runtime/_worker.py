@@ -1,4 +1,5 @@
-"""One rank of a :mod:`labkit.runtime.launcher` job. Started as ``python -m labkit.runtime._worker``; not for direct use.
+"""One rank of a :mod:`labkit.runtime.launcher` job. Started as ``python -m labkit.runtime._worker``;
+not for direct use.
 
 It joins the process group through the FileStore named in ``LABKIT_STORE``, says it is ready,
 then runs every job that arrives on its command pipe and sends back ``("ok", value)`` or

@@ -82,12 +82,14 @@ def _check_backend(report: Report, backend: str, world_size: int, needed: bool) 
         ok = list(got) == [expected] * world_size
         report.add(f"{backend} all-reduce, {world_size} ranks", ok,
                    f"got {list(got)} in {time.perf_counter() - t0:.1f} s (expected {expected:g} on every rank)",
-                   fix="" if ok else "the backend computed a wrong sum: report this with `python -m labkit doctor` output",
+                   fix="" if ok else ("the backend computed a wrong sum: report this with "
+                                      "`python -m labkit doctor` output"),
                    needed=needed)
         return ok
     except Exception as e:
         first = str(e).strip().splitlines()
-        report.add(f"{backend} all-reduce, {world_size} ranks", False, f"{type(e).__name__}: {first[0] if first else ''}"[:300],
+        report.add(f"{backend} all-reduce, {world_size} ranks", False,
+                   f"{type(e).__name__}: {first[0] if first else ''}"[:300],
                    fix=("gloo binds to loopback (GLOO_SOCKET_IFNAME=lo); if that interface is missing set "
                         "GLOO_SOCKET_IFNAME to one that exists (see `ip addr`)" if backend == "gloo" else
                         "check `nvidia-smi`, the driver version and that torch was built with CUDA and NCCL "
@@ -158,7 +160,8 @@ def doctor(backends: bool = True, echo: bool = True) -> Report:
     if n_gpu:
         report.info["world sizes (GPU)"] = f"up to {n_gpu} on NCCL (one rank per GPU); more ranks fall back to gloo"
     if usable < 2:
-        report.add("CPU cores", False, "only 1 usable core: multi-rank labs run, but slowly and without parallel speed-up",
+        report.add("CPU cores", False,
+                   "only 1 usable core: multi-rank labs run, but slowly and without parallel speed-up",
                    needed=False)
     if echo:
         print(report.text())

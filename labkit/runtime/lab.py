@@ -12,10 +12,9 @@ import time
 
 import numpy as np
 
-from ..data import (labelled_split, load_digits, semi_supervised_targets, shard_indices,
-                    train_test_split_digits)
-from ..tour import check_row
 from ..checks import CheckResult, expect_close, run_cases
+from ..data import labelled_split, load_digits, semi_supervised_targets, shard_indices, train_test_split_digits
+from ..tour import check_row
 from .launcher import LaunchRefused, Pool, launch, refusing_launches
 
 
@@ -81,7 +80,8 @@ def check_prediction(predict, world_sizes=(1, 2, 3, 4), seed: int | None = None)
             expect_close(g_sum, n * (n + 1) / 2, what=f"sum with {n} ranks (not run: the rule the real runs confirm)")
         return thunk
 
-    cases = [(f"world size {n}", real(n)) for n in world_sizes] + [(f"world size {n} (by rule)", rule(n)) for n in extra]
+    cases = ([(f"world size {n}", real(n)) for n in world_sizes]
+             + [(f"world size {n} (by rule)", rule(n)) for n in extra])
     return run_cases("predict all-reduce results", cases,
                      hint="rank r holds r + 1, so the values are 1, 2, ..., n: write max and sum as formulas in n")
 

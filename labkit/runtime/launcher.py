@@ -410,12 +410,13 @@ class Pool:
                         self._drain(r, final=True)
                     unfinished = sorted(pending)
                     what = getattr(fn, "__qualname__", "the job") if fn else "start-up"
+                    did = f" (ranks {sorted(set(range(n)) - set(unfinished))} did)" if len(unfinished) < n else ""
                     raise LaunchTimeout(
                         f"{what} did not finish within {timeout:g} s on {n} rank(s): rank(s) {unfinished} never "
-                        f"returned{' (ranks ' + str(sorted(set(range(n)) - set(unfinished))) + ' did)' if len(unfinished) < n else ''}. "
-                        f"A collective that some rank never calls (or calls with another shape) waits forever; "
-                        f"check that every rank runs the same collectives in the same order. "
-                        f"All rank processes have been stopped.",
+                        f"returned{did}. "
+                        "A collective that some rank never calls (or calls with another shape) waits forever; "
+                        "check that every rank runs the same collectives in the same order. "
+                        "All rank processes have been stopped.",
                         unfinished,
                     )
                 wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
@@ -435,7 +436,8 @@ class Pool:
                             except subprocess.TimeoutExpired:
                                 code = None
                             why = {-9: " (killed: out of memory?)", -11: " (segmentation fault)"}.get(code, "")
-                            errors[r.rank] = f"rank {r.rank} exited with code {code}{why} before returning\n" + "".join(r.log[-20:])
+                            errors[r.rank] = (f"rank {r.rank} exited with code {code}{why} before returning\n"
+                                              + "".join(r.log[-20:]))
                             pending.discard(r.rank)
                             first_error_at = first_error_at or time.monotonic()
                         continue

@@ -40,8 +40,8 @@ import sys
 import weakref
 from typing import Any
 
-__all__ = ["DeviceDiscipline", "DevicePlacementError", "STAND_IN", "enabled", "active", "applies_to", "mark_host", "is_host",
-           "install_collective_checks"]
+__all__ = ["DeviceDiscipline", "DevicePlacementError", "STAND_IN", "enabled", "active", "applies_to", "mark_host",
+           "is_host", "install_collective_checks"]
 
 ENV = "LABKIT_DEVICE_CHECK"
 

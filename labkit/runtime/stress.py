@@ -29,6 +29,9 @@ modes measure it:
 ``--unpatched`` runs nbclient without the fix (to see the stall). Use it on a classroom server before a class
 (``python -m labkit stress --repeat 20 --busy 2``; ``--fresh 3 notebooks/*.ipynb``); ``tests/test_stress.py`` runs
 short versions in CI. Exit status 0 when every run finished (``--repro``: when the fixed runs never stalled).
+
+The module is long because the three ways of running notebooks the stall needs (re-runs in one kernel, fresh kernels
+with either client, the A/B reproduction) share one diagnosis and one report; split, each would carry a copy.
 """
 from __future__ import annotations
 

@@ -11,17 +11,50 @@
 - ``lab``: exercise checks and the tour.
 """
 from .article import ArticleSplitConvBlock, article_block_error
-from .channels import (COMM_BYTES, ColumnParallel, RowParallel, TensorParallelConvBlock, channel_rank, conv_block, copy_to_ranks, gather_channels,
-                       reduce_from_ranks, row_parallel_reference, run_channel_checks, scatter_channels, shard_layer)
-from .models import (MODEL_NAMES, SmallResNet, build_model, candidate_cuts, flatten_resnet, input_shape_for,
-                     param_bytes, saved_bytes, small_resnet, split_costs, split_stages)
-from .stages import (StagedModel, recv_tensor, reference_step, replica_rank, run_replicas, run_staged, send_tensor,
-                     stage_rank)
+from .channels import (
+                       COMM_BYTES,
+                       ColumnParallel,
+                       RowParallel,
+                       TensorParallelConvBlock,
+                       channel_rank,
+                       conv_block,
+                       copy_to_ranks,
+                       gather_channels,
+                       reduce_from_ranks,
+                       row_parallel_reference,
+                       run_channel_checks,
+                       scatter_channels,
+                       shard_layer,
+)
+from .models import (
+                       MODEL_NAMES,
+                       SmallResNet,
+                       build_model,
+                       candidate_cuts,
+                       flatten_resnet,
+                       input_shape_for,
+                       param_bytes,
+                       saved_bytes,
+                       small_resnet,
+                       split_costs,
+                       split_stages,
+)
+from .stages import (
+                       StagedModel,
+                       recv_tensor,
+                       reference_step,
+                       replica_rank,
+                       run_replicas,
+                       run_staged,
+                       send_tensor,
+                       stage_rank,
+)
 
 __all__ = [
     "MODEL_NAMES", "SmallResNet", "small_resnet", "build_model", "input_shape_for", "flatten_resnet", "candidate_cuts",
     "split_stages", "param_bytes", "saved_bytes", "split_costs",
-    "StagedModel", "send_tensor", "recv_tensor", "stage_rank", "reference_step", "run_staged", "replica_rank", "run_replicas",
+    "StagedModel", "send_tensor", "recv_tensor", "stage_rank", "reference_step", "run_staged", "replica_rank",
+    "run_replicas",
     "COMM_BYTES", "copy_to_ranks", "reduce_from_ranks", "gather_channels", "scatter_channels", "shard_layer",
     "ColumnParallel", "RowParallel", "conv_block", "TensorParallelConvBlock", "ArticleSplitConvBlock",
     "article_block_error", "channel_rank", "run_channel_checks", "row_parallel_reference",

@@ -19,6 +19,9 @@ visible: :func:`copy_to_ranks` (identity / all-reduce), :func:`reduce_from_ranks
 (all-reduce / identity), :func:`gather_channels` (all-gather / keep own slice),
 :func:`scatter_channels` (keep own slice / all-gather). With ``group=`` (e.g. ``mesh["tp"].get_group()``) the
 channels are split over that group's ranks, by position in it, and the collectives run on it (None: all ranks).
+
+This module is long because the autograd collectives, the split layers built on them and the rank
+function that checks each split layer against the unsplit one belong together.
 """
 from __future__ import annotations
 
@@ -26,12 +29,12 @@ import copy
 
 import torch
 import torch.distributed as dist
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .._validate import check_int
-from ..devices import no_tf32
 from ..collectives.validation import _group_position, _rank_world
+from ..devices import no_tf32
 from .models import saved_bytes
 
 __all__ = [
@@ -51,7 +54,8 @@ def _count(kind: str, t: torch.Tensor) -> None:
 def _chunk(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     size = t.shape[dim]
     if size % world:
-        raise ValueError(f"{size} channels do not split evenly over {world} ranks: pick a world size that divides {size}")
+        raise ValueError(f"{size} channels do not split evenly over {world} ranks: "
+                         f"pick a world size that divides {size}")
     k = size // world
     return t.narrow(dim, rank * k, k)
 
@@ -282,7 +286,8 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
     Cases: column conv (gathered), row conv (input split by the layer), column linear, row
     linear, column->row linear pair, and :class:`TensorParallelConvBlock`. For each: max abs error
     of the output, of the input gradient, and of this rank's parameter gradients against the
-    matching slice of the full layer's (relative to the largest reference value); plus parameter bytes and saved activation bytes of the
+    matching slice of the full layer's (relative to the largest reference value);
+    plus parameter bytes and saved activation bytes of the
     split version and of the full one, measured on this rank, and the bytes it put into collectives
     (forward and backward, counted in the autograd functions).
     """
@@ -312,7 +317,8 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
             elif name.startswith("row"):
                 par = RowParallel(ref, r, n, input_is_split=False)
             elif name == "column->row linears":
-                par = nn.Sequential(ColumnParallel(ref[0], r, n, gather_output=False), nn.ReLU(), RowParallel(ref[2], r, n))
+                par = nn.Sequential(ColumnParallel(ref[0], r, n, gather_output=False), nn.ReLU(),
+                                    RowParallel(ref[2], r, n))
             else:
                 par = TensorParallelConvBlock(ref, r, n)
             x = inputs[name]
@@ -328,7 +334,8 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
                 "case": name, "out_err": _rel(yb, ya), "xgrad_err": _rel(xb.grad, xa.grad),
                 "wgrad_err": grad_err, "full_param_bytes": _pbytes(ref), "param_bytes": _pbytes(par),
                 "full_saved_bytes": saved_full, "saved_bytes": saved_par,
-                "comm_bytes": COMM_BYTES["all_reduce"] + COMM_BYTES["all_gather"], "in_bytes": x.numel() * x.element_size(),
+                "comm_bytes": COMM_BYTES["all_reduce"] + COMM_BYTES["all_gather"],
+                "in_bytes": x.numel() * x.element_size(),
                 "out_bytes": ya.numel() * ya.element_size(),
             })
     return out
@@ -378,7 +385,8 @@ def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float =
             "params/rank": c0["param_bytes"] / c0["full_param_bytes"],
             "saved/rank": c0["saved_bytes"] / c0["full_saved_bytes"],
             "param_kB": c0["param_bytes"] / 1e3, "full_param_kB": c0["full_param_bytes"] / 1e3,
-            "comm_kB/rank": c0["comm_bytes"] / 1e3, "input_kB": c0["in_bytes"] / 1e3, "output_kB": c0["out_bytes"] / 1e3,
+            "comm_kB/rank": c0["comm_bytes"] / 1e3, "input_kB": c0["in_bytes"] / 1e3,
+            "output_kB": c0["out_bytes"] / 1e3,
         })
     return rows
 

@@ -88,7 +88,8 @@ def stage_rank(ctx, model: str | nn.Module, cuts: Sequence[int], x: torch.Tensor
     Backward: the last rank calls ``loss.backward()``; each rank sends the gradient of its input
     back to the previous rank, which calls ``out.backward(grad)``. Returns this rank's
     gradients by parameter name, the output and loss (last rank), the exact bytes it holds and
-    sends, and its timeline (``events`` for :func:`labkit.viz.gantt`). ``model`` is a name for :func:`build_model` (built with ``seed`` on every rank) or
+    sends, and its timeline (``events`` for :func:`labkit.viz.gantt`).
+    ``model`` is a name for :func:`build_model` (built with ``seed`` on every rank) or
     a module.
     """
     net = build_model(model, seed) if isinstance(model, str) else copy.deepcopy(model)
@@ -188,8 +189,8 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
         with torch.no_grad():
             n_cls = copy.deepcopy(model).eval()(x[:1]).shape[-1]
     y = torch.randint(0, n_cls, (batch,), generator=g)
-    ranks = labkit.launch(stage_rank, world_size=len(b) + 1, kwargs=dict(model=model, cuts=b, x=x, y=y, seed=seed), pool=pool,
-                          timeout=timeout, echo=False)
+    ranks = labkit.launch(stage_rank, world_size=len(b) + 1, kwargs=dict(model=model, cuts=b, x=x, y=y, seed=seed),
+                          pool=pool, timeout=timeout, echo=False)
     out = {"ranks": list(ranks), "loss": ranks[-1]["loss"], "seconds": ranks.seconds}
     if compare:
         ref = reference_step(model, x, y, seed)
@@ -198,7 +199,8 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
             raise AssertionError(f"parameter names differ: {sorted(set(grads) ^ set(ref['grads']))[:5]}")
         out["max_output_err"] = float((ranks[-1]["output"] - ref["output"]).abs().max())
         out["max_grad_err"] = max(float((grads[k] - ref["grads"][k]).abs().max()) for k in grads)
-        out["max_grad_rel"] = max(float((grads[k] - ref["grads"][k]).abs().max() / ref["grads"][k].abs().max().clamp_min(1e-12))
+        out["max_grad_rel"] = max(float((grads[k] - ref["grads"][k]).abs().max()
+                                        / ref["grads"][k].abs().max().clamp_min(1e-12))
                                   for k in grads)
         out["n_grads"] = len(grads)
         out["ref_loss"] = ref["loss"]

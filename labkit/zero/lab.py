@@ -20,10 +20,10 @@ from torch import nn
 
 from .._validate import check_choice, check_int
 from ..checks import CheckResult, refusing
-from ..devices import now
 from ..ddp import make_ddp
-from .flat import FlatLayout
+from ..devices import now
 from . import measure as _measure
+from .flat import FlatLayout
 from .measure import Method, check_global_batch
 from .optim import state_numel
 from .torch_ref import fsdp2_full_parameters

@@ -47,7 +47,8 @@ __all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp",
 METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
 ALL_METHODS = ("single", "zero1-naive") + METHODS + ("fsdp2-bf16",)  # also: one process, the naive ZeRO-1, FSDP2
 # with bf16 compute (MixedPrecisionPolicy): not bit-comparable to the others, so not in the default lists
-STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3, "fsdp2-bf16": 3}  # what shards, as ZeRO says
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3,
+         "fsdp2-bf16": 3}  # what shards, as ZeRO says
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
               "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
               "adam": (torch.optim.Adam, dict(lr=1e-3)),

@@ -62,7 +62,7 @@ def bytes_per_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mappi
     if not measured:
         raise ValueError("bytes_per_rank() got no methods: run the lab's measurement first")
     ax = _ax(ax, (1.5 + 1.1 * len(measured), 3.2))
-    for i, (method, parts) in enumerate(measured.items()):
+    for i, parts in enumerate(measured.values()):
         bottom = 0.0
         for kind, colour in ROWS:
             v = float(parts.get(kind, 0.0)) / unit

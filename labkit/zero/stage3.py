@@ -64,7 +64,6 @@ class Zero3(nn.Module):
                                "world_size=N) (or torchrun), where torch.distributed is already initialised")
         self.world_size, self.rank, self.group = dist.get_world_size(group), dist.get_rank(group), group
         units = self._check_units(module, units)
-        device = next(module.parameters()).device
         if not ranks_agree([len(units), sum(p.numel() for p in module.parameters())], group=group):
             raise ArgumentError("the model or its units differ across ranks; build the same model and pass the "
                                 "same units on every rank")
@@ -88,7 +87,8 @@ class Zero3(nn.Module):
                 outside = [type(m).__name__ for m, _ in where[id(p)] if id(m) not in inside]
                 if outside:
                     raise ArgumentError(f"a parameter of units[{u}] is also held by a {outside[0]} outside that unit "
-                                        f"(tied weights); put every module that uses it in one unit, e.g. units=[model]")
+                                        f"(tied weights); put every module that uses it in one unit, "
+                                        f"e.g. units=[model]")
             lay = FlatLayout(tuple(tuple(p.shape) for p in params), self.world_size)
             with torch.no_grad():
                 if broadcast:
