@@ -23,8 +23,19 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["p2p", "send", "recv", "wait_all", "all_gather_tensor", "reduce_scatter_tensor"]
+__all__ = ["require_dist", "p2p", "send", "recv", "wait_all", "all_gather_tensor", "reduce_scatter_tensor"]
 
+
+
+def require_dist(group=None) -> int:
+    """The world size of ``group``; a clear error when no process group is running (a wrapper or optimiser made
+    outside a rank function)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("no process group: run this inside a rank function started by labkit.launch(fn, "
+                           "world_size=N) (or torchrun), where torch.distributed is already initialised")
+    return dist.get_world_size(group)
 
 def _global(group, peer: int) -> int:
     """``peer``, a rank in ``group``, as a rank of the default group (what ``P2POp(peer=...)`` takes on every

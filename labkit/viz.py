@@ -28,7 +28,9 @@ KIND_COLOURS = {
 }
 
 
-def _ax(ax, figsize=(9, 3)):
+def axes(ax=None, figsize=(9, 3)):
+    """``ax`` if given, else the axes of a new figure of ``figsize`` inches: every labkit chart draws into the axes it
+    is handed (a notebook's grid of panels) or makes its own."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -49,7 +51,7 @@ def gantt(events: Iterable[Mapping], ax=None, title: str | None = None, lane_nam
     scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
     t0 = min(e["start"] for e in events) if origin is None else origin
     lanes = sorted({e["lane"] for e in events}, key=lambda x: (str(type(x)), x))
-    ax = _ax(ax, figsize=(10, 0.5 + 0.45 * len(lanes)))
+    ax = axes(ax, figsize=(10, 0.5 + 0.45 * len(lanes)))
     y_of = {lane: i for i, lane in enumerate(lanes)}
     seen_kinds = {}
     span = max(e["end"] for e in events) - t0
@@ -74,7 +76,7 @@ def gantt(events: Iterable[Mapping], ax=None, title: str | None = None, lane_nam
 
 def bars(values: Mapping[str, float], ax=None, title: str | None = None, ylabel: str = "", fmt: str = "{:.3g}"):
     """A labelled bar chart of a few named values."""
-    ax = _ax(ax, figsize=(6, 3))
+    ax = axes(ax, figsize=(6, 3))
     names, vals = list(values), list(values.values())
     rects = ax.bar(names, vals, color="#4c78a8")
     for r, v in zip(rects, vals):

@@ -8,17 +8,11 @@ import math
 
 import numpy as np
 
+from ..viz import axes
+
 __all__ = ["curves", "differences", "interval_colour"]
 
 _ABOVE, _BELOW, _NOISE = "#3a8f5c", "#c84b3c", "#9a9a9a"
-
-
-def _ax(ax, figsize=(5, 3.2)):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
 
 
 def interval_colour(row: dict) -> str:
@@ -40,7 +34,7 @@ def differences(rows, ax=None, title=None):
     report's rows can be passed as they are.
     """
     rows = [r for r in rows if "diff" in r]
-    ax = _ax(ax, (6.5, 0.45 * len(rows) + 1.4))
+    ax = axes(ax, (6.5, 0.45 * len(rows) + 1.4))
     y = np.arange(len(rows))
     diff = np.array([float(r["diff"]) for r in rows])
     lo = np.array([float(r.get("lo", math.nan)) for r in rows])
@@ -87,7 +81,7 @@ def curves(curves_by_label: dict, ax=None, metric: str = "test_accuracy", title=
     list of dicts with ``step`` and ``metric``; seeds may log different steps (each step averages the seeds
     that logged it). A label with no point is skipped.
     """
-    ax = _ax(ax, (6.5, 3.6))
+    ax = axes(ax, (6.5, 3.6))
     drawn = 0
     for i, (label, seed_curves) in enumerate(curves_by_label.items()):
         steps, mean, low, high = _mean_band(list(seed_curves), metric)

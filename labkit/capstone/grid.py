@@ -27,7 +27,7 @@ from .._validate import ArgumentError, check_int
 from ..devices import now
 from ..runtime.mesh import check_shape
 from .comm import CommMeter, wire_bytes
-from .model import Config, build, make_optimizer, sort_batch, stage_layers, train_single
+from .model import Config, build, make_optimizer, sort_batch, stage_layers
 from .tp import ParallelStage, assemble, check_tp
 
 
@@ -176,9 +176,3 @@ def run_grid(dp: int = 2, pp: int = 2, tp: int = 2, sp: bool = False, steps: int
                 bubbles.append(1 - sum(r["busy"][s] for r in pipe) / (len(pipe) * span) if span > 0 else 0.0)
     return GridRun(dp, pp, tp, sp, n_micro, losses, params, nbytes, calls, step_s, statistics.median(bubbles),
                    list(res))
-
-
-def check_against_single(run: GridRun, steps: int | None = None, **kw) -> dict:
-    """``run.compare`` against one process trained with the same settings."""
-    single = train_single(steps or len(run.losses), **kw)
-    return run.compare(single)

@@ -67,21 +67,6 @@ def bytes_bars(runs: list, predicted: list, ax=None):
     return ax
 
 
-def loss_curves(single: dict, runs: list, ax=None):
-    """One process's losses and every grid's, on one chart (they lie on top of each other)."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(single["losses"], "k-", lw=3, alpha=0.4, label="one process")
-    for r in runs:
-        ax.plot(r.losses, "o--", ms=4, label=r.shape)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
-    return ax
-
-
 def planner_chart(candidates: list, gpu_memory_gb: float, top: int = 12, ax=None):
     """Memory per GPU of the planner's candidates (feasible in colour, ruled out in grey) against the GPU."""
     import matplotlib.pyplot as plt

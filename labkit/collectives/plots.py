@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from ..viz import axes
 from .schedules import Schedule, simulate
 
 RANK_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d",
@@ -17,14 +18,6 @@ RANK_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"
 
 def _colour(rank: int) -> str:
     return RANK_COLOURS[rank % len(RANK_COLOURS)]
-
-
-def _ax(ax, figsize):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
 
 
 def plot_collective(results, name: str, axes=None):
@@ -72,7 +65,7 @@ def draw_step(sched: Schedule, step: int, ax=None):
     (green: the receiver adds it in; blue: the receiver overwrites its copy)."""
     import matplotlib.pyplot as plt
 
-    ax = _ax(ax, (4, 4))
+    ax = axes(ax, (4, 4))
     n = sched.world_size
     pos = _positions(n)
     ax.clear()
@@ -114,7 +107,7 @@ def plot_chunk_state(sched: Schedule, step: int, ax=None, states=None):
     ranks' data it holds; dark means complete (all n, each once)."""
     import numpy as np
 
-    ax = _ax(ax, (4, 3))
+    ax = axes(ax, (4, 3))
     ax.clear()
     states = states if states is not None else simulate(sched)
     st = states[step]
@@ -187,7 +180,7 @@ def plot_busbw(rows, ax=None, title: str | None = None):
     """busbw (GB/s) against message size, one line per algorithm, from timing rows."""
     from .cost import bandwidths
 
-    ax = _ax(ax, (6, 3.5))
+    ax = axes(ax, (6, 3.5))
     by = {}
     for r in rows:
         bw = bandwidths(r["bytes"], r["seconds"], r["collective"], r["world_size"])["busbw"] / 1e9
@@ -207,7 +200,7 @@ def plot_predicted_vs_measured(rows, alpha: float, beta: float, ax=None, title: 
     """Measured times (markers) beside the alpha-beta model's prediction (lines), per algorithm."""
     from .cost import cost_terms, predict_time
 
-    ax = _ax(ax, (6, 3.5))
+    ax = axes(ax, (6, 3.5))
     by = {}
     for r in rows:
         by.setdefault(r["algorithm"], []).append(r)

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..collectives import ranks_agree
 from ..devices import now
+from ..distops import require_dist
 from .plan import check_bucket_mb, plan_buckets
 
 ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
@@ -84,13 +85,6 @@ class _NoTimeline(Timeline):
 
 
 # ----------------------------------------------------------------------------- the wrappers
-def _require_dist(group):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("no process group: run this inside a rank function started by labkit.launch(fn, "
-                           "world_size=N) (or torchrun), where torch.distributed is already initialised")
-    return dist.get_world_size(group)
-
-
 def _verify_same_model(params: list, group) -> None:
     """Every rank must wrap the same architecture: compare a signature of the parameters across ranks."""
     import zlib
@@ -112,7 +106,7 @@ class _DDPBase(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"wrap an nn.Module (the model), got {type(module).__name__}")
-        self.world_size = _require_dist(group)
+        self.world_size = require_dist(group)
         self.module = module
         self.group = group
         self._params = [p for p in module.parameters() if p.requires_grad]

@@ -101,14 +101,6 @@ class Estimate:
     formulas: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
-    def as_rows(self) -> list[dict]:
-        """One row per component: ``component``, ``bytes`` (whole model), ``per_rank``, ``formula``."""
-        return [{"component": k, "bytes": getattr(self, k), "per_rank": getattr(self, "rank_" + k),
-                 "formula": self.formulas.get(k, "")}
-                for k in ("params", "grads", "optimizer", "activations", "peak")] + [
-            {"component": "intermediates", "bytes": self.intermediates, "per_rank": self.intermediates,
-             "formula": self.formulas.get("intermediates", "")}]
-
 
 def _intermediates(setup: Setup, sizes: Sequence[int], state_bytes: int) -> int:
     if setup.optimizer in ("sgd", "momentum") or not sizes:

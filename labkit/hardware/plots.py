@@ -9,21 +9,13 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..viz import gantt
+from ..viz import axes, gantt
 
 COMPONENT_COLOURS = {
     "params": "#4c78a8", "grads": "#f58518", "optimizer": "#b279a2", "intermediates": "#e45756",
     "activations": "#54a24b", "other": "#bab0ac",
 }
 GB = 1e9
-
-
-def _ax(ax, figsize=(6, 3.2)):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
 
 
 def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
@@ -34,7 +26,7 @@ def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
     if not ratios:
         raise ValueError("speedups() got no ratios: run an experiment first")
     labels = list(ratios)
-    ax = _ax(ax, figsize=(6, 0.6 + 0.4 * len(labels)))
+    ax = axes(ax, figsize=(6, 0.6 + 0.4 * len(labels)))
     vals = [ratios[k] for k in labels]
     colours = ["#54a24b" if v >= 1 else "#e45756" for v in vals]
     ax.barh(range(len(labels)), vals, color=colours)
@@ -62,7 +54,7 @@ def memory_stack(bars: Mapping[str, Mapping[str, float]], limits: Mapping[str, f
     (``{"80 GB": 80e9}``). Components are drawn in :data:`COMPONENT_COLOURS`' order; unknown ones after."""
     if not bars:
         raise ValueError("memory_stack() got no bars")
-    ax = _ax(ax, figsize=(1.6 + 1.1 * len(bars), 3.4))
+    ax = axes(ax, figsize=(1.6 + 1.1 * len(bars), 3.4))
     order = list(COMPONENT_COLOURS) + sorted({c for b in bars.values() for c in b} - set(COMPONENT_COLOURS))
     seen = set()
     for i, parts in enumerate(bars.values()):
@@ -96,7 +88,7 @@ def checkpoint_tradeoff(rows: Sequence[Mapping], ax=None, layers: int | None = N
     (the rows of :func:`labkit.hardware.checkpointing`); the segment count nearest sqrt(layers) circled."""
     if not rows:
         raise ValueError("checkpoint_tradeoff() got no rows: run labkit.hardware.checkpointing() first")
-    ax = _ax(ax)
+    ax = axes(ax, (6, 3.2))
     xs = [r["median ms"] for r in rows]
     ys = [r["backward peak MB"] for r in rows]
     ax.plot(xs, ys, "o", color="#4c78a8")
@@ -118,7 +110,7 @@ def batch_curve(rows: Sequence[Mapping], ax=None, title: str | None = None):
     :func:`labkit.hardware.batch_sweep`)."""
     if not rows:
         raise ValueError("batch_curve() got no rows: run labkit.hardware.batch_sweep() first")
-    ax = _ax(ax)
+    ax = axes(ax, (6, 3.2))
     b = [r["batch"] for r in rows]
     ax.plot(b, [r["images/s"] for r in rows], "o-", color="#4c78a8", label="images/s")
     ax.set_xscale("log", base=2)

@@ -186,14 +186,3 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
     finally:
         torch.set_num_threads(old_threads)
     return (run, model) if return_model else run
-
-
-def cnn_method(mode: str = "fixmatch", **kwargs):
-    """A ``fit_predict(X_train, y_semi, X_test)`` for :func:`labkit.semisup.evaluate` (settings fixed in advance)."""
-    def fit_predict(X_train, y_semi, X_test):
-        import torch
-
-        _, model = train_cnn(X_train, y_semi, mode, return_model=True, **kwargs)
-        with torch.no_grad():
-            return model(_as_images(np.asarray(X_test, dtype=np.float32))).argmax(1).numpy()
-    return fit_predict

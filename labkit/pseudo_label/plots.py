@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..viz import axes
+
 __all__ = ["accuracy_vs_k", "confidence_histogram", "reliability", "pseudo_label_log", "log_likelihood",
            "class_counts"]
 
 
-def _ax(ax, figsize=(5, 3.2)):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
-
-
 def accuracy_vs_k(rows, ax=None, title="accuracy against labels per class K"):
     """Rows of :func:`labkit.semisup.evaluate`: one line per method, mean ± sd error bars."""
-    ax = _ax(ax, (6.5, 3.8))
+    ax = axes(ax, (6.5, 3.8))
     for m in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == m and "error" not in r), key=lambda r: r["K"])
         ax.errorbar([r["K"] for r in rs], [r["mean"] for r in rs], yerr=[r["sd"] for r in rs], marker="o",
@@ -35,7 +29,7 @@ def accuracy_vs_k(rows, ax=None, title="accuracy against labels per class K"):
 
 def confidence_histogram(confidence, correct, ax=None, threshold=None, bins=20, title="confidence"):
     """Histogram of the top posterior, right and wrong predictions stacked; a dashed line at the threshold."""
-    ax = _ax(ax)
+    ax = axes(ax, (5, 3.2))
     confidence, correct = np.asarray(confidence), np.asarray(correct, dtype=bool)
     edges = np.linspace(0, 1, bins + 1)
     ax.hist([confidence[correct], confidence[~correct]], bins=edges, stacked=True, color=["#4a8", "#d55"],
@@ -52,7 +46,7 @@ def confidence_histogram(confidence, correct, ax=None, threshold=None, bins=20, 
 
 def reliability(diagram: dict, ax=None, label="model", title="reliability diagram"):
     """Accuracy per confidence bin against the bin's mean confidence (the diagonal is perfect calibration)."""
-    ax = _ax(ax, (4, 4))
+    ax = axes(ax, (4, 4))
     ok = diagram["count"] > 0
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.plot(diagram["confidence"][ok], diagram["accuracy"][ok], marker="o", label=f"{label} (ECE {diagram['ece']:.3f})")
@@ -79,7 +73,7 @@ def _smooth(v, w):
 
 def pseudo_label_log(runs, ax=None, window=10, title="online pseudo-labels per step"):
     """Mask rate (solid) and pseudo-label accuracy (dashed) per step for each :class:`CNNRun` (moving average)."""
-    ax = _ax(ax, (7, 3.5))
+    ax = axes(ax, (7, 3.5))
     for i, run in enumerate(runs):
         if not run.mask_rate:
             continue
@@ -96,7 +90,7 @@ def pseudo_label_log(runs, ax=None, window=10, title="online pseudo-labels per s
 
 
 def log_likelihood(models: dict, ax=None, title="EM objective J / n per iteration"):
-    ax = _ax(ax)
+    ax = axes(ax, (5, 3.2))
     for name, m in models.items():
         ax.plot(m.log_likelihood_, marker=".", label=name)
     ax.set_xlabel("EM iteration (0 = supervised start)")
@@ -108,7 +102,7 @@ def log_likelihood(models: dict, ax=None, title="EM objective J / n per iteratio
 
 def class_counts(counts: dict, ax=None, title="pseudo-labels per class"):
     """Grouped bars: ``{name: per-class counts}``."""
-    ax = _ax(ax, (6.5, 3))
+    ax = axes(ax, (6.5, 3))
     names = list(counts)
     C = len(next(iter(counts.values())))
     w = 0.8 / len(names)

@@ -101,10 +101,6 @@ class Context:
     group: Any = None  # the default process group (torch.distributed.group.WORLD)
     cache: dict = field(default_factory=dict)  # survives between jobs on a Pool's ranks
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def barrier(self) -> None:
         import torch.distributed as dist
 

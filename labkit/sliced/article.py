@@ -1,4 +1,5 @@
-"""The source article's ``SplitConvBlock``, reproduced as published (``source-article-zh.md``), and why it fails.
+"""The source article's ``SplitConvBlock``, reproduced as published (its section 4.1, "ResNet50
+模型并行": a convolution split into two branches by a ratio), and why it fails.
 
 The working channel-split block is :class:`labkit.sliced.TensorParallelConvBlock`; this one is kept so
 the notebook can run the article's code and show its error.

@@ -38,6 +38,7 @@ from torch import nn
 from .._validate import ArgumentError, check_number
 from ..collectives import ranks_agree
 from ..ddp import plan_buckets
+from ..distops import require_dist
 from .comm import Traffic
 from .flat import FlatLayout, unique_params
 
@@ -70,13 +71,6 @@ def state_numel(optimizer) -> int:
     return n
 
 
-def _require_dist(group) -> int:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("no process group: run this inside a rank function started by labkit.launch(fn, "
-                           "world_size=N) (or torchrun), where torch.distributed is already initialised")
-    return dist.get_world_size(group)
-
-
 class _Sharded(torch.optim.Optimizer):
     """What the stages share: the flat layout, this rank's shard as the inner optimiser's one parameter, the
     all-gather of the updated parameters, and the (de)consolidation of the state.
@@ -86,7 +80,7 @@ class _Sharded(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer_class=torch.optim.Adam, *, group=None, broadcast: bool = True, **kwargs):
         check_optimizer_class(optimizer_class)
-        self.world_size = _require_dist(group)
+        self.world_size = require_dist(group)
         self.group, self.rank = group, dist.get_rank(group)
         self.params = unique_params(params)
         frozen = [i for i, p in enumerate(self.params) if not p.requires_grad]

@@ -9,17 +9,10 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 from .._validate import check_int
+from ..viz import axes
 
 ROWS = (("weights", "#4c78a8"), ("grads", "#f58518"), ("optimizer", "#b279a2"))
 STAGE_SHARDS = {0: set(), 1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"optimizer", "grads", "weights"}}
-
-
-def _ax(ax, figsize):
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
-    return ax
 
 
 def holdings(stage: int, world: int = 4, ax=None, title: str | None = None):
@@ -27,7 +20,7 @@ def holdings(stage: int, world: int = 4, ax=None, title: str | None = None):
     1/N slice (at the rank's own position) where the stage shards it."""
     stage = check_int("stage", stage, minimum=0, maximum=3, hint="ZeRO stages are 0 (plain data parallel) to 3")
     world = check_int("world", world, minimum=1, maximum=16, hint="draw at most 16 ranks")
-    ax = _ax(ax, (1.2 + 1.0 * world, 2.2))
+    ax = axes(ax, (1.2 + 1.0 * world, 2.2))
     for row, (kind, colour) in enumerate(ROWS):
         y = len(ROWS) - 1 - row
         for r in range(world):
@@ -61,7 +54,7 @@ def bytes_per_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mappi
     formula's total per method as a marker (``predicted``: ``{method: bytes}``)."""
     if not measured:
         raise ValueError("bytes_per_rank() got no methods: run the lab's measurement first")
-    ax = _ax(ax, (1.5 + 1.1 * len(measured), 3.2))
+    ax = axes(ax, (1.5 + 1.1 * len(measured), 3.2))
     for i, parts in enumerate(measured.values()):
         bottom = 0.0
         for kind, colour in ROWS:
@@ -83,7 +76,7 @@ def state_per_rank(per_method: Mapping[str, Sequence[int]], ax=None, title: str 
     """Grouped bars: optimiser-state values on each rank, one group per method (even shards against greedy ones)."""
     if not per_method:
         raise ValueError("state_per_rank() got no methods")
-    ax = _ax(ax, (6, 2.8))
+    ax = axes(ax, (6, 2.8))
     world = max(len(v) for v in per_method.values())
     width = 0.8 / len(per_method)
     for k, (method, values) in enumerate(per_method.items()):

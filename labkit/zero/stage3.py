@@ -29,6 +29,7 @@ from torch import nn
 
 from .._validate import ArgumentError, check_number
 from ..collectives import ranks_agree
+from ..distops import require_dist
 from .comm import Traffic
 from .flat import FlatLayout, unique_params
 
@@ -59,10 +60,7 @@ class Zero3(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ArgumentError(f"module must be an nn.Module (the model), got {type(module).__name__}")
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("no process group: run this inside a rank function started by labkit.launch(fn, "
-                               "world_size=N) (or torchrun), where torch.distributed is already initialised")
-        self.world_size, self.rank, self.group = dist.get_world_size(group), dist.get_rank(group), group
+        self.world_size, self.rank, self.group = require_dist(group), dist.get_rank(group), group
         units = self._check_units(module, units)
         if not ranks_agree([len(units), sum(p.numel() for p in module.parameters())], group=group):
             raise ArgumentError("the model or its units differ across ranks; build the same model and pass the "
