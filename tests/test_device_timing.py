@@ -72,6 +72,8 @@ WALL_CLOCK = {
     ("runtime/stress.py", "Session._diagnose"): _SUPERVISE,
     ("runtime/stress.py", "Session.run"): _SUPERVISE,
     ("runtime/stress.py", "main"): _COMMAND,
+    ("runtime/stress.py", "_execute_watched"): _SUPERVISE,
+    ("runtime/stress.py", "_main_fresh"): _COMMAND,
     ("semisup.py", "_evaluate"): "fit_predict methods take and return NumPy arrays (the protocol is CPU-side)",
     ("slides.py", "build"): "building decks, no tensors",
     ("tour.py", "run_tour"): _LAUNCH,
