@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import labkit
+import labkit.data  # noqa: F401  (labkit.data.blobs)
 import labkit.semisup  # noqa: F401  (labkit.semisup.split)
 from labkit.kmeans import (
     KMeans,

@@ -49,7 +49,7 @@ def test_install_is_idempotent_and_reversible():
 def test_rearm_ignores_blocking_sockets_and_other_objects():
     s = zmq.Context.instance().socket(zmq.DEALER)
     try:
-        zmq_rearm._rearm(s)        # a blocking socket: nothing to re-arm, no error
-        zmq_rearm._rearm(object())
+        zmq_rearm.rearm(s)         # a blocking socket: nothing to re-arm, no error
+        zmq_rearm.rearm(object())
     finally:
         s.close(linger=0)

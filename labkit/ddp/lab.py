@@ -491,8 +491,8 @@ def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, time
             try:
                 guess = [list(map(int, b)) for b in guess]
             except TypeError:
-                raise AssertionError(f"return a list of buckets, each a list of positions into sizes; got {guess!r}") \
-                    from None
+                raise AssertionError("return a list of buckets, each a list of positions into sizes; "
+                                     f"got {guess!r}") from None
             if guess != got["buckets"] and guess == plan_buckets(got["sizes"], cap, first_bucket_mb=first):
                 raise AssertionError("that is labkit's rule (close before overflowing); torch's reducer adds the "
                                      "gradient first and closes the bucket once it has reached the cap")

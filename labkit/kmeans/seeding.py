@@ -25,8 +25,8 @@ def resolve_dtype(dtype) -> torch.dtype:
     try:
         return table[dtype]
     except (KeyError, TypeError):
-        raise ArgumentError(f"dtype must be 'float32' or 'float64' (or the torch/numpy dtype), got {dtype!r}") \
-            from None
+        raise ArgumentError("dtype must be 'float32' or 'float64' (or the torch/numpy dtype), "
+                            f"got {dtype!r}") from None
 
 
 def as_tensor(X, name: str = "X", dtype=torch.float32, device="cpu") -> torch.Tensor:

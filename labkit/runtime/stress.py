@@ -285,7 +285,7 @@ async def _execute_watched(client, cell, index: int, watch: float, timeout: floa
     and, if there is one, count it and re-arm the socket (which frees it). {"state", "seconds", "detail"}."""
     import asyncio
 
-    import zmq
+    from .zmq_rearm import rearm
 
     t0 = time.monotonic()
     task = asyncio.ensure_future(client.async_execute_cell(cell, index))
@@ -301,7 +301,7 @@ async def _execute_watched(client, cell, index: int, watch: float, timeout: floa
         seen = await _stranded_twice(client.kc)
         if seen["stranded"]:
             stranded += 1
-            client.kc.shell_channel.socket.get(zmq.EVENTS)   # zmq.asyncio's getter re-arms: frees the reply
+            rearm(client.kc.shell_channel.socket)   # frees the reply (what the fix does after each send)
     seconds = time.monotonic() - t0
     err = task.exception()
     if err is not None:

@@ -30,7 +30,7 @@ import functools
 _MARK = "_labkit_rearm"
 
 
-def _rearm(stream) -> None:
+def rearm(stream) -> None:
     """Make an asyncio socket look again at its events (schedules its handler if a message waits)."""
     import zmq
     import zmq.asyncio
@@ -56,7 +56,7 @@ def _wrap(method):
         try:
             return method(self, stream, *args, **kwargs)
         finally:
-            _rearm(stream)
+            rearm(stream)
 
     setattr(send, _MARK, True)
     return send
