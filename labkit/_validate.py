@@ -3,9 +3,9 @@
 Each check returns the cleaned value or raises :class:`ArgumentError`, whose message names the
 argument, the value received and what to pass instead::
 
-    n = check_int("world_size", world_size, minimum=1)
-    name = check_choice("schedule", schedule, ("gpipe", "1f1b"))
-    t = check_number("threshold", threshold, minimum=0, maximum=1, open_low=True)
+    n = validate_int("world_size", world_size, minimum=1)
+    name = validate_choice("schedule", schedule, ("gpipe", "1f1b"))
+    t = validate_number("threshold", threshold, minimum=0, maximum=1, open_low=True)
 
 :class:`ArgumentError` is both a ``ValueError`` and a ``TypeError``: a caller (or a test) that
 catches either one catches it, whether the value had the wrong type or the wrong size.
@@ -16,7 +16,7 @@ import math
 import numbers
 from typing import Any, Sequence
 
-__all__ = ["ArgumentError", "check_int", "check_choice", "check_number", "check_finite"]
+__all__ = ["ArgumentError", "validate_int", "validate_choice", "validate_number", "validate_finite"]
 
 
 class ArgumentError(ValueError, TypeError):
@@ -28,7 +28,7 @@ def _fail(name: str, need: str, value: Any, hint: str) -> ArgumentError:
     return ArgumentError(f"{name} must be {need}, got {value!r}{tail}")
 
 
-def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
+def validate_int(name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None,
               hint: str = "") -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]`` (either bound optional); bools are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -48,7 +48,7 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any], *, hint: str = "") -> Any:
+def validate_choice(name: str, value: Any, choices: Sequence[Any], *, hint: str = "") -> Any:
     """``value`` if it is one of ``choices``."""
     try:
         ok = value in choices
@@ -59,7 +59,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], *, hint: str = "
     return value
 
 
-def check_number(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
+def validate_number(name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
                  open_low: bool = False, open_high: bool = False, hint: str = "") -> float:
     """``value`` as a finite ``float`` within the bounds (``open_low``/``open_high`` exclude the bound)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
@@ -82,7 +82,7 @@ def _range_words(minimum, maximum, open_low, open_high) -> str:
     return f" in {'(' if open_low else '['}{minimum:g}, {maximum:g}{')' if open_high else ']'}"
 
 
-def check_finite(name: str, array: Any, *, hint: str = "") -> Any:
+def validate_finite(name: str, array: Any, *, hint: str = "") -> Any:
     """``array`` (numpy or torch) if every value is finite; otherwise say how many are NaN or inf."""
     import numpy as np
 

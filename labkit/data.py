@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._validate import check_choice, check_int
+from ._validate import validate_choice, validate_int
 
 __all__ = [
     "load_digits", "train_test_split_digits", "labelled_split", "semi_supervised_targets",
@@ -95,7 +95,7 @@ def load_digits(as_: str = "arrays", scale: bool = True):
          float32 tensor (for convolutions) and ``y`` an int64 tensor.
     scale: divide the pixel values (0..16) by 16, so they lie in [0, 1].
     """
-    check_choice("as_", as_, ("arrays", "tensors", "images"))
+    validate_choice("as_", as_, ("arrays", "tensors", "images"))
     data, target = _read_digits()
     X = data.astype(np.float32)
     if scale:
@@ -118,8 +118,8 @@ def train_test_split_digits(test_size: float = 0.5, seed: int = 0, as_: str = "a
 
     if not isinstance(test_size, (float, int)) or isinstance(test_size, bool) or not 0 < test_size < 1:
         raise ValueError(f"test_size must be a fraction strictly between 0 and 1 (e.g. 0.5), got {test_size!r}")
-    seed = check_int("seed", seed, minimum=0)
-    check_choice("as_", as_, ("arrays", "tensors", "images"))
+    seed = validate_int("seed", seed, minimum=0)
+    validate_choice("as_", as_, ("arrays", "tensors", "images"))
     X, y = load_digits("arrays", scale=scale)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_size, random_state=seed, stratify=y)
     out = []
@@ -142,8 +142,8 @@ def labelled_split(y, k_per_class: int, seed: int = 0) -> tuple[np.ndarray, np.n
     ``range(len(y))`` once. The same ``seed`` gives the same split.
     """
     y = _as_label_array(y)
-    k = check_int("k_per_class", k_per_class, minimum=1)
-    seed = check_int("seed", seed, minimum=0)
+    k = validate_int("k_per_class", k_per_class, minimum=1)
+    seed = validate_int("seed", seed, minimum=0)
     if y.size == 0:
         raise ValueError("y is empty: pass the labels of the samples to split")
     classes, counts = np.unique(y, return_counts=True)
@@ -181,11 +181,11 @@ def two_moons(n: int = 200, noise: float = 0.1, seed: int = 0, as_: str = "array
     """Two interleaving half circles (scikit-learn's ``make_moons``): ``X`` (n, 2) float32, ``y`` in {0, 1}."""
     from sklearn.datasets import make_moons
 
-    n = check_int("n", n, minimum=2)
+    n = validate_int("n", n, minimum=2)
     if not isinstance(noise, (int, float)) or isinstance(noise, bool) or noise < 0:
         raise ValueError(f"noise must be a standard deviation >= 0 (e.g. 0.1), got {noise!r}")
-    check_choice("as_", as_, ("arrays", "tensors"))
-    X, y = make_moons(n_samples=n, noise=float(noise), random_state=check_int("seed", seed, minimum=0))
+    validate_choice("as_", as_, ("arrays", "tensors"))
+    X, y = make_moons(n_samples=n, noise=float(noise), random_state=validate_int("seed", seed, minimum=0))
     return _finish(X, y, as_)
 
 
@@ -194,14 +194,14 @@ def blobs(n: int = 300, centers: int = 3, seed: int = 0, cluster_std: float = 1.
     """Gaussian blobs (scikit-learn's ``make_blobs``): ``X`` (n, n_features) float32, ``y`` the blob index."""
     from sklearn.datasets import make_blobs
 
-    n = check_int("n", n, minimum=1)
-    centers = check_int("centers", centers, minimum=1)
-    n_features = check_int("n_features", n_features, minimum=1)
+    n = validate_int("n", n, minimum=1)
+    centers = validate_int("centers", centers, minimum=1)
+    n_features = validate_int("n_features", n_features, minimum=1)
     if not isinstance(cluster_std, (int, float)) or isinstance(cluster_std, bool) or cluster_std <= 0:
         raise ValueError(f"cluster_std must be a positive number (e.g. 1.0), got {cluster_std!r}")
-    check_choice("as_", as_, ("arrays", "tensors"))
+    validate_choice("as_", as_, ("arrays", "tensors"))
     X, y = make_blobs(n_samples=n, centers=centers, n_features=n_features, cluster_std=float(cluster_std),
-                      random_state=check_int("seed", seed, minimum=0))
+                      random_state=validate_int("seed", seed, minimum=0))
     return _finish(X, y, as_)
 
 
@@ -235,12 +235,12 @@ class RandomImages(_TorchDataset):
     """
 
     def __init__(self, n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10, seed: int = 0):
-        self.n = check_int("n", n, minimum=0)
+        self.n = validate_int("n", n, minimum=0)
         if isinstance(shape, (int, np.integer)) or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
             raise ValueError(f"shape must be a tuple of positive ints such as (3, 32, 32), got {shape!r}")
         self.shape = tuple(int(s) for s in shape)
-        self.classes = check_int("classes", classes, minimum=1)
-        self.seed = check_int("seed", seed, minimum=0)
+        self.classes = validate_int("classes", classes, minimum=1)
+        self.seed = validate_int("seed", seed, minimum=0)
 
     def __len__(self) -> int:
         return self.n
@@ -270,7 +270,7 @@ def random_images(n: int, shape: Sequence[int] = (3, 32, 32), classes: int = 10,
     ``as_="tensors"`` materialises the same items as ``X`` (n, *shape) float32 and ``y`` (n,) int64."""
     import torch
 
-    check_choice("as_", as_, ("tensors", "dataset"))
+    validate_choice("as_", as_, ("tensors", "dataset"))
     ds = RandomImages(n, shape, classes, seed)
     if as_ == "dataset":
         return ds
@@ -314,12 +314,12 @@ def shard_indices(n: int, rank: int, world_size: int, shuffle: bool = True, seed
     """
     import torch
 
-    n = check_int("n", n, minimum=0)
-    world_size = check_int("world_size", world_size, minimum=1)
-    rank = check_int("rank", rank, minimum=0)
+    n = validate_int("n", n, minimum=0)
+    world_size = validate_int("world_size", world_size, minimum=1)
+    rank = validate_int("rank", rank, minimum=0)
     if rank >= world_size:
         raise ValueError(f"rank must be in 0..{world_size - 1} for world_size={world_size}, got {rank}")
-    seed, epoch = check_int("seed", seed), check_int("epoch", epoch, minimum=0)
+    seed, epoch = validate_int("seed", seed), validate_int("epoch", epoch, minimum=0)
     # drop_last: floor(n / w) each (torch writes it ceil((n - w) / w)); else ceil(n / w) each
     per_rank = n // world_size if drop_last else math.ceil(n / world_size)
     total = per_rank * world_size

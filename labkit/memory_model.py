@@ -33,7 +33,7 @@ For Adam both ``autocast-*`` and ``mixed-*`` cost 16 bytes per parameter, split 
 """
 from __future__ import annotations
 
-from ._validate import ArgumentError, check_choice, check_int
+from ._validate import ArgumentError, validate_choice, validate_int
 
 __all__ = ["GB", "PRECISIONS", "OPTIMIZERS", "bytes_per_parameter", "zero_bytes_per_rank", "transformer_params",
            "transformer_activations", "pipeline_in_flight"]
@@ -54,8 +54,8 @@ def bytes_per_parameter(precision: str = "fp32", optimizer: str = "adam") -> dic
     2 + 2 + 4 = 8; SGD without momentum keeps no state (the master copy still counts under ``mixed-*``)."""
     if _REFUSE:
         raise AssertionError(_REFUSE)
-    check_choice("precision", precision, PRECISIONS)
-    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    validate_choice("precision", precision, PRECISIONS)
+    validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))
     states = OPTIMIZERS[optimizer]
     if precision == "bf16":
         w, g, opt = 2, 2, 2 * states
@@ -73,9 +73,9 @@ def zero_bytes_per_rank(params: int, world: int, stage: int, precision: str = "m
 
     Stage 1 shards the optimiser state, stage 2 also the gradients, stage 3 also the weights (ZeRO, section 5).
     With ``mixed-fp16`` + Adam this is the paper's 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N and 16Ψ/N."""
-    params = check_int("params", params, minimum=1)
-    world = check_int("world", world, minimum=1, hint="the number of data-parallel ranks")
-    stage = check_int("stage", stage, minimum=0, maximum=3, hint="0 (plain data parallel), 1, 2 or 3")
+    params = validate_int("params", params, minimum=1)
+    world = validate_int("world", world, minimum=1, hint="the number of data-parallel ranks")
+    stage = validate_int("stage", stage, minimum=0, maximum=3, hint="0 (plain data parallel), 1, 2 or 3")
     b = bytes_per_parameter(precision, optimizer)
     sharded = {"weights": stage >= 3, "grads": stage >= 2, "optimizer": stage >= 1}
     out = {k: params * b[k] / (world if sharded[k] else 1) for k in ("weights", "grads", "optimizer")}
@@ -90,11 +90,11 @@ def transformer_params(layers: int, hidden: int, vocab: int, ffn: int | None = N
     Per layer: attention 4h² + 4h (Q, K, V and output projections with biases), MLP 2·h·f + f + h (``ffn`` f,
     4h by default), two LayerNorms 4h: 12h² + 13h when f = 4h. Plus the token embedding h·v, a final LayerNorm
     2h, an untied output head h·v when ``tied`` is False and learned position embeddings ``positions``·h."""
-    layers = check_int("layers", layers, minimum=1)
-    hidden = check_int("hidden", hidden, minimum=1)
-    vocab = check_int("vocab", vocab, minimum=1)
-    f = 4 * hidden if ffn is None else check_int("ffn", ffn, minimum=1)
-    positions = check_int("positions", positions, minimum=0)
+    layers = validate_int("layers", layers, minimum=1)
+    hidden = validate_int("hidden", hidden, minimum=1)
+    vocab = validate_int("vocab", vocab, minimum=1)
+    f = 4 * hidden if ffn is None else validate_int("ffn", ffn, minimum=1)
+    positions = validate_int("positions", positions, minimum=0)
     per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * f + f + hidden + 4 * hidden
     return hidden * vocab * (1 if tied else 2) + layers * per_layer + 2 * hidden + positions * hidden
 
@@ -114,14 +114,14 @@ def transformer_activations(seq: int, micro_batch: int, hidden: int, heads: int,
     - ``flash`` (a fused attention kernel): the 5as/h term goes too.
 
     The paper counts 16-bit values (``bytes_per_value=2``); the formula scales with the value size."""
-    s = check_int("seq", seq, minimum=1)
-    b = check_int("micro_batch", micro_batch, minimum=1)
-    h = check_int("hidden", hidden, minimum=1)
-    a = check_int("heads", heads, minimum=1)
-    layers = check_int("layers", layers, minimum=1)
-    t = check_int("tp", tp, minimum=1)
-    check_choice("recompute", recompute, RECOMPUTE)
-    bpv = check_int("bytes_per_value", bytes_per_value, minimum=1)
+    s = validate_int("seq", seq, minimum=1)
+    b = validate_int("micro_batch", micro_batch, minimum=1)
+    h = validate_int("hidden", hidden, minimum=1)
+    a = validate_int("heads", heads, minimum=1)
+    layers = validate_int("layers", layers, minimum=1)
+    t = validate_int("tp", tp, minimum=1)
+    validate_choice("recompute", recompute, RECOMPUTE)
+    bpv = validate_int("bytes_per_value", bytes_per_value, minimum=1)
     if h % a:
         raise ArgumentError(f"hidden={h} is not a multiple of heads={a}; pick heads that divide the hidden size")
     if a % t or h % t:
@@ -143,8 +143,8 @@ def pipeline_in_flight(schedule: str, stage: int, stages: int, micro_batches: in
     GPipe runs every forward before any backward, so each stage holds all m. 1F1B starts a micro-batch's backward
     as soon as the last stage has it, so stage s holds at most p - s (Narayanan et al. 2021, section 2.2): the
     first stage holds the most, min(p, m)."""
-    check_choice("schedule", schedule, SCHEDULES)
-    stages = check_int("stages", stages, minimum=1)
-    stage = check_int("stage", stage, minimum=0, maximum=stages - 1)
-    m = check_int("micro_batches", micro_batches, minimum=1)
+    validate_choice("schedule", schedule, SCHEDULES)
+    stages = validate_int("stages", stages, minimum=1)
+    stage = validate_int("stage", stage, minimum=0, maximum=stages - 1)
+    m = validate_int("micro_batches", micro_batches, minimum=1)
     return m if schedule == "gpipe" else min(stages - stage, m)

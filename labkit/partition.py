@@ -18,11 +18,11 @@ import itertools
 import math
 from typing import Sequence
 
-__all__ = ["check_cuts", "check_stages", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_ranges",
+__all__ = ["validate_cuts", "validate_stages", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_ranges",
            "stage_sums", "as_costs"]
 
 
-def check_stages(k, n_layers: int) -> int:
+def validate_stages(k, n_layers: int) -> int:
     """``k`` as a number of stages for ``n_layers`` layers: an int in ``1 .. n_layers``."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"the number of stages must be an int, got {k!r}")
@@ -34,7 +34,7 @@ def check_stages(k, n_layers: int) -> int:
     return k
 
 
-def check_cuts(cuts, n_layers: int, n_stages: int | None = None) -> list[int]:
+def validate_cuts(cuts, n_layers: int, n_stages: int | None = None) -> list[int]:
     """Validate cut points for ``n_layers`` layers (and ``n_stages`` stages if given); return them as a list."""
     if isinstance(cuts, (str, bytes, int)) or not isinstance(cuts, (list, tuple)) and not hasattr(cuts, "tolist"):
         raise TypeError(f"cuts must be a list of layer indices such as [4] or [3, 7] (the index where each stage "
@@ -60,7 +60,7 @@ def check_cuts(cuts, n_layers: int, n_stages: int | None = None) -> list[int]:
 
 def stage_ranges(cuts, n_layers: int) -> list[range]:
     """``[4]`` with 6 layers -> ``[range(0, 4), range(4, 6)]``: the layers of each stage."""
-    edges = [0, *check_cuts(cuts, n_layers), n_layers]
+    edges = [0, *validate_cuts(cuts, n_layers), n_layers]
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
@@ -81,7 +81,7 @@ def sizes_to_cuts(sizes) -> list[int]:
 
 def even_cuts(n_layers: int, k: int) -> list[int]:
     """The naive split: the same number of layers per stage, the first stages taking the remainder."""
-    check_stages(k, n_layers)
+    validate_stages(k, n_layers)
     q, r = divmod(n_layers, k)
     return sizes_to_cuts([q + (1 if s < r else 0) for s in range(k)])
 

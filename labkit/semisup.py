@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from ._validate import check_int
+from ._validate import validate_int
 
 __all__ = ["Split", "split", "evaluate", "supervised_only", "label_spreading", "self_training",
            "logistic_regression", "one_blas_thread", "SEEDS"]
@@ -69,8 +69,8 @@ def split(k_per_class: int, seed: int = 0, dataset: tuple[np.ndarray, np.ndarray
 
     from .data import load_digits, semi_supervised_targets
 
-    k = check_int("k_per_class", k_per_class, minimum=1)
-    seed = check_int("seed", seed, minimum=0)
+    k = validate_int("k_per_class", k_per_class, minimum=1)
+    seed = validate_int("seed", seed, minimum=0)
     X, y = load_digits() if dataset is None else dataset
     X = np.asarray(X)
     y = np.asarray(y)
@@ -94,7 +94,7 @@ def evaluate(methods: Mapping[str, Method], ks: Iterable[int] = (5,), seeds: Ite
     import torch
     from threadpoolctl import threadpool_limits
 
-    threads = check_int("threads", threads, minimum=1, hint="or None to leave the thread counts as they are")
+    threads = validate_int("threads", threads, minimum=1, hint="or None to leave the thread counts as they are")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -109,7 +109,7 @@ def _evaluate(methods, ks, seeds, dataset, progress) -> list[dict]:
 
     if not methods:
         raise ValueError("methods is empty: pass a dict {name: fit_predict(X_train, y_semi, X_test)}")
-    ks, seeds = [check_int("k", k, minimum=1) for k in ks], [check_int("seed", s, minimum=0) for s in seeds]
+    ks, seeds = [validate_int("k", k, minimum=1) for k in ks], [validate_int("seed", s, minimum=0) for s in seeds]
     if not ks or not seeds:
         raise ValueError(f"need at least one K and one seed, got ks={ks}, seeds={seeds}")
     acc = {(m, k): [] for m in methods for k in ks}

@@ -195,7 +195,7 @@ def execute_deck(nb, name: str, cwd: str | os.PathLike, timeout: float = 120):
 
 
 # ----------------------------------------------------------------------------- reveal.js
-def check_reveal_dir(path: str | os.PathLike) -> Path:
+def validate_reveal_dir(path: str | os.PathLike) -> Path:
     """Check ``path`` is a reveal.js folder (the npm package, or a release) and return it."""
     p = Path(path).expanduser()
     missing = [f for f in REVEAL_FILES if not (p / f).is_file()]
@@ -209,7 +209,7 @@ def check_reveal_dir(path: str | os.PathLike) -> Path:
 
 def copy_reveal(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Copy reveal.js's ``dist/`` and ``plugin/`` from ``src`` to ``out_dir/reveal.js``; return that."""
-    src = check_reveal_dir(src)
+    src = validate_reveal_dir(src)
     dest = Path(out_dir) / LOCAL_PREFIX
     if dest.resolve() == src.resolve():
         return dest
@@ -261,7 +261,7 @@ def fetch_reveal(version: str = REVEAL_VERSION, cache: str | os.PathLike | None 
             kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tf.extractall(tmp, **kw)
         package = Path(tmp) / "package"
-        check_reveal_dir(package)
+        validate_reveal_dir(package)
         if dest.exists():
             shutil.rmtree(dest)
         package.rename(dest)
@@ -345,7 +345,7 @@ def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: boo
         prefix = CDN_PREFIX
         local = None
     elif isinstance(reveal, (str, os.PathLike)):
-        local = check_reveal_dir(reveal)
+        local = validate_reveal_dir(reveal)
         prefix = LOCAL_PREFIX
     else:
         raise TypeError(f"reveal must be None, 'cdn' or a path to a reveal.js folder, got {reveal!r}")

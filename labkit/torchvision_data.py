@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import check_choice, check_int
+from ._validate import validate_choice, validate_int
 
 
 class DatasetError(RuntimeError):
@@ -160,14 +160,14 @@ def load_torchvision(name: str, root: str | os.PathLike | None = None, train: bo
     import torch
 
     key = _dataset_key(name)
-    check_choice("as_", as_, ("tensors", "dataset"))
+    validate_choice("as_", as_, ("tensors", "dataset"))
     for what, v in (("train", train), ("verify", verify)):
         if not isinstance(v, bool):
             raise TypeError(f"{what} must be True or False, got {v!r}")
     if download is not None and not isinstance(download, bool):
         raise TypeError(f"download must be None (automatic), True or False, got {download!r}")
     if limit is not None:
-        limit = check_int("limit", limit, minimum=1)
+        limit = validate_int("limit", limit, minimum=1)
         if as_ != "tensors":
             raise ValueError("limit only applies to as_='tensors'; for a dataset use torch.utils.data.Subset")
     root = data_root(root)

@@ -2,7 +2,7 @@
 
 :data:`LABS` is the one registry: the tour, the ``bench`` command's choices and the course map follow
 it. Each lab is a package whose ``lab`` module has ``tour(world_size=2) -> list[dict]`` (rows made by
-:func:`check_row`) and, when the lab has a benchmark, whose ``bench`` module has ``main(argv)``.
+:func:`run_check`) and, when the lab has a benchmark, whose ``bench`` module has ``main(argv)``.
 
 This is the smoke test for a teacher preparing a server: if the tour passes, the labs will run.
 """
@@ -43,12 +43,20 @@ LABS: tuple[Lab, ...] = (
 )
 
 
+def lab_name(package: str) -> str:
+    """``"06 k-means"`` for ``"labkit.kmeans"``: a lab's number and title, written only in :data:`LABS`."""
+    for lab in LABS:
+        if lab.package == package:
+            return lab.name
+    raise ValueError(f"package={package!r} is not a lab; labs are: {[lab.package for lab in LABS]}")
+
+
 def benches() -> dict[str, str]:
     """``{bench name: module}`` for ``python -m labkit bench NAME``, in course order."""
     return {lab.bench: f"{lab.package}.bench" for lab in LABS if lab.bench}
 
 
-def check_row(lab: str, check: str, fn) -> dict:
+def run_check(lab: str, check: str, fn) -> dict:
     """One tour row from ``fn() -> (ok, detail)``; an exception becomes a failed row, not a crash."""
     try:
         ok, detail = fn()
@@ -67,10 +75,10 @@ def select(labs: list[str] | None = None) -> list[Lab]:
 
 def run_tour(labs: list[str] | None = None, world_size: int = 2, echo: bool = True) -> list[dict]:
     """Run every lab's ``tour(world_size)`` (or those whose name contains one of ``labs``); return all rows."""
-    from ._validate import check_int
+    from ._validate import validate_int
     from .viz import format_table, progress
 
-    world_size = check_int("world_size", world_size, minimum=1)
+    world_size = validate_int("world_size", world_size, minimum=1)
     selected = select(labs)
     rows: list[dict] = []
     for lab in progress(selected, desc="tour") if echo else selected:

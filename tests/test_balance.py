@@ -93,17 +93,17 @@ def test_gpipe_timeline_formula_and_slowest_stage():
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="out of range"):
-        B.check_cuts([0], 5)
+        B.validate_cuts([0], 5)
     with pytest.raises(ValueError, match="out of range"):
-        B.check_cuts([5], 5)
+        B.validate_cuts([5], 5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        B.check_cuts([3, 2], 5)
+        B.validate_cuts([3, 2], 5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        B.check_cuts([2, 2], 5)
+        B.validate_cuts([2, 2], 5)
     with pytest.raises(ValueError, match="3 stages need 2"):
-        B.check_cuts([2], 5, n_stages=3)
+        B.validate_cuts([2], 5, n_stages=3)
     with pytest.raises(TypeError, match="not an int"):
-        B.check_cuts([1.5], 5)
+        B.validate_cuts([1.5], 5)
     with pytest.raises(ValueError, match="at most 3 stages"):
         B.min_max_partition([1, 2, 3], 4)
     with pytest.raises(ValueError, match=">= 1"):

@@ -36,9 +36,9 @@ def test_mesh_arithmetic_is_torch_layout():
 
 def test_mesh_shape_errors():
     with pytest.raises(ArgumentError, match=r"dp=2 × pp=2 × tp=1 = 4 ranks, but the world has 8.*2×2×2"):
-        mesh_mod.check_shape(8, 2, 2, 1)
+        mesh_mod.validate_shape(8, 2, 2, 1)
     with pytest.raises(ArgumentError, match="tp"):
-        mesh_mod.check_shape(8, 2, 2, 0)
+        mesh_mod.validate_shape(8, 2, 2, 0)
 
 
 def _mesh_and_torch_rank(ctx):
@@ -212,7 +212,7 @@ def test_bad_model_shapes():
     with pytest.raises(ArgumentError, match="width=60 does not split into heads=8"):
         M.Config(width=60)
     with pytest.raises(ArgumentError, match="tp=4 does not divide the model's seq"):
-        G.check_grid(1, 1, 4, M.Config(seq=6, vocab=16), sp=True, batch=4)
+        G.validate_grid(1, 1, 4, M.Config(seq=6, vocab=16), sp=True, batch=4)
 
 
 def test_stage_layers_cover_every_layer_once():

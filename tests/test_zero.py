@@ -93,12 +93,12 @@ def test_tied_parameters_are_kept_once():
 
 def test_supported_optimizers_and_errors_without_ranks():
     for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-        assert zero.check_optimizer_class(cls) is cls
+        assert zero.validate_optimizer_class(cls) is cls
     with pytest.raises(ArgumentError, match=r"LBFGS is not element-wise.*torch.optim.SGD, torch.optim.Adam"):
-        zero.check_optimizer_class(torch.optim.LBFGS)
+        zero.validate_optimizer_class(torch.optim.LBFGS)
     opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(ArgumentError, match="class \\(not an instance\\)"):
-        zero.check_optimizer_class(opt)
+        zero.validate_optimizer_class(opt)
     with pytest.raises(RuntimeError, match="labkit.launch"):
         zero.Zero1(nn.Linear(2, 2).parameters(), torch.optim.Adam, lr=0.1)
     with pytest.raises(RuntimeError, match="labkit.launch"):

@@ -9,7 +9,7 @@ import pytest
 import labkit
 from labkit._validate import ArgumentError
 from labkit.zero import bench
-from labkit.zero.measure import METHODS, check_args, memory_rank, mlp
+from labkit.zero.measure import METHODS, memory_rank, mlp, validate_args
 
 SIZES = (6, 11, 7, 3)  # the lab's MLP: P = 185, odd, so ZeRO's flat buffer is padded at N = 2
 P, N = 185, 2
@@ -81,9 +81,9 @@ def test_rows_from_results_without_processes():
 
 def test_bad_arguments_say_what_to_pass():
     with pytest.raises(ArgumentError, match="zero4"):
-        check_args(("zero4",), SIZES, "float32", "adam", 2, 4, 2)
+        validate_args(("zero4",), SIZES, "float32", "adam", 2, 4, 2)
     with pytest.raises(ArgumentError, match="global_batch=5.*multiple of 2"):
-        check_args(("ddp",), SIZES, "float32", "adam", 2, 5, 2)
+        validate_args(("ddp",), SIZES, "float32", "adam", 2, 5, 2)
     with pytest.raises(ArgumentError, match=r"sizes.*\(256, 1024, 1024, 10\)"):
         mlp((7,))
     with pytest.raises(SystemExit):

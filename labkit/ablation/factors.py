@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 
 __all__ = ["cross_entropy", "label_smoothing", "focal_loss", "binary_focal_loss", "distillation_loss",
            "weights", "l1_penalty", "l2_penalty", "elastic_net", "shift", "flip_shift", "strong", "mixup",
@@ -70,7 +70,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def label_smoothing(logits: torch.Tensor, target: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
     """Cross-entropy against the smoothed target ``(1 - eps) q + eps / C`` (Szegedy et al. 2016)."""
-    eps = check_number("eps", eps, minimum=0, maximum=1)
+    eps = validate_number("eps", eps, minimum=0, maximum=1)
     q = _soft(logits, target)
     return cross_entropy(logits, (1 - eps) * q + eps / logits.shape[1])
 
@@ -81,7 +81,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     ``(1 - p_c)^gamma`` shrinks the loss of samples already classified confidently; ``gamma = 0`` gives
     cross-entropy.
     """
-    gamma = check_number("gamma", gamma, minimum=0)
+    gamma = validate_number("gamma", gamma, minimum=0)
     logp = F.log_softmax(logits, dim=1)
     return -(_soft(logits, target) * (1 - logp.exp()).pow(gamma) * logp).sum(dim=1).mean()
 
@@ -110,8 +110,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     The T^2 keeps the soft term's gradient about the same size whatever T is (the softened gradients shrink
     as 1/T^2). The teacher's logits are detached: only the student learns.
     """
-    T = check_number("T", T, minimum=0, open_low=True)
-    alpha = check_number("alpha", alpha, minimum=0, maximum=1)
+    T = validate_number("T", T, minimum=0, open_low=True)
+    alpha = validate_number("alpha", alpha, minimum=0, maximum=1)
     log_ps = F.log_softmax(student_logits / T, dim=1)
     log_pt = F.log_softmax(teacher_logits.detach() / T, dim=1)
     soft = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1).mean() * T * T
@@ -139,7 +139,7 @@ def l2_penalty(model: nn.Module) -> torch.Tensor:
 
 def elastic_net(model: nn.Module, l1_ratio: float = 0.5) -> torch.Tensor:
     """``l1_ratio * sum |w| + (1 - l1_ratio) * 1/2 sum w^2`` (scikit-learn's ElasticNet convention)."""
-    r = check_number("l1_ratio", l1_ratio, minimum=0, maximum=1)
+    r = validate_number("l1_ratio", l1_ratio, minimum=0, maximum=1)
     return r * l1_penalty(model) + (1 - r) * l2_penalty(model)
 
 
@@ -157,7 +157,7 @@ def _check_images(x: torch.Tensor) -> None:
 def shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Move each image by its own random (dy, dx), each in [-max_shift, max_shift], filling with zeros."""
     _check_images(x)
-    m = check_int("max_shift", max_shift, minimum=0)
+    m = validate_int("max_shift", max_shift, minimum=0)
     n, _, h, w = x.shape
     if m == 0 or n == 0:
         return x.clone()
@@ -200,7 +200,7 @@ def mixup(x: torch.Tensor, y_onehot: torch.Tensor, gen: torch.Generator, alpha: 
     sample a random permutation puts in its place. Returns ``(lam x + (1-lam) x[perm], lam y + (1-lam) y[perm])``:
     mixed images and soft targets (rows still sum to 1)."""
     _check_images(x)
-    alpha = check_number("alpha", alpha, minimum=0, open_low=True)
+    alpha = validate_number("alpha", alpha, minimum=0, open_low=True)
     if y_onehot.shape[0] != x.shape[0] or y_onehot.ndim != 2:
         raise ArgumentError(f"y_onehot must be (N, C) with N = {x.shape[0]}, got shape {tuple(y_onehot.shape)}")
     # torch's Beta sampler takes no generator: draw a seed from ``gen`` and let numpy draw lam
@@ -265,12 +265,12 @@ def _apply_augment(recipe, value):
 
 def _check_distill(value):
     if isinstance(value, str):
-        return check_choice("factor 'distill'", value, ("none",), hint="or a dict such as {'T': 4, 'alpha': 0.7}")
+        return validate_choice("factor 'distill'", value, ("none",), hint="or a dict such as {'T': 4, 'alpha': 0.7}")
     if not isinstance(value, dict) or set(value) != {"T", "alpha"}:
         raise ArgumentError(f"factor 'distill' must be 'none' or a dict with keys 'T' and 'alpha' "
                             f"(e.g. {{'T': 4, 'alpha': 0.7}}), got {value!r}")
-    return {"T": check_number("factor 'distill' T", value["T"], minimum=0, open_low=True),
-            "alpha": check_number("factor 'distill' alpha", value["alpha"], minimum=0, maximum=1)}
+    return {"T": validate_number("factor 'distill' T", value["T"], minimum=0, open_low=True),
+            "alpha": validate_number("factor 'distill' alpha", value["alpha"], minimum=0, maximum=1)}
 
 
 def _apply_distill(recipe, value):
@@ -280,12 +280,12 @@ def _apply_distill(recipe, value):
 def _check_reg(value):
     kinds = ("none",) + tuple(REG_STRENGTH)
     if isinstance(value, str):
-        return check_choice("factor 'reg'", value, kinds, hint="or a dict such as {'kind': 'l2', 'lam': 1e-3}")
+        return validate_choice("factor 'reg'", value, kinds, hint="or a dict such as {'kind': 'l2', 'lam': 1e-3}")
     if not isinstance(value, dict) or not {"kind"} <= set(value) <= {"kind", "lam"}:
         raise ArgumentError(f"factor 'reg' must be one of {kinds} or a dict {{'kind': ..., 'lam': ...}}, "
                             f"got {value!r}")
-    out = {"kind": check_choice("factor 'reg' kind", value["kind"], kinds[1:])}
-    out["lam"] = check_number("factor 'reg' lam", value.get("lam", REG_STRENGTH[out["kind"]]), minimum=0)
+    out = {"kind": validate_choice("factor 'reg' kind", value["kind"], kinds[1:])}
+    out["lam"] = validate_number("factor 'reg' lam", value.get("lam", REG_STRENGTH[out["kind"]]), minimum=0)
     return out
 
 
@@ -311,11 +311,11 @@ def _apply_steps(recipe, value):
 
 
 def _check_steps(value):
-    return check_int("factor 'steps'", value, minimum=1)
+    return validate_int("factor 'steps'", value, minimum=1)
 
 
 def _check_lr(value):
-    return check_number("factor 'lr'", value, minimum=0, open_low=True)
+    return validate_number("factor 'lr'", value, minimum=0, open_low=True)
 
 
 def _apply_pseudo(recipe, value):

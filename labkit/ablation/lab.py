@@ -21,6 +21,7 @@ import time
 
 from .._calls import calls_to, refuse
 from ..checks import CheckResult, expect_equal, run_cases
+from ..tour import lab_name
 from . import stats as _stats
 from .factors import FACTORS, Factor
 from .reporting import _verdict, report
@@ -31,7 +32,7 @@ from .study import Study
 __all__ = ["study_rank", "start_in_background", "wait_for", "write_study_file", "verdict_rows", "check_verdict",
            "check_factor", "tour", "LAB"]
 
-LAB = "08 ablation"
+LAB = lab_name(__package__)
 
 
 def study_rank(ctx, spec: dict, folder: str, workers: int = 1) -> dict:
@@ -252,7 +253,7 @@ def tour(world_size: int = 2) -> list[dict]:
     """A tiny study (baseline and one change, two seeds, 20 steps) sharded over ``world_size`` ranks and merged;
     resumed, it runs nothing; its report has the change's paired interval."""
     from ..runtime.launcher import launch
-    from ..tour import check_row
+    from ..tour import run_check
     from .training import BASELINE
 
     rows = []
@@ -279,5 +280,5 @@ def tour(world_size: int = 2) -> list[dict]:
 
     for name, fn in (("shards run and merge", sharded), ("resume runs nothing twice", resumed),
                      ("paired interval", reported)):
-        rows.append(check_row(LAB, name, fn))
+        rows.append(run_check(LAB, name, fn))
     return rows

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from .._validate import check_choice, check_number
+from .._validate import validate_choice, validate_number
 from .stats import holm, paired_difference
 from .store import Store
 from .study import spec_keys
@@ -117,8 +117,8 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
 
     ``metric``: another number the trials returned (e.g. ``"loss"``, the test cross-entropy) instead of the
     study's metric; ``lower_is_better`` then says which way is better (default: the study's setting)."""
-    method = check_choice("method", method, ("t", "bootstrap"))
-    confidence = check_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True)
+    method = validate_choice("method", method, ("t", "bootstrap"))
+    confidence = validate_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True)
     if not isinstance(db, Store) and not os.path.exists(db):
         raise ValueError(f"results file {os.fspath(db)} does not exist; run the study first (run_study or python -m "
                          "labkit ablate STUDY.toml)")

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from .._validate import ArgumentError, check_int, check_number
+from .._validate import ArgumentError, validate_int, validate_number
 from .store import Store
 from .study import Study, Trial
 
@@ -85,8 +85,8 @@ def parse_shard(shard) -> tuple[int, int] | None:
         i, n = shard
     except (TypeError, ValueError):
         raise ArgumentError(f"shard must be 'I/N' or a pair (I, N), got {shard!r}") from None
-    n = check_int("shard's N", n, minimum=1)
-    i = check_int("shard's I", i, minimum=0, maximum=n - 1, hint="slices are numbered 0 .. N-1")
+    n = validate_int("shard's N", n, minimum=1)
+    i = validate_int("shard's I", i, minimum=0, maximum=n - 1, hint="slices are numbered 0 .. N-1")
     return i, n
 
 
@@ -120,7 +120,7 @@ def gpu_slots(n: int) -> list[str]:
     """The ``CUDA_VISIBLE_DEVICES`` value for each of ``n`` GPU workers: the ``i``-th entry of this process's own
     list (indices, UUIDs or MIG names, as given), or ``"i"`` when the variable is unset. At most as many as the list
     names (CUDA stops at an entry it cannot use, and ``torch.cuda.device_count()`` counts only those before it)."""
-    n = check_int("n", n, minimum=0)
+    n = validate_int("n", n, minimum=0)
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
         return [str(i) for i in range(n)]
@@ -203,9 +203,9 @@ def run_study(study: Study, db: str | os.PathLike, *, workers: int | None = None
                             f"function's uses_gpu attribute), got {gpus!r}")
     wants_gpu = uses_gpu(study.trial) if gpus is None else gpus
     n_gpus = _gpus() if wants_gpu else 0
-    workers = default_workers(bool(n_gpus)) if workers is None else check_int("workers", workers, minimum=1)
+    workers = default_workers(bool(n_gpus)) if workers is None else validate_int("workers", workers, minimum=1)
     if trial_timeout is not None:
-        trial_timeout = check_number("trial_timeout", trial_timeout, minimum=0, open_low=True, hint="seconds")
+        trial_timeout = validate_number("trial_timeout", trial_timeout, minimum=0, open_low=True, hint="seconds")
     shard = parse_shard(shard)
     db = os.fspath(db)
     store = Store(db)

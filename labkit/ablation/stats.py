@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from labkit._validate import ArgumentError, check_choice, check_int, check_number
+from labkit._validate import ArgumentError, validate_choice, validate_int, validate_number
 
 __all__ = ["bootstrap_ci", "holm", "mean_ci", "paired_difference", "t_cdf", "t_pdf", "t_ppf", "t_sf"]
 
@@ -85,7 +85,7 @@ def _betainc(a: float, b: float, x: float, y: float) -> float:
 
 
 def _check_df(df: Any) -> float:
-    return check_number("df", df, minimum=0, open_low=True, hint="pass the degrees of freedom, n - 1 for n seeds")
+    return validate_number("df", df, minimum=0, open_low=True, hint="pass the degrees of freedom, n - 1 for n seeds")
 
 
 def _sf1(t: float, df: float) -> float:
@@ -216,7 +216,7 @@ def _refuse_nan(name: str, a: np.ndarray) -> None:
 
 
 def _check_confidence(confidence: Any) -> float:
-    return check_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True,
+    return validate_number("confidence", confidence, minimum=0, maximum=1, open_low=True, open_high=True,
                         hint="pass e.g. 0.95")
 
 
@@ -236,9 +236,9 @@ def bootstrap_ci(diffs, confidence: float = 0.95, n_boot: int = 10000, seed: int
     d = _as_sample("diffs", diffs)
     _refuse_nan("diffs", d)
     confidence = _check_confidence(confidence)
-    n_boot = check_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
-    seed = check_int("seed", seed, minimum=0)
-    method = check_choice("method", method, ("percentile", "bca"))
+    n_boot = validate_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
+    seed = validate_int("seed", seed, minimum=0)
+    method = validate_choice("method", method, ("percentile", "bca"))
     n = d.size
     if n == 1:
         return math.nan, math.nan
@@ -317,11 +317,11 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     if v.size != b.size:
         raise ArgumentError(f"variant and baseline must be paired (one value per seed, same seeds), got "
                             f"len(variant)={v.size} and len(baseline)={b.size}")
-    nan = check_choice("nan", nan, ("raise", "drop"))
-    method = check_choice("method", method, ("t", "bootstrap", "bca"))
+    nan = validate_choice("nan", nan, ("raise", "drop"))
+    method = validate_choice("method", method, ("t", "bootstrap", "bca"))
     confidence = _check_confidence(confidence)
-    n_boot = check_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
-    seed = check_int("seed", seed, minimum=0)
+    n_boot = validate_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
+    seed = validate_int("seed", seed, minimum=0)
     dropped = 0
     if nan == "raise":
         _refuse_nan("variant", v)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 
 __all__ = ["Study", "Trial", "DESIGNS", "trial_key", "code_version", "load_study", "StudyFileError", "label_of",
            "default_trial", "spec_keys"]
@@ -140,7 +140,7 @@ class Study:
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[\w.\-]+", self.name):
             raise ArgumentError(f"name must be a word of letters, digits, '.', '-' or '_', got {self.name!r}")
-        check_choice("design", self.design, DESIGNS)
+        validate_choice("design", self.design, DESIGNS)
         if not isinstance(self.baseline, dict) or not self.baseline:
             raise ArgumentError(f"baseline must be a non-empty dict {{factor: value}}, got {self.baseline!r}; "
                                 "an ablation changes things against a stated baseline")
@@ -152,7 +152,7 @@ class Study:
         seeds = list(self.seeds) if not isinstance(self.seeds, (str, bytes)) else None
         if not seeds:
             raise ArgumentError(f"seeds must be a non-empty list of ints, got {self.seeds!r}")
-        self.seeds = [check_int(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+        self.seeds = [validate_int(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
         if len(set(self.seeds)) != len(self.seeds):
             raise ArgumentError(f"seeds must not repeat, got {self.seeds}; each seed is one replicate")
         if self.registry is None and self.trial is None:

@@ -48,7 +48,7 @@ from torch import nn
 
 import labkit.ablation.factors as fx  # not `from . import`: that would import the package, a cycle
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 
 __all__ = ["Recipe", "BASELINE", "run_trial", "digits_split", "make_cnn", "pretrained_body", "teacher",
            "pseudo_labels", "N_LABELLED", "N_UNLABELLED", "N_PRETRAIN", "SPLIT_SEED", "TEACHER_WIDTH"]
@@ -117,17 +117,17 @@ class Recipe:
 def _resolve(recipe: Recipe):
     aug = recipe.augment
     if not callable(aug):
-        aug = fx.AUGMENTS[check_choice("augment", aug, tuple(fx.AUGMENTS))]
-    loss = recipe.loss if callable(recipe.loss) else fx.LOSSES[check_choice("loss", recipe.loss, tuple(fx.LOSSES))]
+        aug = fx.AUGMENTS[validate_choice("augment", aug, tuple(fx.AUGMENTS))]
+    loss = recipe.loss if callable(recipe.loss) else fx.LOSSES[validate_choice("loss", recipe.loss, tuple(fx.LOSSES))]
     pen = recipe.penalty
     if pen is not None and not callable(pen):
-        pen = fx.PENALTIES[check_choice("penalty", pen, tuple(fx.PENALTIES))]
-    check_choice("optimizer", recipe.optimizer, ("adam", "adamw", "sgd"))
-    check_choice("init", recipe.init, ("scratch", "pretrained"))
-    check_int("steps", recipe.steps, minimum=1)
-    check_int("batch_size", recipe.batch_size, minimum=1)
-    check_number("lr", recipe.lr, minimum=0, open_low=True)
-    check_number("dropout", recipe.dropout, minimum=0, maximum=1, open_high=True)
+        pen = fx.PENALTIES[validate_choice("penalty", pen, tuple(fx.PENALTIES))]
+    validate_choice("optimizer", recipe.optimizer, ("adam", "adamw", "sgd"))
+    validate_choice("init", recipe.init, ("scratch", "pretrained"))
+    validate_int("steps", recipe.steps, minimum=1)
+    validate_int("batch_size", recipe.batch_size, minimum=1)
+    validate_number("lr", recipe.lr, minimum=0, open_low=True)
+    validate_number("dropout", recipe.dropout, minimum=0, maximum=1, open_high=True)
     return aug, loss, pen
 
 
@@ -174,7 +174,7 @@ def pseudo_labels() -> tuple[torch.Tensor, torch.Tensor]:
 def make_cnn(width: int = 8, dropout: float = 0.0, classes: int = 10) -> nn.Sequential:
     """``Sequential(body, head)``: two 3x3 convolutions and a pooling (body), two linear layers with dropout
     before the last (head); ``labkit.ddp.training.small_cnn``'s shape. Initialised from torch's global RNG."""
-    width = check_int("width", width, minimum=1)
+    width = validate_int("width", width, minimum=1)
     body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1),
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
     head = nn.Sequential(nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, classes))
@@ -281,8 +281,8 @@ def _optimizer(recipe: Recipe, model: nn.Module):
 def train(recipe: Recipe, seed: int, *, eval_every: int = 25, on_step: Callable | None = None,
           cache_dir=None) -> dict:
     """Train one model under ``recipe`` with ``seed``; see :func:`run_trial` for the result."""
-    seed = check_int("seed", seed, minimum=0)
-    eval_every = check_int("eval_every", eval_every, minimum=1)
+    seed = validate_int("seed", seed, minimum=0)
+    eval_every = validate_int("eval_every", eval_every, minimum=1)
     aug, loss_fn, pen = _resolve(recipe)
     t0 = time.perf_counter()
     s = digits_split()

@@ -9,7 +9,7 @@ slowest stage (which sets the pace) is as fast as it can be.
 - ``run``: even vs balanced splits of a ResNet, predicted and measured on real pipelines.
 - ``lab``: exercise checks and the tour.
 """
-from ..partition import check_cuts, cuts_to_sizes, even_cuts, sizes_to_cuts, stage_sums
+from ..partition import cuts_to_sizes, even_cuts, sizes_to_cuts, stage_sums, validate_cuts
 from .profile import (
                       LayerProfile,
                       SleepLayer,
@@ -24,7 +24,7 @@ from .run import Comparison, compare_splits, lab_model, measure_stages, micro_sa
 from .solvers import Split, brute_force_partition, evaluate_split, fits, gpipe_timeline, greedy_split, min_max_partition
 
 __all__ = [
-    "check_cuts", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_sums",
+    "validate_cuts", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_sums",
     "Split", "evaluate_split", "fits", "min_max_partition", "brute_force_partition", "greedy_split", "gpipe_timeline",
     "LayerProfile", "as_layers", "profile_layers", "balance_by_time", "memory_costs", "balance_by_memory",
     "SleepLayer", "sleep_layers",

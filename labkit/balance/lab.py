@@ -9,8 +9,8 @@ import torch
 
 from .._calls import calls_to, refuse
 from ..checks import run_cases
-from ..partition import check_cuts
-from ..tour import check_row
+from ..partition import validate_cuts
+from ..tour import lab_name, run_check
 from .profile import balance_by_memory, balance_by_time, memory_costs, profile_layers, sleep_layers
 from .run import lab_model, micro_sample
 from .solvers import brute_force_partition, evaluate_split, fits, greedy_split, min_max_partition
@@ -58,7 +58,7 @@ def check_hand_split(fn, costs: Sequence[float] = EXERCISE_COSTS, k: int = EXERC
                     raise
             refuse(seen, "search the cut positions yourself (every placement, or a smarter exact method)")
             try:
-                check_cuts(cuts, len(cs), kk)
+                validate_cuts(cuts, len(cs), kk)
             except (TypeError, ValueError) as e:
                 raise AssertionError(f"for costs {cs}, k={kk}: {e}") from None
             mine, best = evaluate_split(cs, cuts), min_max_partition(cs, kk)
@@ -119,7 +119,7 @@ def tour(world_size: int = 2, measured: bool = True) -> list[dict]:
     ``world_size``-rank GPipe run of a time-balanced ResNet split against the single process."""
     from ..pipeline import SplitModel, max_grad_error, reference_step, run_pipeline
 
-    lab, k = "05 load balancing", world_size
+    lab, k = lab_name(__package__), world_size
 
     def exact():
         rng = random.Random(0)
@@ -133,7 +133,7 @@ def tour(world_size: int = 2, measured: bool = True) -> list[dict]:
                     + (min_max_partition(costs, kk, "search").bottleneck != ref))
         return bad == 0, f"{bad} mismatches"
 
-    rows = [check_row(lab, "exact partitioners (DP, search) == brute force, 200 cases", exact)]
+    rows = [run_check(lab, "exact partitioners (DP, search) == brute force, 200 cases", exact)]
     if not measured:
         return rows
     ms = [10, 20, 30, 40, 50, 60]
@@ -159,6 +159,6 @@ def tour(world_size: int = 2, measured: bool = True) -> list[dict]:
                 f"cuts {cuts}: max grad err {err:.1e}; memory balance would cut at {mem.cuts}; "
                 f"step {run.seconds * 1e3:.0f} ms")
 
-    rows.append(check_row(lab, f"layers sleeping 10..60 ms -> the known best {min(k, len(ms))}-stage split", sleeping))
-    rows.append(check_row(lab, f"time-balanced ResNet split, {k}-rank GPipe == single process", pipeline))
+    rows.append(run_check(lab, f"layers sleeping 10..60 ms -> the known best {min(k, len(ms))}-stage split", sleeping))
+    rows.append(run_check(lab, f"time-balanced ResNet split, {k}-rank GPipe == single process", pipeline))
     return rows

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..devices import now
 from ..memory_model import bytes_per_parameter
 from ..partition import as_costs as _as_costs
@@ -79,7 +79,7 @@ def profile_layers(model, sample, repeats: int = 5, warmup: int = 1) -> list[Lay
     layers = as_layers(model)
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be an input tensor (a batch), got {type(sample).__name__}")
-    repeats = check_int("repeats", repeats, minimum=1)
+    repeats = validate_int("repeats", repeats, minimum=1)
     params = [p for m in layers for p in m.parameters()]
     saved_grads = [p.grad for p in params]
     saved_buffers = [(b, b.detach().clone()) for m in layers for b in m.buffers()]
@@ -169,7 +169,7 @@ def memory_costs(profiles: Sequence[LayerProfile], param_scale: float = ADAM_FP3
     """
     if not isinstance(param_scale, (int, float)) or param_scale < 0:
         raise ValueError(f"param_scale must be a number >= 0 (copies per parameter), got {param_scale!r}")
-    micro_batches = check_int("micro_batches", micro_batches, minimum=1)
+    micro_batches = validate_int("micro_batches", micro_batches, minimum=1)
     if not all(isinstance(p, LayerProfile) for p in profiles):
         raise TypeError("memory_costs needs the LayerProfile list that profile_layers returns")
     return [float(p.param_bytes * param_scale + p.activation_bytes * micro_batches) for p in profiles]

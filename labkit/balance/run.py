@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validate import check_int
-from ..partition import check_cuts, even_cuts, stage_ranges, stage_sums
+from .._validate import validate_int
+from ..partition import even_cuts, stage_ranges, stage_sums, validate_cuts
 from .profile import LayerProfile, as_layers, balance_by_time, profile_layers, sleep_layers
 from .solvers import gpipe_timeline
 
@@ -45,7 +45,7 @@ def lab_model(name: str = "small", seed: int = 0) -> torch.nn.Sequential:
 
 def micro_sample(model: str, rows: int, seed: int = 0) -> torch.Tensor:
     """A random input batch of ``rows`` rows shaped for ``model`` (32x32 images, or 32 features for the MLP)."""
-    rows = check_int("rows", rows, minimum=1)
+    rows = validate_int("rows", rows, minimum=1)
     g = torch.Generator().manual_seed(seed)
     shape = (rows, 32) if model == "mlp" else (rows, 3, 32, 32)
     return torch.randn(*shape, generator=g)
@@ -54,7 +54,7 @@ def micro_sample(model: str, rows: int, seed: int = 0) -> torch.Tensor:
 def measure_stages(layers, cuts, sample: torch.Tensor, repeats: int = 3, warmup: int = 1) -> list[LayerProfile]:
     """Time each *stage* (its layers run as one module) forward + backward, like :func:`profile_layers` does layers."""
     layers = as_layers(layers)
-    cuts = check_cuts(cuts, len(layers))
+    cuts = validate_cuts(cuts, len(layers))
     edges = [0, *cuts, len(layers)]
     stages = [torch.nn.Sequential(*layers[a:b]) for a, b in zip(edges, edges[1:])]
     return profile_layers(stages, sample, repeats=repeats, warmup=warmup)
@@ -150,8 +150,8 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
     ``device="cpu"`` on a GPU machine runs the pipeline on gloo; ``device="cuda"`` with fewer GPUs than stages
     is refused (the pipeline could not run there). ``Comparison.device`` says where it all ran.
     """
-    k = check_int("k (stages, one rank each)", k, minimum=1)
-    m = check_int("m (micro-batches)", m, minimum=1)
+    k = validate_int("k (stages, one rank each)", k, minimum=1)
+    m = validate_int("m (micro-batches)", m, minimum=1)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < m:
         raise ValueError(f"batch must be an int >= m={m} (every micro-batch needs a row), got {batch!r}")
     if batch % m:
@@ -160,7 +160,7 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
                          f"predict. Pass a batch that is a multiple of m, e.g. {batch - batch % m or m}")
     device, backend = _pipeline_device(device, k, pipeline)
     layers = lab_model(model, seed).to(device)
-    extra = {name: check_cuts(cuts, len(layers), k) for name, cuts in (splits or {}).items()}
+    extra = {name: validate_cuts(cuts, len(layers), k) for name, cuts in (splits or {}).items()}
     micro = micro_sample(model, batch // m, seed).to(device)
     if profile is None:
         profile = profile_layers(layers, micro, repeats=repeats)
@@ -209,7 +209,7 @@ def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), k: int = 2, m: int = 4, 
     n = len(costs)
     plan = {"even": even_cuts(n, k), "balanced": balance_by_time(costs, k).cuts}
     for name, cuts in (splits or {}).items():
-        plan[name] = check_cuts(cuts, n, k)
+        plan[name] = validate_cuts(cuts, n, k)
     cmp = Comparison("sleep", k, 2 * m, m, None, plan)
     build = functools.partial(sleep_layers, list(forward_ms), backward_ratio)
     x, y = torch.ones(2 * m, 3), torch.zeros(2 * m, 3)

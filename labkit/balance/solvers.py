@@ -36,9 +36,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..partition import as_costs as _as_costs
-from ..partition import check_cuts, check_stages, cuts_to_sizes, stage_sums
+from ..partition import cuts_to_sizes, stage_sums, validate_cuts, validate_stages
 
 
 def _prefix(costs: list[float]) -> list[float]:
@@ -72,7 +72,7 @@ class Split:
 def evaluate_split(costs, cuts) -> Split:
     """The :class:`Split` that ``cuts`` gives for these costs."""
     costs = _as_costs(costs)
-    cuts = check_cuts(cuts, len(costs))
+    cuts = validate_cuts(cuts, len(costs))
     return Split(cuts, cuts_to_sizes(cuts, len(costs)), stage_sums(costs, cuts))
 
 
@@ -98,7 +98,7 @@ def fits(costs, k: int, limit: float) -> bool:
     layers into later stages, so the greedy pass uses the fewest stages possible.)
     """
     costs = _as_costs(costs)
-    k = check_int("k (the number of stages)", k, minimum=1)
+    k = validate_int("k (the number of stages)", k, minimum=1)
     cuts = _greedy_cuts(_prefix(costs), len(costs), limit)
     return cuts is not None and len(cuts) + 1 <= k
 
@@ -155,7 +155,7 @@ def min_max_partition(costs, k: int, method: str = "dp") -> Split:
     may pick different ones.
     """
     costs = _as_costs(costs)
-    check_stages(k, len(costs))
+    validate_stages(k, len(costs))
     if method == "dp":
         cuts = _partition_dp(costs, k)
     elif method == "search":
@@ -169,7 +169,7 @@ def brute_force_partition(costs, k: int) -> Split:
     """Try every way to place k - 1 cuts (C(n-1, k-1) of them): the reference for small cases."""
     costs = _as_costs(costs)
     n = len(costs)
-    check_stages(k, n)
+    validate_stages(k, n)
     if math.comb(n - 1, k - 1) > 200_000:
         raise ValueError(f"brute force over C({n - 1}, {k - 1}) splits would take too long; use min_max_partition")
     best = min((evaluate_split(costs, list(c)) for c in itertools.combinations(range(1, n), k - 1)),
@@ -181,7 +181,7 @@ def greedy_split(costs, k: int) -> Split:
     """NOT exact: one left-to-right pass that closes a stage once it reaches total/k. Shown to lose."""
     costs = _as_costs(costs)
     n = len(costs)
-    check_stages(k, n)
+    validate_stages(k, n)
     target, cuts, acc = sum(costs) / k, [], 0.0
     for i, c in enumerate(costs):
         acc += c
@@ -209,7 +209,7 @@ def gpipe_timeline(forward_ms: Sequence[float], backward_ms: Sequence[float], m:
     f, b = _as_costs(forward_ms, "forward_ms"), _as_costs(backward_ms, "backward_ms")
     if len(f) != len(b):
         raise ValueError(f"forward_ms has {len(f)} stages but backward_ms has {len(b)}; give one time per stage")
-    m = check_int("m (micro-batches)", m, minimum=1)
+    m = validate_int("m (micro-batches)", m, minimum=1)
     sim = simulate(gpipe(len(f), m), forward=list(f), backward=list(b), comm=comm_ms)
     events = [dict(e, start=e["start"] / 1e3, end=e["end"] / 1e3,
                    label=("F" if e["kind"] == "forward" else "B") + str(e["micro"])) for e in sim["events"]]

@@ -14,11 +14,11 @@ Builds on labs 01-04 and 09: the mesh is ``ctx.mesh(dp=, pp=, tp=)`` (:mod:`labk
 - ``lab``: exercise checks and the tour; ``bench``: ``python -m labkit bench capstone``; ``plots``.
 """
 from .comm import CommMeter, gather_seq, scatter_seq, vocab_parallel_cross_entropy
-from .grid import GridRun, check_grid, run_grid
+from .grid import GridRun, run_grid, validate_grid
 from .model import Config, TinyGPT, build, sort_batch, stage_layers, train_single
 from .tp import ParallelStage, TPBlock, VocabEmbedding, assemble
 from .traffic import predict
 
-__all__ = ["CommMeter", "gather_seq", "scatter_seq", "vocab_parallel_cross_entropy", "GridRun", "check_grid",
+__all__ = ["CommMeter", "gather_seq", "scatter_seq", "vocab_parallel_cross_entropy", "GridRun", "validate_grid",
            "run_grid", "Config", "TinyGPT", "build", "sort_batch", "stage_layers", "train_single", "ParallelStage",
            "TPBlock", "VocabEmbedding", "assemble", "predict"]

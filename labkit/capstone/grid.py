@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validate import ArgumentError, check_int
+from .._validate import ArgumentError, validate_int
 from ..devices import now
-from ..runtime.mesh import check_shape
+from ..runtime.mesh import validate_shape
 from .comm import CommMeter, wire_bytes
 from .model import Config, build, make_optimizer, sort_batch, stage_layers
-from .tp import ParallelStage, assemble, check_tp
+from .tp import ParallelStage, assemble, validate_tp
 
 
 def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
     """The micro-batches per replica: ``n_micro`` checked, or by default the largest of 4, 2, 1 that divides the
     replica's rows."""
-    batch, dp = check_int("batch", batch, minimum=1), check_int("dp", dp, minimum=1)
+    batch, dp = validate_int("batch", batch, minimum=1), validate_int("dp", dp, minimum=1)
     if batch % dp:
         ok = [d for d in range(1, batch + 1) if batch % d == 0]
         raise ArgumentError(f"batch={batch} rows do not split evenly over dp={dp} replicas: pass a batch that is a "
@@ -42,7 +42,7 @@ def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
     rows = batch // dp
     if n_micro is None:
         return next(m for m in (4, 2, 1) if rows % m == 0)
-    n_micro = check_int("n_micro", n_micro, minimum=1)
+    n_micro = validate_int("n_micro", n_micro, minimum=1)
     if rows % n_micro:
         ok = [m for m in range(1, rows + 1) if rows % m == 0]
         raise ArgumentError(f"n_micro={n_micro} micro-batches do not divide the {rows} rows of each replica "
@@ -50,12 +50,12 @@ def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
     return n_micro
 
 
-def check_grid(dp: int, pp: int, tp: int, cfg: Config = Config(), sp: bool = False, batch: int = 16,
+def validate_grid(dp: int, pp: int, tp: int, cfg: Config = Config(), sp: bool = False, batch: int = 16,
                n_micro: int | None = None) -> int:
     """Every bad-input check, before any process starts; returns the micro-batches per replica."""
-    dp, pp, tp = check_shape(check_int("dp", dp, minimum=1) * check_int("pp", pp, minimum=1)
-                             * check_int("tp", tp, minimum=1), dp, pp, tp)
-    check_tp(cfg, tp, sp)
+    dp, pp, tp = validate_shape(validate_int("dp", dp, minimum=1) * validate_int("pp", pp, minimum=1)
+                             * validate_int("tp", tp, minimum=1), dp, pp, tp)
+    validate_tp(cfg, tp, sp)
     stage_layers(cfg.layers, pp)
     return micro_batches(batch, dp, n_micro)
 
@@ -68,7 +68,7 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
     from ..ddp import BucketedDDP
     from ..pipeline.executor import pipeline_rank
 
-    n_micro = check_grid(dp, pp, tp, cfg, sp, batch, n_micro)
+    n_micro = validate_grid(dp, pp, tp, cfg, sp, batch, n_micro)
     mesh = ctx.mesh(dp=dp, pp=pp, tp=tp)
     c = mesh.coords
     stage = ParallelStage(build(cfg, seed, dtype), c["pp"], pp, mesh.group("tp"), c["tp"], tp, sp).to(ctx.device)
@@ -148,8 +148,8 @@ def run_grid(dp: int = 2, pp: int = 2, tp: int = 2, sp: bool = False, steps: int
     """Train on a dp × pp × tp grid of ``dp·pp·tp`` ranks (gloo on CPU) and return a :class:`GridRun`."""
     import labkit
 
-    n_micro = check_grid(dp, pp, tp, cfg, sp, batch, n_micro)
-    steps = check_int("steps", steps, minimum=1)
+    n_micro = validate_grid(dp, pp, tp, cfg, sp, batch, n_micro)
+    steps = validate_int("steps", steps, minimum=1)
     res = labkit.launch(train_rank, world_size=dp * pp * tp, timeout=timeout, pool=pool, backend=backend,
                         kwargs=dict(dp=dp, pp=pp, tp=tp, sp=sp, steps=steps, batch=batch, n_micro=n_micro, cfg=cfg,
                                     seed=seed, lr=lr))

@@ -19,6 +19,7 @@ import torch
 from ..checks import CheckResult, refusing, run_cases
 from ..runtime import mesh as _mesh
 from ..runtime.launcher import refusing_launches
+from ..tour import lab_name
 from .comm import CommMeter, wire_bytes
 
 MESHES = ((2, 2, 2), (1, 2, 4), (4, 2, 1), (2, 1, 4), (2, 4, 1), (1, 1, 8), (3, 2, 2))
@@ -131,12 +132,12 @@ def check_configuration(choose, model, cluster) -> CheckResult:
 def tour(world_size: int = 2) -> list[dict]:
     """Headless quick path: the 2×2×2 grid for 2 steps against one process, its bytes against the formulas,
     sequence parallelism on 2 ranks, torch's tensor parallelism, and the planner on a published configuration."""
-    from ..tour import check_row
+    from ..tour import run_check
     from .grid import run_grid
     from .model import Config, train_single
     from .traffic import predict
 
-    lab, state = "11 capstone", {}
+    lab, state = lab_name(__package__), {}
 
     def grid():
         t0 = time.perf_counter()
@@ -145,7 +146,7 @@ def tour(world_size: int = 2) -> list[dict]:
         return max(d.values()) < 1e-9, (f"loss {run.losses[-1]:.4f}, max diff {max(d.values()):.1e}, "
                                         f"{time.perf_counter() - t0:.1f} s incl. start-up")
 
-    rows = [check_row(lab, "2×2×2 grid, 2 steps == one process (float64)", grid)]
+    rows = [run_check(lab, "2×2×2 grid, 2 steps == one process (float64)", grid)]
     if "run" in state:
         def nbytes():
             run = state["run"]
@@ -153,13 +154,13 @@ def tour(world_size: int = 2) -> list[dict]:
             got = {g: sum(v.values()) for g, v in run.bytes.items()}
             exp = {g: sum(v.values()) for g, v in want.items()}
             return got == exp, ", ".join(f"{g} {got[g] / 1e3:.1f} kB" for g in sorted(got)) + " per rank per step"
-        rows.append(check_row(lab, "bytes per group == the formulas", nbytes))
+        rows.append(run_check(lab, "bytes per group == the formulas", nbytes))
 
     def sp():
         run = run_grid(1, 1, 2, sp=True, steps=2, timeout=180)
         d = run.compare(train_single(2))
         return max(d.values()) < 1e-9, f"max diff {max(d.values()):.1e}, tp wire {run.wire['tp'] / 1e3:.0f} kB"
-    rows.append(check_row(lab, "sequence parallel 1×1×2 == one process", sp))
+    rows.append(run_check(lab, "sequence parallel 1×1×2 == one process", sp))
 
     def torch_tp():
         from .. import launch
@@ -169,12 +170,12 @@ def tour(world_size: int = 2) -> list[dict]:
         if "torch_error" in out:
             return False, out["torch_error"]
         return max(out["labkit"], out["torch"]) < 1e-12, f"labkit {out['labkit']:.0e}, torch {out['torch']:.0e}"
-    rows.append(check_row(lab, "a block == torch's parallelize_module", torch_tp))
+    rows.append(run_check(lab, "a block == torch's parallelize_module", torch_tp))
 
     def planner():
         from .planner import megatron_check
 
         ok, detail = megatron_check()
         return ok, detail
-    rows.append(check_row(lab, "planner picks Megatron-LM's published (tp, pp)", planner))
+    rows.append(run_check(lab, "planner picks Megatron-LM's published (tp, pp)", planner))
     return rows

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import ArgumentError, check_int
+from .._validate import ArgumentError, validate_int
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ class Config:
 
     def __post_init__(self):
         for name in ("layers", "width", "heads", "vocab", "seq"):
-            check_int(name, getattr(self, name), minimum=1)
+            validate_int(name, getattr(self, name), minimum=1)
         if self.ffn is not None:
-            check_int("ffn", self.ffn, minimum=1)
+            validate_int("ffn", self.ffn, minimum=1)
         if self.width % self.heads:
             raise ArgumentError(f"width={self.width} does not split into heads={self.heads} equal heads: pass a width "
                                 f"that is a multiple of {self.heads}")
@@ -61,7 +61,7 @@ class Config:
 def sort_batch(rows: int, cfg: Config = Config(), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)``, each ``rows × cfg.seq`` token ids: ``k = seq/2`` digits in ``0..vocab-2``, the
     separator ``vocab-1``, the digits sorted; targets are the inputs shifted by one."""
-    rows = check_int("rows", rows, minimum=1)
+    rows = validate_int("rows", rows, minimum=1)
     if cfg.seq % 2:
         raise ArgumentError(f"seq={cfg.seq} must be even: k digits, a separator and k-1 sorted digits are "
                             "seen, the last sorted digit is only a target")
@@ -138,7 +138,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def stage_layers(layers: int, pp: int) -> list[range]:
     """The blocks of each of ``pp`` pipeline stages, as equal as possible (earlier stages get the extra one;
     the first also holds the embeddings, the last the final LayerNorm and the output layer)."""
-    layers, pp = check_int("layers", layers, minimum=1), check_int("pp", pp, minimum=1)
+    layers, pp = validate_int("layers", layers, minimum=1), validate_int("pp", pp, minimum=1)
     if pp > layers:
         raise ArgumentError(f"pp={pp} pipeline stages for {layers} layers leaves a stage without a layer: pass "
                             f"pp <= {layers} (a divisor of {layers} balances the stages)")
@@ -160,7 +160,7 @@ def train_single(steps: int = 3, cfg: Config = Config(), batch: int = 16, seed: 
                  dtype=torch.float64) -> dict:
     """Train the whole model in this process: ``{"losses", "state", "model"}`` (the loss of each step, before its
     update, the final parameters by name, and the model)."""
-    steps = check_int("steps", steps, minimum=1)
+    steps = validate_int("steps", steps, minimum=1)
     model = build(cfg, seed, dtype)
     opt = make_optimizer(model.parameters(), lr)
     losses = []

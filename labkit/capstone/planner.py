@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from ..memory_model import (
     GB,
     OPTIMIZERS,
@@ -59,7 +59,7 @@ from ..memory_model import (
     transformer_params,
     zero_bytes_per_rank,
 )
-from ..runtime.mesh import check_shape, rank_of
+from ..runtime.mesh import rank_of, validate_shape
 from ..viz import format_table
 
 __all__ = ["Model", "Cluster", "Candidate", "plan", "rule_out", "evaluate", "table"]
@@ -99,7 +99,7 @@ class Model:
 
     def __post_init__(self):
         for name in ("layers", "hidden", "heads", "seq", "vocab", "global_batch", "micro_batch"):
-            check_int(name, getattr(self, name), minimum=1)
+            validate_int(name, getattr(self, name), minimum=1)
         if self.hidden % self.heads:
             raise ArgumentError(f"heads must divide hidden={self.hidden}, got heads={self.heads}; pick one of "
                                 f"{_divisors(self.hidden, 128)[-6:]}, say")
@@ -108,19 +108,19 @@ class Model:
                                 f"{self.micro_batch}; pass a micro_batch that divides the global batch")
         if self.ffn is None:
             object.__setattr__(self, "ffn", 4 * self.hidden)
-        check_int("ffn", self.ffn, minimum=1, hint="the MLP width (4·hidden by default)")
-        check_int("positions", self.positions, minimum=0, hint="learned position embeddings (0: none, e.g. rotary)")
+        validate_int("ffn", self.ffn, minimum=1, hint="the MLP width (4·hidden by default)")
+        validate_int("positions", self.positions, minimum=0, hint="learned position embeddings (0: none, e.g. rotary)")
         for name in ("tied", "flash", "sp"):
             _check_bool(name, getattr(self, name))
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
-        check_choice("recompute", self.recompute, RECOMPUTE)
-        check_int("zero", self.zero, minimum=0, maximum=1,
+        validate_choice("precision", self.precision, PRECISIONS)
+        validate_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
+        validate_choice("recompute", self.recompute, RECOMPUTE)
+        validate_int("zero", self.zero, minimum=0, maximum=1,
                   hint="the planner models ZeRO stage 0 (none) or 1 (optimiser state sharded over dp)")
         if self.params is None:
             object.__setattr__(self, "params", transformer_params(self.layers, self.hidden, self.vocab, self.ffn,
                                                                   self.tied, self.positions))
-        check_int("params", self.params, minimum=1, hint="leave it out to count it from the shape")
+        validate_int("params", self.params, minimum=1, hint="leave it out to count it from the shape")
 
     @property
     def embedding(self) -> int:
@@ -150,16 +150,16 @@ class Cluster:
     headroom: float = 0.1
 
     def __post_init__(self):
-        check_int("gpus", self.gpus, minimum=1)
-        check_int("gpus_per_node", self.gpus_per_node, minimum=1)
+        validate_int("gpus", self.gpus, minimum=1)
+        validate_int("gpus_per_node", self.gpus_per_node, minimum=1)
         if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
             raise ArgumentError(f"gpus must fill whole nodes of gpus_per_node={self.gpus_per_node}, got "
                                 f"gpus={self.gpus}; pass a multiple of {self.gpus_per_node}")
         for name in ("gpu_memory_gb", "intra_node_GBps", "inter_node_GBps", "peak_tflops"):
-            check_number(name, getattr(self, name), minimum=0, open_low=True)
-        check_number("mfu", self.mfu, minimum=0, maximum=1, open_low=True,
+            validate_number(name, getattr(self, name), minimum=0, open_low=True)
+        validate_number("mfu", self.mfu, minimum=0, maximum=1, open_low=True,
                      hint="the share of peak the matrix products reach, e.g. 0.5")
-        check_number("headroom", self.headroom, minimum=0, maximum=1, open_high=True,
+        validate_number("headroom", self.headroom, minimum=0, maximum=1, open_high=True,
                      hint="the share of each GPU's memory kept free, e.g. 0.1")
 
     @property
@@ -235,8 +235,8 @@ def evaluate(dp: int, pp: int, tp: int, model: Model, cluster: Cluster, max_bubb
     if not isinstance(cluster, Cluster):
         raise ArgumentError(f"cluster must be a planner.Cluster, got {type(cluster).__name__}; build one with "
                             "Cluster(gpus=, ...)")
-    dp, pp, tp = check_shape(cluster.gpus, dp, pp, tp)
-    max_bubble = check_number("max_bubble", max_bubble, minimum=0, maximum=1, hint="e.g. 0.25")
+    dp, pp, tp = validate_shape(cluster.gpus, dp, pp, tp)
+    max_bubble = validate_number("max_bubble", max_bubble, minimum=0, maximum=1, hint="e.g. 0.25")
     _check_bool("overlap_dp", overlap_dp)
     c, M, node = Candidate(dp, pp, tp), model, cluster.gpus_per_node
     why = c.reasons
@@ -332,7 +332,7 @@ def table(candidates: list[Candidate], top: int = 10) -> str:
     if not isinstance(candidates, (list, tuple)) or not all(isinstance(c, Candidate) for c in candidates):
         raise ArgumentError(f"candidates must be a list of Candidate, got {type(candidates).__name__}; pass "
                             "what plan(model, cluster) returns")
-    top = check_int("top", top, minimum=1, hint="the number of rows to show")
+    top = validate_int("top", top, minimum=1, hint="the number of rows to show")
     return format_table([c.as_row() for c in candidates[:top]], floatfmt="{:.3g}")
 
 

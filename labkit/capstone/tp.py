@@ -36,7 +36,7 @@ from .comm import gather_seq, scatter_seq, vocab_parallel_cross_entropy
 from .model import Config, TinyGPT, attend, stage_layers
 
 
-def check_tp(cfg: Config, tp: int, sp: bool = False) -> None:
+def validate_tp(cfg: Config, tp: int, sp: bool = False) -> None:
     """A tensor-parallel degree must divide the heads, the MLP width and the vocabulary (and, with sequence
     parallelism, the sequence length)."""
     for name, value in (("heads", cfg.heads), ("ffn width", cfg.hidden), ("vocab", cfg.vocab)) + (
@@ -123,7 +123,7 @@ class ParallelStage(nn.Module):
     def __init__(self, model: TinyGPT, stage: int, pp: int, group, rank: int, world: int, sp: bool = False):
         super().__init__()
         cfg = model.cfg
-        check_tp(cfg, world, sp)
+        validate_tp(cfg, world, sp)
         self.layers = stage_layers(cfg.layers, pp)[stage]
         self.first, self.last, self.sp, self.group = stage == 0, stage == pp - 1, sp, group
         self.tp = world

@@ -17,7 +17,7 @@ group.
 """
 from __future__ import annotations
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..devices import now
 from ..distops import p2p, recv, send, wait_all
 from .schedules import _check_algorithm, _hd_layout, chunk_bounds
@@ -299,7 +299,7 @@ def all_reduce(tensor, op="sum", algorithm: str = "ring", log: list | None = Non
     ``group``: a process group this rank belongs to (``dist.new_group``, ``mesh["tp"].get_group()``).
     """
     _check_algorithm(algorithm)
-    check_int("segments", segments, minimum=1, hint="the pieces per ring chunk")
+    validate_int("segments", segments, minimum=1, hint="the pieces per ring chunk")
     if segments > 1 and algorithm != "ring":
         raise ValueError(f"segments={segments} applies to algorithm='ring' only; leave it at 1 for {algorithm!r}")
     op = _op_name(op)

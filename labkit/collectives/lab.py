@@ -14,7 +14,7 @@ from .. import checks, distops
 from .._calls import calls_to
 from ..devices import now
 from ..runtime import launch
-from ..tour import check_row
+from ..tour import lab_name, run_check
 from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
 from .schedules import (
     ALGORITHMS,
@@ -262,7 +262,7 @@ def tour_rank(ctx) -> dict:
 def tour(world_size: int = 2) -> list[dict]:
     """Lab 01's quick path (headless): schedules simulated for 1-8 ranks, then on ``world_size`` real ranks
     every algorithm against torch's collectives and the messages sent against the schedules."""
-    lab, n = "01 collectives", world_size
+    lab, n = lab_name(__package__), world_size
 
     def schedules_ok():
         bad = []
@@ -280,14 +280,14 @@ def tour(world_size: int = 2) -> list[dict]:
                     bad.append(f"{alg}/{w}")
         return not bad, f"{len(SCHEDULES)} algorithms x 8 world sizes" + (f"; wrong: {bad}" if bad else "")
 
-    out = [check_row(lab, "schedules deliver every rank's data exactly once, 1-8 ranks", schedules_ok)]
+    out = [run_check(lab, "schedules deliver every rank's data exactly once, 1-8 ranks", schedules_ok)]
     state = {}
 
     def ran():
         state["res"] = launch(tour_rank, world_size=n, timeout=120, echo=False, quiet=True)
         return True, f"{n} ranks"
 
-    row = check_row(lab, f"algorithms on {n} ranks", ran)
+    row = run_check(lab, f"algorithms on {n} ranks", ran)
     if not row["ok"]:
         return out + [row]
 
@@ -300,16 +300,16 @@ def tour(world_size: int = 2) -> list[dict]:
         return fn
 
     for alg in ALGORITHMS:
-        out.append(check_row(lab, f"{alg} all-reduce == dist.all_reduce, {n} ranks", cases_of(alg + " all-reduce")))
+        out.append(run_check(lab, f"{alg} all-reduce == dist.all_reduce, {n} ranks", cases_of(alg + " all-reduce")))
     for coll in ("reduce-scatter", "all-gather"):
-        out.append(check_row(lab, f"ring {coll} == dist.{coll.replace('-', '_')}, {n} ranks",
+        out.append(run_check(lab, f"ring {coll} == dist.{coll.replace('-', '_')}, {n} ranks",
                              cases_of("ring " + coll, need_some=True)))
     for alg in ("ring", "halving_doubling", "tree"):
         def logs_ok(alg=alg):
             res = state["res"]
             return (log_matches_schedule([r["logs"][alg] for r in res], alg, n),
                     f"{sum(len(r['logs'][alg]) for r in res)} messages in {schedule(alg, n).steps} steps")
-        out.append(check_row(lab, f"{alg}: messages sent == schedule, {n} ranks", logs_ok))
+        out.append(run_check(lab, f"{alg}: messages sent == schedule, {n} ranks", logs_ok))
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from .._validate import check_choice, check_int
+from .._validate import validate_choice, validate_int
 
 ALGORITHMS = ("naive", "tree", "ring", "halving_doubling", "ring_unchunked")
 """All-reduce algorithms: reduce to rank 0 then broadcast; binomial tree reduce then broadcast;
@@ -32,8 +32,8 @@ OPS = ("sum", "max", "avg")
 def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` cutting ``numel`` elements into ``parts`` pieces like ``torch.tensor_split``
     (the first ``numel % parts`` pieces are one element longer; pieces may be empty)."""
-    numel = check_int("numel", numel, minimum=0)
-    parts = check_int("parts", parts, minimum=1)
+    numel = validate_int("numel", numel, minimum=0)
+    parts = validate_int("parts", parts, minimum=1)
     q, r = divmod(numel, parts)
     out, start = [], 0
     for i in range(parts):
@@ -44,11 +44,11 @@ def chunk_bounds(numel: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _check_algorithm(algorithm: str, allowed=ALGORITHMS) -> str:
-    return check_choice("algorithm", algorithm, allowed)
+    return validate_choice("algorithm", algorithm, allowed)
 
 
 def _check_world_size(world_size) -> int:
-    return check_int("world_size", world_size, minimum=1)
+    return validate_int("world_size", world_size, minimum=1)
 
 
 @dataclass(frozen=True)

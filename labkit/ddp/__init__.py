@@ -12,7 +12,6 @@ from .plan import (
                    RULES,
                    TORCH_DEFAULT_BUCKET_MB,
                    TORCH_FIRST_BUCKET_MB,
-                   check_bucket_mb,
                    chunk_ranges,
                    distributed_shards,
                    local_shard,
@@ -20,13 +19,14 @@ from .plan import (
                    plan_buckets,
                    ring_allreduce_seconds,
                    torch_bucket_assignment,
+                   validate_bucket_mb,
 )
 from .training import digits_tensors, flat_params, small_cnn, train_steps
 from .wrappers import ALGORITHMS, BucketedDDP, NaiveDDP, OverlappedDDP, Timeline, TorchDDP, make_ddp
 
 __all__ = [
     "MB", "RULES", "TORCH_FIRST_BUCKET_MB", "TORCH_DEFAULT_BUCKET_MB", "distributed_shards", "chunk_ranges",
-    "local_shard", "plan_buckets", "torch_bucket_assignment", "check_bucket_mb",
+    "local_shard", "plan_buckets", "torch_bucket_assignment", "validate_bucket_mb",
     "ring_allreduce_seconds", "model_step",
     "ALGORITHMS", "Timeline", "NaiveDDP", "BucketedDDP", "OverlappedDDP", "TorchDDP", "make_ddp",
     "small_cnn", "digits_tensors", "train_steps", "flat_params",

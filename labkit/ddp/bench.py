@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..devices import now
-from .plan import check_bucket_mb
+from .plan import validate_bucket_mb
 from .training import digits_tensors, small_cnn, train_steps
 from .wrappers import ALGORITHMS, make_ddp
 
@@ -100,7 +100,7 @@ def measure(world_sizes=(1, 2, 4), steps=20, repeats=5, local_batch=64, width=32
     """Run :func:`throughput_rank` for each world size; return table rows (medians, ratio to torch DDP)."""
     from ..runtime import launch
 
-    check_bucket_mb(bucket_mb)
+    validate_bucket_mb(bucket_mb)
     rows = []
     from ..viz import progress
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..devices import Stopwatch, as_device, no_tf32
+from ..tour import lab_name
 from .plan import distributed_shards, local_shard
 from .training import digits_tensors, flat_params, small_cnn, train_steps
 from .wrappers import ALGORITHMS, Timeline, make_ddp
@@ -520,9 +521,9 @@ def tour(world_size: int = 2) -> list[dict]:
     from torch.utils.data import DistributedSampler
 
     from ..runtime import launch
-    from ..tour import check_row
+    from ..tour import run_check
 
-    lab, n_ranks = "02 data parallel", world_size
+    lab, n_ranks = lab_name(__package__), world_size
     state = {}
 
     def sampler():
@@ -541,8 +542,8 @@ def tour(world_size: int = 2) -> list[dict]:
         state["secs"] = time.perf_counter() - t0
         return True, f"{state['secs']:.1f} s incl. start-up"
 
-    rows = [check_row(lab, "distributed_shards == DistributedSampler (pad/drop, 2 epochs)", sampler),
-            check_row(lab, f"wrappers ran on {n_ranks} ranks", ran)]
+    rows = [run_check(lab, "distributed_shards == DistributedSampler (pad/drop, 2 epochs)", sampler),
+            run_check(lab, f"wrappers ran on {n_ranks} ranks", ran)]
     if not rows[-1]["ok"]:
         return rows
     res = state["res"]
@@ -564,10 +565,10 @@ def tour(world_size: int = 2) -> list[dict]:
         return skip > 0 and abs(sync / skip - 3) < 1e-9, f"ratio {sync / skip:.2f}" if skip else "nothing all-reduced"
 
     for algo in ALGORITHMS:
-        rows.append(check_row(lab, f"{algo} after 3 steps == single process & torch DDP, {n_ranks} ranks (float64)",
+        rows.append(run_check(lab, f"{algo} after 3 steps == single process & torch DDP, {n_ranks} ranks (float64)",
                               lambda algo=algo: same(algo)))
     for skip in (True, False):
-        rows.append(check_row(lab, f"accumulation x3 {'with' if skip else 'without'} no_sync == large batch",
+        rows.append(run_check(lab, f"accumulation x3 {'with' if skip else 'without'} no_sync == large batch",
                               lambda skip=skip: accumulation(skip)))
-    rows.append(check_row(lab, "no_sync all-reduces 3x fewer bytes with 3 micro-steps", fewer_bytes))
+    rows.append(run_check(lab, "no_sync all-reduces 3x fewer bytes with 3 micro-steps", fewer_bytes))
     return rows

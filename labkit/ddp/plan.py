@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..collectives import chunk_bounds, predict_time
 
 MB = 2 ** 20  # torch's DDP counts bucket_cap_mb in MiB too
@@ -29,8 +29,8 @@ def distributed_shards(n: int, world_size: int, epoch: int = 0, *, shuffle: bool
     with the first indices again (``drop_last=False``) or by dropping the tail (``drop_last=True``);
     then rank ``r`` takes every ``world_size``-th index starting at ``r`` (a strided split).
     """
-    n, world_size = check_int("n", n, minimum=1), check_int("world_size", world_size, minimum=1)
-    epoch, seed = check_int("epoch", epoch, minimum=0), check_int("seed", seed)
+    n, world_size = validate_int("n", n, minimum=1), validate_int("world_size", world_size, minimum=1)
+    epoch, seed = validate_int("epoch", epoch, minimum=0), validate_int("seed", seed)
     if drop_last and n < world_size:
         raise ValueError(f"drop_last=True with {n} samples and {world_size} ranks leaves every rank empty; "
                          f"use drop_last=False (pads) or fewer ranks")
@@ -45,7 +45,7 @@ def chunk_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
 
     This is "data chunking" (数据切块): cut the batch or dataset along the *sample* axis into blocks.
     """
-    n, world_size = check_int("n", n, minimum=0), check_int("world_size", world_size, minimum=1)
+    n, world_size = validate_int("n", n, minimum=0), validate_int("world_size", world_size, minimum=1)
     if n < world_size:
         raise ValueError(f"cannot cut {n} samples into {world_size} non-empty chunks; pass world_size <= n")
     return chunk_bounds(n, world_size)  # the same cut the ring all-reduce uses for its chunks
@@ -90,12 +90,12 @@ def plan_buckets(sizes_bytes: Sequence[int], bucket_mb: float, *, rule: str = "l
     Returns lists of positions into ``sizes_bytes`` (one dtype and device assumed; torch keeps one open
     bucket per dtype/device).
     """
-    check_bucket_mb(bucket_mb)
+    validate_bucket_mb(bucket_mb)
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES} ('labkit': close before overflowing; 'torch': close once "
                          f"the cap is reached), got {rule!r}")
     if first_bucket_mb is not None:
-        check_bucket_mb(first_bucket_mb)
+        validate_bucket_mb(first_bucket_mb)
     buckets: list[list[int]] = []
     cur, cur_bytes = [], 0
     if rule == "torch":
@@ -129,7 +129,7 @@ def torch_bucket_assignment(sizes_bytes: Sequence[int], bucket_mb: float, first_
     ``plan_buckets(..., rule="torch")``; starts no process."""
     import torch.distributed as dist
 
-    check_bucket_mb(bucket_mb)
+    validate_bucket_mb(bucket_mb)
     es = torch.empty((), dtype=dtype).element_size()
     if any(s % es for s in sizes_bytes):
         raise ValueError(f"every size must be a multiple of the element size ({es} bytes for {dtype})")
@@ -140,7 +140,7 @@ def torch_bucket_assignment(sizes_bytes: Sequence[int], bucket_mb: float, first_
     return [list(b) for b in buckets]
 
 
-def check_bucket_mb(bucket_mb) -> float:
+def validate_bucket_mb(bucket_mb) -> float:
     if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)):
         raise TypeError(f"bucket_mb must be a number of MiB (e.g. 25 or 0.5), got {type(bucket_mb).__name__}")
     if not bucket_mb > 0 or math.isinf(bucket_mb):
@@ -162,7 +162,7 @@ def model_step(forward_s: float, backward_s: float, grad_bytes: float, bucket_mb
     Bucket ``i``'s gradients are ready after the fraction ``(i+1)/k`` of backward; all-reduces run
     one after another; without overlap they all start after backward.
     """
-    check_bucket_mb(bucket_mb)
+    validate_bucket_mb(bucket_mb)
     k = max(1, math.ceil(grad_bytes / (bucket_mb * MB)))
     per = ring_allreduce_seconds(grad_bytes / k, world_size, latency_s, bandwidth)
     ev = [{"lane": lane, "kind": "forward", "start": 0.0, "end": forward_s, "label": "F"},

@@ -10,14 +10,14 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..devices import now
 from .wrappers import Timeline, _NoTimeline
 
 
 def small_cnn(width: int = 8, seed: int = 0, dtype=torch.float32) -> nn.Module:
     """A small CNN for 1x8x8 digit images: two convolutions, a pooling, two linear layers."""
-    check_int("width", width, minimum=1, hint="the channels of the first convolution")
+    validate_int("width", width, minimum=1, hint="the channels of the first convolution")
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),

@@ -37,7 +37,7 @@ from torch import nn
 from ..collectives import ranks_agree
 from ..devices import now
 from ..distops import require_dist
-from .plan import check_bucket_mb, plan_buckets
+from .plan import plan_buckets, validate_bucket_mb
 
 ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
 
@@ -206,7 +206,7 @@ class BucketedDDP(_DDPBase):
 
     def __init__(self, module: nn.Module, bucket_mb: float = 25.0, *, rule: str = "labkit",
                  first_bucket_mb: float | None = None, **kwargs):
-        check_bucket_mb(bucket_mb)
+        validate_bucket_mb(bucket_mb)
         plan_buckets([1], bucket_mb, rule=rule, first_bucket_mb=first_bucket_mb)  # validates rule / first cap
         super().__init__(module, **kwargs)
         self.bucket_mb = float(bucket_mb)
@@ -343,7 +343,7 @@ class TorchDDP(_DDPBase):
     def __init__(self, module: nn.Module, bucket_mb: float | None = 25.0, *, group=None, timeline=None,
                  find_unused_parameters: bool = False, broadcast_buffers: bool = True, count: bool = True, **_):
         if bucket_mb is not None:
-            check_bucket_mb(bucket_mb)
+            validate_bucket_mb(bucket_mb)
         super().__init__(module, group=group, timeline=timeline, broadcast=False, broadcast_buffers=False)
         dev = next(module.parameters()).device
         kw = {} if bucket_mb is None else dict(bucket_cap_mb=bucket_mb)
@@ -381,7 +381,7 @@ def make_ddp(algorithm: str, module: nn.Module, bucket_mb: float = 25.0, **kwarg
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: pass one of {', '.join(map(repr, ALGORITHMS))}")
     if algorithm == "naive":
-        check_bucket_mb(bucket_mb)
+        validate_bucket_mb(bucket_mb)
         return NaiveDDP(module, **kwargs)
     cls = {"bucketed": BucketedDDP, "overlapped": OverlappedDDP, "torch": TorchDDP}[algorithm]
     return cls(module, bucket_mb, **kwargs)

@@ -23,6 +23,7 @@ import torch.nn as nn
 from .. import memory_model as _mm
 from ..checks import CheckResult, refusing, run_cases
 from ..sliced.models import build_model
+from ..tour import lab_name
 from . import memory as _memory
 from .measure import measure
 from .memory import Setup, _as_sample, estimate, largest_batch
@@ -31,7 +32,7 @@ from .transformer import TransformerShape, mlp, tiny_transformer
 __all__ = ["LAB", "mlp", "state_cases", "check_state_bytes", "batch_cases", "check_pick_batch", "transformer_bars",
            "GPU_LINES", "tour"]
 
-LAB = "09 hardware"
+LAB = lab_name(__package__)
 GPU_LINES = {"24 GB (RTX 4090)": 24e9, "80 GB (A100/H100)": 80e9}  # marketed GB: the cards hold that many GiB
 
 
@@ -139,7 +140,7 @@ def transformer_bars(shape: TransformerShape, setups: dict[str, Setup]) -> dict[
 # ----------------------------------------------------------------------------- tour
 def tour(world_size: int = 2) -> list[dict]:
     """The quick path in one process (``world_size`` is not used: lab 09 measures one device)."""
-    from ..tour import check_row
+    from ..tour import run_check
     from .speed import checkpointing, mixed_precision
 
     torch.set_num_threads(1)
@@ -175,8 +176,8 @@ def tour(world_size: int = 2) -> list[dict]:
         two = r.rows()[-1]
         return r.extra["grads_equal"][2] and two["memory vs none"] < 1, r.verdict
 
-    return [check_row(LAB, "calculator = MemTracker (MLP, fp32 Adam; within 1%)", states),
-            check_row(LAB, "walked activations = saved-tensor ledger", activations),
-            check_row(LAB, "predicted peak within 10% of measured", peak),
-            check_row(LAB, "bf16 autocast step vs fp32 (loss close; speed as measured)", bf16),
-            check_row(LAB, "checkpointing: same gradients, less memory", ckpt)]
+    return [run_check(LAB, "calculator = MemTracker (MLP, fp32 Adam; within 1%)", states),
+            run_check(LAB, "walked activations = saved-tensor ledger", activations),
+            run_check(LAB, "predicted peak within 10% of measured", peak),
+            run_check(LAB, "bf16 autocast step vs fp32 (loss close; speed as measured)", bf16),
+            run_check(LAB, "checkpointing: same gradients, less memory", ckpt)]

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from .._validate import ArgumentError, check_int, check_number
+from .._validate import ArgumentError, validate_int, validate_number
 from ..devices import Stopwatch, now
 from .step import Result, _num_classes, _setup, _skipped, _threads, _timed_row, _where, make_step
 from .timing import interleaved
@@ -35,10 +35,10 @@ class DecodeLikeDataset(torch.utils.data.Dataset):
     worker's intervals on its own timeline)."""
 
     def __init__(self, n: int, side: int = 32, passes: int = 20, num_classes: int = 10):
-        self.n = check_int("n", n, minimum=1)
-        self.side = check_int("side", side, minimum=4)
-        self.passes = check_int("passes", passes, minimum=0)
-        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.n = validate_int("n", n, minimum=1)
+        self.side = validate_int("side", side, minimum=4)
+        self.passes = validate_int("passes", passes, minimum=0)
+        self.num_classes = validate_int("num_classes", num_classes, minimum=1)
 
     def __len__(self):
         return self.n
@@ -117,9 +117,9 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
     model, batch, device, trials, notes = _setup(model, batch, device, trials, quick, cpu_batch=(8, 32))
     if not isinstance(workers, (list, tuple)) or not workers:
         raise ArgumentError(f"workers must be a non-empty list of worker counts, got {workers!r}")
-    workers = [check_int("workers[]", w, minimum=0) for w in workers]
-    prefetch = check_int("prefetch", prefetch, minimum=1)
-    n_batches = check_int("batches", batches if batches is not None else (5 if quick else 20), minimum=2)
+    workers = [validate_int("workers[]", w, minimum=0) for w in workers]
+    prefetch = validate_int("prefetch", prefetch, minimum=1)
+    n_batches = validate_int("batches", batches if batches is not None else (5 if quick else 20), minimum=2)
     if quick:
         trials = min(trials, 3)
     if pin_memory not in (None, True, False):
@@ -139,7 +139,7 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
         per_pass = probe.item_seconds() / 10
         target = item_ms / 1e3 if item_ms is not None else compute_s / batch
         if item_ms is not None:
-            check_number("item_ms", item_ms, minimum=0)
+            validate_number("item_ms", item_ms, minimum=0)
         passes = max(1, round(target / max(per_pass, 1e-7)))
         data = DecodeLikeDataset(n_batches * batch, side=side, passes=passes, num_classes=_num_classes(step.layers))
         loaders, runs = {}, {}

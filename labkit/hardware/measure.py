@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 from ..devices import cuda_peak
 from ..sliced.models import saved_bytes
 from .memory import Estimate, Setup, _as_sample, _shape, largest_batch
@@ -75,9 +75,9 @@ def measure(model: nn.Module, sample, target=None, setup: Setup = Setup(), steps
         raise ArgumentError(f"model must have parameters, got a {type(model).__name__} without any")
     if not isinstance(sample, torch.Tensor):
         raise ArgumentError(f"sample must be an input tensor (a batch), got {type(sample).__name__}")
-    steps = check_int("steps", steps, minimum=1)
-    device = check_choice("device", str(device), ("cpu", "cuda"))
-    tracker = check_choice("tracker", tracker, (None, "memtracker", "profiler"))
+    steps = validate_int("steps", steps, minimum=1)
+    device = validate_choice("device", str(device), ("cpu", "cuda"))
+    tracker = validate_choice("tracker", tracker, (None, "memtracker", "profiler"))
     if setup.precision.startswith("mixed"):
         raise ArgumentError(f"precision {setup.precision!r} is the ZeRO/Megatron layout, which plain PyTorch does "
                             "not run: measure 'autocast-bf16' or 'bf16' instead")
@@ -221,7 +221,7 @@ def compare(est: Estimate, measured: Measured) -> list[dict]:
 
 def confirm_batch(model: nn.Module, sample_shape: Sequence[int], budget_bytes: int, setup: Setup = Setup()) -> dict:
     """Measure (on CPU) the batch :func:`largest_batch` predicts and the next one: ``fits`` and ``next_exceeds``."""
-    budget = check_int("budget_bytes", budget_bytes, minimum=1)
+    budget = validate_int("budget_bytes", budget_bytes, minimum=1)
     shape = _shape(sample_shape)
     b = largest_batch(model, shape, budget, setup)
     peaks = []

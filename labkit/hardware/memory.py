@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 from ..memory_model import (
     OPTIMIZERS,
     PRECISIONS,
@@ -67,13 +67,14 @@ class Setup:
     flash: bool = False
 
     def __post_init__(self):
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        validate_choice("precision", self.precision, PRECISIONS)
+        validate_choice("optimizer", self.optimizer, OPTIMIZERS)
         for name in ("grad_accum", "dp", "tp", "pp", "micro_batches"):
-            check_int(name, getattr(self, name), minimum=1)
-        check_int("checkpoint", self.checkpoint, minimum=0, hint="pass the number of checkpointed segments (0: none)")
-        check_int("zero", self.zero, minimum=0, maximum=3, hint="ZeRO stages are 0 (none), 1, 2 and 3")
-        check_choice("schedule", self.schedule, ("gpipe", "1f1b"))
+            validate_int(name, getattr(self, name), minimum=1)
+        validate_int("checkpoint", self.checkpoint, minimum=0,
+                     hint="pass the number of checkpointed segments (0: none)")
+        validate_int("zero", self.zero, minimum=0, maximum=3, hint="ZeRO stages are 0 (none), 1, 2 and 3")
+        validate_choice("schedule", self.schedule, ("gpipe", "1f1b"))
         for name in ("sp", "foreach", "flash"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -251,7 +252,7 @@ def _as_sample(model: nn.Module, sample) -> torch.Tensor:
     if isinstance(sample, (tuple, list, torch.Size)) and sample and all(isinstance(d, int) and not isinstance(d, bool)
                                                                         for d in sample):
         for d in sample:
-            check_int("sample", d, minimum=1, hint="every dimension (the batch first) must be >= 1")
+            validate_int("sample", d, minimum=1, hint="every dimension (the batch first) must be >= 1")
         first = next((m for m in model.modules() if not list(m.children())), None)
         if isinstance(first, nn.Embedding):  # token ids for a language model
             return torch.randint(0, first.num_embeddings, tuple(sample))
@@ -279,7 +280,7 @@ def largest_batch(model: nn.Module, sample_shape: Sequence[int], budget_bytes: i
     So the search doubles the batch until the peak passes the budget, then bisects: about 2 log2(b) estimates."""
     if _REFUSE:
         raise AssertionError(_REFUSE)
-    budget = check_int("budget_bytes", budget_bytes, minimum=1)
+    budget = validate_int("budget_bytes", budget_bytes, minimum=1)
     shape = _shape(sample_shape)
     peak = lambda b: estimate(model, setup, (b, *shape[1:])).peak
     p1 = peak(1)
@@ -302,5 +303,5 @@ def _shape(sample_shape) -> tuple:
     if not isinstance(sample_shape, (tuple, list, torch.Size)) or not sample_shape:
         raise ArgumentError(f"sample_shape must be a tuple of ints (batch first), got {sample_shape!r}")
     for d in sample_shape:
-        check_int("sample_shape", d, minimum=1, hint="every dimension must be >= 1")
+        validate_int("sample_shape", d, minimum=1, hint="every dimension must be >= 1")
     return tuple(sample_shape)

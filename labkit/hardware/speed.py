@@ -36,7 +36,7 @@ import sys
 import torch
 from torch import nn
 
-from .._validate import ArgumentError, check_int
+from .._validate import ArgumentError, validate_int
 from ..devices import now
 from ..runtime.launcher import child_env
 from ..sliced.models import saved_bytes, small_resnet
@@ -170,7 +170,7 @@ def bf16_by_isa(isas=("AVX512_CORE", "AVX2"), model="small", batch=8, trials=3, 
         raise ArgumentError(f"isas has unknown oneDNN ISA names {bad}; pick from {list(ONEDNN_ISAS)}")
     if not isinstance(model, str):
         raise ArgumentError(f"model must be a model name (each run is a fresh process), got {type(model).__name__}")
-    trials = check_int("trials", trials, minimum=1)
+    trials = validate_int("trials", trials, minimum=1)
     info = cpu_info()
     notes = []
     with _threads(threads):
@@ -269,7 +269,7 @@ def batch_sweep(batches=None, model=None, device="cpu", trials=7, quick=True, op
             ((16, 64, 128) if quick else (16, 32, 64, 128, 256))
     if not isinstance(batches, (list, tuple)) or not batches:
         raise ArgumentError(f"batches must be a non-empty list of batch sizes, got {batches!r}")
-    batches = [check_int("batches[]", b, minimum=1) for b in batches]
+    batches = [validate_int("batches[]", b, minimum=1) for b in batches]
     with _threads(threads if device == "cpu" else None):
         steps = {f"batch {b}": make_step(model, b, device, optimizer=optimizer) for b in batches}
         act = {n: s.activation_bytes() for n, s in steps.items()}
@@ -332,7 +332,7 @@ def checkpointing(segments=None, model=None, batch=None, device="cpu", trials=7,
             segments = (0, 2, 3, 4) if quick else (0, *range(2, top + 1))
         if not isinstance(segments, (list, tuple)) or not segments:
             raise ArgumentError(f"segments must be a non-empty list of segment counts (0: none), got {segments!r}")
-        segments = [check_int("segments[]", k, minimum=0, maximum=n) for k in segments]
+        segments = [validate_int("segments[]", k, minimum=0, maximum=n) for k in segments]
         if 0 not in segments:
             segments = [0, *segments]
         segments = sorted(set(segments))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 from ..sliced.models import MODEL_NAMES, build_model, flatten_resnet, saved_bytes
 from .cpu import cpu_info, gpu_info
 from .timing import Timing
@@ -104,7 +104,7 @@ class Step:
 
 def _resolve_device(device) -> tuple[str, list[str]]:
     name = str(device).split(":")[0]
-    check_choice("device", name, ("cpu", "cuda"))
+    validate_choice("device", name, ("cpu", "cuda"))
     if name == "cuda" and not torch.cuda.is_available():
         return "cpu", ["device='cuda' was asked but no CUDA GPU is available here: the CPU case ran instead"]
     return name, []
@@ -123,21 +123,21 @@ def make_step(model="small", batch: int = 16, device: str = "cpu", precision: st
     """A :class:`Step` for ``model`` (a name of :func:`labkit.sliced.models.build_model` or a ResNet-like
     module, deep-copied) at ``batch`` images of ``image_size`` (32 for "small" and modules, 224 for
     torchvision names), weights and data drawn from ``seed``."""
-    batch = check_int("batch", batch, minimum=1)
+    batch = validate_int("batch", batch, minimum=1)
     device = str(device).split(":")[0]
-    check_choice("device", device, ("cpu", "cuda"))
+    validate_choice("device", device, ("cpu", "cuda"))
     if device == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("device must be 'cpu' here: no CUDA GPU is available, got 'cuda'")
-    check_choice("precision", precision, PRECISIONS)
+    validate_choice("precision", precision, PRECISIONS)
     if precision == "autocast-fp16" and device != "cuda":
         raise ArgumentError("precision 'autocast-fp16' (with torch.amp.GradScaler) is measured on a CUDA GPU only, "
                             "got it with device='cpu'; on the CPU pass 'fp32' or 'autocast-bf16'")
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    checkpoint = check_int("checkpoint", checkpoint, minimum=0, hint="0 for no checkpointing, k for k segments")
+    validate_choice("optimizer", optimizer, OPTIMIZERS)
+    checkpoint = validate_int("checkpoint", checkpoint, minimum=0, hint="0 for no checkpointing, k for k segments")
     if compiled and checkpoint:
         raise ArgumentError(f"checkpoint must be 0 with compiled=True (measure one at a time), got {checkpoint}")
     if isinstance(model, str):
-        check_choice("model", model, MODEL_NAMES, hint="or pass an nn.Module")
+        validate_choice("model", model, MODEL_NAMES, hint="or pass an nn.Module")
         side = image_size or (32 if model == "small" else 224)
         layers = flatten_resnet(build_model(model, seed=seed))
     elif isinstance(model, nn.Module):
@@ -148,7 +148,7 @@ def make_step(model="small", batch: int = 16, device: str = "cpu", precision: st
     if checkpoint > len(layers):
         raise ArgumentError(f"checkpoint must be at most the {len(layers)} layers of the flattened model, "
                             f"got {checkpoint}")
-    side = check_int("image_size", side, minimum=8)
+    side = validate_int("image_size", side, minimum=8)
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch, 3, side, side, generator=gen)
     y = torch.randint(0, _num_classes(layers), (batch,), generator=gen)
@@ -193,7 +193,7 @@ def _threads(n):
         yield
         return
     old = torch.get_num_threads()
-    torch.set_num_threads(check_int("threads", n, minimum=1))
+    torch.set_num_threads(validate_int("threads", n, minimum=1))
     try:
         yield
     finally:
@@ -202,12 +202,12 @@ def _threads(n):
 
 def _setup(model, batch, device, trials, quick, cpu_batch=(16, 64), gpu_batch=(64, 256)):
     device, notes = _resolve_device(device)
-    trials = check_int("trials", trials, minimum=1)
+    trials = validate_int("trials", trials, minimum=1)
     if model is None:
         model = "small" if device == "cpu" else "resnet50"
     if batch is None:
         batch = (cpu_batch if device == "cpu" else gpu_batch)[0 if quick else 1]
-    return model, check_int("batch", batch, minimum=1), device, trials, notes
+    return model, validate_int("batch", batch, minimum=1), device, trials, notes
 
 
 def _model_name(model) -> str:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 
 __all__ = ["Timing", "interleaved"]
 
@@ -100,10 +100,10 @@ def interleaved(variants: dict[str, Callable[[], None]], trials: int = 7, warmup
     for name, fn in variants.items():
         if not callable(fn):
             raise ArgumentError(f"variants[{name!r}] must be a zero-argument callable, got {fn!r}")
-    trials = check_int("trials", trials, minimum=1)
-    warmup = check_int("warmup", warmup, minimum=0)
+    trials = validate_int("trials", trials, minimum=1)
+    warmup = validate_int("warmup", warmup, minimum=0)
     device = str(device).split(":")[0]
-    check_choice("device", device, ("cpu", "cuda"))
+    validate_choice("device", device, ("cpu", "cuda"))
     if device == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("device must be 'cpu' here: no CUDA GPU is available, got 'cuda'")
     timer = _timer(device)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import ArgumentError, check_int, check_number
+from .._validate import ArgumentError, validate_int, validate_number
 
 __all__ = ["TransformerShape", "TinyTransformer", "tiny_transformer", "mlp"]
 
@@ -34,7 +34,7 @@ class TransformerShape:
 
     def __post_init__(self):
         for f in fields(self):
-            check_int(f.name, getattr(self, f.name), minimum=1)
+            validate_int(f.name, getattr(self, f.name), minimum=1)
         if self.hidden % self.heads:
             raise ArgumentError(f"hidden must be divisible by heads, got hidden={self.hidden}, heads={self.heads}")
 
@@ -83,7 +83,7 @@ def tiny_transformer(shape: TransformerShape, dropout: float = 0.0, flash: bool 
     """A small real transformer whose parameter count is exactly :func:`transformer_params` of ``shape``."""
     if not isinstance(shape, TransformerShape):
         raise ArgumentError(f"shape must be a TransformerShape, got {type(shape).__name__}")
-    check_number("dropout", dropout, minimum=0, maximum=1, open_high=True)
+    validate_number("dropout", dropout, minimum=0, maximum=1, open_high=True)
     torch.manual_seed(seed)
     return TinyTransformer(shape, dropout, flash)
 

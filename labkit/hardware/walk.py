@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .._validate import check_int
+from .._validate import validate_int
 
 __all__ = ["Walk", "meta_call", "checkpointed", "backward_peak", "ce_loss", "nbytes"]
 
@@ -214,7 +214,7 @@ def meta_call(model: nn.Module, x: torch.Tensor, with_loss: bool = True, ledger:
 
 def checkpointed(model: nn.Sequential, x, segments: int):
     layers = list(model)
-    segments = check_int("checkpoint", segments, minimum=1, maximum=len(layers))
+    segments = validate_int("checkpoint", segments, minimum=1, maximum=len(layers))
     size = math.ceil(len(layers) / segments)
     inputs, largest, h = 0, 0, torch.empty_like(x, device="meta")
     for i in range(0, len(layers), size):

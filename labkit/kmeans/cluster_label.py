@@ -19,18 +19,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import ArgumentError, check_choice, check_finite, check_int
+from .._validate import ArgumentError, validate_choice, validate_finite, validate_int
 
-__all__ = ["ClusterLabelResult", "label_clusters", "cluster_then_label", "cluster_then_label_method", "check_targets",
-           "accuracy_methods", "accuracy_rows"]
+__all__ = ["ClusterLabelResult", "label_clusters", "cluster_then_label", "cluster_then_label_method",
+           "validate_targets", "accuracy_methods", "accuracy_rows"]
 
 
-def check_targets(X, y_semi) -> tuple[np.ndarray, np.ndarray]:
+def validate_targets(X, y_semi) -> tuple[np.ndarray, np.ndarray]:
     """``X`` 2-D finite and ``y_semi`` integers >= -1 of the same length (``-1`` = unlabelled)."""
     X = np.asarray(X)
     if X.ndim != 2:
         raise ArgumentError(f"X must be a 2-D array (n_samples, n_features), got shape {X.shape}")
-    check_finite("X", X)
+    validate_finite("X", X)
     y = np.asarray(y_semi)
     if y.ndim != 1:
         raise ArgumentError(f"y must be a 1-D array of labels, got shape {y.shape}")
@@ -90,10 +90,10 @@ def cluster_then_label(X, y_semi, n_clusters: int, *, random_state=0, n_init: in
     """Pseudo-labels from k-means clusters (see the module docstring); ``y_true`` only instruments."""
     from .estimator import KMeans
 
-    X, y = check_targets(X, y_semi)
-    k = check_int("n_clusters", n_clusters, minimum=1, maximum=len(X),
+    X, y = validate_targets(X, y_semi)
+    k = validate_int("n_clusters", n_clusters, minimum=1, maximum=len(X),
                   hint=f"use more clusters than classes but at most n_samples ({len(X)})")
-    check_choice("unlabelled_clusters", unlabelled_clusters, ("drop", "nearest"))
+    validate_choice("unlabelled_clusters", unlabelled_clusters, ("drop", "nearest"))
     km = KMeans(k, n_init=n_init, random_state=random_state, dtype=dtype, device=device).fit(X)
     cl = label_clusters(km.labels_, y, k)
     if unlabelled_clusters == "nearest" and (cl < 0).any():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import check_choice, check_int
+from .._validate import validate_choice, validate_int
 
 __all__ = ["load", "PRESETS"]
 
@@ -18,15 +18,15 @@ def load(name: str = "digits", n: int | None = None, d: int | None = None, cente
     The generated set has ``centers`` blobs with centres uniform in [-10, 10]^d and standard deviation
     ``cluster_std`` (8 by default, so that blobs overlap and Lloyd needs tens of iterations, not two).
     """
-    check_choice("name", name, ("digits", "generated"))
+    validate_choice("name", name, ("digits", "generated"))
     if name == "digits":
         from ..data import load_digits
 
         return np.asarray(load_digits()[0], dtype=dtype)
     from sklearn.datasets import make_blobs
 
-    n = check_int("n", PRESETS["generated"][0] if n is None else n, minimum=1)
-    d = check_int("d", PRESETS["generated"][1] if d is None else d, minimum=1)
-    X, _ = make_blobs(n_samples=n, n_features=d, centers=check_int("centers", centers, minimum=1),
-                      cluster_std=cluster_std, random_state=check_int("seed", seed, minimum=0))
+    n = validate_int("n", PRESETS["generated"][0] if n is None else n, minimum=1)
+    d = validate_int("d", PRESETS["generated"][1] if d is None else d, minimum=1)
+    X, _ = make_blobs(n_samples=n, n_features=d, centers=validate_int("centers", centers, minimum=1),
+                      cluster_std=cluster_std, random_state=validate_int("seed", seed, minimum=0))
     return X.astype(dtype)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .._validate import ArgumentError, check_int, check_number
+from .._validate import ArgumentError, validate_int, validate_number
 from .loop import LocalComm, assign, lloyd
 from .seeding import as_tensor, kmeans_plusplus, resolve_dtype
 
@@ -48,10 +48,10 @@ def world(group=None) -> tuple[int, int]:
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """Rank ``rank``'s contiguous rows ``[start, stop)`` of ``n``: sizes differ by at most one, none empty."""
-    n = check_int("n", n, minimum=1)
-    world_size = check_int("world_size", world_size, minimum=1, maximum=n,
+    n = validate_int("n", n, minimum=1)
+    world_size = validate_int("world_size", world_size, minimum=1, maximum=n,
                            hint=f"every rank needs at least one point: use at most {n} ranks for {n} points")
-    rank = check_int("rank", rank, minimum=0, maximum=world_size - 1)
+    rank = validate_int("rank", rank, minimum=0, maximum=world_size - 1)
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
@@ -176,10 +176,10 @@ def fit_distributed(X_local, n_clusters: int, *, init="k-means++", max_iter: int
     rank, ws = world()
     comm = _comm(X.shape[0], X.device)
     n_total = getattr(comm, "n_total", X.shape[0])
-    k = check_int("n_clusters", n_clusters, minimum=1, maximum=n_total,
+    k = validate_int("n_clusters", n_clusters, minimum=1, maximum=n_total,
                   hint=f"k-means needs 1 <= n_clusters <= the number of points over all ranks ({n_total})")
-    check_int("max_iter", max_iter, minimum=1)
-    check_number("tol", tol, minimum=0)
+    validate_int("max_iter", max_iter, minimum=1)
+    validate_number("tol", tol, minimum=0)
     d = X.shape[1]
     head = torch.cat([X.sum(0), torch.tensor([float(X.shape[0])], dtype=dt, device=X.device)])
     if ws > 1:
@@ -240,9 +240,9 @@ def kmeans_parallel(X_local: torch.Tensor, n_clusters: int, *, oversampling: flo
     rank, ws = world() if distributed else (0, 1)
     comm = _comm(X.shape[0], X.device) if distributed else LocalComm()
     n_total = getattr(comm, "n_total", X.shape[0])
-    k = check_int("n_clusters", n_clusters, minimum=1, maximum=n_total)
-    rounds = check_int("rounds", rounds, minimum=1)
-    ell = check_number("oversampling", 2.0 * k if oversampling is None else oversampling, minimum=0, open_low=True)
+    k = validate_int("n_clusters", n_clusters, minimum=1, maximum=n_total)
+    rounds = validate_int("rounds", rounds, minimum=1)
+    ell = validate_number("oversampling", 2.0 * k if oversampling is None else oversampling, minimum=0, open_low=True)
     seed = int(random_state or 0) % (2**32)
     shared = np.random.RandomState(seed)
     first = torch.tensor([int(shared.randint(n_total))], device=X.device)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from .distributed import kmeans_parallel
 from .loop import (  # noqa: F401
     CHUNK_ELEMENTS,
@@ -75,15 +75,15 @@ class KMeans:
         self.random_state, self.dtype, self.device, self.chunk_size = random_state, dtype, device, chunk_size
 
     def _check_params(self, n: int):
-        check_int("n_clusters", self.n_clusters, minimum=1, maximum=n,
+        validate_int("n_clusters", self.n_clusters, minimum=1, maximum=n,
                   hint=f"k-means needs 1 <= n_clusters <= n_samples ({n})")
-        check_int("n_init", self.n_init, minimum=1)
-        check_int("max_iter", self.max_iter, minimum=1)
-        check_number("tol", self.tol, minimum=0)
+        validate_int("n_init", self.n_init, minimum=1)
+        validate_int("max_iter", self.max_iter, minimum=1)
+        validate_number("tol", self.tol, minimum=0)
         if self.chunk_size is not None:
-            check_int("chunk_size", self.chunk_size, minimum=1)
+            validate_int("chunk_size", self.chunk_size, minimum=1)
         if isinstance(self.init, str):
-            check_choice("init", self.init, ("k-means++", "random", "k-means||"),
+            validate_choice("init", self.init, ("k-means++", "random", "k-means||"),
                          hint="or pass an array of shape (n_clusters, n_features)")
 
     def _initial(self, Xc, mean, rs, dtype, dev):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..checks import CheckResult, expect_close, expect_equal, run_cases
+from ..tour import lab_name
 from . import estimator as E
 from .cluster_label import accuracy_methods, accuracy_rows, cluster_then_label  # noqa: F401  (notebook API)
 from .datasets import load
@@ -218,9 +219,9 @@ def moons_experiment(seeds=range(3), n: int = 400, noise: float = 0.08, k_per_cl
 # ----------------------------------------------------------------------------- tour
 def tour(world_size: int = 2) -> list[dict]:
     from ..runtime import launch
-    from ..tour import check_row
+    from ..tour import run_check
 
-    lab = "06 k-means"
+    lab = lab_name(__package__)
     X = load("digits").astype(np.float64)
     init = E.kmeans_plusplus(torch.as_tensor(X), 10, 0)[0].numpy()
     local = E.KMeans(10, init=init, dtype="float64").fit(X)
@@ -253,7 +254,7 @@ def tour(world_size: int = 2) -> list[dict]:
         return d["accuracy"] > 0.8, (f"K=5: {r.n_pseudo} pseudo-labels, {r.pseudo_accuracy:.1%} right; "
                                      f"accuracy {d['accuracy']:.3f} vs supervised-only {d['supervised_only']:.3f}")
 
-    return [check_row(lab, "k-means = scikit-learn KMeans (digits, same init, float64)", vs_sklearn),
-            check_row(lab, f"distributed ({world_size} ranks) = one process in float64", distributed),
-            check_row(lab, "k-means|| gives a valid init", parallel_init),
-            check_row(lab, "cluster-then-label on digits (1 seed)", cluster_label)]
+    return [run_check(lab, "k-means = scikit-learn KMeans (digits, same init, float64)", vs_sklearn),
+            run_check(lab, f"distributed ({world_size} ranks) = one process in float64", distributed),
+            run_check(lab, "k-means|| gives a valid init", parallel_init),
+            run_check(lab, "cluster-then-label on digits (1 seed)", cluster_label)]

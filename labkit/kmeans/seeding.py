@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._validate import ArgumentError, check_finite, check_int
+from .._validate import ArgumentError, validate_finite, validate_int
 from .loop import _guard
 
 
@@ -40,7 +40,7 @@ def as_tensor(X, name: str = "X", dtype=torch.float32, device="cpu") -> torch.Te
     if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.uint8, torch.int16, torch.int8)):
         raise ArgumentError(f"{name} must hold numbers, got dtype {t.dtype}")
     if t.is_floating_point():
-        check_finite(name, t)
+        validate_finite(name, t)
     return t.to(device=device, dtype=dtype).contiguous()
 
 
@@ -65,7 +65,7 @@ def kmeans_plusplus(X, n_clusters: int, random_state=None, sample_weight=None, n
     _guard("assign", "the assignment step")
     X = X if isinstance(X, torch.Tensor) else as_tensor(X, dtype=torch.float64)
     n = X.shape[0]
-    k = check_int("n_clusters", n_clusters, minimum=1, maximum=n,
+    k = validate_int("n_clusters", n_clusters, minimum=1, maximum=n,
                   hint=f"k-means needs 1 <= n_clusters <= n_samples ({n})")
     rs = random_state if isinstance(random_state, np.random.RandomState) else np.random.RandomState(random_state)
     w = np.ones(n) if sample_weight is None else np.asarray(

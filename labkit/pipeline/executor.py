@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..devices import now
 from ..distops import p2p, recv
 from .reference import _default_loss, _grads, split_batch
@@ -327,11 +327,11 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
     if not isinstance(schedule, str) or schedule.lower() not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     schedule = schedule.lower()
-    n_stages = check_int("n_stages (one rank per stage)", n_stages, minimum=1)
+    n_stages = validate_int("n_stages (one rank per stage)", n_stages, minimum=1)
     if not callable(make_stage):
         raise TypeError(f"make_stage must be a function i -> nn.Module, got {type(make_stage).__name__}")
-    repeats = check_int("repeats", repeats, minimum=1)
-    warmup = check_int("warmup", warmup, minimum=0)
+    repeats = validate_int("repeats", repeats, minimum=1)
+    warmup = validate_int("warmup", warmup, minimum=0)
     split_batch(batch, n_micro)  # clear errors here rather than on every rank
     sched = make_schedule(schedule, n_stages, n_micro, chunks)
     v = n_chunks(sched)

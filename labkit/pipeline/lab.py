@@ -8,7 +8,7 @@ import torch
 
 from .._calls import calls_to, refuse
 from ..checks import expect_close, run_cases
-from ..tour import check_row
+from ..tour import lab_name, run_check
 from . import schedules as S
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step
@@ -103,7 +103,7 @@ def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tole
 
 def tour(world_size: int = 2) -> list[dict]:
     """The lab's quick path: schedules without processes, then real runs on ``world_size`` stage ranks."""
-    lab, p = "04 pipeline", world_size
+    lab, p = lab_name(__package__), world_size
 
     def simulated():
         sims = {n: simulate(f(4, 8), 1.0, 2.0) for n, f in (("gpipe", gpipe), ("1f1b", one_f_one_b))}
@@ -136,10 +136,10 @@ def tour(world_size: int = 2) -> list[dict]:
                 f"GPipe {g.peak_live[0]} micro-batches ({g.peak_bytes[0]} B), "
                 f"1F1B {o.peak_live[0]} ({o.peak_bytes[0]} B)")
 
-    rows = [check_row(lab, "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", simulated)]
+    rows = [run_check(lab, "GPipe and 1F1B take (m+p-1)(f+b), p=4 m=8 (simulated)", simulated)]
     for sched in ("gpipe", "1f1b"):
-        rows.append(check_row(lab, f"{sched} on {p} ranks, m=3 (uneven): gradients == single process",
+        rows.append(run_check(lab, f"{sched} on {p} ranks, m=3 (uneven): gradients == single process",
                               lambda sched=sched: same_as_one_process(sched)))
-    rows.append(check_row(lab, f"sleeping stages p={p} m=4: 1F1B speed-up over naive vs theory", speedup))
-    rows.append(check_row(lab, f"activations held on rank 0, m=8: GPipe m, 1F1B min(p, m) (measured, p={p})", memory))
+    rows.append(run_check(lab, f"sleeping stages p={p} m=4: 1F1B speed-up over naive vs theory", speedup))
+    rows.append(run_check(lab, f"activations held on rank 0, m=8: GPipe m, 1F1B min(p, m) (measured, p={p})", memory))
     return rows

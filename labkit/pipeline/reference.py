@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._validate import check_int
+from .._validate import validate_int
 
 
 def _default_loss(out, y):
@@ -32,7 +32,7 @@ def split_batch(batch, n_micro: int):
     x, y = batch
     if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
         raise TypeError("batch must be (inputs, targets) with both torch tensors")
-    n_micro = check_int("n_micro (m, the number of micro-batches)", n_micro, minimum=1)
+    n_micro = validate_int("n_micro (m, the number of micro-batches)", n_micro, minimum=1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"inputs have {x.shape[0]} rows but targets {y.shape[0]}; pass one target per input row")
     if x.shape[0] < n_micro:

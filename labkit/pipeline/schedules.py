@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .._validate import check_int
+from .._validate import validate_int
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
 
@@ -44,7 +44,7 @@ class Action(NamedTuple):
 
 def _check_pm(p, m, name_p="n_stages"):
     for name, v in ((name_p, p), ("n_micro", m)):
-        check_int(name, v, minimum=1)
+        validate_int(name, v, minimum=1)
 
 
 def naive(p: int, m: int = 1) -> list[list[Action]]:
@@ -70,7 +70,7 @@ def one_f_one_b_stage(stage: int, p: int, m: int) -> list[Action]:
     then pairs ``F(w + k), B(k)``, then the remaining backwards.
     """
     _check_pm(p, m)
-    check_int("stage", stage, minimum=0, maximum=p - 1, hint=f"p={p} stages")
+    validate_int("stage", stage, minimum=0, maximum=p - 1, hint=f"p={p} stages")
     warm = min(p - stage - 1, m)
     out = [Action("F", i) for i in range(warm)]
     for k in range(m - warm):
@@ -92,7 +92,7 @@ def interleaved(p: int, m: int, v: int = 2) -> list[list[Action]]:
     ``(p - 1) / (v m)`` of the ideal time at the price of ``v`` times more messages. Needs ``m % p == 0``.
     """
     _check_pm(p, m)
-    check_int("chunks v", v, minimum=1)
+    validate_int("chunks v", v, minimum=1)
     if m % p:
         raise ValueError(f"the interleaved schedule needs n_micro to be a multiple of n_stages ({p}); "
                          f"got n_micro={m}: pass n_micro={p * max(1, round(m / p))} or use schedule='1f1b'")

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..partition import check_cuts, check_stages, even_cuts, stage_ranges
+from ..partition import even_cuts, stage_ranges, validate_cuts, validate_stages
 from ..sliced import build_model, flatten_resnet
 
 __all__ = ["Sleep", "SleepStage", "SleepStages", "SplitModel", "mlp"]
@@ -121,8 +121,8 @@ class SplitModel:
             if n_stages is None:
                 raise ValueError("pass cuts=[...] (where each stage after the first starts) or n_stages=K "
                                  "(even split by layers)")
-            cuts = even_cuts(n_layers, check_stages(n_stages, n_layers))
-        self.cuts = check_cuts(cuts, n_layers)
+            cuts = even_cuts(n_layers, validate_stages(n_stages, n_layers))
+        self.cuts = validate_cuts(cuts, n_layers)
         if n_stages is not None and n_stages != len(self.cuts) + 1:
             raise ValueError(f"n_stages={n_stages} but {len(self.cuts)} cuts give "
                              f"{len(self.cuts) + 1} stages; pass one or the other")

@@ -22,10 +22,10 @@ from .confidence import (
                          softmax,
 )
 from .consistency import MODES, SmallCNN, strong_augment, train_cnn, weak_augment
-from .generative import COVARIANCE_TYPES, GaussianEM, check_semi_supervised, e_step, log_joint
+from .generative import COVARIANCE_TYPES, GaussianEM, e_step, log_joint, validate_semi_supervised
 from .self_training import Failure, SelfTraining, pseudo_label_counts
 
-__all__ = ["GaussianEM", "e_step", "log_joint", "check_semi_supervised", "COVARIANCE_TYPES",
+__all__ = ["GaussianEM", "e_step", "log_joint", "validate_semi_supervised", "COVARIANCE_TYPES",
            "posterior_odds", "odds_to_posterior_threshold", "posterior_to_odds_threshold", "softmax",
            "reliability_diagram", "expected_calibration_error", "fit_temperature", "cross_fitted_temperature",
            "SelfTraining", "Failure", "pseudo_label_counts",

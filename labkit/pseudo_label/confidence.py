@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import ArgumentError, check_int, check_number
+from .._validate import ArgumentError, validate_int, validate_number
 
 __all__ = ["posterior_odds", "odds_to_posterior_threshold", "posterior_to_odds_threshold", "softmax",
-           "reliability_diagram", "expected_calibration_error", "fit_temperature", "check_threshold_value",
+           "reliability_diagram", "expected_calibration_error", "fit_temperature", "validate_threshold",
            "cross_fitted_temperature"]
 
 
-def check_threshold_value(threshold, name: str = "threshold") -> float:
+def validate_threshold(threshold, name: str = "threshold") -> float:
     """A posterior threshold must lie in (0, 1]."""
-    return check_number(name, threshold, minimum=0, maximum=1, open_low=True,
+    return validate_number(name, threshold, minimum=0, maximum=1, open_low=True,
                         hint="a posterior probability in (0, 1]; for an odds threshold t on D use t / (1 + t)")
 
 
@@ -38,18 +38,18 @@ def posterior_odds(proba) -> np.ndarray:
 
 def odds_to_posterior_threshold(t) -> float:
     """A threshold t > 0 on D is the threshold t / (1 + t) on the posterior."""
-    t = check_number("t", t, minimum=0, open_low=True, hint="an odds threshold D >= t with t > 0")
+    t = validate_number("t", t, minimum=0, open_low=True, hint="an odds threshold D >= t with t > 0")
     return t / (1.0 + t)
 
 
 def posterior_to_odds_threshold(p) -> float:
     """The inverse map: a posterior threshold p in (0, 1) is the odds threshold p / (1 - p)."""
-    p = check_number("p", p, minimum=0, maximum=1, open_low=True, open_high=True)
+    p = validate_number("p", p, minimum=0, maximum=1, open_low=True, open_high=True)
     return p / (1.0 - p)
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    T = check_number("temperature", temperature, minimum=0, open_low=True)
+    T = validate_number("temperature", temperature, minimum=0, open_low=True)
     a = np.asarray(logits, dtype=float) / T
     a = a - a.max(axis=1, keepdims=True)
     e = np.exp(a)
@@ -67,7 +67,7 @@ def _conf_correct(proba, y_true, classes=None):
 
 def reliability_diagram(proba, y_true, n_bins: int = 10, classes=None) -> dict:
     """Per equal-width confidence bin: count, mean confidence, accuracy (nan for empty bins)."""
-    n_bins = check_int("n_bins", n_bins, minimum=1)
+    n_bins = validate_int("n_bins", n_bins, minimum=1)
     conf, correct = _conf_correct(proba, y_true, classes)
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
@@ -81,7 +81,7 @@ def reliability_diagram(proba, y_true, n_bins: int = 10, classes=None) -> dict:
 
 def expected_calibration_error(proba, y_true, n_bins: int = 10, classes=None) -> float:
     """ECE = sum over bins of (share of points) * |accuracy - mean confidence| (equal-width bins)."""
-    n_bins = check_int("n_bins", n_bins, minimum=1)
+    n_bins = validate_int("n_bins", n_bins, minimum=1)
     conf, correct = _conf_correct(proba, y_true, classes)
     edges = np.linspace(0, 1, n_bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
@@ -131,7 +131,7 @@ def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0, repeats: int 
     classes, counts = np.unique(y_semi[lab], return_counts=True)
     if counts.min() < 2:
         return None
-    repeats = check_int("repeats", repeats, minimum=1)
+    repeats = validate_int("repeats", repeats, minimum=1)
     rng = np.random.default_rng(seed)
     logits, ys = [], []
     for _, f in [(r, f) for r in range(repeats) for f in (0, 1)]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
-from .generative import check_semi_supervised
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
+from .generative import validate_semi_supervised
 
 __all__ = ["SmallCNN", "train_cnn", "CNNRun", "weak_augment", "strong_augment", "MODES"]
 
@@ -123,21 +123,21 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
     import torch
     import torch.nn.functional as F
 
-    check_choice("mode", mode, MODES)
-    steps = check_int("steps", steps, minimum=1)
-    threshold = check_number("threshold", threshold, minimum=0, maximum=1, open_low=True,
+    validate_choice("mode", mode, MODES)
+    steps = validate_int("steps", steps, minimum=1)
+    threshold = validate_number("threshold", threshold, minimum=0, maximum=1, open_low=True,
                              hint="a probability in (0, 1]; 1 admits only predictions of exactly 1")
-    check_number("lambda_u", lambda_u, minimum=0)
-    check_int("batch_labelled", batch_labelled, minimum=1)
-    check_int("batch_unlabelled", batch_unlabelled, minimum=1)
-    check_number("lr", lr, minimum=0, open_low=True)
-    seed = check_int("seed", seed, minimum=0)
-    Xf, y_semi = check_semi_supervised(np.asarray(X, dtype=float).reshape(len(X), -1), y_semi, name_y="y_semi")
+    validate_number("lambda_u", lambda_u, minimum=0)
+    validate_int("batch_labelled", batch_labelled, minimum=1)
+    validate_int("batch_unlabelled", batch_unlabelled, minimum=1)
+    validate_number("lr", lr, minimum=0, open_low=True)
+    seed = validate_int("seed", seed, minimum=0)
+    Xf, y_semi = validate_semi_supervised(np.asarray(X, dtype=float).reshape(len(X), -1), y_semi, name_y="y_semi")
     if y_true is not None and len(y_true) != len(Xf):
         raise ArgumentError(f"y_true must have one label per row of X ({len(Xf)}), got {len(y_true)}")
     old_threads = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(check_int("threads", threads, minimum=1))
+        torch.set_num_threads(validate_int("threads", threads, minimum=1))
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)

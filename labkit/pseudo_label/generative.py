@@ -35,16 +35,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import ArgumentError, check_choice, check_finite, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_finite, validate_int, validate_number
 
-__all__ = ["GaussianEM", "check_semi_supervised", "log_joint", "e_step", "COVARIANCE_TYPES"]
+__all__ = ["GaussianEM", "validate_semi_supervised", "log_joint", "e_step", "COVARIANCE_TYPES"]
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 _REFUSE: str | None = None  # set by an exercise check while the learner's code runs: the E-step then refuses
 
 
-def check_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
+def validate_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
     """Validate ``X`` (n, d) finite floats and ``y`` (n,) integers >= -1 (``-1`` = unlabelled); return arrays."""
     X = np.asarray(X, dtype=float) if not hasattr(X, "detach") else X.detach().cpu().numpy().astype(float)
     if X.ndim != 2:
@@ -52,7 +52,7 @@ def check_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
                             f"reshape images with X.reshape(len(X), -1)")
     if len(X) == 0:
         raise ArgumentError(f"{name_X} is empty: pass at least one sample")
-    check_finite(name_X, X)
+    validate_finite(name_X, X)
     if y is None:
         return X
     y_arr = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
@@ -178,14 +178,14 @@ class GaussianEM:
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self, n, d):
-        check_choice("covariance_type", self.covariance_type, COVARIANCE_TYPES)
-        check_number("shrinkage", self.shrinkage, minimum=0)
-        check_number("lam", self.lam, minimum=0, maximum=1)
-        check_int("max_iter", self.max_iter, minimum=0)
-        check_number("tol", self.tol, minimum=0)
-        check_number("temperature", self.temperature, minimum=0, open_low=True)
+        validate_choice("covariance_type", self.covariance_type, COVARIANCE_TYPES)
+        validate_number("shrinkage", self.shrinkage, minimum=0)
+        validate_number("lam", self.lam, minimum=0, maximum=1)
+        validate_int("max_iter", self.max_iter, minimum=0)
+        validate_number("tol", self.tol, minimum=0)
+        validate_number("temperature", self.temperature, minimum=0, open_low=True)
         if self.n_components is not None:
-            check_int("n_components", self.n_components, minimum=1, maximum=min(n, d),
+            validate_int("n_components", self.n_components, minimum=1, maximum=min(n, d),
                       hint="use at most min(n_samples, n_features), or None for no PCA")
         if self.covariance_type == "full" and self.shrinkage == 0:
             raise ArgumentError("shrinkage must be > 0 with covariance_type='full' (a class with fewer labelled "
@@ -197,10 +197,10 @@ class GaussianEM:
         return (X - self.pca_mean_) @ self.pca_components_.T
 
     def fit(self, X, y) -> "GaussianEM":
-        X, y = check_semi_supervised(X, y)
+        X, y = validate_semi_supervised(X, y)
         n, d = X.shape
         self._check_params(n, d)
-        M = check_int("components_per_class", self.components_per_class, minimum=1)
+        M = validate_int("components_per_class", self.components_per_class, minimum=1)
         self.pca_mean_ = X.mean(axis=0)
         if self.n_components is None:
             self.pca_components_ = None
@@ -330,7 +330,7 @@ class GaussianEM:
     def decision_function(self, X) -> np.ndarray:
         """log P(x, y = c) per class in the PCA space: the 'logits' that temperature scaling divides."""
         self._check_fitted()
-        X = check_semi_supervised(X)
+        X = validate_semi_supervised(X)
         if X.shape[1] != len(self.pca_mean_):
             raise ArgumentError(f"X has {X.shape[1]} features, the model was fitted on {len(self.pca_mean_)}")
         return self._class_log_joint(self._component_log_joint(self._project(X)))

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from ..checks import CheckResult, expect_close, refusing, run_cases
+from ..tour import lab_name
 from . import generative as _gen
 from . import methods as _methods
 from .methods import METHODS, local_protocol, make_methods  # noqa: F401  (the notebook reads them here too)
@@ -24,7 +25,7 @@ from .methods import METHODS, local_protocol, make_methods  # noqa: F401  (the n
 __all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step",
            "check_threshold", "threshold_cases", "tour"]
 
-LAB = "07 pseudo-labels"
+LAB = lab_name(__package__)
 
 
 def _merge(parts: list[list[dict]], seeds: list[int], world_size: int) -> list[dict]:
@@ -77,9 +78,9 @@ def demo(k: int = 5, lam: float = 1.0, threshold: float = 0.9, seed: int = 0) ->
     ``threshold`` (count, precision against the hidden labels), and logistic regression trained on labelled +
     pseudo-labelled points against labelled only. The widgets' callback."""
     from .. import semisup
-    from .confidence import check_threshold_value, cross_fitted_temperature
+    from .confidence import cross_fitted_temperature, validate_threshold
 
-    threshold = check_threshold_value(threshold)
+    threshold = validate_threshold(threshold)
     sp = semisup.split(k, seed)
     sup = _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": 0.0}).fit(sp.X_train, sp.y_semi)
     em = _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": lam}).fit(sp.X_train, sp.y_semi)
@@ -270,7 +271,7 @@ def check_threshold(choose_threshold, min_precision: float = 0.95, min_share: fl
 def tour(world_size: int = 2) -> list[dict]:
     from .. import semisup
     from ..runtime import launch
-    from ..tour import check_row
+    from ..tour import run_check
     from .confidence import odds_to_posterior_threshold, posterior_odds
     from .consistency import train_cnn
 
@@ -302,7 +303,7 @@ def tour(world_size: int = 2) -> list[dict]:
         run = train_cnn(sp.X_train, sp.y_semi, "fixmatch", steps=20, y_true=sp.y_train)
         return len(run.mask_rate) == 20, f"20 FixMatch steps, last mask rate {run.mask_rate[-1]:.2f}"
 
-    return [check_row(LAB, "EM log-likelihood never decreases", em_monotone),
-            check_row(LAB, "odds threshold t = posterior threshold t/(1+t)", odds),
-            check_row(LAB, f"protocol on {world_size} ranks = one process", ranks),
-            check_row(LAB, "CNN with FixMatch runs and logs", cnn)]
+    return [run_check(LAB, "EM log-likelihood never decreases", em_monotone),
+            run_check(LAB, "odds threshold t = posterior threshold t/(1+t)", odds),
+            run_check(LAB, f"protocol on {world_size} ranks = one process", ranks),
+            run_check(LAB, "CNN with FixMatch runs and logs", cnn)]

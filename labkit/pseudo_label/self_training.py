@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import check_int, check_number
-from .confidence import check_threshold_value
-from .generative import check_semi_supervised
+from .._validate import validate_int, validate_number
+from .confidence import validate_threshold
+from .generative import validate_semi_supervised
 
 __all__ = ["SelfTraining", "Failure", "pseudo_label_counts"]
 
@@ -84,10 +84,10 @@ class SelfTraining:
     def fit(self, X, y, y_true=None) -> "SelfTraining":
         """Fit on ``X`` with ``y`` (``-1`` = unlabelled). ``y_true`` (optional, hidden labels of every point) is
         used only to log the pseudo-labels' accuracy, never to train."""
-        threshold = check_threshold_value(self.threshold)
-        max_iter = check_int("max_iter", self.max_iter, minimum=1)
-        check_number("collapse_factor", self.collapse_factor, minimum=1, open_low=True)
-        X, y = check_semi_supervised(X, y)
+        threshold = validate_threshold(self.threshold)
+        max_iter = validate_int("max_iter", self.max_iter, minimum=1)
+        validate_number("collapse_factor", self.collapse_factor, minimum=1, open_low=True)
+        X, y = validate_semi_supervised(X, y)
         if y_true is not None:
             y_true = np.asarray(y_true)
             if len(y_true) != len(y):
@@ -155,7 +155,7 @@ class SelfTraining:
         ``y_true``) is below ``min_precision``."""
         if not hasattr(self, "failures_"):
             raise RuntimeError("call fit(X, y) before diagnose(y_true)")
-        min_precision = check_number("min_precision", min_precision, minimum=0, maximum=1)
+        min_precision = validate_number("min_precision", min_precision, minimum=0, maximum=1)
         y_true = np.asarray(y_true)
         if len(y_true) != len(self.transduction_):
             raise ValueError(f"y_true must have one label per training point ({len(self.transduction_)}), "
@@ -177,10 +177,10 @@ class SelfTraining:
                 else float("nan"))
 
     def predict_proba(self, X):
-        return self.estimator_.predict_proba(check_semi_supervised(X))
+        return self.estimator_.predict_proba(validate_semi_supervised(X))
 
     def predict(self, X):
-        return self.estimator_.predict(check_semi_supervised(X))
+        return self.estimator_.predict(validate_semi_supervised(X))
 
     def score(self, X, y) -> float:
         return float((self.predict(X) == np.asarray(y)).mean())

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from .._validate import ArgumentError, check_choice, check_int
+from .._validate import ArgumentError, validate_choice, validate_int
 
 KINDS = ("spin", "matmul")
 
@@ -55,15 +55,15 @@ def parse_spec(spec: str | int | None) -> tuple[int, str]:
     except ValueError:
         raise ArgumentError(f"busy must be N or N:KIND (KIND one of {', '.join(KINDS)}), got {spec!r}; "
                             "hint: pass e.g. --busy 2 or LABKIT_BUSY=2:matmul") from None
-    return check_int("busy", n, minimum=0), check_choice("busy kind", kind or "spin", KINDS)
+    return validate_int("busy", n, minimum=0), validate_choice("busy kind", kind or "spin", KINDS)
 
 
 class BusyLoad:
     """A context manager holding ``n`` busy processes of the given kind (see the module docstring)."""
 
     def __init__(self, n: int = 1, kind: str = "spin"):
-        self.n = check_int("n", n, minimum=0, hint="pass the number of busy processes, e.g. 2")
-        self.kind = check_choice("kind", kind, KINDS)
+        self.n = validate_int("n", n, minimum=0, hint="pass the number of busy processes, e.g. 2")
+        self.kind = validate_choice("kind", kind, KINDS)
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> "BusyLoad":

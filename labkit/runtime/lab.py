@@ -14,7 +14,7 @@ import numpy as np
 
 from ..checks import CheckResult, expect_close, run_cases
 from ..data import labelled_split, load_digits, semi_supervised_targets, shard_indices, train_test_split_digits
-from ..tour import check_row
+from ..tour import lab_name, run_check
 from .launcher import LaunchRefused, Pool, launch, refusing_launches
 
 
@@ -104,8 +104,8 @@ def tour(world_size: int = 2) -> list[dict]:
 
     with Pool(world_size, quiet=True, echo=False) as pool:
         state["pool"] = pool
-        rows = [check_row("00 start here", f"{world_size}-rank all-reduce of ranks = {expected:g}", first),
-                check_row("00 start here", "pooled re-run gives the same result", again)]
+        rows = [run_check(lab_name(__package__), f"{world_size}-rank all-reduce of ranks = {expected:g}", first),
+                run_check(lab_name(__package__), "pooled re-run gives the same result", again)]
     return rows + data_rows()
 
 
@@ -116,7 +116,7 @@ def data_rows() -> list[dict]:
     rows = []
 
     def check(name, fn):
-        rows.append(check_row("00 data", name, fn))
+        rows.append(run_check("00 data", name, fn))
 
     def digits():
         X, y = load_digits()

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
-from .._validate import check_int
+from .._validate import validate_int
 
 DEFAULT_TIMEOUT = 120.0
 START_TIMEOUT = 180.0
@@ -129,7 +129,7 @@ class Results(list):
 
 def choose_backend(world_size: int, backend: str = "auto") -> tuple[str, str]:
     """Return ``(backend, reason)`` for ``world_size`` ranks on this machine."""
-    world_size = check_int("world_size", world_size, minimum=1)
+    world_size = validate_int("world_size", world_size, minimum=1)
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
     import torch
@@ -195,7 +195,7 @@ class Pool:
     def __init__(self, world_size: int = 2, backend: str = "auto", threads: int = 1,
                  echo: bool = True, quiet: bool = False, start_timeout: float = START_TIMEOUT):
         self.backend, self.reason = choose_backend(world_size, backend)
-        threads = check_int("threads", threads, minimum=1, hint="threads per rank")
+        threads = validate_int("threads", threads, minimum=1, hint="threads per rank")
         self.world_size, self.threads = world_size, threads
         self.echo, self.quiet, self.start_timeout = echo, quiet, start_timeout
         self._ranks: list[_Rank] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._validate import ArgumentError, check_int
+from .._validate import ArgumentError, validate_int
 
 DIMS = ("dp", "pp", "tp")
 _REFUSE: str | None = None  # set by lab 11's exercise check while the learner's answer runs
@@ -38,9 +38,9 @@ def _factorisations(world: int) -> list[tuple[int, int, int]]:
             for p in range(1, world // d + 1) if (world // d) % p == 0]
 
 
-def check_shape(world_size: int, dp: int = 1, pp: int = 1, tp: int = 1) -> tuple[int, int, int]:
+def validate_shape(world_size: int, dp: int = 1, pp: int = 1, tp: int = 1) -> tuple[int, int, int]:
     """``(dp, pp, tp)`` checked: positive integers whose product is ``world_size``; the error lists grids that fit."""
-    dp, pp, tp = (check_int(n, v, minimum=1) for n, v in (("dp", dp), ("pp", pp), ("tp", tp)))
+    dp, pp, tp = (validate_int(n, v, minimum=1) for n, v in (("dp", dp), ("pp", pp), ("tp", tp)))
     if dp * pp * tp != world_size:
         some = ", ".join(f"{d}×{p}×{t}" for d, p, t in _factorisations(world_size)[:8])
         raise ArgumentError(f"mesh dp={dp} × pp={pp} × tp={tp} = {dp * pp * tp} ranks, but the world has "
@@ -108,7 +108,7 @@ def build_mesh(ctx, dp: int = 1, pp: int = 1, tp: int = 1, pp_backend: str | Non
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp, pp, tp = check_shape(ctx.world_size, dp, pp, tp)
+    dp, pp, tp = validate_shape(ctx.world_size, dp, pp, tp)
     if pp_backend is None and ctx.backend != "gloo":
         pp_backend = "gloo"
     key = ("mesh", dp, pp, tp, pp_backend)

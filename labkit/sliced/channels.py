@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..collectives.validation import _group_position, _rank_world
 from ..devices import no_tf32
 from .models import saved_bytes
@@ -145,7 +145,7 @@ def _check_layer(layer):
 
 
 def _check_rank(rank, world):
-    world = check_int("world size", world, minimum=1)
+    world = validate_int("world size", world, minimum=1)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
 
@@ -374,7 +374,7 @@ def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float =
     and rank 0's parameter and activation bytes as a fraction of the unsplit layer's."""
     import labkit
 
-    world_size = check_int("world_size", world_size, minimum=1)
+    world_size = validate_int("world_size", world_size, minimum=1)
     res = labkit.launch(channel_rank, world_size=world_size, kwargs=kw, pool=pool, timeout=timeout, echo=False)
     rows = []
     for i, c0 in enumerate(res[0]["cases"]):

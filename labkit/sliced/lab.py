@@ -9,7 +9,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..checks import expect_close, run_cases
-from ..tour import check_row
+from ..tour import lab_name, run_check
 from .article import article_block_error
 from .channels import run_channel_checks
 from .models import build_model, flatten_resnet, small_resnet, split_costs, split_stages
@@ -134,7 +134,7 @@ def tour(world_size: int = 2) -> list[dict]:
     the article's block, and channel-split layers on ``world_size`` ranks."""
     from ..partition import even_cuts
 
-    lab, n = "03 model parallel", world_size
+    lab, n = lab_name(__package__), world_size
 
     def single_process():
         torch.manual_seed(0)
@@ -168,8 +168,8 @@ def tour(world_size: int = 2) -> list[dict]:
         ratio = max(r["params/rank"] for r in res)
         return worst < 1e-5 and ratio <= 1 / n + 0.02, f"max err {worst:.1e}; params per rank <= {ratio:.2f} of unsplit"
 
-    return [check_row(lab, "3 stages on 3 'devices' in one process == unsliced small ResNet (output, grads)",
+    return [run_check(lab, "3 stages on 3 'devices' in one process == unsliced small ResNet (output, grads)",
                       single_process),
-            check_row(lab, f"{n} ranks, send/recv activations and gradients == unsliced small ResNet", multi_process),
-            check_row(lab, "the article's SplitConvBlock fails as published", article),
-            check_row(lab, f"column/row conv and linear + TP conv block == unsplit (fwd, bwd), {n} ranks", channels)]
+            run_check(lab, f"{n} ranks, send/recv activations and gradients == unsliced small ResNet", multi_process),
+            run_check(lab, "the article's SplitConvBlock fails as published", article),
+            run_check(lab, f"column/row conv and linear + TP conv block == unsplit (fwd, bwd), {n} ranks", channels)]

@@ -13,10 +13,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..devices import now
 from ..distops import p2p, recv, wait_all
-from ..partition import check_cuts
+from ..partition import validate_cuts
 from .models import build_model, flatten_resnet, input_shape_for, param_bytes, saved_bytes, split_stages
 
 
@@ -94,7 +94,7 @@ def stage_rank(ctx, model: str | nn.Module, cuts: Sequence[int], x: torch.Tensor
     """
     net = build_model(model, seed) if isinstance(model, str) else copy.deepcopy(model)
     net.train()
-    cuts = check_cuts(cuts, len(flatten_resnet(net)))
+    cuts = validate_cuts(cuts, len(flatten_resnet(net)))
     if ctx.world_size != len(cuts) + 1:
         raise ValueError(f"world size {ctx.world_size} != number of stages {len(cuts) + 1}: "
                          f"launch with world_size={len(cuts) + 1} or pass {ctx.world_size - 1} cuts")
@@ -174,13 +174,13 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
     """
     import labkit
 
-    batch = check_int("batch", batch, minimum=1)
+    batch = validate_int("batch", batch, minimum=1)
     n_layers = len(flatten_resnet(build_model(model, seed) if isinstance(model, str) else model))
-    b = check_cuts(cuts, n_layers)
+    b = validate_cuts(cuts, n_layers)
     g = torch.Generator().manual_seed(seed + 1)
     shape = input_shape_for(model, batch) if isinstance(model, str) else (batch, 3, 32, 32)
     if image_size is not None:
-        image_size = check_int("image_size (pixels per side)", image_size, minimum=8)
+        image_size = validate_int("image_size (pixels per side)", image_size, minimum=8)
         shape = (batch, 3, image_size, image_size)
     x = torch.randn(*shape, generator=g)
     if isinstance(model, str):
@@ -238,6 +238,6 @@ def run_replicas(model: str = "resnet18", world_size: int = 2, pool: bool = Fals
     """Launch :func:`replica_rank` on ``world_size`` gloo ranks; one dict per rank."""
     import labkit
 
-    world_size = check_int("world_size", world_size, minimum=1)
+    world_size = validate_int("world_size", world_size, minimum=1)
     return list(labkit.launch(replica_rank, world_size=world_size, kwargs=dict(model=model), pool=pool,
                               timeout=timeout, echo=False))

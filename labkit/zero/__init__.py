@@ -17,12 +17,12 @@
 """
 from .comm import FACTORS, Traffic
 from .flat import FlatLayout, ceil_div, unique_params
-from .optim import SUPPORTED, NaiveZero1, Zero1, Zero2, check_optimizer_class, state_numel
+from .optim import SUPPORTED, NaiveZero1, Zero1, Zero2, state_numel, validate_optimizer_class
 from .stage3 import Zero3
 from .torch_ref import fsdp2_full_parameters, torch_fsdp2, torch_zero1
 
 __all__ = [
     "FlatLayout", "ceil_div", "unique_params", "FACTORS", "Traffic",
-    "SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "check_optimizer_class", "state_numel", "Zero3",
+    "SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "validate_optimizer_class", "state_numel", "Zero3",
     "torch_zero1", "torch_fsdp2", "fsdp2_full_parameters",
 ]

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..devices import now
 from ..memory_model import OPTIMIZERS as STATES
-from .measure import METHODS, STAGE, Method, batches, check_args, memory_row, mlp, rank_slice
+from .measure import METHODS, STAGE, Method, batches, memory_row, mlp, rank_slice, validate_args
 
 QUICK_SIZES, FULL_SIZES = (256, 1024, 1024, 10), (512, 2048, 2048, 10)
 PAPER = {"ddp": 2, "zero1": 2, "zero2": 2, "zero3": 3}  # Ψ per step, the paper's section 7
@@ -44,7 +44,7 @@ def bench_rank(ctx, methods=METHODS, sizes=QUICK_SIZES, dtype: str = "float32", 
     None}, "psi": {method: values}, "state_bytes": {method: this rank's}, "owned": torch ZeRO's parameters on this
     rank, "memory": {method: memory_row(...)}}``."""
     world, rank = ctx.world_size, ctx.rank
-    methods, sizes, rounds, global_batch = check_args(methods, sizes, dtype, optimizer, rounds, global_batch, world)
+    methods, sizes, rounds, global_batch = validate_args(methods, sizes, dtype, optimizer, rounds, global_batch, world)
     device = getattr(ctx, "device", "cpu")
     data = rank_slice(batches(warmup + rounds + 2, global_batch, sizes, dtype, 0, device), rank, world)
     runs = {m: Method(m, mlp(sizes, dtype, 0, device), optimizer, bucket_mb) for m in methods}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validate import ArgumentError, check_int
+from .._validate import ArgumentError, validate_int
 
 __all__ = ["FlatLayout", "unique_params", "ceil_div"]
 
@@ -80,7 +80,7 @@ class FlatLayout:
     world_size: int
 
     def __post_init__(self):
-        n = check_int("world_size", self.world_size, minimum=1, hint="the number of ranks that share the buffer")
+        n = validate_int("world_size", self.world_size, minimum=1, hint="the number of ranks that share the buffer")
         shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
         object.__setattr__(self, "shapes", shapes)
         if not shapes:
@@ -124,12 +124,12 @@ class FlatLayout:
         return self.padded - self.total
 
     def shard_range(self, rank: int) -> tuple[int, int]:
-        r = check_int("rank", rank, minimum=0, maximum=self.world_size - 1)
+        r = validate_int("rank", rank, minimum=0, maximum=self.world_size - 1)
         return r * self.shard_numel, (r + 1) * self.shard_numel
 
     def owner(self, index: int) -> int:
         """The rank whose shard holds flat position ``index``."""
-        return check_int("index", index, minimum=0, maximum=self.padded - 1) // self.shard_numel
+        return validate_int("index", index, minimum=0, maximum=self.padded - 1) // self.shard_numel
 
     def pieces(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """``[(rank, lo, hi)]``: how the flat range ``[start, end)`` splits over the ranks' shards."""

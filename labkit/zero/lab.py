@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validate import check_choice, check_int
+from .._validate import validate_choice, validate_int
 from ..checks import CheckResult, refusing
 from ..ddp import make_ddp
 from ..devices import now
+from ..tour import lab_name
 from . import measure as _measure
 from .flat import FlatLayout
-from .measure import Method, check_global_batch
+from .measure import Method, validate_global_batch
 from .optim import state_numel
 from .torch_ref import fsdp2_full_parameters
 
@@ -77,9 +78,9 @@ class _Run(Method):
 
 def _check_common(methods, steps, global_batch, world, optimizer):
     for m in methods:
-        check_choice("method", m, METHODS + BF16_METHODS)
-    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    return check_int("steps", steps, minimum=1), check_global_batch(global_batch, world)
+        validate_choice("method", m, METHODS + BF16_METHODS)
+    validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    return validate_int("steps", steps, minimum=1), validate_global_batch(global_batch, world)
 
 
 def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", optimizer: str = "adam",
@@ -149,16 +150,16 @@ def tour(world_size: int = 2) -> list[dict]:
     """Headless quick path: every method for 3 Adam steps in float64 on ``world_size`` ranks against one
     process, the optimiser state per rank, and the bytes per step against 2Ψ / 3Ψ."""
     from ..runtime import launch
-    from ..tour import check_row
+    from ..tour import run_check
 
-    lab, state = "10 sharded data parallel", {}
+    lab, state = lab_name(__package__), {}
 
     def ran():
         t0 = time.perf_counter()
         state["res"] = launch(train_rank, world_size=world_size, echo=False, quiet=True, timeout=180)
         return True, f"{time.perf_counter() - t0:.1f} s incl. start-up"
 
-    rows = [check_row(lab, f"every method ran on {world_size} ranks", ran)]
+    rows = [run_check(lab, f"every method ran on {world_size} ranks", ran)]
     if not rows[-1]["ok"]:
         return rows
     res = state["res"]
@@ -184,10 +185,10 @@ def tour(world_size: int = 2) -> list[dict]:
         return vol == k * psi, f"{vol:.0f} B/step = {vol / psi:g} Ψ"
 
     for m in METHODS[1:]:
-        rows.append(check_row(lab, f"{m} after 3 steps == single process (float64)", lambda m=m: same(m)))
-    rows.append(check_row(lab, "ZeRO-1 Adam state per rank == 2·⌈P/N⌉ values", sharded))
+        rows.append(run_check(lab, f"{m} after 3 steps == single process (float64)", lambda m=m: same(m)))
+    rows.append(run_check(lab, "ZeRO-1 Adam state per rank == 2·⌈P/N⌉ values", sharded))
     for m, k in (("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero1-naive", 3), ("zero3", 3)):
-        rows.append(check_row(lab, f"{m} moves {'at most ' if m == 'zero3' else ''}{k}Ψ per step",
+        rows.append(run_check(lab, f"{m} moves {'at most ' if m == 'zero3' else ''}{k}Ψ per step",
                               lambda m=m, k=k: volume(m, k)))
     return rows
 

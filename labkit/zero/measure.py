@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validate import ArgumentError, check_choice, check_int, check_number
+from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from ..ddp import make_ddp
 from ..memory_model import zero_bytes_per_rank
 from .optim import NaiveZero1, Zero1, Zero2
@@ -42,7 +42,8 @@ from .stage3 import Zero3
 from .torch_ref import torch_fsdp2, torch_zero1
 
 __all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp", "memory_rank", "memory_row",
-           "peak_bytes", "storage_bytes", "check_args", "check_sizes", "check_global_batch", "batches", "rank_slice"]
+           "peak_bytes", "storage_bytes", "validate_args", "validate_sizes", "validate_global_batch", "batches",
+           "rank_slice"]
 
 METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
 ALL_METHODS = ("single", "zero1-naive") + METHODS + ("fsdp2-bf16",)  # also: one process, the naive ZeRO-1, FSDP2
@@ -57,7 +58,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SIZES = (256, 1024, 1024, 10)  # the bench's MLP: 1.3 M parameters, 5.3 MB per fp32 copy
 
 
-def check_sizes(sizes) -> tuple:
+def validate_sizes(sizes) -> tuple:
     try:
         sizes = tuple(int(s) for s in sizes)
     except (TypeError, ValueError):
@@ -70,8 +71,8 @@ def check_sizes(sizes) -> tuple:
 
 def mlp(sizes=SIZES, dtype: str = "float32", seed: int = 0, device="cpu", activation=nn.ReLU) -> nn.Module:
     """Linear layers of ``sizes`` with ``activation`` between them, the same on every rank (built from ``seed``)."""
-    check_choice("dtype", dtype, tuple(DTYPES))
-    sizes = check_sizes(sizes)
+    validate_choice("dtype", dtype, tuple(DTYPES))
+    sizes = validate_sizes(sizes)
     torch.manual_seed(seed)
     layers = []
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
@@ -108,12 +109,12 @@ class Method:
     (one process) and ``"zero1-naive"``. ``optimizer`` is a name of :data:`OPTIMIZERS` or ``(class, kwargs)``."""
 
     def __init__(self, method: str, model: nn.Module, optimizer="adam", bucket_mb: float = 25.0):
-        check_choice("method", method, ALL_METHODS)
+        validate_choice("method", method, ALL_METHODS)
         if isinstance(optimizer, tuple):  # (optimizer class, keyword arguments), as the lab's rank functions pass
             opt_cls, kw = optimizer
         else:
-            opt_cls, kw = OPTIMIZERS[check_choice("optimizer", optimizer, tuple(OPTIMIZERS))]
-        check_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
+            opt_cls, kw = OPTIMIZERS[validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))]
+        validate_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
         self.method, self.model, self.sync, self.traffic, self.ddp, self.z3 = method, model, None, None, None, None
         self.P = sum(p.numel() for p in model.parameters())
         self.esize = next(model.parameters()).element_size()
@@ -278,22 +279,22 @@ def rank_slice(data, rank: int, world: int) -> list:
     return [(x[rank * n:(rank + 1) * n].clone(), y[rank * n:(rank + 1) * n].clone()) for x, y in data]
 
 
-def check_args(methods, sizes, dtype, optimizer, steps, global_batch, world):
+def validate_args(methods, sizes, dtype, optimizer, steps, global_batch, world):
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods:
         raise ArgumentError(f"methods must name at least one of {METHODS}, got an empty list")
     for m in methods:
-        check_choice("method", m, METHODS)
-    check_choice("dtype", dtype, tuple(DTYPES))
-    check_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    steps = check_int("steps", steps, minimum=1)
-    return methods, check_sizes(sizes), steps, check_global_batch(global_batch, world)
+        validate_choice("method", m, METHODS)
+    validate_choice("dtype", dtype, tuple(DTYPES))
+    validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    steps = validate_int("steps", steps, minimum=1)
+    return methods, validate_sizes(sizes), steps, validate_global_batch(global_batch, world)
 
 
-def check_global_batch(global_batch, world: int) -> int:
+def validate_global_batch(global_batch, world: int) -> int:
     """``global_batch`` if it splits into ``world`` equal slices (then the mean of the ranks' mean losses is the
     global batch's mean loss, and averaging the gradients gives its gradient)."""
-    global_batch = check_int("global_batch", global_batch, minimum=world)
+    global_batch = validate_int("global_batch", global_batch, minimum=world)
     if global_batch % world:
         raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a "
                             f"multiple of {world}, e.g. {world * max(1, global_batch // world)}")
@@ -312,8 +313,8 @@ def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optim
     (``zero_bytes_per_rank(P, N, stage, "fp32", optimizer)``, times 2 in float64), ``state_numel``, ``peak``
     (bytes, the highest over the tracked steps; None if not measured), ``peak_low`` and ``peak_note``."""
     world, rank = ctx.world_size, ctx.rank
-    methods, sizes, steps, global_batch = check_args(methods, sizes, dtype, optimizer, steps, global_batch, world)
-    peak_steps = check_int("peak_steps", peak_steps, minimum=1, maximum=steps,
+    methods, sizes, steps, global_batch = validate_args(methods, sizes, dtype, optimizer, steps, global_batch, world)
+    peak_steps = validate_int("peak_steps", peak_steps, minimum=1, maximum=steps,
                            hint=f"at most steps={steps} (the tracked steps are the last ones)")
     device = getattr(ctx, "device", "cpu")
     data = rank_slice(batches(steps, global_batch, sizes, dtype, seed, device), rank, world)

@@ -35,20 +35,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validate import ArgumentError, check_number
+from .._validate import ArgumentError, validate_number
 from ..collectives import ranks_agree
 from ..ddp import plan_buckets
 from ..distops import require_dist
 from .comm import Traffic
 from .flat import FlatLayout, unique_params
 
-__all__ = ["SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "check_optimizer_class", "state_numel"]
+__all__ = ["SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "validate_optimizer_class", "state_numel"]
 
 SUPPORTED = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad, torch.optim.RMSprop,
              torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam)
 
 
-def check_optimizer_class(optimizer_class):
+def validate_optimizer_class(optimizer_class):
     """``optimizer_class`` if it is (a subclass of) an element-wise optimiser that sharding cannot change."""
     names = ", ".join(f"torch.optim.{c.__name__}" for c in SUPPORTED)
     if not isinstance(optimizer_class, type) or not issubclass(optimizer_class, torch.optim.Optimizer):
@@ -79,7 +79,7 @@ class _Sharded(torch.optim.Optimizer):
     rate scheduler (``torch.optim.lr_scheduler.StepLR(zero_opt, ...)``) drives it as it drives any optimiser."""
 
     def __init__(self, params, optimizer_class=torch.optim.Adam, *, group=None, broadcast: bool = True, **kwargs):
-        check_optimizer_class(optimizer_class)
+        validate_optimizer_class(optimizer_class)
         self.world_size = require_dist(group)
         self.group, self.rank = group, dist.get_rank(group)
         self.params = unique_params(params)
@@ -144,7 +144,7 @@ class _Sharded(torch.optim.Optimizer):
         ``torch.nn.utils.clip_grad_norm_`` cannot do it here: after ZeRO-2's backward no rank holds the full
         gradients. Each rank reduces its shard now (``step`` will not reduce again), sums its squares, and one
         all-reduce of one value gives the global norm (the padding holds zeros, so it adds nothing)."""
-        max_norm = check_number("max_norm", max_norm, minimum=0, open_low=True, hint="e.g. 1.0")
+        max_norm = validate_number("max_norm", max_norm, minimum=0, open_low=True, hint="e.g. 1.0")
         if not self._reduced:
             self._reduce_grads()
             self._reduced = True
@@ -253,7 +253,7 @@ class Zero2(_Sharded):
     """
 
     def __init__(self, params, optimizer_class=torch.optim.Adam, *, bucket_mb: float = 25.0, **kwargs):
-        check_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
+        validate_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
         super().__init__(params, optimizer_class, **kwargs)
         lay = self.layout
         order = list(range(len(self.params)))[::-1]

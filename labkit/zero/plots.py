@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from .._validate import check_int
+from .._validate import validate_int
 from ..viz import axes
 
 ROWS = (("weights", "#4c78a8"), ("grads", "#f58518"), ("optimizer", "#b279a2"))
@@ -18,8 +18,8 @@ STAGE_SHARDS = {0: set(), 1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"opti
 def holdings(stage: int, world: int = 4, ax=None, title: str | None = None):
     """A grid: one column per rank, one row per kind of model state; a full cell where the rank keeps all of it, a
     1/N slice (at the rank's own position) where the stage shards it."""
-    stage = check_int("stage", stage, minimum=0, maximum=3, hint="ZeRO stages are 0 (plain data parallel) to 3")
-    world = check_int("world", world, minimum=1, maximum=16, hint="draw at most 16 ranks")
+    stage = validate_int("stage", stage, minimum=0, maximum=3, hint="ZeRO stages are 0 (plain data parallel) to 3")
+    world = validate_int("world", world, minimum=1, maximum=16, hint="draw at most 16 ranks")
     ax = axes(ax, (1.2 + 1.0 * world, 2.2))
     for row, (kind, colour) in enumerate(ROWS):
         y = len(ROWS) - 1 - row

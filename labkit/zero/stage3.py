@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._validate import ArgumentError, check_number
+from .._validate import ArgumentError, validate_number
 from ..collectives import ranks_agree
 from ..distops import require_dist
 from .comm import Traffic
@@ -189,7 +189,7 @@ class Zero3(nn.Module):
         """Clip the gradient shards by the global 2-norm (one all-reduce of one value); return the norm before.
 
         ``torch.nn.utils.clip_grad_norm_(zero3.parameters(), ...)`` would see this rank's shards only."""
-        max_norm = check_number("max_norm", max_norm, minimum=0, open_low=True, hint="e.g. 1.0")
+        max_norm = validate_number("max_norm", max_norm, minimum=0, open_low=True, hint="e.g. 1.0")
         grads = [s.grad for s in self.shards if s.grad is not None]
         sq = torch.zeros(1, dtype=torch.float64, device=self.shards[0].device)
         for g in grads:

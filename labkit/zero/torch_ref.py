@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .optim import check_optimizer_class
+from .optim import validate_optimizer_class
 
 __all__ = ["torch_zero1", "torch_fsdp2", "fsdp2_full_parameters"]
 
@@ -25,7 +25,7 @@ def torch_zero1(model: nn.Module, optimizer_class=torch.optim.Adam, *, group=Non
     """``(DistributedDataParallel(model), ZeroRedundancyOptimizer(model.parameters(), optimizer_class, ...))``."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    check_optimizer_class(optimizer_class)
+    validate_optimizer_class(optimizer_class)
     ddp = nn.parallel.DistributedDataParallel(model, process_group=group)
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=optimizer_class, process_group=group,
                                   **kwargs)
