@@ -197,3 +197,189 @@ def test_a_built_wheel_ships_every_lab_and_imports_without_the_source_tree(tmp_p
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=480)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith(str(target)), f"imported {p.stdout.strip()}, not the wheel's copy"
+
+
+# ----------------------------------------------------------------------------- one vocabulary (docs/glossary.md)
+GLOSSARY = REPO / "docs" / "glossary.md"
+# pure formula modules: they may write the papers' symbols (p, m, h, ...) and say in their docstring which is which
+FORMULA_MODULES = {"labkit.memory_model", "labkit.pipeline.schedules", "labkit.collectives.cost",
+                   "labkit.capstone.traffic"}
+# a spelling the glossary refuses only where it would mean a stage count: lab 06's k is the number of clusters
+SCOPED = {"k": ("labkit.pipeline", "labkit.balance", "labkit.partition", "labkit.sliced")}
+SHARED_PUBLIC = {"labkit.checks", "labkit.viz", "labkit.data", "labkit.devices", "labkit.memory_model",
+                 "labkit.models", "labkit.partition"}  # shared modules a notebook may import
+
+
+def _is_shim(fn: ast.AST) -> bool:
+    """A definition kept one release for an old name: its body warns through labkit._compat."""
+    return any(isinstance(n, ast.Name) and n.id == "warn_renamed" or isinstance(n, ast.Attribute)
+               and n.attr == "warn_renamed" for n in ast.walk(fn))
+
+
+def _definitions():
+    """``(module, qualname, node)`` for every function, method and class in labkit (not the shims module)."""
+    for name, path in _modules().items():
+        if name == "labkit._compat":
+            continue
+        tree = ast.parse(path.read_text())
+
+        def walk(body, prefix):
+            for node in body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    yield name, prefix + node.name, node
+                    if isinstance(node, ast.ClassDef):
+                        yield from walk(node.body, prefix + node.name + ".")
+
+        yield from walk(tree.body, "")
+
+
+def _params(node) -> list[str]:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return names[1:] if names and names[0] in ("self", "cls") else names
+
+
+def _public(module: str, qualname: str) -> bool:
+    return not any(part.startswith("_") for part in module.split(".")[1:] + qualname.split("."))
+
+
+def _glossary_refused() -> set[str]:
+    """The spellings in the glossary table's "not" column (the fourth), each in backquotes."""
+    import re
+
+    refused = set()
+    for line in GLOSSARY.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0] not in ("term", "---"):
+            refused.update(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", cells[3]))
+    return refused
+
+
+def test_a_name_ends_in_rank_only_if_its_first_argument_is_ctx():
+    bad = [f"{m}.{q}" for m, q, node in _definitions() if not isinstance(node, ast.ClassDef)
+           and node.name.endswith("_rank") and not _is_shim(node) and (_params(node) or [""])[0] != "ctx"]
+    assert not bad, (f"named like rank functions but their first argument is not ctx: {bad}; a per-rank quantity "
+                     "is *_each_rank (docs/glossary.md)")
+
+
+def test_a_name_starts_with_check_only_if_it_is_an_exercise_check():
+    bad = [f"{m}.{q}" for m, q, node in _definitions() if not isinstance(node, ast.ClassDef)
+           and node.name.startswith("check_") and "." not in q and not _is_shim(node)
+           and not (m.endswith(".lab") or m == "labkit.checks")]
+    assert not bad, (f"check_* outside the labs' exercise checks: {bad}; an argument check is validate_* "
+                     "(docs/glossary.md)")
+
+
+def test_public_signatures_use_the_glossary_spellings():
+    refused = _glossary_refused()
+    assert {"n_pieces", "micro_batches", "hidden", "world"} <= refused, "the glossary's 'not' column was not read"
+    bad = []
+    for m, q, node in _definitions():
+        if not _public(m, q) or _is_shim(node):
+            continue
+        if isinstance(node, ast.ClassDef):  # dataclass fields and annotated class attributes
+            names = [b.target.id for b in node.body if isinstance(b, ast.AnnAssign) and isinstance(b.target, ast.Name)]
+        else:
+            names = _params(node)
+        for p in names:
+            scoped = SCOPED.get(p)
+            if p in refused and m not in FORMULA_MODULES and (scoped is None or m.startswith(scoped)):
+                bad.append(f"{m}.{q}({p})")
+    assert not bad, f"public names spelled against docs/glossary.md: {bad}"
+
+
+def _package_exports() -> dict[str, list[str]]:
+    import importlib
+
+    return {lab.package: list(importlib.import_module(lab.package).__all__) for lab in LABS}
+
+
+def test_no_two_lab_packages_export_one_name_with_two_meanings():
+    import importlib
+
+    owners: dict[str, list] = {}
+    for pkg, names in _package_exports().items():
+        mod = importlib.import_module(pkg)
+        for n in names:
+            owners.setdefault(n, []).append((pkg, getattr(mod, n)))
+    bad = {n: [p for p, _ in v] for n, v in owners.items() if len({id(obj) for _, obj in v}) > 1}
+    assert not bad, f"one name, several meanings (qualify one of them): {bad}"
+
+
+def test_every_lab_package_has_the_one_init_shape():
+    bad = []
+    for lab in LABS:
+        path = PKG / lab.package.split(".")[1] / "__init__.py"
+        text = path.read_text()
+        tree = ast.parse(text)
+        alls = [n for n in tree.body if isinstance(n, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+        lazy = "_EXPORTS" in text  # labkit.ablation: exported lazily so a worker does not import torch (it says so)
+        if not alls and not lazy:
+            bad.append(f"{lab.package}: no explicit __all__")
+        if "# noqa" in text:
+            bad.append(f"{lab.package}: '# noqa' in __init__ (names in __all__ need none)")
+    for pkg, names in _package_exports().items():
+        for n in names:
+            if n.endswith("_rank") or n.startswith("validate_"):
+                bad.append(f"{pkg} exports {n} (rank functions live in lab.py; validators are not API)")
+    assert not bad, bad
+
+
+def _notebook_imports(path: Path) -> list[str]:
+    import json
+    import re
+
+    found = []
+    for cell in json.loads(path.read_text())["cells"]:
+        if cell["cell_type"] == "code":
+            src = "".join(cell["source"])
+            for m in re.finditer(r"^\s*(?:from\s+(labkit[\w.]*)\s+import|import\s+(labkit[\w.]*))", src, re.M):
+                found.append(m.group(1) or m.group(2))
+    return found
+
+
+def test_notebooks_and_decks_import_only_a_labs_front_modules():
+    allowed = {"labkit"} | SHARED_PUBLIC
+    for lab in LABS:
+        allowed |= {lab.package} | {f"{lab.package}.{front}" for front in FRONT}
+    bad = {p.name: sorted(set(_notebook_imports(p)) - allowed)
+           for p in sorted([*(REPO / "notebooks").glob("*.ipynb"), *(REPO / "slides").glob("*.ipynb")])}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, (f"notebooks importing a lab's private modules: {bad}; import labkit.<lab> (its API), "
+                     "labkit.<lab>.lab, .plots or .bench")
+
+
+def test_the_vocabulary_rules_catch_their_mistakes(tmp_path):
+    # the checkers themselves, on a probe module: each rule must fire
+    probe = PKG / "pipeline" / "_vocab_probe.py"
+    probe.write_text("def predict_rank(cfg):\n    pass\n\ndef check_sizes(x):\n    pass\n\n"
+                     "def public(n_pieces, k):\n    pass\n")
+    try:
+        defs = [(m, q, n) for m, q, n in _definitions() if m == "labkit.pipeline._vocab_probe"]
+        assert [q for _, q, _ in defs] == ["predict_rank", "check_sizes", "public"]
+        assert _params(defs[2][2]) == ["n_pieces", "k"] and {"n_pieces"} <= _glossary_refused()
+        assert not _public("labkit.pipeline._vocab_probe", "public")  # a private module is not checked
+        assert _public("labkit.pipeline.reference", "reference_step")
+    finally:
+        probe.unlink()
+    nb = tmp_path / "x.ipynb"
+    nb.write_text('{"cells": [{"cell_type": "code", "source": ["import labkit.zero.measure as M\\n", '
+                  '"from labkit.capstone.lab import compare_block_rank"]}]}')
+    assert _notebook_imports(nb) == ["labkit.zero.measure", "labkit.capstone.lab"]
+
+
+def test_the_package_docstring_lists_every_lab_as_tour_LABS_names_it():
+    import labkit
+
+    doc = labkit.__doc__ or ""
+    missing = [f"``{lab.package}`` ({lab.name})" for lab in LABS if f"``{lab.package}`` ({lab.name})" not in doc]
+    assert not missing, f"labkit/__init__.py's docstring must list each lab as tour.LABS names it: {missing}"
+
+
+def test_every_notebook_links_the_glossary_in_its_first_cell():
+    import json
+
+    bad = [p.name for p in sorted((REPO / "notebooks").glob("*.ipynb"))
+           if "glossary" not in "".join(json.loads(p.read_text())["cells"][0]["source"])]
+    assert not bad, f"first cells without a link to docs/glossary.md: {bad}"
