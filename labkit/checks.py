@@ -9,16 +9,40 @@ a stub runs top to bottom.
 In a notebook an exercise's test cell calls :func:`graded` (``graded(check, answer, ...)``): it shows the report and
 fails the cell when the answer is wrong. The same cell is what nbgrader grades (the classroom, ``labkit.grading``):
 there an exercise not attempted yet fails too, so it scores no points, while a student's "Run all" goes on past it.
+
+The exercise machinery the labs share lives here too: :func:`rng_for` (a check's random draws: fixed by ``seed`` in
+tests, fresh otherwise, so a table of the tested answers cannot pass), :func:`attempted` and :func:`not_attempted`
+(a stub is "not attempted yet" before any rank starts).
+
+**No shortcuts: one guard.** An exercise asks the learner to write what labkit already has (a ring all-reduce, the
+bucket rule, the E-step, ...), so a check must fail an answer that just calls labkit's own version. The one guard
+is Python's profiler (:func:`sys.setprofile`), and library code knows nothing of it:
+
+- :func:`calls_to` runs the answer and collects which of the given functions it entered, however it reached them
+  (an imported name, a module attribute, a method, a function written in C); :func:`refuse` then fails the case
+  naming them.
+- :func:`refusing` stops the answer at the *first* call of a refused function: the profiler raises
+  ``AssertionError(why)`` as that function is entered, before its body runs (CPython propagates an exception raised
+  by a profile function into the called frame: checked on 3.11, where it also turns the profiler off). An answer
+  that catches that error is still failed when the block ends.
+- :func:`refusing_launches` is :func:`refusing` on :func:`labkit.launch`, ``Pool.run`` and the pool's process
+  start: a prediction that runs the experiment itself fails before any process starts.
+
+What it costs: while the answer runs, every Python call goes through one small profile function (a tight loop of
+small calls runs about 9x slower; the answers checked are small), and it sees the calling thread only (a thread the
+answer starts is not watched). No library module keeps a flag to poll.
 """
 from __future__ import annotations
 
 import contextlib
 import html
 import os
+import random
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 @dataclass
@@ -81,16 +105,111 @@ class CheckResult:
         return self
 
 
+# ----------------------------------------------------------------------------- the no-shortcut guard
+def _watched(functions) -> tuple[dict, dict]:
+    """``({code object: name}, {id of a C function: name})`` for ``functions`` (each a function, a method taken from
+    its class, or a ``(function, label)`` pair; a decorated function is watched through ``__wrapped__``)."""
+    codes, builtins = {}, {}
+    for item in functions:
+        f, label = item if isinstance(item, tuple) else (item, None)
+        f = getattr(f, "__wrapped__", f)
+        code = getattr(f, "__code__", None)
+        name = label or f"{getattr(f, '__module__', None) or 'builtins'}.{getattr(f, '__qualname__', repr(f))}"
+        if code is not None:
+            codes[code] = name
+        elif callable(f):  # a function written in C (e.g. one of torch's): seen through "c_call" events
+            builtins[id(f)] = name
+        else:
+            raise TypeError(f"the guard watches functions, got {f!r}; pass the library's functions themselves")
+    return codes, builtins
+
+
 @contextlib.contextmanager
-def refusing(module, why: str):
-    """While the learner's answer runs, ``module``'s own shortcut refuses to run: the module checks its
-    ``_REFUSE`` and raises ``AssertionError(why)`` (the check then fails with ``why``). Launching ranks has its own
-    guard, :func:`labkit.runtime.launcher.refusing_launches`."""
-    module._REFUSE = why
+def _profiled(functions, why: str | None) -> Iterator[set[str]]:
+    codes, builtins = _watched(functions)
+    seen: set[str] = set()
+    me = threading.get_ident()
+
+    def profile(frame, event, arg):
+        if threading.get_ident() != me:
+            return
+        name = None
+        if event == "call":
+            name = codes.get(frame.f_code)
+        elif event == "c_call":
+            name = builtins.get(id(arg))
+        if name is not None:
+            seen.add(name)
+            if why is not None:  # stop the answer here, before the refused function's body runs
+                raise AssertionError(why)
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
     try:
-        yield
+        yield seen
     finally:
-        module._REFUSE = None
+        sys.setprofile(previous)
+    if why is not None and seen:  # the answer caught the refusal and went on: it still fails
+        raise AssertionError(why)
+
+
+def calls_to(*functions: Callable):
+    """``with calls_to(fn_a, fn_b) as seen: answer()``: collect, in the yielded set, the name of each of
+    ``functions`` that is called while the block runs (see the module docstring).
+
+    Each item is a function (named ``module.qualname``) or a ``(function, label)`` pair."""
+    return _profiled(functions, None)
+
+
+def refuse(seen: set[str], what: str) -> None:
+    """Raise an ``AssertionError`` naming the library functions in ``seen`` (the shortcut taken)."""
+    if seen:
+        names = ", ".join(sorted(seen))
+        raise AssertionError(f"your answer called {names}: {what}")
+
+
+def refusing(*functions: Callable, why: str):
+    """``with refusing(fn_a, fn_b, why="..."): answer()``: the first call of any of ``functions`` (however it is
+    reached, directly or through other library code) raises ``AssertionError(why)``, so the check fails with
+    ``why``; an answer that catches it still fails when the block ends. The functions work again after it."""
+    if not isinstance(why, str) or not why:
+        raise TypeError("refusing(*functions, why=...) needs why, the sentence the check fails with")
+    if not functions:
+        raise TypeError("refusing() needs the library functions to refuse, e.g. refusing(mod.fn, why=...)")
+    return _profiled(functions, why)
+
+
+def refusing_launches(why: str):
+    """:func:`refusing` applied to starting ranks: :func:`labkit.launch`, ``Pool.run`` and the pool's process start.
+    An exercise check runs a learner's *prediction* under it, so a prediction that runs the experiment itself fails
+    at once, before any process starts."""
+    from .runtime.launcher import Pool, launch
+
+    return refusing(launch, Pool.run, Pool._start, why=why)
+
+
+# ----------------------------------------------------------------------------- the exercise machinery
+def rng_for(seed: int | None) -> random.Random:
+    """The random draws of a check: fixed by ``seed`` (tests), fresh at every call when ``None`` (so an answer
+    that hard-codes the cases it has seen fails)."""
+    return random.Random(seed if seed is not None else random.SystemRandom().getrandbits(32))
+
+
+def attempted(fn: Callable, *args) -> bool:
+    """Whether ``fn`` is more than a stub: call it once (before any rank starts) and see if it raises
+    ``NotImplementedError``; any other outcome (a wrong answer, an error) is judged by the check's cases."""
+    try:
+        fn(*args)
+    except NotImplementedError:
+        return False
+    except Exception:  # noqa: BLE001 - a wrong answer: the cases report it
+        pass
+    return True
+
+
+def not_attempted(title: str, hint: str = "") -> "CheckResult":
+    """The result of a check whose answer is still a stub (see :func:`attempted`)."""
+    return CheckResult(title=title, attempted=False, hint=hint)
 
 
 def run_cases(title: str, cases: Iterable[tuple[str, Callable[[], Any]]], hint: str = "") -> CheckResult:

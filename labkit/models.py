@@ -2,6 +2,18 @@
 
 - :func:`mlp`: Linear layers of ``widths`` (input first, classes last) with an activation between them; the model
   that lab 04 cuts into stages, lab 09 times and lab 10 shards.
+- :func:`digits_cnn`: the small CNN for the 1x8x8 digit images, ``Sequential(body, head)``: two 3x3 convolutions
+  (``width`` and ``2 * width`` channels) and a pooling, then two linear layers. Lab 02 trains it under its DDP
+  wrappers (its parameters, in registration order, are what the buckets hold); lab 08 ablates it (``model[0]``, the
+  body, is what the pre-trained weights replace).
+- :func:`pooled_digits_cnn`: the CNN of lab 07's consistency training, deeper (three convolutions) and ending in a
+  global average pooling instead of a flattening linear layer. It differs on purpose: FixMatch compares the
+  predictions on a weak and a strong view (shifted by up to 2 pixels, a cut-out square), and a head that averages
+  over positions is less sensitive to where the digit sits than one that reads every pixel's position.
+
+The builders share their keywords: ``width`` (channels of the first convolution), ``classes``, ``seed`` (seeds
+torch's global generator first; ``None`` leaves it as it is), ``dtype`` and ``device``. A model is built in
+float32 on the CPU and then moved, so the same seed gives the same weights in every dtype and on every device.
 
 Lab-specific models stay with their lab: lab 03's ResNets (``labkit.sliced.models``), lab 09's transformer of a
 given shape (``labkit.hardware.transformer``) and lab 11's transformer for the sorting task
@@ -16,9 +28,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._validate import ArgumentError
+from ._validate import ArgumentError, validate_int
 
-__all__ = ["mlp", "DTYPES"]
+__all__ = ["mlp", "digits_cnn", "pooled_digits_cnn", "DTYPES"]
 
 #: The dtypes the models are built in, by name (a notebook or the command line passes the name).
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -65,3 +77,49 @@ def mlp(widths: Sequence[int], *, activation: type[nn.Module] = nn.ReLU, dropout
         if i < len(widths) - 2:
             layers.append(activation())
     return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+
+def _built(model: nn.Module, dtype, device) -> nn.Module:
+    return model.to(device=device, dtype=_dtype(dtype))
+
+
+def _seeded(seed) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def digits_cnn(width: int = 8, *, classes: int = 10, dropout: float = 0.0, seed: int | None = None,
+               dtype: torch.dtype | str = torch.float32, device="cpu") -> nn.Sequential:
+    """A small CNN for 1x8x8 digit images: ``Sequential(body, head)``.
+
+    body: ``Conv2d(1, width, 3)``, ReLU, ``Conv2d(width, 2 * width, 3)``, ReLU, ``MaxPool2d(2)``, Flatten;
+    head: ``Linear(2 * width * 16, 64)``, ReLU, ``Dropout(dropout)``, ``Linear(64, classes)``. ``seed`` seeds
+    torch's global generator first (``None``: initialised from it as it is)."""
+    width = validate_int("width", width, minimum=1, hint="the channels of the first convolution")
+    classes = validate_int("classes", classes, minimum=1)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
+    _dtype(dtype)  # a bad dtype fails before the generator is touched
+    _seeded(seed)
+    body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    head = nn.Sequential(nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, classes))
+    return _built(nn.Sequential(body, head), dtype, device)
+
+
+def pooled_digits_cnn(width: int = 32, *, classes: int = 10, seed: int | None = None,
+                      dtype: torch.dtype | str = torch.float32, device="cpu") -> nn.Sequential:
+    """Lab 07's CNN for 1x8x8 digit images, with a global average pooling: ``Sequential(body, head)``.
+
+    body: ``Conv2d(1, width, 3)``, ReLU, ``Conv2d(width, 2 * width, 3)``, ReLU, ``MaxPool2d(2)``,
+    ``Conv2d(2 * width, 2 * width, 3)``, ReLU, ``AdaptiveAvgPool2d(1)``, Flatten; head: ``Linear(2 * width,
+    classes)``. Why it is not :func:`digits_cnn`: see the module docstring."""
+    width = validate_int("width", width, minimum=1, hint="the channels of the first convolution")
+    classes = validate_int("classes", classes, minimum=1)
+    _dtype(dtype)
+    _seeded(seed)
+    body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return _built(nn.Sequential(body, nn.Sequential(nn.Linear(2 * width, classes))), dtype, device)

@@ -1,16 +1,16 @@
 """Contiguous splits of a layer list into stages: one vocabulary for labs 03, 04 and 05.
 
-A model of ``n_layers`` layers is cut into ``k`` stages of consecutive layers. Two equivalent ways
+A model of ``n_layers`` layers is cut into ``n_stages`` stages of consecutive layers. Two equivalent ways
 to write a split:
 
 * **cuts**: the layer index where each stage after the first starts, strictly increasing, each in
-  ``1 .. n_layers - 1``; ``k - 1`` of them. ``[4, 8]`` on 11 layers is ``layers[0:4]``,
+  ``1 .. n_layers - 1``; ``n_stages - 1`` of them. ``[4, 8]`` on 11 layers is ``layers[0:4]``,
   ``layers[4:8]``, ``layers[8:11]``.
 * **sizes**: layers per stage (torchgpipe's ``balance``), each ``>= 1``: ``[4, 4, 3]``.
 
-The one "even" split (:func:`even_cuts`) gives every stage ``n_layers // k`` layers and the first
-``n_layers % k`` stages one more: 11 layers in 3 stages are ``[4, 4, 3]``, cuts ``[4, 8]``. Every lab
-that splits evenly (the sliced ResNet, the pipeline's ``SplitModel``, the balancer's baseline) uses it.
+The one "even" split (:func:`even_cuts`) gives every stage ``n_layers // n_stages`` layers and the first
+``n_layers % n_stages`` stages one more: 11 layers in 3 stages are ``[4, 4, 3]``, cuts ``[4, 8]``. Every lab
+that splits evenly (the sliced ResNet, the pipeline's ``ModelStages``, the balancer's baseline) uses it.
 """
 from __future__ import annotations
 
@@ -18,20 +18,23 @@ import itertools
 import math
 from typing import Sequence
 
+from ._compat import renamed_kwargs
+
 __all__ = ["validate_cuts", "validate_stages", "cuts_to_sizes", "sizes_to_cuts", "even_cuts", "stage_ranges",
            "stage_sums", "as_costs"]
 
 
-def validate_stages(k, n_layers: int) -> int:
-    """``k`` as a number of stages for ``n_layers`` layers: an int in ``1 .. n_layers``."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"the number of stages must be an int, got {k!r}")
-    if k < 1:
-        raise ValueError(f"the number of stages must be >= 1, got {k}")
-    if k > n_layers:
-        raise ValueError(f"cannot cut {n_layers} layer(s) into {k} stages: every stage needs at least one layer; "
-                         f"use at most {n_layers} stages (the model has only {n_layers} layers)")
-    return k
+@renamed_kwargs(k="n_stages")
+def validate_stages(n_stages, n_layers: int) -> int:
+    """``n_stages`` as a number of stages for ``n_layers`` layers: an int in ``1 .. n_layers``."""
+    if isinstance(n_stages, bool) or not isinstance(n_stages, int):
+        raise TypeError(f"the number of stages must be an int, got {n_stages!r}")
+    if n_stages < 1:
+        raise ValueError(f"the number of stages must be >= 1, got {n_stages}")
+    if n_stages > n_layers:
+        raise ValueError(f"cannot cut {n_layers} layer(s) into {n_stages} stages: every stage needs at least one "
+                         f"layer; use at most {n_layers} stages (the model has only {n_layers} layers)")
+    return n_stages
 
 
 def validate_cuts(cuts, n_layers: int, n_stages: int | None = None) -> list[int]:
@@ -79,11 +82,12 @@ def sizes_to_cuts(sizes) -> list[int]:
     return list(itertools.accumulate(sizes))[:-1]
 
 
-def even_cuts(n_layers: int, k: int) -> list[int]:
+@renamed_kwargs(k="n_stages")
+def even_cuts(n_layers: int, n_stages: int) -> list[int]:
     """The naive split: the same number of layers per stage, the first stages taking the remainder."""
-    validate_stages(k, n_layers)
-    q, r = divmod(n_layers, k)
-    return sizes_to_cuts([q + (1 if s < r else 0) for s in range(k)])
+    validate_stages(n_stages, n_layers)
+    q, r = divmod(n_layers, n_stages)
+    return sizes_to_cuts([q + (1 if stage < r else 0) for stage in range(n_stages)])
 
 
 def as_costs(costs, what: str = "costs") -> list[float]:

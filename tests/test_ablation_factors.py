@@ -311,3 +311,16 @@ def test_model_hook_and_width_hooks_reach_the_model():
     free = tr.run_trial({"frozen": False, "width": 4, "steps": 10}, 0, factors=both, eval_every=10)
     frozen = tr.run_trial({"frozen": True, "width": 4, "steps": 10}, 0, factors=both, eval_every=10)
     assert seen == {"convs": 4} and free["curve"] != frozen["curve"]
+
+
+def test_the_trial_trains_the_shared_digits_cnn_and_the_old_name_warns():
+    from labkit.models import digits_cnn
+
+    torch.manual_seed(3)
+    new = digits_cnn(8, dropout=0.2, classes=4)
+    with pytest.warns(DeprecationWarning, match="digits_cnn"):
+        torch.manual_seed(3)
+        old = tr.make_cnn(8, 0.2, 4)  # the old positional dropout and classes, from the same generator state
+    assert list(old.state_dict()) == list(new.state_dict())  # Sequential(body, head): the cached files' keys
+    assert all(torch.equal(p, q) for p, q in zip(old.parameters(), new.parameters()))
+    assert new[1][2].p == 0.2 and new[1][-1].out_features == 4

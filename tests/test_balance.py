@@ -10,6 +10,7 @@ from torch import nn
 from labkit import balance as B
 from labkit import balance as R
 from labkit.balance import lab as L
+from labkit.partition import validate_cuts
 
 
 # ----------------------------------------------------------------------------- partitioners
@@ -63,29 +64,29 @@ def test_cuts_sizes_even():
     assert B.sizes_to_cuts([4, 2]) == [4]
     assert B.sizes_to_cuts(B.cuts_to_sizes([2, 5, 7], 9)) == [2, 5, 7]
     assert B.even_cuts(11, 2) == [6] and B.even_cuts(6, 3) == [2, 4] and B.even_cuts(5, 1) == []
-    from labkit.pipeline import SplitModel
+    from labkit.pipeline import ModelStages
 
     # one "even" rule for labs 03-05: the small ResNet (11 layers) in 3 stages is cut at [4, 8] by lab 04's
-    # SplitModel and by lab 05's even baseline alike (they used to disagree: [4, 7] and [4, 8])
-    for k in range(1, 12):
-        assert SplitModel("small", n_stages=k).cuts == B.even_cuts(11, k)
+    # ModelStages and by lab 05's even baseline alike (they used to disagree: [4, 7] and [4, 8])
+    for n_stages in range(1, 12):
+        assert ModelStages("small", n_stages=n_stages).cuts == B.even_cuts(11, n_stages)
     assert B.even_cuts(11, 3) == [4, 8] and B.cuts_to_sizes([4, 8], 11) == [4, 4, 3]
 
 
-def test_memory_balance_uses_param_scale_and_micro_batches():
+def test_memory_balance_uses_param_scale_and_n_micro():
     mk = lambda p, a: B.LayerProfile(0, "x", 1.0, 1.0, p, a, 0)  # noqa: E731
     prof = [mk(0, 100), mk(10, 50), mk(40, 0)]
-    assert B.memory_costs(prof, param_scale=4, micro_batches=1) == [100, 90, 160]
-    assert B.balance_by_memory(prof, 2, param_scale=4).cuts == [2]                   # 190 | 160
-    assert B.balance_by_memory(prof, 2, param_scale=1, micro_batches=4).cuts == [1]  # 400 | 250
+    assert B.memory_costs(prof, param_scale=4, n_micro=1) == [100, 90, 160]
+    assert B.balance_by_memory(prof, 2, param_scale=4).cuts == [2]             # 190 | 160
+    assert B.balance_by_memory(prof, 2, param_scale=1, n_micro=4).cuts == [1]  # 400 | 250
     assert B.balance_by_memory([5, 1, 1], 2).cuts == [1]  # plain byte counts work too
 
 
 def test_gpipe_timeline_formula_and_slowest_stage():
-    span, events = B.gpipe_timeline([1, 1, 1], [2, 2, 2], m=4)
+    span, events = B.gpipe_timeline([1, 1, 1], [2, 2, 2], n_micro=4)
     assert span == pytest.approx((4 + 3 - 1) * 3)  # equal stages: (m + p - 1)(f + b)
     assert len(events) == 2 * 3 * 4
-    slow, _ = B.gpipe_timeline([1, 5], [1, 5], m=8)
+    slow, _ = B.gpipe_timeline([1, 5], [1, 5], n_micro=8)
     assert slow >= 8 * 10  # the slow stage must do all m micro-batches: it sets the pace
     assert slow < 8 * 10 + 2 * 2 + 1e-9
 
@@ -93,17 +94,17 @@ def test_gpipe_timeline_formula_and_slowest_stage():
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="out of range"):
-        B.validate_cuts([0], 5)
+        validate_cuts([0], 5)
     with pytest.raises(ValueError, match="out of range"):
-        B.validate_cuts([5], 5)
+        validate_cuts([5], 5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        B.validate_cuts([3, 2], 5)
+        validate_cuts([3, 2], 5)
     with pytest.raises(ValueError, match="strictly increasing"):
-        B.validate_cuts([2, 2], 5)
+        validate_cuts([2, 2], 5)
     with pytest.raises(ValueError, match="3 stages need 2"):
-        B.validate_cuts([2], 5, n_stages=3)
+        validate_cuts([2], 5, n_stages=3)
     with pytest.raises(TypeError, match="not an int"):
-        B.validate_cuts([1.5], 5)
+        validate_cuts([1.5], 5)
     with pytest.raises(ValueError, match="at most 3 stages"):
         B.min_max_partition([1, 2, 3], 4)
     with pytest.raises(ValueError, match=">= 1"):
@@ -118,7 +119,7 @@ def test_bad_input_gives_clear_errors():
         B.min_max_partition([], 1)
     with pytest.raises(ValueError, match="'dp' or 'search'"):
         B.min_max_partition([1, 2], 1, method="greedy")
-    with pytest.raises(ValueError, match="m .micro-batches."):
+    with pytest.raises(ValueError, match="n_micro .micro-batches."):
         B.gpipe_timeline([1], [1], 0)
     with pytest.raises(ValueError, match="one time per stage"):
         B.gpipe_timeline([1, 2], [1], 2)
@@ -127,11 +128,11 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(TypeError, match="input tensor"):
         B.profile_layers(nn.Sequential(nn.Linear(2, 2)), [1.0, 2.0])
     with pytest.raises(ValueError, match="divide into 4"):
-        R.compare_splits("small", 2, batch=10, m=4, pipeline=False)
-    with pytest.raises(ValueError, match="m .micro-batches."):
-        R.compare_splits("small", 2, batch=8, m=0, pipeline=False)
+        R.compare_splits("small", 2, batch=10, n_micro=4, pipeline=False)
+    with pytest.raises(ValueError, match="n_micro .micro-batches."):
+        R.compare_splits("small", 2, batch=8, n_micro=0, pipeline=False)
     with pytest.raises(ValueError, match="2 stages need 1"):  # a split for another number of stages than ranks
-        R.compare_splits("small", 2, batch=8, m=2, splits={"mine": [3, 6]}, pipeline=False)
+        R.compare_splits("small", 2, batch=8, n_micro=2, splits={"mine": [3, 6]}, pipeline=False)
     with pytest.raises(ValueError, match="milliseconds"):
         B.SleepLayer(-1)
 
@@ -179,11 +180,11 @@ def test_measured_stages_of_a_resnet_cover_every_layer():
 # ----------------------------------------------------------------------------- real pipelines (gloo)
 @pytest.mark.timeout(180)
 def test_even_and_balanced_resnet_pipelines_equal_the_single_process():
-    from labkit.pipeline import SplitModel, max_grad_error, reference_step
+    from labkit.pipeline import ModelStages, max_grad_error, reference_step
 
     # a made-up profile whose time-balanced cut is known ([8]), so the test does not depend on timing noise
     fake = [B.LayerProfile(i, "x", t, t, 0, 0, 0) for i, t in enumerate([1, 1, 1, 1, 1, 1, 1, 1, 6, 1, 1])]
-    cmp = R.compare_splits("small", k=2, batch=4, m=2, repeats=1, profile=fake, stage_repeats=1)
+    cmp = R.compare_splits("small", n_stages=2, batch=4, n_micro=2, repeats=1, profile=fake, stage_repeats=1)
     assert cmp.splits == {"even": [6], "balanced": [8]}
     even, bal = cmp.rows[0], cmp.rows[1]
     # the solver's split is never worse than the even one on the profile it solved
@@ -191,7 +192,7 @@ def test_even_and_balanced_resnet_pipelines_equal_the_single_process():
     assert all(len(r["measured_stage_ms"]) == 2 and r["predicted_step_ms"] > 0 for r in cmp.rows)
     x, y = R.micro_sample("small", 4, 1), torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(2))
     for name, cuts in cmp.splits.items():
-        ref = reference_step(SplitModel("small", cuts=cuts), 2, (x, y), 2)
+        ref = reference_step(ModelStages("small", cuts=cuts), 2, (x, y), 2)
         run = cmp.runs[name]
         assert run.loss == pytest.approx(ref["loss"], abs=1e-5), name
         assert max_grad_error(run.grads, ref["grads"]) < 1e-4, name
@@ -202,7 +203,7 @@ def test_even_and_balanced_resnet_pipelines_equal_the_single_process():
 
 @pytest.mark.timeout(180)
 def test_sleeping_pipeline_balanced_beats_even_as_predicted():
-    cmp = R.sleep_pipeline([5, 10, 15, 20, 25, 30], k=2, m=4, backward_ratio=1.0)
+    cmp = R.sleep_pipeline([5, 10, 15, 20, 25, 30], n_stages=2, n_micro=4, backward_ratio=1.0)
     even, bal = cmp.rows
     assert even["cuts"] == [3] and bal["cuts"] == [4]
     assert even["predicted_step_ms"] == pytest.approx(660) and bal["predicted_step_ms"] == pytest.approx(540)
@@ -247,9 +248,9 @@ def test_hand_split_check():
     res = L.check_hand_split(lambda costs, k: best.cuts)  # hard-codes the exercise's answer
     assert not res.passed and res.cases[0].ok and all("drawn now" in c.name for c in res.failed_cases)
     res = L.check_hand_split(best.cuts)  # a constant list: the check must try other costs
-    assert not res.passed and "my_cuts(costs, k)" in res.summary()
+    assert not res.passed and "my_cuts(costs, n_stages)" in res.summary()
     res = L.check_hand_split(lambda: best.cuts)
-    assert not res.passed and "my_cuts(costs, k)" in res.summary()
+    assert not res.passed and "my_cuts(costs, n_stages)" in res.summary()
     res = L.check_hand_split(lambda costs, k: B.even_cuts(len(costs), k))  # even, not balanced
     assert not res.passed and "a better split exists" in res.summary() and "hint:" in res.summary()
     res = L.check_hand_split(lambda costs, k: B.greedy_split(costs, k).cuts)  # the library's greedy pass
@@ -276,3 +277,26 @@ def test_fits_check():
 def test_tour_pure_part():
     rows = L.tour(measured=False)
     assert rows and all(r["ok"] for r in rows), rows
+
+
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames keep working one release, each with a DeprecationWarning naming the new spelling."""
+    with pytest.warns(DeprecationWarning, match="labkit.partition.validate_cuts"):
+        assert B.check_cuts is validate_cuts
+    with pytest.warns(DeprecationWarning, match="labkit.partition.validate_cuts"):
+        assert B.validate_cuts is validate_cuts
+    assert "validate_cuts" not in B.__all__
+    with pytest.warns(DeprecationWarning, match=r"k=\) is now n_stages="):
+        assert B.min_max_partition([10, 20, 30, 40, 50, 60], k=2).cuts == [4]
+    with pytest.warns(DeprecationWarning, match="n_stages"):
+        assert B.fits([1, 2, 3], k=2, limit=3)
+    prof = [B.LayerProfile(0, "x", 1.0, 1.0, p, a, 0) for p, a in ((0, 100), (10, 50), (40, 0))]
+    with pytest.warns(DeprecationWarning, match=r"micro_batches=\) is now n_micro="):
+        assert B.memory_costs(prof, param_scale=1, micro_batches=4) == B.memory_costs(prof, param_scale=1, n_micro=4)
+    with pytest.warns(DeprecationWarning, match="n_micro"):
+        assert B.gpipe_timeline([1, 1], [2, 2], m=4) == B.gpipe_timeline([1, 1], [2, 2], n_micro=4)
+    with pytest.warns(DeprecationWarning, match=r"Comparison\((k=\) is now n_stages|m=\) is now n_micro)="):
+        cmp = B.Comparison("x", k=2, batch=4, m=2, profile=None, splits={})
+    assert (cmp.n_stages, cmp.n_micro) == (2, 2)
+    with pytest.warns(DeprecationWarning, match=r"Comparison.m is now Comparison.n_micro"):
+        assert cmp.m == 2

@@ -44,7 +44,7 @@ def test_mesh_shape_errors():
 def _mesh_and_torch_rank(ctx):
     import torch.distributed as dist
 
-    from labkit.capstone.torch_ref import compare_block_rank
+    from labkit.capstone.lab import compare_block_rank
 
     m = ctx.mesh(dp=2, pp=2, tp=2)
     got = {d: dist.get_process_group_ranks(m.group(d)) for d in ("dp", "pp", "tp")}
@@ -230,3 +230,28 @@ def test_sort_task_is_deterministic_and_sorted():
     assert (x[:, k] == CFG.vocab - 1).all()
     full = torch.cat([x, y[:, -1:]], dim=1)
     assert torch.equal(full[:, k + 1:], full[:, :k].sort(dim=1).values)
+
+
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames in lab 11 keep working one release, with a DeprecationWarning naming the new spelling."""
+    import labkit.capstone as C
+    from labkit.capstone.tp import TPBlock
+
+    with pytest.warns(DeprecationWarning, match=r"Config\(ffn=\) is now ffn_width="):
+        old = M.Config(ffn=128)
+    assert old == M.Config(ffn_width=128) and old.resolved_ffn_width == 128
+    with pytest.warns(DeprecationWarning, match=r"Config.hidden is now Config.resolved_ffn_width"):
+        assert CFG.hidden == 4 * CFG.width == CFG.resolved_ffn_width  # the FFN width, as cfg.hidden was
+    with pytest.warns(DeprecationWarning, match=r"Config.ffn is now Config.ffn_width"):
+        assert CFG.ffn is None
+    with pytest.warns(DeprecationWarning, match="labkit.capstone.grid.validate_grid"):
+        assert C.check_grid is G.validate_grid
+    with pytest.warns(DeprecationWarning, match="choose_n_micro"):
+        assert G.micro_batches(16, 2, None) == G.choose_n_micro(16, 2) == 4
+    with pytest.warns(DeprecationWarning, match="predict_stage"):
+        assert traffic.predict_rank is traffic.predict_stage
+    block = M.build(CFG).blocks[0]
+    with pytest.warns(DeprecationWarning, match=r"TPBlock\(world=\) is now world_size="):
+        tpb = TPBlock(block, None, 0, world=1)
+    with pytest.warns(DeprecationWarning, match=r"TPBlock.world is now TPBlock.world_size"):
+        assert tpb.world == tpb.world_size == 1

@@ -56,7 +56,7 @@ def test_tp_bytes_check_measures_on_ranks():
 
 
 def test_configuration_check_uses_the_planner_rules():
-    model = planner.Model(layers=80, hidden=8192, heads=64, seq=4096, vocab=32000, global_batch=1024,
+    model = planner.Model(layers=80, width=8192, heads=64, seq=4096, vocab=32000, global_batch=1024,
                           recompute="selective")
     cluster = planner.Cluster(gpus=256, gpu_memory_gb=80, peak_tflops=989, intra_node_GBps=450, inter_node_GBps=50)
     assert lab.check_configuration(lambda m, c: (8, 4, 8), model, cluster).passed

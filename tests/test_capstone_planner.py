@@ -23,7 +23,7 @@ from labkit.capstone.planner import Candidate, Cluster, Model, evaluate, plan, r
 
 # ------------------------------------------------------------------------------------------------ a tiny hand case
 def tiny(**kw):
-    args = dict(layers=4, hidden=8, heads=2, seq=4, vocab=16, global_batch=8, micro_batch=1)
+    args = dict(layers=4, width=8, heads=2, seq=4, vocab=16, global_batch=8, micro_batch=1)
     return Model(**{**args, **kw})
 
 
@@ -38,7 +38,7 @@ def test_tiny_case_by_hand():
     # 4 layers of 12h² + 13h = 872, embedding h·v = 128, final LayerNorm 2h = 16
     assert m.params == 128 + 4 * 872 + 16 == 3632
     cand = evaluate(2, 2, 2, m, c)
-    assert cand.micro_batches == 4                       # 8 sequences / (dp 2 x micro-batch 1)
+    assert cand.n_micro == 4                       # 8 sequences / (dp 2 x micro-batch 1)
     # first stage: (3632 - 128)/(tp·pp) + 128/tp = 876 + 64 parameters
     assert cand.memory["params_per_gpu"] == 940
     # mixed-bf16 Adam: 2 + 2 + 12 bytes a parameter
@@ -74,14 +74,14 @@ def test_full_recompute_zero_and_overlap_by_hand():
     assert cand.memory["optimizer"] * 1e9 == pytest.approx(11280 / 2)       # ZeRO-1 over dp = 2
     assert cand.memory["activations"] * 1e9 == pytest.approx(2 * 32 * 2 * 2)  # 2sbh a layer, 2 layers, 2 in flight
     assert cand.memory["working"] * 1e9 == pytest.approx(784)                 # one layer rebuilt for its backward
-    hidden = evaluate(2, 2, 2, m, tiny_cluster(), overlap_dp=True)
-    assert cand.step_seconds - hidden.step_seconds == pytest.approx(cand.comm_seconds["dp"])
+    overlapped = evaluate(2, 2, 2, m, tiny_cluster(), overlap_dp=True)
+    assert cand.step_seconds - overlapped.step_seconds == pytest.approx(cand.comm_seconds["dp"])
 
 
 def test_pipeline_middle_stages_send_both_ways_and_bubble():
     m = tiny(global_batch=8)
     cand = evaluate(2, 4, 1, m, tiny_cluster())
-    assert cand.micro_batches == 4
+    assert cand.n_micro == 4
     assert cand.comm_bytes["pp"] == pytest.approx(2 * 4 * 64)
     assert cand.comm_bytes["tp"] == 0
     assert cand.bubble == pytest.approx(3 / 7)
@@ -91,12 +91,12 @@ def test_pipeline_middle_stages_send_both_ways_and_bubble():
 
 
 def test_placement_follows_tp_then_pp_then_dp():
-    m = tiny(layers=8, hidden=16, heads=4, global_batch=16)
+    m = tiny(layers=8, width=16, heads=4, global_batch=16)
     c = tiny_cluster(gpus=16, gpus_per_node=8, gpu_memory_gb=80.0)
     assert evaluate(2, 2, 4, m, c).links == {"tp": "intra", "pp": "intra", "dp": "inter"}
     assert evaluate(1, 4, 4, m, c).links["pp"] == "inter"        # a pipeline of 4 stages x tp 4 spans 2 nodes
     assert evaluate(16, 1, 1, m, c).links["dp"] == "inter"
-    assert evaluate(2, 1, 8, tiny(layers=8, hidden=16, heads=8, global_batch=16), c).links == {
+    assert evaluate(2, 1, 8, tiny(layers=8, width=16, heads=8, global_batch=16), c).links == {
         "tp": "intra", "pp": "intra", "dp": "inter"}
     one = tiny_cluster(gpus=8, gpus_per_node=8, gpu_memory_gb=80.0)
     assert set(evaluate(2, 2, 2, tiny(), one).links.values()) == {"intra"}
@@ -109,10 +109,10 @@ def test_reasons_each_name_their_numbers():
     assert any("pp=8 > layers=4" in r for r in rule_out(1, 8, 1, tiny(), c))
     assert any("pp=4 does not divide layers=6" in r for r in rule_out(2, 4, 1, tiny(layers=6), c))
     assert any("global_batch=12 does not split into dp=8" in r for r in rule_out(8, 1, 1, tiny(global_batch=12), c))
-    wide = tiny(layers=8, hidden=32, heads=16, global_batch=16)
+    wide = tiny(layers=8, width=32, heads=16, global_batch=16)
     far = rule_out(1, 1, 16, wide, tiny_cluster(gpus=16, gpus_per_node=8, gpu_memory_gb=80.0))
     assert any("tensor parallel across nodes: tp=16 > 8 GPUs per node" in r for r in far)
-    odd = tiny(layers=8, hidden=24, heads=6, global_batch=16)
+    odd = tiny(layers=8, width=24, heads=6, global_batch=16)
     straddle = rule_out(4, 1, 3, odd, tiny_cluster(gpus=12, gpus_per_node=4, gpu_memory_gb=80.0))
     assert any("tp=3 does not divide the 4 GPUs per node" in r for r in straddle)
 
@@ -135,7 +135,7 @@ def test_grid_that_does_not_multiply_to_the_gpus_is_refused():
 
 
 def test_plan_ranks_feasible_first_by_step_time_and_lists_every_grid():
-    m, c = tiny(layers=8, hidden=16, heads=4, global_batch=32), tiny_cluster(gpus=16, gpus_per_node=8,
+    m, c = tiny(layers=8, width=16, heads=4, global_batch=32), tiny_cluster(gpus=16, gpus_per_node=8,
                                                                             gpu_memory_gb=80.0)
     out = plan(m, c)
     grids = [(x.dp, x.pp, x.tp) for x in out]
@@ -160,9 +160,26 @@ def test_planner_does_not_import_torch():
     assert len(inspect.getsource(planner).splitlines()) < 400
 
 
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames in the planner keep working one release, with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match=r"Model\(hidden=\) is now width="), \
+            pytest.warns(DeprecationWarning, match=r"Model\(ffn=\) is now ffn_width="):
+        old = Model(layers=4, hidden=8, heads=2, seq=4, vocab=16, global_batch=8, ffn=32)
+    assert old == tiny(ffn_width=32)
+    with pytest.warns(DeprecationWarning, match=r"Model.hidden is now Model.width"):
+        assert old.hidden == 8
+    with pytest.warns(DeprecationWarning, match=r"Model.ffn is now Model.ffn_width"):
+        assert tiny().ffn == 32  # resolved to 4 x width, as before
+    cand = evaluate(2, 2, 2, tiny(), tiny_cluster())
+    with pytest.warns(DeprecationWarning, match=r"Candidate.micro_batches is now Candidate.n_micro"):
+        assert cand.micro_batches == cand.n_micro == 4
+    with pytest.warns(DeprecationWarning, match=r"Candidate\(micro_batches=\) is now n_micro="):
+        assert Candidate(2, 2, 2, micro_batches=4).n_micro == 4
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
-MODEL_BAD = [("layers", 0), ("hidden", "8"), ("heads", 3), ("seq", -1), ("vocab", 1.5), ("global_batch", 0),
-             ("micro_batch", 16), ("ffn", 0), ("params", 0), ("positions", -1), ("tied", "yes"),
+MODEL_BAD = [("layers", 0), ("width", "8"), ("heads", 3), ("seq", -1), ("vocab", 1.5), ("global_batch", 0),
+             ("micro_batch", 16), ("ffn_width", 0), ("params", 0), ("positions", -1), ("tied", "yes"),
              ("precision", "fp8"), ("optimizer", "lamb"), ("recompute", "some"), ("flash", 1), ("sp", None),
              ("zero", 2)]
 
@@ -208,7 +225,7 @@ def test_bad_call_arguments():
 
 
 # ---------------------------------------------------------------------- published Megatron-LM configurations
-# Narayanan et al. 2021, Table 1: billions of parameters, layers, hidden, heads, tp, pp, GPUs, global batch
+# Narayanan et al. 2021, Table 1: billions of parameters, layers, width, heads, tp, pp, GPUs, global batch
 MEGATRON = [(39.1, 48, 8192, 64, 8, 2, 512, 1536),
             (76.1, 60, 10240, 80, 8, 4, 1024, 1792),
             (145.6, 80, 12288, 96, 8, 8, 1536, 2304),
@@ -217,14 +234,14 @@ A100_NODES = dict(gpus_per_node=8, gpu_memory_gb=80.0, intra_node_GBps=300.0, in
                   peak_tflops=312.0, mfu=0.5)
 
 
-def megatron(layers, hidden, heads, batch):
-    return Model(layers=layers, hidden=hidden, heads=heads, seq=2048, vocab=51200, positions=2048,
+def megatron(layers, width, heads, batch):
+    return Model(layers=layers, width=width, heads=heads, seq=2048, vocab=51200, positions=2048,
                  global_batch=batch, micro_batch=1, precision="mixed-fp16", optimizer="adam", recompute="full")
 
 
-@pytest.mark.parametrize("billions,layers,hidden,heads,tp,pp,gpus,batch", MEGATRON)
-def test_published_megatron_configuration(billions, layers, hidden, heads, tp, pp, gpus, batch):
-    model, cluster = megatron(layers, hidden, heads, batch), Cluster(gpus=gpus, **A100_NODES)
+@pytest.mark.parametrize("billions,layers,width,heads,tp,pp,gpus,batch", MEGATRON)
+def test_published_megatron_configuration(billions, layers, width, heads, tp, pp, gpus, batch):
+    model, cluster = megatron(layers, width, heads, batch), Cluster(gpus=gpus, **A100_NODES)
     assert model.params / 1e9 == pytest.approx(billions, rel=2e-3)
     out = plan(model, cluster)
     mine = next(c for c in out if (c.tp, c.pp) == (tp, pp))

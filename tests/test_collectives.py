@@ -28,11 +28,11 @@ def test_chunk_bounds_matches_tensor_split(numel, parts):
     assert [b - a for a, b in C.chunk_bounds(numel, parts)] == [len(p) for p in pieces]
 
 
-@pytest.mark.parametrize("alg", C.SCHEDULES)
+@pytest.mark.parametrize("alg", C.SCHEDULE_NAMES)
 @pytest.mark.parametrize("n", range(1, 17))
 def test_schedule_delivers_every_contribution_exactly_once(alg, n):
     s = C.schedule(alg, n)
-    end = C.simulate(s)[-1]
+    end = C.simulate_messages(s)[-1]
     full = Counter(range(n))
     if alg == "reduce_scatter":
         assert all(end[r][r] == full for r in range(n))
@@ -42,7 +42,7 @@ def test_schedule_delivers_every_contribution_exactly_once(alg, n):
         assert all(c == full for row in end for c in row)
 
 
-def test_step_counts_and_bytes_per_rank():
+def test_step_counts_and_bytes_each_rank():
     for n in range(2, 9):
         L = math.ceil(math.log2(n))
         assert C.schedule("ring", n).steps == 2 * (n - 1)
@@ -52,20 +52,35 @@ def test_step_counts_and_bytes_per_rank():
         p = 1 << (n.bit_length() - 1)
         assert C.schedule("halving_doubling", n).steps == 2 * int(math.log2(p)) + (2 if p != n else 0)
         S = 1.0
-        assert all(abs(b - 2 * (n - 1) / n * S) < 1e-12 for b in C.schedule("ring", n).bytes_per_rank(S))
-        assert all(abs(b - (n - 1) * S) < 1e-12 for b in C.schedule("ring_unchunked", n).bytes_per_rank(S))
+        assert all(abs(b - 2 * (n - 1) / n * S) < 1e-12 for b in C.schedule("ring", n).bytes_each_rank(S))
+        assert all(abs(b - (n - 1) * S) < 1e-12 for b in C.schedule("ring_unchunked", n).bytes_each_rank(S))
 
 
 def test_simulate_catches_a_broken_schedule():
     """The exactly-once check can fail: drop one message, or send a chunk twice."""
     s = C.schedule("ring", 4)
     dropped = C.Schedule("ring", 4, 4, s.messages[1:])
-    end = C.simulate(dropped)[-1]
+    end = C.simulate_messages(dropped)[-1]
     assert not all(c == Counter(range(4)) for row in end for c in row)
     m = s.messages[0]
     doubled = C.Schedule("ring", 4, 4, s.messages + [C.Message(m.step, m.src, m.dst, m.chunks, "reduce")])
-    end = C.simulate(doubled)[-1]
+    end = C.simulate_messages(doubled)[-1]
     assert any(max(c.values()) > 1 for row in end for c in row)
+
+
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames keep the old names one release, each with a DeprecationWarning naming the new one."""
+    from labkit.collectives import schedules
+
+    for module, old, new in [(C, "SCHEDULES", C.SCHEDULE_NAMES), (C, "simulate", C.simulate_messages),
+                             (schedules, "SCHEDULES", C.SCHEDULE_NAMES),
+                             (L, "check_bytes_per_rank", L.check_bytes_each_rank)]:
+        with pytest.warns(DeprecationWarning, match=f"{old} is now"):
+            assert getattr(module, old) is new
+    with pytest.warns(DeprecationWarning, match="Schedule.bytes_each_rank"):
+        assert C.schedule("ring", 4).bytes_per_rank(8.0) == C.schedule("ring", 4).bytes_each_rank(8.0)
+    with pytest.warns(DeprecationWarning):
+        from labkit.collectives import simulate  # noqa: F401  (an old import line keeps working)
 
 
 def test_schedule_bad_input():
@@ -177,7 +192,7 @@ def test_every_algorithm_equals_torch(n):
 
 
 def _log_and_bytes(ctx, numel):
-    out = {alg: L.record_messages_rank(ctx, alg, numel=numel) for alg in C.SCHEDULES}
+    out = {alg: L.record_messages_rank(ctx, alg, numel=numel) for alg in C.SCHEDULE_NAMES}
     out["ring_pipelined"] = L.record_messages_rank(ctx, "ring", numel=numel, segments=2)
     return out
 
@@ -187,7 +202,7 @@ def _log_and_bytes(ctx, numel):
 def test_messages_sent_equal_the_schedule(n):
     numel = 1024 * n  # divisible, so every ring chunk is S/n
     res = _run(_log_and_bytes, n, numel)
-    for alg in C.SCHEDULES:
+    for alg in C.SCHEDULE_NAMES:
         assert C.log_matches_schedule([r[alg] for r in res], alg, n), alg
     assert C.log_matches_schedule([r["ring_pipelined"] for r in res], "ring", n)
     S = numel * 4
@@ -196,7 +211,7 @@ def test_messages_sent_equal_the_schedule(n):
         assert sum(m["bytes"] for m in res[r]["ring_unchunked"]) == (n - 1) * S
     # the animation is built from the real log, and replays to a complete all-reduce
     sched = C.schedule_from_logs([r["ring"] for r in res], "ring", n)
-    assert all(c == Counter(range(n)) for row in C.simulate(sched)[-1] for c in row)
+    assert all(c == Counter(range(n)) for row in C.simulate_messages(sched)[-1] for c in row)
 
 
 def _mismatched(ctx):
@@ -445,28 +460,28 @@ def bytes_right(algorithm, S, n):
 
 
 def test_bytes_check_passes_right_and_fails_wrong_answers_with_reasons():
-    ok = L.check_bytes_per_rank(bytes_right)
+    ok = L.check_bytes_each_rank(bytes_right)
     assert ok.passed, ok.summary()
-    assert L.check_bytes_per_rank(lambda a, S, n: int(bytes_right(a, S, n)), seed=1).passed  # integer bytes are fine
-    whole = L.check_bytes_per_rank(lambda a, S, n: (n - 1) * S, seed=1)
+    assert L.check_bytes_each_rank(lambda a, S, n: int(bytes_right(a, S, n)), seed=1).passed  # integer bytes are fine
+    whole = L.check_bytes_each_rank(lambda a, S, n: (n - 1) * S, seed=1)
     assert not whole.passed and "unchunked ring sends" in whole.failed_cases[0].detail
-    half = L.check_bytes_per_rank(lambda a, S, n: (n - 1) * S / n if a == "ring" else (n - 1) * S, seed=1)
+    half = L.check_bytes_each_rank(lambda a, S, n: (n - 1) * S / n if a == "ring" else (n - 1) * S, seed=1)
     assert "one phase" in half.failed_cases[0].detail
-    lib = L.check_bytes_per_rank(lambda a, S, n: C.schedule(a, n).bytes_per_rank(S)[0], seed=1)
-    assert not lib.passed and all("Schedule.bytes_per_rank" in c.detail for c in lib.cases)
-    lib2 = L.check_bytes_per_rank(lambda a, S, n: C.bus_factor("all_reduce", n) * S if a == "ring" else (n - 1) * S)
+    lib = L.check_bytes_each_rank(lambda a, S, n: C.schedule(a, n).bytes_each_rank(S)[0], seed=1)
+    assert not lib.passed and all("Schedule.bytes_each_rank" in c.detail for c in lib.cases)
+    lib2 = L.check_bytes_each_rank(lambda a, S, n: C.bus_factor("all_reduce", n) * S if a == "ring" else (n - 1) * S)
     assert not lib2.passed and "bus_factor" in lib2.failed_cases[0].detail
     table = {("ring", 2, 1 << 20): 1 << 20, ("ring", 4, 1 << 20): 3 << 19}  # an answer fitted to fixed cases
-    hard = L.check_bytes_per_rank(lambda a, S, n: table.get((a, n, S), 0), seed=1)
+    hard = L.check_bytes_each_rank(lambda a, S, n: table.get((a, n, S), 0), seed=1)
     assert not hard.passed and "count a rank's messages" in hard.failed_cases[0].detail
-    none = L.check_bytes_per_rank(lambda a, S, n: None, seed=1)
+    none = L.check_bytes_each_rank(lambda a, S, n: None, seed=1)
     assert "return a number" in none.failed_cases[0].detail
-    stub = L.check_bytes_per_rank(lambda a, S, n: (_ for _ in ()).throw(NotImplementedError))
+    stub = L.check_bytes_each_rank(lambda a, S, n: (_ for _ in ()).throw(NotImplementedError))
     assert not stub.attempted
-    draws = {c.name for seed in (1, 2) for c in L.check_bytes_per_rank(bytes_right, seed=seed).cases}
+    draws = {c.name for seed in (1, 2) for c in L.check_bytes_each_rank(bytes_right, seed=seed).cases}
     assert len(draws) == 16  # sizes and world sizes are drawn at check time
     with pytest.raises(TypeError, match="fn\\(algorithm"):
-        L.check_bytes_per_rank(3)
+        L.check_bytes_each_rank(3)
 
 
 def _demo(ctx):

@@ -19,8 +19,46 @@ from labkit.ddp.lab import (
     mismatched_rank,
     timeline_rank,
 )
+from labkit.models import digits_cnn
 
 TIGHT = 1e-12  # float64: only summation order separates the runs
+
+
+# ----------------------------------------------------------------------------- the model, and the old names
+def test_digits_cnn_is_body_then_head_with_the_parameters_in_the_buckets_order():
+    m = digits_cnn(4, seed=0)
+    assert [tuple(p.shape) for p in m.parameters()] == [(4, 1, 3, 3), (4,), (8, 4, 3, 3), (8,), (64, 128), (64,),
+                                                         (10, 64), (10,)]
+    assert isinstance(m[0][0], nn.Conv2d) and isinstance(m[1][-1], nn.Linear)  # model[0] the body, model[1] the head
+    assert m(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    again = digits_cnn(4, seed=0, dtype="float64")  # built in float32, then cast: the same numbers in float64
+    assert all(torch.equal(a.double(), b) for a, b in zip(m.parameters(), again.parameters()))
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    digits_cnn(4, seed=None)  # seed=None: initialised from torch's generator as it is (the caller seeded it)
+    assert not torch.equal(state, torch.get_rng_state())
+
+
+def test_old_names_still_work_and_warn():
+    import labkit.ddp.wrappers as wrappers
+    from labkit.ddp.batchnorm import bn_mlp
+    from labkit.ddp.plan import validate_bucket_mb
+    from labkit.ddp.training import small_cnn
+
+    with pytest.warns(DeprecationWarning, match="WRAPPERS"):
+        assert ddp.ALGORITHMS is ddp.WRAPPERS
+    with pytest.warns(DeprecationWarning, match="WRAPPERS"):
+        assert wrappers.ALGORITHMS is ddp.WRAPPERS
+    with pytest.warns(DeprecationWarning, match="validate_bucket_mb"):
+        assert ddp.check_bucket_mb is validate_bucket_mb
+    with pytest.warns(DeprecationWarning, match="digits_cnn"):
+        old = small_cnn(4, 3, torch.float64)  # the old positional seed and dtype, the same model
+    new = digits_cnn(4, seed=3, dtype=torch.float64)
+    assert all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters()))
+    with pytest.warns(DeprecationWarning, match="width="):
+        assert bn_mlp("batchnorm", 0, hidden=12)[0].out_features == 12
+    assert ddp.WRAPPERS == ("naive", "bucketed", "overlapped", "torch")
+    assert not hasattr(ddp, "no_such_name")
 
 
 # ----------------------------------------------------------------------------- pure logic
@@ -143,13 +181,13 @@ def test_ddp_equals_single_process_and_torch_ddp(world_size):
 
 def _bad_inputs(ctx):
     errors = {}
-    m = ddp.small_cnn(4, 0)
+    m = digits_cnn(4, seed=0)
     for name, fn in {
         "bucket": lambda: make_ddp("overlapped", m, -1),
         "algo": lambda: make_ddp("allgather", m),
         "module": lambda: make_ddp("naive", torch.zeros(3)),
         "frozen": lambda: make_ddp("naive", nn.Linear(2, 2).requires_grad_(False)),
-        "mismatch": lambda: make_ddp("bucketed", ddp.small_cnn(4 + ctx.rank, 0)),
+        "mismatch": lambda: make_ddp("bucketed", digits_cnn(4 + ctx.rank, seed=0)),
         "shards": lambda: timeline_rank(ctx, shard_sizes=[8]),
     }.items():
         try:
@@ -455,7 +493,7 @@ def _odd_rank(ctx, steps=4):
         mine = [[(local_shard(x[s], ctx.rank, ctx.world_size), local_shard(y[s], ctx.rank, ctx.world_size))]
                 for s in range(steps)]
         out = {}
-        for algo in ALGORITHMS_ALL:
+        for algo in WRAPPERS_ALL:
             for unused in (True, False):
                 if algo == "torch" and not unused:
                     continue  # torch's DDP refuses unused parameters without find_unused_parameters
@@ -473,7 +511,7 @@ def _odd_rank(ctx, steps=4):
         torch.set_default_dtype(torch.float32)
 
 
-ALGORITHMS_ALL = ("naive", "bucketed", "overlapped", "torch")
+WRAPPERS_ALL = ("naive", "bucketed", "overlapped", "torch")
 
 
 @pytest.mark.slow
@@ -486,9 +524,9 @@ def test_wrappers_match_torch_ddp_frozen_tied_unused(world_size):
         ref = r[("torch", True)]
         for name, want in r["rank0_frozen"].items():  # frozen values are rank 0's everywhere (broadcast)
             assert torch.equal(ref[name], want), name
-            for algo in ALGORITHMS_ALL[:3]:
+            for algo in WRAPPERS_ALL[:3]:
                 assert torch.equal(r[(algo, True)][name], want), (algo, name)
-        for algo in ALGORITHMS_ALL[:3]:
+        for algo in WRAPPERS_ALL[:3]:
             for name, p in r[(algo, True)].items():
                 assert (p - ref[name]).abs().max() < 1e-12, (algo, name)
             # without find_unused_parameters an unused parameter is reduced as zeros: momentum still moves it in

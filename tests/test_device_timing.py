@@ -218,7 +218,7 @@ def _timed_ranks(ctx):
     import labkit.devices as devices
     from labkit.collectives.bench import pingpong_rank, time_collectives_rank
     from labkit.ddp.wrappers import BucketedDDP, NaiveDDP, Timeline
-    from labkit.pipeline import SplitModel
+    from labkit.pipeline import ModelStages
     from labkit.pipeline.executor import pipeline_rank
     from labkit.sliced.stages import stage_rank
 
@@ -250,7 +250,7 @@ def _timed_ranks(ctx):
         devices.synchronize = rec
         g = torch.Generator().manual_seed(0)
         batch = (torch.randn(4, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
-        run = pipeline_rank(ctx, SplitModel("mlp", n_stages=ctx.world_size), batch, n_micro=2, warmup=0, repeats=1)
+        run = pipeline_rank(ctx, ModelStages("mlp", n_stages=ctx.world_size), batch, n_micro=2, warmup=0, repeats=1)
         out["pipeline"] = (dict(rec.calls), len(run["events"]))
 
         rec = _Recorder()

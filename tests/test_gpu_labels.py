@@ -85,7 +85,7 @@ def test_zero_bench_prints_the_backend_that_ran(monkeypatch, capsys):
     from labkit.zero import bench
 
     _reporting(monkeypatch, "nccl")
-    assert bench.main(["--world-sizes", "1", "--sizes", ",".join(map(str, TINY)), "--rounds", "1", "--batch", "4",
+    assert bench.main(["--world-sizes", "1", "--widths", ",".join(map(str, TINY)), "--rounds", "1", "--batch", "4",
                        "--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "ran on: 1 rank(s) on NCCL, one GPU per rank" in out and "gloo" not in out.split("ran on:")[0]
@@ -128,7 +128,7 @@ def test_ddp_bench_rank_builds_on_ctx_device(discipline, world_size):
 def test_zero_bench_rank_builds_on_ctx_device(discipline):
     from labkit.zero.bench import bench_rank
 
-    res = labkit.launch(bench_rank, 2, kwargs=dict(methods=("ddp", "zero1"), sizes=TINY, rounds=1, warmup=1,
+    res = labkit.launch(bench_rank, 2, kwargs=dict(methods=("ddp", "zero1"), widths=TINY, rounds=1, warmup=1,
                                                    global_batch=4, memory=False), echo=False, quiet=True,
                         timeout=180)
     assert set(res[0]["seconds"]) == {"ddp", "zero1"} and res[0]["seconds"] == res[1]["seconds"]  # all-reduced MAX
@@ -149,7 +149,7 @@ def test_balance_profiles_where_its_pipeline_runs(monkeypatch):
     from labkit.balance import run as R
 
     _one_gpu(monkeypatch)  # one GPU, two stages: the pipeline's ranks are gloo on the CPU, so the profile is too
-    cmp = R.compare_splits("small", 2, batch=8, m=4, pipeline=False, repeats=1, stage_repeats=1)
+    cmp = R.compare_splits("small", 2, batch=8, n_micro=4, pipeline=False, repeats=1, stage_repeats=1)
     assert cmp.device == "cpu" and all(p.time_ms > 0 for p in cmp.profile)
     assert R._pipeline_device(None, 1) == (torch.device("cuda"), "auto")   # one stage: NCCL on the GPU
     assert R._pipeline_device("cpu", 1) == (torch.device("cpu"), "gloo")   # the CPU asked for: gloo ranks too

@@ -77,7 +77,7 @@ def _collective_checks(ctx, g):
                 if not all(torch.equal(a, b) for a, b in zip(got, want)):
                     bad.append(f"{name}, {numel} {dtype}, rank {ctx.rank}")
     logs = {}
-    for alg in C.SCHEDULES + ("ring_pipelined",):
+    for alg in C.SCHEDULE_NAMES + ("ring_pipelined",):
         log: list = []
         x = _data(ctx.rank, 12 * n, torch.float32)
         if alg == "reduce_scatter":
@@ -139,7 +139,7 @@ def _megatron_checks(ctx, g):
     refused = []
     for make in (lambda: sc.ColumnParallel(ref[0], 1 - gr, n, group=g),
                  lambda: sc.RowParallel(ref[2], gr, 4, group=g),
-                 lambda: sc.TensorParallelConvBlock(block, world=4, group=g)):
+                 lambda: sc.TensorParallelConvBlock(block, world_size=4, group=g)):
         try:
             make()
             refused.append(None)
@@ -205,7 +205,7 @@ def test_logs_name_group_ranks_and_match_the_schedules(results):
         groups = {tuple(res["collectives"][label]["members"]) for res in results if label in res["collectives"]}
         for members in groups:
             n = len(members)
-            for alg in C.SCHEDULES + ("ring_pipelined",):
+            for alg in C.SCHEDULE_NAMES + ("ring_pipelined",):
                 logs = [results[m]["collectives"][label]["logs"][alg] for m in members]
                 for gr, log in enumerate(logs):
                     assert log, (label, alg, gr)

@@ -71,7 +71,7 @@ def test_batch_cases_have_one_right_answer_each():
 
 
 def test_transformer_bars_shrink_with_each_zero_stage():
-    shape = TransformerShape(layers=32, hidden=4096, heads=32, vocab=32000, seq=4096, micro_batch=1)
+    shape = TransformerShape(layers=32, width=4096, heads=32, vocab=32000, seq=4096, micro_batch=1)
     bars = lab.transformer_bars(shape, {f"ZeRO-{z}": Setup(precision="mixed-bf16", dp=8, zero=z) for z in range(4)})
     totals = [sum(b.values()) for b in bars.values()]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4

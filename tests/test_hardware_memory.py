@@ -22,11 +22,11 @@ from labkit.memory_model import (
     pipeline_in_flight,
     transformer_activations,
     transformer_params,
-    zero_bytes_per_rank,
+    zero_bytes_each_rank,
 )
 from labkit.sliced.models import build_model, saved_bytes
 
-SHAPE = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=8)
+SHAPE = TransformerShape(layers=2, width=64, heads=4, vocab=100, seq=64, micro_batch=8)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # measured as the notebook measures: one thread
@@ -138,11 +138,11 @@ def test_profiler_fallback_reports_states_and_a_peak():
 # --------------------------------------------------------------------------- the published figures
 def test_zero_figure_1():
     psi, n = 7.5e9, 64
-    got = [zero_bytes_per_rank(int(psi), n, s)["total"] / GB for s in range(4)]
+    got = [zero_bytes_each_rank(int(psi), n, s)["total"] / GB for s in range(4)]
     assert [round(g, 1) for g in got] == [120.0, 31.4, 16.6, 1.9]
-    z1 = zero_bytes_per_rank(1000, 8, 1)
+    z1 = zero_bytes_each_rank(1000, 8, 1)
     assert z1["total"] == 4 * 1000 + 12 * 1000 / 8
-    assert zero_bytes_per_rank(1000, 8, 2)["total"] == 2 * 1000 + 14 * 1000 / 8
+    assert zero_bytes_each_rank(1000, 8, 2)["total"] == 2 * 1000 + 14 * 1000 / 8
 
 
 def test_bytes_per_parameter_split_autocast_against_mixed():
@@ -157,7 +157,7 @@ def test_bytes_per_parameter_split_autocast_against_mixed():
 def test_transformer_params_equal_the_tiny_transformer():
     for shape in (SHAPE, TransformerShape(3, 48, 6, 37, 8, 2)):
         model = tiny_transformer(shape)
-        assert sum(p.numel() for p in model.parameters()) == transformer_params(shape.layers, shape.hidden,
+        assert sum(p.numel() for p in model.parameters()) == transformer_params(shape.layers, shape.width,
                                                                                   shape.vocab)
     assert transformer_params(2, 64, 100, tied=False) == transformer_params(2, 64, 100) + 64 * 100
 
@@ -185,7 +185,7 @@ def test_pipeline_in_flight():
 
 def test_per_rank_figures_follow_the_degrees():
     e0 = estimate(SHAPE)
-    e = estimate(SHAPE, Setup(dp=4, zero=3, tp=2, sp=True, pp=2, micro_batches=4))
+    e = estimate(SHAPE, Setup(dp=4, zero=3, tp=2, sp=True, pp=2, n_micro=4))
     assert e.rank_params == e0.params // 4 // 4
     assert e.rank_activations == int(transformer_activations(64, 8, 64, 4, layers=2, tp=2, sp=True, bytes_per_value=4)
                                      / 2 * 2)
@@ -216,9 +216,9 @@ def test_bad_input_names_the_argument_and_value():
     with pytest.raises(ArgumentError, match="optimizer.*'lion'"):
         bytes_per_parameter("fp32", "lion")
     with pytest.raises(ArgumentError, match="stage.*4"):
-        zero_bytes_per_rank(10, 2, 4)
-    with pytest.raises(ArgumentError, match="world.*0"):
-        zero_bytes_per_rank(10, 0, 1)
+        zero_bytes_each_rank(10, 2, 4)
+    with pytest.raises(ArgumentError, match="world_size.*0"):
+        zero_bytes_each_rank(10, 0, 1)
     with pytest.raises(ArgumentError, match="micro_batch.*0"):
         transformer_activations(8, 0, 64, 4)
     with pytest.raises(ArgumentError, match="tp=3 must divide heads=4"):
@@ -257,8 +257,26 @@ def test_shape_only_estimate_of_the_step_temporaries_matches_the_real_model(fore
     assert est.optimizer == pytest.approx(got["optimizer"], rel=0.001)  # Adam's step counters aside
 
 
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames in lab 09 keep working one release, with a DeprecationWarning naming the new spelling."""
+    import labkit.hardware as H
+
+    with pytest.warns(DeprecationWarning, match="time_interleaved"):
+        assert H.interleaved is H.time_interleaved
+    with pytest.warns(DeprecationWarning, match=r"TransformerShape\(hidden=\) is now width="):
+        old = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=8)
+    assert old == SHAPE
+    with pytest.warns(DeprecationWarning, match=r"TransformerShape.hidden is now TransformerShape.width"):
+        assert old.hidden == 64
+    with pytest.warns(DeprecationWarning, match=r"Setup\(micro_batches=\) is now n_micro="):
+        setup = Setup(pp=2, micro_batches=4)
+    assert setup == Setup(pp=2, n_micro=4)
+    with pytest.warns(DeprecationWarning, match=r"Setup.micro_batches is now Setup.n_micro"):
+        assert setup.micro_batches == 4
+
+
 def test_fused_attention_removes_the_scores_from_a_shape_estimate():
-    big = TransformerShape(layers=32, hidden=4096, heads=32, vocab=32000, seq=4096, micro_batch=1)
+    big = TransformerShape(layers=32, width=4096, heads=32, vocab=32000, seq=4096, micro_batch=1)
     full, fused = estimate(big, Setup(precision="mixed-bf16")), estimate(big, Setup(precision="mixed-bf16", flash=True))
     assert fused.activations / full.activations == pytest.approx(34 / (34 + 5 * 32 * 4096 / 4096))
     assert fused.params == full.params and fused.optimizer == full.optimizer

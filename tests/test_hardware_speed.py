@@ -9,16 +9,16 @@ from labkit import hardware as hw
 from labkit._validate import ArgumentError
 from labkit.hardware import cpu as hwcpu
 from labkit.hardware import speed, step
-from labkit.hardware.timing import Timing, interleaved
+from labkit.hardware.timing import Timing, time_interleaved
 
 
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-def test_interleaved_runs_rounds_in_order():
+def test_time_interleaved_runs_rounds_in_order():
     calls = []
     variants = {n: (lambda n=n: calls.append(n)) for n in "ABC"}
-    t = interleaved(variants, trials=4, warmup=2)
+    t = time_interleaved(variants, trials=4, warmup=2)
     assert calls == list("ABC") * 6  # 2 warm-up rounds then 4 timed ones, never all A first
     assert t.order == list("ABC") * 4
     assert t.names == ["A", "B", "C"] and all(len(v) == 4 for v in t.seconds.values())
@@ -36,20 +36,20 @@ def test_ratios_are_taken_within_each_round():
 
 
 def test_sleeping_variant_three_times_longer_gives_ratio_above_1_5():
-    t = interleaved({"fast": lambda: time.sleep(0.02), "slow": lambda: time.sleep(0.06)}, trials=3, warmup=0)
+    t = time_interleaved({"fast": lambda: time.sleep(0.02), "slow": lambda: time.sleep(0.06)}, trials=3, warmup=0)
     assert t.ratio("slow") > 1.5 and t.speedup("slow") < 0.67
     assert min(t.seconds["fast"]) >= 0.019
 
 
-def test_interleaved_bad_input():
+def test_time_interleaved_bad_input():
     with pytest.raises(ArgumentError, match="variants must be a non-empty dict"):
-        interleaved({})
+        time_interleaved({})
     with pytest.raises(ArgumentError, match=r"variants\['a'\] must be a zero-argument callable"):
-        interleaved({"a": 3})
+        time_interleaved({"a": 3})
     with pytest.raises(ArgumentError, match="trials must be an int >= 1"):
-        interleaved({"a": lambda: None}, trials=0)
+        time_interleaved({"a": lambda: None}, trials=0)
     with pytest.raises(ArgumentError, match="device must be one of"):
-        interleaved({"a": lambda: None}, device="tpu")
+        time_interleaved({"a": lambda: None}, device="tpu")
 
 
 # ---------------------------------------------------------------------------------------------

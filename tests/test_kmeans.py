@@ -360,3 +360,12 @@ def test_bench_help_and_no_cuda(capsys):
     if not torch.cuda.is_available():
         assert bench.main(["--gpu"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_old_names_still_work_and_warn():
+    import labkit.kmeans.distributed as D
+
+    with pytest.warns(DeprecationWarning, match="rank_and_world_size"):
+        assert D.world is D.rank_and_world_size
+    assert D.rank_and_world_size() == (0, 1)  # no process group here
+    assert L.load is load  # the notebook reads its data sets through the lab module

@@ -147,10 +147,10 @@ def test_lab01_algorithms_send_only_batched_and_still_follow_their_schedules(wor
 
 def _pipeline_and_pingpong_rank(ctx):
     from labkit.collectives.bench import pingpong_rank
-    from labkit.pipeline import SplitModel
+    from labkit.pipeline import ModelStages
     from labkit.pipeline.executor import pipeline_rank
 
-    make = SplitModel("mlp", n_stages=ctx.world_size)
+    make = ModelStages("mlp", n_stages=ctx.world_size)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(6, 32, generator=g), torch.randint(0, 10, (6,), generator=g))
     out = {}
@@ -165,11 +165,11 @@ def _pipeline_and_pingpong_rank(ctx):
 
 def test_pipeline_executor_and_pingpong_send_only_batched():
     """Fails on lab 04's unbatched header/activation messages and lab 01's ping-pong ``dist.send``/``dist.recv``."""
-    from labkit.pipeline import SplitModel
+    from labkit.pipeline import ModelStages
     from labkit.pipeline.reference import reference_step
 
     res = labkit.launch(_pipeline_and_pingpong_rank, world_size=2, timeout=180)
-    make = SplitModel("mlp", n_stages=2)
+    make = ModelStages("mlp", n_stages=2)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(6, 32, generator=g), torch.randint(0, 10, (6,), generator=g))
     ref = reference_step(make, 2, batch, n_micro=3)

@@ -4,18 +4,18 @@ import torch
 
 import labkit
 from labkit.pipeline import (
+    ModelStages,
     SleepStage,
     SleepStages,
-    SplitModel,
+    bubble_fraction,
     max_grad_error,
-    pipeline_rank,
     reference_step,
     run_pipeline,
     run_torch_pipelining,
     speedup_over_naive,
     split_batch,
 )
-from labkit.pipeline.schedules import bubble_fraction
+from labkit.pipeline.lab import pipeline_rank
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +32,7 @@ def _batch(rows=10, d_in=32, d_out=10, seed=0):
 @pytest.mark.timeout(180)
 def test_every_schedule_gives_single_process_gradients_on_2_ranks():
     batch = _batch(10)  # 10 rows into 3 or 4 micro-batches: uneven sizes, weighted losses
-    model2, model4 = SplitModel("mlp", n_stages=2), SplitModel("mlp", n_stages=4)
+    model2, model4 = ModelStages("mlp", n_stages=2), ModelStages("mlp", n_stages=4)
     for make_stage, sched, m in ((model2, "naive", 1), (model2, "naive", 3), (model2, "gpipe", 3),
                                  (model2, "1f1b", 3), (model2, "1f1b", 10), (model4, "interleaved", 4)):
         ref = reference_step(make_stage, make_stage.n_stages, batch)
@@ -53,7 +53,7 @@ def test_every_schedule_gives_single_process_gradients_on_2_ranks():
 @pytest.mark.timeout(180)
 def test_same_gradients_as_torch_distributed_pipelining():
     batch = _batch(8)
-    model = SplitModel("mlp", n_stages=2)
+    model = ModelStages("mlp", n_stages=2)
     for sched in ("gpipe", "1f1b"):
         ours = run_pipeline(model, 2, batch, 4, schedule=sched)
         theirs = run_torch_pipelining(model, 2, batch, 4, schedule=sched)
@@ -71,7 +71,7 @@ def test_4_ranks_sleeping_stages_and_mlp():
     run = run_pipeline(sleepy, 4, batch, 4, schedule="1f1b")
     assert max_grad_error(run.grads, ref["grads"]) < 1e-6
     assert abs(float(ref["grads"][0]["gain"])) > 0  # the gain's gradient is real, not zero
-    mlp4 = SplitModel("mlp", cuts=[3, 8, 10])  # uneven stages: 3, 5, 2 and 3 layers
+    mlp4 = ModelStages("mlp", cuts=[3, 8, 10])  # uneven stages: 3, 5, 2 and 3 layers
     ref = reference_step(mlp4, 4, _batch(9))
     run = run_pipeline(mlp4, 4, _batch(9), 3, schedule="gpipe")
     assert max_grad_error(run.grads, ref["grads"]) < 1e-5
@@ -81,7 +81,7 @@ def test_4_ranks_sleeping_stages_and_mlp():
 def test_small_resnet_stages_match_micro_batch_accumulation():
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
-    model = SplitModel("small", cuts=[5])
+    model = ModelStages("small", cuts=[5])
     run = run_pipeline(model, 2, batch, 2, schedule="1f1b")
     # BatchNorm normalises each micro-batch with its own statistics, so the reference accumulates the
     # same micro-batches one after another in one process
@@ -115,7 +115,7 @@ def test_timeline_causality_memory_and_schedule_speedup():
 @pytest.mark.timeout(120)
 def test_bad_input_gives_clear_errors():
     batch = _batch(4)
-    model = SplitModel("mlp", n_stages=2)
+    model = ModelStages("mlp", n_stages=2)
     with pytest.raises(ValueError, match="n_micro"):
         run_pipeline(model, 2, batch, 0)
     with pytest.raises(ValueError, match="cannot make 5 micro-batches"):
@@ -127,15 +127,15 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="needs 4"):
         run_pipeline(model, 2, batch, 2, schedule="interleaved")
     with pytest.raises(ValueError, match="multiple of n_stages"):
-        run_pipeline(SplitModel("mlp", n_stages=4), 2, batch, 3, schedule="interleaved")
+        run_pipeline(ModelStages("mlp", n_stages=4), 2, batch, 3, schedule="interleaved")
     with pytest.raises(TypeError, match="pair"):
         split_batch(batch[0], 2)
     with pytest.raises(ValueError, match="out of range"):
-        SplitModel("mlp", cuts=[0, 3])
+        ModelStages("mlp", cuts=[0, 3])
     with pytest.raises(ValueError, match="strictly increasing"):
-        SplitModel("mlp", cuts=[5, 3])
+        ModelStages("mlp", cuts=[5, 3])
     with pytest.raises(ValueError, match="only 13 layers"):
-        SplitModel("mlp", n_stages=20)
+        ModelStages("mlp", n_stages=20)
     with pytest.raises(ValueError, match="seconds per row"):
         SleepStage(-1.0, 0.0)
     # world size not equal to the number of stages, on real ranks
@@ -220,3 +220,43 @@ def test_bubble_check_correct_stub_and_wrong_answers():
     res = check_bubble_prediction(lambda p, m: (p - 1) / m)  # relative to ideal, not of the total
     assert not res.passed and "bubble for p=" in res.summary()
     assert "(p - 1)" not in res.hint  # the hint does not print the formula
+
+
+# ----------------------------------------------------------------------------- issue 30: renamed, same numbers
+def test_model_stages_mlp_is_the_old_mlp_weight_for_weight():
+    """``ModelStages("mlp")`` builds labkit.models.mlp(MLP_WIDTHS): the same layers, drawn in the same order from
+    the same seeded generator, as the pipeline's own mlp() it replaces."""
+    from torch import nn
+
+    from labkit.pipeline.stages import MLP_WIDTHS
+
+    torch.manual_seed(3)
+    layers = []
+    for a, b in zip(MLP_WIDTHS, MLP_WIDTHS[1:]):  # the old pipeline.mlp(), as it was written
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    old = nn.Sequential(*layers[:-1])
+    new = ModelStages("mlp", n_stages=1, seed=3).full()
+    assert [type(m) for m in new] == [type(m) for m in old] and len(new) == 13
+    for (n1, p1), (n2, p2) in zip(old.named_parameters(), new.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_old_names_still_work_and_warn():
+    import labkit.pipeline as P
+    import labkit.pipeline.lab as L
+    from labkit.models import mlp
+
+    with pytest.warns(DeprecationWarning, match="labkit.pipeline.stages.ModelStages"):
+        assert P.SplitModel is ModelStages
+    with pytest.warns(DeprecationWarning, match="labkit.models.mlp"):
+        assert P.mlp is mlp
+    for name in ("pipeline_rank", "torch_pipelining_rank"):
+        with pytest.warns(DeprecationWarning, match=rf"labkit.pipeline.lab.{name}"):
+            assert getattr(P, name) is getattr(L, name)
+        assert name not in P.__all__
+    make, batch = ModelStages("mlp", n_stages=2), _batch(4)
+    with pytest.warns(DeprecationWarning, match=r"n_pieces=\) is now n_stages="):
+        old = reference_step(make, n_pieces=2, batch=batch)
+    assert max_grad_error(old["grads"], reference_step(make, n_stages=2, batch=batch)["grads"]) == 0
+    with pytest.warns(DeprecationWarning, match="n_stages"):
+        assert P.time_in_process(make, n_pieces=2, batch=batch, repeats=1, warmup=0) > 0

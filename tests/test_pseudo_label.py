@@ -301,6 +301,35 @@ def test_cnn_logs_mask_rate_and_pseudo_label_accuracy(sp5):
     assert sup.mask_rate == [] and sup.summary()["mode"] == "supervised"
 
 
+def test_cnn_is_the_shared_pooled_digits_cnn(sp5):
+    import torch
+
+    from labkit.models import pooled_digits_cnn
+
+    _, model = train_cnn(sp5.X_train, sp5.y_semi, "supervised", steps=1, return_model=True)
+    assert [tuple(p.shape) for p in model.parameters()] == [tuple(p.shape) for p in pooled_digits_cnn().parameters()]
+    a, b = pooled_digits_cnn(classes=3, seed=4), pooled_digits_cnn(classes=3, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_old_names_still_work_and_warn():
+    import torch
+
+    import labkit.pseudo_label as pl
+    from labkit.models import pooled_digits_cnn
+    from labkit.pseudo_label.generative import validate_semi_supervised
+
+    with pytest.warns(DeprecationWarning, match="validate_semi_supervised"):
+        assert pl.check_semi_supervised is validate_semi_supervised
+    with pytest.warns(DeprecationWarning, match="pooled_digits_cnn"):
+        torch.manual_seed(1)
+        old = pl.SmallCNN(4)  # the old positional n_classes, the same model from the same generator state
+    torch.manual_seed(1)
+    new = pooled_digits_cnn(classes=4)
+    assert all(torch.equal(p, q) for p, q in zip(old.parameters(), new.parameters()))
+    assert lab.GENERATIVE is methods.GENERATIVE and lab.generative is methods.generative  # the notebook's route
+
+
 # --------------------------------------------------------------------------- distributed protocol
 @pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_protocol_on_ranks_equals_one_process(world_size):

@@ -122,9 +122,9 @@ def test_theory_values():
 def test_single_process_baseline_and_reference_agree():
     import torch
 
-    from labkit.pipeline import SplitModel, reference_step, time_in_process
+    from labkit.pipeline import ModelStages, reference_step, time_in_process
 
-    model = SplitModel("mlp", n_stages=3)
+    model = ModelStages("mlp", n_stages=3)
     batch = (torch.randn(6, 32), torch.randn(6, 10))
     assert time_in_process(model, 3, batch, repeats=2) > 0
     a, b = reference_step(model, 3, batch, 1), reference_step(model, 3, batch, 3)

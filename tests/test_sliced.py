@@ -110,7 +110,7 @@ def test_bad_models_and_devices():
     with pytest.raises(ValueError, match="one device per stage"):
         StagedModel(split_stages(small_resnet(), [4]), ["cpu"])
     with pytest.raises(ValueError, match="batch"):
-        sliced.run_staged("small", [4], batch=0)
+        sliced_lab.run_staged("small", [4], batch=0)
 
 
 def test_split_costs_counts_exact_tensors():
@@ -140,7 +140,7 @@ def test_split_costs_counts_exact_tensors():
 @pytest.mark.timeout(240)
 def test_send_recv_stages_equal_unsliced():
     for model, bounds, size in [("small", [5], None), ("resnet18", [6], 32), ("resnet50", [9], 32)]:
-        r = sliced.run_staged(model, bounds, batch=2, pool=True, image_size=size)
+        r = sliced_lab.run_staged(model, bounds, batch=2, pool=True, image_size=size)
         assert r["max_output_err"] < 1e-5, model
         assert r["max_grad_rel"] < 1e-5, model
         assert r["loss"] == pytest.approx(r["ref_loss"], abs=1e-6)
@@ -154,43 +154,43 @@ def test_send_recv_stages_equal_unsliced():
         assert ranks[1]["sent_bytes"] == ranks[1]["recv_bytes"]
     # a module (not a name) is pickled to the ranks; its class count is read from the model
     torch.manual_seed(0)
-    r = sliced.run_staged(small_resnet(num_classes=5), [3], batch=2, pool=True)
+    r = sliced_lab.run_staged(small_resnet(num_classes=5), [3], batch=2, pool=True)
     assert r["max_output_err"] < 1e-5 and r["max_grad_rel"] < 1e-5
     assert r["ranks"][-1]["output"].shape == (2, 5)
 
 
 @pytest.mark.timeout(240)
 def test_four_stages_and_world_size_mismatch():
-    r = sliced.run_staged("small", [3, 6, 9], batch=3, pool=True)
+    r = sliced_lab.run_staged("small", [3, 6, 9], batch=3, pool=True)
     assert r["max_output_err"] < 1e-5 and r["max_grad_rel"] < 1e-5
     assert [x["layers"][0] for x in r["ranks"]] == ["conv1", "maxpool", "layer3_0", "flatten"]
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
     with pytest.raises(labkit.RankError) as e:
-        labkit.launch(sliced.stage_rank, world_size=2, kwargs=dict(model="small", cuts=[3, 6], x=x, y=y), pool=True,
+        labkit.launch(sliced_lab.stage_rank, world_size=2, kwargs=dict(model="small", cuts=[3, 6], x=x, y=y), pool=True,
                       echo=False)
     assert "world_size=3" in str(e.value) or "world_size=3" in "".join(e.value.tracebacks.values())
 
 
 # ------------------------------------------------------------------ channel slicing
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world", [2, 4])
-def test_channel_split_layers_equal_unsplit(world):
-    rows = sc.run_channel_checks(world, pool=True)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_channel_split_layers_equal_unsplit(world_size):
+    rows = sliced_lab.run_channel_checks(world_size, pool=True)
     assert {r["case"] for r in rows} == {"column conv", "row conv", "column linear", "row linear",
                                          "column->row linears", "TP conv block"}
     for r in rows:
         assert r["max_err"] < 1e-5, r
         # parameters per rank fall as 1/N (row layers keep one replicated bias; the block its last BN)
-        assert 1 / world <= r["params/rank"] <= 1 / world + 0.02, r
+        assert 1 / world_size <= r["params/rank"] <= 1 / world_size + 0.02, r
     col = next(r for r in rows if r["case"] == "column conv")
-    assert col["params/rank"] == pytest.approx(1 / world)
+    assert col["params/rank"] == pytest.approx(1 / world_size)
     rowc = next(r for r in rows if r["case"] == "row conv")
-    assert rowc["saved/rank"] == pytest.approx(1 / world)  # it saves only its input slice
+    assert rowc["saved/rank"] == pytest.approx(1 / world_size)  # it saves only its input slice
     # communication, counted: the TP block all-reduces its output forward and the input gradient backward
     blk = next(r for r in rows if r["case"] == "TP conv block")
     assert blk["comm_kB/rank"] == pytest.approx(blk["output_kB"] + blk["input_kB"])
     # a gathered column layer all-gathers its 1/N output slice forward; backward all-reduces the input grad
-    assert col["comm_kB/rank"] == pytest.approx(col["output_kB"] / world + col["input_kB"])
+    assert col["comm_kB/rank"] == pytest.approx(col["output_kB"] / world_size + col["input_kB"])
 
 
 def test_shard_layer_and_bad_input():
@@ -226,31 +226,32 @@ def _stub(*args):
 def test_row_parallel_exercise_check():
     assert sliced_lab.check_row_parallel(sc.row_parallel_reference).passed
 
-    def bias_every_rank(x, conv, world):  # a classic mistake: the bias is added N times
-        parts = [nn.functional.conv2d(x.chunk(world, 1)[r], conv.weight.chunk(world, 1)[r],
-                                      conv.bias, conv.stride, conv.padding) for r in range(world)]
+    def bias_every_rank(x, conv, world_size):  # a classic mistake: the bias is added N times
+        parts = [nn.functional.conv2d(x.chunk(world_size, 1)[r], conv.weight.chunk(world_size, 1)[r],
+                                      conv.bias, conv.stride, conv.padding) for r in range(world_size)]
         return sum(parts)
 
     res = sliced_lab.check_row_parallel(bias_every_rank)
     assert res.attempted and not res.passed and "max abs error" in res.summary()
 
-    def unsplit(x, conv, world):  # shortcut: the right value, from the whole layer
+    def unsplit(x, conv, world_size):  # shortcut: the right value, from the whole layer
         return conv(x)
 
     res = sliced_lab.check_row_parallel(unsplit)
     assert res.attempted and not res.passed
     assert "unsplit layer" in res.summary() and "hint:" in res.summary()
 
-    def whole_weight_split_work(x, conv, world):  # world "partials", but each uses every input channel
-        out = sum(nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding) / world for _ in range(world))
+    def whole_weight_split_work(x, conv, world_size):  # world_size "partials", but each uses every input channel
+        out = sum(nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding) / world_size
+                  for _ in range(world_size))
         return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
 
     res = sliced_lab.check_row_parallel(whole_weight_split_work)
     assert not res.passed and "all" in res.summary() and "input channels" in res.summary()
 
-    def one_partial(x, conv, world):  # slices the input, but runs a single partial and scales it
-        k = x.shape[1] // world
-        out = nn.functional.conv2d(x[:, :k], conv.weight[:, :k], None, conv.stride, conv.padding) * world
+    def one_partial(x, conv, world_size):  # slices the input, but runs a single partial and scales it
+        k = x.shape[1] // world_size
+        out = nn.functional.conv2d(x[:, :k], conv.weight[:, :k], None, conv.stride, conv.padding) * world_size
         return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
 
     res = sliced_lab.check_row_parallel(one_partial)
@@ -299,3 +300,22 @@ def test_tour():
     for r in rows:
         assert set(r) == {"lab", "check", "ok", "detail"}
         assert r["ok"], r
+
+
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames keep working one release, each with a DeprecationWarning naming the new spelling."""
+    with pytest.warns(DeprecationWarning, match="unsliced_step"):
+        assert sliced.reference_step is sliced.unsliced_step
+    for name in ("stage_rank", "replica_rank", "channel_rank", "run_staged", "run_replicas", "run_channel_checks"):
+        with pytest.warns(DeprecationWarning, match=rf"labkit.sliced.lab.{name}"):
+            assert getattr(sliced, name) is getattr(sliced_lab, name)
+        assert name not in sliced.__all__
+    conv = nn.Conv2d(6, 4, 3)
+    with pytest.warns(DeprecationWarning, match=r"world=\) is now world_size="):
+        old = sc.shard_layer(conv, "column", 1, world=2)
+    assert torch.equal(old.weight, sc.shard_layer(conv, "column", 1, world_size=2).weight)
+    with pytest.warns(DeprecationWarning, match="world_size"):
+        layer = sc.ColumnParallel(nn.Linear(4, 4), 0, world=2)
+    assert layer.world_size == 2
+    with pytest.warns(DeprecationWarning, match="world_size"):
+        assert sc.row_parallel_reference(torch.randn(2, 4, 5, 5), nn.Conv2d(4, 2, 3), world=2).shape == (2, 2, 3, 3)

@@ -15,6 +15,7 @@ from labkit import zero
 from labkit._validate import ArgumentError
 from labkit.zero import FlatLayout, unique_params
 from labkit.zero.lab import METHODS, OPTIMIZERS, batches, mlp, train_rank
+from labkit.zero.optim import validate_optimizer_class
 
 P, UNITS = 185, (77, 84, 24)  # the lab's MLP 6->11->7->3: no N in 2..4 divides 185
 TIGHT, LOOSE = 1e-12, 1e-6     # relative to the largest parameter: float64, float32
@@ -93,12 +94,12 @@ def test_tied_parameters_are_kept_once():
 
 def test_supported_optimizers_and_errors_without_ranks():
     for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-        assert zero.validate_optimizer_class(cls) is cls
+        assert validate_optimizer_class(cls) is cls
     with pytest.raises(ArgumentError, match=r"LBFGS is not element-wise.*torch.optim.SGD, torch.optim.Adam"):
-        zero.validate_optimizer_class(torch.optim.LBFGS)
+        validate_optimizer_class(torch.optim.LBFGS)
     opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
     with pytest.raises(ArgumentError, match="class \\(not an instance\\)"):
-        zero.validate_optimizer_class(opt)
+        validate_optimizer_class(opt)
     with pytest.raises(RuntimeError, match="labkit.launch"):
         zero.Zero1(nn.Linear(2, 2).parameters(), torch.optim.Adam, lr=0.1)
     with pytest.raises(RuntimeError, match="labkit.launch"):
@@ -106,7 +107,32 @@ def test_supported_optimizers_and_errors_without_ranks():
 
 
 def test_comm_accounting_is_the_papers():
-    assert zero.FACTORS == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2, "reduce": 1}
+    assert zero.TRAFFIC_FACTORS == {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2, "reduce": 1}
+
+
+def test_old_names_still_work_and_warn():
+    """Issue 30's renames keep the old names one release, each with a DeprecationWarning naming the new one."""
+    import labkit.zero.bench as bench
+    import labkit.zero.lab as lab
+    import labkit.zero.measure as measure
+    import labkit.zero.plots as plots
+    from labkit.zero import comm, torch_impl
+
+    old_to_new = [(zero, "FACTORS", comm.TRAFFIC_FACTORS), (zero, "torch_ref", torch_impl),
+                  (zero, "validate_optimizer_class", validate_optimizer_class),
+                  (zero, "check_optimizer_class", validate_optimizer_class),
+                  (lab, "check_memory_per_rank", lab.check_memory_each_rank), (lab, "SIZES", lab.WIDTHS),
+                  (plots, "bytes_per_rank", plots.bytes_each_rank), (plots, "state_per_rank", plots.state_each_rank),
+                  (measure, "METHODS", measure.MEASURED_METHODS), (measure, "SIZES", measure.BENCH_WIDTHS),
+                  (measure, "OPTIMIZERS", measure.BENCH_OPTIMIZERS), (bench, "QUICK_SIZES", measure.BENCH_WIDTHS)]
+    for module, old, new in old_to_new:
+        with pytest.warns(DeprecationWarning, match=old):
+            assert getattr(module, old) is new
+    with pytest.warns(DeprecationWarning, match="sizes="):
+        model = lab.mlp(sizes=(4, 3))
+    assert [tuple(p.shape) for p in model.parameters()] == [(3, 4), (3,)]
+    with pytest.warns(DeprecationWarning, match="world="):
+        assert measure.validate_global_batch(8, world=4) == 8
 
 
 # ----------------------------------------------------------------------------- on ranks
@@ -518,7 +544,7 @@ def test_accumulation_unused_and_tied_parameters_units_and_eval():
 def test_measured_bytes_per_rank_match_the_memory_model(n):
     """labkit.memory_model's ZeRO formulas (fp32 Adam: 4 + 4 + 8 bytes per value) against float32 runs: equal up to
     the padding (a shard is ⌈P/N⌉ values where the formula has P/N) and, for ZeRO-3, the per-unit rounding."""
-    from labkit.memory_model import zero_bytes_per_rank
+    from labkit.memory_model import zero_bytes_each_rank
 
     for r in _run(n):
         a = r["adam32"]
@@ -528,12 +554,12 @@ def test_measured_bytes_per_rank_match_the_memory_model(n):
                                       (3, "zero3", {"optimizer": a["zero3"]["state_numel"] * 4,
                                                     "grads": a["zero3"]["grad_numel"] * 4,
                                                     "weights": a["zero3"]["held_numel"] * 4})):
-            model = zero_bytes_per_rank(P, n, stage, precision="fp32", optimizer="adam")
+            model = zero_bytes_each_rank(P, n, stage, precision="fp32", optimizer="adam")
             slack = len(UNITS) if stage == 3 else 1  # values of rounding up, per buffer
             per_value = {"optimizer": 8, "grads": 4, "weights": 4}
             for k, got in measured.items():
                 assert 0 <= got - model[k] < slack * per_value[k], (stage, k, got, model[k])
-        plain = zero_bytes_per_rank(P, n, 0, precision="fp32", optimizer="adam")
+        plain = zero_bytes_each_rank(P, n, 0, precision="fp32", optimizer="adam")
         assert a["ddp"]["state_numel"] * 4 == plain["optimizer"] and a["ddp"]["grad_numel"] * 4 == plain["grads"]
 
 

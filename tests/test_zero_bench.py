@@ -9,16 +9,17 @@ import pytest
 import labkit
 from labkit._validate import ArgumentError
 from labkit.zero import bench
-from labkit.zero.measure import METHODS, memory_rank, mlp, validate_args
+from labkit.zero.lab import memory_rank
+from labkit.zero.measure import MEASURED_METHODS, mlp, validate_args
 
-SIZES = (6, 11, 7, 3)  # the lab's MLP: P = 185, odd, so ZeRO's flat buffer is padded at N = 2
+WIDTHS = (6, 11, 7, 3)  # the lab's MLP: P = 185, odd, so ZeRO's flat buffer is padded at N = 2
 P, N = 185, 2
 _CACHE: dict = {}
 
 
 def _memory() -> list[dict]:
     if "res" not in _CACHE:
-        _CACHE["res"] = labkit.launch(memory_rank, world_size=N, kwargs=dict(sizes=SIZES, steps=2),
+        _CACHE["res"] = labkit.launch(memory_rank, world_size=N, kwargs=dict(widths=WIDTHS, steps=2),
                                       pool=True, echo=False, quiet=True, timeout=240)
     return _CACHE["res"]
 
@@ -51,20 +52,20 @@ def test_bytes_held_follow_the_stage():
 
 def test_peak_is_measured_and_at_least_what_is_held():
     for r in _memory():
-        for m in METHODS:
+        for m in MEASURED_METHODS:
             row = r["rows"][m]
             assert row["peak"] is not None, row["peak_note"]
             assert row["peak"] >= row["total"], (m, row)
 
 
 def test_bench_main_prints_the_tables_with_the_ddp_column(capsys):
-    assert bench.main(["--quick", "--world-sizes", "2", "--sizes", "6,11,7,3", "--rounds", "1", "--pool"]) == 0
+    assert bench.main(["--quick", "--world-sizes", "2", "--widths", "6,11,7,3", "--rounds", "1", "--pool"]) == 0
     out = capsys.readouterr().out
     assert "time / DDP" in out and "sent / Ψ" in out and "torch ZeRO state" in out and "peak / DDP" in out
     timing = out.split("== torch's")[0]
     rows = {ln[1]: ln for ln in map(str.split, timing.splitlines())
-            if len(ln) > 3 and ln[0] == "2" and ln[1] in METHODS}
-    assert set(rows) == set(METHODS)
+            if len(ln) > 3 and ln[0] == "2" and ln[1] in MEASURED_METHODS}
+    assert set(rows) == set(MEASURED_METHODS)
     assert rows["ddp"][3] == "1"  # DDP against itself
 
 
@@ -81,10 +82,10 @@ def test_rows_from_results_without_processes():
 
 def test_bad_arguments_say_what_to_pass():
     with pytest.raises(ArgumentError, match="zero4"):
-        validate_args(("zero4",), SIZES, "float32", "adam", 2, 4, 2)
+        validate_args(("zero4",), WIDTHS, "float32", "adam", 2, 4, 2)
     with pytest.raises(ArgumentError, match="global_batch=5.*multiple of 2"):
-        validate_args(("ddp",), SIZES, "float32", "adam", 2, 5, 2)
-    with pytest.raises(ArgumentError, match=r"sizes.*\(256, 1024, 1024, 10\)"):
+        validate_args(("ddp",), WIDTHS, "float32", "adam", 2, 5, 2)
+    with pytest.raises(ArgumentError, match=r"widths.*\(256, 1024, 1024, 10\)"):
         mlp((7,))
     with pytest.raises(SystemExit):
         bench.main(["--world-sizes", "two"])

@@ -54,20 +54,20 @@ def test_zero1_check_passes_the_answer_and_fails_the_shortcuts():
     assert not lab.check_zero1_step(stub).attempted
 
 
-def bytes_per_rank(params, world, stage):  # the notebook's answer
+def bytes_each_rank(params, world_size, stage):  # the notebook's answer
     weights, grads, state = 4 * params, 4 * params, 8 * params
-    return (weights / (world if stage >= 3 else 1) + grads / (world if stage >= 2 else 1)
-            + state / (world if stage >= 1 else 1))
+    return (weights / (world_size if stage >= 3 else 1) + grads / (world_size if stage >= 2 else 1)
+            + state / (world_size if stage >= 1 else 1))
 
 
 def test_memory_check_passes_the_answer_and_refuses_the_library():
-    assert lab.check_memory_per_rank(bytes_per_rank).passed
-    assert not lab.check_memory_per_rank(lambda p, n, s: 16 * p / n).passed      # everything sharded at every stage
-    from labkit.memory_model import zero_bytes_per_rank
-    refused = lab.check_memory_per_rank(lambda p, n, s: zero_bytes_per_rank(p, n, s, "fp32", "adam")["total"])
+    assert lab.check_memory_each_rank(bytes_each_rank).passed
+    assert not lab.check_memory_each_rank(lambda p, n, s: 16 * p / n).passed      # everything sharded at every stage
+    from labkit.memory_model import zero_bytes_each_rank
+    refused = lab.check_memory_each_rank(lambda p, n, s: zero_bytes_each_rank(p, n, s, "fp32", "adam")["total"])
     assert not refused.passed and all("formulas" in c.detail for c in refused.failed_cases)
-    assert not lab.check_memory_per_rank(stub).attempted
-    assert zero_bytes_per_rank(10, 2, 1)["total"] > 0  # usable again afterwards
+    assert not lab.check_memory_each_rank(stub).attempted
+    assert zero_bytes_each_rank(10, 2, 1)["total"] > 0  # usable again afterwards
 
 
 def test_figures_draw_and_refuse_bad_input():
@@ -75,10 +75,10 @@ def test_figures_draw_and_refuse_bad_input():
     for stage in range(4):
         ax = plots.holdings(stage, 3)
         assert len(ax.patches) == 3 * 3 * 2
-    plots.bytes_per_rank({"ddp": {"weights": 8, "grads": 8, "optimizer": 16}, "zero1": {"weights": 8, "grads": 8,
+    plots.bytes_each_rank({"ddp": {"weights": 8, "grads": 8, "optimizer": 16}, "zero1": {"weights": 8, "grads": 8,
                                                                                         "optimizer": 8}},
                          predicted={"ddp": 32, "zero1": 24})
-    plots.state_per_rank({"zero1": [124, 124, 124], "zero-torch": [154, 132, 84]})
+    plots.state_each_rank({"zero1": [124, 124, 124], "zero-torch": [154, 132, 84]})
     plt.close("all")
     with pytest.raises(Exception, match="stage"):
         plots.holdings(4)

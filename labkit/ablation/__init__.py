@@ -4,7 +4,8 @@
   fine-tuning from pre-trained weights, L1/L2/elastic-net penalties and decoupled weight decay, cross-entropy /
   label smoothing / focal loss, training length, lab 07's pseudo-labels, learning rate), and the losses, penalties
   and augmentations themselves.
-* :mod:`.training`: one trial, a small CNN trained on 200 labelled digits under a :class:`Recipe` (``run_trial``).
+* :mod:`.training`: one trial, a small CNN (:func:`labkit.models.digits_cnn`) trained on 200 labelled digits under a
+  :class:`Recipe` (``run_trial``).
 * :mod:`.study`: :class:`Study` (a baseline, factors, seeds, one-at-a-time or grid design), the trial hash,
   study files in TOML (:func:`load_study`).
 * :mod:`.store`: the SQLite results file (:class:`Store`), crash-safe; :func:`merge` of shard files.
@@ -14,6 +15,7 @@
 * :mod:`.plots`: the differences with their intervals, learning curves.
 * :mod:`.reporting`: :func:`report` (the table, CSV, pandas) and :func:`selection_bias` ("best of N").
 * :mod:`.cli`: ``python -m labkit ablate``.
+* :mod:`.lab`: the rank function, the notebook's runners, exercise checks, tour; :mod:`.bench`.
 """
 import importlib
 

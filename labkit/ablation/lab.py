@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from .._calls import calls_to, refuse
-from ..checks import CheckResult, expect_equal, run_cases
+from ..checks import CheckResult, calls_to, expect_equal, refuse, run_cases
 from ..tour import lab_name
 from . import stats as _stats
 from .factors import FACTORS, Factor

@@ -82,7 +82,8 @@ def _source_of(fn: Callable) -> str:
 
 def code_version(trial_fn: Callable | None = None, sources: dict[str, str] | None = None) -> str:
     """A short hash of the code a trial runs: the trial function's module source (or its own source, for a function
-    defined in a notebook) and the factors' sources (``{name: text}``)."""
+    defined in a notebook; for the lab's own trial, also :mod:`labkit.ablation.factors` and :mod:`labkit.models`)
+    and the factors' sources (``{name: text}``)."""
     fn = trial_fn or default_trial()
     h = hashlib.sha256()
     mod = inspect.getmodule(fn)
@@ -90,11 +91,13 @@ def code_version(trial_fn: Callable | None = None, sources: dict[str, str] | Non
     if path and os.path.exists(path) and getattr(mod, "__name__", "") != "__main__":
         with open(path, "rb") as f:
             h.update(f.read())
-        if getattr(fn, "__module__", "") == "labkit.ablation.training":  # the lab's trial: its factors module too
+        if getattr(fn, "__module__", "") == "labkit.ablation.training":  # the lab's trial: its factors and its CNN too
             import labkit.ablation.factors as factors  # not `from . import`: the package imports this module
+            import labkit.models as models  # labkit.models.digits_cnn, the model every trial trains
 
-            with open(factors.__file__, "rb") as f:
-                h.update(f.read())
+            for dep in (factors, models):
+                with open(dep.__file__, "rb") as f:
+                    h.update(f.read())
     else:
         h.update(_source_of(fn).encode())
     for name in sorted(sources or {}):

@@ -1,4 +1,5 @@
-"""One trial of the ablation study: a small CNN trained on few labelled digits under a :class:`Recipe`.
+"""One trial of the ablation study: a small CNN (:func:`labkit.models.digits_cnn`) trained on few labelled digits
+under a :class:`Recipe`.
 
 The data (scikit-learn's 1797 digits, 8x8 images in [0, 1]) is split once, by :data:`SPLIT_SEED` (never by
 the trial's seed), stratified by class:
@@ -48,9 +49,11 @@ from torch import nn
 
 import labkit.ablation.factors as fx  # not `from . import`: that would import the package, a cycle
 
+from .._compat import warn_renamed
 from .._validate import ArgumentError, validate_choice, validate_int, validate_number
+from ..models import digits_cnn
 
-__all__ = ["Recipe", "BASELINE", "run_trial", "digits_split", "make_cnn", "pretrained_body", "teacher",
+__all__ = ["Recipe", "BASELINE", "run_trial", "digits_split", "pretrained_body", "teacher",
            "pseudo_labels", "N_LABELLED", "N_UNLABELLED", "N_PRETRAIN", "SPLIT_SEED", "TEACHER_WIDTH"]
 
 SPLIT_SEED = 2018
@@ -172,13 +175,10 @@ def pseudo_labels() -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- models
 def make_cnn(width: int = 8, dropout: float = 0.0, classes: int = 10) -> nn.Sequential:
-    """``Sequential(body, head)``: two 3x3 convolutions and a pooling (body), two linear layers with dropout
-    before the last (head); ``labkit.ddp.training.small_cnn``'s shape. Initialised from torch's global RNG."""
-    width = validate_int("width", width, minimum=1)
-    body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
-    head = nn.Sequential(nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, classes))
-    return nn.Sequential(body, head)
+    """Deprecated: :func:`labkit.models.digits_cnn` (``dropout`` and ``classes`` are keywords there)."""
+    warn_renamed("labkit.ablation.training.make_cnn(width, dropout, classes)",
+                 "labkit.models.digits_cnn(width, dropout=dropout, classes=classes)")
+    return digits_cnn(width, dropout=dropout, classes=classes)
 
 
 def _one_thread(fn):
@@ -246,7 +246,7 @@ def pretrained_body(width: int = 8, cache_dir=None) -> nn.Module:
         torch.manual_seed(1)
         x, _ = digits_split()["P"]
         return _fit(make(), x, torch.zeros(len(x), dtype=torch.long), 400, 3e-3, seed=1, augment=_rotations)
-    net = _cached(f"rotation-w{width}", build, lambda: make_cnn(width, classes=4), cache_dir)
+    net = _cached(f"rotation-w{width}", build, lambda: digits_cnn(width, classes=4), cache_dir)
     return net[0]
 
 
@@ -257,7 +257,7 @@ def teacher(cache_dir=None) -> nn.Module:
         s = digits_split()
         x, y = torch.cat([s["P"][0], s["L"][0]]), torch.cat([s["P"][1], s["L"][1]])
         return _fit(make(), x, y, 500, 3e-3, seed=2, augment=lambda a, b, g: (fx.shift(a, g), b))
-    return _cached(f"teacher-w{TEACHER_WIDTH}", build, lambda: make_cnn(TEACHER_WIDTH), cache_dir)
+    return _cached(f"teacher-w{TEACHER_WIDTH}", build, lambda: digits_cnn(TEACHER_WIDTH), cache_dir)
 
 
 # ----------------------------------------------------------------------------- one trial
@@ -297,7 +297,7 @@ def train(recipe: Recipe, seed: int, *, eval_every: int = 25, on_step: Callable 
     curve, window = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = make_cnn(recipe.width, recipe.dropout)
+        model = digits_cnn(recipe.width, dropout=recipe.dropout)
         if body is not None:
             model[0].load_state_dict(body.state_dict())
         if recipe.model_hook is not None:

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 from ..devices import now
 from ..memory_model import bytes_per_parameter
@@ -149,39 +150,43 @@ def _costs_from(profiles_or_costs, key: Callable[[LayerProfile], float]) -> list
     return _as_costs(items)
 
 
-def balance_by_time(profiles_or_costs, k: int, method: str = "dp") -> Split:
-    """The split minimising the slowest stage's forward+backward time (profiles, or a list of ms)."""
-    return min_max_partition(_costs_from(profiles_or_costs, lambda p: p.time_ms), k, method)
+@renamed_kwargs(k="n_stages")
+def balance_by_time(profiles_or_costs, n_stages: int, method: str = "dp") -> Split:
+    """The split into ``n_stages`` minimising the slowest stage's forward+backward time (profiles, or a list of ms)."""
+    return min_max_partition(_costs_from(profiles_or_costs, lambda p: p.time_ms), n_stages, method)
 
 
 # copies of an fp32 parameter that training with Adam keeps: weights, gradients, two moments (16 bytes / 4)
 ADAM_FP32_COPIES = bytes_per_parameter("fp32", "adam")["total"] / 4
 
 
+@renamed_kwargs(micro_batches="n_micro")
 def memory_costs(profiles: Sequence[LayerProfile], param_scale: float = ADAM_FP32_COPIES,
-                 micro_batches: int = 1) -> list[float]:
-    """Bytes each layer needs on its stage: parameters x ``param_scale`` + saved activations x ``micro_batches``.
+                 n_micro: int = 1) -> list[float]:
+    """Bytes each layer needs on its stage: parameters x ``param_scale`` + saved activations x ``n_micro``.
 
     ``param_scale`` counts the copies kept per parameter; the default, 4 (weights, gradients and Adam's two
     moments), comes from :func:`labkit.memory_model.bytes_per_parameter` (``"fp32", "adam"``: 16 bytes per
     4-byte parameter), the same formulas lab 09's calculator uses. A GPipe stage keeps the activations of every
-    micro-batch in flight until its backward (``micro_batches`` of them).
+    micro-batch in flight until its backward (``n_micro`` of them).
     """
     if not isinstance(param_scale, (int, float)) or param_scale < 0:
         raise ValueError(f"param_scale must be a number >= 0 (copies per parameter), got {param_scale!r}")
-    micro_batches = validate_int("micro_batches", micro_batches, minimum=1)
+    n_micro = validate_int("n_micro (micro-batches held)", n_micro, minimum=1)
     if not all(isinstance(p, LayerProfile) for p in profiles):
         raise TypeError("memory_costs needs the LayerProfile list that profile_layers returns")
-    return [float(p.param_bytes * param_scale + p.activation_bytes * micro_batches) for p in profiles]
+    return [float(p.param_bytes * param_scale + p.activation_bytes * n_micro) for p in profiles]
 
 
-def balance_by_memory(profiles_or_costs, k: int, param_scale: float = ADAM_FP32_COPIES, micro_batches: int = 1,
+@renamed_kwargs(k="n_stages", micro_batches="n_micro")
+def balance_by_memory(profiles_or_costs, n_stages: int, param_scale: float = ADAM_FP32_COPIES, n_micro: int = 1,
                       method: str = "dp") -> Split:
-    """The split minimising the largest stage's memory (see :func:`memory_costs`), from profiles or a list of bytes."""
+    """The split into ``n_stages`` minimising the largest stage's memory (see :func:`memory_costs`), from profiles
+    or a list of bytes."""
     items = list(profiles_or_costs)
     if items and all(isinstance(p, LayerProfile) for p in items):
-        items = memory_costs(items, param_scale, micro_batches)
-    return min_max_partition(items, k, method)
+        items = memory_costs(items, param_scale, n_micro)
+    return min_max_partition(items, n_stages, method)
 
 
 # --------------------------------------------------------------------------- layers that sleep

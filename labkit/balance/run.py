@@ -1,15 +1,15 @@
 """Load balancing, measured: predicted vs measured stage times, and real pipeline steps of even and
 balanced splits of a ResNet (the exact solvers are in :mod:`.solvers`, the profiler in :mod:`.profile`).
 
-    cmp = compare_splits(model="small", k=2, batch=16, m=4)   # profiles, solves, measures, runs
-    cmp.table()          # per split: cuts, predicted / measured stage ms, predicted / measured step ms
-    cmp.runs["balanced"].gantt()                               # the measured timeline
+    cmp = compare_splits(model="small", n_stages=2, batch=16, n_micro=4)  # profiles, solves, measures, runs
+    cmp.table()                   # per split: cuts, predicted / measured stage ms, predicted / measured step ms
+    cmp.runs["balanced"].gantt()  # the measured timeline
 
 Three numbers per split, from cheap to real:
 
 * **predicted stage time**: the sum of the profiled layer times (forward + backward, one micro-batch);
 * **measured stage time**: the stage (the layers as one module) timed the same way in this process;
-* **pipeline step**: one GPipe training step on ``k`` real ranks (:func:`labkit.pipeline.run_pipeline`),
+* **pipeline step**: one GPipe training step on ``n_stages`` real ranks (:func:`labkit.pipeline.run_pipeline`),
   next to the step a GPipe timeline predicts from the measured stage times
   (:func:`labkit.balance.gpipe_timeline`). Its steady state delivers one micro-batch per
   ``max_s(stage time)``: the slowest stage sets the pace.
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 from ..partition import even_cuts, stage_ranges, stage_sums, validate_cuts
 from .profile import LayerProfile, as_layers, balance_by_time, profile_layers, sleep_layers
@@ -34,13 +35,13 @@ MODELS = ("small", "resnet18", "mlp")
 def lab_model(name: str = "small", seed: int = 0) -> torch.nn.Sequential:
     """The flattened model the lab balances: ``"small"`` ResNet (11 layers), ``"resnet18"`` (15) or ``"mlp"``.
 
-    The same one :class:`labkit.pipeline.SplitModel` builds on each rank (same name and seed, same weights).
+    The same one :class:`labkit.pipeline.ModelStages` builds on each rank (same name and seed, same weights).
     """
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    from ..pipeline import SplitModel
+    from ..pipeline import ModelStages
 
-    return SplitModel(name, n_stages=1, seed=seed).full()
+    return ModelStages(name, n_stages=1, seed=seed).full()
 
 
 def micro_sample(model: str, rows: int, seed: int = 0) -> torch.Tensor:
@@ -60,14 +61,15 @@ def measure_stages(layers, cuts, sample: torch.Tensor, repeats: int = 3, warmup:
     return profile_layers(stages, sample, repeats=repeats, warmup=warmup)
 
 
+@renamed_kwargs(k="n_stages", m="n_micro")
 @dataclass
 class Comparison:
     """What :func:`compare_splits` found; ``rows`` is one dict per split."""
 
     model: str
-    k: int
+    n_stages: int
     batch: int
-    m: int
+    n_micro: int
     profile: list  # LayerProfile per layer, at micro-batch size
     splits: dict  # name -> cuts
     rows: list = field(default_factory=list)
@@ -114,12 +116,12 @@ def _fmt(xs) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in xs) + "]"
 
 
-def _pipeline_device(device, k: int, pipeline: bool = True) -> tuple[torch.device, str]:
-    """``(device, backend)``: where :func:`compare_splits` profiles and measures, and the backend its ``k``-rank
-    pipeline launches with, so that both run on one kind of device (see its docstring)."""
+def _pipeline_device(device, n_stages: int, pipeline: bool = True) -> tuple[torch.device, str]:
+    """``(device, backend)``: where :func:`compare_splits` profiles and measures, and the backend its
+    ``n_stages``-rank pipeline launches with, so that both run on one kind of device (see its docstring)."""
     from ..runtime.launcher import choose_backend
 
-    auto, reason = choose_backend(k)
+    auto, reason = choose_backend(n_stages)
     ranks_on = "cuda" if auto == "nccl" else "cpu"
     if device is None:
         return torch.device(ranks_on), "auto"
@@ -128,64 +130,68 @@ def _pipeline_device(device, k: int, pipeline: bool = True) -> tuple[torch.devic
         return device, "auto"
     if device.type == "cpu":
         return device, "gloo"  # asked for the CPU on a GPU machine: the ranks too
-    raise ValueError(f"device={str(device)!r}, but a pipeline of k={k} stages runs its ranks on the CPU here "
-                     f"({reason}), and a profile on one device predicts nothing about a run on another: pass "
-                     f"device='cpu', k <= the number of GPUs, or pipeline=False to profile on {device.type} alone")
+    raise ValueError(f"device={str(device)!r}, but a pipeline of n_stages={n_stages} stages runs its ranks on the "
+                     f"CPU here ({reason}), and a profile on one device predicts nothing about a run on another: "
+                     f"pass device='cpu', n_stages <= the number of GPUs, or pipeline=False to profile on "
+                     f"{device.type} alone")
 
 
-def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4, splits: dict | None = None,
-                   repeats: int = 3, pipeline: bool = True, schedule: str = "gpipe", seed: int = 0,
-                   profile: list | None = None, timeout: float = 120, baselines: bool = True,
+@renamed_kwargs(k="n_stages", m="n_micro")
+def compare_splits(model: str = "small", n_stages: int = 2, batch: int = 16, n_micro: int = 4,
+                   splits: dict | None = None, repeats: int = 3, pipeline: bool = True, schedule: str = "gpipe",
+                   seed: int = 0, profile: list | None = None, timeout: float = 120, baselines: bool = True,
                    stage_repeats: int = 5, device: str | None = None) -> Comparison:
-    """Even vs time-balanced (and any ``splits`` you add) for ``model`` cut into ``k`` stages.
+    """Even vs time-balanced (and any ``splits`` you add) for ``model`` cut into ``n_stages`` stages.
 
-    Profiles the layers at micro-batch size ``batch // m`` (or reuses ``profile``), solves the
+    Profiles the layers at micro-batch size ``batch // n_micro`` (or reuses ``profile``), solves the
     exact time balance, measures each stage, predicts a GPipe step from the measured stage times,
-    and (``pipeline=True``) runs ``repeats`` real GPipe steps on ``k`` ranks per split.
+    and (``pipeline=True``) runs ``repeats`` real GPipe steps on ``n_stages`` ranks per split.
     ``splits`` adds named cuts of your own; ``baselines=False`` keeps only those. Each stage is
     timed ``stage_repeats`` times (median); that is cheap, a few ms per stage. ``device``: where the
     profile and the stage measurements run; the pipeline's ranks run there too, so that the prediction and
-    the run it is compared with time the same hardware. Default: where ``backend="auto"`` puts ``k`` ranks,
+    the run it is compared with time the same hardware. Default: where ``backend="auto"`` puts ``n_stages`` ranks,
     ``cuda`` when there is a GPU per stage (NCCL), else ``cpu`` (gloo; one GPU cannot hold two NCCL ranks).
     ``device="cpu"`` on a GPU machine runs the pipeline on gloo; ``device="cuda"`` with fewer GPUs than stages
     is refused (the pipeline could not run there). ``Comparison.device`` says where it all ran.
     """
-    k = validate_int("k (stages, one rank each)", k, minimum=1)
-    m = validate_int("m (micro-batches)", m, minimum=1)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < m:
-        raise ValueError(f"batch must be an int >= m={m} (every micro-batch needs a row), got {batch!r}")
-    if batch % m:
-        raise ValueError(f"a batch of {batch} does not divide into {m} equal micro-batches; the pipeline would run "
-                         f"micro-batches of different sizes, which the stage profile (one micro-batch size) cannot "
-                         f"predict. Pass a batch that is a multiple of m, e.g. {batch - batch % m or m}")
-    device, backend = _pipeline_device(device, k, pipeline)
+    n_stages = validate_int("n_stages (stages, one rank each)", n_stages, minimum=1)
+    n_micro = validate_int("n_micro (micro-batches)", n_micro, minimum=1)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < n_micro:
+        raise ValueError(f"batch must be an int >= n_micro={n_micro} (every micro-batch needs a row), got {batch!r}")
+    if batch % n_micro:
+        raise ValueError(f"a batch of {batch} does not divide into {n_micro} equal micro-batches; the pipeline would "
+                         f"run micro-batches of different sizes, which the stage profile (one micro-batch size) "
+                         f"cannot predict. Pass a batch that is a multiple of n_micro, e.g. "
+                         f"{batch - batch % n_micro or n_micro}")
+    device, backend = _pipeline_device(device, n_stages, pipeline)
     layers = lab_model(model, seed).to(device)
-    extra = {name: validate_cuts(cuts, len(layers), k) for name, cuts in (splits or {}).items()}
-    micro = micro_sample(model, batch // m, seed).to(device)
+    extra = {name: validate_cuts(cuts, len(layers), n_stages) for name, cuts in (splits or {}).items()}
+    micro = micro_sample(model, batch // n_micro, seed).to(device)
     if profile is None:
         profile = profile_layers(layers, micro, repeats=repeats)
     elif len(profile) != len(layers):
         raise ValueError(f"profile has {len(profile)} layers but {model} has {len(layers)}; profile this model")
-    plan = {"even": even_cuts(len(layers), k), "balanced": balance_by_time(profile, k).cuts} if baselines else {}
+    plan = ({"even": even_cuts(len(layers), n_stages), "balanced": balance_by_time(profile, n_stages).cuts}
+            if baselines else {})
     plan.update(extra)
     if not plan:
         raise ValueError("nothing to compare: pass splits={'name': cuts} or keep baselines=True")
-    cmp = Comparison(model, k, batch, m, profile, plan, device=str(device))
+    cmp = Comparison(model, n_stages, batch, n_micro, profile, plan, device=str(device))
     times = [p.time_ms for p in profile]
     x_full = micro_sample(model, batch, seed + 1)
     y_full = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(seed + 2))
     for name, cuts in plan.items():
         stages = measure_stages(layers, cuts, micro, repeats=stage_repeats)
         f, b = [s.forward_ms for s in stages], [s.backward_ms for s in stages]
-        step_ms, events = gpipe_timeline(f, b, m)
+        step_ms, events = gpipe_timeline(f, b, n_micro)
         row = {"split": name, "cuts": cuts, "sizes": [len(x) for x in stage_ranges(cuts, len(layers))],
                "predicted_stage_ms": stage_sums(times, cuts),
                "measured_stage_ms": [s.time_ms for s in stages], "predicted_step_ms": step_ms}
         cmp.predicted_events[name] = events
         if pipeline:
-            from ..pipeline import SplitModel, run_pipeline
+            from ..pipeline import ModelStages, run_pipeline
 
-            run = run_pipeline(SplitModel(model, cuts=cuts, seed=seed), k, (x_full, y_full), m,
+            run = run_pipeline(ModelStages(model, cuts=cuts, seed=seed), n_stages, (x_full, y_full), n_micro,
                                schedule=schedule, repeats=repeats, timeout=timeout, pool=True, backend=backend)
             cmp.runs[name] = run
             row["pipeline_step_ms"] = run.seconds * 1e3
@@ -195,34 +201,36 @@ def compare_splits(model: str = "small", k: int = 2, batch: int = 16, m: int = 4
     return cmp
 
 
-def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), k: int = 2, m: int = 4, backward_ratio: float = 1.0,
-                   splits: dict | None = None, repeats: int = 1, timeout: float = 120) -> Comparison:
+@renamed_kwargs(k="n_stages", m="n_micro")
+def sleep_pipeline(forward_ms=(10, 20, 30, 40, 50, 60), n_stages: int = 2, n_micro: int = 4,
+                   backward_ratio: float = 1.0, splits: dict | None = None, repeats: int = 1,
+                   timeout: float = 120) -> Comparison:
     """Even vs balanced split of layers that *sleep* (known costs, no CPU used), run as a real GPipe pipeline.
 
     Sleeping needs no CPU, so the measured step matches the GPipe prediction even on a busy 2-core
     machine: the cleanest way to see the slowest stage set the pace. Measured stage times are
-    each rank's busy time (forward + backward) divided by ``m``.
+    each rank's busy time (forward + backward) divided by ``n_micro``.
     """
-    from ..pipeline import SplitModel, run_pipeline
+    from ..pipeline import ModelStages, run_pipeline
 
     costs = [f * (1 + backward_ratio) for f in forward_ms]
     n = len(costs)
-    plan = {"even": even_cuts(n, k), "balanced": balance_by_time(costs, k).cuts}
+    plan = {"even": even_cuts(n, n_stages), "balanced": balance_by_time(costs, n_stages).cuts}
     for name, cuts in (splits or {}).items():
-        plan[name] = validate_cuts(cuts, n, k)
-    cmp = Comparison("sleep", k, 2 * m, m, None, plan)
+        plan[name] = validate_cuts(cuts, n, n_stages)
+    cmp = Comparison("sleep", n_stages, 2 * n_micro, n_micro, None, plan)
     build = functools.partial(sleep_layers, list(forward_ms), backward_ratio)
-    x, y = torch.ones(2 * m, 3), torch.zeros(2 * m, 3)
+    x, y = torch.ones(2 * n_micro, 3), torch.zeros(2 * n_micro, 3)
     for name, cuts in plan.items():
         f = stage_sums(list(forward_ms), cuts)
-        step_ms, events = gpipe_timeline(f, [v * backward_ratio for v in f], m)
+        step_ms, events = gpipe_timeline(f, [v * backward_ratio for v in f], n_micro)
         cmp.predicted_events[name] = events
-        run = run_pipeline(SplitModel(build, cuts=cuts), k, (x, y), m, schedule="gpipe", repeats=repeats,
-                           timeout=timeout, pool=True)
+        run = run_pipeline(ModelStages(build, cuts=cuts), n_stages, (x, y), n_micro, schedule="gpipe",
+                           repeats=repeats, timeout=timeout, pool=True)
         cmp.runs[name] = run
         cmp.rows.append({"split": name, "cuts": cuts, "sizes": [len(r) for r in stage_ranges(cuts, n)],
                          "predicted_stage_ms": stage_sums(costs, cuts),
-                         "measured_stage_ms": [b * 1e3 / m for b in run.busy], "predicted_step_ms": step_ms,
-                         "pipeline_step_ms": run.seconds * 1e3, "samples_per_s": 2 * m / run.seconds,
+                         "measured_stage_ms": [b * 1e3 / n_micro for b in run.busy], "predicted_step_ms": step_ms,
+                         "pipeline_step_ms": run.seconds * 1e3, "samples_per_s": 2 * n_micro / run.seconds,
                          "loss": run.loss})
     return cmp

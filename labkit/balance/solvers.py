@@ -6,9 +6,9 @@ slowest stage (which sets the pace of the whole pipeline) is as fast as it can b
     split = balance.balance_by_time(prof, 2)                 # exact: minimises the slowest stage
     split.cuts, split.sizes                                  # [4], [4, 2]: 100 ms | 110 ms
 
-Vocabulary. ``n`` layers are cut into ``k`` contiguous stages by ``k - 1`` *cuts*: a cut ``c``
-means "a new stage starts at layer ``c``", so the cuts are strictly increasing integers in
-``1 .. n-1`` (:mod:`labkit.partition`, shared with :mod:`labkit.sliced` and :class:`labkit.pipeline.SplitModel`).
+Vocabulary (docs/glossary.md). ``n`` layers are cut into ``n_stages`` contiguous stages by ``n_stages - 1``
+*cuts*: a cut ``c`` means "a new stage starts at layer ``c``", so the cuts are strictly increasing integers in
+``1 .. n-1`` (:mod:`labkit.partition`, shared with :mod:`labkit.sliced` and :class:`labkit.pipeline.ModelStages`).
 ``sizes`` (layers per stage, what torchgpipe calls a
 *balance*) say the same thing: ``cuts [4]`` of 6 layers is ``sizes [4, 2]``.
 
@@ -16,13 +16,13 @@ The problem. Given non-negative layer costs ``c_0 .. c_{n-1}``, choose the cuts 
 ``max_s sum(c in stage s)``: the "linear partition" or "block partition" problem. It is solved
 exactly here in two ways (they agree; the tests check both against brute force):
 
-* dynamic programming, ``best[j][i] = min_s max(best[j-1][s], c_s + ... + c_{i-1})``, O(k n^2);
+* dynamic programming, ``best[j][i] = min_s max(best[j-1][s], c_s + ... + c_{i-1})``, O(n_stages n^2);
 * binary search over the answer: the optimum is one of the O(n^2) sums of a contiguous block,
   and "can every stage stay under L?" is answered exactly by a greedy pass that packs layers into
   a stage until the next one would exceed L. The smallest feasible block sum is the optimum.
 
 A greedy split that walks the layers once and starts a new stage when the running sum passes
-``total / k`` is *not* exact; :func:`greedy_split` exists only to show it losing.
+``total / n_stages`` is *not* exact; :func:`greedy_split` exists only to show it losing.
 
 The idea of profiling layers and solving a block partition comes from torchgpipe's
 ``balance_by_time`` / ``balance_by_size`` (kakaobrain/torchgpipe, ``torchgpipe/balance``), whose
@@ -36,6 +36,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 from ..partition import as_costs as _as_costs
 from ..partition import cuts_to_sizes, stage_sums, validate_cuts, validate_stages
@@ -90,102 +91,108 @@ def _greedy_cuts(p: list[float], n: int, limit: float) -> list[int] | None:
     return cuts
 
 
-def fits(costs, k: int, limit: float) -> bool:
-    """Can ``costs`` be cut into at most ``k`` contiguous stages, each summing to at most ``limit``?
+@renamed_kwargs(k="n_stages")
+def fits(costs, n_stages: int, limit: float) -> bool:
+    """Can ``costs`` be cut into at most ``n_stages`` contiguous stages, each summing to at most ``limit``?
 
     Exact, by a greedy pass: put each layer in the current stage unless that would exceed the
     limit, in which case start a new stage. (Closing a stage any earlier can only push more
     layers into later stages, so the greedy pass uses the fewest stages possible.)
     """
     costs = _as_costs(costs)
-    k = validate_int("k (the number of stages)", k, minimum=1)
+    n_stages = validate_int("n_stages (the number of stages)", n_stages, minimum=1)
     cuts = _greedy_cuts(_prefix(costs), len(costs), limit)
-    return cuts is not None and len(cuts) + 1 <= k
+    return cuts is not None and len(cuts) + 1 <= n_stages
 
 
-def _fill_cuts(cuts: list[int], n: int, k: int) -> list[int]:
-    """Add cuts (at the earliest free places) until there are k - 1; splitting a stage never raises the maximum."""
+def _fill_cuts(cuts: list[int], n: int, n_stages: int) -> list[int]:
+    """Add cuts (at the earliest free places) until there are n_stages - 1; splitting a stage never raises the
+    maximum."""
     have = set(cuts)
     for c in range(1, n):
-        if len(have) >= k - 1:
+        if len(have) >= n_stages - 1:
             break
         have.add(c)
     return sorted(have)
 
 
-def _partition_search(costs: list[float], k: int) -> list[int]:
+def _partition_search(costs: list[float], n_stages: int) -> list[int]:
     p, n = _prefix(costs), len(costs)
     candidates = sorted({p[j] - p[i] for i in range(n) for j in range(i + 1, n + 1)})
     lo, hi = 0, len(candidates) - 1  # candidates[hi] (the total) is always feasible
     while lo < hi:
         mid = (lo + hi) // 2
         cuts = _greedy_cuts(p, n, candidates[mid])
-        if cuts is not None and len(cuts) + 1 <= k:
+        if cuts is not None and len(cuts) + 1 <= n_stages:
             hi = mid
         else:
             lo = mid + 1
-    return _fill_cuts(_greedy_cuts(p, n, candidates[lo]), n, k)
+    return _fill_cuts(_greedy_cuts(p, n, candidates[lo]), n, n_stages)
 
 
-def _partition_dp(costs: list[float], k: int) -> list[int]:
+def _partition_dp(costs: list[float], n_stages: int) -> list[int]:
     p, n = _prefix(costs), len(costs)
     inf = float("inf")
     # best[j][i]: the smallest possible slowest stage when the first i layers form j stages
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    arg = [[0] * (n + 1) for _ in range(k + 1)]
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    arg = [[0] * (n + 1) for _ in range(n_stages + 1)]
     best[0][0] = 0
-    for j in range(1, k + 1):
-        for i in range(j, n - (k - j) + 1):
+    for j in range(1, n_stages + 1):
+        for i in range(j, n - (n_stages - j) + 1):
             for s in range(j - 1, i):  # the last stage is layers s .. i-1
                 v = max(best[j - 1][s], p[i] - p[s])
                 if v < best[j][i]:
                     best[j][i], arg[j][i] = v, s
     cuts, i = [], n
-    for j in range(k, 1, -1):
+    for j in range(n_stages, 1, -1):
         i = arg[j][i]
         cuts.append(i)
     return cuts[::-1]
 
 
-def min_max_partition(costs, k: int, method: str = "dp") -> Split:
-    """Cut ``costs`` into ``k`` contiguous non-empty stages minimising the largest stage sum (exact).
+@renamed_kwargs(k="n_stages")
+def min_max_partition(costs, n_stages: int, method: str = "dp") -> Split:
+    """Cut ``costs`` into ``n_stages`` contiguous non-empty stages minimising the largest stage sum (exact).
 
     ``method="dp"`` (dynamic programming) or ``"search"`` (binary search over the answer with the
     greedy :func:`fits` test). Both return an optimal split; when several splits are optimal they
     may pick different ones.
     """
     costs = _as_costs(costs)
-    validate_stages(k, len(costs))
+    validate_stages(n_stages, len(costs))
     if method == "dp":
-        cuts = _partition_dp(costs, k)
+        cuts = _partition_dp(costs, n_stages)
     elif method == "search":
-        cuts = _partition_search(costs, k)
+        cuts = _partition_search(costs, n_stages)
     else:
         raise ValueError(f"method must be 'dp' or 'search', got {method!r}")
     return evaluate_split(costs, cuts)
 
 
-def brute_force_partition(costs, k: int) -> Split:
-    """Try every way to place k - 1 cuts (C(n-1, k-1) of them): the reference for small cases."""
+@renamed_kwargs(k="n_stages")
+def brute_force_partition(costs, n_stages: int) -> Split:
+    """Try every way to place n_stages - 1 cuts (C(n-1, n_stages-1) of them): the reference for small cases."""
     costs = _as_costs(costs)
     n = len(costs)
-    validate_stages(k, n)
-    if math.comb(n - 1, k - 1) > 200_000:
-        raise ValueError(f"brute force over C({n - 1}, {k - 1}) splits would take too long; use min_max_partition")
-    best = min((evaluate_split(costs, list(c)) for c in itertools.combinations(range(1, n), k - 1)),
+    validate_stages(n_stages, n)
+    if math.comb(n - 1, n_stages - 1) > 200_000:
+        raise ValueError(f"brute force over C({n - 1}, {n_stages - 1}) splits would take too long; "
+                         f"use min_max_partition")
+    best = min((evaluate_split(costs, list(c)) for c in itertools.combinations(range(1, n), n_stages - 1)),
                key=lambda s: s.bottleneck)
     return best
 
 
-def greedy_split(costs, k: int) -> Split:
-    """NOT exact: one left-to-right pass that closes a stage once it reaches total/k. Shown to lose."""
+@renamed_kwargs(k="n_stages")
+def greedy_split(costs, n_stages: int) -> Split:
+    """NOT exact: one left-to-right pass that closes a stage once it reaches total/n_stages. Shown to lose."""
     costs = _as_costs(costs)
     n = len(costs)
-    validate_stages(k, n)
-    target, cuts, acc = sum(costs) / k, [], 0.0
+    validate_stages(n_stages, n)
+    target, cuts, acc = sum(costs) / n_stages, [], 0.0
     for i, c in enumerate(costs):
         acc += c
-        left_layers, left_stages = n - (i + 1), k - 1 - len(cuts)
+        left_layers, left_stages = n - (i + 1), n_stages - 1 - len(cuts)
         if left_stages and (acc >= target or left_layers == left_stages) and left_layers >= left_stages:
             cuts.append(i + 1)
             acc = 0.0
@@ -193,24 +200,25 @@ def greedy_split(costs, k: int) -> Split:
 
 
 # --------------------------------------------------------------------------- what the split predicts
-def gpipe_timeline(forward_ms: Sequence[float], backward_ms: Sequence[float], m: int,
+@renamed_kwargs(m="n_micro")
+def gpipe_timeline(forward_ms: Sequence[float], backward_ms: Sequence[float], n_micro: int,
                    comm_ms: float = 0.0) -> tuple[float, list[dict]]:
-    """Predict a GPipe step: stage s spends forward_ms[s] / backward_ms[s] per micro-batch; m micro-batches.
+    """Predict a GPipe step: stage s spends forward_ms[s] / backward_ms[s] per micro-batch; ``n_micro`` of them.
 
     Every forward of micro-batch i on stage s waits for stage s-1 to finish it (plus ``comm_ms``)
     and for stage s to finish micro-batch i-1; backwards run after the last forward, in reverse.
     Played by :func:`labkit.pipeline.simulate` on the GPipe schedule. Returns
     ``(makespan_ms, events)``, events in the :func:`labkit.viz.gantt` format (seconds). In the
     steady state one micro-batch leaves every ``max_s(forward_ms[s] + backward_ms[s])``: the
-    slowest stage sets the pace, and with equal stages the step is ``(m + p - 1)(f + b)``.
+    slowest stage sets the pace, and with equal stages the step is ``(n_micro + n_stages - 1)(f + b)``.
     """
     from ..pipeline.schedules import gpipe, simulate
 
     f, b = _as_costs(forward_ms, "forward_ms"), _as_costs(backward_ms, "backward_ms")
     if len(f) != len(b):
         raise ValueError(f"forward_ms has {len(f)} stages but backward_ms has {len(b)}; give one time per stage")
-    m = validate_int("m (micro-batches)", m, minimum=1)
-    sim = simulate(gpipe(len(f), m), forward=list(f), backward=list(b), comm=comm_ms)
+    n_micro = validate_int("n_micro (micro-batches)", n_micro, minimum=1)
+    sim = simulate(gpipe(len(f), n_micro), forward=list(f), backward=list(b), comm=comm_ms)
     events = [dict(e, start=e["start"] / 1e3, end=e["end"] / 1e3,
                    label=("F" if e["kind"] == "forward" else "B") + str(e["micro"])) for e in sim["events"]]
     return sim["makespan"], events

@@ -141,17 +141,6 @@ def wire_bytes(op: str, payload: int, n: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------- operators
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_seq(g, ctx.group), None
-
-
 def _all_gather_seq(x, group):
     """``b × s/n × ...`` on each of n ranks -> ``b × s × ...``, the ranks' slices in order along dim 1."""
     import torch.distributed as dist
@@ -179,15 +168,27 @@ def _reduce_scatter_seq(x, group):
     return out
 
 
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
+def _seq_function(name: str, collective, its_gradient) -> type:
+    """An autograd function over the sequence: ``collective(x, group)`` in the forward, ``its_gradient(g, group)``
+    (the other collective of the pair) on the gradient; ``group`` is not differentiated."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return _all_gather_seq(g, ctx.group), None
+    class SeqFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, group):
+            ctx.group = group
+            return collective(x, group)
+
+        @staticmethod
+        def backward(ctx, g):
+            return its_gradient(g, ctx.group), None
+
+    SeqFunction.__name__ = SeqFunction.__qualname__ = name
+    return SeqFunction
+
+
+# each is the other's backward: an all-gather's gradient is a reduce-scatter, and a reduce-scatter's an all-gather
+_GatherSeq = _seq_function("_GatherSeq", _all_gather_seq, _reduce_scatter_seq)
+_ScatterSeq = _seq_function("_ScatterSeq", _reduce_scatter_seq, _all_gather_seq)
 
 
 def gather_seq(x, group):

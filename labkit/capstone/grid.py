@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compat import moved_names
 from .._validate import ArgumentError, validate_int
 from ..devices import now
 from ..runtime.mesh import validate_shape
@@ -31,9 +32,9 @@ from .model import Config, build, make_optimizer, sort_batch, stage_layers
 from .tp import ParallelStage, assemble, validate_tp
 
 
-def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
-    """The micro-batches per replica: ``n_micro`` checked, or by default the largest of 4, 2, 1 that divides the
-    replica's rows."""
+def choose_n_micro(batch: int, dp: int, n_micro: int | None = None) -> int:
+    """How many micro-batches each replica cuts its ``batch / dp`` rows into: ``n_micro`` checked, or by default
+    the largest of 4, 2, 1 that divides the replica's rows."""
     batch, dp = validate_int("batch", batch, minimum=1), validate_int("dp", dp, minimum=1)
     if batch % dp:
         ok = [d for d in range(1, batch + 1) if batch % d == 0]
@@ -52,12 +53,12 @@ def micro_batches(batch: int, dp: int, n_micro: int | None) -> int:
 
 def validate_grid(dp: int, pp: int, tp: int, cfg: Config = Config(), sp: bool = False, batch: int = 16,
                n_micro: int | None = None) -> int:
-    """Every bad-input check, before any process starts; returns the micro-batches per replica."""
+    """Every bad-input check, before any process starts; returns ``n_micro``, the micro-batches per replica."""
     dp, pp, tp = validate_shape(validate_int("dp", dp, minimum=1) * validate_int("pp", pp, minimum=1)
                              * validate_int("tp", tp, minimum=1), dp, pp, tp)
     validate_tp(cfg, tp, sp)
     stage_layers(cfg.layers, pp)
-    return micro_batches(batch, dp, n_micro)
+    return choose_n_micro(batch, dp, n_micro)
 
 
 def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, steps: int = 3, batch: int = 16,
@@ -69,29 +70,48 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
     from ..pipeline.executor import pipeline_rank
 
     n_micro = validate_grid(dp, pp, tp, cfg, sp, batch, n_micro)
+    # this rank's place on the grid: its (dp, pp, tp) coordinates and one process group per dimension
     mesh = ctx.mesh(dp=dp, pp=pp, tp=tp)
     c = mesh.coords
+    # every rank builds the whole reference model from the same seed, then keeps only its share: the layers of
+    # pipeline stage c["pp"], and within them the heads, MLP columns and vocabulary rows of tp rank c["tp"]
     stage = ParallelStage(build(cfg, seed, dtype), c["pp"], pp, mesh.group("tp"), c["tp"], tp, sp).to(ctx.device)
+    # the dp replicas of this share average their gradients through lab 02's BucketedDDP (no initial broadcast:
+    # the seed already made the replicas equal); with dp = 1 there is nobody to average with
     module = BucketedDDP(stage, group=mesh.group("dp"), broadcast=False) if dp > 1 else stage
+    # Adam on the local shard only: its state is element-wise, so shards step exactly as the whole model would
     opt = make_optimizer(stage.parameters(), lr)
     rows = batch // dp
+    # counts every collective and send by group from here on (the bytes traffic.predict must match)
     meter = CommMeter({"dp": mesh.group("dp"), "pp": mesh.group("pp"), "tp": mesh.group("tp")})
     out = {"coords": c, "losses": [], "times": [], "busy": [], "spans": []}
     for step in range(steps):
+        # the same global batch one process trains on at this step (same seed), then this replica's rows of it
         x, y = sort_batch(batch, cfg, seed=seed * 1000 + step)
         x, y = x[c["dp"] * rows:(c["dp"] + 1) * rows], y[c["dp"] * rows:(c["dp"] + 1) * rows]
         t0 = now(ctx.device)  # the step's span, synchronised at both ends: on a GPU it ends when its work has run
         with meter:
+            # forward and backward of n_micro micro-batches through lab 04's executor, 1F1B over the pp group:
+            # activations go to the next stage, their gradients come back. Inside each stage's forward and
+            # backward the tp collectives run (Megatron's f and g, or all-gather/reduce-scatter under sp, and
+            # the vocabulary-parallel loss on the last stage). It zeroes the gradients first, and leaves each
+            # parameter's gradient summed over the micro-batches, weighted so that it is the replica's mean loss
             run = pipeline_rank(ctx, None, (x, y), n_micro, "1f1b", loss_fn=stage.loss, repeats=1, warmup=0,
                                 group=mesh.group("pp"), stages={0: module})
+            # under sequence parallelism the LayerNorms, biases and position table saw 1/t of the sequence on
+            # each tp rank: sum their partial gradients over the tp group (a no-op without sp)
             stage.sync_sp_grads()
             if dp > 1:
+                # average the gradients over the dp replicas: one flat all-reduce per bucket. The replicas'
+                # rows make up the global batch, so their mean gradient is the whole batch's gradient
                 module.sync_grads()
+        # the update: every rank now holds its shard of exactly the gradient one process computes, so after
+        # this step its shard equals that slice of the one-process model (GridRun.compare checks it to 1e-9)
         opt.step()
         out["times"].append((t0, now(ctx.device)))
-        out["spans"].append(run["times"][0])
+        out["spans"].append(run["times"][0])  # the executor's step span and busy time give the pipeline's bubble
         out["busy"].append(run["busy"][0])
-        if run["loss"] is not None:
+        if run["loss"] is not None:  # only the last stage computes the loss
             out["losses"].append(run["loss"])
     out["bytes"] = {f"{g}/{op}": v["bytes"] / steps for g, ops in meter.by_group().items() for op, v in ops.items()}
     out["calls"] = {f"{g}/{op}": v["calls"] / steps for g, ops in meter.by_group().items() for op, v in ops.items()}
@@ -176,3 +196,7 @@ def run_grid(dp: int = 2, pp: int = 2, tp: int = 2, sp: bool = False, steps: int
                 bubbles.append(1 - sum(r["busy"][s] for r in pipe) / (len(pipe) * span) if span > 0 else 0.0)
     return GridRun(dp, pp, tp, sp, n_micro, losses, params, nbytes, calls, step_s, statistics.median(bubbles),
                    list(res))
+
+
+# renamed in issue 30 (one release): it returns a count, n_micro, not micro-batches
+__getattr__ = moved_names(__name__, {"micro_batches": "labkit.capstone.grid:choose_n_micro"})

@@ -1,5 +1,8 @@
-"""Lab 11's exercise checks and tour.
+"""Lab 11's rank functions, exercise checks and tour.
 
+- the rank functions the notebook launches, :func:`~labkit.capstone.grid.train_rank` (one rank of the grid) and
+  :func:`~labkit.capstone.torch_impl.compare_block_rank` (one block three ways: unsplit, labkit's, torch's), and
+  the argument validator :func:`~labkit.capstone.grid.validate_grid`, imported here from where they are defined.
 - :func:`check_mesh_groups`: the learner places ranks on a mesh; the check compares every rank's three groups
   with the layout of ``init_device_mesh`` (``arange(world).view(dp, pp, tp)``, which the tests check against real
   process groups), for meshes drawn afresh, while labkit's own mesh arithmetic refuses to run.
@@ -16,11 +19,15 @@ import time
 
 import torch
 
-from ..checks import CheckResult, refusing, run_cases
+from ..checks import CheckResult, refusing, refusing_launches, run_cases
 from ..runtime import mesh as _mesh
-from ..runtime.launcher import refusing_launches
 from ..tour import lab_name
 from .comm import CommMeter, wire_bytes
+from .grid import train_rank, validate_grid
+from .torch_impl import compare_block_rank
+
+__all__ = ["MESHES", "train_rank", "compare_block_rank", "validate_grid", "check_mesh_groups", "check_tp_mlp_bytes",
+           "check_configuration", "tour"]
 
 MESHES = ((2, 2, 2), (1, 2, 4), (4, 2, 1), (2, 1, 4), (2, 4, 1), (1, 1, 8), (3, 2, 2))
 
@@ -32,7 +39,8 @@ def check_mesh_groups(place) -> CheckResult:
     def case(dp, pp, tp):
         def thunk():
             grid = torch.arange(dp * pp * tp).view(dp, pp, tp)
-            with refusing(_mesh, "you called labkit's mesh arithmetic: compute the groups from the layout yourself"):
+            with refusing(_mesh.coords_of, _mesh.members_of, _mesh.layout,
+                          why="you called labkit's mesh arithmetic: compute the groups from the layout yourself"):
                 for g in range(dp * pp * tp):
                     d, p, t = ((grid == g).nonzero()[0]).tolist()
                     want = {"dp": grid[:, p, t].tolist(), "pp": grid[d, :, t].tolist(), "tp": grid[d, p, :].tolist()}
@@ -107,8 +115,8 @@ def check_configuration(choose, model, cluster) -> CheckResult:
     from .planner import plan, rule_out
 
     def thunk():
-        with refusing(_planner, "you called the planner: choose from the model's memory and the placement rule "
-                                "yourself"):
+        with refusing(_planner.evaluate, why="you called the planner: choose from the model's memory and the "
+                                             "placement rule yourself"):
             choice = choose(model, cluster)
         if not (isinstance(choice, (tuple, list)) and len(choice) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in choice)):
@@ -164,7 +172,6 @@ def tour(world_size: int = 2) -> list[dict]:
 
     def torch_tp():
         from .. import launch
-        from .torch_ref import compare_block_rank
 
         out = launch(compare_block_rank, world_size=2, echo=False, quiet=True, timeout=180)[0]
         if "torch_error" in out:

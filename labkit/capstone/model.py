@@ -5,10 +5,11 @@ the model learns next-token prediction on it. Generated from a seed, so nothing 
 the same on every rank and in every run.
 
 **Model** (:class:`TinyGPT`): a decoder-only transformer (GPT-2's pre-LayerNorm block): token and learned
-position embeddings, ``layers`` blocks of causal self-attention and a GELU MLP (4× wide), a final LayerNorm and
-an untied output layer. The attention's fused ``qkv`` layer lays its outputs out head by head, ``(head, q/k/v,
-head_dim)``, as Megatron-LM does, so that a contiguous split of its outputs gives whole heads (lab 11's tensor
-parallelism cuts it that way). Dropout is left out: the equivalence checks compare runs to 1e-9.
+position embeddings, ``layers`` blocks of causal self-attention and a GELU MLP (``ffn_width`` wide, 4 × ``width``
+by default), a final LayerNorm and an untied output layer. The attention's fused ``qkv`` layer lays its outputs out
+head by head, ``(head, q/k/v, head_dim)``, as Megatron-LM does, so that a contiguous split of its outputs gives
+whole heads (lab 11's tensor parallelism cuts it that way). Dropout is left out: the equivalence checks compare
+runs to 1e-9.
 
 :func:`stage_layers` cuts the blocks into pipeline stages; :func:`train_single` trains the whole model in this
 process, with the loss and optimiser the grid uses.
@@ -22,26 +23,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import renamed_kwargs
 from .._validate import ArgumentError, validate_int
 
 
+# hidden: the old name of the MLP's width (the resolved one), a property, not an argument
+@renamed_kwargs(ffn="ffn_width", hidden="resolved_ffn_width")
 @dataclass(frozen=True)
 class Config:
     """The model's shape. The defaults make every mesh of 2, 4 or 8 ranks valid: 8 layers, 8 heads, width 64,
-    a vocabulary of 16 and 16 positions all divide by 8."""
+    a vocabulary of 16 and 16 positions all divide by 8.
+
+    ``ffn_width`` is the MLP's inner width as asked for: ``None`` means 4 × ``width``, and stays ``None``, so that
+    ``dataclasses.replace(cfg, width=...)`` keeps meaning 4 × the new width; :attr:`resolved_ffn_width` is the
+    number the layers are built with."""
 
     layers: int = 8
     width: int = 64
     heads: int = 8
     vocab: int = 16
     seq: int = 16          # positions the model sees: 2k for sequences of k digits
-    ffn: int | None = None  # the MLP's hidden width, 4 × width by default
+    ffn_width: int | None = None  # the MLP's inner width; None: 4 × width
 
     def __post_init__(self):
         for name in ("layers", "width", "heads", "vocab", "seq"):
             validate_int(name, getattr(self, name), minimum=1)
-        if self.ffn is not None:
-            validate_int("ffn", self.ffn, minimum=1)
+        if self.ffn_width is not None:
+            validate_int("ffn_width", self.ffn_width, minimum=1)
         if self.width % self.heads:
             raise ArgumentError(f"width={self.width} does not split into heads={self.heads} equal heads: pass a width "
                                 f"that is a multiple of {self.heads}")
@@ -50,8 +58,9 @@ class Config:
                                 "then the separator)")
 
     @property
-    def hidden(self) -> int:
-        return self.ffn or 4 * self.width
+    def resolved_ffn_width(self) -> int:
+        """The MLP's inner width the layers are built with: ``ffn_width``, or 4 × ``width`` when it is None."""
+        return self.ffn_width or 4 * self.width
 
     @property
     def head_dim(self) -> int:
@@ -94,8 +103,8 @@ class Block(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
         self.ln2 = nn.LayerNorm(cfg.width)
-        self.fc1 = nn.Linear(cfg.width, cfg.hidden)
-        self.fc2 = nn.Linear(cfg.hidden, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.resolved_ffn_width)
+        self.fc2 = nn.Linear(cfg.resolved_ffn_width, cfg.width)
 
     def forward(self, x):
         x = x + self.proj(attend(self.qkv(self.ln1(x)), self.heads))

@@ -6,9 +6,9 @@ prints the ranking. What each grid is scored on, per GPU, for one optimiser step
 
 **Memory** (the busiest GPU: the first pipeline stage, which holds the most micro-batches under 1F1B and the
 embedding): lab 09's formulas from :mod:`labkit.memory_model`. Its parameter share is
-(params - E)/(tp·pp) + E/tp, E = (vocab + positions)·hidden, the embedding tables that Megatron-LM places on the
+(params - E)/(tp·pp) + E/tp, E = (vocab + positions)·width, the embedding tables that Megatron-LM places on the
 first stage and splits over tp; weights, gradients and optimiser state are :func:`~labkit.memory_model.
-zero_bytes_per_rank` of that share (ZeRO stage 0 or 1 over dp). Activations are
+zero_bytes_each_rank` of that share (ZeRO stage 0 or 1 over dp). Activations are
 :func:`~labkit.memory_model.transformer_activations` of one stage's layers (tp, sequence parallel, recompute,
 flash) times :func:`~labkit.memory_model.pipeline_in_flight` (1F1B, stage 0: min(pp, m) micro-batches); with
 full recomputation, one layer's activations rebuilt for its backward come on top (``working``). A share
@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .._compat import renamed_kwargs
 from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from ..memory_model import (
     GB,
@@ -57,13 +58,12 @@ from ..memory_model import (
     pipeline_in_flight,
     transformer_activations,
     transformer_params,
-    zero_bytes_per_rank,
+    zero_bytes_each_rank,
 )
 from ..runtime.mesh import rank_of, validate_shape
 from ..viz import format_table
 
 __all__ = ["Model", "Cluster", "Candidate", "plan", "rule_out", "evaluate", "table"]
-_REFUSE: str | None = None  # set by lab 11's exercise check while the learner's choice is made
 
 
 def _check_bool(name, value, hint=""):
@@ -72,21 +72,23 @@ def _check_bool(name, value, hint=""):
     return value
 
 
+@renamed_kwargs(hidden="width", ffn="ffn_width")
 @dataclass(frozen=True)
 class Model:
     """A GPT-style transformer and how it is trained. ``params`` defaults to
     :func:`~labkit.memory_model.transformer_params` (``positions`` learned position embeddings, ``tied`` output
-    head); ``micro_batch`` and ``global_batch`` count sequences of ``seq`` tokens; ``zero`` is the ZeRO stage
-    over dp (0 or 1); ``sp`` turns on sequence parallelism when tp > 1."""
+    head, ``ffn_width`` the MLP's inner width, 4 × ``width`` when left out); ``micro_batch`` and ``global_batch``
+    count sequences of ``seq`` tokens; ``zero`` is the ZeRO stage over dp (0 or 1); ``sp`` turns on sequence
+    parallelism when tp > 1."""
 
     layers: int
-    hidden: int
+    width: int
     heads: int
     seq: int
     vocab: int
     global_batch: int
     micro_batch: int = 1
-    ffn: int | None = None
+    ffn_width: int | None = None
     params: int | None = None
     positions: int = 0
     tied: bool = True
@@ -98,17 +100,17 @@ class Model:
     zero: int = 0
 
     def __post_init__(self):
-        for name in ("layers", "hidden", "heads", "seq", "vocab", "global_batch", "micro_batch"):
+        for name in ("layers", "width", "heads", "seq", "vocab", "global_batch", "micro_batch"):
             validate_int(name, getattr(self, name), minimum=1)
-        if self.hidden % self.heads:
-            raise ArgumentError(f"heads must divide hidden={self.hidden}, got heads={self.heads}; pick one of "
-                                f"{_divisors(self.hidden, 128)[-6:]}, say")
+        if self.width % self.heads:
+            raise ArgumentError(f"heads must divide width={self.width}, got heads={self.heads}; pick one of "
+                                f"{_divisors(self.width, 128)[-6:]}, say")
         if self.micro_batch > self.global_batch:
             raise ArgumentError(f"micro_batch must be <= global_batch={self.global_batch}, got "
                                 f"{self.micro_batch}; pass a micro_batch that divides the global batch")
-        if self.ffn is None:
-            object.__setattr__(self, "ffn", 4 * self.hidden)
-        validate_int("ffn", self.ffn, minimum=1, hint="the MLP width (4·hidden by default)")
+        if self.ffn_width is None:
+            object.__setattr__(self, "ffn_width", 4 * self.width)
+        validate_int("ffn_width", self.ffn_width, minimum=1, hint="the MLP's inner width (4·width by default)")
         validate_int("positions", self.positions, minimum=0, hint="learned position embeddings (0: none, e.g. rotary)")
         for name in ("tied", "flash", "sp"):
             _check_bool(name, getattr(self, name))
@@ -118,14 +120,14 @@ class Model:
         validate_int("zero", self.zero, minimum=0, maximum=1,
                   hint="the planner models ZeRO stage 0 (none) or 1 (optimiser state sharded over dp)")
         if self.params is None:
-            object.__setattr__(self, "params", transformer_params(self.layers, self.hidden, self.vocab, self.ffn,
-                                                                  self.tied, self.positions))
+            object.__setattr__(self, "params", transformer_params(self.layers, self.width, self.vocab,
+                                                                  self.ffn_width, self.tied, self.positions))
         validate_int("params", self.params, minimum=1, hint="leave it out to count it from the shape")
 
     @property
     def embedding(self) -> int:
         """Parameters of the embedding tables (tokens and learned positions), placed on the first stage."""
-        return min(self.params, (self.vocab + self.positions) * self.hidden)
+        return min(self.params, (self.vocab + self.positions) * self.width)
 
     @property
     def bytes_per_value(self) -> int:
@@ -135,19 +137,18 @@ class Model:
 
 @dataclass(frozen=True)
 class Cluster:
-    """``gpus`` GPUs, ``gpus_per_node`` to a node, each with ``gpu_memory_gb`` (10⁹ bytes, the unit of the
-    estimate; an "80 GB" A100 holds 80 GiB = 85.9 GB, so 80 leaves that 7% as extra margin), links of
-    ``intra_node_GBps`` (NVLink) and ``inter_node_GBps`` (the GPU's network card) in GB/s, ``peak_tflops`` of
-    16-bit matrix arithmetic reached at ``mfu`` of it, and ``headroom``, the share of memory not planned on."""
+    """A cluster of ``gpus`` GPUs in nodes of ``gpus_per_node``: each GPU's memory, its links inside and between
+    nodes, its arithmetic speed, and the share of its memory the plan leaves free. Memory is in GB of 10⁹ bytes,
+    the unit of the estimate: an "80 GB" A100 holds 80 GiB = 85.9 GB, so 80 leaves that 7% as extra margin."""
 
     gpus: int
-    gpus_per_node: int = 8
-    gpu_memory_gb: float = 80.0
-    intra_node_GBps: float = 300.0
-    inter_node_GBps: float = 25.0
-    peak_tflops: float = 312.0
-    mfu: float = 0.5
-    headroom: float = 0.1
+    gpus_per_node: int = 8           # GPUs joined by NVLink inside one node
+    gpu_memory_gb: float = 80.0      # each GPU's memory, GB
+    intra_node_GBps: float = 300.0   # GB/s a GPU sends to another of its node (NVLink)
+    inter_node_GBps: float = 25.0    # GB/s a GPU sends to another node (its own network card)
+    peak_tflops: float = 312.0       # peak 16-bit matrix arithmetic, TFLOP/s
+    mfu: float = 0.5                 # the share of that peak the matrix products reach
+    headroom: float = 0.1            # the share of memory not planned on (CUDA context, NCCL, fragmentation)
 
     def __post_init__(self):
         validate_int("gpus", self.gpus, minimum=1)
@@ -167,17 +168,18 @@ class Cluster:
         return self.gpu_memory_gb * (1 - self.headroom)
 
 
+@renamed_kwargs(micro_batches="n_micro")
 @dataclass
 class Candidate:
     """One (dp, pp, tp) grid, scored: memory per GPU in GB (``memory``: the breakdown), bytes each GPU sends and
     their seconds per group (``comm_bytes``, ``comm_seconds``, over the ``links`` "intra"/"inter"), the
-    ``micro_batches`` m per replica, the pipeline ``bubble``, ``compute_seconds`` and ``step_seconds``.
+    ``n_micro`` micro-batches m per replica, the pipeline ``bubble``, ``compute_seconds`` and ``step_seconds``.
     ``reasons``: why the grid cannot be used (empty when it can). Figures that cannot be computed are NaN."""
 
     dp: int
     pp: int
     tp: int
-    micro_batches: int = 0
+    n_micro: int = 0
     memory_gb: float = math.nan
     memory: dict = field(default_factory=dict)
     comm_bytes: dict = field(default_factory=dict)
@@ -193,7 +195,7 @@ class Candidate:
         return not self.reasons
 
     def as_row(self) -> dict:
-        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "memory GB": self.memory_gb, "m": self.micro_batches,
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "memory GB": self.memory_gb, "m": self.n_micro,
                 "bubble": self.bubble, **{f"{k} comm s": self.comm_seconds.get(k, math.nan) for k in
                                           ("tp", "pp", "dp")},
                 "step s": self.step_seconds, "verdict": "ok" if self.feasible else self.reasons[0]}
@@ -227,11 +229,9 @@ def _divisors(n: int, limit: int) -> list:
 def evaluate(dp: int, pp: int, tp: int, model: Model, cluster: Cluster, max_bubble: float = 0.25,
              overlap_dp: bool = False) -> Candidate:
     """Score one grid (see the module docstring); refuse one whose dp·pp·tp is not ``cluster.gpus``."""
-    if _REFUSE:
-        raise AssertionError(_REFUSE)
     if not isinstance(model, Model):
         raise ArgumentError(f"model must be a planner.Model, got {type(model).__name__}; build one with "
-                            "Model(layers=, hidden=, heads=, seq=, vocab=, global_batch=)")
+                            "Model(layers=, width=, heads=, seq=, vocab=, global_batch=)")
     if not isinstance(cluster, Cluster):
         raise ArgumentError(f"cluster must be a planner.Cluster, got {type(cluster).__name__}; build one with "
                             "Cluster(gpus=, ...)")
@@ -245,10 +245,10 @@ def evaluate(dp: int, pp: int, tp: int, model: Model, cluster: Cluster, max_bubb
             f"tp={tp} does not divide the {node} GPUs per node, so some tp groups straddle two nodes"
         why.append(f"tensor parallel across nodes: {where}, and its all-reduces in every layer would run over the "
                    f"{cluster.inter_node_GBps:g} GB/s network instead of {cluster.intra_node_GBps:g} GB/s")
-    bad = [f"{n}={v}" for n, v in (("heads", M.heads), ("hidden", M.hidden), ("ffn", M.ffn)) if v % tp]
+    bad = [f"{n}={v}" for n, v in (("heads", M.heads), ("width", M.width), ("ffn_width", M.ffn_width)) if v % tp]
     if bad:
         why.append(f"tp={tp} does not divide {' and '.join(bad)}: tensor parallelism splits the heads and the "
-                   f"matrix widths evenly; tp can be one of {_divisors(math.gcd(M.heads, M.hidden, M.ffn), node)}")
+                   f"matrix widths evenly; tp can be one of {_divisors(math.gcd(M.heads, M.width, M.ffn_width), node)}")
     if pp > M.layers:
         why.append(f"pp={pp} > layers={M.layers}: every pipeline stage needs at least one layer")
     elif M.layers % pp:
@@ -259,16 +259,16 @@ def evaluate(dp: int, pp: int, tp: int, model: Model, cluster: Cluster, max_bubb
         why.append(f"global_batch={M.global_batch} does not split into dp={dp} replicas × micro_batch="
                    f"{M.micro_batch} ({M.global_batch / share:.3g} micro-batches each): pick a dp that divides "
                    f"global_batch/micro_batch")
-    m = c.micro_batches = M.global_batch // share
+    m = c.n_micro = M.global_batch // share
     if bad or pp > M.layers or m == 0:
         return c
-    bpv, bsh = M.bytes_per_value, M.micro_batch * M.seq * M.hidden * M.bytes_per_value
+    bpv, bsh = M.bytes_per_value, M.micro_batch * M.seq * M.width * M.bytes_per_value
     stage_layers = math.ceil(M.layers / pp)
     # memory of the first stage
     share_params = round((M.params - M.embedding) / (tp * pp) + M.embedding / tp)
-    states = zero_bytes_per_rank(share_params, dp, M.zero, M.precision, M.optimizer)
+    states = zero_bytes_each_rank(share_params, dp, M.zero, M.precision, M.optimizer)
     sp = M.sp and tp > 1
-    kw = dict(seq=M.seq, micro_batch=M.micro_batch, hidden=M.hidden, heads=M.heads, tp=tp, sp=sp, flash=M.flash,
+    kw = dict(seq=M.seq, micro_batch=M.micro_batch, width=M.width, heads=M.heads, tp=tp, sp=sp, flash=M.flash,
               bytes_per_value=bpv)
     flight = pipeline_in_flight("1f1b", 0, pp, m)
     acts = transformer_activations(layers=stage_layers, recompute=M.recompute, **kw) * flight
@@ -337,10 +337,10 @@ def table(candidates: list[Candidate], top: int = 10) -> str:
 
 
 def megatron_145b() -> tuple[Model, Cluster, tuple[int, int]]:
-    """Narayanan et al. 2021 (arXiv 2104.04473), Table 1: the 145.6B GPT (80 layers, hidden 12,288, 96 heads,
+    """Narayanan et al. 2021 (arXiv 2104.04473), Table 1: the 145.6B GPT (80 layers, width 12,288, 96 heads,
     sequence 2,048, vocabulary 51,200, global batch 2,304) on 1,536 A100 80 GB GPUs, 8 per node, trained in mixed
     precision with full recomputation, with tp = 8 and pp = 8. Returns ``(model, cluster, (tp, pp))``."""
-    model = Model(layers=80, hidden=12288, heads=96, seq=2048, vocab=51200, positions=2048, global_batch=2304,
+    model = Model(layers=80, width=12288, heads=96, seq=2048, vocab=51200, positions=2048, global_batch=2304,
                   micro_batch=1, precision="mixed-fp16", optimizer="adam", recompute="full")
     cluster = Cluster(gpus=1536, gpus_per_node=8, gpu_memory_gb=80.0, intra_node_GBps=300.0, inter_node_GBps=25.0,
                       peak_tflops=312.0, mfu=0.5)

@@ -5,9 +5,9 @@ Each module here is built *from* the reference module of :mod:`labkit.capstone.m
 with lab 03's :func:`~labkit.sliced.channels.shard_layer`), so it starts equal to it and tests can compare the two:
 
 - :class:`TPBlock`: attention split by heads (the fused ``qkv`` layer column-parallel: each rank computes
-  heads/t whole heads; ``proj`` row-parallel) and the MLP split column-then-row (``fc1`` keeps 1/t of the hidden
-  units, ``fc2`` sums partial products). One all-reduce in the forward and one in the backward per half-block:
-  Megatron's g after the row layer and f before the column layer.
+  heads/t whole heads; ``proj`` row-parallel) and the MLP split column-then-row (``fc1`` keeps 1/t of the MLP's
+  ``ffn_width`` units, ``fc2`` sums partial products). One all-reduce in the forward and one in the backward per
+  half-block: Megatron's g after the row layer and f before the column layer.
 - :class:`VocabEmbedding`: each rank holds 1/t of the vocabulary's rows; tokens outside it give zeros, and the
   partial embeddings are summed (all-reduce, or reduce-scatter along the sequence under sequence parallelism).
 - the output layer is column-parallel over the vocabulary and feeds
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import renamed_kwargs
 from .._validate import ArgumentError
 from ..sliced.channels import copy_to_ranks, reduce_from_ranks, shard_layer
 from .comm import gather_seq, scatter_seq, vocab_parallel_cross_entropy
@@ -39,10 +40,11 @@ from .model import Config, TinyGPT, attend, stage_layers
 def validate_tp(cfg: Config, tp: int, sp: bool = False) -> None:
     """A tensor-parallel degree must divide the heads, the MLP width and the vocabulary (and, with sequence
     parallelism, the sequence length)."""
-    for name, value in (("heads", cfg.heads), ("ffn width", cfg.hidden), ("vocab", cfg.vocab)) + (
+    ffn_width = cfg.resolved_ffn_width
+    for name, value in (("heads", cfg.heads), ("ffn_width", ffn_width), ("vocab", cfg.vocab)) + (
             (("seq", cfg.seq),) if sp else ()):
         if value % tp:
-            ok = [d for d in range(1, value + 1) if value % d == 0 and cfg.heads % d == 0 and cfg.hidden % d == 0
+            ok = [d for d in range(1, value + 1) if value % d == 0 and cfg.heads % d == 0 and ffn_width % d == 0
                   and cfg.vocab % d == 0 and (not sp or cfg.seq % d == 0)]
             raise ArgumentError(f"tp={tp} does not divide the model's {name} ({value}): each tensor-parallel rank "
                                 f"needs an equal share; pass tp in {ok}")
@@ -51,31 +53,35 @@ def validate_tp(cfg: Config, tp: int, sp: bool = False) -> None:
 class _Region:
     """Entering and leaving a tensor-parallel region: Megatron's f and g, or their sequence-parallel forms."""
 
-    def __init__(self, group, sp: bool, world: int):
-        self.group, self.sp, self.world = group, sp, world
+    def __init__(self, group, sp: bool, world_size: int):
+        self.group, self.sp, self.world_size = group, sp, world_size
 
     def enter(self, x):
-        if self.world == 1:  # nothing to say to oneself: no call, no bytes counted
+        if self.world_size == 1:  # nothing to say to oneself: no call, no bytes counted
             return x
         return gather_seq(x, self.group) if self.sp else copy_to_ranks(x, group=self.group)
 
     def leave(self, x):
-        if self.world == 1:
+        if self.world_size == 1:
             return x
         return scatter_seq(x, self.group) if self.sp else reduce_from_ranks(x, group=self.group)
 
 
+@renamed_kwargs(world="world_size")
 class TPBlock(nn.Module):
-    def __init__(self, block: nn.Module, group, rank: int, world: int, sp: bool = False):
+    """Tensor-parallel rank ``rank`` of ``world_size``'s share of the reference ``block`` (see the module docstring)."""
+
+    def __init__(self, block: nn.Module, group, rank: int, world_size: int, sp: bool = False):
         super().__init__()
-        self.region = _Region(group, sp, world)
-        self.heads = block.heads // world
+        self.region = _Region(group, sp, world_size)
+        self.world_size = world_size
+        self.heads = block.heads // world_size
         self.ln1, self.ln2 = copy.deepcopy(block.ln1), copy.deepcopy(block.ln2)
-        self.qkv = shard_layer(block.qkv, "column", rank, world)
-        self.proj = shard_layer(block.proj, "row", rank, world)
+        self.qkv = shard_layer(block.qkv, "column", rank, world_size)
+        self.proj = shard_layer(block.proj, "row", rank, world_size)
         self.proj_bias = nn.Parameter(block.proj.bias.detach().clone())
-        self.fc1 = shard_layer(block.fc1, "column", rank, world)
-        self.fc2 = shard_layer(block.fc2, "row", rank, world)
+        self.fc1 = shard_layer(block.fc1, "column", rank, world_size)
+        self.fc2 = shard_layer(block.fc2, "row", rank, world_size)
         self.fc2_bias = nn.Parameter(block.fc2.bias.detach().clone())
 
     def forward(self, x):
@@ -93,14 +99,15 @@ class TPBlock(nn.Module):
             "fc2.weight": ("fc2.weight", 1), "fc2_bias": ("fc2.bias", None)}
 
 
+@renamed_kwargs(world="world_size")
 class VocabEmbedding(nn.Module):
     """Token embedding split over the vocabulary, plus the position embedding (replicated)."""
 
-    def __init__(self, tok: nn.Embedding, pos: nn.Parameter, group, rank: int, world: int, sp: bool = False):
+    def __init__(self, tok: nn.Embedding, pos: nn.Parameter, group, rank: int, world_size: int, sp: bool = False):
         super().__init__()
-        v = tok.num_embeddings // world
-        self.lo, self.rank, self.world = rank * v, rank, world
-        self.region = _Region(group, sp, world)
+        v = tok.num_embeddings // world_size
+        self.lo, self.rank, self.world_size = rank * v, rank, world_size
+        self.region = _Region(group, sp, world_size)
         self.weight = nn.Parameter(tok.weight.detach()[self.lo:self.lo + v].clone())
         self.pos = nn.Parameter(pos.detach().clone())
 
@@ -114,26 +121,27 @@ class VocabEmbedding(nn.Module):
         return e + self.pos[start:start + s]
 
 
+@renamed_kwargs(world="world_size")
 class ParallelStage(nn.Module):
     """Pipeline stage ``stage`` of ``pp`` of the reference ``model``, this tensor-parallel rank's share of it.
 
     Input: token ids (first stage) or the previous stage's activation. Output: the activation, or (last stage)
     this rank's vocabulary slice of the logits, for :meth:`loss`."""
 
-    def __init__(self, model: TinyGPT, stage: int, pp: int, group, rank: int, world: int, sp: bool = False):
+    def __init__(self, model: TinyGPT, stage: int, pp: int, group, rank: int, world_size: int, sp: bool = False):
         super().__init__()
         cfg = model.cfg
-        validate_tp(cfg, world, sp)
+        validate_tp(cfg, world_size, sp)
         self.layers = stage_layers(cfg.layers, pp)[stage]
         self.first, self.last, self.sp, self.group = stage == 0, stage == pp - 1, sp, group
-        self.tp = world
-        self.embed = VocabEmbedding(model.tok, model.pos, group, rank, world, sp) if self.first else None
-        self.blocks = nn.ModuleList(TPBlock(model.blocks[i], group, rank, world, sp) for i in self.layers)
+        self.tp = self.world_size = world_size
+        self.embed = VocabEmbedding(model.tok, model.pos, group, rank, world_size, sp) if self.first else None
+        self.blocks = nn.ModuleList(TPBlock(model.blocks[i], group, rank, world_size, sp) for i in self.layers)
         if self.last:
             self.ln_f = copy.deepcopy(model.ln_f)
-            self.head = shard_layer(model.head, "column", rank, world)
-            self.region = _Region(group, sp, world)
-            self.vocab_lo = rank * (cfg.vocab // world)
+            self.head = shard_layer(model.head, "column", rank, world_size)
+            self.region = _Region(group, sp, world_size)
+            self.vocab_lo = rank * (cfg.vocab // world_size)
         self.spec = self._spec()
 
     def _spec(self) -> dict:

@@ -17,9 +17,15 @@ its total can be compared with what :class:`~labkit.capstone.comm.CommMeter` mea
 vocabulary-parallel embedding's all-reduce, the output layer's f, the three per-token all-reduces of the
 vocabulary-parallel loss, the 64-byte header lab 04's executor sends before each activation, and, under sequence
 parallelism, the all-reduce of the LayerNorm, bias and position gradients.
+
+This is a formula module: it writes the papers' symbols, each one word of docs/glossary.md: b the ``micro_batch``
+(sequences: ``batch / dp / n_micro``), s the sequence length (``Config.seq``), h the model's ``width``
+(``Config.width``; f its MLP's ``ffn_width``, v the vocabulary), e the bytes of one value (8 in float64, the
+parameter ``e``), t, p and d the mesh's ``tp``, ``pp`` and ``dp``, m the number of micro-batches ``n_micro``.
 """
 from __future__ import annotations
 
+from .._compat import moved_names
 from .model import Config, stage_layers
 
 HEADER = 64  # lab 04's executor: 8 int64 values with the shape before each tensor
@@ -36,7 +42,7 @@ def tp_layer_bytes(b: int, s: int, h: int, e: int = 8, sp: bool = False) -> dict
 
 def stage_params(cfg: Config, stage: int, pp: int, tp: int) -> dict:
     """Parameters one tensor-parallel rank of ``stage`` holds: ``{"split", "replicated"}`` (counts)."""
-    h, f, v = cfg.width, cfg.hidden, cfg.vocab
+    h, f, v = cfg.width, cfg.resolved_ffn_width, cfg.vocab
     layers = len(stage_layers(cfg.layers, pp)[stage])
     split = layers * ((3 * h * h + 3 * h) + h * h + (h * f + f) + f * h) // tp
     replicated = layers * (4 * h + 2 * h)  # two LayerNorms; the row layers' biases, added once after the sum
@@ -54,9 +60,10 @@ def _add(d: dict, op: str, n: float) -> None:
         d[op] = d.get(op, 0) + n
 
 
-def predict_rank(cfg: Config, stage: int, dp: int, pp: int, tp: int, sp: bool, batch: int, n_micro: int,
-                 e: int = 8) -> dict:
-    """``{group: {op: payload bytes per step}}`` for one rank at pipeline stage ``stage``."""
+def predict_stage(cfg: Config, stage: int, dp: int, pp: int, tp: int, sp: bool, batch: int, n_micro: int,
+                  e: int = 8) -> dict:
+    """``{group: {op: payload bytes per step}}`` for one rank at pipeline stage ``stage`` (every rank of a stage
+    sends the same)."""
     b, s, h = batch // dp // n_micro, cfg.seq, cfg.width
     m, x = n_micro, b * s * h * e
     first, last = stage == 0, stage == pp - 1
@@ -93,7 +100,11 @@ def predict(cfg: Config, dp: int, pp: int, tp: int, sp: bool = False, batch: int
     reports its measurement."""
     total: dict = {}
     for stage in range(pp):
-        for g, ops in predict_rank(cfg, stage, dp, pp, tp, sp, batch, n_micro, e).items():
+        for g, ops in predict_stage(cfg, stage, dp, pp, tp, sp, batch, n_micro, e).items():
             for op, n in ops.items():
                 _add(total.setdefault(g, {}), op, n / pp)
     return total
+
+
+# renamed in issue 30 (one release): it takes no ctx, it predicts one pipeline stage's ranks
+__getattr__ = moved_names(__name__, {"predict_rank": "labkit.capstone.traffic:predict_stage"})

@@ -40,6 +40,17 @@ def _finish_avg(tensor, n: int) -> None:
         tensor.copy_(tensor.div(n, rounding_mode="trunc"))
 
 
+def _prepare(tensor, log, check: bool, group, collective: str) -> tuple[int, int]:
+    """What every collective here does before it communicates: check the tensor and the log, find this rank's
+    ``(n, rank)`` in ``group``, and with ``check`` verify that every rank passed the same shape and dtype."""
+    _check_tensor(tensor)
+    _check_log(log)
+    n, rank = _group_position(group, collective)
+    if check and n > 1:
+        _check_same_everywhere(tensor, group=group)
+    return n, rank
+
+
 class _Recorder:
     """Appends one dict per message this rank sends to ``log`` (when a list is given); ``rank`` and the
     peers are positions in the group the collective runs on."""
@@ -303,11 +314,7 @@ def all_reduce(tensor, op="sum", algorithm: str = "ring", log: list | None = Non
     if segments > 1 and algorithm != "ring":
         raise ValueError(f"segments={segments} applies to algorithm='ring' only; leave it at 1 for {algorithm!r}")
     op = _op_name(op)
-    _check_tensor(tensor)
-    _check_log(log)
-    n, rank = _group_position(group, "all_reduce")
-    if check and n > 1:
-        _check_same_everywhere(tensor, group=group)
+    n, rank = _prepare(tensor, log, check, group, "all_reduce")
     rec = _Recorder(log, rank, tensor.element_size(), tensor.device)
     if n > 1 and segments > 1:
         _ring_pipelined(tensor.view(-1), op, n, rank, rec, segments, group=group)
@@ -324,11 +331,7 @@ def reduce_scatter(tensor, op="sum", log: list | None = None, check: bool = True
     sends (n-1)/n of the tensor. ``n`` and ``rank`` are the size of ``group`` and the position in it
     (None: the default group); ``log`` as in :func:`all_reduce`, with group ranks."""
     op = _op_name(op)
-    _check_tensor(tensor)
-    _check_log(log)
-    n, rank = _group_position(group, "reduce_scatter")
-    if check and n > 1:
-        _check_same_everywhere(tensor, group=group)
+    n, rank = _prepare(tensor, log, check, group, "reduce_scatter")
     work = tensor.reshape(-1).clone()
     chunks = [work[a:b] for a, b in chunk_bounds(work.numel(), n)]
     if n > 1:
@@ -346,11 +349,7 @@ def all_gather(tensor, log: list | None = None, check: bool = True, group=None) 
     worth, i.e. (n-1)/n of the output. ``log`` as in :func:`all_reduce`, with group ranks."""
     import torch
 
-    _check_tensor(tensor)
-    _check_log(log)
-    n, rank = _group_position(group, "all_gather")
-    if check and n > 1:
-        _check_same_everywhere(tensor, group=group)
+    n, rank = _prepare(tensor, log, check, group, "all_gather")
     out = torch.empty((n,) + tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
     out[rank].copy_(tensor)
     if n > 1:

@@ -7,11 +7,11 @@ it holds the rank functions beside the exercise checks and the tour that launch 
 """
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 from .. import checks, distops
-from .._calls import calls_to
+from .._compat import moved_names
+from ..checks import calls_to, rng_for
 from ..devices import now
 from ..runtime import launch
 from ..tour import lab_name, run_check
@@ -19,13 +19,13 @@ from .algorithms import _finish_avg, all_gather, all_reduce, reduce_scatter
 from .schedules import (
     ALGORITHMS,
     OPS,
-    SCHEDULES,
+    SCHEDULE_NAMES,
     _check_algorithm,
     final_owners,
     log_matches_schedule,
     ring_traffic_problems,
     schedule,
-    simulate,
+    simulate_messages,
 )
 from .validation import _op_name, watch_p2p
 
@@ -99,7 +99,7 @@ def record_messages_rank(ctx, algorithm: str = "ring", numel: int = 16, dtype: s
     """Run one all-reduce (or ``"reduce_scatter"`` / ``"all_gather"``) with logging on; return this rank's log."""
     import torch
 
-    _check_algorithm(algorithm, SCHEDULES)
+    _check_algorithm(algorithm, SCHEDULE_NAMES)
     log: list = []
     x = _sample(numel, getattr(torch, dtype), ctx.rank, ctx.device)
     if algorithm == "reduce_scatter":
@@ -217,7 +217,7 @@ def check_ring_all_reduce(fn, world_sizes=(2, 3, 4), numels=(1, 4, 6, 1001), dty
     if not callable(fn):
         raise TypeError(f"check_ring_all_reduce needs your function, e.g. check_ring_all_reduce(my_ring_all_reduce); "
                         f"got {type(fn).__name__}")
-    rng = random.Random(seed)
+    rng = rng_for(seed)
     data_seed = rng.randrange(1 << 30)
     numels = tuple(numels) + ((rng.randrange(1500, 5000),) if random_size else ())
     runs: dict = {}
@@ -266,19 +266,19 @@ def tour(world_size: int = 2) -> list[dict]:
 
     def schedules_ok():
         bad = []
-        for alg in SCHEDULES:
+        for alg in SCHEDULE_NAMES:
             for w in range(1, 9):
                 s = schedule(alg, w)
                 owners = final_owners(s)
                 want = {r: ([r] if alg == "reduce_scatter" else list(range(s.n_chunks))) for r in range(w)}
                 if alg == "all_gather":
-                    end = simulate(s)[-1]
+                    end = simulate_messages(s)[-1]
                     good = all(end[r][k] == Counter({k: 1}) for r in range(w) for k in range(w))
                 else:
                     good = all(r_ in owners[r] for r in range(w) for r_ in want[r])
                 if not good:
                     bad.append(f"{alg}/{w}")
-        return not bad, f"{len(SCHEDULES)} algorithms x 8 world sizes" + (f"; wrong: {bad}" if bad else "")
+        return not bad, f"{len(SCHEDULE_NAMES)} algorithms x 8 world sizes" + (f"; wrong: {bad}" if bad else "")
 
     out = [run_check(lab, "schedules deliver every rank's data exactly once, 1-8 ranks", schedules_ok)]
     state = {}
@@ -337,7 +337,7 @@ def _formula_functions() -> list:
     from . import cost
     from .schedules import Schedule
 
-    fns = {"Schedule.bytes_per_rank": Schedule.bytes_per_rank, "cost_terms": cost.cost_terms,
+    fns = {"Schedule.bytes_each_rank": Schedule.bytes_each_rank, "cost_terms": cost.cost_terms,
            "predict_time": cost.predict_time, "bus_factor": cost.bus_factor, "bandwidths": cost.bandwidths,
            "crossover_bytes": cost.crossover_bytes}
     fns.update({f"BUS_FACTOR[{k!r}]": f for k, f in cost.BUS_FACTOR.items()})
@@ -365,21 +365,21 @@ def _bytes_diagnosis(alg: str, got: float, S: float, n: int) -> str:
     return "count a rank's messages (one per step) and the bytes in each"
 
 
-def check_bytes_per_rank(fn, seed: int | None = None, cases_per_algorithm: int = 4):
+def check_bytes_each_rank(fn, seed: int | None = None, cases_per_algorithm: int = 4):
     """Check a learner's ``fn(algorithm, nbytes, world_size)`` -> bytes each rank sends, for ``"ring"`` and
     ``"ring_unchunked"``, against the message schedules (whose bytes the tests match to real runs). World sizes
     (2-64) and sizes are drawn now (``seed`` fixes them, for tests), so no table of answers can pass; labkit's
-    own byte and cost functions (``Schedule.bytes_per_rank``, ``cost_terms``, ``bus_factor``, ...) are refused."""
+    own byte and cost functions (``Schedule.bytes_each_rank``, ``cost_terms``, ``bus_factor``, ...) are refused."""
     if not callable(fn):
-        raise TypeError(f"check_bytes_per_rank needs your function fn(algorithm, nbytes, world_size); got "
+        raise TypeError(f"check_bytes_each_rank needs your function fn(algorithm, nbytes, world_size); got "
                         f"{type(fn).__name__}")
-    rng = random.Random(seed)
+    rng = rng_for(seed)
     draws = [(alg, rng.randrange(1000, 1 << 30), 2 if k == 0 else rng.randrange(3, 65))
              for alg in ("ring", "ring_unchunked") for k in range(cases_per_algorithm)]
     watched = _formula_functions()
 
     def case(alg, S, n):
-        want = schedule(alg, n).bytes_per_rank(S)[0]  # before the learner's code runs, with the hook off
+        want = schedule(alg, n).bytes_each_rank(S)[0]  # before the learner's code runs, with the hook off
 
         def thunk():
             with calls_to(*watched) as called:
@@ -400,3 +400,6 @@ def check_bytes_per_rank(fn, seed: int | None = None, cases_per_algorithm: int =
     return checks.run_cases("bytes sent per rank", cases,
                             hint="follow one rank through the schedule (the figures above): how many steps, and how "
                                  "big is what it sends at each, for a tensor of S bytes cut into n chunks?")
+
+
+__getattr__ = moved_names(__name__, {"check_bytes_per_rank": "labkit.collectives.lab:check_bytes_each_rank"})

@@ -10,7 +10,7 @@ import math
 from collections import Counter
 
 from ..viz import axes
-from .schedules import Schedule, simulate
+from .schedules import Schedule, simulate_messages
 
 RANK_COLOURS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d",
                 "#bab0ac", "#eeca3b"]
@@ -109,7 +109,7 @@ def plot_chunk_state(sched: Schedule, step: int, ax=None, states=None):
 
     ax = axes(ax, (4, 3))
     ax.clear()
-    states = states if states is not None else simulate(sched)
+    states = states if states is not None else simulate_messages(sched)
     st = states[step]
     n, c = sched.world_size, sched.n_chunks
     full = Counter(range(n))
@@ -135,7 +135,7 @@ def animate(sched: Schedule, interval: int = 900):
     from matplotlib.animation import FuncAnimation
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    states = simulate(sched)
+    states = simulate_messages(sched)
 
     def frame(t):
         if t < sched.steps:

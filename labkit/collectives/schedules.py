@@ -1,7 +1,7 @@
 """All-reduce as a pure schedule: which rank sends which chunk to whom at each step (no processes).
 
 :func:`schedule` lists, for an algorithm and a world size, every message as
-``Message(step, src, dst, chunks, op)``. :func:`simulate` replays a schedule on "contribution
+``Message(step, src, dst, chunks, op)``. :func:`simulate_messages` replays a schedule on "contribution
 counters" and proves that every rank ends with every rank's data exactly once. The ring on 4 ranks
 (the tensor is cut into 4 chunks; each rank sends one chunk to its right neighbour per step)::
 
@@ -18,13 +18,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from .._compat import moved_names, warn_renamed
 from .._validate import validate_choice, validate_int
 
 ALGORITHMS = ("naive", "tree", "ring", "halving_doubling", "ring_unchunked")
 """All-reduce algorithms: reduce to rank 0 then broadcast; binomial tree reduce then broadcast;
 ring reduce-scatter then all-gather (chunked); recursive halving (reduce-scatter) then doubling
 (all-gather), Rabenseifner's algorithm; and the whole tensor passed around the ring (unchunked)."""
-SCHEDULES = ALGORITHMS + ("reduce_scatter", "all_gather")
+SCHEDULE_NAMES = ALGORITHMS + ("reduce_scatter", "all_gather")  # every name schedule() takes: the all-reduce
+# algorithms and the ring reduce-scatter and all-gather (pipeline.SCHEDULES are pipeline schedules: another idea)
 OPS = ("sum", "max", "avg")
 
 
@@ -80,12 +82,17 @@ class Schedule:
     def at(self, step: int) -> list:
         return [m for m in self.messages if m.step == step]
 
-    def bytes_per_rank(self, nbytes: float) -> list[float]:
-        """Bytes each rank sends for a tensor of ``nbytes`` bytes (chunks taken as equal)."""
+    def bytes_each_rank(self, nbytes: float) -> list[float]:
+        """Bytes each rank sends for a tensor of ``nbytes`` bytes (chunks taken as equal), in rank order."""
         out = [0.0] * self.world_size
         for m in self.messages:
             out[m.src] += nbytes * len(m.chunks) / self.n_chunks
         return out
+
+    def bytes_per_rank(self, nbytes: float) -> list[float]:
+        """Deprecated: the old name of :meth:`bytes_each_rank`."""
+        warn_renamed("Schedule.bytes_per_rank", "Schedule.bytes_each_rank")
+        return self.bytes_each_rank(nbytes)
 
 
 def _hd_layout(n: int):
@@ -105,7 +112,7 @@ def _hd_layout(n: int):
 
 def schedule(algorithm: str, world_size: int) -> Schedule:
     """Every message ``algorithm`` sends on ``world_size`` ranks, step by step (no processes needed)."""
-    _check_algorithm(algorithm, SCHEDULES)
+    _check_algorithm(algorithm, SCHEDULE_NAMES)
     n = _check_world_size(world_size)
     msgs: list[Message] = []
     if algorithm == "naive":
@@ -167,7 +174,7 @@ def schedule(algorithm: str, world_size: int) -> Schedule:
     return Schedule(algorithm, n, p, msgs)
 
 
-def simulate(sched: Schedule) -> list:
+def simulate_messages(sched: Schedule) -> list:
     """Replay ``sched`` on contribution counters: ``states[t][rank][chunk]`` is a ``Counter`` of whose
     data (rank -> times) that chunk holds on that rank *before* step ``t`` (``states[-1]``: at the end).
     A correct all-reduce ends with every counter equal to ``{0: 1, 1: 1, ..., n-1: 1}``."""
@@ -194,7 +201,7 @@ def simulate(sched: Schedule) -> list:
 def final_owners(sched: Schedule) -> dict:
     """For each rank, the chunks that hold every rank's data exactly once at the end."""
     full = Counter(range(sched.world_size))
-    end = simulate(sched)[-1]
+    end = simulate_messages(sched)[-1]
     return {r: [k for k in range(sched.n_chunks) if end[r][k] == full] for r in range(sched.world_size)}
 
 
@@ -213,8 +220,8 @@ def log_matches_schedule(per_rank_logs, algorithm: str, world_size: int) -> bool
 
 
 def schedule_from_logs(per_rank_logs, algorithm: str, world_size: int) -> Schedule:
-    """A :class:`Schedule` built from the messages the ranks really sent (for :func:`simulate` and the
-    animation in :mod:`labkit.collectives_plots`)."""
+    """A :class:`Schedule` built from the messages the ranks really sent (for :func:`simulate_messages` and the
+    animation in :mod:`labkit.collectives.plots`)."""
     msgs = [Message(m["step"], m["src"], m["dst"], tuple(m["chunks"]), m["op"], m["data_from"])
             for m in merge_logs(per_rank_logs)]
     return Schedule(algorithm, world_size, schedule(algorithm, world_size).n_chunks, msgs)
@@ -260,3 +267,6 @@ def ring_traffic_problems(log, rank: int, world_size: int, numel: int, itemsize:
 
 
 # The lab functions (run on ranks), the exercise checks and the tour live in labkit.collectives.lab.
+
+__getattr__ = moved_names(__name__, {"SCHEDULES": "labkit.collectives.schedules:SCHEDULE_NAMES",
+                                     "simulate": "labkit.collectives.schedules:simulate_messages"})

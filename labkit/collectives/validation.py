@@ -3,7 +3,7 @@ rank's place in it (:func:`_group_position`; :func:`_rank_world` for lab 03's la
 passed the same shape and dtype (:func:`ranks_agree`, the course's one "same on every rank" check); and, for
 the exercise checks, what a learner's code really did: :func:`watch_p2p` records every point-to-point message
 in the log format of :mod:`.algorithms` (torch's collectives refused, labkit's own all-reduce named). Which
-library functions an answer called is :func:`labkit._calls.calls_to`."""
+library functions an answer called is :func:`labkit.checks.calls_to`."""
 from __future__ import annotations
 
 import os

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import renamed_kwargs
+
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``BatchNorm1d`` with the statistics of the global batch (all ranks), like ``SyncBatchNorm``."""
@@ -39,11 +41,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
 
 
-def bn_mlp(norm: str = "batchnorm", seed: int = 0, n_in: int = 8, hidden: int = 16, n_out: int = 4) -> nn.Module:
-    """A small MLP with one normalisation layer: ``"batchnorm"``, ``"sync"`` (torch's ``SyncBatchNorm``)
-    or ``"global"`` (:class:`GlobalBatchNorm1d`)."""
+@renamed_kwargs(hidden="width")
+def bn_mlp(norm: str = "batchnorm", seed: int = 0, n_in: int = 8, width: int = 16, n_out: int = 4) -> nn.Module:
+    """A small MLP with one normalisation layer after its hidden Linear (``width`` features): ``"batchnorm"``,
+    ``"sync"`` (torch's ``SyncBatchNorm``) or ``"global"`` (:class:`GlobalBatchNorm1d`)."""
     layers = {"batchnorm": nn.BatchNorm1d, "sync": nn.SyncBatchNorm, "global": GlobalBatchNorm1d}
     if norm not in layers:
         raise ValueError(f"norm must be one of {sorted(layers)}, got {norm!r}")
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, hidden), layers[norm](hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+    return nn.Sequential(nn.Linear(n_in, width), layers[norm](width), nn.ReLU(), nn.Linear(width, n_out))

@@ -19,34 +19,35 @@ import torch
 import torch.distributed as dist
 
 from ..devices import now
+from ..models import digits_cnn
 from .plan import validate_bucket_mb
-from .training import digits_tensors, small_cnn, train_steps
-from .wrappers import ALGORITHMS, make_ddp
+from .training import digits_tensors, train_steps
+from .wrappers import WRAPPERS, make_ddp
 
 LABELS = {"naive": "naive (per tensor)", "bucketed": "bucketed", "overlapped": "overlapped (hooks)",
           "torch": "torch DDP"}
 
 
-def throughput_rank(ctx, algorithms=ALGORITHMS, steps: int = 20, warmup: int = 3, repeats: int = 3,
+def throughput_rank(ctx, algorithms=WRAPPERS, steps: int = 20, warmup: int = 3, repeats: int = 3,
                    local_batch: int = 64, width: int = 32, bucket_mb: float = 0.1) -> dict:
     """Seconds per step of each algorithm, one entry per repeat (the slowest rank's time)."""
     for a in algorithms:
-        if a not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {a!r}: pass some of {ALGORITHMS}")
+        if a not in WRAPPERS:
+            raise ValueError(f"unknown algorithm {a!r}: pass some of {WRAPPERS}")
     x, y = _on_device(ctx)
     g = torch.Generator().manual_seed(ctx.rank)
     idx = torch.randint(0, len(x), (steps, local_batch), generator=g).to(x.device)
     batches = [[(x[i], y[i])] for i in idx]
     runs = {}
     for a in algorithms:
-        model = small_cnn(width, 0).to(ctx.device)
+        model = digits_cnn(width, seed=0, device=ctx.device)
         ddp = make_ddp(a, model, bucket_mb)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train_steps(ddp, opt, batches[:warmup])
         runs[a] = (ddp, opt)
     out = {a: [] for a in algorithms}
     sent = {a: -runs[a][0].stats["allreduce_bytes"] for a in algorithms}
-    params = sum(p.numel() for p in small_cnn(width, 0).parameters())
+    params = sum(p.numel() for p in digits_cnn(width, seed=0).parameters())
     for _ in range(repeats):
         for a in algorithms:
             ddp, opt = runs[a]
@@ -83,7 +84,7 @@ def single_process_rank(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3,
         x, y = _on_device(ctx)
         idx = torch.randint(0, len(x), (steps, local_batch), generator=torch.Generator().manual_seed(0)).to(x.device)
         batches = [[(x[i], y[i])] for i in idx]
-        model = small_cnn(width, 0).to(ctx.device)
+        model = digits_cnn(width, seed=0, device=ctx.device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train_steps(model, opt, batches[:warmup])
         out = []
@@ -96,7 +97,7 @@ def single_process_rank(ctx, steps: int = 20, warmup: int = 3, repeats: int = 3,
 
 
 def measure(world_sizes=(1, 2, 4), steps=20, repeats=5, local_batch=64, width=32, bucket_mb=0.1,
-            algorithms=ALGORITHMS, pool: bool = False, timeout: float = 300) -> list[dict]:
+            algorithms=WRAPPERS, pool: bool = False, timeout: float = 300) -> list[dict]:
     """Run :func:`throughput_rank` for each world size; return table rows (medians, ratio to torch DDP)."""
     from ..runtime import launch
 
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         ranks = [r for r in ranks if r <= 2] or [2]
         a.steps, a.repeats = min(a.steps, 15), min(a.repeats, 3)
-    params = sum(p.numel() for p in small_cnn(a.width).parameters())
+    params = sum(p.numel() for p in digits_cnn(a.width, seed=0).parameters())
     print(f"DDP throughput: small CNN (width {a.width}, {params} parameters, {params * 4 / 1e3:.0f} kB of fp32 "
           f"gradients), {a.batch} samples per rank, bucket {a.bucket_mb} MiB, {a.steps} steps x {a.repeats} "
           f"repeats (medians), ranks {ranks}; the backend column says what ran (gloo: CPU processes with one "

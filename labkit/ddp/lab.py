@@ -13,10 +13,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..devices import Stopwatch, as_device, no_tf32
+from ..models import digits_cnn
 from ..tour import lab_name
 from .plan import distributed_shards, local_shard
-from .training import digits_tensors, flat_params, small_cnn, train_steps
-from .wrappers import ALGORITHMS, Timeline, make_ddp
+from .training import digits_tensors, flat_params, train_steps
+from .wrappers import WRAPPERS, Timeline, make_ddp
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -54,7 +55,7 @@ def _opt(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def equivalence_rank(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: int = 8, accum: int = 1,
+def equivalence_rank(ctx, algorithms=WRAPPERS, steps: int = 3, local_batch: int = 8, accum: int = 1,
                     skip_sync: bool = True, bucket_mb: float = 0.01, width: int = 4, dtype: str = "float64",
                     seed: int = 0) -> dict:
     """Train k steps with each algorithm and single-process on the whole batch; return the differences.
@@ -64,8 +65,8 @@ def equivalence_rank(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: in
     "stats", "params"}}`` (``params`` only on rank 0).
     """
     for a in algorithms:
-        if a not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {a!r}: pass some of {ALGORITHMS}")
+        if a not in WRAPPERS:
+            raise ValueError(f"unknown algorithm {a!r}: pass some of {WRAPPERS}")
     dt = _dtype(dtype)
     x, y = digits_tensors(dt, ctx.cache)
     batches = _global_batches(x, y, steps, accum, local_batch * ctx.world_size, seed)
@@ -73,10 +74,10 @@ def equivalence_rank(ctx, algorithms=ALGORITHMS, steps: int = 3, local_batch: in
     got = {}
     for algo in algorithms:
         # a different start on every rank: the wrapper's initial broadcast must copy rank 0's replica
-        model = small_cnn(width, seed + 1 + ctx.rank, dt).to(ctx.device)
+        model = digits_cnn(width, seed=seed + 1 + ctx.rank, dtype=dt, device=ctx.device)
         got[algo] = (make_ddp(algo, model, bucket_mb), model)
-    start = small_cnn(width, seed + 1, dt).to(ctx.device)  # rank 0's start, where the reference starts too
-    ref = small_cnn(width, seed + 1, dt).to(ctx.device)
+    start = digits_cnn(width, seed=seed + 1, dtype=dt, device=ctx.device)  # rank 0's start, the reference's too
+    ref = digits_cnn(width, seed=seed + 1, dtype=dt, device=ctx.device)
     train_steps(ref, _opt(ref), batches, accum=accum)
     ref_p = flat_params(ref)
     out, params = {}, {}
@@ -118,7 +119,7 @@ def timeline_rank(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, s
         local_batch = int(shard_sizes[ctx.rank])
     x, y = digits_tensors(dt, ctx.cache)
     torch.manual_seed(ctx.rank)
-    model = small_cnn(width, 0, dt).to(ctx.device)
+    model = digits_cnn(width, seed=0, dtype=dt, device=ctx.device)
     tl = Timeline(ctx.rank)
     ddp = make_ddp(algorithm, model, bucket_mb, timeline=tl)
     opt = _opt(model)
@@ -187,7 +188,7 @@ def data_parallel_demo(width: int = 8, batch: int = 32, device=None) -> dict:
     """
     n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
     dev = as_device(device) if device is not None else torch.device("cuda", 0) if n_gpu else torch.device("cpu")
-    model = small_cnn(width, 0).to(dev)
+    model = digits_cnn(width, seed=0, device=dev)
     dp = nn.DataParallel(model)
     x, _ = digits_tensors()
     xb = x[:batch].to(dev)
@@ -212,11 +213,11 @@ def data_parallel_demo(width: int = 8, batch: int = 32, device=None) -> dict:
 # ----------------------------------------------------------------------------- torch's buckets, BatchNorm
 def torch_buckets_rank(ctx, width: int = 16, bucket_mb: float | None = 0.01, steps: int = 3,
                        local_batch: int = 8) -> dict:
-    """Train ``steps`` steps of torch's DDP on :func:`small_cnn` and record, per step, the buckets its
-    communication hook saw: ``(index, bytes, parameter positions)``. ``bucket_mb=None``: torch's defaults
+    """Train ``steps`` steps of torch's DDP on :func:`~labkit.models.digits_cnn` and record, per step, the buckets
+    its communication hook saw: ``(index, bytes, parameter positions)``. ``bucket_mb=None``: torch's defaults
     (25 MiB, first bucket 1 MiB). Also returns the parameter sizes (registration order) and the bytes counted."""
     x, y = digits_tensors(torch.float32, ctx.cache)
-    model = small_cnn(width, 0).to(ctx.device)
+    model = digits_cnn(width, seed=0, device=ctx.device)
     ddp = make_ddp("torch", model, bucket_mb)
     opt = _opt(model)
     g = torch.Generator().manual_seed(ctx.rank)
@@ -277,9 +278,9 @@ def _hook_trial_rank(ctx, hook, steps=2, width=4, seed=0):
     """Train with the learner's gradient hook on every parameter; compare with the whole-batch reference."""
     x, y = digits_tensors(torch.float64, ctx.cache)
     batches = _global_batches(x, y, steps, 1, 8 * ctx.world_size, seed)
-    ref = small_cnn(width, seed, torch.float64).to(ctx.device)
+    ref = digits_cnn(width, seed=seed, dtype=torch.float64, device=ctx.device)
     train_steps(ref, _opt(ref), batches)
-    model = small_cnn(width, seed, torch.float64).to(ctx.device)
+    model = digits_cnn(width, seed=seed, dtype=torch.float64, device=ctx.device)
     handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
     try:
         train_steps(model, _opt(model), _shard(batches, ctx.rank, ctx.world_size))
@@ -291,22 +292,16 @@ def _hook_trial_rank(ctx, hook, steps=2, width=4, seed=0):
     return {"error": float((flat_params(model) - flat_params(ref)).abs().max())}
 
 
-def _draw_seed(seed):
-    import random
-
-    return random.Random(seed if seed is not None else random.SystemRandom().getrandbits(32))
-
-
 def check_average_hook(hook, world_sizes=(2, 3), timeout: float = 300, seed: int | None = None):
     """Exercise: ``hook(param)`` must replace ``param.grad`` by its average over the ranks.
 
     Runs on each of ``world_sizes`` (2 and 3: an answer that divides by a hard-coded 2 fails on 3), with
     a model and batches drawn at check time. ``timeout`` (seconds per run) is generous so that a busy
     machine cannot fail a right answer; a hook that hangs (a collective on one rank only) waits that long."""
-    from ..checks import run_cases
+    from ..checks import rng_for, run_cases
     from ..runtime import launch
 
-    rng = _draw_seed(seed)
+    rng = rng_for(seed)
 
     def case(n):
         def thunk():
@@ -327,13 +322,14 @@ def check_average_hook(hook, world_sizes=(2, 3), timeout: float = 300, seed: int
 
 
 def bucket_sizes_of(width: int = 16, dtype=torch.float32) -> list[int]:
-    """Gradient sizes in bytes of :func:`small_cnn`, last parameter first (the order BucketedDDP buckets them)."""
-    return [p.numel() * p.element_size() for p in reversed(list(small_cnn(width, 0, dtype).parameters()))]
+    """Gradient sizes in bytes of :func:`~labkit.models.digits_cnn`, last parameter first (the order BucketedDDP
+    buckets them)."""
+    return [p.numel() * p.element_size() for p in reversed(list(digits_cnn(width, seed=0, dtype=dtype).parameters()))]
 
 
 def _calls_shortcut(fn, *args):
     """Call ``fn(*args)``; fail if it called labkit's or torch's bucketing (the shortcut)."""
-    from .._calls import calls_to, refuse
+    from ..checks import calls_to, refuse
     from . import plan
 
     with calls_to(plan.plan_buckets, plan.torch_bucket_assignment,
@@ -343,30 +339,12 @@ def _calls_shortcut(fn, *args):
     return out
 
 
-def _attempted(fn, *args) -> bool:
-    """Whether ``fn`` is more than a stub: call it once (before any rank starts) and see if it raises
-    ``NotImplementedError``; any other outcome is judged by the cases."""
-    try:
-        fn(*args)
-    except NotImplementedError:
-        return False
-    except Exception:  # noqa: BLE001 - a wrong answer: the cases report it
-        pass
-    return True
-
-
-def _not_attempted(title, hint):
-    from ..checks import CheckResult
-
-    return CheckResult(title=title, attempted=False, hint=hint)
-
-
 def _count_buckets_rank(ctx, cases, rule):
     """For each ``(width, bucket_mb)``: all-reduce calls of one BucketedDDP step with ``rule``."""
     x, y = digits_tensors(torch.float32, ctx.cache)
     out = []
     for width, mb in cases:
-        model = small_cnn(width, 0).to(ctx.device)
+        model = digits_cnn(width, seed=0, device=ctx.device)
         ddp = make_ddp("bucketed", model, mb, rule=rule)
         train_steps(ddp, _opt(model), [[(x[:8], y[:8])]])
         out.append(ddp.stats["allreduce_calls"])
@@ -398,11 +376,11 @@ def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = Non
 
     The cases (model width, bucket size) are drawn at check time, at least one where PyTorch's rule gives a
     different count; every case is counted in one real 2-rank run."""
-    from ..checks import run_cases
+    from ..checks import attempted, not_attempted, rng_for, run_cases
     from ..runtime import launch
     from .plan import plan_buckets
 
-    rng = _draw_seed(seed)
+    rng = rng_for(seed)
     widths = (4, 6, 8, 12, 16, 24, 32)
 
     def differs(w, mb):
@@ -413,8 +391,8 @@ def check_allreduce_prediction(predict, n_cases: int = 4, seed: int | None = Non
     title = "all-reduce calls per step (labkit's rule)"
     hint = ("walk the sizes in order; start a new bucket when adding the next one would exceed "
             "bucket_mb * 2**20 bytes")
-    if not _attempted(predict, bucket_sizes_of(4), 0.001):
-        return _not_attempted(title, hint)
+    if not attempted(predict, bucket_sizes_of(4), 0.001):
+        return not_attempted(title, hint)
     state = {}
 
     def measured():
@@ -458,11 +436,11 @@ def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, time
     uses after its first iteration, as lists of positions into ``sizes_bytes`` (given in the order the
     gradients became ready). Checked against the buckets a comm hook sees in a real 2-rank torch DDP run;
     one case uses torch's defaults (``bucket_cap_mb`` not given: 25 MiB, first bucket 1 MiB)."""
-    from ..checks import run_cases
+    from ..checks import attempted, not_attempted, rng_for, run_cases
     from ..runtime import launch
     from .plan import TORCH_DEFAULT_BUCKET_MB, TORCH_FIRST_BUCKET_MB, plan_buckets
 
-    rng = _draw_seed(seed)
+    rng = rng_for(seed)
     widths = (4, 6, 8, 12, 16, 24, 32)
 
     def differs(w, mb):
@@ -473,8 +451,8 @@ def check_torch_buckets(predict, n_cases: int = 3, seed: int | None = None, time
     title = "torch DDP's buckets (PyTorch's rule)"
     hint = ("add the gradient to the open bucket first; close the bucket once its bytes reach the cap "
             "(the first bucket's cap is first_bucket_mb)")
-    if not _attempted(predict, [4, 4, 4], 1e-5, 1e-5):  # a stub is "not attempted" before any rank starts
-        return _not_attempted(title, hint)
+    if not attempted(predict, [4, 4, 4], 1e-5, 1e-5):  # a stub is "not attempted" before any rank starts
+        return not_attempted(title, hint)
     state = {}
 
     def measured():
@@ -523,7 +501,7 @@ def tour(world_size: int = 2) -> list[dict]:
     from ..runtime import launch
     from ..tour import run_check
 
-    lab, n_ranks = lab_name(__package__), world_size
+    lab = lab_name(__package__)
     state = {}
 
     def sampler():
@@ -538,12 +516,12 @@ def tour(world_size: int = 2) -> list[dict]:
 
     def ran():
         t0 = time.perf_counter()
-        state["res"] = launch(tour_rank, world_size=n_ranks, echo=False, quiet=True, timeout=120)
+        state["res"] = launch(tour_rank, world_size=world_size, echo=False, quiet=True, timeout=120)
         state["secs"] = time.perf_counter() - t0
         return True, f"{state['secs']:.1f} s incl. start-up"
 
     rows = [run_check(lab, "distributed_shards == DistributedSampler (pad/drop, 2 epochs)", sampler),
-            run_check(lab, f"wrappers ran on {n_ranks} ranks", ran)]
+            run_check(lab, f"wrappers ran on {world_size} ranks", ran)]
     if not rows[-1]["ok"]:
         return rows
     res = state["res"]
@@ -564,8 +542,8 @@ def tour(world_size: int = 2) -> list[dict]:
         sync, skip = (res[0][k]["overlapped"]["stats"]["allreduce_bytes"] for k in ("sync", "skip"))
         return skip > 0 and abs(sync / skip - 3) < 1e-9, f"ratio {sync / skip:.2f}" if skip else "nothing all-reduced"
 
-    for algo in ALGORITHMS:
-        rows.append(run_check(lab, f"{algo} after 3 steps == single process & torch DDP, {n_ranks} ranks (float64)",
+    for algo in WRAPPERS:
+        rows.append(run_check(lab, f"{algo} after 3 steps == single process & torch DDP, {world_size} ranks (float64)",
                               lambda algo=algo: same(algo)))
     for skip in (True, False):
         rows.append(run_check(lab, f"accumulation x3 {'with' if skip else 'without'} no_sync == large batch",

@@ -1,6 +1,6 @@
-"""Lab 02's model, data and training loop: a small CNN on the 8x8 digits, and ``train_steps`` that runs
-optimizer steps (with gradient accumulation, timelines and an optional straggler delay) on any wrapper
-or on a plain module (the single-process reference)."""
+"""Lab 02's data and training loop: the 8x8 digits as images, and ``train_steps`` that runs optimizer steps (with
+gradient accumulation, timelines and an optional straggler delay) on any wrapper or on a plain module (the
+single-process reference). The model is :func:`labkit.models.digits_cnn`."""
 from __future__ import annotations
 
 import contextlib
@@ -10,20 +10,16 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .._validate import validate_int
+from .._compat import warn_renamed
 from ..devices import now
+from ..models import digits_cnn
 from .wrappers import Timeline, _NoTimeline
 
 
 def small_cnn(width: int = 8, seed: int = 0, dtype=torch.float32) -> nn.Module:
-    """A small CNN for 1x8x8 digit images: two convolutions, a pooling, two linear layers."""
-    validate_int("width", width, minimum=1, hint="the channels of the first convolution")
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(2 * width * 16, 64), nn.ReLU(), nn.Linear(64, 10))
-    return model.to(dtype)
+    """Deprecated: :func:`labkit.models.digits_cnn` (``seed`` and ``dtype`` are keywords there; no default seed)."""
+    warn_renamed("labkit.ddp.small_cnn(width, seed, dtype)", "labkit.models.digits_cnn(width, seed=seed, dtype=dtype)")
+    return digits_cnn(width, seed=seed, dtype=dtype)
 
 
 def digits_tensors(dtype=torch.float32, cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

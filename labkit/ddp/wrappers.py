@@ -34,12 +34,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import moved_names
 from ..collectives import ranks_agree
 from ..devices import now
 from ..distops import require_dist
 from .plan import plan_buckets, validate_bucket_mb
 
-ALGORITHMS = ("naive", "bucketed", "overlapped", "torch")
+#: The names :func:`make_ddp` takes, one per wrapper (lab 01's ``labkit.collectives.ALGORITHMS`` are all-reduces).
+WRAPPERS = ("naive", "bucketed", "overlapped", "torch")
+
+__getattr__ = moved_names(__name__, {"ALGORITHMS": "labkit.ddp.wrappers:WRAPPERS"})
 
 
 # ----------------------------------------------------------------------------- timelines
@@ -226,19 +230,21 @@ class BucketedDDP(_DDPBase):
                       for b in self.buckets]
 
     def _pack(self, i: int) -> torch.Tensor:
-        flat, off = self._flat[i], 0
+        """Copy bucket ``i``'s gradients into its flat buffer, end to end: one message instead of one per tensor."""
+        flat, off = self._flat[i], 0  # the buffer was allocated once, in __init__: no allocation per step
         for p in self.buckets[i]:
             n = p.numel()
-            flat[off:off + n].copy_(self._grad(p).reshape(-1))
+            flat[off:off + n].copy_(self._grad(p).reshape(-1))  # _grad: zeros for a parameter unused this step
             off += n
         return flat
 
     def _unpack(self, i: int) -> None:
+        """After the all-reduce: the buffer holds the sum over ranks; divide once, copy each slice back."""
         flat, off = self._flat[i], 0
-        flat.div_(self.world_size)
+        flat.div_(self.world_size)  # sum -> mean, on the whole bucket at once (one kernel, not one per tensor)
         for p in self.buckets[i]:
             n = p.numel()
-            p.grad.copy_(flat[off:off + n].view_as(p.grad))
+            p.grad.copy_(flat[off:off + n].view_as(p.grad))  # the same offsets _pack used, so each slice goes home
             off += n
 
     def sync_grads(self) -> None:
@@ -246,10 +252,10 @@ class BucketedDDP(_DDPBase):
             return
         t_sync = now(self.device)
         used = self._used_mask()
-        for i in range(len(self.buckets)):
+        for i in range(len(self.buckets)):  # in bucket order: every rank issues the same collectives in one order
             flat = self._pack(i)
             t0 = self.timeline.now()
-            dist.all_reduce(flat, group=self.group)
+            dist.all_reduce(flat, group=self.group)  # blocking: backward is over, nothing is left to overlap
             self.timeline.add("allreduce", t0, self.timeline.now(), f"b{i}")
             self._count(flat)
             self._unpack(i)
@@ -280,31 +286,37 @@ class OverlappedDDP(BucketedDDP):
         self._reset()
 
     def _reset(self):
-        self._missing = [len(b) for b in self.buckets]
-        self._next = 0
-        self._works: list = []
+        """Before each backward: every bucket waits for all its gradients, none is launched, nothing in flight."""
+        self._missing = [len(b) for b in self.buckets]  # gradients each bucket still waits for
+        self._next = 0  # the next bucket to launch: buckets start strictly in order
+        self._works: list = []  # the all-reduces in flight, waited on in sync_grads
 
     def _on_grad(self, p) -> None:
-        if not self._sync:
+        """Autograd calls this when ``p.grad`` has been accumulated, in the middle of backward."""
+        if not self._sync:  # inside no_sync(): gradients accumulate locally, nothing is sent
             return
         i = self._bucket_of[p]
-        if i < self._next:
+        if i < self._next:  # its bucket was packed and sent already: this gradient would be lost
             raise RuntimeError("a gradient arrived for a bucket already being reduced: call ddp.sync_grads() "
                                "after every backward, or wrap the inner accumulation steps in ddp.no_sync()")
         self._missing[i] -= 1
+        # Launch every bucket that is complete, but only from the front: if bucket 2 fills before bucket 1, it waits.
+        # Collectives must be issued in the same order on every rank (they are matched by order, not by name), and
+        # the order in which gradients become ready can differ between ranks; the bucket order cannot.
         while self._next < len(self.buckets) and self._missing[self._next] <= 0:
             self._launch(self._next)
             self._next += 1
 
     def _launch(self, i: int) -> None:
-        flat = self._pack(i)
-        t0 = time.perf_counter()
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        """Start bucket ``i``'s all-reduce and return at once; backward goes on computing earlier layers' gradients."""
+        flat = self._pack(i)  # into the bucket's own buffer: the all-reduce works on it while autograd goes on
+        t0 = time.perf_counter()  # the host's clock: a device synchronise here would stall the backward
+        work = dist.all_reduce(flat, group=self.group, async_op=True)  # in flight while backward continues
         self._count(flat)
-        if not isinstance(self.timeline, _NoTimeline):
+        if not isinstance(self.timeline, _NoTimeline):  # the span ends when the work completes, read in its callback
             tl, label = self.timeline, f"b{i}"
             work.get_future().add_done_callback(lambda _f: tl.add("allreduce", t0, time.perf_counter(), label))
-        self._works.append(work)
+        self._works.append(work)  # sync_grads waits on it; the result is copied back there, not here
 
     def sync_grads(self) -> None:
         if not self._sync:
@@ -315,13 +327,13 @@ class OverlappedDDP(BucketedDDP):
             self._launch(self._next)
             self._next += 1
         t0 = time.perf_counter()
-        for w in self._works:
+        for w in self._works:  # what overlap did not hide is this wait: the all-reduces still running
             w.wait()
         self.timeline.add("wait", t0, self.timeline.now(), "wait")
-        for i in range(len(self.buckets)):
+        for i in range(len(self.buckets)):  # only now: the buffers hold the sums, and backward has written every grad
             self._unpack(i)
         self._drop_unused(used)  # after every bucket's all-reduce, in the same order on every rank
-        self._reset()
+        self._reset()  # ready for the next backward
         self.stats["sync_seconds"] += now(self.device) - t_sync
 
     def remove_hooks(self) -> None:
@@ -377,9 +389,10 @@ class TorchDDP(_DDPBase):
 
 
 def make_ddp(algorithm: str, module: nn.Module, bucket_mb: float = 25.0, **kwargs) -> _DDPBase:
-    """Wrap ``module`` with ``"naive"``, ``"bucketed"``, ``"overlapped"`` or ``"torch"`` (DistributedDataParallel)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}: pass one of {', '.join(map(repr, ALGORITHMS))}")
+    """Wrap ``module`` with ``"naive"``, ``"bucketed"``, ``"overlapped"`` or ``"torch"`` (DistributedDataParallel),
+    the names in :data:`WRAPPERS`."""
+    if algorithm not in WRAPPERS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: pass one of {', '.join(map(repr, WRAPPERS))}")
     if algorithm == "naive":
         validate_bucket_mb(bucket_mb)
         return NaiveDDP(module, **kwargs)

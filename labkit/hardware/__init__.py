@@ -2,7 +2,7 @@
 
 Speed, each option measured against the plain fp32 step (interleaved rounds, medians):
 - ``cpu``: what the processor (or GPU) can do fast, and a bf16 prediction to check by measuring.
-- ``timing``: interleaved timing (A, B, A, B, ...) with per-round ratios.
+- ``timing``: :func:`time_interleaved`, timing in interleaved rounds (A, B, A, B, ...) with per-round ratios.
 - ``step``: one real training step with each option (mixed precision, channels_last, torch.compile,
   checkpointing) and the result type the experiments share.
 - ``speed``: the experiments (mixed precision, channels_last, compile, batch size, checkpointing).
@@ -16,19 +16,23 @@ Memory, predicted and checked against measured runs:
 - ``measure``: a real run's memory (MemTracker on CPU, the allocator on a GPU) beside the prediction.
 
 ``lab`` (rank-free lab functions, exercise checks, tour), ``bench`` (``python -m labkit bench hardware``) and
-``plots`` are loaded by the notebook, the tour and the command line.
+``plots`` are loaded by the notebook, the tour and the command line. Lab 09 runs in one process: it has no rank
+functions.
 """
-from .cpu import CpuInfo, cpu_info, gpu_info, predict_bf16  # noqa: F401
-from .loading import DecodeLikeDataset, input_pipeline  # noqa: F401
-from .measure import Measured, compare, confirm_batch, measure  # noqa: F401
-from .memory import Estimate, Setup, estimate, largest_batch  # noqa: F401
-from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision  # noqa: F401
-from .step import Result, Step, make_step  # noqa: F401
-from .timing import Timing, interleaved  # noqa: F401
-from .transformer import TransformerShape, tiny_transformer  # noqa: F401
+from .._compat import moved_names
+from .cpu import CpuInfo, cpu_info, gpu_info, predict_bf16
+from .loading import DecodeLikeDataset, input_pipeline
+from .measure import Measured, compare, confirm_batch, measure
+from .memory import Estimate, Setup, estimate, largest_batch
+from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision
+from .step import Result, Step, make_step
+from .timing import Timing, time_interleaved
+from .transformer import TransformerShape, tiny_transformer
 
-__all__ = ["CpuInfo", "cpu_info", "gpu_info", "predict_bf16", "Timing", "interleaved", "Step", "Result",
+__all__ = ["CpuInfo", "cpu_info", "gpu_info", "predict_bf16", "Timing", "time_interleaved", "Step", "Result",
            "make_step", "mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep",
-           "checkpointing",
-           "input_pipeline", "DecodeLikeDataset", "TransformerShape", "tiny_transformer", "Setup", "Estimate",
-           "estimate", "largest_batch", "Measured", "measure", "compare", "confirm_batch"]
+           "checkpointing", "input_pipeline", "DecodeLikeDataset", "TransformerShape", "tiny_transformer", "Setup",
+           "Estimate", "estimate", "largest_batch", "Measured", "measure", "compare", "confirm_batch"]
+
+# renamed in issue 30 (one release): the timer was called like lab 04's interleaved schedule
+__getattr__ = moved_names(__name__, {"interleaved": "labkit.hardware.timing:time_interleaved"})

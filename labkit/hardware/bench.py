@@ -92,7 +92,7 @@ def memory_check(device="cpu", trials=7, quick=True):
 
     device, notes = _resolve_device(device)
     b = 16 if quick else 64
-    shape = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=64, micro_batch=b // 2)
+    shape = TransformerShape(layers=2, width=64, heads=4, vocab=100, seq=64, micro_batch=b // 2)
     torch.manual_seed(0)
     models = {"MLP 256-512-512-10": (mlp(dropout=0.1), torch.randn(b, 256)),
               "small ResNet": (build_model("small"), torch.randn(b, 3, 32, 32)),

@@ -1,6 +1,7 @@
 """Lab 09's notebook helpers, exercise checks and tour.
 
-* :func:`mlp`, :func:`state_cases`: the models the memory exercise is checked on.
+* :func:`mlp`, :func:`state_cases`: the models the memory exercise is checked on; :func:`ce_loss`, the loss the
+  calculator walks and the notebook's ledger runs (from :mod:`labkit.hardware.walk`).
 * :func:`check_state_bytes`: the learner's ``predict_states(model, precision, optimizer)`` (bytes of parameters,
   gradients and optimiser state) against what PyTorch's memory tracker measures on a real training step (within
   1%), for models and setups drawn afresh at each check; labkit's own formulas refuse to run meanwhile.
@@ -28,9 +29,10 @@ from . import memory as _memory
 from .measure import measure
 from .memory import Setup, _as_sample, estimate, largest_batch
 from .transformer import TransformerShape, mlp, tiny_transformer
+from .walk import ce_loss
 
-__all__ = ["LAB", "mlp", "state_cases", "check_state_bytes", "batch_cases", "check_pick_batch", "transformer_bars",
-           "GPU_LINES", "tour"]
+__all__ = ["LAB", "mlp", "ce_loss", "state_cases", "check_state_bytes", "batch_cases", "check_pick_batch",
+           "transformer_bars", "GPU_LINES", "tour"]
 
 LAB = lab_name(__package__)
 GPU_LINES = {"24 GB (RTX 4090)": 24e9, "80 GB (A100/H100)": 80e9}  # marketed GB: the cards hold that many GiB
@@ -56,8 +58,9 @@ def check_state_bytes(predict_states, seed: int | None = None) -> CheckResult:
 
     def case(model, precision, optimizer):
         def thunk():
-            with refusing(_mm, "you called labkit's bytes_per_parameter (or the calculator built on it): count "
-                                "the bytes yourself from the parameters, the precision and the optimiser"):
+            with refusing(_mm.bytes_per_parameter, why="you called labkit's bytes_per_parameter (or the calculator "
+                          "built on it): count the bytes yourself from the parameters, the precision and the "
+                          "optimiser"):
                 got = predict_states(model, precision, optimizer)
             if not isinstance(got, dict) or not {"params", "grads", "optimizer"} <= set(got):
                 raise AssertionError(f"return a dict with keys 'params', 'grads' and 'optimizer' (bytes), got {got!r}")
@@ -82,7 +85,7 @@ def batch_cases(seed: int | None = None) -> list[tuple[str, nn.Module, tuple, in
     step's peak dominates: the batch barely moves it) and a small transformer, each with a budget that falls
     between the predicted peaks of two batch sizes drawn from ``seed`` (fresh randomness when None)."""
     rng = random.Random(seed)
-    shape = TransformerShape(layers=2, hidden=64, heads=4, vocab=100, seq=32, micro_batch=1)
+    shape = TransformerShape(layers=2, width=64, heads=4, vocab=100, seq=32, micro_batch=1)
     out = []
     for name, model, sample in (("small ResNet, 32 x 32 images", build_model("small"), (1, 3, 32, 32)),
                                 ("MLP 256-512-512-10", mlp(), (1, 256)),
@@ -101,8 +104,8 @@ def check_pick_batch(pick_batch, seed: int | None = None) -> CheckResult:
     def case(model, sample_shape, budget):
         def thunk():
             want = largest_batch(model, sample_shape, budget)
-            with refusing(_memory, "you called labkit's largest_batch: search the batch sizes yourself with "
-                                    "estimate(model, Setup(), (b, ...)).peak"):
+            with refusing(_memory.largest_batch, why="you called labkit's largest_batch: search the batch sizes "
+                          "yourself with estimate(model, Setup(), (b, ...)).peak"):
                 got = pick_batch(model, sample_shape, budget)
             if isinstance(got, bool) or not isinstance(got, int):
                 raise AssertionError(f"return the batch size as an int, got {got!r}")
@@ -153,7 +156,6 @@ def tour(world_size: int = 2) -> list[dict]:
 
     def activations():
         from ..sliced.models import saved_bytes
-        from .walk import ce_loss
 
         model, x = build_model("small"), torch.randn(8, 3, 32, 32)
         target = torch.randint(0, 10, (8,))

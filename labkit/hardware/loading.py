@@ -20,7 +20,7 @@ import torch
 from .._validate import ArgumentError, validate_int, validate_number
 from ..devices import Stopwatch, now
 from .step import Result, _num_classes, _setup, _skipped, _threads, _timed_row, _where, make_step
-from .timing import interleaved
+from .timing import time_interleaved
 
 __all__ = ["DecodeLikeDataset", "input_pipeline"]
 
@@ -155,8 +155,8 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
                     runs[name].append(_epoch(loaders[name], step, device, non_blocking=pin))
                 runs[name + " fn"] = run
         try:
-            timing = interleaved({n: runs[n + " fn"] for n in loaders}, trials=trials, warmup=1, device="cpu",
-                                 progress=progress)
+            timing = time_interleaved({n: runs[n + " fn"] for n in loaders}, trials=trials, warmup=1, device="cpu",
+                                      progress=progress)
         finally:
             for ld in loaders.values():
                 it = getattr(ld, "_iterator", None)
@@ -203,8 +203,8 @@ def _cudnn_rows(step, trials) -> list[dict]:
 
     old = torch.backends.cudnn.benchmark
     try:
-        t = interleaved({"cudnn.benchmark=False": flagged(False), "cudnn.benchmark=True": flagged(True)},
-                        trials=trials, warmup=1, device="cuda")
+        t = time_interleaved({"cudnn.benchmark=False": flagged(False), "cudnn.benchmark=True": flagged(True)},
+                             trials=trials, warmup=1, device="cuda")
     finally:
         torch.backends.cudnn.benchmark = old
     return [_timed_row(t, n, step.batch) for n in t.names]

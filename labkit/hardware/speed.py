@@ -1,6 +1,6 @@
 """Each hardware optimisation of lab 09 timed against the plain fp32 training step.
 
-The experiments time :class:`labkit.hardware.step.Step` variants with :func:`labkit.hardware.timing.interleaved`
+The experiments time :class:`labkit.hardware.step.Step` variants with :func:`labkit.hardware.timing.time_interleaved`
 (rounds A, B, A, B, ...; ratios per round, then the median) and each return a
 :class:`~labkit.hardware.step.Result` with ``.rows()``, ``.as_dict()`` and a one-line ``.verdict``:
 
@@ -54,7 +54,7 @@ from .step import (
     _where,
     make_step,
 )
-from .timing import interleaved
+from .timing import time_interleaved
 
 __all__ = ["mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep", "checkpointing"]
 
@@ -87,7 +87,7 @@ def mixed_precision(model=None, batch=None, device="cpu", trials=7, quick=True, 
             precisions.insert(1, "fp32 + TF32")
             notes.append("fp32 runs with TF32 off in matmuls and convolutions; 'fp32 + TF32' with it on "
                          "(torch.backends.cudnn.allow_tf32 is on by default)")
-        timing = interleaved(runs, trials=trials, warmup=1, device=device, progress=progress)
+        timing = time_interleaved(runs, trials=trials, warmup=1, device=device, progress=progress)
     pred, reason = _predict(device)
     ref = steps["fp32"].losses[0]
     rows = []
@@ -199,7 +199,7 @@ def channels_last_speed(model=None, batch=None, device="cpu", trials=7, quick=Tr
     with _threads(threads if device == "cpu" else None):
         steps = {n: make_step(model, batch, device, precision=p, channels_last=c, optimizer=optimizer)
                  for n, (p, c) in cases.items()}
-        timing = interleaved(steps, trials=trials, warmup=1, device=device, progress=progress)
+        timing = time_interleaved(steps, trials=trials, warmup=1, device=device, progress=progress)
     rows = [_timed_row(timing, n, batch, against="bf16" if n.startswith("bf16") else "fp32",
                        **{"baseline": "bf16" if n.startswith("bf16") else "fp32",
                           "vs fp32 NCHW": timing.speedup(n)}) for n in cases]
@@ -242,8 +242,8 @@ def compile_speed(model=None, batch=None, device="cpu", trials=7, quick=True, op
             reason = f"torch.compile failed ({type(e).__name__}: {msg}); a working C++ compiler is needed on CPU"
             return Result("torch.compile", [_skipped("compiled", reason)], f"torch.compile not measured: {reason}",
                           device, notes + [reason])
-        timing = interleaved({"eager": eager, "compiled": compiled}, trials=trials, warmup=1, device=device,
-                             progress=progress)
+        timing = time_interleaved({"eager": eager, "compiled": compiled}, trials=trials, warmup=1, device=device,
+                                  progress=progress)
     le, lc = eager.losses, compiled.losses
     rel = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(le, lc))
     match0 = _close(lc[0], le[0], 1e-3)
@@ -273,7 +273,7 @@ def batch_sweep(batches=None, model=None, device="cpu", trials=7, quick=True, op
     with _threads(threads if device == "cpu" else None):
         steps = {f"batch {b}": make_step(model, b, device, optimizer=optimizer) for b in batches}
         act = {n: s.activation_bytes() for n, s in steps.items()}
-        timing = interleaved(steps, trials=trials, warmup=1, device=device, progress=progress)
+        timing = time_interleaved(steps, trials=trials, warmup=1, device=device, progress=progress)
     rows = []
     base_ips = batches[0] / timing.median(f"batch {batches[0]}")
     for b in batches:
@@ -346,8 +346,8 @@ def checkpointing(segments=None, model=None, batch=None, device="cpu", trials=7,
                                                             for p in ref)
         kept = {k: s.activation_bytes() for k, s in steps.items()}
         seg = {k: _segment_bytes(s.layers, s.x, k) for k, s in steps.items()}
-        timing = interleaved({f"segments {k}": s for k, s in steps.items()}, trials=trials, warmup=1, device=device,
-                             progress=progress)
+        timing = time_interleaved({f"segments {k}": s for k, s in steps.items()}, trials=trials, warmup=1,
+                                  device=device, progress=progress)
     rows = []
     for k in segments:
         peak = _backward_peak(kept[k], seg[k])

@@ -1,6 +1,6 @@
 """Timing variants fairly on a shared, drifting machine (lab 09).
 
-:func:`interleaved` runs the variants in rounds, A, B, C, A, B, C, ..., never all of A and then
+:func:`time_interleaved` runs the variants in rounds, A, B, C, A, B, C, ..., never all of A and then
 all of B: a machine whose speed drifts (another process, thermal limits, a laptop's power state)
 then slows every variant of a round alike. Each variant's ratio against the first one (the
 baseline) is computed inside each round, and the median of those per-round ratios is reported
@@ -21,7 +21,7 @@ import torch
 
 from .._validate import ArgumentError, validate_choice, validate_int
 
-__all__ = ["Timing", "interleaved"]
+__all__ = ["Timing", "time_interleaved"]
 
 
 @dataclass
@@ -88,8 +88,8 @@ def _timer(device: str):
     return run
 
 
-def interleaved(variants: dict[str, Callable[[], None]], trials: int = 7, warmup: int = 1, device: str = "cpu",
-                progress=None) -> Timing:
+def time_interleaved(variants: dict[str, Callable[[], None]], trials: int = 7, warmup: int = 1,
+                     device: str = "cpu", progress=None) -> Timing:
     """Time each variant ``trials`` times in interleaved rounds; the first variant is the baseline.
 
     ``warmup`` untimed rounds run first (also interleaved): first calls pay for allocation, kernel

@@ -1,12 +1,12 @@
 """A small real transformer whose parameter count is exactly the Ultra-Scale Playbook's formula (lab 09).
 
-:class:`TransformerShape` describes a decoder transformer by its shape (layers, hidden size, heads, vocabulary,
+:class:`TransformerShape` describes a decoder transformer by its shape (layers, width, heads, vocabulary,
 sequence length, micro-batch): the calculator (:func:`labkit.hardware.estimate`) predicts its memory from the
 formulas alone, and :func:`tiny_transformer` builds the real model of that shape, so the prediction can be
 checked against a measured run. Pre-LN blocks, full attention (or PyTorch's fused
 ``scaled_dot_product_attention`` with ``flash=True``), the output head tied to the embedding, no position table:
 :func:`labkit.memory_model.transformer_params` counts exactly this model's parameters. :func:`mlp` is the other
-small model the lab measures.
+small model the lab measures (:func:`labkit.models.mlp` with lab 09's default widths).
 """
 from __future__ import annotations
 
@@ -16,17 +16,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._compat import renamed_kwargs
 from .._validate import ArgumentError, validate_int, validate_number
+from ..models import mlp as _mlp
 
 __all__ = ["TransformerShape", "TinyTransformer", "tiny_transformer", "mlp"]
 
 
+@renamed_kwargs(hidden="width")
 @dataclass(frozen=True)
 class TransformerShape:
-    """A decoder transformer's shape: ``layers``, ``hidden``, ``heads``, ``vocab``, ``seq`` and ``micro_batch``."""
+    """A decoder transformer's shape: ``layers``, ``width``, ``heads``, ``vocab``, ``seq`` and ``micro_batch``."""
 
     layers: int
-    hidden: int
+    width: int
     heads: int
     vocab: int
     seq: int
@@ -35,19 +38,19 @@ class TransformerShape:
     def __post_init__(self):
         for f in fields(self):
             validate_int(f.name, getattr(self, f.name), minimum=1)
-        if self.hidden % self.heads:
-            raise ArgumentError(f"hidden must be divisible by heads, got hidden={self.hidden}, heads={self.heads}")
+        if self.width % self.heads:
+            raise ArgumentError(f"width must be divisible by heads, got width={self.width}, heads={self.heads}")
 
 
 class _Block(nn.Module):
     """Pre-LN transformer block: x + proj(attention(ln1(x))), then x + fc2(gelu(fc1(ln2(x))))."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float, flash: bool):
+    def __init__(self, width: int, heads: int, dropout: float, flash: bool):
         super().__init__()
         self.heads, self.flash = heads, flash
-        self.ln1, self.ln2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.qkv, self.proj = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
-        self.fc1, self.act, self.fc2 = nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc1, self.act, self.fc2 = nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -69,10 +72,10 @@ class TinyTransformer(nn.Module):
     def __init__(self, shape: TransformerShape, dropout: float = 0.0, flash: bool = False):
         super().__init__()
         self.shape = shape
-        self.embed = nn.Embedding(shape.vocab, shape.hidden)
-        self.blocks = nn.Sequential(*[_Block(shape.hidden, shape.heads, dropout, flash) for _ in range(shape.layers)])
-        self.ln_f = nn.LayerNorm(shape.hidden)
-        self.head = nn.Linear(shape.hidden, shape.vocab, bias=False)
+        self.embed = nn.Embedding(shape.vocab, shape.width)
+        self.blocks = nn.Sequential(*[_Block(shape.width, shape.heads, dropout, flash) for _ in range(shape.layers)])
+        self.ln_f = nn.LayerNorm(shape.width)
+        self.head = nn.Linear(shape.width, shape.vocab, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, idx):
@@ -89,13 +92,6 @@ def tiny_transformer(shape: TransformerShape, dropout: float = 0.0, flash: bool 
 
 
 def mlp(widths=(256, 512, 512, 10), seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
-    """Linear layers of ``widths`` with ReLU between them (and dropout before the last when ``dropout`` > 0)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    if dropout:
-        layers.insert(len(layers) - 1, nn.Dropout(dropout))
-    return nn.Sequential(*layers)
+    """:func:`labkit.models.mlp` with lab 09's defaults: Linear layers of ``widths`` with ReLU between them (and
+    dropout before the last when ``dropout`` > 0), seeded with ``seed``."""
+    return _mlp(widths, seed=seed, dropout=dropout)

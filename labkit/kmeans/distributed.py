@@ -29,15 +29,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._compat import moved_names
 from .._validate import ArgumentError, validate_int, validate_number
 from .loop import LocalComm, assign, lloyd
 from .seeding import as_tensor, kmeans_plusplus, resolve_dtype
 
 __all__ = ["DistComm", "shard_bounds", "shard", "fit_distributed", "DistributedResult", "kmeans_parallel",
-           "centroid_update", "world"]
+           "centroid_update", "rank_and_world_size"]
+
+__getattr__ = moved_names(__name__, {"world": "labkit.kmeans.distributed:rank_and_world_size"})
 
 
-def world(group=None) -> tuple[int, int]:
+def rank_and_world_size(group=None) -> tuple[int, int]:
     """``(rank, world_size)`` of the default (or given) process group; ``(0, 1)`` when there is none."""
     import torch.distributed as dist
 
@@ -68,7 +71,7 @@ class DistComm:
         import torch.distributed as dist
 
         self.dist, self.group, self.device = dist, group, device
-        self.rank, self.world_size = world(group)
+        self.rank, self.world_size = rank_and_world_size(group)
         sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.world_size)]
         dist.all_gather(sizes, torch.tensor([n_local], dtype=torch.int64, device=device), group=group)
         self.sizes = [int(s) for s in sizes]
@@ -120,7 +123,7 @@ class DistComm:
 
 
 def _comm(n_local, device):
-    return DistComm(n_local, device) if world()[1] > 1 else LocalComm()
+    return DistComm(n_local, device) if rank_and_world_size()[1] > 1 else LocalComm()
 
 
 def centroid_update(X_local: torch.Tensor, labels_local: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -139,7 +142,7 @@ def centroid_update(X_local: torch.Tensor, labels_local: torch.Tensor, centers: 
     packed = torch.zeros(k, d + 1, dtype=X_local.dtype, device=X_local.device)
     packed[:, :d].index_add_(0, labels_local, X_local)
     packed[:, d] = torch.bincount(labels_local, minlength=k).to(X_local.dtype)
-    if world()[1] > 1:
+    if rank_and_world_size()[1] > 1:
         dist.all_reduce(packed)
     counts = packed[:, d:]
     return torch.where(counts > 0, packed[:, :d] / counts.clamp(min=1), centers)
@@ -173,7 +176,7 @@ def fit_distributed(X_local, n_clusters: int, *, init="k-means++", max_iter: int
 
     dt = resolve_dtype(dtype)
     X = as_tensor(X_local, "X_local", dt, device)
-    rank, ws = world()
+    rank, ws = rank_and_world_size()
     comm = _comm(X.shape[0], X.device)
     n_total = getattr(comm, "n_total", X.shape[0])
     k = validate_int("n_clusters", n_clusters, minimum=1, maximum=n_total,
@@ -237,7 +240,7 @@ def kmeans_parallel(X_local: torch.Tensor, n_clusters: int, *, oversampling: flo
     import torch.distributed as dist
 
     X = X_local
-    rank, ws = world() if distributed else (0, 1)
+    rank, ws = rank_and_world_size() if distributed else (0, 1)
     comm = _comm(X.shape[0], X.device) if distributed else LocalComm()
     n_total = getattr(comm, "n_total", X.shape[0])
     k = validate_int("n_clusters", n_clusters, minimum=1, maximum=n_total)

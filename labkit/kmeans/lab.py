@@ -3,7 +3,8 @@
 Rank functions (run through :func:`labkit.launch`): :func:`fit_rank` (distributed k-means, each rank
 slicing its shard), :func:`kmeans_parallel_rank` (k-means|| init), :func:`centroid_update_rank`
 (runs a learner's distributed update under the check). Checks: :func:`check_assign`,
-:func:`check_centroid_update`.
+:func:`check_centroid_update`. The notebook's runners: :func:`run_demo`, :func:`accuracy_rows`,
+:func:`moons_experiment`; its data sets: :func:`load` (from :mod:`labkit.kmeans.datasets`).
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 from ..checks import CheckResult, expect_close, expect_equal, run_cases
 from ..tour import lab_name
 from . import estimator as E
-from .cluster_label import accuracy_methods, accuracy_rows, cluster_then_label  # noqa: F401  (notebook API)
-from .datasets import load
+from .cluster_label import accuracy_methods, accuracy_rows, cluster_then_label
+from .datasets import load  # the notebook reads its data sets here (labkit.kmeans.lab.load)
 from .distributed import fit_distributed, kmeans_parallel, shard
 
-__all__ = ["fit_rank", "kmeans_parallel_rank", "centroid_update_rank", "check_assign", "check_centroid_update",
-           "run_demo", "accuracy_methods", "accuracy_rows", "moons_experiment", "tour"]
+__all__ = ["fit_rank", "kmeans_parallel_rank", "centroid_update_rank", "gather_labels", "check_assign",
+           "check_centroid_update", "run_demo", "accuracy_methods", "accuracy_rows", "moons_experiment", "load", "tour"]
 
 
 # ----------------------------------------------------------------------------- rank functions

@@ -22,10 +22,11 @@ import sys
 
 import torch
 
+from ..models import mlp
 from .executor import run_pipeline, speedup_over_naive
 from .reference import time_in_process
 from .schedules import ideal_speedup
-from .stages import SleepStages, SplitModel, mlp
+from .stages import ModelStages, SleepStages
 
 
 def bench_simulated(ps=(2, 4), ms=(1, 2, 4, 8, 16), forward_s=0.01, backward_s=0.02, repeats=3,
@@ -79,16 +80,16 @@ def bench_real(make_stage, batch, ms=(2, 4, 8), repeats=3, schedule="1f1b", labe
 
 
 def mlp_case(width=1024, layers=8, rows=1024):
-    """Two equal stages of a wide Linear/ReLU stack, and a batch for it."""
+    """Two equal stages of a wide Linear/ReLU stack (:func:`labkit.models.mlp`), and a batch for it."""
     g = torch.Generator().manual_seed(0)
-    model = SplitModel(functools.partial(mlp, (width,) * (layers + 1)), n_stages=2)
+    model = ModelStages(functools.partial(mlp, (width,) * (layers + 1)), n_stages=2)
     return model, (torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g))
 
 
 def resnet_case(rows=128, boundary=5):
     """The small ResNet of lab 03 on 32x32 images, cut after layer ``boundary`` of 11."""
     g = torch.Generator().manual_seed(0)
-    model = SplitModel("small", cuts=[boundary])
+    model = ModelStages("small", cuts=[boundary])
     return model, (torch.randn(rows, 3, 32, 32, generator=g), torch.randint(0, 10, (rows,), generator=g))
 
 

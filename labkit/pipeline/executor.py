@@ -7,7 +7,7 @@ Public API (used by the pipeline lab, its benchmark, and the load-balancing lab)
     run.seconds, run.loss, run.grads, run.events, run.memory, run.bubble, run.gantt()
 
 ``make_stage(i)`` builds stage ``i``'s module *on its rank*; it must be picklable (a module-level
-function or one of :class:`SplitModel`, :class:`SleepStages`) and give the same weights every time
+function or one of :class:`ModelStages`, :class:`SleepStages`) and give the same weights every time
 it is called (seed inside it). ``batch`` is ``(inputs, targets)``; the first stage sees ``inputs``
 cut into ``n_micro`` micro-batches (``torch.tensor_split``: a batch that does not divide evenly gives
 micro-batches whose sizes differ by one, and each micro-batch loss is weighted by its share of the
@@ -29,6 +29,9 @@ batch), the form NCCL needs. Every forward, backward, send and wait is recorded 
 :func:`labkit.devices.now` (``time.perf_counter``, one clock for all processes on a machine, read after the
 device has finished its queued kernels), and the bytes autograd saves for each micro-batch are counted with
 ``torch.autograd.graph.saved_tensors_hooks`` to measure activation memory over time.
+
+This module is long because the rank function's loop is commented step by step, and the driver that launches it
+and the :class:`PipelineRun` that reads its results belong with it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 from ..devices import now
 from ..distops import p2p, recv
@@ -92,27 +96,28 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     """
     import torch.distributed as dist
 
+    # This rank's stage is its position in the pipeline's group (the whole world without one).
     if group is None:
-        p, r = ctx.world_size, ctx.rank
+        world_size, rank = ctx.world_size, ctx.rank
     else:
-        p, r = dist.get_world_size(group), dist.get_rank(group)
-    if n_stages is not None and n_stages != p:
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n_stages is not None and n_stages != world_size:
         where = "ranks" if group is None else "ranks in its group"
-        raise ValueError(f"the pipeline has {n_stages} stages but was launched on {p} {where}: "
+        raise ValueError(f"the pipeline has {n_stages} stages but was launched on {world_size} {where}: "
                          f"launch with world_size={n_stages} (one rank per stage)")
     loss_fn = loss_fn or _default_loss
-    sched = make_schedule(schedule, p, n_micro, chunks)
-    v = n_chunks(sched)
-    S = p * v
+    sched = make_schedule(schedule, world_size, n_micro, chunks)
+    chunks = n_chunks(sched)  # model chunks this rank holds: `chunks` under the interleaved schedule, else 1
+    n_virtual = world_size * chunks  # virtual stages in all; rank r holds r, r + world_size, r + 2 world_size, ...
     xs, ys, ws = split_batch(batch, n_micro)
     if stages is None:
-        stages = {c: make_stage(c * p + r).to(ctx.device) for c in range(v)}
-    elif sorted(stages) != list(range(v)):
-        raise ValueError(f"stages must map each of this rank's chunks {list(range(v))} to its module, "
+        stages = {c: make_stage(c * world_size + rank).to(ctx.device) for c in range(chunks)}
+    elif sorted(stages) != list(range(chunks)):
+        raise ValueError(f"stages must map each of this rank's chunks {list(range(chunks))} to its module, "
                          f"got chunks {sorted(stages)}")
-    params = {id(q) for st in stages.values() for q in st.parameters()}
-    param_ptrs = {q.data_ptr() for st in stages.values() for q in st.parameters()}
-    dtype = next((q.dtype for st in stages.values() for q in st.parameters()), torch.float32)
+    params = {id(q) for module in stages.values() for q in module.parameters()}
+    param_ptrs = {q.data_ptr() for module in stages.values() for q in module.parameters()}
+    dtype = next((q.dtype for module in stages.values() for q in module.parameters()), torch.float32)
     # Messages always travel through gloo. Under NCCL (one GPU per rank) the stages compute on their GPU
     # and a gloo group carries the messages, on CPU tensors: NCCL's send blocks its stream until the
     # matching receive is posted, which deadlocks 1F1B unless sends and receives are paired. Under gloo
@@ -133,32 +138,39 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
     def tag(kind, micro, edge):  # edge: the virtual stage that sends the activation forward
         return (edge * n_micro + micro) * 2 + kind
 
-    needs = []  # (kind, micro, edge, src) of every message this rank receives in one step
-    for a in sched[r]:
-        s = a.chunk * p + r
-        if a.kind == "F" and s > 0:
-            needs.append((0, a.micro, s - 1, (r - 1) % p))
-        if a.kind == "B" and s < S - 1:
-            needs.append((1, a.micro, s, (r + 1) % p))
+    # Every message this rank receives in one step, as (kind, micro, edge, src): kind 0 is an activation from
+    # the previous stage (before a forward), kind 1 the gradient of an output from the next stage (before a backward).
+    needs = []
+    for a in sched[rank]:
+        stage = a.chunk * world_size + rank
+        if a.kind == "F" and stage > 0:
+            needs.append((0, a.micro, stage - 1, (rank - 1) % world_size))
+        if a.kind == "B" and stage < n_virtual - 1:
+            needs.append((1, a.micro, stage, (rank + 1) % world_size))
     shapes: dict = {}
 
-    out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": r}
+    out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": rank}
     for rep in range(warmup + repeats):
-        for st in stages.values():
-            st.zero_grad(set_to_none=True)
+        # A fresh step: no gradients, nothing held, and every rank of the pipeline starts together.
+        for module in stages.values():
+            module.zero_grad(set_to_none=True)
         events, memory, works = [], [], []
         held = {}  # (micro, chunk) -> (input, output or loss, saved bytes)
         live_bytes, loss_total = 0, 0.0
         dist.barrier(group=group)
         t_begin = clock()
+        # Once the first step has learnt every shape, post all of this step's irecv now: each message lands
+        # while this rank computes, so the wait before a forward or backward is only a real wait for a neighbour.
         posted = {}
-        if len(shapes) == len(needs):  # shapes known: post every receive of this step now
+        if len(shapes) == len(needs):
             for kind, micro, edge, src in needs:
                 buf = torch.empty(shapes[(kind, micro, edge)], dtype=dtype, device=wire)
                 _, (work,) = p2p(recvs=[(buf, src, 2 * tag(kind, micro, edge) + 1)], group=group)
                 posted[(kind, micro, edge)] = (work, buf)
 
         def receive(kind, micro, edge, src, label):
+            # Wait for one message (the posted irecv; in the first step a header with its shape, then the tensor)
+            # and move it to the stage's device. The time spent is recorded as a "wait".
             t0 = clock()
             key = (kind, micro, edge)
             if key in posted:
@@ -168,74 +180,94 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 buf = _recv(src, tag(kind, micro, edge), dtype, group, wire)
             shapes[key] = tuple(buf.shape)
             buf = buf.to(dev)
-            events.append({"lane": r, "kind": "wait", "start": t0, "end": clock(), "label": label})
+            events.append({"lane": rank, "kind": "wait", "start": t0, "end": clock(), "label": label})
             return buf
 
         def send(t, kind, micro, edge, dst):
+            # Post the tensor with isend and go on at once: a send never holds up the next action. The work and
+            # the tensor are kept in `works` until the end of the step, when every send is waited for.
             t0 = clock()
             t = t.detach().to(wire)
-            if shapes_known_by_peer:
+            if shapes_known_by_peer:  # after the first step the receiver knows the shape: no header
                 t = t.contiguous()
                 (work,), _ = p2p([(t, dst, 2 * tag(kind, micro, edge) + 1)], group=group)
                 works.append((work, t))
             else:
                 _send(t, dst, tag(kind, micro, edge), works, group)
-            events.append({"lane": r, "kind": "send", "start": t0, "end": clock(), "label": ""})
+            events.append({"lane": rank, "kind": "send", "start": t0, "end": clock(), "label": ""})
 
         shapes_known_by_peer = rep > 0
-        for a in sched[r]:
-            s = a.chunk * p + r
-            st = stages[a.chunk]
+        # Walk this rank's actions in the schedule's order; a forward or backward waits only for its own message.
+        for a in sched[rank]:
+            stage = a.chunk * world_size + rank  # the virtual stage this action runs
+            module = stages[a.chunk]
             if a.kind == "F":
-                if s == 0:
+                # Forward, input: the first stage reads its micro-batch; the others receive the previous stage's
+                # activation and make it require grad, so that its gradient can be sent back in the backward.
+                if stage == 0:
                     x = xs[a.micro].to(dev)
                 else:
-                    x = receive(0, a.micro, s - 1, (r - 1) % p, f"r{a}")
+                    x = receive(0, a.micro, stage - 1, (rank - 1) % world_size, f"r{a}")
                     x.requires_grad_(True)
                 saved = [0, set()]
 
-                def pack(t, saved=saved):
+                def pack(t, saved=saved):  # count what autograd keeps for this backward (not the parameters)
                     if t.data_ptr() not in param_ptrs and id(t) not in params and t.data_ptr() not in saved[1]:
                         saved[1].add(t.data_ptr())
                         saved[0] += t.numel() * t.element_size()
                     return t
 
+                # Forward, compute: the last stage also turns its output into this micro-batch's loss, weighted
+                # by its share of the rows, so the gradients add up to the whole batch's.
                 t0 = clock()
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    y = st(x)
-                    if s == S - 1:
+                    y = module(x)
+                    if stage == n_virtual - 1:
                         y = loss_fn(y, ys[a.micro].to(dev)) * ws[a.micro]
-                events.append({"lane": r, "kind": "forward", "start": t0, "end": clock(), "label": str(a)})
-                if s == S - 1:
+                events.append({"lane": rank, "kind": "forward", "start": t0, "end": clock(), "label": str(a)})
+                # Forward, output: send the activation on to the next stage (isend, no wait), or add up the loss.
+                if stage == n_virtual - 1:
                     loss_total += float(y.detach())
                 else:
-                    send(y, 0, a.micro, s, (r + 1) % p)
+                    send(y, 0, a.micro, stage, (rank + 1) % world_size)
+                # Hold the input and output until this micro-batch's backward: the activation memory a schedule
+                # decides (GPipe holds every micro-batch, 1F1B at most as many as there are stages ahead).
                 held[(a.micro, a.chunk)] = (x, y, saved[0])
                 live_bytes += saved[0]
                 memory.append((clock(), len(held), live_bytes))
             else:
+                # Backward: take what the forward held; the gradient of its output comes from the next stage
+                # (the last stage starts from its loss, so it needs none).
                 x, y, nbytes = held.pop((a.micro, a.chunk))
-                grad = None if s == S - 1 else receive(1, a.micro, s, (r + 1) % p, f"r{a}")
+                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, (rank + 1) % world_size,
+                                                                   f"r{a}")
+                # Autograd adds this micro-batch's parameter gradients to .grad (accumulated over micro-batches)
+                # and leaves the input's gradient in x.grad.
                 t0 = clock()
                 torch.autograd.backward(y, grad)
-                events.append({"lane": r, "kind": "backward", "start": t0, "end": clock(), "label": str(a)})
-                if s > 0:
-                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, s - 1, (r - 1) % p)
+                events.append({"lane": rank, "kind": "backward", "start": t0, "end": clock(), "label": str(a)})
+                # The input's gradient goes back to the previous stage as soon as it exists (isend, no wait).
+                if stage > 0:
+                    send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, stage - 1,
+                         (rank - 1) % world_size)
+                # This micro-batch is done on this stage: free its activations.
                 del x, y
                 live_bytes -= nbytes
                 memory.append((clock(), len(held), live_bytes))
+        # End of the step: wait for every isend posted (their tensors must live until sent); time spent here is a
+        # "flush" wait, usually for the last gradient's receiver.
         t0 = clock()
         for w, _ in works:
             w.wait()
         t_end = clock()
         if t_end - t0 > 1e-4:
-            events.append({"lane": r, "kind": "wait", "start": t0, "end": t_end, "label": "flush"})
+            events.append({"lane": rank, "kind": "wait", "start": t0, "end": t_end, "label": "flush"})
         if rep >= warmup:
             out["times"].append((t_begin, t_end))
             out["busy"].append(sum(e["end"] - e["start"] for e in events if e["kind"] in ("forward", "backward")))
         out["events"], out["memory"] = events, [(t_begin, 0, 0)] + memory
-        out["loss"] = loss_total if S - 1 in [c * p + r for c in stages] else None
-    out["grads"] = {c * p + r: _grads(st) for c, st in stages.items()}
+        out["loss"] = loss_total if n_virtual - 1 in [c * world_size + rank for c in stages] else None
+    out["grads"] = {c * world_size + rank: _grads(module) for c, module in stages.items()}
     return out
 
 
@@ -364,17 +396,19 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
                        memory=memory, bubbles=bubbles, per_rank=list(res))
 
 
-def speedup_over_naive(make_stage, p: int, m: int, rows_per_micro: int = 1, schedule: str = "1f1b",
+@renamed_kwargs(p="n_stages", m="n_micro")
+def speedup_over_naive(make_stage, n_stages: int, n_micro: int, rows_per_micro: int = 1, schedule: str = "1f1b",
                        repeats: int = 3, width: int = 4, timeout: float = 120) -> dict:
-    """Time the naive schedule (whole batch, no micro-batches) and ``schedule`` with m micro-batches.
+    """Time the naive schedule (whole batch, no micro-batches) and ``schedule`` with ``n_micro`` micro-batches.
 
-    The batch has ``m * rows_per_micro`` rows, so both runs do the same work. Returns the two medians,
-    the measured speed-up, the theory ``p m / (m + p - 1)`` and both runs.
+    The batch has ``n_micro * rows_per_micro`` rows, so both runs do the same work. Returns the two medians,
+    the measured speed-up, the theory ``p m / (m + p - 1)`` (p = ``n_stages``, m = ``n_micro``) and both runs.
     """
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(m * rows_per_micro, width, generator=g), torch.randn(m * rows_per_micro, width, generator=g))
-    naive_run = run_pipeline(make_stage, p, batch, 1, schedule="naive", repeats=repeats, timeout=timeout)
-    pipe_run = run_pipeline(make_stage, p, batch, m, schedule=schedule, repeats=repeats, timeout=timeout)
+    rows = n_micro * rows_per_micro
+    batch = (torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g))
+    naive_run = run_pipeline(make_stage, n_stages, batch, 1, schedule="naive", repeats=repeats, timeout=timeout)
+    pipe_run = run_pipeline(make_stage, n_stages, batch, n_micro, schedule=schedule, repeats=repeats, timeout=timeout)
     return {"naive_s": naive_run.seconds, "pipelined_s": pipe_run.seconds,
-            "speedup": naive_run.seconds / pipe_run.seconds, "theory": ideal_speedup(p, m),
+            "speedup": naive_run.seconds / pipe_run.seconds, "theory": ideal_speedup(n_stages, n_micro),
             "naive": naive_run, "pipelined": pipe_run}

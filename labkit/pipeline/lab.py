@@ -1,4 +1,5 @@
-"""Lab 04's exercise checks and tour."""
+"""Lab 04's exercise checks and tour, and the rank functions the notebook and later labs launch (defined in
+``executor`` and ``torch_pipelining``, reached here as ``labkit.pipeline.lab.pipeline_rank`` and so on)."""
 from __future__ import annotations
 
 import random
@@ -6,14 +7,16 @@ from typing import Callable
 
 import torch
 
-from .._calls import calls_to, refuse
-from ..checks import expect_close, run_cases
+from ..checks import calls_to, expect_close, refuse, run_cases
 from ..tour import lab_name, run_check
 from . import schedules as S
-from .executor import PipelineRun, run_pipeline, speedup_over_naive
+from .executor import PipelineRun, pipeline_rank, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step
 from .schedules import gpipe, one_f_one_b, simulate
-from .stages import SleepStages, SplitModel
+from .stages import ModelStages, SleepStages
+from .torch_pipelining import torch_pipelining_rank
+
+__all__ = ["check_1f1b_order", "check_bubble_prediction", "tour", "pipeline_rank", "torch_pipelining_rank"]
 
 
 def _draw_pm(rng: random.Random, fixed, n: int = 3) -> list[tuple[int, int]]:
@@ -113,7 +116,7 @@ def tour(world_size: int = 2) -> list[dict]:
 
     torch.manual_seed(0)
     batch = (torch.randn(10, 32), torch.randn(10, 10))
-    model = SplitModel("mlp", n_stages=p)
+    model = ModelStages("mlp", n_stages=p)
     ref = reference_step(model, p, batch)
 
     def same_as_one_process(sched):

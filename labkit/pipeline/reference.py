@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 
 
@@ -47,15 +48,16 @@ def _grads(module: nn.Module) -> dict:
             for n, p in module.named_parameters()}
 
 
-def reference_step(make_stage: Callable, n_pieces: int, batch, n_micro: int = 1, loss_fn=None) -> dict:
-    """Single process, no pipeline: run all stages in a row and return ``{"loss", "grads"}``.
+@renamed_kwargs(n_pieces="n_stages")
+def reference_step(make_stage: Callable, n_stages: int, batch, n_micro: int = 1, loss_fn=None) -> dict:
+    """Single process, no pipeline: run all ``n_stages`` stages in a row and return ``{"loss", "grads"}``.
 
     With ``n_micro > 1`` the micro-batches are accumulated one after another (needed for models
     with BatchNorm, whose statistics depend on the micro-batch); for other models any ``n_micro``
     gives the full batch's gradient.
     """
     loss_fn = loss_fn or _default_loss
-    stages = [make_stage(i) for i in range(n_pieces)]
+    stages = [make_stage(i) for i in range(n_stages)]
     xs, ys, ws = split_batch(batch, n_micro)
     total = 0.0
     for x, y, w in zip(xs, ys, ws):
@@ -68,7 +70,8 @@ def reference_step(make_stage: Callable, n_pieces: int, batch, n_micro: int = 1,
     return {"loss": total, "grads": [_grads(st) for st in stages]}
 
 
-def time_in_process(make_stage: Callable, n_pieces: int, batch, repeats: int = 3, threads: int = 1,
+@renamed_kwargs(n_pieces="n_stages")
+def time_in_process(make_stage: Callable, n_stages: int, batch, repeats: int = 3, threads: int = 1,
                     loss_fn=None, warmup: int = 1) -> float:
     """Median seconds of one training step (forward + backward) of the whole model in this process.
 
@@ -76,7 +79,7 @@ def time_in_process(make_stage: Callable, n_pieces: int, batch, repeats: int = 3
     CPU threads (1 by default, like each pipeline rank), on the whole batch.
     """
     loss_fn = loss_fn or _default_loss
-    stages = [make_stage(i) for i in range(n_pieces)]
+    stages = [make_stage(i) for i in range(n_stages)]
     x, y = batch
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

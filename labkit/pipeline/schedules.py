@@ -1,5 +1,10 @@
 """Pipeline schedules as pure functions: which forward and backward each stage runs, in order.
 
+A formula module: it writes the papers' symbols (docs/glossary.md). ``p`` is ``n_stages``, the number of
+stages (one rank each); ``m`` is ``n_micro``, the number of micro-batches; ``v`` is ``chunks``, the virtual
+stages (model chunks) one rank holds in the interleaved schedule. ``stage`` is a stage's index (0 .. p-1) and
+``micro`` a micro-batch's (0 .. m-1).
+
 A schedule for ``p`` stages (ranks) and ``m`` micro-batches is a list with one entry per rank; each
 entry is that rank's ordered list of :class:`Action` ``(kind, micro, chunk)``: ``kind`` is ``"F"``
 (forward) or ``"B"`` (backward), ``micro`` the micro-batch, ``chunk`` the model chunk held by that

@@ -5,9 +5,9 @@
   no CPU, so schedule effects show exactly even with 4 ranks on 2 cores (torchgpipe tests its
   balancing the same way).
 * :class:`SleepStages` — ``make_stage`` for a list of sleeping stages.
-* :class:`SplitModel` — ``make_stage`` that builds a seeded model and keeps stage ``i``'s layers
-  (uses :func:`labkit.sliced.flatten_resnet` and the cut rules of :mod:`labkit.partition`).
-* :func:`mlp` — a Linear/ReLU stack to split when no ResNet is wanted.
+* :class:`ModelStages` — ``make_stage`` that builds a seeded model and keeps stage ``i``'s layers
+  (uses :func:`labkit.sliced.flatten_resnet` and the cut rules of :mod:`labkit.partition`); ``"mlp"`` is
+  :func:`labkit.models.mlp` of :data:`MLP_WIDTHS`, a Linear/ReLU stack to split when no ResNet is wanted.
 
 All are re-exported by :mod:`labkit.pipeline`.
 """
@@ -19,10 +19,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models import mlp
 from ..partition import even_cuts, stage_ranges, validate_cuts, validate_stages
 from ..sliced import build_model, flatten_resnet
 
-__all__ = ["Sleep", "SleepStage", "SleepStages", "SplitModel", "mlp"]
+__all__ = ["Sleep", "SleepStage", "SleepStages", "ModelStages"]
+
+#: ``ModelStages("mlp")``'s layer widths: 32 inputs, six hidden layers of 64, 10 outputs (13 layers with the ReLUs).
+MLP_WIDTHS = (32, 64, 64, 64, 64, 64, 64, 10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,22 +96,13 @@ class SleepStages:
         return SleepStage(self.forward_s[i], self.backward_s[i])
 
 
-def mlp(widths=(32, 64, 64, 64, 64, 64, 64, 10)) -> nn.Sequential:
-    """A plain Linear/ReLU stack (no ReLU after the last layer): a model to split when no ResNet is wanted."""
-    if len(widths) < 2 or any(not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"widths must list at least two positive layer widths, got {widths!r}")
-    layers = []
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-class SplitModel:
+class ModelStages:
     """``make_stage`` that builds a whole model (seeded) and keeps only stage ``i``'s layers.
 
     ``build`` returns a model (an ``nn.Sequential``, or a ResNet that :func:`labkit.sliced.flatten_resnet`
-    flattens), or is one of the names ``"mlp"``, ``"small"``, ``"resnet18"``, ``"resnet50"``.
-    ``cuts`` are cut points (stage ``k`` starts at layer ``cuts[k-1]``, :mod:`labkit.partition`); or give
+    flattens), or is one of the names ``"mlp"`` (:func:`labkit.models.mlp` of :data:`MLP_WIDTHS`), ``"small"``,
+    ``"resnet18"``, ``"resnet50"``.
+    ``cuts`` are cut points (stage ``i`` starts at layer ``cuts[i-1]``, :mod:`labkit.partition`); or give
     ``n_stages`` for an even split by layer count. Every rank calls it and gets identical weights.
     """
 
@@ -133,7 +128,7 @@ class SplitModel:
         """The whole model as one flat ``nn.Sequential`` (the single-process reference)."""
         torch.manual_seed(self.seed)
         if self.build == "mlp":
-            model = mlp()
+            model = mlp(MLP_WIDTHS)  # no seed: the generator seeded above builds it
         elif isinstance(self.build, str):
             model = build_model(self.build, seed=self.seed)
         else:

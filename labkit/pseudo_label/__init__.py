@@ -7,26 +7,36 @@
   expected calibration error, temperature scaling (fitted on held-out labelled points).
 * :mod:`.self_training`: :class:`SelfTraining` with a threshold, detecting its failures (nothing passes,
   wrong labels pass, collapse onto a few classes).
-* :mod:`.consistency`: a small CNN on the 8x8 digits with online pseudo-labels and a FixMatch-style
-  weak/strong variant, logging the mask rate and the pseudo-label accuracy per step.
-* :mod:`.methods`: the lab's methods for :func:`labkit.semisup.evaluate` (hyper-parameters fixed in advance).
+* :mod:`.consistency`: :func:`train_cnn`, a small CNN on the 8x8 digits (:func:`labkit.models.pooled_digits_cnn`)
+  with online pseudo-labels and a FixMatch-style weak/strong variant, logging the mask rate and the pseudo-label
+  accuracy per step.
+* :mod:`.methods`: the lab's methods for :func:`labkit.semisup.evaluate` (hyper-parameters fixed in advance), read
+  through :mod:`.lab`.
+* :mod:`.lab`: the rank function, the notebook's runners, exercise checks, tour; :mod:`.plots`; :mod:`.bench`.
 """
+from .._compat import moved_names
 from .confidence import (
-                         cross_fitted_temperature,
-                         expected_calibration_error,
-                         fit_temperature,
-                         odds_to_posterior_threshold,
-                         posterior_odds,
-                         posterior_to_odds_threshold,
-                         reliability_diagram,
-                         softmax,
+    cross_fitted_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    odds_to_posterior_threshold,
+    posterior_odds,
+    posterior_to_odds_threshold,
+    reliability_diagram,
+    softmax,
 )
-from .consistency import MODES, SmallCNN, strong_augment, train_cnn, weak_augment
-from .generative import COVARIANCE_TYPES, GaussianEM, e_step, log_joint, validate_semi_supervised
+from .consistency import MODES, strong_augment, train_cnn, weak_augment
+from .generative import COVARIANCE_TYPES, GaussianEM, e_step, log_joint
 from .self_training import Failure, SelfTraining, pseudo_label_counts
 
-__all__ = ["GaussianEM", "e_step", "log_joint", "validate_semi_supervised", "COVARIANCE_TYPES",
+__all__ = ["GaussianEM", "e_step", "log_joint", "COVARIANCE_TYPES",
            "posterior_odds", "odds_to_posterior_threshold", "posterior_to_odds_threshold", "softmax",
            "reliability_diagram", "expected_calibration_error", "fit_temperature", "cross_fitted_temperature",
            "SelfTraining", "Failure", "pseudo_label_counts",
-           "SmallCNN", "train_cnn", "weak_augment", "strong_augment", "MODES"]
+           "train_cnn", "weak_augment", "strong_augment", "MODES"]
+
+__getattr__ = moved_names(__name__, {
+    "check_semi_supervised": "labkit.pseudo_label.generative:validate_semi_supervised",
+    "validate_semi_supervised": "labkit.pseudo_label.generative:validate_semi_supervised",
+    "SmallCNN": "labkit.pseudo_label.consistency:SmallCNN",
+})

@@ -1,4 +1,5 @@
-"""A small CNN on the 8x8 digits trained with online pseudo-labels, and the weak/strong consistency variant.
+"""A small CNN on the 8x8 digits (:func:`labkit.models.pooled_digits_cnn`) trained with online pseudo-labels, and
+the weak/strong consistency variant.
 
 Three modes share one model, one optimiser and one loop (:func:`train_cnn`):
 
@@ -21,23 +22,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._compat import warn_renamed
 from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from .generative import validate_semi_supervised
 
-__all__ = ["SmallCNN", "train_cnn", "CNNRun", "weak_augment", "strong_augment", "MODES"]
+__all__ = ["train_cnn", "CNNRun", "weak_augment", "strong_augment", "MODES"]
 
 MODES = ("supervised", "pseudo_label", "fixmatch")
 
 
 def SmallCNN(n_classes: int = 10):
-    """Conv(1->32) ReLU Conv(32->64) ReLU MaxPool2 Conv(64->64) ReLU GlobalAvgPool Linear(64->n_classes)."""
-    import torch.nn as nn
+    """Deprecated: :func:`labkit.models.pooled_digits_cnn` (``classes=``), the same layers and initialisation."""
+    from ..models import pooled_digits_cnn
 
-    return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, n_classes))
+    warn_renamed("labkit.pseudo_label.SmallCNN(n_classes)", "labkit.models.pooled_digits_cnn(classes=n_classes)")
+    return pooled_digits_cnn(classes=n_classes)
 
 
 def _shift(x, max_shift: int, gen):
@@ -111,7 +110,8 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
               lambda_u: float = 1.0, batch_labelled: int = 32, batch_unlabelled: int = 128, lr: float = 3e-3,
               seed: int = 0, y_true=None, X_test=None, y_test=None, threads: int | None = 1,
               return_model: bool = False):
-    """Train :func:`SmallCNN` for ``steps`` steps; return a :class:`CNNRun` (and the model if asked).
+    """Train :func:`labkit.models.pooled_digits_cnn` for ``steps`` steps; return a :class:`CNNRun` (and the model
+    if asked).
 
     X: (n, 64) digits in [0, 1] (or (n, 1, 8, 8)); y_semi: labels, ``-1`` for unlabelled.
     threshold: confidence a prediction needs to become a pseudo-label, in (0, 1].
@@ -122,6 +122,8 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
 
     import torch
     import torch.nn.functional as F
+
+    from ..models import pooled_digits_cnn
 
     validate_choice("mode", mode, MODES)
     steps = validate_int("steps", steps, minimum=1)
@@ -146,7 +148,7 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
         unl = np.flatnonzero(y_semi < 0)
         yl = torch.as_tensor(y_semi[lab], dtype=torch.int64)
         truth = None if y_true is None else torch.as_tensor(np.asarray(y_true)[unl], dtype=torch.int64)
-        model = SmallCNN(int(y_semi.max()) + 1)
+        model = pooled_digits_cnn(classes=int(y_semi.max()) + 1)  # initialised from the seed just set
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         run = CNNRun(mode, steps, None)
         t0 = time.perf_counter()

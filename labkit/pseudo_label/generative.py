@@ -41,7 +41,6 @@ __all__ = ["GaussianEM", "validate_semi_supervised", "log_joint", "e_step", "COV
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
-_REFUSE: str | None = None  # set by an exercise check while the learner's code runs: the E-step then refuses
 
 
 def validate_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
@@ -98,8 +97,6 @@ def log_joint(Z, means, covariances, priors, covariance_type: str = "full") -> n
 
     ``covariances``: (C, d, d) for "full", (d, d) for "tied", (C, d) for "diag", (C,) for "spherical".
     """
-    if _REFUSE:
-        raise AssertionError(_REFUSE)
     Z = np.asarray(Z, dtype=float)
     n, d = Z.shape
     out = np.empty((n, len(means)))

@@ -8,6 +8,10 @@
 * :func:`check_threshold`: the learner's rule ``choose_threshold(confidence, correct) -> t`` is given held-out
   labelled points of a calibrated and of an under-confident model; the check measures the precision and the
   count of the pseudo-labels that ``t`` admits among the unlabelled points.
+* The notebook's runners (:func:`demo`, :func:`calibration_rows`) and the lab's methods for
+  :func:`labkit.semisup.evaluate`, read here from :mod:`labkit.pseudo_label.methods`: :data:`GENERATIVE` (the
+  model's fixed settings), :func:`generative`, :func:`generative_supervised`, :data:`METHODS`, :func:`make_methods`,
+  :func:`local_protocol`.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ from ..checks import CheckResult, expect_close, refusing, run_cases
 from ..tour import lab_name
 from . import generative as _gen
 from . import methods as _methods
-from .methods import METHODS, local_protocol, make_methods  # noqa: F401  (the notebook reads them here too)
+from .methods import GENERATIVE, METHODS, generative, generative_supervised, local_protocol, make_methods
 
-__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "check_e_step",
-           "check_threshold", "threshold_cases", "tour"]
+__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "GENERATIVE",
+           "generative", "generative_supervised", "check_e_step", "check_threshold", "threshold_cases", "tour"]
 
 LAB = lab_name(__package__)
 
@@ -134,7 +138,7 @@ def calibration_rows(seeds=(0, 1, 2), k: int = 5, repeats: int = 2) -> list[dict
 @contextlib.contextmanager
 def _no_library_e_step():
     """While the learner's function runs, labkit's own E-step (and everything built on it) refuses to run."""
-    with refusing(_gen, "you called labkit's own E-step (e_step / log_joint / predict_proba): write the "
+    with refusing(_gen.log_joint, why="you called labkit's own E-step (e_step / log_joint / predict_proba): write the "
                         "responsibilities yourself from the means, covariances and priors"):
         yield
 

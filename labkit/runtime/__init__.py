@@ -5,11 +5,13 @@
   clear error; ``_worker`` is one rank.
 - ``torchrun``: the same lab function under ``torchrun`` (``python -m labkit run module:function``).
 - ``doctor``: what this machine can run (``labkit.doctor()``, ``python -m labkit doctor``).
-- ``lab``: ``hello_rank`` and the start-here tour; ``bench``: cold launch vs pooled re-run latency.
+- ``mesh``: ``ctx.mesh(dp=, pp=, tp=)``, one grid of process groups for several parallelisms (lab 11).
+- ``lab``: ``hello_rank``, the exercise check and the start-here tour; ``bench``: cold launch vs pooled re-run
+  latency.
 - ``busy``: busy processes that load the machine (``pytest --busy N``); ``stress``: re-runs a notebook's process
   and widget cells in a real kernel under load and diagnoses any stall (``python -m labkit stress``).
 """
-from .launcher import (  # noqa: F401
+from .launcher import (
     Context,
     LaunchError,
     LaunchTimeout,

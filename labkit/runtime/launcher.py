@@ -28,7 +28,6 @@ same rank processes and pipes; split up, each half would need the other's intern
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import pickle
 import selectors
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from .._compat import moved_names
 from .._validate import validate_int
 
 DEFAULT_TIMEOUT = 120.0
@@ -70,23 +70,10 @@ class LaunchTimeout(LaunchError):
         self.unfinished = unfinished
 
 
-_REFUSING: list[str] = []  # set by refusing_launches(): why starting ranks is not allowed right now
-
-
-class LaunchRefused(LaunchError):
-    """Raised by ``launch`` / ``Pool.run`` inside :func:`refusing_launches` (an exercise check's "no shortcuts")."""
-
-
-@contextlib.contextmanager
-def refusing_launches(why: str):
-    """Within this block, ``launch`` and ``Pool.run`` raise :class:`LaunchRefused` (with ``why``) instead of
-    starting or using rank processes: an exercise check runs the learner's prediction under it, so a prediction that
-    runs the experiment itself fails at once, before it can start any process."""
-    _REFUSING.append(why)
-    try:
-        yield
-    finally:
-        _REFUSING.pop()
+# An exercise check's "no launching" guard is labkit.checks.refusing_launches (the profiler; nothing polled here).
+# LaunchRefused was what it raised: the guard now raises AssertionError, so `except LaunchRefused` still catches it.
+__getattr__ = moved_names(__name__, {"refusing_launches": "labkit.checks:refusing_launches",
+                                     "LaunchRefused": "builtins:AssertionError"})
 
 
 @dataclass
@@ -309,8 +296,6 @@ class Pool:
     def run(self, fn: Callable, args: tuple = (), kwargs: dict | None = None,
             timeout: float | None = DEFAULT_TIMEOUT) -> Results:
         """Run ``fn(ctx, *args, **kwargs)`` on every rank; return the results in rank order."""
-        if _REFUSING:
-            raise LaunchRefused(_REFUSING[-1])
         if not callable(fn):
             raise TypeError(f"launch needs a function to run on each rank, got {type(fn).__name__}")
         if not isinstance(args, (tuple, list)):

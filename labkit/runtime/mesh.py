@@ -25,12 +25,6 @@ from typing import Any
 from .._validate import ArgumentError, validate_int
 
 DIMS = ("dp", "pp", "tp")
-_REFUSE: str | None = None  # set by lab 11's exercise check while the learner's answer runs
-
-
-def _refuse() -> None:
-    if _REFUSE:
-        raise AssertionError(_REFUSE)
 
 
 def _factorisations(world: int) -> list[tuple[int, int, int]]:
@@ -51,7 +45,6 @@ def validate_shape(world_size: int, dp: int = 1, pp: int = 1, tp: int = 1) -> tu
 
 def coords_of(rank: int, dp: int, pp: int, tp: int) -> dict:
     """The (dp, pp, tp) coordinates of global rank ``rank`` (tensor parallel innermost)."""
-    _refuse()
     return {"dp": rank // (pp * tp), "pp": (rank // tp) % pp, "tp": rank % tp}
 
 
@@ -61,7 +54,6 @@ def rank_of(d: int, p: int, t: int, pp: int, tp: int) -> int:
 
 def members_of(rank: int, dp: int, pp: int, tp: int) -> dict:
     """For each dimension, the global ranks of ``rank``'s group in it, ordered by their coordinate."""
-    _refuse()
     c = coords_of(rank, dp, pp, tp)
     return {"dp": [rank_of(d, c["pp"], c["tp"], pp, tp) for d in range(dp)],
             "pp": [rank_of(c["dp"], p, c["tp"], pp, tp) for p in range(pp)],
@@ -70,7 +62,6 @@ def members_of(rank: int, dp: int, pp: int, tp: int) -> dict:
 
 def layout(dp: int, pp: int, tp: int) -> list[list[list[int]]]:
     """``layout[d][p][t]``: the global rank at each coordinate (pure arithmetic: what the picture shows)."""
-    _refuse()
     return [[[rank_of(d, p, t, pp, tp) for t in range(tp)] for p in range(pp)] for d in range(dp)]
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import renamed_kwargs
 from .._validate import validate_int
 from ..collectives.validation import _group_position, _rank_world
 from ..devices import no_tf32
@@ -51,13 +52,13 @@ def _count(kind: str, t: torch.Tensor) -> None:
     COMM_BYTES[kind] += t.numel() * t.element_size()
 
 
-def _chunk(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+def _chunk(t: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tensor:
     size = t.shape[dim]
-    if size % world:
-        raise ValueError(f"{size} channels do not split evenly over {world} ranks: "
+    if size % world_size:
+        raise ValueError(f"{size} channels do not split evenly over {world_size} ranks: "
                          f"pick a world size that divides {size}")
-    k = size // world
-    return t.narrow(dim, rank * k, k)
+    per_rank = size // world_size
+    return t.narrow(dim, rank * per_rank, per_rank)
 
 
 class _CopyToRanks(torch.autograd.Function):
@@ -92,26 +93,26 @@ class _ReduceFromRanks(torch.autograd.Function):
 class _GatherChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
-        ctx.dim, (ctx.world, ctx.rank) = dim, _group_position(group, "gather_channels")
-        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        ctx.dim, (ctx.world_size, ctx.rank) = dim, _group_position(group, "gather_channels")
+        parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
         _count("all_gather", x)
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, g):
-        return _chunk(g, ctx.dim, ctx.rank, ctx.world).contiguous(), None, None
+        return _chunk(g, ctx.dim, ctx.rank, ctx.world_size).contiguous(), None, None
 
 
 class _ScatterChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group, (ctx.world, rank) = dim, group, _group_position(group, "scatter_channels")
-        return _chunk(x, dim, rank, ctx.world).contiguous()
+        ctx.dim, ctx.group, (ctx.world_size, rank) = dim, group, _group_position(group, "scatter_channels")
+        return _chunk(x, dim, rank, ctx.world_size).contiguous()
 
     @staticmethod
     def backward(ctx, g):
-        parts = [torch.empty_like(g) for _ in range(ctx.world)]
+        parts = [torch.empty_like(g) for _ in range(ctx.world_size)]
         _count("all_gather", g)
         dist.all_gather(parts, g.contiguous(), group=ctx.group)
         return torch.cat(parts, dim=ctx.dim), None, None
@@ -137,35 +138,36 @@ def scatter_channels(x, dim: int = 1, group=None):
     return _ScatterChannels.apply(x, dim, group)
 
 
-def _check_layer(layer):
+def _validate_layer(layer):
     if not isinstance(layer, (nn.Conv2d, nn.Linear)):
         raise TypeError(f"expected an nn.Conv2d or nn.Linear to shard, got {type(layer).__name__}")
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         raise ValueError(f"only groups=1 convolutions can be channel-split here, got groups={layer.groups}")
 
 
-def _check_rank(rank, world):
-    world = validate_int("world size", world, minimum=1)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
-        raise ValueError(f"rank must be an integer in 0..{world - 1}, got {rank!r}")
+def _validate_rank_in(rank, world_size):
+    world_size = validate_int("world size", world_size, minimum=1)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in 0..{world_size - 1}, got {rank!r}")
 
 
-def shard_layer(layer: nn.Module, mode: str, rank: int, world: int, bias: bool = True) -> nn.Module:
+@renamed_kwargs(world="world_size")
+def shard_layer(layer: nn.Module, mode: str, rank: int, world_size: int, bias: bool = True) -> nn.Module:
     """A new Conv2d/Linear holding rank ``rank``'s slice of ``layer``'s weights (copied).
 
-    ``mode="column"`` keeps output channels ``rank*k:(rank+1)*k`` (and that slice of the bias);
-    ``mode="row"`` keeps input channels ``rank*k:(rank+1)*k`` and no bias (the bias is added once,
-    after the partial results are summed).
+    With ``c`` channels per rank (the layer's channels / ``world_size``), ``mode="column"`` keeps output channels
+    ``rank*c:(rank+1)*c`` (and that slice of the bias); ``mode="row"`` keeps input channels ``rank*c:(rank+1)*c``
+    and no bias (the bias is added once, after the partial results are summed).
     """
-    _check_layer(layer)
-    _check_rank(rank, world)
+    _validate_layer(layer)
+    _validate_rank_in(rank, world_size)
     if mode not in ("column", "row"):
         raise ValueError(f"mode must be 'column' (split outputs) or 'row' (split inputs), got {mode!r}")
     w = layer.weight.detach()
-    w = _chunk(w, 0 if mode == "column" else 1, rank, world)
+    w = _chunk(w, 0 if mode == "column" else 1, rank, world_size)
     b = layer.bias.detach() if (layer.bias is not None and mode == "column" and bias) else None
     if b is not None:
-        b = _chunk(b, 0, rank, world)
+        b = _chunk(b, 0, rank, world_size)
     if isinstance(layer, nn.Linear):
         new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
     else:
@@ -177,42 +179,50 @@ def shard_layer(layer: nn.Module, mode: str, rank: int, world: int, bias: bool =
     return new
 
 
-class ColumnParallel(nn.Module):
+class _ShardedLayer(nn.Module):
+    """What :class:`ColumnParallel` and :class:`RowParallel` share: this rank's slice of the layer (``local``), the
+    channel dimension (1 for a convolution, the last for a linear layer) and the group the slices live on."""
+
+    def __init__(self, layer: nn.Module, mode: str, rank, world_size, group, name: str):
+        super().__init__()
+        self.rank, self.world_size = _rank_world(rank, world_size, group, name)
+        self.local = shard_layer(layer, mode, self.rank, self.world_size)
+        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
+        self.group = group
+
+
+@renamed_kwargs(world="world_size")
+class ColumnParallel(_ShardedLayer):
     """An ``nn.Conv2d`` or ``nn.Linear`` with its output channels split over the ranks.
 
     Built from the full layer (each rank copies its slice). Input: the whole tensor, the same on
     every rank. Output: the whole result (``gather_output=True``, one all-gather) or this rank's
     slice of channels (``False``, to feed a :class:`RowParallel`). ``group``: split over that process group's
-    ranks, communicate within it (None: all ranks); ``rank``, ``world``: from the group unless given.
+    ranks, communicate within it (None: all ranks); ``rank``, ``world_size``: from the group unless given.
     """
 
-    def __init__(self, layer: nn.Module, rank=None, world=None, gather_output: bool = True, *, group=None):
-        super().__init__()
-        rank, world = _rank_world(rank, world, group, "ColumnParallel")
-        self.local = shard_layer(layer, "column", rank, world)
-        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        self.gather_output, self.group = gather_output, group
+    def __init__(self, layer: nn.Module, rank=None, world_size=None, gather_output: bool = True, *, group=None):
+        super().__init__(layer, "column", rank, world_size, group, "ColumnParallel")
+        self.gather_output = gather_output
 
     def forward(self, x):
         y = self.local(copy_to_ranks(x, group=self.group))
         return gather_channels(y, self.dim, group=self.group) if self.gather_output else y
 
 
-class RowParallel(nn.Module):
+@renamed_kwargs(world="world_size")
+class RowParallel(_ShardedLayer):
     """An ``nn.Conv2d`` or ``nn.Linear`` with its input channels split over the ranks.
 
     Input: this rank's channel slice (``input_is_split=True``, e.g. from a ``ColumnParallel``
     with ``gather_output=False``) or the whole tensor (``False``: each rank takes its slice).
     Output: the whole result on every rank (one all-reduce), bias added once after the sum.
-    ``group``, ``rank``, ``world``: as in :class:`ColumnParallel`.
+    ``group``, ``rank``, ``world_size``: as in :class:`ColumnParallel`.
     """
 
-    def __init__(self, layer: nn.Module, rank=None, world=None, input_is_split: bool = True, *, group=None):
-        super().__init__()
-        rank, world = _rank_world(rank, world, group, "RowParallel")
-        self.local = shard_layer(layer, "row", rank, world)
-        self.dim = 1 if isinstance(layer, nn.Conv2d) else -1
-        self.input_is_split, self.group = input_is_split, group
+    def __init__(self, layer: nn.Module, rank=None, world_size=None, input_is_split: bool = True, *, group=None):
+        super().__init__(layer, "row", rank, world_size, group, "RowParallel")
+        self.input_is_split = input_is_split
         self.bias = nn.Parameter(layer.bias.detach().clone()) if layer.bias is not None else None
         self._conv = isinstance(layer, nn.Conv2d)
 
@@ -233,9 +243,9 @@ def conv_block(inplanes: int = 16, mid: int = 32, planes: int = 16) -> nn.Sequen
     )
 
 
-def _shard_bn(bn: nn.BatchNorm2d, rank: int, world: int) -> nn.BatchNorm2d:
+def _shard_bn(bn: nn.BatchNorm2d, rank: int, world_size: int) -> nn.BatchNorm2d:
     """BatchNorm normalises each channel on its own, so a channel slice of it is exact."""
-    k = bn.num_features // world
+    k = bn.num_features // world_size
     new = nn.BatchNorm2d(k, eps=bn.eps, momentum=bn.momentum, affine=bn.affine, dtype=bn.running_mean.dtype,
                          device=bn.running_mean.device)  # where the layer it slices lives
     with torch.no_grad():
@@ -249,6 +259,7 @@ def _shard_bn(bn: nn.BatchNorm2d, rank: int, world: int) -> nn.BatchNorm2d:
     return new
 
 
+@renamed_kwargs(world="world_size")
 class TensorParallelConvBlock(nn.Module):
     """:func:`conv_block` split over the ranks by its ``mid`` channels: the article's idea, done right.
 
@@ -256,16 +267,16 @@ class TensorParallelConvBlock(nn.Module):
     ReLU on the local channels (exact: both work channel by channel), 3x3 conv row-parallel
     (partial sums), one all-reduce, then the last BN and ReLU replicated. Equals the unsplit
     block, forward and backward; the big weights and the ``mid``-channel activation are 1/N per rank.
-    ``group``, ``rank``, ``world``: as in :class:`ColumnParallel`.
+    ``group``, ``rank``, ``world_size``: as in :class:`ColumnParallel`.
     """
 
-    def __init__(self, block: nn.Sequential, rank=None, world=None, *, group=None):
+    def __init__(self, block: nn.Sequential, rank=None, world_size=None, *, group=None):
         super().__init__()
         conv_a, bn_a, _, conv_b, bn_b, _ = block
-        rank, world = _rank_world(rank, world, group, "TensorParallelConvBlock")
-        self.col = ColumnParallel(conv_a, rank, world, gather_output=False, group=group)
-        self.bn_a = _shard_bn(bn_a, rank, world)
-        self.row = RowParallel(conv_b, rank, world, input_is_split=True, group=group)
+        self.rank, self.world_size = rank, world_size = _rank_world(rank, world_size, group, "TensorParallelConvBlock")
+        self.col = ColumnParallel(conv_a, rank, world_size, gather_output=False, group=group)
+        self.bn_a = _shard_bn(bn_a, rank, world_size)
+        self.row = RowParallel(conv_b, rank, world_size, input_is_split=True, group=group)
         self.bn_b = copy.deepcopy(bn_b)
 
     def forward(self, x):
@@ -308,7 +319,7 @@ def channel_rank(ctx, batch: int = 4, seed: int = 0, channels: int = 32, side: i
     inputs = {"column conv": x_img, "row conv": torch.randn(batch, 2 * c, side, side).to(dev), "column linear": x_vec,
               "row linear": torch.randn(batch, 4 * c).to(dev), "column->row linears": x_vec, "TP conv block": x_img}
     r, n = ctx.rank, ctx.world_size
-    out = {"rank": r, "world": n, "cases": []}
+    out = {"rank": r, "world_size": n, "cases": []}
     with no_tf32():  # float32 against float32 at 1e-5: TF32 convolutions on a GPU would differ by 1e-3
         for name, ref in full.items():
             ref.train()
@@ -394,14 +405,15 @@ def run_channel_checks(world_size: int = 2, pool: bool = False, timeout: float =
 # ---------------------------------------------------------------------------------------------
 # Exercise support
 # ---------------------------------------------------------------------------------------------
-def row_parallel_reference(x: torch.Tensor, conv: nn.Conv2d, world: int) -> torch.Tensor:
-    """Single-process simulation of a row-parallel conv: split the input channels into ``world``
+@renamed_kwargs(world="world_size")
+def row_parallel_reference(x: torch.Tensor, conv: nn.Conv2d, world_size: int) -> torch.Tensor:
+    """Single-process simulation of a row-parallel conv: split the input channels into ``world_size``
     slices, convolve each with its weight slice, sum the partials, add the bias once."""
-    _check_layer(conv)
+    _validate_layer(conv)
     total = None
-    for r in range(world):
-        w = _chunk(conv.weight, 1, r, world)
-        part = F.conv2d(_chunk(x, 1, r, world), w, None, conv.stride, conv.padding, conv.dilation)
+    for r in range(world_size):
+        w = _chunk(conv.weight, 1, r, world_size)
+        part = F.conv2d(_chunk(x, 1, r, world_size), w, None, conv.stride, conv.padding, conv.dilation)
         total = part if total is None else total + part
     if conv.bias is not None:
         total = total + conv.bias.view(1, -1, 1, 1)

@@ -1,4 +1,5 @@
-"""Lab 03's exercise checks and tour."""
+"""Lab 03's exercise checks and tour, and the rank functions and runners the notebook launches (defined in
+``stages`` and ``channels``, reached here as ``labkit.sliced.lab.stage_rank`` and so on)."""
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,12 @@ from torch.overrides import TorchFunctionMode
 from ..checks import expect_close, run_cases
 from ..tour import lab_name, run_check
 from .article import article_block_error
-from .channels import run_channel_checks
+from .channels import channel_rank, run_channel_checks
 from .models import build_model, flatten_resnet, small_resnet, split_costs, split_stages
-from .stages import StagedModel, run_staged
+from .stages import StagedModel, replica_rank, run_replicas, run_staged, stage_rank
+
+__all__ = ["check_stage_params", "check_row_parallel", "tour",
+           "stage_rank", "run_staged", "replica_rank", "run_replicas", "channel_rank", "run_channel_checks"]
 
 
 def check_stage_params(fn):
@@ -22,7 +26,7 @@ def check_stage_params(fn):
     Cases: fixed splits of the small ResNet and ResNet-18 plus random cuts drawn at check time (so no
     table of answers can pass), and the answer may not run the model (``split_costs`` does; counting
     parameters needs no forward pass)."""
-    from .._calls import calls_to, refuse
+    from ..checks import calls_to, refuse
 
     rng = random.Random()
     fixed = [("small", [4]), ("small", [2, 5, 8]), ("resnet18", [9])]
@@ -84,14 +88,14 @@ class _ConvCalls(TorchFunctionMode):
 
 
 def check_row_parallel(fn):
-    """Exercise check: ``fn(x, conv, world)`` must equal ``conv(x)`` by summing per-slice partials.
+    """Exercise check: ``fn(x, conv, world_size)`` must equal ``conv(x)`` by summing per-slice partials.
 
-    Besides the value, it records every convolution the answer runs: there must be ``world`` of them,
-    each on ``cin / world`` input channels with the matching weight slice, so calling the unsplit layer
+    Besides the value, it records every convolution the answer runs: there must be ``world_size`` of them,
+    each on ``cin / world_size`` input channels with the matching weight slice, so calling the unsplit layer
     (or ``F.conv2d`` with the whole weight) fails. Layer sizes and seeds are drawn at check time."""
     rng = random.Random()
 
-    def case(cin, cout, world, bias, k):
+    def case(cin, cout, world_size, bias, k):
         def thunk():
             torch.manual_seed(rng.randrange(1 << 30))
             conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias)
@@ -99,22 +103,23 @@ def check_row_parallel(fn):
             spy = _ConvCalls()
             with torch.no_grad():
                 with spy:
-                    got = fn(x, conv, world)
+                    got = fn(x, conv, world_size)
                 want = conv(x)
-            slice_c = cin // world
-            whole = [c for c in spy.calls if c[0][1] == cin and world > 1]
+            slice_c = cin // world_size
+            whole = [c for c in spy.calls if c[0][1] == cin and world_size > 1]
             if whole:
                 raise AssertionError(f"a convolution ran on all {cin} input channels (the unsplit layer): each "
                                      f"partial product must see only its slice of {slice_c} channels")
             shapes = [c[1] for c in spy.calls]
-            if len(spy.calls) != world:
-                raise AssertionError(f"expected {world} partial convolutions (one per rank), your answer ran "
+            if len(spy.calls) != world_size:
+                raise AssertionError(f"expected {world_size} partial convolutions (one per rank), your answer ran "
                                      f"{len(spy.calls)}" + (f" with weight shapes {shapes}" if shapes else ""))
             wrong = [s for s in shapes if s[:2] != (cout, slice_c)]
             if wrong:
                 raise AssertionError(f"each partial needs a weight slice of shape ({cout}, {slice_c}, {k}, {k}); "
                                      f"got {wrong}")
-            expect_close(got, want, rtol=1e-4, atol=1e-5, what=f"{world}-way row split of Conv2d({cin},{cout},{k})")
+            expect_close(got, want, rtol=1e-4, atol=1e-5,
+                         what=f"{world_size}-way row split of Conv2d({cin},{cout},{k})")
         return thunk
 
     specs = [(4, 3, 2, False, 1), (8, 5, 4, True, 3), (4, 2, 1, True, 3)]

@@ -3,7 +3,9 @@
 :class:`StagedModel` runs the stages in one process with each stage on its own device (as on a 2-GPU
 box; on a CPU every device is the CPU). :func:`stage_rank` runs one stage per rank under
 :func:`labkit.launch`, passing activations forward and gradients backward with ``send``/``recv``;
-:func:`run_staged` drives it and compares with the unsliced model.
+:func:`run_staged` drives it and compares with :func:`unsliced_step`, the unsliced model in one process.
+:func:`replica_rank` and :func:`run_replicas` are the contrast, data parallelism. The rank functions and runners
+are reached as ``labkit.sliced.lab.stage_rank`` and so on; the package exports the rest.
 """
 from __future__ import annotations
 
@@ -143,7 +145,7 @@ def stage_rank(ctx, model: str | nn.Module, cuts: Sequence[int], x: torch.Tensor
     }
 
 
-def reference_step(model: str | nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict:
+def unsliced_step(model: str | nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> dict:
     """The unsliced model's output, loss and gradients (by flattened parameter name) for one step.
 
     Runs on one CPU thread, like the ranks: with several threads the kernels sum in another
@@ -168,7 +170,7 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
 
     Returns ``{"ranks": per-rank results, "max_output_err", "max_grad_err", "max_grad_rel", "n_grads",
     "loss", "ref_loss"}``: max absolute differences, and for gradients also the worst per-tensor
-    error relative to that tensor's largest entry (``compare=False`` skips the reference).
+    error relative to that tensor's largest entry (``compare=False`` skips :func:`unsliced_step`, the reference).
     ``image_size`` overrides the input side (32 for small, 224 for torchvision models); ``model``
     may also be a ResNet module (it is pickled to every rank; its input defaults to 32x32).
     """
@@ -193,7 +195,7 @@ def run_staged(model: str = "small", cuts: Sequence[int] = (5,), batch: int = 4,
                           pool=pool, timeout=timeout, echo=False)
     out = {"ranks": list(ranks), "loss": ranks[-1]["loss"], "seconds": ranks.seconds}
     if compare:
-        ref = reference_step(model, x, y, seed)
+        ref = unsliced_step(model, x, y, seed)
         grads = {k: v for rr in ranks for k, v in rr["grads"].items()}
         if set(grads) != set(ref["grads"]):
             raise AssertionError(f"parameter names differ: {sorted(set(grads) ^ set(ref['grads']))[:5]}")

@@ -27,15 +27,27 @@ import time
 import torch
 import torch.distributed as dist
 
+from .._compat import moved_names, renamed_kwargs, warn_renamed
 from ..devices import now
 from ..memory_model import OPTIMIZERS as STATES
-from .measure import METHODS, STAGE, Method, batches, memory_row, mlp, rank_slice, validate_args
+from .measure import (
+    BENCH_WIDTHS,
+    MEASURED_METHODS,
+    STAGE,
+    Method,
+    batches,
+    memory_row,
+    mlp,
+    rank_slice,
+    validate_args,
+)
 
-QUICK_SIZES, FULL_SIZES = (256, 1024, 1024, 10), (512, 2048, 2048, 10)
+FULL_WIDTHS = (512, 2048, 2048, 10)  # the full run's MLP (--quick: measure.BENCH_WIDTHS, 1.3 M parameters)
 PAPER = {"ddp": 2, "zero1": 2, "zero2": 2, "zero3": 3}  # Ψ per step, the paper's section 7
 
 
-def bench_rank(ctx, methods=METHODS, sizes=QUICK_SIZES, dtype: str = "float32", optimizer: str = "adam",
+@renamed_kwargs(sizes="widths")
+def bench_rank(ctx, methods=MEASURED_METHODS, widths=BENCH_WIDTHS, dtype: str = "float32", optimizer: str = "adam",
                rounds: int = 7, warmup: int = 2, global_batch: int = 32, bucket_mb: float = 25.0,
                memory: bool = True) -> dict:
     """Time ``rounds`` interleaved steps of each method, count its traffic and state, then measure its memory.
@@ -44,10 +56,11 @@ def bench_rank(ctx, methods=METHODS, sizes=QUICK_SIZES, dtype: str = "float32", 
     None}, "psi": {method: values}, "state_bytes": {method: this rank's}, "owned": torch ZeRO's parameters on this
     rank, "memory": {method: memory_row(...)}}``."""
     world, rank = ctx.world_size, ctx.rank
-    methods, sizes, rounds, global_batch = validate_args(methods, sizes, dtype, optimizer, rounds, global_batch, world)
+    methods, widths, rounds, global_batch = validate_args(methods, widths, dtype, optimizer, rounds, global_batch,
+                                                          world)
     device = getattr(ctx, "device", "cpu")
-    data = rank_slice(batches(warmup + rounds + 2, global_batch, sizes, dtype, 0, device), rank, world)
-    runs = {m: Method(m, mlp(sizes, dtype, 0, device), optimizer, bucket_mb) for m in methods}
+    data = rank_slice(batches(warmup + rounds + 2, global_batch, widths, dtype, 0, device), rank, world)
+    runs = {m: Method(m, mlp(widths, dtype, 0, device), optimizer, bucket_mb) for m in methods}
     for run in runs.values():
         for x, y in data[:warmup]:
             run.step(x, y)
@@ -144,7 +157,8 @@ def memory_rows(res: list[dict]) -> list[dict]:
     return rows
 
 
-def measure(world_sizes=(2,), sizes=QUICK_SIZES, rounds: int = 7, dtype: str = "float32", optimizer: str = "adam",
+@renamed_kwargs(sizes="widths")
+def measure(world_sizes=(2,), widths=BENCH_WIDTHS, rounds: int = 7, dtype: str = "float32", optimizer: str = "adam",
             global_batch: int = 32, memory: bool = True, pool: bool = False, timeout: float = 300) -> dict:
     """One launch per world size; ``{"timing": rows, "uneven": rows, "memory": rows, "raw": {N: results},
     "backend": {N: the backend that ran}}``."""
@@ -152,9 +166,9 @@ def measure(world_sizes=(2,), sizes=QUICK_SIZES, rounds: int = 7, dtype: str = "
     from ..viz import progress
 
     out = {"timing": [], "uneven": [], "memory": [], "raw": {}, "backend": {}}
-    _UNIT[:] = [1e3, "kB"] if sum(p.numel() for p in mlp(sizes).parameters()) * 4 < 1e6 else [1e6, "MB"]
+    _UNIT[:] = [1e3, "kB"] if sum(p.numel() for p in mlp(widths).parameters()) * 4 < 1e6 else [1e6, "MB"]
     for n in progress(world_sizes, desc="zero bench: world sizes"):
-        res = launch(bench_rank, world_size=n, kwargs=dict(sizes=sizes, rounds=rounds, dtype=dtype,
+        res = launch(bench_rank, world_size=n, kwargs=dict(widths=widths, rounds=rounds, dtype=dtype,
                      optimizer=optimizer, global_batch=-(-global_batch // n) * n, memory=memory),
                      pool=pool, echo=False, quiet=True, timeout=timeout)
         out["raw"][n] = list(res)
@@ -186,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m labkit bench zero", description=__doc__.splitlines()[0])
     ap.add_argument("--world-sizes", default="2,4", help="comma-separated numbers of ranks (default 2,4)")
-    ap.add_argument("--sizes", default=None, help="MLP layer widths, e.g. 256,1024,1024,10 (default: "
-                    f"{','.join(map(str, FULL_SIZES))}; --quick {','.join(map(str, QUICK_SIZES))})")
+    ap.add_argument("--widths", "--sizes", default=None, help="MLP layer widths, e.g. 256,1024,1024,10 (default: "
+                    f"{','.join(map(str, FULL_WIDTHS))}; --quick {','.join(map(str, BENCH_WIDTHS))}); --sizes is "
+                    "its old name")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved timed rounds (default 7; --quick 5)")
     ap.add_argument("--batch", type=int, default=32, help="global batch per step (default 32)")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -197,22 +212,24 @@ def main(argv: list[str] | None = None) -> int:
                     "called again from the same process, e.g. a notebook)")
     ap.add_argument("--quick", action="store_true", help="a short run: 2 ranks, the small MLP, 5 rounds")
     a = ap.parse_args(argv)
+    if any(arg == "--sizes" or arg.startswith("--sizes=") for arg in (sys.argv[1:] if argv is None else argv)):
+        warn_renamed("python -m labkit bench zero --sizes", "--widths", stacklevel=2)
     ranks = _ints(ap, "--world-sizes", a.world_sizes, "2,4")
-    sizes = _ints(ap, "--sizes", a.sizes, "256,1024,1024,10") if a.sizes else (QUICK_SIZES if a.quick
-                                                                               else FULL_SIZES)
-    if len(sizes) < 2:
-        ap.error(f"--sizes needs at least two widths (input, ..., classes), got {a.sizes!r}; e.g. 256,1024,1024,10")
+    widths = _ints(ap, "--widths", a.widths, "256,1024,1024,10") if a.widths else (BENCH_WIDTHS if a.quick
+                                                                                   else FULL_WIDTHS)
+    if len(widths) < 2:
+        ap.error(f"--widths needs at least two widths (input, ..., classes), got {a.widths!r}; e.g. 256,1024,1024,10")
     rounds = a.rounds if a.rounds is not None else (5 if a.quick else 7)
     if rounds < 1 or a.batch < 1:
         ap.error(f"--rounds and --batch must be >= 1, got {rounds} and {a.batch}")
     if a.quick and a.world_sizes == ap.get_default("world_sizes"):
         ranks = (2,)
-    P = sum(p.numel() for p in mlp(sizes).parameters())
-    print(f"ZeRO bench: MLP {'-'.join(map(str, sizes))} ({P:,} parameters, {P * 4 / 1e6:.1f} MB per fp32 copy), "
+    P = sum(p.numel() for p in mlp(widths).parameters())
+    print(f"ZeRO bench: MLP {'-'.join(map(str, widths))} ({P:,} parameters, {P * 4 / 1e6:.1f} MB per fp32 copy), "
           f"{a.dtype}, {a.optimizer}, global batch {a.batch}, {rounds} interleaved rounds (medians), ranks "
           f"{list(ranks)}", flush=True)
     t0 = time.perf_counter()
-    got = measure(ranks, sizes, rounds, a.dtype, a.optimizer, a.batch, not a.no_memory, a.pool)
+    got = measure(ranks, widths, rounds, a.dtype, a.optimizer, a.batch, not a.no_memory, a.pool)
     print(ran_on(got["backend"]))
     print("\n== time per step (slowest rank), bytes sent per rank per step, optimiser state per rank ==")
     print(format_table(_show(got["timing"]), floatfmt="{:.3g}"))
@@ -227,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if got["memory"]:
         print("\n== memory per rank: held after a step (the rank holding most) and the peak during one ==")
         print(format_table(_show(got["memory"]), floatfmt="{:.3g}"))
-        print("formula: zero_bytes_per_rank(P, N, stage, 'fp32', optimizer) (ZeRO, section 5; doubled in float64). "
+        print("formula: zero_bytes_each_rank(P, N, stage, 'fp32', optimizer) (ZeRO, section 5; doubled in float64). "
               "labkit's ZeRO-1/2 also keep a flat copy of their shard (+P/N values); BucketedDDP keeps flat buckets "
               "(+P values); torch DDP's reducer buckets are not counted. peak: MemTracker on the CPU, the CUDA "
               "allocator on a GPU, from a step's start (no gradients) to its end, the highest over 2 steps and the "
@@ -240,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
+
+# old names (issue 30): an MLP's layer widths are widths
+__getattr__ = moved_names(__name__, {"QUICK_SIZES": "labkit.zero.measure:BENCH_WIDTHS",
+                                     "FULL_SIZES": "labkit.zero.bench:FULL_WIDTHS"})
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

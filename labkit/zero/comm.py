@@ -22,11 +22,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .._compat import moved_names
 from ..distops import all_gather_tensor, reduce_scatter_tensor
 
-__all__ = ["Traffic", "FACTORS"]
+__all__ = ["Traffic", "TRAFFIC_FACTORS"]
 
-FACTORS = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2, "reduce": 1}
+#: Each collective's traffic in the paper's units, as a multiple of the buffer it is given (the table above).
+TRAFFIC_FACTORS = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2, "reduce": 1}
 
 
 class Traffic:
@@ -38,8 +40,8 @@ class Traffic:
         self.reset()
 
     def reset(self) -> None:
-        self.calls = {op: 0 for op in FACTORS}
-        self.volume_by_op = {op: 0 for op in FACTORS}
+        self.calls = {op: 0 for op in TRAFFIC_FACTORS}
+        self.volume_by_op = {op: 0 for op in TRAFFIC_FACTORS}
         self.volume_by_label: dict[str, int] = {}  # e.g. ZeRO-3's "backward" all-gathers
 
     @property
@@ -55,7 +57,7 @@ class Traffic:
                 "volume_by_label": dict(self.volume_by_label), "ring_bytes": self.ring_bytes}
 
     def _count(self, op: str, t: torch.Tensor, label: str | None = None) -> None:
-        v = FACTORS[op] * t.numel() * t.element_size()
+        v = TRAFFIC_FACTORS[op] * t.numel() * t.element_size()
         self.calls[op] += 1
         self.volume_by_op[op] += v
         if label is not None:
@@ -79,3 +81,7 @@ class Traffic:
         self._count("reduce", t)
         to = dist.get_global_rank(self.group, dst) if self.group is not None else dst
         return dist.reduce(t, dst=to, group=self.group, async_op=async_op)
+
+
+# old name (issue 30): labkit.ablation.FACTORS are an experiment's factors, another idea
+__getattr__ = moved_names(__name__, {"FACTORS": "labkit.zero.comm:TRAFFIC_FACTORS"})

@@ -1,4 +1,5 @@
-"""Lab 10's rank functions and tour: one small model trained with every sharding method against one process.
+"""Lab 10's rank functions, exercise checks and tour: one small model trained with every sharding method against
+one process.
 
 The model is a 3-layer MLP whose layers differ in size (6->11->7->3, 185 values: no N in 2..4 divides it, so
 shards end inside parameters and the last one is padded). Every rank builds it from the same seed, sees its own
@@ -8,6 +9,9 @@ ranks gives the gradient of the whole batch: every method must end where one pro
 Methods (:data:`METHODS`): ``"single"`` (one process, whole batch), ``"ddp"`` (lab 02's ``BucketedDDP``),
 ``"zero1-naive"``, ``"zero1"``, ``"zero2"``, ``"zero3"`` (this lab), ``"zero-torch"`` (torch's
 ``ZeroRedundancyOptimizer`` under ``DistributedDataParallel``) and ``"fsdp2"`` (``fully_shard``).
+
+The notebook's rank functions are reached here: :func:`train_rank` and :func:`zero1_exercise_rank` (defined here)
+and :func:`memory_rank` (the memory measurement, from :mod:`.measure`).
 """
 from __future__ import annotations
 
@@ -18,34 +22,47 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import moved_names, renamed_kwargs
 from .._validate import validate_choice, validate_int
-from ..checks import CheckResult, refusing
+from ..checks import CheckResult, refusing, rng_for, run_cases
 from ..ddp import make_ddp
 from ..devices import now
+from ..models import mlp as _models_mlp
 from ..tour import lab_name
 from . import measure as _measure
 from .flat import FlatLayout
-from .measure import Method, validate_global_batch
+from .measure import BF16_METHODS, Method, memory_rank, validate_global_batch
 from .optim import state_numel
-from .torch_ref import fsdp2_full_parameters
+from .torch_impl import fsdp2_full_parameters
 
+__all__ = ["METHODS", "OPTIMIZERS", "WIDTHS", "mlp", "batches", "train_rank", "memory_rank", "zero1_exercise_rank",
+           "check_zero1_step", "check_memory_each_rank", "tour"]
+
+# ----------------------------------------------------------------------------- the lab's runs
+#: The methods the lab trains and compares with one process (``"single"`` first: the others must end where it
+#: ends). FSDP2 with bf16 compute (:data:`labkit.zero.measure.BF16_METHODS`) comes close, not equal: not listed.
 METHODS = ("single", "ddp", "zero1-naive", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
-BF16_METHODS = ("fsdp2-bf16",)  # bf16 compute: close to one process, not equal, so not in METHODS
+#: The optimisers the lab trains with, and their settings: steps large enough that 3 of them move every parameter
+#: of the lab's small model (the bench's model uses :data:`labkit.zero.measure.BENCH_OPTIMIZERS`).
 OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
               "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
               "adam": (torch.optim.Adam, dict(lr=0.01)),
               "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1))}
-SIZES = (6, 11, 7, 3)
+#: The lab's MLP: 185 values, so no N in 2..4 divides it (the bench's is :data:`labkit.zero.measure.BENCH_WIDTHS`).
+WIDTHS = (6, 11, 7, 3)
 
 
-def mlp(seed: int = 0, dtype: str = "float64", sizes=SIZES) -> nn.Module:
-    """Linear layers of ``sizes`` with tanh between them, from ``seed`` (the same model on every rank)."""
-    return _measure.mlp(sizes, dtype, seed, activation=nn.Tanh)
+@renamed_kwargs(sizes="widths")
+def mlp(seed: int = 0, dtype: str = "float64", widths=WIDTHS) -> nn.Module:
+    """Linear layers of ``widths`` with tanh between them, from ``seed`` (the same model on every rank):
+    :func:`labkit.models.mlp`."""
+    return _models_mlp(widths, activation=nn.Tanh, seed=seed, dtype=dtype)
 
 
-def batches(steps: int, global_batch: int = 12, seed: int = 0, dtype: str = "float64", sizes=SIZES) -> list:
+@renamed_kwargs(sizes="widths")
+def batches(steps: int, global_batch: int = 12, seed: int = 0, dtype: str = "float64", widths=WIDTHS) -> list:
     """``steps`` global batches ``(x, y)`` of a fixed random classification task (3 classes by default)."""
-    return _measure.batches(steps, global_batch, sizes, dtype, seed)
+    return _measure.batches(steps, global_batch, widths, dtype, seed)
 
 
 def _flat(tensors) -> torch.Tensor:
@@ -54,12 +71,12 @@ def _flat(tensors) -> torch.Tensor:
 
 class _Run(Method):
     """One method on one rank (:class:`labkit.zero.measure.Method`), with the flat layout of the model's
-    parameters over ``world`` ranks and how the lab reads its results."""
+    parameters over ``world_size`` ranks and how the lab reads its results."""
 
-    def __init__(self, method, model, opt_cls, kw, world, bucket_mb):
+    def __init__(self, method, model, opt_cls, kw, world_size, bucket_mb):
         shapes = tuple(tuple(p.shape) for p in model.parameters())  # before ZeRO-3 or FSDP2 takes them over
         super().__init__(method, model, (opt_cls, kw), bucket_mb)
-        self.layout = FlatLayout(shapes, world)
+        self.layout = FlatLayout(shapes, world_size)
 
     def params(self) -> list[torch.Tensor]:
         if self.z3 is not None:
@@ -76,11 +93,11 @@ class _Run(Method):
                    if g is not None)
 
 
-def _check_common(methods, steps, global_batch, world, optimizer):
+def _check_common(methods, steps, global_batch, world_size, optimizer):
     for m in methods:
         validate_choice("method", m, METHODS + BF16_METHODS)
     validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))
-    return validate_int("steps", steps, minimum=1), validate_global_batch(global_batch, world)
+    return validate_int("steps", steps, minimum=1), validate_global_batch(global_batch, world_size)
 
 
 def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", optimizer: str = "adam",
@@ -259,7 +276,6 @@ def check_zero1_step(step_fn, world_sizes=(2, 3)) -> CheckResult:
     """Run the learner's ZeRO-1 step on real ranks: after 3 Adam steps the parameters must equal lab 02's DDP
     (within 1e-12, float64) at every world size, the optimiser state per rank must stay one shard, and the step
     must move no more than 2Ψ per step (reduce-scatter + all-gather, as DDP's all-reduce)."""
-    from ..checks import run_cases
     from ..runtime import launch
 
     results = {}
@@ -296,24 +312,22 @@ def check_zero1_step(step_fn, world_sizes=(2, 3)) -> CheckResult:
 
 
 # ----------------------------------------------------------------------------- exercise 2: memory per rank
-def check_memory_per_rank(predict, seed: int | None = None) -> CheckResult:
-    """``predict(params, world, stage)`` -> bytes per rank of weights + gradients + optimiser state for fp32 Adam
-    (4 + 4 + 8 bytes per parameter) under ZeRO ``stage`` 0-3 over ``world`` ranks, for cases drawn afresh; the
-    shared formulas refuse to run meanwhile."""
-    import random
-
+def check_memory_each_rank(predict, seed: int | None = None) -> CheckResult:
+    """``predict(params, world_size, stage)`` -> bytes on each rank of weights + gradients + optimiser state for
+    fp32 Adam (4 + 4 + 8 bytes per parameter) under ZeRO ``stage`` 0-3 over ``world_size`` ranks, for cases drawn
+    afresh; the shared formulas refuse to run meanwhile."""
     from .. import memory_model as _mm
-    from ..checks import run_cases
 
-    rng = random.Random(seed)
+    rng = rng_for(seed)
     cases = [(rng.randrange(10 ** 6, 10 ** 10), rng.choice((2, 4, 8, 16, 64)), stage) for stage in (0, 1, 2, 3)]
     cases.append((rng.randrange(10 ** 6, 10 ** 9), 1, 3))  # one rank: nothing to shard
 
-    def case(psi, world, stage):
+    def case(psi, world_size, stage):
         def thunk():
-            want = _mm.zero_bytes_per_rank(psi, world, stage, "fp32", "adam")["total"]
-            with refusing(_mm, "you called labkit's memory formulas: write the bytes per rank from the stage and N"):
-                got = predict(psi, world, stage)
+            want = _mm.zero_bytes_each_rank(psi, world_size, stage, "fp32", "adam")["total"]
+            with refusing(_mm.bytes_per_parameter, _mm.zero_bytes_each_rank,
+                          why="you called labkit's memory formulas: write the bytes per rank from the stage and N"):
+                got = predict(psi, world_size, stage)
             if not isinstance(got, (int, float)) or isinstance(got, bool):
                 raise AssertionError(f"return a number of bytes, got {got!r}")
             if abs(got - want) > 1e-6 * want:
@@ -324,3 +338,8 @@ def check_memory_per_rank(predict, seed: int | None = None) -> CheckResult:
                                                    for p, n, s in cases],
                      hint="fp32 Adam keeps 4 (weights) + 4 (gradients) + 8 (m and v) bytes per parameter; stage 1 "
                           "divides the 8 by N, stage 2 also the gradients' 4, stage 3 also the weights' 4")
+
+
+# old names (issue 30): a per-rank quantity is *_each_rank, an MLP's layer widths are widths
+__getattr__ = moved_names(__name__, {"check_memory_per_rank": "labkit.zero.lab:check_memory_each_rank",
+                                     "SIZES": "labkit.zero.lab:WIDTHS"})

@@ -1,6 +1,6 @@
 """Memory per rank, measured: the bytes each sharding method really holds after a step, and its peak during one.
 
-:func:`memory_rank` builds one model with each method of :data:`METHODS`, trains it a few steps and, on every
+:func:`memory_rank` builds one model with each method of :data:`MEASURED_METHODS`, trains it a few steps and, on every
 rank, counts the tensors the method holds after a step, each storage once (:meth:`Method.held`):
 
 - ``params``: the model's parameters (DDP, ZeRO-1/2 and torch's ZeRO: full copies; ZeRO-3: this rank's shards;
@@ -12,7 +12,7 @@ rank, counts the tensors the method holds after a step, each storage once (:meth
   buckets still in flight; ZeRO-3: units still gathered). torch's DDP reducer buckets (under ``zero-torch``) live
   in C++ and are not counted.
 
-beside :func:`labkit.memory_model.zero_bytes_per_rank` (Rajbhandari et al. 2019, arXiv 1910.02054, section 5:
+beside :func:`labkit.memory_model.zero_bytes_each_rank` (Rajbhandari et al. 2019, arXiv 1910.02054, section 5:
 stage 0 = plain data parallelism), with precision ``"fp32"`` (4 + 4 + 8 bytes per parameter with Adam; float64
 doubles every figure).
 
@@ -34,50 +34,58 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._compat import moved_names, renamed_kwargs
 from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from ..ddp import make_ddp
-from ..memory_model import zero_bytes_per_rank
+from ..memory_model import zero_bytes_each_rank
+from ..models import mlp as _models_mlp
 from .optim import NaiveZero1, Zero1, Zero2
 from .stage3 import Zero3
-from .torch_ref import torch_fsdp2, torch_zero1
+from .torch_impl import torch_fsdp2, torch_zero1
 
-__all__ = ["METHODS", "STAGE", "OPTIMIZERS", "DTYPES", "SIZES", "Method", "mlp", "memory_rank", "memory_row",
-           "peak_bytes", "storage_bytes", "validate_args", "validate_sizes", "validate_global_batch", "batches",
-           "rank_slice"]
+__all__ = ["MEASURED_METHODS", "ALL_METHODS", "BF16_METHODS", "STAGE", "BENCH_OPTIMIZERS", "DTYPES", "BENCH_WIDTHS",
+           "Method", "mlp", "memory_rank", "memory_row", "peak_bytes", "storage_bytes", "validate_args",
+           "validate_widths", "validate_global_batch", "batches", "rank_slice"]
 
-METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
-ALL_METHODS = ("single", "zero1-naive") + METHODS + ("fsdp2-bf16",)  # also: one process, the naive ZeRO-1, FSDP2
-# with bf16 compute (MixedPrecisionPolicy): not bit-comparable to the others, so not in the default lists
-STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3,
-         "fsdp2-bf16": 3}  # what shards, as ZeRO says
-OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
-              "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
-              "adam": (torch.optim.Adam, dict(lr=1e-3)),
-              "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1))}
+# ----------------------------------------------------------------------------- what the measurements compare
+#: The methods the memory measurement and the bench (``python -m labkit bench zero``) compare by default.
+MEASURED_METHODS = ("ddp", "zero1", "zero2", "zero3", "zero-torch", "fsdp2")
+#: FSDP2 with bf16 compute (MixedPrecisionPolicy): not bit-comparable to the others, so in no default list.
+BF16_METHODS = ("fsdp2-bf16",)
+#: Every method :class:`Method` runs: also one process and the naive ZeRO-1 (the lab compares them all).
+ALL_METHODS = ("single", "zero1-naive") + MEASURED_METHODS + BF16_METHODS
+#: What each method shards, as ZeRO's stages say (0: nothing, 1: optimiser state, 2: + gradients, 3: + weights).
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero-torch": 1, "fsdp2": 3, "fsdp2-bf16": 3}
+#: The optimisers a method is built with by name, and their settings for the bench's model (the lab trains its own
+#: small model with larger steps: ``labkit.zero.lab.OPTIMIZERS``). Memory and time do not depend on the settings.
+BENCH_OPTIMIZERS = {"sgd": (torch.optim.SGD, dict(lr=0.1)),
+                    "momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                    "adam": (torch.optim.Adam, dict(lr=1e-3)),
+                    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.1))}
+#: The dtypes the measurements train in, by name.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-SIZES = (256, 1024, 1024, 10)  # the bench's MLP: 1.3 M parameters, 5.3 MB per fp32 copy
+#: The bench's MLP (and the measurements' default): 1.3 M parameters, 5.3 MB per fp32 copy.
+BENCH_WIDTHS = (256, 1024, 1024, 10)
 
 
-def validate_sizes(sizes) -> tuple:
+def validate_widths(widths) -> tuple:
+    """``widths`` as a tuple of ints if it lists at least two positive layer widths (input, ..., classes)."""
     try:
-        sizes = tuple(int(s) for s in sizes)
+        out = tuple(int(w) for w in widths)
     except (TypeError, ValueError):
-        raise ArgumentError(f"sizes must be layer widths such as (256, 1024, 1024, 10), got {sizes!r}") from None
-    if len(sizes) < 2 or min(sizes) < 1:
-        raise ArgumentError(f"sizes must be at least two positive widths (input, ..., classes), got {sizes!r}; "
+        raise ArgumentError(f"widths must be layer widths such as (256, 1024, 1024, 10), got {widths!r}") from None
+    if len(out) < 2 or min(out) < 1:
+        raise ArgumentError(f"widths must be at least two positive widths (input, ..., classes), got {widths!r}; "
                             f"pass e.g. (256, 1024, 1024, 10)")
-    return sizes
+    return out
 
 
-def mlp(sizes=SIZES, dtype: str = "float32", seed: int = 0, device="cpu", activation=nn.ReLU) -> nn.Module:
-    """Linear layers of ``sizes`` with ``activation`` between them, the same on every rank (built from ``seed``)."""
+@renamed_kwargs(sizes="widths")
+def mlp(widths=BENCH_WIDTHS, dtype: str = "float32", seed: int = 0, device="cpu", activation=nn.ReLU) -> nn.Module:
+    """Linear layers of ``widths`` with ``activation`` between them, the same on every rank (built from ``seed``):
+    :func:`labkit.models.mlp` in one of :data:`DTYPES`."""
     validate_choice("dtype", dtype, tuple(DTYPES))
-    sizes = validate_sizes(sizes)
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([activation()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers).to(device=device, dtype=DTYPES[dtype])
+    return _models_mlp(validate_widths(widths), activation=activation, seed=seed, dtype=DTYPES[dtype], device=device)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -103,17 +111,18 @@ def storage_bytes(tensors, seen: set | None = None) -> int:
 class Method:
     """One sharding method on one rank: ``step(x, y)``, the tensors it holds, the bytes it sends.
 
-    ``method`` is one of :data:`METHODS`: ``"ddp"`` (lab 02's ``BucketedDDP``), ``"zero1"``, ``"zero2"``,
+    ``method`` is one of :data:`ALL_METHODS`: ``"ddp"`` (lab 02's ``BucketedDDP``), ``"zero1"``, ``"zero2"``,
     ``"zero3"`` (this lab, from scratch), ``"zero-torch"`` (torch's ``ZeroRedundancyOptimizer`` under
     ``DistributedDataParallel``), ``"fsdp2"`` (``fully_shard``), and for the lab's rank functions ``"single"``
-    (one process) and ``"zero1-naive"``. ``optimizer`` is a name of :data:`OPTIMIZERS` or ``(class, kwargs)``."""
+    (one process) and ``"zero1-naive"``. ``optimizer`` is a name of :data:`BENCH_OPTIMIZERS` or ``(class,
+    kwargs)``."""
 
     def __init__(self, method: str, model: nn.Module, optimizer="adam", bucket_mb: float = 25.0):
         validate_choice("method", method, ALL_METHODS)
         if isinstance(optimizer, tuple):  # (optimizer class, keyword arguments), as the lab's rank functions pass
             opt_cls, kw = optimizer
         else:
-            opt_cls, kw = OPTIMIZERS[validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))]
+            opt_cls, kw = BENCH_OPTIMIZERS[validate_choice("optimizer", optimizer, tuple(BENCH_OPTIMIZERS))]
         validate_number("bucket_mb", bucket_mb, minimum=0, open_low=True, hint="the bucket size in MiB, e.g. 25")
         self.method, self.model, self.sync, self.traffic, self.ddp, self.z3 = method, model, None, None, None, None
         self.P = sum(p.numel() for p in model.parameters())
@@ -243,7 +252,8 @@ def _cuda_peak(run: Method, x, y) -> int:
     return cuda_peak(x.device, lambda: run.step(x, y))[1] + start
 
 
-def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: bool = True) -> dict:
+@renamed_kwargs(world="world_size")
+def memory_row(run: Method, data, world_size: int, optimizer: str = "adam", peak: bool = True) -> dict:
     """Steps of ``run`` on each ``(x, y)`` of ``data`` (under the tracker when ``peak``); then the bytes held, the
     formula's figures (``formula_*``), ``state_numel``, ``peak`` (the highest over those steps), ``peak_low`` (the
     lowest: they differ when a buffer's release waits on gloo's thread, as ZeRO-2's asynchronous reduces do) and
@@ -257,51 +267,56 @@ def memory_row(run: Method, data, world: int, optimizer: str = "adam", peak: boo
         else:
             run.step(x, y)
     scale = run.esize / 4  # the formula's fp32 bytes, scaled to the dtype trained
-    f = zero_bytes_per_rank(run.P, world, STAGE[run.method], "fp32", optimizer)
+    f = zero_bytes_each_rank(run.P, world_size, STAGE[run.method], "fp32", optimizer)
     return {**run.held(), "formula_params": f["weights"] * scale, "formula_grads": f["grads"] * scale,
             "formula_optimizer": f["optimizer"] * scale, "formula_total": f["total"] * scale,
             "state_numel": run.state_numel(), "peak": max(peaks) if peaks else None,
             "peak_low": min(peaks) if peaks else None, "peak_note": note}
 
 
-def batches(steps: int, global_batch: int, sizes, dtype: str, seed: int, device="cpu") -> list:
+@renamed_kwargs(sizes="widths")
+def batches(steps: int, global_batch: int, widths, dtype: str, seed: int, device="cpu") -> list:
     """``steps`` global batches ``(x, y)`` of a fixed random classification task: inputs drawn in float64 from
-    ``seed`` (the same values whatever ``dtype`` they are cast to), ``sizes[-1]`` classes."""
+    ``seed`` (the same values whatever ``dtype`` they are cast to), ``widths[-1]`` classes."""
     g = torch.Generator().manual_seed(1000 + seed)
-    return [(torch.randn(global_batch, sizes[0], generator=g, dtype=torch.float64).to(device=device,
-                                                                                     dtype=DTYPES[dtype]),
-             torch.randint(0, sizes[-1], (global_batch,), generator=g).to(device)) for _ in range(steps)]
+    return [(torch.randn(global_batch, widths[0], generator=g, dtype=torch.float64).to(device=device,
+                                                                                      dtype=DTYPES[dtype]),
+             torch.randint(0, widths[-1], (global_batch,), generator=g).to(device)) for _ in range(steps)]
 
 
-def rank_slice(data, rank: int, world: int) -> list:
+@renamed_kwargs(world="world_size")
+def rank_slice(data, rank: int, world_size: int) -> list:
     """Rank ``rank``'s equal slice of each global batch, as its own tensors (not views of the whole batch)."""
-    n = data[0][0].shape[0] // world
+    n = data[0][0].shape[0] // world_size
     return [(x[rank * n:(rank + 1) * n].clone(), y[rank * n:(rank + 1) * n].clone()) for x, y in data]
 
 
-def validate_args(methods, sizes, dtype, optimizer, steps, global_batch, world):
+@renamed_kwargs(sizes="widths", world="world_size")
+def validate_args(methods, widths, dtype, optimizer, steps, global_batch, world_size):
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods:
-        raise ArgumentError(f"methods must name at least one of {METHODS}, got an empty list")
+        raise ArgumentError(f"methods must name at least one of {MEASURED_METHODS}, got an empty list")
     for m in methods:
-        validate_choice("method", m, METHODS)
+        validate_choice("method", m, MEASURED_METHODS)
     validate_choice("dtype", dtype, tuple(DTYPES))
-    validate_choice("optimizer", optimizer, tuple(OPTIMIZERS))
+    validate_choice("optimizer", optimizer, tuple(BENCH_OPTIMIZERS))
     steps = validate_int("steps", steps, minimum=1)
-    return methods, validate_sizes(sizes), steps, validate_global_batch(global_batch, world)
+    return methods, validate_widths(widths), steps, validate_global_batch(global_batch, world_size)
 
 
-def validate_global_batch(global_batch, world: int) -> int:
-    """``global_batch`` if it splits into ``world`` equal slices (then the mean of the ranks' mean losses is the
+@renamed_kwargs(world="world_size")
+def validate_global_batch(global_batch, world_size: int) -> int:
+    """``global_batch`` if it splits into ``world_size`` equal slices (then the mean of the ranks' mean losses is the
     global batch's mean loss, and averaging the gradients gives its gradient)."""
-    global_batch = validate_int("global_batch", global_batch, minimum=world)
-    if global_batch % world:
-        raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world} ranks; pass a "
-                            f"multiple of {world}, e.g. {world * max(1, global_batch // world)}")
+    global_batch = validate_int("global_batch", global_batch, minimum=world_size)
+    if global_batch % world_size:
+        raise ArgumentError(f"global_batch={global_batch} does not split evenly over {world_size} ranks; pass a "
+                            f"multiple of {world_size}, e.g. {world_size * max(1, global_batch // world_size)}")
     return global_batch
 
 
-def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optimizer: str = "adam",
+@renamed_kwargs(sizes="widths")
+def memory_rank(ctx, methods=MEASURED_METHODS, widths=BENCH_WIDTHS, dtype: str = "float32", optimizer: str = "adam",
                 steps: int = 3, global_batch: int = 32, seed: int = 0, bucket_mb: float = 25.0,
                 peak: bool = True, peak_steps: int = 2) -> dict:
     """Train ``steps`` steps with each method (the last ``peak_steps`` of them under the memory tracker); the
@@ -310,17 +325,18 @@ def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optim
     Returns ``{"P": parameters, "world": N, "rows": {method: {...}}}``; each row has ``params``, ``grads``,
     ``optimizer``, ``buffers`` and ``total`` (bytes held after the last step, :meth:`Method.held`), the formula's
     ``formula_params``, ``formula_grads``, ``formula_optimizer``, ``formula_total``
-    (``zero_bytes_per_rank(P, N, stage, "fp32", optimizer)``, times 2 in float64), ``state_numel``, ``peak``
+    (``zero_bytes_each_rank(P, N, stage, "fp32", optimizer)``, times 2 in float64), ``state_numel``, ``peak``
     (bytes, the highest over the tracked steps; None if not measured), ``peak_low`` and ``peak_note``."""
     world, rank = ctx.world_size, ctx.rank
-    methods, sizes, steps, global_batch = validate_args(methods, sizes, dtype, optimizer, steps, global_batch, world)
+    methods, widths, steps, global_batch = validate_args(methods, widths, dtype, optimizer, steps, global_batch,
+                                                         world)
     peak_steps = validate_int("peak_steps", peak_steps, minimum=1, maximum=steps,
                            hint=f"at most steps={steps} (the tracked steps are the last ones)")
     device = getattr(ctx, "device", "cpu")
-    data = rank_slice(batches(steps, global_batch, sizes, dtype, seed, device), rank, world)
+    data = rank_slice(batches(steps, global_batch, widths, dtype, seed, device), rank, world)
     out = {"P": None, "world": world, "rows": {}}
     for method in methods:
-        run = Method(method, mlp(sizes, dtype, seed, device), optimizer, bucket_mb)
+        run = Method(method, mlp(widths, dtype, seed, device), optimizer, bucket_mb)
         out["P"] = run.P
         for x, y in data[:-peak_steps]:
             run.step(x, y)
@@ -329,3 +345,10 @@ def memory_rank(ctx, methods=METHODS, sizes=SIZES, dtype: str = "float32", optim
         del run
         dist.barrier()
     return out
+
+
+# old names (issue 30): one meaning per name across lab 10's modules, widths for an MLP's layer widths
+__getattr__ = moved_names(__name__, {"METHODS": "labkit.zero.measure:MEASURED_METHODS",
+                                     "OPTIMIZERS": "labkit.zero.measure:BENCH_OPTIMIZERS",
+                                     "SIZES": "labkit.zero.measure:BENCH_WIDTHS",
+                                     "validate_sizes": "labkit.zero.measure:validate_widths"})

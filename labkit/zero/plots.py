@@ -1,13 +1,14 @@
-"""Lab 10's figures: what every rank holds under each ZeRO stage, bytes per rank beside the paper's formulas, and the
-optimiser state per rank of labkit's even shards beside torch's greedy partition.
+"""Lab 10's figures: what every rank holds under each ZeRO stage, the bytes on each rank beside the paper's formulas,
+and the optimiser state on each rank of labkit's even shards beside torch's greedy partition.
 
-Each function takes plain numbers (what :func:`labkit.memory_model.zero_bytes_per_rank` and the lab's rank
+Each function takes plain numbers (what :func:`labkit.memory_model.zero_bytes_each_rank` and the lab's rank
 functions return), an optional matplotlib ``ax``, and returns the ``ax``.
 """
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from .._compat import moved_names, renamed_kwargs
 from .._validate import validate_int
 from ..viz import axes
 
@@ -15,24 +16,25 @@ ROWS = (("weights", "#4c78a8"), ("grads", "#f58518"), ("optimizer", "#b279a2"))
 STAGE_SHARDS = {0: set(), 1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"optimizer", "grads", "weights"}}
 
 
-def holdings(stage: int, world: int = 4, ax=None, title: str | None = None):
+@renamed_kwargs(world="world_size")
+def holdings(stage: int, world_size: int = 4, ax=None, title: str | None = None):
     """A grid: one column per rank, one row per kind of model state; a full cell where the rank keeps all of it, a
     1/N slice (at the rank's own position) where the stage shards it."""
     stage = validate_int("stage", stage, minimum=0, maximum=3, hint="ZeRO stages are 0 (plain data parallel) to 3")
-    world = validate_int("world", world, minimum=1, maximum=16, hint="draw at most 16 ranks")
-    ax = axes(ax, (1.2 + 1.0 * world, 2.2))
+    world_size = validate_int("world_size", world_size, minimum=1, maximum=16, hint="draw at most 16 ranks")
+    ax = axes(ax, (1.2 + 1.0 * world_size, 2.2))
     for row, (kind, colour) in enumerate(ROWS):
         y = len(ROWS) - 1 - row
-        for r in range(world):
+        for r in range(world_size):
             ax.add_patch(_rect(r, y, 0.9, colour, alpha=0.12))  # the whole, faint
             if kind in STAGE_SHARDS[stage]:
-                ax.add_patch(_rect(r + r / world * 0.9, y, 0.9 / world, colour))
+                ax.add_patch(_rect(r + r / world_size * 0.9, y, 0.9 / world_size, colour))
             else:
                 ax.add_patch(_rect(r, y, 0.9, colour))
         ax.text(-0.1, y + 0.4, kind, ha="right", va="center", fontsize=8)
-    ax.set_xlim(-1.1, world)
+    ax.set_xlim(-1.1, world_size)
     ax.set_ylim(-0.1, len(ROWS))
-    ax.set_xticks([r + 0.45 for r in range(world)], [f"rank {r}" for r in range(world)], fontsize=8)
+    ax.set_xticks([r + 0.45 for r in range(world_size)], [f"rank {r}" for r in range(world_size)], fontsize=8)
     ax.set_yticks([])
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
@@ -48,12 +50,12 @@ def _rect(x, y, w, colour, alpha=1.0):
     return Rectangle((x, y), w, 0.8, color=colour, alpha=alpha, lw=0)
 
 
-def bytes_per_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mapping[str, float] | None = None,
-                   ax=None, unit: float = 1e3, unit_name: str = "kB", title: str | None = None):
+def bytes_each_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mapping[str, float] | None = None,
+                    ax=None, unit: float = 1e3, unit_name: str = "kB", title: str | None = None):
     """Stacked bars of each method's bytes on one rank (``{method: {"weights", "grads", "optimizer"}}``), with the
     formula's total per method as a marker (``predicted``: ``{method: bytes}``)."""
     if not measured:
-        raise ValueError("bytes_per_rank() got no methods: run the lab's measurement first")
+        raise ValueError("bytes_each_rank() got no methods: run the lab's measurement first")
     ax = axes(ax, (1.5 + 1.1 * len(measured), 3.2))
     for i, parts in enumerate(measured.values()):
         bottom = 0.0
@@ -72,18 +74,23 @@ def bytes_per_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mappi
     return ax
 
 
-def state_per_rank(per_method: Mapping[str, Sequence[int]], ax=None, title: str | None = None):
+def state_each_rank(per_method: Mapping[str, Sequence[int]], ax=None, title: str | None = None):
     """Grouped bars: optimiser-state values on each rank, one group per method (even shards against greedy ones)."""
     if not per_method:
-        raise ValueError("state_per_rank() got no methods")
+        raise ValueError("state_each_rank() got no methods")
     ax = axes(ax, (6, 2.8))
-    world = max(len(v) for v in per_method.values())
+    world_size = max(len(v) for v in per_method.values())
     width = 0.8 / len(per_method)
     for k, (method, values) in enumerate(per_method.items()):
         xs = [r + (k - (len(per_method) - 1) / 2) * width for r in range(len(values))]
         ax.bar(xs, values, width, label=method)
-    ax.set_xticks(range(world), [f"rank {r}" for r in range(world)])
+    ax.set_xticks(range(world_size), [f"rank {r}" for r in range(world_size)])
     ax.set_ylabel("optimiser-state values")
     ax.legend(fontsize=7)
     ax.set_title(title or "optimiser state per rank", fontsize=9)
     return ax
+
+
+# old names (issue 30): a per-rank quantity is *_each_rank
+__getattr__ = moved_names(__name__, {"bytes_per_rank": "labkit.zero.plots:bytes_each_rank",
+                                     "state_per_rank": "labkit.zero.plots:state_each_rank"})

@@ -41,16 +41,23 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, shard, owner, u):
+        # the forward's all-gather (Ψ_u): every rank sends its shard and receives the others', so each holds unit
+        # u's full flat parameters while the unit runs. Being an autograd function, autograd records shard -> full
+        # as one edge, and the gradient of the full buffer flows back through backward() below
         ctx.owner, ctx.u = owner, u
         return owner._all_gather(u, shard)
 
     @staticmethod
     def backward(ctx, grad_full):
+        # reached once autograd has summed the gradient of every view of the unit's gathered parameters (every
+        # layer of the unit has run its backward): no backward formula needs the re-gathered weights any more
         owner, u = ctx.owner, ctx.u
-        owner._regathered.pop(u, None)  # every use of the unit's weights is behind us: free them
+        owner._regathered.pop(u, None)  # free the backward's copy (Ψ_u): only the shard stays between steps
+        # reduce-scatter (Ψ_u): rank r receives the sum over ranks of its own slice of the full gradient, so no
+        # rank ever holds another rank's summed gradient; dividing by N turns the sum into DDP's mean
         mine = torch.empty(owner.layouts[u].shard_numel, dtype=grad_full.dtype, device=grad_full.device)
         owner.traffic.reduce_scatter(mine, grad_full.contiguous())
-        return mine.div_(owner.world_size), None, None
+        return mine.div_(owner.world_size), None, None  # the shard's .grad: what the optimiser steps
 
 
 class Zero3(nn.Module):
@@ -142,28 +149,41 @@ class Zero3(nn.Module):
         return units
 
     # --------------------------------------------------------------- gathering and freeing
+    # One step, unit by unit: _before (pre-hook) gathers, the unit runs, _after (hook) frees; autograd saves the
+    # weights it needs as recipes (_pack), the backward gathers them again on first use (_unpack), and _Gather's
+    # backward reduce-scatters the gradient and frees that second copy. Between units a rank holds only shards.
     def _all_gather(self, u: int, shard: torch.Tensor, label: str = "forward") -> torch.Tensor:
+        # a fresh buffer each time (not a cached one): once every reference to it is dropped, the memory is free
         full = torch.empty(self.layouts[u].padded, dtype=shard.dtype, device=shard.device)
-        self.traffic.all_gather(full, shard.detach().contiguous(), label=label)
+        self.traffic.all_gather(full, shard.detach().contiguous(), label=label)  # counted: Ψ_u, "forward"/"backward"
         return full
 
     def _set(self, u: int, full) -> None:
+        # point every module that holds one of unit u's parameters (tied ones: several) at its view of the full
+        # buffer (no copy), or at None to drop them, so the unit's own forward reads self.weight as usual
         views = self.layouts[u].views(full) if full is not None else [None] * len(self.slots[u])
         for places, v in zip(self.slots[u], views):
             for m, name in places:
                 setattr(m, name, v)
 
-    def _before(self, u: int) -> None:
+    def _before(self, u: int) -> None:  # forward pre-hook of unit u: gather, then let the unit run
         shard = self.shards[u]
+        # with grad: through _Gather, so the backward reaches the shard (reduce-scatter); under no_grad (eval,
+        # inference) a plain all-gather is enough and nothing is saved for a backward
         full = _Gather.apply(shard, self, u) if torch.is_grad_enabled() else self._all_gather(u, shard)
-        self._gathered[u] = full
+        self._gathered[u] = full  # _pack recognises views of it by their storage while the unit runs
         self._set(u, full)
 
-    def _after(self, u: int) -> None:
+    def _after(self, u: int) -> None:  # forward hook of unit u: it has run, free its full parameters
         self._set(u, None)
+        # the last references to the gathered buffer go here, unless autograd saved views of it: _pack stored
+        # those as recipes instead, so the Ψ_u bytes are really released until the backward needs them again
         self._gathered.pop(u, None)
 
     def _pack(self, t: torch.Tensor):
+        # autograd is about to save t for the backward. A view of a gathered unit (a weight, its transpose) is
+        # saved as a recipe (unit, offset, shape, strides) instead of the tensor, which would keep the whole
+        # gathered buffer alive and hold Ψ, not Ψ/N, until the backward; anything else (activations) is kept
         if t.layout is torch.strided:
             ptr = t.untyped_storage().data_ptr()
             for u, full in self._gathered.items():
@@ -172,15 +192,20 @@ class Zero3(nn.Module):
         return t
 
     def _unpack(self, packed):
+        # the backward needs a saved tensor back. For a recipe, the unit's first one gathers its parameters again
+        # (Ψ_u, without autograd: the gradient goes through _Gather's edge, not this copy); the unit's later
+        # recipes reuse that copy, which _Gather.backward frees once the unit's gradient is complete
         if not (isinstance(packed, tuple) and packed and packed[0] == "zero3"):
             return packed
         _, u, offset, shape, stride, _ = packed
         if u not in self._regathered:  # the unit's second all-gather, in the backward
             with torch.no_grad():
                 self._regathered[u] = self._all_gather(u, self.shards[u], "backward")
-        return self._regathered[u].as_strided(shape, stride, offset)
+        return self._regathered[u].as_strided(shape, stride, offset)  # the same view, rebuilt on the new copy
 
     def forward(self, *args, **kwargs):
+        # the hooks on the units do the gathering and freeing; this context turns what autograd saves from the
+        # gathered weights into recipes for the whole forward (and so for the backward it records)
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return self.module(*args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""The same block split by PyTorch's own tensor parallelism, for comparison (``torch.distributed.tensor.parallel``).
+"""Torch's implementation: the same block split by PyTorch's own tensor parallelism
+(``torch.distributed.tensor.parallel``), for comparison.
 
 ``parallelize_module`` with ``ColwiseParallel`` on ``qkv`` and ``fc1`` and ``RowwiseParallel`` on ``proj`` and
 ``fc2`` is Megatron's plan written as a table: torch turns the weights into DTensors sharded over the mesh's tp
