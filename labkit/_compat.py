@@ -73,18 +73,14 @@ def renamed_kwargs(**old_to_new: str) -> Callable:
     return wrap
 
 
-def moved_names(module: str, old_to_new: dict[str, str], fallback: Callable | None = None) -> Callable:
-    """A module ``__getattr__`` that resolves each old name to its new home, ``"package.module:name"``.
-
-    ``fallback(name)`` is tried for any other name (a package that already exports lazily keeps doing so)."""
+def moved_names(module: str, old_to_new: dict[str, str]) -> Callable:
+    """A module ``__getattr__`` that resolves each old name to its new home, ``"package.module:name"``."""
 
     def __getattr__(name: str):
         if name in old_to_new:
             where, _, attr = old_to_new[name].partition(":")
             warn_renamed(f"{module}.{name}", f"{where}.{attr}")
             return getattr(importlib.import_module(where), attr)
-        if fallback is not None:
-            return fallback(name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__

@@ -64,11 +64,9 @@ def mlp(widths: Sequence[int], *, activation: type[nn.Module] = nn.ReLU, dropout
     global generator first, so every rank that passes the same seed builds the same model (``None``: the generator
     is left as it is, for a caller that seeds it itself)."""
     widths = _widths(widths)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
-    dtype = _dtype(dtype)
-    if seed is not None:
-        torch.manual_seed(seed)
+    _dropout(dropout)
+    _dtype(dtype)  # a bad dtype fails before the generator is touched
+    _seeded(seed)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths, widths[1:])):
         if i == len(widths) - 2 and dropout:
@@ -76,7 +74,12 @@ def mlp(widths: Sequence[int], *, activation: type[nn.Module] = nn.ReLU, dropout
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(activation())
-    return nn.Sequential(*layers).to(device=device, dtype=dtype)
+    return _built(nn.Sequential(*layers), dtype, device)
+
+
+def _dropout(dropout) -> None:
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
 def _built(model: nn.Module, dtype, device) -> nn.Module:
@@ -97,8 +100,7 @@ def digits_cnn(width: int = 8, *, classes: int = 10, dropout: float = 0.0, seed:
     torch's global generator first (``None``: initialised from it as it is)."""
     width = validate_int("width", width, minimum=1, hint="the channels of the first convolution")
     classes = validate_int("classes", classes, minimum=1)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ArgumentError(f"dropout must be in [0, 1), got {dropout!r}")
+    _dropout(dropout)
     _dtype(dtype)  # a bad dtype fails before the generator is touched
     _seeded(seed)
     body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, padding=1),

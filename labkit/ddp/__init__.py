@@ -25,6 +25,7 @@ from .plan import (
     torch_bucket_assignment,
 )
 from .training import digits_tensors, flat_params, train_steps
+from .training import small_cnn as small_cnn  # the old name, kept one release: it warns once, when called
 from .wrappers import WRAPPERS, BucketedDDP, NaiveDDP, OverlappedDDP, Timeline, TorchDDP, make_ddp
 
 __all__ = [
@@ -38,5 +39,4 @@ __getattr__ = moved_names(__name__, {
     "ALGORITHMS": "labkit.ddp.wrappers:WRAPPERS",
     "check_bucket_mb": "labkit.ddp.plan:validate_bucket_mb",
     "validate_bucket_mb": "labkit.ddp.plan:validate_bucket_mb",
-    "small_cnn": "labkit.ddp.training:small_cnn",
 })

@@ -26,6 +26,7 @@ from .confidence import (
     softmax,
 )
 from .consistency import MODES, strong_augment, train_cnn, weak_augment
+from .consistency import SmallCNN as SmallCNN  # the old name, kept one release: it warns once, when called
 from .generative import COVARIANCE_TYPES, GaussianEM, e_step, log_joint
 from .self_training import Failure, SelfTraining, pseudo_label_counts
 
@@ -38,5 +39,4 @@ __all__ = ["GaussianEM", "e_step", "log_joint", "COVARIANCE_TYPES",
 __getattr__ = moved_names(__name__, {
     "check_semi_supervised": "labkit.pseudo_label.generative:validate_semi_supervised",
     "validate_semi_supervised": "labkit.pseudo_label.generative:validate_semi_supervised",
-    "SmallCNN": "labkit.pseudo_label.consistency:SmallCNN",
 })
