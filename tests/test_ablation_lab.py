@@ -162,6 +162,38 @@ def test_report_views(tmp_path, trial_module):
         rep.row("nope")
 
 
+def test_report_with_two_seeds_says_too_few_seeds_and_prints_dashes(tmp_path, trial_module):
+    # two seeds: the report must not print an interval, a p-value or a verdict such as "hurts"
+    noise_trial = trial_module("noise_trial", NOISE)
+    study = Study("two", {"x": "a"}, {"x": ["b", "c"]}, seeds=[0, 1], trial=noise_trial.trial)
+    db = tmp_path / "two.db"
+    run_study(study, db, workers=1, echo=False, progress=False)
+    rep = report(db)
+    for label in ("x=b", "x=c"):
+        r = rep.row(label)
+        assert r["n"] == 2 and r["verdict"] == "too few seeds"
+        assert all(math.isnan(r[k]) for k in ("lo", "hi", "p", "p_holm")) and not math.isnan(r["diff"])
+    text, html = rep.table(), rep._repr_html_()
+    assert "nan" not in text.lower() and "\u2014" in text and "too few seeds" in text and "hurts" not in text
+    assert "nan" not in html.lower() and "\u2014" in html
+    assert "too few seeds" in rep.html(labels=["x=b"], columns=("label", "lo", "verdict"))
+    assert L.check_verdict(right, rep).passed  # rows without a test are not asked about
+
+
+def test_report_zero_variance_gives_no_p(tmp_path, trial_module):
+    # a variant that adds exactly 0.01 on every seed: sd = 0, so no test (a t-test would print p = 0)
+    const = trial_module("const_trial", """
+import random
+def trial(config, seed):
+    return {"accuracy": 0.8 + random.Random(seed).gauss(0, 0.02) + (0.01 if config["x"] == "b" else 0.0)}
+""")
+    study = Study("flat", {"x": "a"}, {"x": ["b"]}, seeds=[0, 1, 2, 3], trial=const.trial)
+    db = tmp_path / "flat.db"
+    run_study(study, db, workers=1, echo=False, progress=False)
+    r = report(db).row("x=b")
+    assert r["verdict"] == "zero variance" and math.isnan(r["p"]) and r["diff"] == pytest.approx(0.01)
+
+
 @pytest.mark.slow
 def test_tour():
     rows = L.tour(2)

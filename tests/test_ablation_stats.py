@@ -84,7 +84,7 @@ def test_paired_t_matches_scipy_ttest_rel_and_its_interval():
     for n in [2, 3, 5, 8, 20, 50]:
         for conf in (0.95, 0.9, 0.99):
             v, b = _pairs(rng, n)
-            r = paired_difference(v, b, confidence=conf)
+            r = paired_difference(v, b, confidence=conf, min_seeds=2)  # 2: the arithmetic on one degree of freedom
             ref = sst.ttest_rel(v, b)
             ci = ref.confidence_interval(conf)
             assert r["t"] == pytest.approx(ref.statistic, rel=1e-12)
@@ -126,15 +126,31 @@ def test_one_seed_gives_no_interval():
 
 
 @pytest.mark.parametrize("method", ["t", "bootstrap"])
-def test_identical_differences_give_zero_width(method):
-    # 0.3 - 0.2 and 0.6 - 0.5 differ in the last bit: still "equal" (rounding)
+def test_identical_differences_give_no_interval_and_no_p(method):
+    # 0.3 - 0.2 and 0.6 - 0.5 differ in the last bit: still "equal" (rounding). A t-test would say p = 0 here.
     r = paired_difference([0.3, 0.6, 0.9], [0.2, 0.5, 0.8], method=method)
-    assert r["sd"] == 0 and r["lo"] == r["hi"] == r["diff"] == pytest.approx(0.1) and r["p"] == 0.0
-    assert "sd = 0" in r["note"] and r["t"] == math.inf
-    z = paired_difference([0.3, 0.6], [0.3, 0.6], method=method)
-    assert z["p"] == 1.0 and z["lo"] == z["hi"] == 0.0 and z["ties"] == 2 and "zero width" in z["note"]
+    assert r["sd"] == 0 and r["diff"] == pytest.approx(0.1) and r["status"] == "zero variance"
+    assert all(math.isnan(r[k]) for k in ("lo", "hi", "t", "p")) and "sd = 0" in r["note"]
+    z = paired_difference([0.3, 0.6, 0.1], [0.3, 0.6, 0.1], method=method)
+    assert math.isnan(z["p"]) and math.isnan(z["lo"]) and z["ties"] == 3 and z["status"] == "zero variance"
     m = mean_ci([0.7, 0.7, 0.7])
-    assert m["lo"] == m["hi"] == m["mean"] == pytest.approx(0.7) and m["sd"] == 0 and "zero width" in m["note"]
+    assert m["mean"] == pytest.approx(0.7) and m["sd"] == 0 and math.isnan(m["lo"]) and m["status"] == "zero variance"
+
+
+@pytest.mark.parametrize("method", ["t", "bootstrap", "bca"])
+def test_fewer_than_three_seeds_give_no_interval_and_no_p(method):
+    # two seeds: the t interval would stand on one degree of freedom, and two equal differences would read p = 0
+    for v, b in (([0.5, 0.7], [0.45, 0.5]), ([0.9, 0.8], [0.8, 0.7])):
+        r = paired_difference(v, b, method=method)
+        assert r["n"] == 2 and r["status"] == "too few seeds" and "at least 3" in r["note"]
+        assert all(math.isnan(r[k]) for k in ("lo", "hi", "t", "p"))
+        assert r["diff"] == pytest.approx(np.mean(np.subtract(v, b))) and r["wins"] == 2
+    assert paired_difference([0.5, 0.7, 0.6], [0.45, 0.5, 0.58], method=method)["status"] == ""
+    four = paired_difference([0.5, 0.7, 0.6, 0.2], [0.45, 0.5, 0.58, 0.1], min_seeds=5)
+    assert four["status"] == "too few seeds" and math.isnan(four["p"]) and "at least 5" in four["note"]
+    assert mean_ci([0.5, 0.6])["status"] == "too few seeds" and math.isnan(mean_ci([0.5, 0.6])["lo"])
+    with pytest.raises(ArgumentError, match="min_seeds"):
+        paired_difference([1, 2, 3], [1, 3, 2], min_seeds=1)
 
 
 def test_nan_refused_naming_the_argument_or_dropped_on_request():
@@ -205,7 +221,7 @@ def test_bca_matches_scipy_bootstrap_where_the_percentile_interval_does_not():
     r = paired_difference(d + 1.0, np.ones(15), method="bca", n_boot=20000, seed=1)
     assert (r["lo"], r["hi"]) == pytest.approx(bca) and r["method"] == "bca"
     assert r["p"] == pytest.approx(sst.ttest_1samp(d, 0).pvalue, rel=1e-6)
-    small = paired_difference([0.5, 0.7], [0.45, 0.5], method="bca", n_boot=200)  # n = 2 must not crash
+    small = paired_difference([0.5, 0.7], [0.45, 0.5], method="bca", n_boot=200, min_seeds=2)  # n = 2: no crash
     assert small["lo"] <= small["hi"] and math.isfinite(small["lo"])
     with pytest.raises(ArgumentError, match="method must be one of 'percentile', 'bca'"):
         bootstrap_ci(d, method="basic")
@@ -326,3 +342,30 @@ def test_learning_curves_one_line_and_band_per_label(plt):
     assert band[:, 1].min() == pytest.approx(0.48) and band[:, 1].max() == pytest.approx(0.72)
     ax2 = plots.curves(data, metric="loss")
     assert len(ax2.lines) == 3 and ax2.get_ylabel() == "loss"
+
+
+def test_differences_chart_takes_the_tables_verdict_with_a_legend(plt):
+    # a raw interval that excludes 0 but a Holm verdict of "no evidence" must be drawn grey, like the table says
+    from matplotlib.colors import to_hex
+
+    from labkit.ablation import plots
+
+    rows = [dict(paired_difference([0.86, 0.87, 0.88, 0.85, 0.87], [0.84, 0.85, 0.855, 0.84, 0.845]), label="a"),
+            dict(paired_difference([0.70, 0.71, 0.69, 0.70, 0.72], [0.84, 0.85, 0.855, 0.84, 0.845]), label="b"),
+            dict(paired_difference([0.9, 0.8], [0.8, 0.7]), label="two seeds")]
+    assert rows[0]["lo"] > 0 and rows[1]["hi"] < 0
+    for r, v in zip(rows, ("no evidence", "hurts", "too few seeds")):
+        r["verdict"] = v
+    ax = plots.differences(rows)
+    colours = [to_hex(p.get_facecolor()) for p in ax.patches[:3]]
+    assert colours == [plots.VERDICT_COLOURS["no evidence"], plots.VERDICT_COLOURS["hurts"],
+                       plots.VERDICT_COLOURS["too few seeds"]]
+    assert colours[0] != plots.interval_colour(rows[0])  # the raw interval alone would have said green
+    legend = ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["hurts (Holm-adjusted p < 0.05)",
+                                                          "no evidence after Holm's adjustment",
+                                                          "too few seeds: no test"]
+    assert [t.get_text() for t in ax.texts][2] == "won 2/2, no interval"
+    with pytest.raises(ValueError, match="verdict 'maybe'"):
+        plots.differences([dict(rows[0], verdict="maybe")])

@@ -300,3 +300,24 @@ def test_old_names_still_work_and_warn():
     assert (cmp.n_stages, cmp.n_micro) == (2, 2)
     with pytest.warns(DeprecationWarning, match=r"Comparison.m is now Comparison.n_micro"):
         assert cmp.m == 2
+
+
+def test_stage_profile_gap_times_layers_and_stages_together():
+    layers = B.sleep_layers([2, 4, 6], backward_ratio=1.0)   # fwd + bwd: 4, 8, 12 ms
+    gap = B.stage_profile_gap(layers, [1], torch.ones(2, 3), rounds=3)
+    assert gap["n_layers"] == [1, 2] and len(gap["ratio"]) == 2
+    for got, want in zip(gap["layer_sum_ms"] + gap["stage_ms"], (4, 20, 4, 20)):
+        assert want * 0.98 <= got < want + 200, (gap, want)   # a sleep is never shorter; generous under load
+    assert gap["overhead_ms"] > 0
+    assert gap["fixed_excess_ms"] == [0.0, gap["overhead_ms"]]   # a stage of k layers pays the fixed cost k - 1 more
+    assert all(r > 0 for r in gap["ratio"])
+
+
+def test_stage_profile_gap_refuses_bad_input():
+    layers = B.sleep_layers([1, 1, 1])
+    with pytest.raises(ValueError, match="rounds"):
+        B.stage_profile_gap(layers, [1], torch.ones(2, 3), rounds=0)
+    with pytest.raises(ValueError):
+        B.stage_profile_gap(layers, [5], torch.ones(2, 3))   # a cut past the last layer
+    with pytest.raises(TypeError, match="sample"):
+        B.stage_profile_gap(layers, [1], [1.0, 2.0])

@@ -255,3 +255,21 @@ def test_old_names_still_work_and_warn():
         tpb = TPBlock(block, None, 0, world=1)
     with pytest.warns(DeprecationWarning, match=r"TPBlock.world is now TPBlock.world_size"):
         assert tpb.world == tpb.world_size == 1
+
+
+def test_sequence_parallel_splits_every_activation_but_the_gathered_column_inputs():
+    """Activation memory per rank (what autograd holds for the backward, lab 04's executor's count): tensor
+    parallelism lowers it, sequence parallelism lowers it further, and what it leaves above 1/t of one process is
+    exactly the column layers' all-gathered inputs (qkv and fc1 per layer, and the output layer), saved whole."""
+    one, plain = G.run_grid(1, 1, 1, steps=1), G.run_grid(1, 1, 2, steps=1)
+    seq = G.run_grid(1, 1, 2, sp=True, steps=1)
+    assert len(seq.activations) == 2 and seq.activations[0] == seq.activations[1]
+    assert max(seq.activations) < max(plain.activations) < one.activations[0]
+    gathered = (2 * CFG.layers + 1) * (16 // seq.n_micro) * CFG.seq * CFG.width * 8
+    assert abs(seq.activations[0] - gathered / 2 - one.activations[0] / 2) < 0.01 * one.activations[0]
+
+
+def test_train_single_after_reports_the_loss_of_each_batch_after_its_step():
+    a, b = single(3), M.train_single(3, after=True)
+    assert a["losses"] == b["losses"] and len(b["losses_after"]) == 3 and "losses_after" not in a
+    assert all(x < y for x, y in zip(b["losses_after"], b["losses"]))

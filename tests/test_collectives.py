@@ -531,3 +531,58 @@ def test_every_algorithm_equals_torch_more_world_sizes(n):
                         kwargs=dict(numels=(0, 5, 1001)))
     bad = [c for per_rank in res for c in per_rank if not c["ok"]]
     assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("n", (2, 3, 4, 5, 8, 16))
+def test_total_traffic_ring_and_tree_move_the_same_bytes_ring_sends_n_times_the_messages(n):
+    S = 4096.0
+    ring_msgs, ring_bytes = C.total_traffic("ring", S, n)
+    tree_msgs, tree_bytes = C.total_traffic("tree", S, n)
+    assert ring_bytes == pytest.approx(tree_bytes) == pytest.approx(2 * (n - 1) * S)
+    assert (ring_msgs, tree_msgs) == (2 * (n - 1) * n, 2 * (n - 1))
+    # the critical path (cost_terms) is a different count: the ring's is n times smaller in bytes per rank
+    assert C.cost_terms("ring", S, n)[1] == pytest.approx(ring_bytes / n)
+    assert C.total_traffic("ring", 0, n)[1] == 0
+    with pytest.raises(ValueError, match="nbytes"):
+        C.total_traffic("ring", -1, n)
+    with pytest.raises(ValueError, match="algorithm|ring"):
+        C.total_traffic("rign", S, n)
+
+
+def test_published_links_predict_a_ring_tree_crossover_in_a_realistic_range():
+    for name, link in C.PUBLISHED_LINKS.items():
+        assert {"alpha", "beta", "world_size", "source"} <= set(link), name
+        assert "nccl" in link["source"].lower() and "GB/s" in link["source"], name
+        cross = C.crossover_bytes("ring", "tree", link["world_size"], link["alpha"], link["beta"])
+        assert 64 << 10 <= cross <= 64 << 20, (name, cross)       # between 64 KiB and 64 MiB
+        big, small = 1 << 28, 1 << 10
+        n, a, b = link["world_size"], link["alpha"], link["beta"]
+        assert C.predict_time("ring", big, n, a, b) < C.predict_time("tree", big, n, a, b)
+        assert C.predict_time("tree", small, n, a, b) < C.predict_time("ring", small, n, a, b)
+
+
+def test_every_chart_gives_an_algorithm_the_same_colour_whatever_the_row_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.collectives import plots as P
+
+    rows = [{"algorithm": a, "bytes": s, "world_size": 4, "seconds": 1e-3 * (1 + i), "collective": "all_reduce"}
+            for i, a in enumerate(("tree", "ring", "library")) for s in (1 << 12, 1 << 20)]
+    for order in (rows, rows[::-1]):
+        fig, ax = plt.subplots(1, 2)
+        P.plot_busbw(order, ax[0])
+        P.plot_predicted_vs_measured(order, 1e-4, 1 / 2e9, ax[1])
+        for a in ax:
+            for line in a.get_lines():
+                name = line.get_label().split()[0]
+                assert matplotlib.colors.to_hex(line.get_color()) == P.algorithm_colour(name), line.get_label()
+        labels = [t.get_text() for t in ax[0].get_xticklabels()]
+        assert labels[0] == "4 KiB" and labels[-1] == "1 MiB", labels
+        plt.close(fig)
+    assert P.algorithm_colour("ring") != P.algorithm_colour("tree")
+    assert len(set(P.ALGORITHM_COLOURS.values())) == len(P.ALGORITHM_COLOURS)
+    with pytest.raises(ValueError, match="lo="):
+        P.size_axis(plt.gca(), 0, 10)

@@ -11,6 +11,7 @@ import labkit
 from labkit import ddp
 from labkit.ddp import chunk_ranges, distributed_shards, local_shard, make_ddp, model_step, plan_buckets
 from labkit.ddp.lab import (
+    bucket_sizes_of,
     check_allreduce_prediction,
     check_average_hook,
     check_torch_buckets,
@@ -132,6 +133,50 @@ def test_cost_model_overlap_helps():
     assert tiny > t_ov  # too many tiny buckets pay latency each time
 
 
+def test_cost_model_uses_the_buckets_the_wrappers_make():
+    sizes = [40, 2560, 256, 262144, 256, 73728, 128, 1152]  # the width-32 CNN, last parameter first
+    kw = dict(forward_s=0.003, backward_s=0.006, world_size=2, latency_s=1e-4, bandwidth=2e9, overlap=True)
+    for mb in (0.001, 0.01, 0.1, 1.0):
+        t, ev = model_step(grad_bytes=sizes, bucket_mb=mb, **kw)
+        ars = [e for e in ev if e["kind"] == "allreduce"]
+        assert len(ars) == len(plan_buckets(sizes, mb))  # one message per real bucket
+        assert ars[-1]["start"] >= 0.009 - 1e-12  # the last bucket is ready when backward ends
+        assert t == ars[-1]["end"]
+    # a 1 KiB cap: 8 tensors are 8 messages (each larger one alone), not ceil(340264 / 1024) = 333
+    assert sum(e["kind"] == "allreduce" for e in model_step(grad_bytes=sizes, bucket_mb=0.001, **kw)[1]) == 8
+    spread, _ = model_step(grad_bytes=sum(sizes), bucket_mb=0.001, **kw)
+    real, _ = model_step(grad_bytes=sizes, bucket_mb=0.001, **kw)
+    assert spread > 3 * real  # the even-spread model pays 333 latencies
+    for bad in ([], [1, -2], "340264", [True]):
+        with pytest.raises(ValueError, match="grad_bytes"):
+            model_step(grad_bytes=bad, bucket_mb=1.0, **kw)
+
+
+def test_union_and_exposed_seconds_count_overlapping_bars_once():
+    bars = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]
+    assert ddp.union_seconds(bars) == 4.0  # summed they would be 5
+    assert ddp.union_seconds(bars, window=(1.5, 5.5)) == 2.0
+    assert ddp.union_seconds([]) == 0.0
+    events = [{"start": a, "end": b, "kind": "allreduce"} for a, b in bars]
+    assert ddp.union_seconds(events) == 4.0
+    # computation from 0.5 to 1 and from 2.5 to 5.5 hides 0.5 + 0.5 + 0.5 of the 4 seconds
+    assert ddp.exposed_seconds(bars, [(0.5, 1.0), (2.5, 5.5)]) == pytest.approx(2.5)
+    assert ddp.exposed_seconds(bars, []) == 4.0 and ddp.exposed_seconds(bars, [(-1, 9)]) == 0.0
+    with pytest.raises(ValueError, match="ends before it starts"):
+        ddp.union_seconds([(2.0, 1.0)])
+
+
+@pytest.mark.timeout(600)
+def test_timeline_comm_time_never_exceeds_the_steps():
+    res = labkit.launch(timeline_rank, world_size=2, kwargs=dict(algorithm="overlapped", bucket_mb=0.001, steps=2),
+                        pool=True, echo=False, timeout=300)
+    for r in res:
+        bars = [e for e in r["events"] if e["kind"] in ("allreduce", "wait")]
+        assert len(r["step_seconds"]) == 2 and r["buckets"] == len(plan_buckets(bucket_sizes_of(16), 0.001)) == 7
+        assert 0 < r["exposed_comm_seconds"] <= r["comm_seconds"] <= r["steps_seconds"]
+        assert r["comm_seconds"] <= sum(e["end"] - e["start"] for e in bars) + 1e-12
+
+
 def test_digits_match_sklearn():
     from sklearn.datasets import load_digits
 
@@ -221,6 +266,7 @@ def test_timelines_show_overlap_and_stragglers():
         bwd_end = max(e["end"] for e in r["events"] if e["kind"] == "backward")
         first_ar = min(e["start"] for e in r["events"] if e["kind"] == "allreduce")
         assert r["buckets"] > 1 and first_ar < bwd_end  # communication started while backward ran
+        assert r["exposed_comm_seconds"] <= r["comm_seconds"] <= r["steps_seconds"]  # overlapping bars counted once
     for r in events("bucketed"):
         for step in range(3):
             bwd = [e for e in r["events"] if e["kind"] == "backward"][step]

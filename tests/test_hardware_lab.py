@@ -108,3 +108,32 @@ def test_bf16_by_isa_runs_each_cap_in_its_own_process():
         assert capped["fp32 ms"] > 0 and capped["bf16 ms"] > 0
     with pytest.raises(Exception, match="unknown oneDNN ISA"):
         bf16_by_isa(isas=("AVX3",))
+
+
+def test_memory_stack_labels_are_the_bar_heights_and_peaks_are_marked():
+    # one quantity behind each number: the label on a bar is its height, the peak its own line and label
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.hardware import plots
+
+    bars = {"a": {"params": 2e6, "grads": 2e6, "activations": 4.91e6}, "b": {"params": 3e6, "optimizer": 7.2e6}}
+    ax = plots.memory_stack(bars, unit=1e6, unit_name="MB", peaks={"a": 8.78e6})
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["8.91\npeak 8.78", "10.2"]
+    assert plots.stack_total(bars["a"]) == pytest.approx(8.91e6)
+    tops = {}
+    for p in ax.patches:  # the stacked segments: the top of each bar is its label
+        x = round(p.get_x() + p.get_width() / 2)
+        tops[x] = max(tops.get(x, 0.0), p.get_y() + p.get_height())
+    assert tops == {0: pytest.approx(8.91), 1: pytest.approx(10.2)}
+    assert "peak (alive at once)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    with pytest.raises(ValueError, match="peaks for \\['c'\\]"):
+        plots.memory_stack(bars, peaks={"c": 1.0})
+    ax = plots.speedups({"fp32": 1.0, "bf16": 0.5})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["faster than the baseline",
+                                                                   "slower than the baseline"]
+    plt.close("all")

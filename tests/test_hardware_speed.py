@@ -10,6 +10,7 @@ from labkit._validate import ArgumentError
 from labkit.hardware import cpu as hwcpu
 from labkit.hardware import speed, step
 from labkit.hardware.timing import Timing, time_interleaved
+from labkit.viz import table_html
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +122,7 @@ def test_mixed_precision_result_on_cpu():
     rows = {row["variant"]: row for row in r.rows()}
     assert rows["autocast-bf16"]["loss close"] is True
     assert rows["autocast-fp16"].get("median ms") is None and "GPU only" in rows["autocast-fp16"]["note"]
+    assert rows["autocast-fp16"]["speed-up"] == "not on CPU" and "None" not in table_html(r.rows())
     assert r.extra["prediction"] in ("fast", "slow", "unknown") and "predicted" in r.verdict
     assert r.as_dict()["timing"]["seconds"].keys() == {"fp32", "autocast-bf16"}
 
@@ -184,9 +186,23 @@ def test_input_pipeline_timeline_is_well_formed():
             assert (row["load_start"] <= row["load_end"] <= row["copy_start"] <= row["copy_end"]
                     <= row["compute_start"] <= row["compute_end"]), (name, row)
     rows = {row["variant"]: row for row in r.rows()}
-    assert rows["workers=0"]["overlap"] == 0.0  # loading in the main process cannot overlap compute
-    assert all(0.0 <= rows[n]["overlap"] <= 1.0 for n in ("workers=0", "workers=1"))
-    assert "GPU only" in rows["cudnn.benchmark"]["note"]
+    assert rows["workers=0"]["load during step"] == 0.0  # loading in the main process cannot run during a step
+    assert all(0.0 <= rows[n]["load during step"] <= 1.0 for n in ("workers=0", "workers=1"))
+    assert rows["workers=0"]["loading hidden"] == 0.0  # the reference saves nothing against itself
+    # "loading hidden" is the time saved: its sign follows the speed-up, whatever share ran during a step
+    w1 = rows["workers=1"]
+    assert (w1["loading hidden"] > 0) == (w1["speed-up"] > 1)
+    assert "GPU only" in rows["cudnn.benchmark"]["note"] and rows["cudnn.benchmark"]["speed-up"] == "not on CPU"
+    assert "None" not in table_html(r.rows())
+
+
+def test_hidden_share_is_the_time_saved_over_the_loading_time():
+    from labkit.hardware.loading import _hidden
+
+    assert _hidden(2.0, 2.0 / 1.5, 1.0) == pytest.approx(0.5)  # 2 s -> 1.5 s: half the loading second saved
+    assert _hidden(2.0, 2.0, 1.0) == pytest.approx(1.0)  # 2 s -> 1 s: the epoch took only the compute
+    assert _hidden(2.0, 2.0 / 2.3, 1.0) == pytest.approx(-0.3)  # slower than loading in the loop
+    assert _hidden(2.0, 1.0, 1.0) == 0.0 and _hidden(2.0, 1.5, 0.0) == 0.0
 
 
 def test_decode_like_dataset_is_deterministic():
@@ -252,3 +268,23 @@ def test_compile_without_a_compiler_is_a_skipped_row(monkeypatch):
     r = hw.compile_speed(trials=1)
     (row,) = r.rows()
     assert row["variant"] == "compiled" and "no C++ compiler" in row["note"] and "not measured" in r.verdict
+
+
+def test_cuda_home_line_is_silenced_only_while_compiling_for_the_cpu(monkeypatch):
+    # a CUDA toolkit on a machine without a GPU: torch logs "No CUDA runtime is found, using CUDA_HOME=..." when
+    # inductor imports its C++ builder; the CPU compile silences that logger's warnings, nothing else, and restores it
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    before = log.level
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with speed._quiet_cuda_home("cpu") as quiet:
+        assert quiet and not log.isEnabledFor(logging.WARNING) and log.isEnabledFor(logging.ERROR)
+        assert logging.getLogger("torch._inductor").isEnabledFor(logging.WARNING)  # other loggers untouched
+    assert log.level == before
+    with speed._quiet_cuda_home("cuda:0") as quiet:
+        assert not quiet and log.level == before
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: False)  # a CPU-only build never logs the line
+    with speed._quiet_cuda_home("cpu") as quiet:
+        assert not quiet

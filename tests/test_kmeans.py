@@ -16,6 +16,7 @@ from labkit.kmeans import (
     shard_bounds,
 )
 from labkit.kmeans import lab as L
+from labkit.kmeans import plots as P
 from labkit.kmeans.datasets import load
 
 SK = pytest.importorskip("sklearn.cluster")
@@ -260,6 +261,46 @@ def test_two_moons_cluster_then_label_fails_where_label_spreading_succeeds():
     assert mean["label spreading (RBF)"] > 0.95
     assert mean["cluster-then-label, k=2"] < 0.9
     assert mean["label spreading (RBF)"] - mean["cluster-then-label, k=2"] > 0.1
+
+
+def test_two_moons_k2_clusters_cut_across_both_moons():
+    """The notebook's explanation of the one-colour panel: each k = 2 cluster holds labelled points of both moons,
+    so the majority vote is a near tie (on seed 0 an exact tie in both clusters, which goes to class 0)."""
+    from labkit.data import semi_supervised_targets, two_moons
+
+    for s in range(3):
+        X, y = two_moons(400, 0.08, seed=s)
+        ys = semi_supervised_targets(y, 3, s)
+        r = cluster_then_label(np.asarray(X, np.float64), ys, 2, random_state=s, unlabelled_clusters="nearest")
+        for c in range(2):
+            votes = np.bincount(ys[(ys >= 0) & (r.clusters == c)], minlength=2)
+            assert votes.min() >= 1, (s, c, votes)
+            assert 0.2 < np.mean(y[r.clusters == c]) < 0.8   # a quarter or more of each cluster is the other moon
+        if s == 0:
+            assert (r.cluster_label == 0).all()
+
+
+def test_moons_panels_one_colour_per_class_and_a_legend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = np.array([0, 0, 1, 1])
+    axes = P.moons_panels(X, y, {"truth": y, "flipped": 1 - y, "partial": np.array([0, -1, 1, 1])},
+                          given=np.array([True, False, False, True]))
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert {"class 0", "class 1", "given labels"} <= set(legend)
+    for ax in axes:
+        colour_of = {}
+        for coll in ax.collections:
+            if coll.get_label().startswith("class"):
+                colour_of[coll.get_label()] = to_hex(coll.get_facecolor()[0])
+        assert colour_of == {"class 0": P.MOON_COLOURS[0], "class 1": P.MOON_COLOURS[1]}
+    assert "no label" in [c.get_label() for c in axes[2].collections]
+    plt.close("all")
 
 
 # ----------------------------------------------------------------------------- exercise checks

@@ -349,3 +349,28 @@ def test_start_here_check_refuses_shortcuts():
     assert not cheat.passed and "tried to run ranks itself" in cheat.summary()
     assert all("tried to run ranks itself" in c.detail for c in cheat.cases), cheat.summary()
     assert "rank r holds r + 1" in wrong.summary() or "rank r holds r + 1" in wrong.hint
+
+
+def test_course_map_lists_every_lab_and_every_notebook():
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from labkit.runtime.lab import course_map, notebook_title
+    from labkit.tour import LABS
+
+    rows = course_map()
+    assert [r["lab"] for r in rows] == [lab.name for lab in LABS]
+    on_disk = sorted(p.name for p in Path(REPO, "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(r["notebook"] for r in rows) == on_disk, "a notebook missing from labkit.tour.LABS (or a stale entry)"
+    assert all(r["about"] and not r["about"].startswith(("#", "Lab")) for r in rows), rows
+    assert rows[1]["about"].startswith("Collectives") and rows[1]["benchmark"] == "python -m labkit bench collectives"
+    # the title comes from the notebook's first heading, whatever its style
+    nb = {"cells": [{"cell_type": "code", "source": ["x = 1"]},
+                    {"cell_type": "markdown", "source": ["# Lab 12 — Something new: and more\n", "text"]}]}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "12_new.ipynb").write_text(json.dumps(nb))
+        assert notebook_title(Path(d) / "12_new.ipynb") == "Something new: and more"
+        assert notebook_title(Path(d) / "missing.ipynb") == ""
+        with pytest.raises(ValueError, match="notebooks="):
+            course_map(Path(d) / "nowhere")

@@ -384,3 +384,47 @@ def test_every_notebook_links_the_glossary_in_its_first_cell():
     bad = [p.name for p in sorted((REPO / "notebooks").glob("*.ipynb"))
            if "glossary" not in "".join(json.loads(p.read_text())["cells"][0]["source"])]
     assert not bad, f"first cells without a link to docs/glossary.md: {bad}"
+
+
+def _markdown_cells(path):
+    import json
+
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+
+
+def test_every_notebook_ends_with_a_summary_and_going_further():
+    import re
+
+    bad = []
+    for p in sorted((REPO / "notebooks").glob("*.ipynb")):
+        heads = [line for cell in _markdown_cells(p) for line in cell.splitlines() if line.startswith("## ")]
+        tail = [re.sub(r"^##\s+(\d+\.\s+)?", "", h).lower() for h in heads[-2:]]
+        if tail != ["summary", "going further"]:
+            bad.append(f"{p.name}: last headings {heads[-2:]}")
+    assert not bad, "each lab ends with '## Summary' then '## Going further' (with references):\n" + "\n".join(bad)
+
+
+def test_notebook_prose_spells_optimiser_the_british_way():
+    import re
+
+    bad = []
+    for p in sorted((REPO / "notebooks").glob("*.ipynb")):
+        for cell in _markdown_cells(p):
+            prose = re.sub(r"`[^`]*`", "", cell)   # code keeps torch's spelling: optimizer, torch.optim
+            # a lower-case "optimiz..." is prose; a capitalised "Optimization" is a cited paper's title
+            bad += [f"{p.name}: ...{prose[max(0, m.start() - 30):m.end() + 10]!r}..."
+                    for m in re.finditer(r"\boptimiz\w*", prose)]
+    assert not bad, "prose says optimiser / optimisation (code says optimizer):\n" + "\n".join(bad)
+
+
+def test_every_notebook_cell_has_its_own_id():
+    import json
+
+    bad = []
+    for p in sorted((REPO / "notebooks").glob("*.ipynb")) + sorted((REPO / "slides").glob("*.ipynb")):
+        ids = [c.get("id") for c in json.loads(p.read_text())["cells"]]
+        if None in ids or len(set(ids)) != len(ids):
+            missing, repeated = sum(i is None for i in ids), len(ids) - len(set(ids))
+            bad.append(f"{p.name}: {missing} cell(s) without an id, {repeated} repeated")
+    assert not bad, ("nbformat 4.5 cells need a unique id (a cell pasted in by a script has none; "
+                     "nbformat.validator.normalize adds them):\n" + "\n".join(bad))

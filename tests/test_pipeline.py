@@ -260,3 +260,37 @@ def test_old_names_still_work_and_warn():
     assert max_grad_error(old["grads"], reference_step(make, n_stages=2, batch=batch)["grads"]) == 0
     with pytest.warns(DeprecationWarning, match="n_stages"):
         assert P.time_in_process(make, n_pieces=2, batch=batch, repeats=1, warmup=0) > 0
+
+
+def test_stage_times_times_each_stage_alone_and_predicts_the_schedule():
+    from labkit.pipeline import make_schedule, simulate, stage_times
+
+    stages = SleepStages([0.004, 0.008], [0.008, 0.016])   # per row; unequal, so a mixed-up order is caught
+    batch = _batch(4, d_in=4, d_out=4)
+    t = stage_times(stages, 2, batch, n_micro=2, repeats=2)
+    assert t["rows"] == 2 and len(t["forward"]) == len(t["backward"]) == 2
+    for got, want in zip(t["forward"] + t["backward"], (0.008, 0.016, 0.016, 0.032)):  # 2 rows each
+        assert want * 0.98 <= got < want + 0.25, (t, want)   # a sleep is never shorter; generous under load
+    assert t["forward"][1] > t["forward"][0] and t["backward"][1] > t["backward"][0]
+    sim = simulate(make_schedule("1f1b", 2, 2), t["forward"], t["backward"])
+    assert sim["makespan"] >= 0.98 * (0.008 + 2 * (0.016 + 0.032) + 0.016)   # F0 on stage 0, both micro-batches
+    # through stage 1, B1 on stage 0: the slower stage sets the pace
+    full = stage_times(stages, 2, batch, n_micro=1, repeats=1, warmup=0)
+    assert full["rows"] == 4 and full["forward"][0] >= 0.98 * 0.016
+    # a real model: every stage timed, the backward of stage 0 fed by stage 1's input gradient
+    real = stage_times(ModelStages("mlp", n_stages=2), 2, _batch(8), n_micro=2, repeats=1)
+    assert all(x > 0 for x in real["forward"] + real["backward"]) and real["rows"] == 4
+
+
+def test_stage_times_refuses_bad_input():
+    from labkit.pipeline import stage_times
+
+    stages, batch = SleepStages(0.0, 0.0, n_stages=2), _batch(4)
+    with pytest.raises(ValueError, match="n_stages"):
+        stage_times(stages, 0, batch)
+    with pytest.raises(ValueError, match="repeats"):
+        stage_times(stages, 2, batch, repeats=0)
+    with pytest.raises(TypeError, match="make_stage"):
+        stage_times(42, 2, batch)
+    with pytest.raises(ValueError, match="n_micro"):
+        stage_times(stages, 2, batch, n_micro=5)   # 4 rows cannot make 5 micro-batches

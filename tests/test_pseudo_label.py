@@ -301,6 +301,45 @@ def test_cnn_logs_mask_rate_and_pseudo_label_accuracy(sp5):
     assert sup.mask_rate == [] and sup.summary()["mode"] == "supervised"
 
 
+def test_cnn_warmup_is_supervised_then_unlabelled(sp5):
+    kw = {"steps": 8, "y_true": sp5.y_train, "X_test": sp5.X_test, "y_test": sp5.y_test, "seed": 3}
+    sup = train_cnn(sp5.X_train, sp5.y_semi, "supervised", **kw)
+    for mode in ("pseudo_label", "fixmatch"):
+        all_warm = train_cnn(sp5.X_train, sp5.y_semi, mode, warmup=8, **kw)   # = supervised, step for step
+        assert all_warm.loss == sup.loss and all_warm.test_accuracy == sup.test_accuracy
+        assert np.isnan(all_warm.mask_rate).all() and np.isnan(all_warm.summary()["mask rate (last 20%)"])
+        half = train_cnn(sp5.X_train, sp5.y_semi, mode, warmup=4, threshold=0.1, **kw)
+        assert half.loss[:4] == sup.loss[:4] and half.loss[4:] != sup.loss[4:]
+        assert np.isnan(half.mask_rate[:4]).all() and np.isfinite(half.mask_rate[4:]).all()
+        assert len(half.mask_rate) == len(half.pseudo_accuracy) == 8
+        assert 0 <= half.summary()["mask rate (last 20%)"] <= 1
+    for bad in (-1, 9, 2.5):
+        with pytest.raises(ValueError, match="warmup"):
+            train_cnn(sp5.X_train, sp5.y_semi, "fixmatch", steps=8, warmup=bad)
+
+
+def test_confidence_counts_and_histogram_show_every_prediction():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labkit.pseudo_label import plots
+
+    conf = np.array([0.05, 0.15, 0.95, 0.99, 1.0, 1.0, 0.55])
+    right = np.array([False, True, True, False, True, True, True])
+    c = plots.confidence_counts(conf, right, bins=10)
+    assert c["right"].sum() + c["wrong"].sum() == len(conf)
+    assert c["right"][9] == 3 and c["wrong"][9] == 1 and c["wrong"][0] == 1 and c["right"][5] == 1
+    ax = plots.confidence_histogram(conf, right, threshold=0.9)
+    assert ax.get_yscale() == "linear"
+    written = sorted(int(t.get_text()) for t in ax.texts if t.get_text())
+    assert written == sorted([1, 1, 1, 3, 1])          # every non-empty bar carries its count
+    with pytest.raises(ValueError, match="same shape"):
+        plots.confidence_counts(conf, right[:3])
+    plt.close("all")
+
+
 def test_cnn_is_the_shared_pooled_digits_cnn(sp5):
     import torch
 

@@ -466,6 +466,11 @@ def test_gradients_held_after_a_step(n):
         a = r["adam64"]
         assert a["zero2"]["grad_numel"] == shard            # only this rank's 1/N of the gradients
         assert a["zero1"]["grad_numel"] == P + shard        # ZeRO-1 keeps every full gradient
+        # ... and its own averaged slice, the shard's .grad that the inner optimiser steps
+        assert a["zero1"]["grad_parts"] == {"whole": P, "slice": shard, "buckets": 0}
+        assert a["zero2"]["grad_parts"] == {"whole": 0, "slice": shard, "buckets": 0}
+        assert a["ddp"]["grad_parts"] == {"whole": P, "slice": 0, "buckets": 0}
+        assert a["zero3"]["grad_parts"]["whole"] == 0
         assert a["zero3"]["grad_numel"] == sum(math.ceil(u / n) for u in UNITS)
         assert a["zero3"]["held_numel"] == sum(math.ceil(u / n) for u in UNITS)
 

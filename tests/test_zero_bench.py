@@ -58,6 +58,25 @@ def test_peak_is_measured_and_at_least_what_is_held():
             assert row["peak"] >= row["total"], (m, row)
 
 
+def test_peak_says_what_it_is_made_of():
+    """The peak's breakdown adds up to the peak, and names the phase and the live storages (CPU, MemTracker)."""
+    from labkit.zero.measure import PEAK_KINDS
+
+    for r in _memory():
+        for m in MEASURED_METHODS:
+            row = r["rows"][m]
+            assert row["peak_phase"] in ("forward", "backward", "optimiser step"), (m, row["peak_phase"])
+            assert sum(row["peak_kinds"].values()) == row["peak"], (m, row["peak_kinds"], row["peak"])
+            assert set(row["peak_kinds"]) <= set(PEAK_KINDS.values())
+            sizes = [b for _, b in row["peak_live"]]
+            assert sum(sizes) == row["peak"] and sizes == sorted(sizes, reverse=True), m
+        # ZeRO-3 peaks in a backward, re-gathering a unit: the largest unit's full flat bytes are live then
+        z3 = r["rows"]["zero3"]
+        biggest = max((a + 1) * b for a, b in zip(WIDTHS, WIDTHS[1:]))
+        unit_bytes = math.ceil(biggest / N) * N * 4
+        assert z3["peak_phase"] == "backward" and (("backward temporaries", unit_bytes) in z3["peak_live"]), z3
+
+
 def test_bench_main_prints_the_tables_with_the_ddp_column(capsys):
     assert bench.main(["--quick", "--world-sizes", "2", "--widths", "6,11,7,3", "--rounds", "1", "--pool"]) == 0
     out = capsys.readouterr().out

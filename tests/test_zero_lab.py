@@ -75,9 +75,13 @@ def test_figures_draw_and_refuse_bad_input():
     for stage in range(4):
         ax = plots.holdings(stage, 3)
         assert len(ax.patches) == 3 * 3 * 2
-    plots.bytes_each_rank({"ddp": {"weights": 8, "grads": 8, "optimizer": 16}, "zero1": {"weights": 8, "grads": 8,
-                                                                                        "optimizer": 8}},
-                         predicted={"ddp": 32, "zero1": 24})
+    ax = plots.bytes_each_rank({"ddp": {"weights": 8, "grads": 8, "optimizer": 16, "buffers": 8},
+                                "zero1": {"weights": 8, "grads": 8, "optimizer": 8}},
+                               predicted={"ddp": 32, "zero1": 24}, unit=1)
+    # a bar is everything the rank holds, buffers included, and its label says the same number
+    assert ax.bar_totals == {"ddp": 40, "zero1": 24}
+    assert [t.get_text() for t in ax.texts] == ["40", "24"]
+    assert "buffers (flat buckets, ...)" in [t.get_text() for t in ax.get_legend().get_texts()]
     plots.state_each_rank({"zero1": [124, 124, 124], "zero-torch": [154, 132, 84]})
     plt.close("all")
     with pytest.raises(Exception, match="stage"):

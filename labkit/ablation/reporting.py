@@ -20,23 +20,43 @@ import os
 from dataclasses import dataclass, field
 
 from .._validate import validate_choice, validate_number
-from .stats import holm, paired_difference
+from .stats import MIN_SEEDS, TOO_FEW, ZERO_VARIANCE, holm, paired_difference
 from .store import Store
 from .study import spec_keys
 
-__all__ = ["Report", "report", "selection_bias", "COLUMNS"]
+__all__ = ["Report", "report", "selection_bias", "display_rows", "COLUMNS", "MISSING"]
 
 COLUMNS = ("label", "n", "mean", "diff", "lo", "hi", "p", "p_holm", "wins", "ties", "losses", "verdict")
 
 
 def _verdict(row: dict, alpha: float, lower_is_better: bool) -> str:
+    if row["label"] == "baseline":
+        return ""
+    if row.get("status"):  # no test was possible: "too few seeds" or "zero variance"
+        return row["status"]
     p = row.get("p_holm")
     if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "too few seeds" if row["label"] != "baseline" else ""
+        return TOO_FEW
     if p >= alpha:
         return "no evidence"
     better = row["diff"] < 0 if lower_is_better else row["diff"] > 0
     return "helps" if better else "hurts"
+
+
+MISSING = "\u2014"  # what a table prints where a statistic was not computed (an em dash)
+
+
+def _cell(value):
+    """A table cell: a number that was not computed (nan, None) prints as an em dash, never as "nan" or 0."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return value
+
+
+def display_rows(rows, columns=COLUMNS) -> list[dict]:
+    """``rows`` (a report's, or a subset of them) reduced to ``columns``, ready for a table: a statistic that was
+    not computed (the baseline's difference, an interval from too few seeds) reads "\u2014"."""
+    return [{c: (_cell(r[c]) if c in r else "") for c in columns} for r in rows]
 
 
 @dataclass
@@ -57,12 +77,18 @@ class Report:
     def table(self, floatfmt: str = "{:.4g}") -> str:
         from ..viz import format_table
 
-        return format_table([{c: r.get(c, "") for c in COLUMNS} for r in self.rows], floatfmt) + self._notes()
+        return format_table(display_rows(self.rows), floatfmt) + self._notes()
 
     def _notes(self) -> str:
         out = [f"\n{self.metric}: paired difference to the baseline over seeds, "
                f"{self.confidence:.0%} {'t' if self.method == 't' else 'bootstrap'} interval [lo, hi]; "
-               "p: paired t-test; p_holm: adjusted for the number of comparisons (Holm)"]
+               "p: paired t-test; p_holm: adjusted for the number of comparisons (Holm); verdict from p_holm"]
+        why = {TOO_FEW: f"fewer than {MIN_SEEDS} paired seeds",
+               ZERO_VARIANCE: "every seed gave the same difference, so the noise cannot be estimated"}
+        for verdict, reason in why.items():
+            untested = [r["label"] for r in self.rows if r.get("verdict") == verdict]
+            if untested:
+                out.append(f"no interval or p-value ({MISSING}) for {', '.join(untested)}: {reason} ({verdict})")
         if self.interrupted:
             out.append(f"{self.interrupted} trial(s) were interrupted by a stopped study and were run again from their "
                        "start")
@@ -73,10 +99,16 @@ class Report:
         return "\n".join(out)
 
     def _repr_html_(self) -> str:
+        notes = self._notes().strip().replace("\n", "<br>")
+        return self.html(notes=notes)
+
+    def html(self, labels=None, columns=COLUMNS, notes: str = "") -> str:
+        """The table as HTML: only the rows of ``labels`` (all by default) and the ``columns`` given; a statistic
+        that was not computed reads "\u2014"."""
         from ..viz import table_html
 
-        notes = self._notes().strip().replace("\n", "<br>")
-        return table_html([{c: r.get(c, "") for c in COLUMNS} for r in self.rows]) + f"<p><small>{notes}</small></p>"
+        rows = self.rows if labels is None else [self.row(lab) for lab in labels]
+        return table_html(display_rows(rows, columns)) + (f"<p><small>{notes}</small></p>" if notes else "")
 
     def __str__(self) -> str:
         return self.table()
@@ -175,13 +207,14 @@ def report(db: str | os.PathLike | Store, study: str | None = None, *, metric: s
                 d = paired_difference([got[s] for s in common], [base[s] for s in common],
                                             confidence=confidence, method=method, n_boot=n_boot, seed=seed)
                 row.update(n=len(common), diff=d["diff"], lo=d["lo"], hi=d["hi"], p=d["p"], wins=d["wins"],
-                           ties=d["ties"], losses=d["losses"])
+                           ties=d["ties"], losses=d["losses"], status=d["status"])
                 if low:
                     row["wins"], row["losses"] = d["losses"], d["wins"]
                 if d.get("note"):
                     row["note"] = d["note"]
             else:
-                row.update(n=0, diff=math.nan, lo=math.nan, hi=math.nan, p=math.nan, wins=0, ties=0, losses=0)
+                row.update(n=0, diff=math.nan, lo=math.nan, hi=math.nan, p=math.nan, wins=0, ties=0, losses=0,
+                           status=TOO_FEW)
         out.append(row)
     ps = [r["p"] for r in out if r["label"] != "baseline"]
     for r, ph in zip([r for r in out if r["label"] != "baseline"], holm(ps) if ps else []):

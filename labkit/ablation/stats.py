@@ -30,8 +30,14 @@ Pure numpy and :mod:`math` (no scipy): the t distribution is computed here from 
   p-values, ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``, put them back in the input order. Rejecting
   where ``p~ <= alpha`` controls the family-wise error rate at ``alpha``.
 
-Every function says what it could not do instead of crashing: one seed gives no interval (``nan`` and a
-``note``), identical differences give an interval of zero width (with a ``note``).
+Every function says what it could not do instead of crashing, and none reports a statistic it cannot support:
+fewer than ``min_seeds`` (3) pairs, or differences that are all equal (sd = 0, so the noise cannot be estimated),
+give no interval, no t and no p-value (``nan``), a ``note`` saying why and ``status`` "too few seeds" or
+"zero variance". Two seeds would give a t interval on one degree of freedom (12.7 standard errors either side) and two
+equal differences a "p = 0": numbers that look like evidence and are not.
+
+The module is long because the t distribution (density, CDF by the incomplete beta's continued fraction, quantile
+by Newton's method) is written out here rather than taken from scipy.
 """
 from __future__ import annotations
 
@@ -43,7 +49,11 @@ import numpy as np
 
 from labkit._validate import ArgumentError, validate_choice, validate_int, validate_number
 
-__all__ = ["bootstrap_ci", "holm", "mean_ci", "paired_difference", "t_cdf", "t_pdf", "t_ppf", "t_sf"]
+__all__ = ["MIN_SEEDS", "TOO_FEW", "ZERO_VARIANCE", "bootstrap_ci", "holm", "mean_ci", "paired_difference", "t_cdf",
+           "t_pdf", "t_ppf", "t_sf"]
+
+MIN_SEEDS = 3  # the fewest paired seeds from which an interval or a p-value is reported
+TOO_FEW, ZERO_VARIANCE = "too few seeds", "zero variance"  # the ``status`` of a comparison that has no test
 
 _EPS = 1e-16  # relative accuracy asked of the continued fraction
 _TINY = 1e-300  # Lentz's guard against a zero denominator
@@ -267,27 +277,39 @@ def bootstrap_ci(diffs, confidence: float = 0.95, n_boot: int = 10000, seed: int
     return float(lo), float(hi)
 
 
-def mean_ci(values, confidence: float = 0.95) -> dict:
+def _check_min_seeds(min_seeds: Any) -> int:
+    return validate_int("min_seeds", min_seeds, minimum=2, hint=f"pass {MIN_SEEDS} (the default) or more")
+
+
+def mean_ci(values, confidence: float = 0.95, *, min_seeds: int = MIN_SEEDS) -> dict:
     """The t interval of a plain mean: ``mean -/+ t_{(1+c)/2, n-1} sd / sqrt(n)``.
 
-    Returns ``n``, ``mean``, ``sd`` (ddof=1), ``lo``, ``hi`` and ``note`` ("" when there is nothing to say;
-    one value gives ``sd``, ``lo``, ``hi`` = nan; identical values give an interval of zero width). NaN refused.
+    Returns ``n``, ``mean``, ``sd`` (ddof=1), ``lo``, ``hi``, ``status`` ("" or why there is no interval) and
+    ``note`` ("" when there is nothing to say). Fewer than ``min_seeds`` values give ``lo``, ``hi`` = nan
+    (status "too few seeds"); identical values give ``sd`` = 0 and no interval (status "zero variance"). NaN refused.
     """
     a = _as_sample("values", values)
     _refuse_nan("values", a)
     confidence = _check_confidence(confidence)
+    min_seeds = _check_min_seeds(min_seeds)
     n, mean = a.size, float(a.mean())
-    if n == 1:
-        return dict(n=1, mean=mean, sd=math.nan, lo=math.nan, hi=math.nan, note="one seed: no interval")
+    out = dict(n=n, mean=mean, sd=math.nan, lo=math.nan, hi=math.nan, status="", note="")
+    if n > 1:
+        out["sd"] = float(a.std(ddof=1))
+    if n < min_seeds:
+        return dict(out, status=TOO_FEW, note=f"{_seeds(n)}: no interval (at least {min_seeds} needed)")
     if np.ptp(a) <= 8 * np.finfo(float).eps * float(np.abs(a).max()):  # equal up to rounding
-        return dict(n=n, mean=mean, sd=0.0, lo=mean, hi=mean, note="all values equal: interval of zero width")
-    sd = float(a.std(ddof=1))
-    half = _ppf1((1.0 + confidence) / 2.0, n - 1.0) * sd / math.sqrt(n)
-    return dict(n=n, mean=mean, sd=sd, lo=mean - half, hi=mean + half, note="")
+        return dict(out, sd=0.0, status=ZERO_VARIANCE, note="all values equal (sd = 0): no interval")
+    half = _ppf1((1.0 + confidence) / 2.0, n - 1.0) * out["sd"] / math.sqrt(n)
+    return dict(out, lo=mean - half, hi=mean + half)
+
+
+def _seeds(n: int) -> str:
+    return "one seed" if n == 1 else f"{n} seeds"
 
 
 def paired_difference(variant, baseline, *, confidence: float = 0.95, method: str = "t", n_boot: int = 10000,
-                      seed: int = 0, nan: str = "raise") -> dict:
+                      seed: int = 0, nan: str = "raise", min_seeds: int = MIN_SEEDS) -> dict:
     """Compare a variant with the baseline on the same seeds: ``variant[i]`` and ``baseline[i]`` share seed i.
 
     Higher is taken to be better: a seed where the variant is above the baseline is a win. For a metric
@@ -306,9 +328,10 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     * ``wins``, ``ties``, ``losses``: seeds with variant >, ==, < baseline;
     * ``method``, ``confidence``, ``dropped`` (pairs dropped for NaN) and ``note`` ("" when nothing to say).
 
-    Edge cases: one pair gives ``lo``, ``hi``, ``t``, ``p`` = nan and the note "one seed: no interval";
-    identical differences (sd = 0, up to the rounding of ``v - b``) give an interval of zero width at
-    ``diff``, ``t = +-inf`` and ``p = 0`` if ``diff != 0`` (``t = nan``, ``p = 1`` if ``diff == 0``), and a note.
+    * ``status``: "" when the interval and the test were computed; else why not (``lo``, ``hi``, ``t``, ``p``
+      are then nan): "too few seeds" (fewer than ``min_seeds`` pairs, default 3) or "zero variance" (every
+      difference equal, up to the rounding of ``v - b``: the noise cannot be estimated, and a t-test would
+      report p = 0 for any non-zero difference).
     NaN in either input is refused (:class:`~labkit._validate.ArgumentError` naming the argument) unless
     ``nan="drop"``, which drops every pair holding a NaN and counts them in ``dropped``.
     """
@@ -322,6 +345,7 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     confidence = _check_confidence(confidence)
     n_boot = validate_int("n_boot", n_boot, minimum=10, hint="pass e.g. 10000 resamples")
     seed = validate_int("seed", seed, minimum=0)
+    min_seeds = _check_min_seeds(min_seeds)
     dropped = 0
     if nan == "raise":
         _refuse_nan("variant", v)
@@ -338,20 +362,21 @@ def paired_difference(variant, baseline, *, confidence: float = 0.95, method: st
     out = dict(n=n, mean_variant=float(v.mean()), mean_baseline=float(b.mean()), diff=float(d.mean()),
                sd=math.nan, se=math.nan, df=n - 1, lo=math.nan, hi=math.nan, t=math.nan, p=math.nan,
                wins=int((d > 0).sum()), ties=int((d == 0).sum()), losses=int((d < 0).sum()),
-               method=method, confidence=confidence, dropped=dropped, note="")
-    if dropped:
-        out["note"] = f"{dropped} pair(s) with NaN dropped"
-    if n == 1:
-        out["note"] = "; ".join(filter(None, [out["note"], "one seed: no interval"]))
+               method=method, confidence=confidence, dropped=dropped, status="", note="")
+    notes = [f"{dropped} pair(s) with NaN dropped"] if dropped else []
+    if n > 1:
+        out.update(sd=float(d.std(ddof=1)), se=float(d.std(ddof=1)) / math.sqrt(n))
+    if n < min_seeds:
+        out.update(status=TOO_FEW, note="; ".join(notes + [f"{_seeds(n)}: no interval or p-value (at least "
+                                                           f"{min_seeds} paired seeds needed)"]))
         return out
-    diff = out["diff"]
     scale = max(float(np.abs(v).max()), float(np.abs(b).max()))
     if np.ptp(d) <= 8 * np.finfo(float).eps * scale:  # equal up to the rounding of v - b
-        d = np.full(n, diff)
-        out.update(sd=0.0, se=0.0, lo=diff, hi=diff, t=math.copysign(math.inf, diff) if diff else math.nan,
-                   p=0.0 if diff else 1.0)
-        out["note"] = "; ".join(filter(None, [out["note"], "all differences equal (sd = 0): interval of zero width"]))
+        out.update(sd=0.0, se=0.0, status=ZERO_VARIANCE,
+                   note="; ".join(notes + ["all differences equal (sd = 0): no interval or p-value"]))
         return out
+    out["note"] = "; ".join(notes)
+    diff = out["diff"]
     sd = float(d.std(ddof=1))
     se = sd / math.sqrt(n)
     t = diff / se

@@ -17,6 +17,7 @@ Three numbers per split, from cheap to real:
 from __future__ import annotations
 
 import functools
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,8 @@ from ..partition import even_cuts, stage_ranges, stage_sums, validate_cuts
 from .profile import LayerProfile, as_layers, balance_by_time, profile_layers, sleep_layers
 from .solvers import gpipe_timeline
 
-__all__ = ["lab_model", "micro_sample", "measure_stages", "compare_splits", "sleep_pipeline", "Comparison"]
+__all__ = ["lab_model", "micro_sample", "measure_stages", "stage_profile_gap", "compare_splits", "sleep_pipeline",
+           "Comparison"]
 
 MODELS = ("small", "resnet18", "mlp")
 
@@ -59,6 +61,53 @@ def measure_stages(layers, cuts, sample: torch.Tensor, repeats: int = 3, warmup:
     edges = [0, *cuts, len(layers)]
     stages = [torch.nn.Sequential(*layers[a:b]) for a, b in zip(edges, edges[1:])]
     return profile_layers(stages, sample, repeats=repeats, warmup=warmup)
+
+
+def stage_profile_gap(layers, cuts, sample: torch.Tensor, rounds: int = 5, warmup: int = 1) -> dict:
+    """Why a stage's predicted time (the sum of its layers, each profiled alone) differs from the stage measured whole.
+
+    Both are timed in the same ``rounds``, one right after the other (the order alternating), so that a load spike
+    on a shared machine hits both; a profile and a stage timed seconds apart can differ by the load alone. Also
+    times a layer that does nothing (``nn.Identity``) the way :func:`profile_layers` times every layer: the fixed
+    cost of timing a layer on its own (timers, the saved-tensor hooks, one autograd call), which a stage of k
+    layers pays k times in the sum but once measured whole. Returns per stage (lists): ``layer_sum_ms`` and
+    ``stage_ms`` (medians over the rounds), ``ratio`` (median of the per-round ratios sum / stage),
+    ``n_layers``, ``fixed_excess_ms`` ((k - 1) x the fixed cost), and ``overhead_ms`` (the fixed cost).
+    """
+    layers = as_layers(layers)
+    cuts = validate_cuts(cuts, len(layers))
+    rounds = validate_int("rounds", rounds, minimum=1)
+    warmup = validate_int("warmup", warmup, minimum=0)
+    edges = [0, *cuts, len(layers)]
+    n_layers = [b - a for a, b in zip(edges, edges[1:])]
+    noop = [torch.nn.Identity()]
+    sums: list[list[float]] = [[] for _ in n_layers]
+    whole: list[list[float]] = [[] for _ in n_layers]
+    ratios: list[list[float]] = [[] for _ in n_layers]
+    fixed: list[float] = []
+    for k in range(warmup + rounds):
+        def by_layer():
+            times = [p.time_ms for p in profile_layers(layers, sample, repeats=1, warmup=0)]
+            return [sum(times[a:b]) for a, b in zip(edges, edges[1:])]
+
+        def by_stage():
+            return [s.time_ms for s in measure_stages(layers, cuts, sample, repeats=1, warmup=0)]
+
+        if k % 2:
+            st, sm = by_stage(), by_layer()
+        else:
+            sm, st = by_layer(), by_stage()
+        empty = profile_layers(noop, sample, repeats=1, warmup=0)[0].time_ms
+        if k >= warmup:
+            fixed.append(empty)
+            for i in range(len(n_layers)):
+                sums[i].append(sm[i])
+                whole[i].append(st[i])
+                ratios[i].append(sm[i] / st[i] if st[i] > 0 else float("inf"))
+    overhead = statistics.median(fixed)
+    return {"layer_sum_ms": [statistics.median(v) for v in sums], "stage_ms": [statistics.median(v) for v in whole],
+            "ratio": [statistics.median(v) for v in ratios], "n_layers": n_layers,
+            "fixed_excess_ms": [(n - 1) * overhead for n in n_layers], "overhead_ms": overhead}
 
 
 @renamed_kwargs(k="n_stages", m="n_micro")

@@ -65,7 +65,9 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
                n_micro: int | None = None, cfg: Config = Config(), seed: int = 0, lr: float = 3e-3,
                dtype=torch.float64) -> dict:
     """One rank of the grid (see the module docstring). Returns its losses (last stage), step times, busy times,
-    bytes per group and op, and, on dp rank 0, its parameter shards."""
+    bytes per group and op, ``activations`` (per step, the most bytes of activations autograd held for the
+    backward at once: lab 04's executor counts what it saves, parameters left out) and, on dp rank 0, its
+    parameter shards."""
     from ..ddp import BucketedDDP
     from ..pipeline.executor import pipeline_rank
 
@@ -84,7 +86,7 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
     rows = batch // dp
     # counts every collective and send by group from here on (the bytes traffic.predict must match)
     meter = CommMeter({"dp": mesh.group("dp"), "pp": mesh.group("pp"), "tp": mesh.group("tp")})
-    out = {"coords": c, "losses": [], "times": [], "busy": [], "spans": []}
+    out = {"coords": c, "losses": [], "times": [], "busy": [], "spans": [], "activations": []}
     for step in range(steps):
         # the same global batch one process trains on at this step (same seed), then this replica's rows of it
         x, y = sort_batch(batch, cfg, seed=seed * 1000 + step)
@@ -111,6 +113,7 @@ def train_rank(ctx, dp: int = 1, pp: int = 1, tp: int = 1, sp: bool = False, ste
         out["times"].append((t0, now(ctx.device)))
         out["spans"].append(run["times"][0])  # the executor's step span and busy time give the pipeline's bubble
         out["busy"].append(run["busy"][0])
+        out["activations"].append(max(m[2] for m in run["memory"]))  # (time, micro-batches held, bytes saved)
         if run["loss"] is not None:  # only the last stage computes the loss
             out["losses"].append(run["loss"])
     out["bytes"] = {f"{g}/{op}": v["bytes"] / steps for g, ops in meter.by_group().items() for op, v in ops.items()}
@@ -136,6 +139,9 @@ class GridRun:
     step_seconds: float
     bubble: float
     per_rank: list = field(repr=False, default_factory=list)
+    #: per rank, the most bytes of activations autograd held for the backward at once during a step (the median
+    #: over steps; parameters not counted): the activation memory a rank needs
+    activations: list = field(repr=False, default_factory=list)
 
     @property
     def shape(self) -> str:
@@ -194,8 +200,9 @@ def run_grid(dp: int = 2, pp: int = 2, tp: int = 2, sp: bool = False, steps: int
                 pipe = [r for r in res if r["coords"]["dp"] == d and r["coords"]["tp"] == t]
                 span = max(r["spans"][s][1] for r in pipe) - min(r["spans"][s][0] for r in pipe)
                 bubbles.append(1 - sum(r["busy"][s] for r in pipe) / (len(pipe) * span) if span > 0 else 0.0)
+    activations = [statistics.median(r["activations"]) for r in res]
     return GridRun(dp, pp, tp, sp, n_micro, losses, params, nbytes, calls, step_s, statistics.median(bubbles),
-                   list(res))
+                   list(res), activations)
 
 
 # renamed in issue 30 (one release): it returns a count, n_micro, not micro-batches

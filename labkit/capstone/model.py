@@ -166,13 +166,16 @@ def make_optimizer(params, lr: float = 3e-3):
 
 
 def train_single(steps: int = 3, cfg: Config = Config(), batch: int = 16, seed: int = 0, lr: float = 3e-3,
-                 dtype=torch.float64) -> dict:
+                 dtype=torch.float64, after: bool = False) -> dict:
     """Train the whole model in this process: ``{"losses", "state", "model"}`` (the loss of each step, before its
-    update, the final parameters by name, and the model)."""
+    update, the final parameters by name, and the model). Each step trains on a fresh batch of ``batch`` random
+    sequences, so consecutive losses are measured on different data. With ``after``, also ``"losses_after"``: the
+    loss on each step's own batch just after its update (one more forward per step), which says whether the step
+    helped on the data it saw."""
     steps = validate_int("steps", steps, minimum=1)
     model = build(cfg, seed, dtype)
     opt = make_optimizer(model.parameters(), lr)
-    losses = []
+    losses, losses_after = [], []
     for step in range(steps):
         x, y = sort_batch(batch, cfg, seed=seed * 1000 + step)
         opt.zero_grad(set_to_none=True)
@@ -180,7 +183,13 @@ def train_single(steps: int = 3, cfg: Config = Config(), batch: int = 16, seed: 
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.named_parameters()}, "model": model}
+        if after:
+            with torch.no_grad():
+                losses_after.append(lm_loss(model(x), y).item())
+    out = {"losses": losses, "state": {k: v.detach().clone() for k, v in model.named_parameters()}, "model": model}
+    if after:
+        out["losses_after"] = losses_after
+    return out
 
 
 @torch.no_grad()

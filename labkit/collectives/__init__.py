@@ -15,6 +15,7 @@ from .cost import (
     DEFAULT_ALPHA_BETA,
     LIBRARY,
     MODELLED,
+    PUBLISHED_LINKS,
     bandwidths,
     bus_factor,
     cost_terms,
@@ -22,6 +23,7 @@ from .cost import (
     describe_alpha_beta,
     fit_alpha_beta,
     predict_time,
+    total_traffic,
     usable_alpha_beta,
 )
 from .schedules import (
@@ -46,7 +48,8 @@ __all__ = ["ALGORITHMS", "OPS", "SCHEDULE_NAMES", "Message", "Schedule", "chunk_
            "ring_traffic_problems",
            "all_reduce", "reduce_scatter", "all_gather", "ranks_agree",
            "LIBRARY", "MODELLED", "bus_factor", "bandwidths", "cost_terms", "predict_time", "fit_alpha_beta",
-           "DEFAULT_ALPHA_BETA", "usable_alpha_beta", "crossover_bytes", "describe_alpha_beta"]
+           "DEFAULT_ALPHA_BETA", "PUBLISHED_LINKS", "total_traffic", "usable_alpha_beta", "crossover_bytes",
+           "describe_alpha_beta"]
 
 # old names (issue 30): SCHEDULES and simulate collided with labkit.pipeline's, which mean pipeline schedules
 __getattr__ = moved_names(__name__, {"SCHEDULES": "labkit.collectives.schedules:SCHEDULE_NAMES",

@@ -35,6 +35,21 @@ DEFAULT_ALPHA_BETA = (100e-6, 1 / 2e9)
 on a small shared CPU machine. Measured with lab 01's ping-pong on the course's 2-core machine under load
 (torch 2.14.1, December 2026): alpha 100-150 us, 1/beta 2.5-3.7 GB/s; an idle laptop has a smaller alpha."""
 
+PUBLISHED_LINKS = {
+    "NVLink (A100, 8 GPUs)": {
+        "alpha": 3.4e-6, "beta": 1 / 300e9, "world_size": 8,
+        "source": "alpha: NCCL's own cost model, per ring step over NVLink, Simple protocol, 3.4 us (NVIDIA/nccl "
+                  "src/graph/tuning.cc, hwLat); 1/beta: 300 GB/s each way, half of the A100's 600 GB/s NVLink "
+                  "bandwidth (NVIDIA A100 Tensor Core GPU datasheet)"},
+    "InfiniBand HDR (64 GPUs)": {
+        "alpha": 14e-6, "beta": 1 / 25e9, "world_size": 64,
+        "source": "alpha: NCCL's cost model, per ring step over the network, Simple protocol, 14 us in recent "
+                  "releases (9.6 us in older ones; NVIDIA/nccl src/graph/tuning.cc, hwLat); 1/beta: 25 GB/s, one "
+                  "HDR InfiniBand port's 200 Gb/s (NVIDIA ConnectX-6 / Quantum HDR specifications)"},
+}
+"""Published link figures for the alpha-beta model of a GPU cluster, with their sources: lab 01 predicts from them
+where its ring overtakes its tree on hardware whose links are separate wires, which its own CPU cannot show."""
+
 
 def bus_factor(collective: str, world_size: int) -> float:
     """nccl-tests' busbw / algbw ratio for ``collective`` on ``world_size`` ranks."""
@@ -79,6 +94,22 @@ def cost_terms(algorithm: str, nbytes: float, world_size: int) -> tuple[float, f
         return 2.0 * L + extra, 2.0 * (p - 1) / p * S + extra * S
     raise ValueError(f"no cost model for {algorithm!r}; pass one of {', '.join(MODELLED)} "
                      f"(the library's own algorithm is not modelled)")
+
+
+def total_traffic(algorithm: str, nbytes: float, world_size: int) -> tuple[int, float]:
+    """``(messages, bytes)`` that *all* ranks together send in one all-reduce of ``nbytes``, from the pure schedule.
+
+    The alpha-beta model counts the critical path, as if every rank had its own links and cores. When the ranks
+    share a few cores and their "links" are memory copies (gloo over loopback on a small CPU), every message costs
+    the same cores, so the total is what the clock sees: the ring and the binomial tree both move ``2(n-1)S``
+    bytes in all, but the ring sends ``n`` times as many messages."""
+    from .schedules import schedule
+
+    n = _check_world_size(world_size)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+    sched = schedule(algorithm, n)
+    return len(sched.messages), sum(sched.bytes_each_rank(nbytes))
 
 
 def predict_time(algorithm: str, nbytes: float, world_size: int, alpha: float, beta: float) -> float:

@@ -20,6 +20,57 @@ def _colour(rank: int) -> str:
     return RANK_COLOURS[rank % len(RANK_COLOURS)]
 
 
+# one colour per algorithm in every chart of the lab, whatever order the rows come in (issue 31: ring and tree
+# swapped colours between panels); the library is black, as a reference line
+ALGORITHM_COLOURS = {"naive": "#9d755d", "tree": "#4c78a8", "ring": "#e45756", "halving_doubling": "#54a24b",
+                     "ring_unchunked": "#f58518", "ring_pipelined": "#b279a2", "p2p": "#72b7b2",
+                     "reduce_scatter": "#eeca3b", "all_gather": "#ff9da6", "library": "#000000"}
+
+
+def algorithm_colour(name: str) -> str:
+    """The colour ``name`` has in every chart of lab 01 (an unknown name gets a grey, not an error)."""
+    return ALGORITHM_COLOURS.get(name, "#7f7f7f")
+
+
+def size_axis(ax, lo: float, hi: float, every: int = 2, axis: str = "x") -> None:
+    """A log-2 bytes axis from ``lo`` to ``hi`` labelled ``64 B``, ``1 KiB``, ... at every ``every``-th power of
+    two, and no minor labels: the labels stay short and apart on a narrow panel."""
+    if not 0 < lo <= hi:
+        raise ValueError(f"size_axis needs 0 < lo <= hi, got lo={lo!r}, hi={hi!r}")
+    k_lo, k_hi = math.ceil(math.log2(lo)), math.floor(math.log2(hi))
+    ticks = [2.0 ** k for k in range(k_lo, k_hi + 1) if (k - k_lo) % every == 0]
+    units = (("GiB", 30), ("MiB", 20), ("KiB", 10), ("B", 0))
+    labels = []
+    for t in ticks:
+        k = int(round(math.log2(t)))
+        unit, shift = next((u, sh) for u, sh in units if k >= sh)
+        labels.append(f"{2 ** (k - shift)} {unit}")
+    if axis == "x":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, labels)
+        ax.xaxis.set_minor_locator(_null_locator())
+    else:
+        ax.set_yscale("log", base=2)
+        ax.set_yticks(ticks, labels)
+        ax.yaxis.set_minor_locator(_null_locator())
+
+
+def plain_log_y(ax) -> None:
+    """A log y axis labelled with plain numbers (``2``, ``10``, ``40``) at its major ticks only: the minor
+    ``3×10^1``-style labels matplotlib adds on a short decade crowd into each other."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _null_locator():
+    from matplotlib.ticker import NullLocator
+
+    return NullLocator()
+
+
 def plot_collective(results, name: str, axes=None):
     """Before/after panels of one collective from :func:`labkit.collectives.demo_collectives` results
     (one dict per rank). Each cell is coloured by the rank its value came from (rank r starts with
@@ -187,9 +238,11 @@ def plot_busbw(rows, ax=None, title: str | None = None):
         by.setdefault(r["algorithm"], []).append((r["bytes"], bw))
     for name, pts in by.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if name != "library" else "k--", label=name, ms=4)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("message size (bytes)")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if name != "library" else "--", label=name, ms=4,
+                color=algorithm_colour(name))
+    sizes = [r["bytes"] for r in rows]
+    size_axis(ax, min(sizes), max(sizes), every=max(1, round(math.log2(max(sizes) / min(sizes)) / 5)))
+    ax.set_xlabel("message size")
     ax.set_ylabel("busbw (GB/s)")
     ax.legend(fontsize=8)
     ax.set_title(title or "bus bandwidth (nccl-tests definition), measured")
@@ -204,9 +257,9 @@ def plot_predicted_vs_measured(rows, alpha: float, beta: float, ax=None, title: 
     by = {}
     for r in rows:
         by.setdefault(r["algorithm"], []).append(r)
-    for i, (name, rs) in enumerate(by.items()):
+    for name, rs in by.items():
         rs = sorted(rs, key=lambda r: r["bytes"])
-        colour = RANK_COLOURS[i % len(RANK_COLOURS)]
+        colour = algorithm_colour(name)
         ax.plot([r["bytes"] for r in rs], [r["seconds"] * 1e3 for r in rs], "o", color=colour, label=f"{name} measured")
         try:
             cost_terms(name, 1, rs[0]["world_size"])
@@ -215,9 +268,10 @@ def plot_predicted_vs_measured(rows, alpha: float, beta: float, ax=None, title: 
         xs = [rs[0]["bytes"] * (rs[-1]["bytes"] / rs[0]["bytes"]) ** (j / 40) for j in range(41)]
         ax.plot(xs, [predict_time(name, x, rs[0]["world_size"], alpha, beta) * 1e3 for x in xs], "-", color=colour,
                 alpha=0.7, label=f"{name} model")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("message size (bytes)")
+    sizes = [r["bytes"] for r in rows]
+    size_axis(ax, min(sizes), max(sizes), every=max(1, round(math.log2(max(sizes) / min(sizes)) / 5)))
+    plain_log_y(ax)
+    ax.set_xlabel("message size")
     ax.set_ylabel("time (ms)")
     ax.legend(fontsize=7, ncol=2)
     ax.set_title(title or f"alpha-beta model (alpha={alpha * 1e6:.0f} us, "

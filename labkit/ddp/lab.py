@@ -15,11 +15,12 @@ from torch import nn
 from ..devices import Stopwatch, as_device, no_tf32
 from ..models import digits_cnn
 from ..tour import lab_name
-from .plan import distributed_shards, local_shard
+from .plan import distributed_shards, exposed_seconds, local_shard, union_seconds
 from .training import digits_tensors, flat_params, train_steps
 from .wrappers import WRAPPERS, Timeline, make_ddp
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+COMPUTE_KINDS = ("forward", "backward", "optimizer", "sleep")  # a timeline's computation (a sleep plays some)
 
 
 def _dtype(name):
@@ -110,7 +111,11 @@ def timeline_rank(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, s
 
     ``slow_rank``/``delay_s``: that rank sleeps ``delay_s`` extra per micro-step (a straggler).
     ``shard_sizes``: per-rank local batch sizes (a skewed shard) instead of ``local_batch``.
-    Returns this rank's events, step times, time spent in ``sync_grads``/all-reduce, and stats.
+    Returns this rank's events, its step times (``step_seconds``, one per step; ``steps_seconds``, all of them
+    end to end), ``comm_seconds``: the time with at least one all-reduce in flight or ``sync_grads`` waiting for
+    one (the union of those bars, so all-reduces running at the same time are counted once and the total cannot
+    exceed ``steps_seconds``), ``exposed_comm_seconds``: the part of it with no computation running (what overlap
+    did not hide), and the wrapper's stats.
     """
     dt = _dtype(dtype)
     if shard_sizes is not None:
@@ -129,12 +134,18 @@ def timeline_rank(ctx, algorithm: str = "overlapped", bucket_mb: float = 0.05, s
     ddp.stats.update(allreduce_calls=0, allreduce_bytes=0, sync_seconds=0.0)
     dist.barrier()
     tl.events.clear()  # drop what the wrapper recorded during the warm-up step
+    t0 = tl.now()
     times = train_steps(ddp, opt, batches[1:], accum=accum, skip_sync=skip_sync, timeline=tl,
                         delay_s=delay_s if ctx.rank == slow_rank else 0.0)
+    window = (t0, tl.now())
     dist.barrier()
-    comm = sum(e["end"] - e["start"] for e in tl.events if e["kind"] in ("allreduce", "wait"))
-    return {"events": tl.events, "step_seconds": times, "comm_seconds": comm, "stats": dict(ddp.stats),
-            "buckets": len(getattr(ddp, "buckets", [])) or len(ddp._params)}
+    comm = [e for e in tl.events if e["kind"] in ("allreduce", "wait")]
+    compute = [e for e in tl.events if e["kind"] in COMPUTE_KINDS]
+    return {"events": tl.events, "step_seconds": times, "steps_seconds": window[1] - window[0],
+            # overlapping all-reduces (and the wait for them) are counted once: at most the steps' own time
+            "comm_seconds": union_seconds(comm, window),
+            "exposed_comm_seconds": exposed_seconds(comm, compute, window),
+            "stats": dict(ddp.stats), "buckets": len(getattr(ddp, "buckets", [])) or len(ddp._params)}
 
 
 def split_lanes(events: list[dict]) -> list[dict]:

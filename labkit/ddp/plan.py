@@ -4,7 +4,8 @@ cost model of one data-parallel step. Nothing here starts a process.
 Sharded sampling follows ``DistributedSampler`` exactly (:func:`distributed_shards`); contiguous
 chunks use the same cut as the ring all-reduce (:func:`chunk_ranges`); :func:`plan_buckets` is the
 bucketing rule of :class:`~labkit.ddp.BucketedDDP`; :func:`model_step` predicts a step's timeline
-from the ring all-reduce cost of lab 01 (:func:`labkit.collectives.predict_time`).
+from the ring all-reduce cost of lab 01 (:func:`labkit.collectives.predict_time`); :func:`union_seconds` and
+:func:`exposed_seconds` measure a recorded timeline without counting overlapping bars twice.
 """
 from __future__ import annotations
 
@@ -155,22 +156,91 @@ def ring_allreduce_seconds(nbytes: float, world_size: int, latency_s: float = 50
     return predict_time("ring", nbytes, world_size, latency_s, 1.0 / bandwidth)
 
 
-def model_step(forward_s: float, backward_s: float, grad_bytes: float, bucket_mb: float, world_size: int, *,
+def model_step(forward_s: float, backward_s: float, grad_bytes, bucket_mb: float, world_size: int, *,
                overlap: bool, latency_s: float = 50e-6, bandwidth: float = 5e9, lane=0) -> tuple[float, list]:
-    """Predicted step time and its timeline for evenly spread gradients (a model, not a measurement).
+    """Predicted step time and its timeline (a model, not a measurement).
 
-    Bucket ``i``'s gradients are ready after the fraction ``(i+1)/k`` of backward; all-reduces run
-    one after another; without overlap they all start after backward.
+    ``grad_bytes`` is either the total bytes of the gradients, taken as spread evenly over
+    ``ceil(grad_bytes / cap)`` equal buckets, or the gradient sizes in bytes in the order backward produces
+    them (last parameter first, as :func:`labkit.ddp.lab.bucket_sizes_of` gives them): the buckets are then
+    those :class:`~labkit.ddp.BucketedDDP` and :class:`~labkit.ddp.OverlappedDDP` really make
+    (:func:`plan_buckets`, labkit's rule), so a gradient larger than the cap is one message, not many.
+    Bucket ``i`` is ready once backward has produced the bytes of buckets ``0..i`` (backward time taken as
+    proportional to the bytes produced); each all-reduce costs lab 01's ring model
+    (``2(n-1)`` latencies and ``2(n-1)/n`` of its bytes); all-reduces run one after another; without
+    ``overlap`` they all start after backward. Returns ``(step seconds, events)``; the events say how many
+    buckets the model used (one ``allreduce`` event each).
     """
     validate_bucket_mb(bucket_mb)
-    k = max(1, math.ceil(grad_bytes / (bucket_mb * MB)))
-    per = ring_allreduce_seconds(grad_bytes / k, world_size, latency_s, bandwidth)
+    if isinstance(grad_bytes, (int, float)) and not isinstance(grad_bytes, bool):
+        if not grad_bytes >= 0:
+            raise ValueError(f"grad_bytes must be >= 0 (bytes of gradients), got {grad_bytes!r}")
+        k = max(1, math.ceil(grad_bytes / (bucket_mb * MB)))
+        bucket_bytes = [grad_bytes / k] * k
+    else:
+        sizes = list(grad_bytes)
+        if not sizes or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in sizes):
+            raise ValueError(f"grad_bytes must be a number of bytes or a non-empty list of gradient sizes in bytes "
+                             f"(>= 0, in the order backward produces them), got {grad_bytes!r}")
+        bucket_bytes = [sum(sizes[i] for i in b) for b in plan_buckets(sizes, bucket_mb)]
+    total = sum(bucket_bytes)
     ev = [{"lane": lane, "kind": "forward", "start": 0.0, "end": forward_s, "label": "F"},
           {"lane": lane, "kind": "backward", "start": forward_s, "end": forward_s + backward_s, "label": "B"}]
     free = forward_s + backward_s if not overlap else 0.0
-    for i in range(k):
-        ready = forward_s + backward_s * (i + 1) / k
+    done = 0.0
+    for i, nbytes in enumerate(bucket_bytes):
+        done += nbytes
+        ready = forward_s + backward_s * (done / total if total else 1.0)
         start = max(ready, free)
-        free = start + per
+        free = start + ring_allreduce_seconds(nbytes, world_size, latency_s, bandwidth)
         ev.append({"lane": lane, "kind": "allreduce", "start": start, "end": free, "label": f"b{i}"})
     return max(free, forward_s + backward_s), ev
+
+
+# ----------------------------------------------------------------------------- reading a recorded timeline
+def _merged(intervals, window=None) -> list[tuple[float, float]]:
+    """The intervals (``(start, end)`` pairs or events), clipped to ``window`` if given, merged where they touch."""
+    spans = []
+    for iv in intervals:
+        start, end = (iv["start"], iv["end"]) if isinstance(iv, dict) else iv
+        if end < start:
+            raise ValueError(f"an interval ends before it starts: ({start!r}, {end!r}); pass (start, end) pairs "
+                             f"or events with start <= end")
+        if window is not None:
+            start, end = max(start, window[0]), min(end, window[1])
+        if end > start:
+            spans.append((float(start), float(end)))
+    spans.sort()
+    out: list[tuple[float, float]] = []
+    for start, end in spans:
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def union_seconds(intervals, window: tuple[float, float] | None = None) -> float:
+    """Seconds covered by at least one interval: ``(start, end)`` pairs or timeline events.
+
+    Asynchronous all-reduces run at the same time as each other; *summing* their bars counts the shared time
+    twice and can exceed the step they belong to. The union cannot exceed the span it lies in. ``window``
+    clips every interval to ``(start, end)`` first.
+    """
+    return sum(end - start for start, end in _merged(intervals, window))
+
+
+def exposed_seconds(comm, compute, window: tuple[float, float] | None = None) -> float:
+    """Seconds in which communication runs and no computation does: the communication that overlap did not
+    hide (``union(comm) - union(comm and compute)``). At most :func:`union_seconds` of ``comm``."""
+    c = _merged(comm, window)
+    busy = _merged(compute, window)
+    hidden, j = 0.0, 0
+    for start, end in c:
+        while j < len(busy) and busy[j][1] <= start:
+            j += 1
+        k = j
+        while k < len(busy) and busy[k][0] < end:
+            hidden += min(end, busy[k][1]) - max(start, busy[k][0])
+            k += 1
+    return sum(end - start for start, end in c) - hidden

@@ -1,4 +1,4 @@
-"""Lab 02's data and training loop: the 8x8 digits as images, and ``train_steps`` that runs optimizer steps (with
+"""Lab 02's data and training loop: the 8x8 digits as images, and ``train_steps`` that runs optimiser steps (with
 gradient accumulation, timelines and an optional straggler delay) on any wrapper or on a plain module (the
 single-process reference). The model is :func:`labkit.models.digits_cnn`."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def digits_tensors(dtype=torch.float32, cache: dict | None = None) -> tuple[torc
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple], *,
                 accum: int = 1, skip_sync: bool = True, timeline: Timeline | None = None,
                 delay_s: float = 0.0, loss_fn: Callable | None = None) -> list[float]:
-    """Run optimizer steps; each batch is a list of ``accum`` micro-batches ``(x, y)``.
+    """Run optimiser steps; each batch is a list of ``accum`` micro-batches ``(x, y)``.
 
     ``model`` is a wrapper from :func:`make_ddp` or a plain module (single-process reference).
     ``skip_sync``: on the inner micro-steps, skip the gradient averaging (``no_sync``).

@@ -3,7 +3,7 @@
 Every rank holds a full copy of the model and sees a different shard of each batch. After
 ``loss.backward()`` each rank has the gradient of *its* shard; averaging the gradients over the
 ranks gives exactly the gradient of the whole batch (when each rank's loss is the mean over an
-equally sized shard), so every replica takes the same optimizer step and the copies never drift:
+equally sized shard), so every replica takes the same optimiser step and the copies never drift:
 
     g = (1/N) * sum_r g_r                  (one all-reduce of the gradients per step)
 
@@ -23,7 +23,7 @@ from rank 0 when it wraps the model, and broadcasts the buffers again before eac
 (``broadcast_buffers=True``: BatchNorm's running statistics follow rank 0). A parameter that gets no
 gradient in a step is reduced as zeros; with ``find_unused_parameters=True`` the ranks also all-reduce
 a used/unused map after the gradients and a parameter no rank used keeps ``grad=None`` (so the
-optimizer skips it, as with torch's DDP).
+optimiser skips it, as with torch's DDP).
 """
 from __future__ import annotations
 

@@ -5,9 +5,9 @@ The source article's "pipeline data parallelism" (data fed to the GPUs in a fixe
 cuDNN for the convolutions) is this: the input pipeline that keeps the device busy. :class:`DecodeLikeDataset`
 makes items that cost real CPU work (like decoding and augmenting a JPEG); :func:`input_pipeline` feeds a training
 step from a ``DataLoader`` per worker count and records a timeline of load, copy and compute per batch, the
-fraction of loading hidden behind compute and images per second. cuDNN has nothing to do with loading: it
-chooses GPU convolution algorithms, and ``torch.backends.cudnn.benchmark`` (measured on a GPU only) lets it time
-them once per input shape.
+share of loading that ran during a step, the share of loading time the workers saved, and images per second.
+cuDNN has nothing to do with loading: it chooses GPU convolution algorithms, and ``torch.backends.cudnn.benchmark``
+(measured on a GPU only) lets it time them once per input shape.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from .._validate import ArgumentError, validate_int, validate_number
 from ..devices import Stopwatch, now
-from .step import Result, _num_classes, _setup, _skipped, _threads, _timed_row, _where, make_step
+from .step import NOT_ON_CPU, Result, _num_classes, _setup, _skipped, _threads, _timed_row, _where, make_step
 from .timing import time_interleaved
 
 __all__ = ["DecodeLikeDataset", "input_pipeline"]
@@ -109,7 +109,14 @@ def _epoch(loader, step, device, non_blocking) -> dict:
 def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batches=None, batch=None, item_ms=None,
                    model=None, device="cpu", trials=7, quick=True, threads=1, progress=None) -> Result:
     """A DataLoader over :class:`DecodeLikeDataset` feeding a training step, per worker count: images per second,
-    a (load, copy, compute) timeline per batch and the fraction of loading hidden behind compute.
+    a (load, copy, compute) timeline per batch, and two shares of the loading time that answer different questions:
+
+    * ``load during step``: the share of the loading's wall time during which a step was running too (from the
+      timeline). It says the two were *concurrent*, not that loading was free: on a core that both need, the
+      worker and the step take turns, and each takes longer.
+    * ``loading hidden``: the share of the first variant's (``workers=0``'s) loading time that the variant took off
+      the epoch, ``epoch_0 (1 - 1 / speed-up) / load_0`` (``epoch_0`` and ``load_0`` medians, the speed-up the
+      table's). This one is the gain; it is below 0 when the variant was slower.
 
     ``item_ms`` (default: chosen so that loading a batch takes about as long as computing it, the case where
     workers help most) sets the dataset's work per item. ``pin_memory`` and non-blocking copies, and
@@ -164,24 +171,43 @@ def input_pipeline(workers=(0, 1, 2), pin_memory=None, prefetch: int = 2, batche
                     it._shutdown_workers()
             loaders.clear()
         images = n_batches * batch
+        ref = timing.names[0]  # the first worker count (workers=0 by default): loading in the training loop
+        ref_load = statistics.median(e["load_s"] for e in runs[ref])
         for n in timing.names:
             last = runs[n][-1]
             rows.append({"variant": n, "median s": timing.median(n), "images/s": images / timing.median(n),
                          "speed-up": timing.speedup(n), "load s": last["load_s"], "compute s": last["compute_s"],
-                         "waiting s": last["wait_s"], "overlap": last["overlap"]})
+                         "waiting s": last["wait_s"], "load during step": last["overlap"],
+                         "loading hidden": _hidden(timing.median(ref), timing.speedup(n, ref), ref_load)})
         if device == "cuda":
             rows += _cudnn_rows(step, trials)
         else:
             rows.append(_skipped("cudnn.benchmark", "GPU only: cuDNN picks GPU convolution algorithms; it has "
-                                                    "nothing to do with loading data"))
-    best = max((r for r in rows if r.get("overlap") is not None), key=lambda r: r["speed-up"])
+                                                    "nothing to do with loading data", NOT_ON_CPU))
+    timed = [r for r in rows if "loading hidden" in r]
+    best = max(timed, key=lambda r: r["speed-up"])
+    if best is timed[0]:
+        outcome = (f"no worker count beat {best['variant']} ("
+                   + ", ".join(f"{r['variant']} {r['speed-up']:.2f}x" for r in timed[1:])
+                   + "): the workers' loading ran during the steps but took the cores the steps needed")
+    else:
+        outcome = (f"best {best['images/s']:.0f} with {best['variant']} ({best['speed-up']:.2f}x; "
+                   f"{best['loading hidden']:.0%} of {timed[0]['variant']}'s loading time hidden)")
     verdict = (f"{n_batches} batches of {batch}, {passes} blur passes per item ({target * 1e3:.1f} ms, about the "
-               f"compute per image): {rows[0]['images/s']:.0f} images/s with {rows[0]['variant']}, best "
-               f"{best['images/s']:.0f} with {best['variant']} ({best['speed-up']:.2f}x; {best['overlap']:.0%} of "
-               f"loading hidden behind compute) on {_where(device)}")
+               f"compute per image): {rows[0]['images/s']:.0f} images/s with {rows[0]['variant']}; {outcome}; on "
+               f"{_where(device)}")
     return Result("input pipeline", rows, verdict, device, notes,
                   {"timelines": {n: runs[n][-1]["timeline"] for n in timing.names}, "passes": passes,
                    "item_ms": target * 1e3, "compute_ms_per_batch": compute_s * 1e3}, timing)
+
+
+def _hidden(ref_s: float, speedup: float, ref_load_s: float) -> float:
+    """The share of the reference run's loading time that a variant took off the epoch: the time saved,
+    ``ref_s (1 - 1/speedup)``, over ``ref_load_s``. The speed-up is the table's (the median of per-round ratios),
+    so the two columns always agree in sign. 1 means loading cost nothing (the epoch took only the compute); 0 no
+    gain; below 0 the variant was slower than loading in the training loop (a worker competing with the step for
+    a busy core)."""
+    return ref_s * (1.0 - 1.0 / speedup) / ref_load_s if ref_load_s > 0 and speedup > 0 else 0.0
 
 
 def _time(fn, n, device) -> list[float]:

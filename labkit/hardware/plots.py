@@ -15,7 +15,11 @@ COMPONENT_COLOURS = {
     "params": "#4c78a8", "grads": "#f58518", "optimizer": "#b279a2", "intermediates": "#e45756",
     "activations": "#54a24b", "other": "#bab0ac",
 }
+# what the legend calls each component (the keys stay as the code spells them)
+COMPONENT_NAMES = {"params": "weights", "grads": "gradients", "optimizer": "optimiser state",
+                   "intermediates": "optimiser temporaries", "activations": "activations", "other": "other"}
 GB = 1e9
+_FASTER, _SLOWER = "#54a24b", "#e45756"
 
 
 def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
@@ -28,16 +32,20 @@ def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
     labels = list(ratios)
     ax = axes(ax, figsize=(6, 0.6 + 0.4 * len(labels)))
     vals = [ratios[k] for k in labels]
-    colours = ["#54a24b" if v >= 1 else "#e45756" for v in vals]
+    colours = [_FASTER if v >= 1 else _SLOWER for v in vals]
     ax.barh(range(len(labels)), vals, color=colours)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=t) for c, t in ((_FASTER, "faster than the baseline"),
+                                                    (_SLOWER, "slower than the baseline")) if c in colours]
     for i, v in enumerate(vals):
         ax.annotate(f"{v:.2f}x", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     if published:
         pts = [(i, published[k]) for i, k in enumerate(labels) if k in published]
         if pts:
-            ax.scatter([p for _, p in pts], [i for i, _ in pts], marker="D", facecolors="none", edgecolors="k",
-                       label="published (GPU)", zorder=3)
-            ax.legend(fontsize=7, loc="lower right")
+            handles.append(ax.scatter([p for _, p in pts], [i for i, _ in pts], marker="D", facecolors="none",
+                                      edgecolors="k", label="published (GPU)", zorder=3))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside, not over, a bar
     ax.axvline(1.0, color="k", lw=1)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -48,12 +56,26 @@ def speedups(ratios: Mapping[str, float], ax=None, title: str | None = None,
     return ax
 
 
+def stack_total(parts: Mapping[str, float]) -> float:
+    """The height of one stacked bar of :func:`memory_stack`, in bytes: the sum of its positive components (the
+    number written on top of the bar; print this one beside the figure, not another)."""
+    return sum(float(v) for v in parts.values() if float(v) > 0)
+
+
 def memory_stack(bars: Mapping[str, Mapping[str, float]], limits: Mapping[str, float] | None = None, ax=None,
-                 title: str | None = None, unit: float = GB, unit_name: str = "GB"):
+                 title: str | None = None, unit: float = GB, unit_name: str = "GB",
+                 peaks: Mapping[str, float] | None = None):
     """Stacked bars of memory per GPU (``{bar label: {component: bytes}}``), with horizontal memory lines
-    (``{"80 GB": 80e9}``). Components are drawn in :data:`COMPONENT_COLOURS`' order; unknown ones after."""
+    (``{"80 GB": 80e9}``). Components are drawn in :data:`COMPONENT_COLOURS`' order; unknown ones after. The number
+    on top of each bar is its height, :func:`stack_total` (every component counted once, as if all were alive at
+    once). ``peaks`` (``{bar label: bytes}``) marks each bar's peak, the most alive at one moment, which is lower
+    when some components are freed before others are made: a black line across the bar, its value written under
+    the bar's height ("peak ...")."""
     if not bars:
         raise ValueError("memory_stack() got no bars")
+    unknown = sorted(set(peaks or {}) - set(bars))
+    if unknown:
+        raise ValueError(f"memory_stack() got peaks for {unknown}, which are not bars; bars are {list(bars)}")
     ax = axes(ax, figsize=(1.6 + 1.1 * len(bars), 3.4))
     order = list(COMPONENT_COLOURS) + sorted({c for b in bars.values() for c in b} - set(COMPONENT_COLOURS))
     seen = set()
@@ -64,20 +86,28 @@ def memory_stack(bars: Mapping[str, Mapping[str, float]], limits: Mapping[str, f
             if v <= 0:
                 continue
             ax.bar(i, v, bottom=bottom, color=COMPONENT_COLOURS.get(comp, "#888888"), edgecolor="white",
-                   label=comp if comp not in seen else None)
+                   label=COMPONENT_NAMES.get(comp, comp) if comp not in seen else None)
             seen.add(comp)
             bottom += v
-        ax.annotate(f"{bottom:.3g}", (i, bottom), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
-    top = max(sum(float(v) for v in b.values()) for b in bars.values()) / unit
+        name = list(bars)[i]
+        peak = f"\npeak {float(peaks[name]) / unit:.3g}" if peaks and name in peaks else ""
+        ax.annotate(f"{stack_total(parts) / unit:.3g}{peak}", (i, bottom), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
+        if peak:
+            ax.hlines(float(peaks[name]) / unit, i - 0.4, i + 0.4, color="k", lw=2,
+                      label=None if "peak" in seen else "peak (alive at once)")
+            seen.add("peak")
+    top = max(stack_total(b) for b in bars.values()) / unit
     for name, value in (limits or {}).items():
         ax.axhline(value / unit, color="#c33", ls="--", lw=1)
-        ax.annotate(name, (len(bars) - 0.5, value / unit), xytext=(2, 2), textcoords="offset points", color="#c33",
-                    fontsize=8, ha="right")
+        ax.annotate(name, (-0.45, value / unit), xytext=(0, 2), textcoords="offset points", color="#c33",
+                    fontsize=8, ha="left", va="bottom",
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
         top = max(top, value / unit)
     ax.set_xticks(range(len(bars)), list(bars), fontsize=8, rotation=15)
     ax.set_ylabel(f"memory per GPU ({unit_name})")
-    ax.set_ylim(0, top * 1.15 or 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylim(0, top * (1.3 if peaks else 1.15) or 1)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars: never over a label
     if title:
         ax.set_title(title, fontsize=9)
     return ax

@@ -25,7 +25,9 @@ lack of a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -43,6 +45,7 @@ from ..sliced.models import saved_bytes, small_resnet
 from .cpu import ONEDNN_ISAS, cpu_info, gpu_info, predict_bf16
 from .step import (
     LOSS_RTOL,
+    NOT_ON_CPU,
     Result,
     _agreement,
     _close,
@@ -97,7 +100,7 @@ def mixed_precision(model=None, batch=None, device="cpu", trials=7, quick=True, 
                                                     "loss close": _close(loss0, ref, LOSS_RTOL)}))
     if device != "cuda":
         rows.append(_skipped("autocast-fp16", "GPU only (fp16 needs GradScaler's loss scaling; a CPU's fast "
-                                              "half type is bf16)"))
+                                              "half type is bf16)", NOT_ON_CPU))
     bf = timing.speedup("autocast-bf16")
     agree = _agreement(pred, bf)
     bf_row = next(r for r in rows if r["variant"] == "autocast-bf16")
@@ -209,6 +212,28 @@ def channels_last_speed(model=None, batch=None, device="cpu", trials=7, quick=Tr
     return Result("channels_last", rows, verdict, device, notes, {"fp32_speedup": f, "bf16_speedup": b}, timing)
 
 
+_CUDA_HOME_NOTE = ("torch logs 'No CUDA runtime is found, using CUDA_HOME=...' when inductor first loads its C++ "
+                   "builder on a machine with a CUDA toolkit but no GPU; the CPU compile uses no CUDA, so that line is "
+                   "silenced during the compile (other warnings still show)")
+
+
+@contextlib.contextmanager
+def _quiet_cuda_home(device):
+    """Silence ``torch.utils.cpp_extension``'s one warning, "No CUDA runtime is found, using CUDA_HOME=...", while
+    compiling for the CPU with a CUDA build of torch and no GPU: the module logs it when it is first imported (it
+    looks for a CUDA toolkit at import), inductor imports it to build C++ for the CPU, and CUDA plays no part.
+    Errors from that logger still show. Yields whether it silenced anything."""
+    quiet = str(device).split(":")[0] == "cpu" and torch.cuda._is_compiled() and not torch.cuda.is_available()
+    log = logging.getLogger("torch.utils.cpp_extension")
+    old = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield quiet
+    finally:
+        log.setLevel(old)
+
+
 def _cxx() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
@@ -233,10 +258,13 @@ def compile_speed(model=None, batch=None, device="cpu", trials=7, quick=True, op
             return Result("torch.compile", [_skipped("compiled", reason)], f"torch.compile not measured: {reason}",
                           device, notes + [reason])
         try:
-            compiled = make_step(model, batch, device, optimizer=optimizer, compiled=True)
-            t0 = now(device)
-            compiled()
-            first = now(device) - t0
+            with _quiet_cuda_home(device) as quiet:
+                compiled = make_step(model, batch, device, optimizer=optimizer, compiled=True)
+                t0 = now(device)
+                compiled()
+                first = now(device) - t0
+            if quiet:
+                notes.append(_CUDA_HOME_NOTE)
         except Exception as e:  # inductor or dynamo failing is a result to report, not a crash
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             reason = f"torch.compile failed ({type(e).__name__}: {msg}); a working C++ compiler is needed on CPU"

@@ -232,8 +232,14 @@ def _agreement(prediction: str, speedup: float) -> str:
     return "agrees" if got == want else f"disagrees (measured {got})"
 
 
-def _skipped(variant: str, reason: str, **more) -> dict:
-    return {"variant": variant, "speed-up": None, **more, "note": "skipped: " + reason}
+NOT_ON_CPU = "not on CPU"
+
+
+def _skipped(variant: str, reason: str, status: str = "not measured", **more) -> dict:
+    """A row for a variant that was not run: ``status`` ("not on CPU" for GPU-only options, "not measured" when a
+    run failed) stands in the speed-up column, which every table shows, so no table prints "None"; the reason is
+    in ``note``."""
+    return {"variant": variant, "speed-up": status, **more, "note": "skipped: " + reason}
 
 
 def _timed_row(timing: Timing, name: str, images: int, against: str | None = None, **more) -> dict:

@@ -63,15 +63,32 @@ def accuracy_vs_k(rows: list[dict], ax=None, title="digits, test accuracy (mean 
     return ax
 
 
-def moons_panels(X, y, pseudo: dict, axes=None):
-    """Two moons coloured by each method's labels (one panel per method)."""
+MOON_COLOURS = ("#3b4cc0", "#b40426")   # class 0 blue, class 1 red, in every panel
+
+
+def moons_panels(X, y, pseudo: dict, axes=None, given=None):
+    """Two moons coloured by each method's labels (one panel per method, one colour per class in every panel).
+
+    ``given``: a boolean mask of the labelled points, ringed in black in every panel. A point labelled ``-1``
+    (no label) is drawn grey. The first panel carries the legend.
+    """
     import matplotlib.pyplot as plt
 
+    X, y = np.asarray(X), np.asarray(y)
     if axes is None:
         _, axes = plt.subplots(1, len(pseudo), figsize=(4 * len(pseudo), 3.3))
-    for ax, (name, lab) in zip(np.atleast_1d(axes), pseudo.items()):
-        acc = float((np.asarray(lab) == y).mean())
-        ax.scatter(X[:, 0], X[:, 1], c=lab, cmap="coolwarm", s=8)
+    for i, (ax, (name, lab)) in enumerate(zip(np.atleast_1d(axes), pseudo.items())):
+        lab = np.asarray(lab)
+        acc = float((lab == y).mean())
+        for v, colour in ((-1, "#cccccc"), *enumerate(MOON_COLOURS)):
+            m = lab == v
+            if m.any() or v >= 0:
+                ax.scatter(X[m, 0], X[m, 1], color=colour, s=8, label="no label" if v < 0 else f"class {v}")
+        if given is not None:
+            g = np.asarray(given, dtype=bool)
+            ax.scatter(X[g, 0], X[g, 1], facecolors="none", edgecolors="k", s=45, label="given labels")
         ax.set_title(f"{name}\n{acc:.0%} agree with the moons", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
+        if i == 0:
+            ax.legend(fontsize=7, loc="lower left")
     return axes

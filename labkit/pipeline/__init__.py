@@ -5,7 +5,8 @@
 - ``stages``: sleeping stages (known cost, no CPU used) and ``ModelStages`` (stage ``i`` of a seeded model cut
   by :mod:`labkit.partition`'s cuts; ``"mlp"`` is :func:`labkit.models.mlp`); ``Sleep`` is the one sleeping
   autograd function (lab 05 uses it too).
-- ``reference``: micro-batch splitting and the single-process reference step.
+- ``reference``: micro-batch splitting, the single-process reference step, and each stage timed alone
+  (``stage_times``: what a device with its own compute spends on it).
 - ``executor``: ``run_pipeline`` (one step on real ranks: timelines, memory, gradients) and
   ``speedup_over_naive``; its rank function ``pipeline_rank`` (isend/irecv executor) is in ``lab``.
 - ``torch_pipelining``: the same step with ``torch.distributed.pipelining`` (``run_torch_pipelining``), to
@@ -15,7 +16,7 @@
 """
 from .._compat import moved_names
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
-from .reference import max_grad_error, reference_step, split_batch, time_in_process
+from .reference import max_grad_error, reference_step, split_batch, stage_times, time_in_process
 from .schedules import (
     SCHEDULES,
     Action,
@@ -40,7 +41,7 @@ __all__ = [
     "SCHEDULES", "Action", "naive", "gpipe", "one_f_one_b", "one_f_one_b_stage", "interleaved", "make_schedule",
     "n_chunks", "validate", "simulate", "peak_in_flight", "bubble_fraction", "ideal_speedup", "format_schedule",
     "Sleep", "SleepStage", "SleepStages", "ModelStages",
-    "split_batch", "reference_step", "time_in_process", "max_grad_error",
+    "split_batch", "reference_step", "time_in_process", "stage_times", "max_grad_error",
     "PipelineRun", "run_pipeline", "speedup_over_naive",
     "run_torch_pipelining",
 ]

@@ -111,3 +111,57 @@ def max_grad_error(run_grads: list, ref_grads: list) -> float:
         for k in a:
             err = max(err, float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0)
     return err
+
+
+def stage_times(make_stage: Callable, n_stages: int, batch, n_micro: int = 1, repeats: int = 3,
+                threads: int = 1, loss_fn=None, warmup: int = 1) -> dict:
+    """Per stage, the median seconds of one micro-batch's forward and of its backward, each stage timed alone.
+
+    What a device with its own compute spends on each stage: the stages run one after another in this process
+    (``threads`` CPU threads, 1 like each pipeline rank), so nothing else computes while one is timed. The
+    micro-batch is the first of ``split_batch(batch, n_micro)``; the last stage's backward includes the loss.
+    Returns ``{"forward": [s per stage], "backward": [s per stage], "rows": rows in the micro-batch}``; feed the
+    lists to :func:`labkit.pipeline.simulate` to predict a step on ``n_stages`` such devices (messages free).
+    """
+    if not callable(make_stage):
+        raise TypeError(f"make_stage must be a function i -> nn.Module, got {type(make_stage).__name__}")
+    n_stages = validate_int("n_stages (stages to time)", n_stages, minimum=1)
+    repeats = validate_int("repeats", repeats, minimum=1)
+    warmup = validate_int("warmup", warmup, minimum=0)
+    threads = validate_int("threads", threads, minimum=1)
+    loss_fn = loss_fn or _default_loss
+    xs, ys, _ = split_batch(batch, n_micro)
+    x, y = xs[0], ys[0]
+    stages = [make_stage(i) for i in range(n_stages)]
+    fw: list[list[float]] = [[] for _ in stages]
+    bw: list[list[float]] = [[] for _ in stages]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in range(warmup + repeats):
+            for st in stages:
+                st.zero_grad(set_to_none=True)
+            inputs, outputs, f, b = [], [], [0.0] * n_stages, [0.0] * n_stages
+            out = x
+            for i, st in enumerate(stages):   # each stage's input is a leaf, as a rank receives it
+                inp = out.detach().requires_grad_(i > 0 and out.is_floating_point())
+                t0 = time.perf_counter()
+                out = st(inp)
+                f[i] = time.perf_counter() - t0
+                inputs.append(inp)
+                outputs.append(out)
+            t0 = time.perf_counter()
+            loss_fn(outputs[-1], y).backward()
+            b[-1] = time.perf_counter() - t0
+            for i in range(n_stages - 2, -1, -1):   # the gradient the next stage sent back
+                t0 = time.perf_counter()
+                torch.autograd.backward(outputs[i], inputs[i + 1].grad)
+                b[i] = time.perf_counter() - t0
+            if k >= warmup:
+                for i in range(n_stages):
+                    fw[i].append(f[i])
+                    bw[i].append(b[i])
+    finally:
+        torch.set_num_threads(before)
+    return {"forward": [statistics.median(v) for v in fw], "backward": [statistics.median(v) for v in bw],
+            "rows": int(x.shape[0])}

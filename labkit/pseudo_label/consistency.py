@@ -90,7 +90,8 @@ class CNNRun:
         pa = np.array(self.pseudo_accuracy, dtype=float)
         tail = slice(-max(1, len(pa) // 5), None)
         return {"mode": self.mode, "steps": self.steps, "test accuracy": self.test_accuracy,
-                "mask rate (last 20%)": float(np.mean(self.mask_rate[tail])) if self.mask_rate else float("nan"),
+                "mask rate (last 20%)": float(np.nanmean(self.mask_rate[tail]))
+                if np.isfinite(np.asarray(self.mask_rate[tail], dtype=float)).any() else float("nan"),
                 "pseudo-label accuracy (last 20%)": float(np.nanmean(pa[tail])) if np.isfinite(pa[tail]).any()
                 else float("nan"), "seconds": self.seconds}
 
@@ -108,13 +109,16 @@ def _as_images(X):
 
 def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold: float = 0.95,
               lambda_u: float = 1.0, batch_labelled: int = 32, batch_unlabelled: int = 128, lr: float = 3e-3,
-              seed: int = 0, y_true=None, X_test=None, y_test=None, threads: int | None = 1,
+              warmup: int = 0, seed: int = 0, y_true=None, X_test=None, y_test=None, threads: int | None = 1,
               return_model: bool = False):
     """Train :func:`labkit.models.pooled_digits_cnn` for ``steps`` steps; return a :class:`CNNRun` (and the model
     if asked).
 
     X: (n, 64) digits in [0, 1] (or (n, 1, 8, 8)); y_semi: labels, ``-1`` for unlabelled.
     threshold: confidence a prediction needs to become a pseudo-label, in (0, 1].
+    warmup: the first ``warmup`` of the ``steps`` steps use the labelled loss only (no unlabelled batch; their
+        mask rate and pseudo-label accuracy are logged as nan), so that the pseudo-labels start from a model that
+        is already confident about some points. ``0 <= warmup <= steps``; it changes nothing in "supervised" mode.
     y_true: the hidden labels of every training point, for the pseudo-label accuracy log only.
     threads: torch threads during training (1 on a shared 2-core machine; None leaves torch's setting).
     """
@@ -134,6 +138,8 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
     validate_int("batch_unlabelled", batch_unlabelled, minimum=1)
     validate_number("lr", lr, minimum=0, open_low=True)
     seed = validate_int("seed", seed, minimum=0)
+    warmup = validate_int("warmup", warmup, minimum=0, maximum=steps,
+                          hint=f"a number of steps from 0 to steps={steps}")
     Xf, y_semi = validate_semi_supervised(np.asarray(X, dtype=float).reshape(len(X), -1), y_semi, name_y="y_semi")
     if y_true is not None and len(y_true) != len(Xf):
         raise ArgumentError(f"y_true must have one label per row of X ({len(Xf)}), got {len(y_true)}")
@@ -152,11 +158,15 @@ def train_cnn(X, y_semi, mode: str = "fixmatch", *, steps: int = 300, threshold:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         run = CNNRun(mode, steps, None)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for step in range(steps):
             bi = torch.randint(0, len(lab), (batch_labelled,), generator=gen)
             xl = weak_augment(images[lab][bi], gen)
             loss = F.cross_entropy(model(xl), yl[bi])
-            if mode != "supervised" and len(unl):
+            if mode != "supervised" and len(unl) and step < warmup:   # labelled loss only, nothing to log
+                run.mask_rate.append(float("nan"))
+                if truth is not None:
+                    run.pseudo_accuracy.append(float("nan"))
+            elif mode != "supervised" and len(unl):
                 ui = torch.randint(0, len(unl), (batch_unlabelled,), generator=gen)
                 xu = images[unl][ui]
                 weak = weak_augment(xu, gen)

@@ -8,7 +8,8 @@
 * :func:`check_threshold`: the learner's rule ``choose_threshold(confidence, correct) -> t`` is given held-out
   labelled points of a calibrated and of an under-confident model; the check measures the precision and the
   count of the pseudo-labels that ``t`` admits among the unlabelled points.
-* The notebook's runners (:func:`demo`, :func:`calibration_rows`) and the lab's methods for
+* The notebook's runners (:func:`demo`, :func:`calibration_rows`, :func:`cnn_runs` with :data:`CNN_SETTINGS`;
+  :func:`fixmatch_rows` over :data:`FIXMATCH_TRIED` is how those settings were chosen) and the lab's methods for
   :func:`labkit.semisup.evaluate`, read here from :mod:`labkit.pseudo_label.methods`: :data:`GENERATIVE` (the
   model's fixed settings), :func:`generative`, :func:`generative_supervised`, :data:`METHODS`, :func:`make_methods`,
   :func:`local_protocol`.
@@ -26,7 +27,8 @@ from . import generative as _gen
 from . import methods as _methods
 from .methods import GENERATIVE, METHODS, generative, generative_supervised, local_protocol, make_methods
 
-__all__ = ["demo", "calibration_rows", "protocol_rank", "local_protocol", "METHODS", "make_methods", "GENERATIVE",
+__all__ = ["demo", "calibration_rows", "CNN_SETTINGS", "FIXMATCH_TRIED", "cnn_runs", "fixmatch_rows",
+           "protocol_rank", "local_protocol", "METHODS", "make_methods", "GENERATIVE",
            "generative", "generative_supervised", "check_e_step", "check_threshold", "threshold_cases", "tour"]
 
 LAB = lab_name(__package__)
@@ -131,6 +133,74 @@ def calibration_rows(seeds=(0, 1, 2), k: int = 5, repeats: int = 2) -> list[dict
                      "ECE scaled": expected_calibration_error(softmax(lp, T), truth),
                      "best T (hidden labels)": T_best,
                      "ECE at best T": expected_calibration_error(softmax(lp, T_best), truth)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the CNN runs (section 5)
+#: The settings of section 5's three CNN runs, chosen on development seeds 100-102 (:data:`FIXMATCH_TRIED`,
+#: :func:`fixmatch_rows`), never on the notebook's seeds. With 50 labels a fresh CNN is confident about no
+#: unlabelled point, so the first ``warmup`` steps train on the labels alone; then the unlabelled loss joins.
+CNN_SETTINGS = {"steps": 600, "warmup": 200, "threshold": 0.9, "batch_unlabelled": 64}
+
+#: What was tried for FixMatch (the knobs the FixMatch paper tunes: threshold, unlabelled ratio mu =
+#: batch_unlabelled / 32, augmentation strength, steps, lambda_u; plus a supervised warm-up), each beside the
+#: supervised-only run of the same length.
+FIXMATCH_TRIED = {
+    "supervised, 100 steps": {"mode": "supervised", "steps": 100},
+    "FixMatch, 100 steps, t=0.95, no warm-up": {"mode": "fixmatch", "steps": 100, "batch_unlabelled": 64},
+    "supervised, 200 steps": {"mode": "supervised", "steps": 200},
+    "FixMatch, 200 steps, warm-up 100, t=0.95": {"mode": "fixmatch", "steps": 200, "warmup": 100,
+                                                  "batch_unlabelled": 64},
+    "FixMatch, 200 steps, warm-up 100, t=0.8": {"mode": "fixmatch", "steps": 200, "warmup": 100, "threshold": 0.8,
+                                                 "batch_unlabelled": 64},
+    "FixMatch, 200 steps, warm-up 100, t=0.9, mu=4": {"mode": "fixmatch", "steps": 200, "warmup": 100,
+                                                       "threshold": 0.9, "batch_unlabelled": 128},
+    "supervised, 300 steps": {"mode": "supervised", "steps": 300},
+    "FixMatch, 300 steps, warm-up 100, t=0.9": {"mode": "fixmatch", "steps": 300, "warmup": 100, "threshold": 0.9,
+                                                 "batch_unlabelled": 64},
+    "FixMatch, 300 steps, warm-up 200, t=0.9": {"mode": "fixmatch", "steps": 300, "warmup": 200, "threshold": 0.9,
+                                                 "batch_unlabelled": 64},
+    "supervised, 600 steps": {"mode": "supervised", "steps": 600},
+    "FixMatch, 600 steps, warm-up 200, t=0.9 (chosen)": {"mode": "fixmatch", **CNN_SETTINGS},
+}
+
+
+def cnn_runs(seed: int = 0, k: int = 5, modes=("supervised", "pseudo_label", "fixmatch"), **settings) -> list:
+    """Section 5: :func:`~labkit.pseudo_label.train_cnn` in each mode on one protocol split (K = ``k``, ``seed``),
+    with :data:`CNN_SETTINGS` updated by ``settings``; the hidden labels go to the log only."""
+    from .. import semisup
+    from .consistency import train_cnn
+
+    sp = semisup.split(k, seed)
+    kw = {**CNN_SETTINGS, **settings}
+    return [train_cnn(sp.X_train, sp.y_semi, mode, y_true=sp.y_train, X_test=sp.X_test, y_test=sp.y_test, seed=seed,
+                      **kw) for mode in modes]
+
+
+def fixmatch_rows(configs: dict | None = None, seeds=(100, 101, 102), k: int = 5) -> list[dict]:
+    """Each ``{name: train_cnn keyword arguments}`` (default :data:`FIXMATCH_TRIED`) on the same splits: test
+    accuracy mean, sd and per seed, and the mask rate over the last 20% of steps (mean over seeds). Minutes on
+    two cores: it is how :data:`CNN_SETTINGS` was chosen, not something the notebook runs."""
+    from .. import semisup
+    from .consistency import train_cnn
+
+    configs = FIXMATCH_TRIED if configs is None else configs
+    seeds = list(seeds)
+    acc = {name: [] for name in configs}
+    mask = {name: [] for name in configs}
+    for s in seeds:
+        sp = semisup.split(k, s)
+        for name, kw in configs.items():
+            run = train_cnn(sp.X_train, sp.y_semi, y_true=sp.y_train, X_test=sp.X_test, y_test=sp.y_test, seed=s,
+                            **kw)
+            acc[name].append(run.test_accuracy)
+            mask[name].append(run.summary()["mask rate (last 20%)"])
+    rows = []
+    for name in configs:
+        a, m = np.array(acc[name]), np.array(mask[name], dtype=float)
+        rows.append({"configuration": name, "mean": float(a.mean()),
+                     "sd": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "per seed": a.round(3).tolist(),
+                     "mask rate (last 20%)": float(m.mean()) if np.isfinite(m).all() else float("nan")})
     return rows
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import ArgumentError
 from ..viz import axes
 
-__all__ = ["accuracy_vs_k", "confidence_histogram", "reliability", "pseudo_label_log", "log_likelihood",
-           "class_counts"]
+__all__ = ["accuracy_vs_k", "confidence_histogram", "confidence_counts", "RIGHT_WRONG", "MODE_COLOURS", "reliability",
+           "pseudo_label_log", "log_likelihood", "class_counts"]
 
 
 def accuracy_vs_k(rows, ax=None, title="accuracy against labels per class K"):
@@ -27,20 +28,43 @@ def accuracy_vs_k(rows, ax=None, title="accuracy against labels per class K"):
     return ax
 
 
-def confidence_histogram(confidence, correct, ax=None, threshold=None, bins=20, title="confidence"):
-    """Histogram of the top posterior, right and wrong predictions stacked; a dashed line at the threshold."""
-    ax = axes(ax, (5, 3.2))
-    confidence, correct = np.asarray(confidence), np.asarray(correct, dtype=bool)
+MODE_COLOURS = {"supervised": "C0", "pseudo_label": "C1", "fixmatch": "C2"}   # one colour per mode, every figure
+RIGHT_WRONG = ("#4a8", "#d55")   # right predictions green, wrong red, in every panel
+
+
+def confidence_counts(confidence, correct, bins: int = 10) -> dict:
+    """Counts of right and wrong predictions per equal-width confidence bin on [0, 1] (the histogram's numbers)."""
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=bool)
+    if confidence.shape != correct.shape:
+        raise ArgumentError(f"confidence and correct must have the same shape, got {confidence.shape} and "
+                         f"{correct.shape}: one flag per prediction")
     edges = np.linspace(0, 1, bins + 1)
-    ax.hist([confidence[correct], confidence[~correct]], bins=edges, stacked=True, color=["#4a8", "#d55"],
-            label=[f"right ({correct.sum()})", f"wrong ({(~correct).sum()})"])
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    return {"edges": edges, "right": np.bincount(which[correct], minlength=bins),
+            "wrong": np.bincount(which[~correct], minlength=bins)}
+
+
+def confidence_histogram(confidence, correct, ax=None, threshold=None, bins=10, title="confidence"):
+    """Right and wrong predictions per confidence bin, side by side on a linear axis, each bar's count written on
+    it (a log axis or stacked bars would make a few wrong points look like most of a bar); a dashed line at the
+    threshold."""
+    ax = axes(ax, (5, 3.2))
+    c = confidence_counts(confidence, correct, bins)
+    edges = c["edges"]
+    width = (edges[1] - edges[0]) * 0.42
+    mids = (edges[:-1] + edges[1:]) / 2
+    for off, key, colour in ((-width / 2, "right", RIGHT_WRONG[0]), (width / 2, "wrong", RIGHT_WRONG[1])):
+        n = c[key]
+        bars = ax.bar(mids + off, n, width=width, color=colour, label=f"{key} ({n.sum()})")
+        ax.bar_label(bars, labels=[str(v) if v else "" for v in n], fontsize=6, padding=1)
     if threshold is not None:
         ax.axvline(threshold, ls="--", color="k", label=f"threshold {threshold:g}")
-    ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.margins(y=0.12)
     ax.set_xlabel("P(y_hat | x)")
-    ax.set_ylabel("points (log scale)")
+    ax.set_ylabel("points")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     return ax
 
 
@@ -77,7 +101,7 @@ def pseudo_label_log(runs, ax=None, window=10, title="online pseudo-labels per s
     for i, run in enumerate(runs):
         if not run.mask_rate:
             continue
-        colour = f"C{i}"
+        colour = MODE_COLOURS.get(run.mode, f"C{i + 3}")
         ax.plot(_smooth(run.mask_rate, window), color=colour, label=f"{run.mode}: mask rate")
         if run.pseudo_accuracy:
             ax.plot(_smooth(run.pseudo_accuracy, window), color=colour, ls="--", label=f"{run.mode}: pseudo-label acc.")

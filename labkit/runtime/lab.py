@@ -4,17 +4,53 @@ and the tour.
 ``hello_rank`` is the smallest real job: every rank prints, then all ranks all-reduce their rank numbers.
 ``check_prediction`` checks the notebook's exercise (predict an all-reduce's max and sum).
 ``tour(world_size)`` checks a real launch, a pooled re-run, and the shared data helpers.
+``course_map()`` lists every lab of the course, from ``labkit.tour.LABS`` and each notebook's own title.
 """
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ..checks import CheckResult, expect_close, refusing_launches, rng_for, run_cases
 from ..data import labelled_split, load_digits, semi_supervised_targets, shard_indices, train_test_split_digits
-from ..tour import lab_name, run_check
+from ..tour import LABS, lab_name, run_check
 from .launcher import Pool, launch
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"  # the course's notebooks, in a source checkout
+
+
+def notebook_title(path) -> str:
+    """What a lab notebook is about, from its first heading: ``"# Lab 04 — Pipeline parallelism: ..."`` gives
+    ``"Pipeline parallelism: ..."``. ``""`` when the notebook is not there (an installed wheel has no notebooks)."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        first = "".join(cell["source"]).strip().splitlines()[0] if "".join(cell["source"]).strip() else ""
+        if first.startswith("# "):  # drop "# ", "Lab 04", "00" and the separator after them
+            title = re.sub(r"^#\s+(Lab\s+)?\d+\s*[—:·-]?\s*", "", first).strip()
+            return title[:1].upper() + title[1:] if title[:2] != "k-" else title  # "k-means" keeps its k
+    return ""
+
+
+def course_map(notebooks=None) -> list[dict]:
+    """One row per lab of the course, in order, from :data:`labkit.tour.LABS` (the list the tour runs, so no lab
+    can be missing): ``{"lab", "about", "notebook", "benchmark"}``. ``about`` is the notebook's own title (read
+    from ``notebooks``, the course's folder by default); ``benchmark`` the command that measures the lab on a
+    bigger machine, or ``""``."""
+    folder = NOTEBOOKS if notebooks is None else Path(notebooks)
+    if not folder.is_dir():
+        raise ValueError(f"notebooks={str(notebooks)!r} is not a folder; pass the course's notebooks folder, "
+                         f"or None for {NOTEBOOKS}")
+    return [{"lab": lab.name, "about": notebook_title(folder / lab.notebook) if lab.notebook else "",
+             "notebook": lab.notebook or "",
+             "benchmark": f"python -m labkit bench {lab.bench}" if lab.bench else ""} for lab in LABS]
 
 
 def hello_rank(ctx):

@@ -86,11 +86,19 @@ class _Run(Method):
         return [p.detach() for p in self.model.parameters()]
 
     def grad_numel(self) -> int:
-        if hasattr(self.opt, "grad_numel"):
-            return self.opt.grad_numel()
+        return sum(self.grad_parts().values())
+
+    def grad_parts(self) -> dict:
+        """Gradient values this rank holds now: ``whole`` (full ``.grad`` tensors of the model's parameters),
+        ``slice`` (gradients of this rank's shards: ZeRO-1/2's flat shard, ZeRO-3's unit shards, FSDP2's local
+        pieces) and ``buckets`` (ZeRO-2's buffers still in flight)."""
+        if hasattr(self.opt, "grad_parts"):
+            return self.opt.grad_parts()
+        sharded = self.z3 is not None or self.method.startswith("fsdp2")
         ps = self.z3.shards if self.z3 is not None else self.model.parameters()
-        return sum((g.to_local() if hasattr(g, "to_local") else g).numel() for g in (p.grad for p in ps)
-                   if g is not None)
+        n = sum((g.to_local() if hasattr(g, "to_local") else g).numel() for g in (p.grad for p in ps)
+                if g is not None)
+        return {"whole": 0 if sharded else n, "slice": n if sharded else 0, "buckets": 0}
 
 
 def _check_common(methods, steps, global_batch, world_size, optimizer):
@@ -107,7 +115,8 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
 
     Returns ``{method: {...}}`` with ``vs_single`` (largest difference from one process, relative to the largest
     parameter), ``losses`` (global mean loss per step), ``volume_per_step`` (bytes, the paper's units; None where
-    not counted), ``state_numel`` and ``grad_numel`` (on this rank, after the last step), ``params`` (rank 0) and,
+    not counted), ``state_numel``, ``grad_numel`` and ``grad_parts`` (on this rank, after the last step: the
+    gradient values by where they sit, :meth:`_Run.grad_parts`), ``params`` (rank 0) and,
     with ``save``, ``state_dict`` (rank 0, ZeRO-1/2). ``start=(flat parameters, optimiser state dict)`` resumes
     from a checkpoint at global step ``first_step``."""
     world, rank = ctx.world_size, ctx.rank
@@ -150,7 +159,8 @@ def train_rank(ctx, methods=METHODS, steps: int = 3, dtype: str = "float64", opt
         res = {"vs_single": float((flat - ref_p).abs().max() / ref_p.abs().max()), "losses": losses,
                "traffic": traffic,
                "volume_per_step": None if vol is None else vol / steps, "state_numel": run.state_numel(),
-               "grad_numel": run.grad_numel(), "held_numel": held, "padded": run.layout.padded, "psi": psi,
+               "grad_numel": run.grad_numel(), "grad_parts": run.grad_parts(), "held_numel": held,
+               "padded": run.layout.padded, "psi": psi,
                "seconds": seconds}
         if rank == 0:
             res["params"] = flat

@@ -27,6 +27,9 @@ held then; as lab 09's :mod:`labkit.hardware.measure` does): they are what the c
 every allocation on the device (the DDP reducer's buckets too; NCCL's own buffers live outside the allocator), they
 are not a private API, and they cost nothing, where MemTracker's dispatch mode would slow every GPU kernel launch.
 The allocator rounds each block up to 512 bytes, so on a GPU small tensors weigh a little more than their bytes.
+
+The module is long because it reads the peak two ways (MemTracker on a CPU, the allocator on a GPU) and sorts what
+is alive at the peak by kind, for the notebook's "held is not peak" section.
 """
 from __future__ import annotations
 
@@ -44,8 +47,8 @@ from .stage3 import Zero3
 from .torch_impl import torch_fsdp2, torch_zero1
 
 __all__ = ["MEASURED_METHODS", "ALL_METHODS", "BF16_METHODS", "STAGE", "BENCH_OPTIMIZERS", "DTYPES", "BENCH_WIDTHS",
-           "Method", "mlp", "memory_rank", "memory_row", "peak_bytes", "storage_bytes", "validate_args",
-           "validate_widths", "validate_global_batch", "batches", "rank_slice"]
+           "Method", "mlp", "memory_rank", "memory_row", "peak_bytes", "peak_detail", "PEAK_KINDS", "storage_bytes",
+           "validate_args", "validate_widths", "validate_global_batch", "batches", "rank_slice"]
 
 # ----------------------------------------------------------------------------- what the measurements compare
 #: The methods the memory measurement and the bench (``python -m labkit bench zero``) compare by default.
@@ -221,25 +224,75 @@ class Method:
                                                                                                 "zero1-naive")]
 
 
-def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
-    """``(peak, note)``: the most bytes live at once during one step of ``run`` (MemTracker on the CPU, the CUDA
-    allocator on a GPU), or None and why."""
+#: MemTracker's kinds of storage, as the lab names them (its own names: Parameter, Gradient, Optstate, ...).
+PEAK_KINDS = {"Parameter": "parameters", "Buffer": "module buffers", "Gradient": "gradients",
+              "Optstate": "optimiser state", "Activation": "activations",
+              "Temp": "backward temporaries", "Other": "other tracked tensors"}
+
+
+def _peak_tracker_class():
+    """MemTracker, noting at each new peak the phase of the step and the size and kind of every live storage
+    (what :func:`peak_detail` reports). Built on first use: the tracker is a private torch API."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakTracker(MemTracker):
+        def __init__(self) -> None:
+            super().__init__()
+            self.phase, self.live, self.noted = None, [], None
+
+        def _update_peak_stats(self, peak_state) -> None:
+            before = sum(self._peak_mem.values())
+            super()._update_peak_stats(peak_state)
+            if sum(self._peak_mem.values()) <= before:
+                return
+            try:   # a note only: if the tracker's internals change, the peak itself still comes back
+                self.phase = ("optimiser step" if self._in_opt else "backward" if self._mod_tracker.is_bw
+                              else "forward")
+                self.live = sorted(((PEAK_KINDS.get(str(getattr(w.reftype, "value", w.reftype)), "other"),
+                                     w.mem_consumed) for w, ref in list(self._WINFO.values())
+                                    if ref() is not None and w.mem_consumed), key=lambda kb: -kb[1])
+            except Exception as e:  # noqa: BLE001
+                self.noted = f"{type(e).__name__}: {e}"
+
+    return PeakTracker
+
+
+def peak_detail(run: Method, x, y) -> dict:
+    """One step of ``run`` under the tracker: ``peak`` (bytes live at once at its highest, None if not measured),
+    ``note`` (how it was read, or why not), and on the CPU what the peak is made of: ``phase`` (``"forward"``,
+    ``"backward"`` or ``"optimiser step"``), ``kinds`` (bytes by kind of :data:`PEAK_KINDS`) and ``live``
+    (``(kind, bytes)`` of every storage live at the peak, largest first). On a GPU those three are None."""
+    detail = {"peak": None, "note": "", "phase": None, "kinds": None, "live": None}
     if x.device.type == "cuda":
-        return _cuda_peak(run, x, y), "CUDA allocator"
+        return {**detail, "peak": _cuda_peak(run, x, y), "note": "CUDA allocator"}
     try:
-        from torch.distributed._tools.mem_tracker import MemTracker
+        tracker = _peak_tracker_class()()
     except ImportError as e:  # pragma: no cover - torch without the tracker
-        return None, f"MemTracker unavailable ({e})"
+        return {**detail, "note": f"MemTracker unavailable ({e})"}
     run.opt.zero_grad(set_to_none=True)  # the step starts without gradients (it would free them first anyway)
     try:
-        mt = MemTracker()
-        mt.track_external(*run.tracked(), x, y)
-        with mt:
+        tracker.track_external(*run.tracked(), x, y)
+        with tracker:
             run.step(x, y)
-        snap = mt.get_tracker_snapshot("peak")
-        return sum(dev.get("Total", 0) for dev in snap.values()), "MemTracker"
+        snap = tracker.get_tracker_snapshot("peak")
     except Exception as e:  # noqa: BLE001 - a private API: report, do not crash the bench
-        return None, f"MemTracker failed ({type(e).__name__}: {e})"
+        return {**detail, "note": f"MemTracker failed ({type(e).__name__}: {e})"}
+    kinds: dict = {}
+    for dev in snap.values():
+        for k, v in dev.items():
+            name = PEAK_KINDS.get(str(getattr(k, "value", k)))
+            if name is not None and v:
+                kinds[name] = kinds.get(name, 0) + v
+    return {"peak": sum(dev.get("Total", 0) for dev in snap.values()),
+            "note": "MemTracker" + (f" (no breakdown: {tracker.noted})" if tracker.noted else ""),
+            "phase": tracker.phase, "kinds": kinds, "live": tracker.live or None}
+
+
+def peak_bytes(run: Method, x, y) -> tuple[int | None, str]:
+    """``(peak, note)``: the most bytes live at once during one step of ``run`` (MemTracker on the CPU, the CUDA
+    allocator on a GPU), or None and why. :func:`peak_detail` also says what the peak is made of."""
+    d = peak_detail(run, x, y)
+    return d["peak"], d["note"]
 
 
 def _cuda_peak(run: Method, x, y) -> int:
@@ -256,14 +309,17 @@ def _cuda_peak(run: Method, x, y) -> int:
 def memory_row(run: Method, data, world_size: int, optimizer: str = "adam", peak: bool = True) -> dict:
     """Steps of ``run`` on each ``(x, y)`` of ``data`` (under the tracker when ``peak``); then the bytes held, the
     formula's figures (``formula_*``), ``state_numel``, ``peak`` (the highest over those steps), ``peak_low`` (the
-    lowest: they differ when a buffer's release waits on gloo's thread, as ZeRO-2's asynchronous reduces do) and
-    ``peak_note`` (see :func:`memory_rank`)."""
-    peaks, note = [], "not measured"
+    lowest: they differ when a buffer's release waits on gloo's thread, as ZeRO-2's asynchronous reduces do),
+    ``peak_note`` (see :func:`memory_rank`), and what the highest peak is made of (:func:`peak_detail`):
+    ``peak_phase``, ``peak_kinds`` and ``peak_live`` (None on a GPU or when not measured)."""
+    peaks, note, top = [], "not measured", None
     for x, y in data:
         if peak:
-            got, note = peak_bytes(run, x, y)
-            if got is not None:
-                peaks.append(got)
+            d = peak_detail(run, x, y)
+            note = d["note"]
+            if d["peak"] is not None:
+                peaks.append(d["peak"])
+                top = d if top is None or d["peak"] >= top["peak"] else top
         else:
             run.step(x, y)
     scale = run.esize / 4  # the formula's fp32 bytes, scaled to the dtype trained
@@ -271,7 +327,8 @@ def memory_row(run: Method, data, world_size: int, optimizer: str = "adam", peak
     return {**run.held(), "formula_params": f["weights"] * scale, "formula_grads": f["grads"] * scale,
             "formula_optimizer": f["optimizer"] * scale, "formula_total": f["total"] * scale,
             "state_numel": run.state_numel(), "peak": max(peaks) if peaks else None,
-            "peak_low": min(peaks) if peaks else None, "peak_note": note}
+            "peak_low": min(peaks) if peaks else None, "peak_note": note,
+            "peak_phase": top and top["phase"], "peak_kinds": top and top["kinds"], "peak_live": top and top["live"]}
 
 
 @renamed_kwargs(sizes="widths")
@@ -326,7 +383,8 @@ def memory_rank(ctx, methods=MEASURED_METHODS, widths=BENCH_WIDTHS, dtype: str =
     ``optimizer``, ``buffers`` and ``total`` (bytes held after the last step, :meth:`Method.held`), the formula's
     ``formula_params``, ``formula_grads``, ``formula_optimizer``, ``formula_total``
     (``zero_bytes_each_rank(P, N, stage, "fp32", optimizer)``, times 2 in float64), ``state_numel``, ``peak``
-    (bytes, the highest over the tracked steps; None if not measured), ``peak_low`` and ``peak_note``."""
+    (bytes, the highest over the tracked steps; None if not measured), ``peak_low``, ``peak_note``, and what that
+    peak is made of: ``peak_phase``, ``peak_kinds``, ``peak_live`` (:func:`peak_detail`)."""
     world, rank = ctx.world_size, ctx.rank
     methods, widths, steps, global_batch = validate_args(methods, widths, dtype, optimizer, steps, global_batch,
                                                          world)

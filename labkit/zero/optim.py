@@ -165,8 +165,14 @@ class _Sharded(torch.optim.Optimizer):
 
     def grad_numel(self) -> int:
         """Gradient values this rank holds now (full ``.grad`` tensors, its gradient shard, buckets in flight)."""
-        n = sum(p.grad.numel() for p in self.params if p.grad is not None)
-        return n + (self.shard.grad.numel() if self.shard.grad is not None else 0)
+        return sum(self.grad_parts().values())
+
+    def grad_parts(self) -> dict:
+        """:meth:`grad_numel` by where the values sit: ``whole`` (the model parameters' own ``.grad``: the whole
+        gradient, as DDP keeps it), ``slice`` (the shard's ``.grad``: this rank's slice of the averaged gradient,
+        which the inner optimiser steps) and ``buckets`` (ZeRO-2's buffers still in flight)."""
+        return {"whole": sum(p.grad.numel() for p in self.params if p.grad is not None),
+                "slice": self.shard.grad.numel() if self.shard.grad is not None else 0, "buckets": 0}
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self, to: int = 0):
@@ -332,8 +338,8 @@ class Zero2(_Sharded):
         if self.shard.grad is None:
             self.shard.grad = torch.zeros_like(self.shard)
 
-    def grad_numel(self) -> int:
-        return super().grad_numel() + sum(b.numel() for b in self._buffers.values())
+    def grad_parts(self) -> dict:
+        return {**super().grad_parts(), "buckets": sum(b.numel() for b in self._buffers.values())}
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -13,6 +13,12 @@ from .._validate import validate_int
 from ..viz import axes
 
 ROWS = (("weights", "#4c78a8"), ("grads", "#f58518"), ("optimizer", "#b279a2"))
+#: What a method keeps besides the model states (lab 02's flat DDP buckets, gradients still in flight): drawn on
+#: top of the three rows when a measurement has it, so a bar is the whole of what a rank holds.
+BUFFERS = ("buffers", "#9d9d9d")
+#: How each kind is named on a figure (the keys stay the names the measurements use).
+LABELS = {"weights": "weights", "grads": "gradients", "optimizer": "optimiser state",
+          "buffers": "buffers (flat buckets, ...)"}
 STAGE_SHARDS = {0: set(), 1: {"optimizer"}, 2: {"optimizer", "grads"}, 3: {"optimizer", "grads", "weights"}}
 
 
@@ -31,7 +37,7 @@ def holdings(stage: int, world_size: int = 4, ax=None, title: str | None = None)
                 ax.add_patch(_rect(r + r / world_size * 0.9, y, 0.9 / world_size, colour))
             else:
                 ax.add_patch(_rect(r, y, 0.9, colour))
-        ax.text(-0.1, y + 0.4, kind, ha="right", va="center", fontsize=8)
+        ax.text(-0.1, y + 0.4, LABELS[kind], ha="right", va="center", fontsize=8)
     ax.set_xlim(-1.1, world_size)
     ax.set_ylim(-0.1, len(ROWS))
     ax.set_xticks([r + 0.45 for r in range(world_size)], [f"rank {r}" for r in range(world_size)], fontsize=8)
@@ -51,26 +57,37 @@ def _rect(x, y, w, colour, alpha=1.0):
 
 
 def bytes_each_rank(measured: Mapping[str, Mapping[str, float]], predicted: Mapping[str, float] | None = None,
-                    ax=None, unit: float = 1e3, unit_name: str = "kB", title: str | None = None):
-    """Stacked bars of each method's bytes on one rank (``{method: {"weights", "grads", "optimizer"}}``), with the
-    formula's total per method as a marker (``predicted``: ``{method: bytes}``)."""
+                    ax=None, unit: float = 1e3, unit_name: str = "kB", title: str | None = None,
+                    totals: bool = True):
+    """Stacked bars of each method's bytes on one rank (``{method: {"weights", "grads", "optimizer"}}``, and
+    ``"buffers"`` where a method keeps any), with the formula's total per method as a marker (``predicted``:
+    ``{method: bytes}``). With ``totals``, each bar's height (the sum of its parts) is written above it, so the
+    figure and a table of the same parts read the same number. Returns the ``ax``; ``ax.bar_totals`` holds those
+    heights, in ``unit``s, by method."""
     if not measured:
         raise ValueError("bytes_each_rank() got no methods: run the lab's measurement first")
     ax = axes(ax, (1.5 + 1.1 * len(measured), 3.2))
-    for i, parts in enumerate(measured.values()):
+    kinds = ROWS + ((BUFFERS,) if any(parts.get(BUFFERS[0]) for parts in measured.values()) else ())
+    ax.bar_totals = {}
+    for i, (method, parts) in enumerate(measured.items()):
         bottom = 0.0
-        for kind, colour in ROWS:
+        for kind, colour in kinds:
             v = float(parts.get(kind, 0.0)) / unit
-            ax.bar(i, v, bottom=bottom, color=colour, edgecolor="white", label=kind if i == 0 else None)
+            ax.bar(i, v, bottom=bottom, color=colour, edgecolor="white", label=LABELS[kind] if i == 0 else None)
             bottom += v
+        ax.bar_totals[method] = bottom
+        if totals:
+            ax.annotate(f"{bottom:.3g}", (i, bottom), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
     if predicted:
         xs = [i for i, m in enumerate(measured) if m in predicted]
         ax.scatter(xs, [predicted[m] / unit for m in measured if m in predicted], marker="_", s=600, color="k",
                    zorder=3, label="formula (ZeRO paper)")
     ax.set_xticks(range(len(measured)), list(measured), fontsize=8)
     ax.set_ylabel(f"bytes on one rank ({unit_name})")
-    ax.legend(fontsize=7)
-    ax.set_title(title or "model states on one rank: measured (bars) and the formula", fontsize=9)
+    ax.set_ylim(0, max(max(ax.bar_totals.values()), *(v / unit for v in (predicted or {}).values())) * 1.25)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "what one rank holds: measured (bars) and the formula", fontsize=9)
     return ax
 
 
