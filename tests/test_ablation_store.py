@@ -33,7 +33,8 @@ def trial(config, seed):
         os._exit(3)
     if config["boom"] == "hang":
         time.sleep(600)
-    bonus = {"a": 0.0, "b": 0.1, "c": 0.001 * (-1) ** seed}[config["x"]]
+    # b: a clear gain that differs a little by seed (equal differences have zero variance: the report tests nothing)
+    bonus = {"a": 0.0, "b": 0.1 + 0.001 * seed, "c": 0.001 * (-1) ** seed}[config["x"]]
     return {"accuracy": 0.5 + 0.01 * seed + bonus, "seconds": time.time(),
             "curve": [{"step": 1, "test_accuracy": 0.4}, {"step": 2, "test_accuracy": 0.5 + bonus}]}
 '''
@@ -160,7 +161,7 @@ def test_run_resume_failures_and_report(tmp_path, fake):
     assert retry.ran == 6 and len(_starts(tmp_path)) == n + 6
     rep = report(db)
     b = rep.row("x=b")
-    assert b["n"] == 3 and b["diff"] == pytest.approx(0.1) and b["wins"] == 3 and b["verdict"] == "helps"
+    assert b["n"] == 3 and b["diff"] == pytest.approx(0.101) and b["wins"] == 3 and b["verdict"] == "helps"
     assert rep.row("x=c")["verdict"] == "no evidence"
     assert rep.row("boom=raise")["n"] == 0 and "boom=raise" in rep.missing
     assert any("boom on purpose" in e for e in rep.failed.values())

@@ -334,12 +334,10 @@ def _edges(ctx) -> dict:
     out["clip_was_active"] = (min(want), min(want) > 0.05)
     frozen = mlp(0)
     frozen[0].weight.requires_grad_(False)
-    for name, make in (("frozen3", lambda: zero.Zero3(frozen)),
-                       ("frozen1", lambda: zero.Zero1(frozen.parameters(), torch.optim.SGD, lr=0.1))):
-        try:
-            make()
-        except ArgumentError as e:
-            out[name] = str(e)
+    try:
+        zero.Zero3(frozen)
+    except ArgumentError as e:
+        out["frozen3"] = str(e)
     return out
 
 
@@ -539,7 +537,7 @@ def test_accumulation_unused_and_tied_parameters_units_and_eval():
         assert "share a parameter" in e["tied_default_units"]
         assert "also held by a Linear outside that unit" in e["tied_outside"]
         assert e["units"] < TIGHT and e["eval"] < 1e-14 and e["eval_held"]
-        assert "frozen" in e["frozen3"] and "requires_grad" in e["frozen1"]
+        assert "frozen" in e["frozen3"]   # ZeRO-1/2 take frozen parameters: tests/test_zero_groups.py
         assert e["clip_was_active"][1], e["clip_was_active"]  # clipping was active: the check bites
         for m in ("zero1", "zero2", "zero3"):  # StepLR + global-norm clipping == one process doing the same
             assert e[f"clip_{m}"][0] < TIGHT and e[f"clip_{m}"][1] < 1e-12, (m, e[f"clip_{m}"])
