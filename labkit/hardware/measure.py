@@ -91,11 +91,17 @@ def measure(model: nn.Module, sample, target=None, setup: Setup = Setup(), steps
     if setup.precision == "bf16" and x.is_floating_point():
         x = x.to(torch.bfloat16)
     if target is None:
-        with torch.no_grad():
-            out_shape = m(x[:1]).shape
+        with torch.no_grad():   # the output's shape, from one sample in eval mode (BatchNorm refuses a batch of 1)
+            out_shape = m.eval()(x[:1]).shape
+        m.train()
         target = torch.randint(0, out_shape[-1], (x.shape[0], *out_shape[1:-1]), device=device)
+    frozen, n_frozen = _frozen_as_buffers(m)
     opt = _optimizer_for(setup, m.parameters())
     result = Measured([], "cuda allocator" if device == "cuda" else "MemTracker", device)
+    if n_frozen:
+        result.notes.append(f"{n_frozen} frozen parameter(s), {frozen / 1e6:.3g} MB, held as buffers while measuring "
+                            f"(MemTracker hooks every parameter's gradient, and a frozen one has none); they are "
+                            f"counted in params, without gradient or optimiser state")
     for i in range(steps):
         one = None
         if device == "cpu" and tracker != "profiler":
@@ -109,9 +115,32 @@ def measure(model: nn.Module, sample, target=None, setup: Setup = Setup(), steps
             else:
                 result.method = "torch.profiler"
                 one = _step_profiler(m, x, target, opt, setup)
+        one["params"] += frozen   # frozen parameters are parameters: counted where the calculator counts them
+        if "buffers" in one:
+            one["buffers"] -= frozen
         one["step"] = i + 1
         result.steps.append(one)
     return result
+
+
+def _frozen_as_buffers(m: nn.Module) -> tuple[int, int]:
+    """Hold every frozen parameter (``requires_grad=False``) of ``m``, a private copy, as a buffer of its module;
+    return their bytes and count, each tensor once (a frozen weight tied across modules stays one tensor).
+
+    The step is unchanged: a buffer enters the forward as the parameter did, and autograd tracks neither. What
+    changes is that ``MemTracker``, which registers a hook on every parameter's gradient, no longer meets a tensor
+    that cannot take one, and the optimiser gets the trainable parameters only (torch's skips the others anyway)."""
+    held, total = {}, 0
+    for mod in m.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None or p.requires_grad:
+                continue
+            if id(p) not in held:
+                held[id(p)] = p.detach()
+                total += nbytes(p)
+            del mod._parameters[name]
+            mod.register_buffer(name, held[id(p)])
+    return total, len(held)
 
 
 def _forward_loss(m, x, target, setup):
