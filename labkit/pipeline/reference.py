@@ -16,6 +16,7 @@ from torch import nn
 
 from .._compat import renamed_kwargs
 from .._validate import validate_int
+from ..devices import now
 
 
 def _default_loss(out, y):
@@ -132,6 +133,7 @@ def stage_times(make_stage: Callable, n_stages: int, batch, n_micro: int = 1, re
     loss_fn = loss_fn or _default_loss
     xs, ys, _ = split_batch(batch, n_micro)
     x, y = xs[0], ys[0]
+    dev = x.device   # now(dev) waits for the device's queued work first (a GPU queues it)
     stages = [make_stage(i) for i in range(n_stages)]
     fw: list[list[float]] = [[] for _ in stages]
     bw: list[list[float]] = [[] for _ in stages]
@@ -145,18 +147,18 @@ def stage_times(make_stage: Callable, n_stages: int, batch, n_micro: int = 1, re
             out = x
             for i, st in enumerate(stages):   # each stage's input is a leaf, as a rank receives it
                 inp = out.detach().requires_grad_(i > 0 and out.is_floating_point())
-                t0 = time.perf_counter()
+                t0 = now(dev)
                 out = st(inp)
-                f[i] = time.perf_counter() - t0
+                f[i] = now(dev) - t0
                 inputs.append(inp)
                 outputs.append(out)
-            t0 = time.perf_counter()
+            t0 = now(dev)
             loss_fn(outputs[-1], y).backward()
-            b[-1] = time.perf_counter() - t0
+            b[-1] = now(dev) - t0
             for i in range(n_stages - 2, -1, -1):   # the gradient the next stage sent back
-                t0 = time.perf_counter()
+                t0 = now(dev)
                 torch.autograd.backward(outputs[i], inputs[i + 1].grad)
-                b[i] = time.perf_counter() - t0
+                b[i] = now(dev) - t0
             if k >= warmup:
                 for i in range(n_stages):
                     fw[i].append(f[i])
