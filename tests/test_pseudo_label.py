@@ -50,7 +50,8 @@ def test_em_with_two_components_per_class_is_monotone(sp5):
     assert np.all(np.diff(m.log_likelihood_) >= -1e-10 * abs(m.log_likelihood_[-1]))
     p = m.predict_proba(sp5.X_test)
     assert p.shape == (len(sp5.X_test), 10) and m.score(sp5.X_test, sp5.y_test) > 0.85
-    sup = GaussianEM(n_components=10, components_per_class=2, lam=0.0).fit(sp5.X_train, sp5.y_semi)
+    sup = GaussianEM(n_components=10, covariance_type="tied", shrinkage=1.0, components_per_class=2,
+                     lam=0.0).fit(sp5.X_train, sp5.y_semi)
     assert sup.n_iter_ > 0  # EM over the sub-components of the labelled points alone
 
 
@@ -109,7 +110,7 @@ def test_tied_without_shrinkage_matches_sklearn_lda():
 def test_estimator_conventions(sp5):
     from sklearn.base import clone
 
-    m = GaussianEM(n_components=10)
+    m = GaussianEM(n_components=10, covariance_type="tied", shrinkage=1.0)
     assert not hasattr(m, "means_")
     with pytest.raises(RuntimeError, match="not fitted"):
         m.predict(sp5.X_test)
@@ -121,7 +122,7 @@ def test_estimator_conventions(sp5):
     assert c.get_params() == m.get_params() and not hasattr(c, "means_")
     p = m.predict_proba(sp5.X_test)
     assert p.shape == (len(sp5.X_test), 10) and np.allclose(p.sum(1), 1)
-    st = SelfTraining(GaussianEM(n_components=10, lam=0), threshold=0.99)
+    st = SelfTraining(GaussianEM(n_components=10, covariance_type="tied", shrinkage=1.0, lam=0), threshold=0.99)
     assert st.fit(sp5.X_train, sp5.y_semi) is st and hasattr(st, "transduction_")
 
 
@@ -158,7 +159,7 @@ def test_shifted_labels():
     (np.array([[0.0, np.inf], [1, 1]]), [0, 1], "NaN or infinite"),
     (np.zeros((3, 2)), [0, 1], "different lengths"),
     (np.zeros((3, 2)), [0, 1.5, -1], "integer class labels or -1"),
-    (np.zeros((3, 2)), ["a", "b", "a"], "integer class labels or -1"),
+    (np.zeros((3, 2)), np.array(["a", -1, "b"], dtype=object), "-1 marks an unlabelled point only among integer"),
     (np.zeros((3, 2)), [0, -2, 1], "labels >= 0, or -1"),
     (np.zeros((3, 2)), [-1, -1, -1], "no labelled point"),
     (np.zeros(3), [0, 1, 0], "2-D array"),

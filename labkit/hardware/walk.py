@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._validate import validate_int
 
-__all__ = ["Walk", "meta_call", "checkpointed", "backward_peak", "ce_loss", "nbytes"]
+__all__ = ["Walk", "meta_call", "checkpointed", "backward_peak", "ce_loss", "nbytes", "sdpa_backend"]
 
 
 def _root(t: torch.Tensor) -> torch.Tensor:
@@ -47,11 +47,61 @@ _NOTHING = {  # functions that save no tensor for backward (their outputs may be
 }
 
 
-class Walk(TorchFunctionMode):
-    """Apply each function, on meta tensors, and record the storages autograd would save (one rule per function)."""
+# Python functions built from others: the walk goes inside them and applies its rules to what they call
+_WALK_INTO = {"multi_head_attention_forward"}
 
-    def __init__(self, exclude: set[int]):
+
+def sdpa_backend(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, device="cpu"):
+    """The kernel ``F.scaled_dot_product_attention`` would run on ``device`` for tensors like these (their dtype,
+    head size, ``requires_grad``, mask and dropout; :func:`torch._fused_sdp_choice` asked with a small real copy),
+    as a :class:`torch.nn.attention.SDPBackend`. It honours ``torch.nn.attention.sdpa_kernel``: on a CPU the fused
+    "flash" kernel runs unless dropout is on (then the math one does), on a GPU whichever its checks admit."""
+    from torch.nn.attention import SDPBackend
+
+    dev = torch.device(device)
+    small = lambda t: torch.zeros((1,) * (t.dim() - 2) + (min(t.shape[-2], 16), t.shape[-1]), dtype=t.dtype,  # noqa: E731
+                                  device=dev).requires_grad_(t.requires_grad)
+    q1, k1, v1 = small(q), small(k), small(v)
+    mask = None
+    if isinstance(attn_mask, torch.Tensor):
+        mask = torch.zeros((q1.shape[-2], k1.shape[-2]), dtype=attn_mask.dtype, device=dev)
+    choice = torch._fused_sdp_choice(q1, k1, v1, mask, float(dropout_p), bool(is_causal))
+    return SDPBackend(choice)
+
+
+def _inside(mode, func, args, kwargs):
+    """Call ``func``, a Python function of ``torch.nn.functional``, with ``mode`` active for the calls it makes.
+
+    Its first act is to ask ``has_torch_function`` and hand itself to the active mode, which would be ``mode``
+    again, forever; so that one question is answered "no" (the function then runs its own body) and every later
+    one as usual (each function it calls comes to ``mode``)."""
+    asked = F.has_torch_function
+    first = [True]
+
+    def once(ops):
+        if first[0]:
+            first[0] = False
+            return False
+        return asked(ops)
+
+    F.has_torch_function = once
+    try:
+        with mode:
+            return func(*args, **kwargs)
+    finally:
+        F.has_torch_function = asked
+
+
+class Walk(TorchFunctionMode):
+    """Apply each function, on meta tensors, and record the storages autograd would save (one rule per function).
+
+    ``device``: where the model really runs; attention is counted for the kernel that runs there
+    (:func:`sdpa_backend`): the fused kernels keep q, k, v, the output and one log-sum-exp per query, the math
+    kernel also the s x s attention weights (and their dropout mask)."""
+
+    def __init__(self, exclude: set[int], device="cpu"):
         super().__init__()
+        self.device = device
         self.exclude = exclude          # ids of parameter and buffer roots
         self.saved: dict[int, int] = {}
         self.ops: list[dict] = []       # per op: keys saved, parameters used, output and input bytes
@@ -75,8 +125,10 @@ class Walk(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = getattr(func, "__name__", str(func))
+        if name in _WALK_INTO:   # its own calls (linear, scaled_dot_product_attention, ...) come through the rules
+            return _inside(self, func, args, kwargs)
+        out = func(*args, **kwargs)
         tensors = [a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or name in _NOTHING:
             return out
@@ -142,15 +194,43 @@ class Walk(TorchFunctionMode):
             self._save(target, keys, params)
             self._save_new(logits.element_size(), keys)  # total_weight
         elif name == "scaled_dot_product_attention":
-            for t in args[:3]:
-                self._save(t, keys, params)
-            self._save(out, keys, params)
-            self._save_new(4 * math.prod(out.shape[:-1]), keys)  # logsumexp, fp32
+            from torch.nn.attention import SDPBackend
+
+            backend = sdpa_backend(*args[:3], _arg(args, kwargs, 3, "attn_mask"),
+                                   _arg(args, kwargs, 4, "dropout_p", 0.0), _arg(args, kwargs, 5, "is_causal", False),
+                                   self.device)
+            if backend == SDPBackend.MATH:   # what the math kernel saves: the meta device runs that one too
+                out = self._ledger(func, args, kwargs, keys, params)
+            else:                            # a fused kernel: q, k, v, the output, one fp32 log-sum-exp per query
+                for t in args[:3]:
+                    self._save(t, keys, params)
+                self._save(out, keys, params)
+                self._save_new(4 * math.prod(out.shape[:-1]), keys)
         else:
             self.unknown.append(name)
         o = out[0] if isinstance(out, tuple) else out
         self.ops.append({"keys": keys, "params": params, "out": nbytes(o) if isinstance(o, torch.Tensor) else 0,
                          "in": nbytes(a0) if isinstance(a0, torch.Tensor) and a0.requires_grad else 0})
+        return out
+
+    def _ledger(self, func, args, kwargs, keys, params):
+        """Call ``func`` again under saved-tensor hooks and record what autograd really saves: tensors the walk
+        knows (inputs, parameters) by their root, the others as new storages, each once."""
+        packed: dict[int, torch.Tensor] = {}
+
+        def pack(t):
+            packed.setdefault(id(_root(t)), _root(t))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = func(*args, **kwargs)
+        inputs = {id(_root(a)) for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)}
+        for key, r in packed.items():
+            if key in inputs or key in self.exclude or key == id(_root(out)):
+                self._save(r, keys, params)
+            else:
+                self._keep.append(r)
+                self._save_new(r.untyped_storage().nbytes(), keys)
         return out
 
     def _matmul(self, a, b, keys, params):
@@ -206,7 +286,8 @@ def meta_call(model: nn.Module, x: torch.Tensor, with_loss: bool = True, ledger:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             _, out = run()
         return sum(seen.values()), out
-    walk = Walk(exclude)
+    real = next((t.device for t in itertools.chain(model.parameters(), model.buffers())), torch.device("cpu"))
+    walk = Walk(exclude, device="cpu" if real.type == "meta" else real)
     with walk:
         _, out = run()
     return walk, out

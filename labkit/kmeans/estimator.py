@@ -1,4 +1,4 @@
-"""K-means in PyTorch: chunked assignment, greedy k-means++, Lloyd iterations, a scikit-learn-style estimator.
+"""K-means in PyTorch: chunked assignment, greedy k-means++, Lloyd iterations, a scikit-learn estimator.
 
 Lloyd's algorithm (k-means) alternates two steps until the centres stop moving:
 
@@ -34,8 +34,12 @@ k x (d + 1) sums and counts.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin
 
+from .._sklearn import NotFitted as _NotFitted
+from .._sklearn import validate_data
 from .._validate import ArgumentError, validate_choice, validate_int, validate_number
 from .distributed import kmeans_parallel
 from .loop import (  # noqa: F401
@@ -52,31 +56,89 @@ from .loop import (  # noqa: F401
 )
 from .seeding import as_tensor, kmeans_plusplus, resolve_device, resolve_dtype, tolerance  # noqa: F401
 
-__all__ = ["KMeans", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd", "LloydResult", "LocalComm",
-           "as_tensor", "resolve_device", "default_chunk_size"]
+__all__ = ["KMeans", "EXPECTED_FAILED_CHECKS", "forbid", "assign", "kmeans_plusplus", "tolerance", "lloyd",
+           "LloydResult", "LocalComm", "as_tensor", "resolve_device", "default_chunk_size"]
 
 
-class KMeans:
-    """K-means with scikit-learn's interface, in PyTorch (CPU or GPU, float32 or float64).
+# checks of scikit-learn 1.9's check_estimator that this KMeans fails on purpose, each with the reason
+EXPECTED_FAILED_CHECKS = {
+    "check_sample_weight_equivalence_on_dense_data":
+        "k-means++ draws its seeds from the data with a random stream, and a point repeated twice is two draws "
+        "where a point of weight 2 is one: the fits agree in distribution, not run for run (scikit-learn's own "
+        "KMeans fails this check for the same reason)",
+    "check_sample_weight_equivalence_on_sparse_data":
+        "the same as on dense data: sparse input is made dense, then fitted the same way",
+}
+
+
+class KMeans(ClassNamePrefixFeaturesOutMixin, ClusterMixin, TransformerMixin, BaseEstimator):
+    """K-means in PyTorch (CPU or GPU, float32 or float64), a scikit-learn estimator.
+
+    It works in ``sklearn.base.clone``, ``Pipeline``, ``GridSearchCV`` and ``cross_val_score`` and passes
+    ``sklearn.utils.estimator_checks.check_estimator`` except the checks listed in
+    :data:`EXPECTED_FAILED_CHECKS` (the ones scikit-learn's own ``KMeans`` fails too).
 
     Parameters: ``n_clusters``; ``init`` = ``"k-means++"`` (greedy, as scikit-learn), ``"random"``
-    (k distinct points) or an array (k, d); ``n_init`` restarts (the lowest inertia is kept; with an
-    array init only one run is made); ``max_iter``; ``tol`` (relative, as scikit-learn);
-    ``random_state``; ``dtype``; ``device``; ``chunk_size`` (rows per assignment chunk).
+    (k distinct points), ``"k-means||"`` or an array (k, d); ``n_init`` restarts (the lowest inertia is kept;
+    with an array init only one run is made); ``max_iter``; ``tol`` (relative, as scikit-learn);
+    ``random_state``; ``dtype`` (of the computation and of ``transform``'s output); ``device``; ``chunk_size``
+    (rows per assignment chunk). ``__init__`` stores them as given; ``fit`` checks them.
+
+    ``X`` may be a numpy array, a list, a pandas frame, a torch tensor (kept on its device) or a scipy sparse
+    matrix (made dense: k-means here is dense arithmetic).
 
     Attributes after ``fit``: ``cluster_centers_`` (k, d), ``labels_`` (n,), ``inertia_``,
     ``n_iter_``, ``inertia_history_`` (inertia at each assignment of the kept run),
-    ``n_relocated_`` (empty clusters relocated), ``iter_seconds_``. Arrays are numpy.
+    ``n_relocated_`` (empty clusters relocated), ``iter_seconds_``, ``n_features_in_``. Arrays are numpy.
     """
 
     def __init__(self, n_clusters: int = 8, *, init="k-means++", n_init: int = 1, max_iter: int = 300,
                  tol: float = 1e-4, random_state=None, dtype="float32", device="cpu", chunk_size: int | None = None):
-        self.n_clusters, self.init, self.n_init, self.max_iter, self.tol = n_clusters, init, n_init, max_iter, tol
-        self.random_state, self.dtype, self.device, self.chunk_size = random_state, dtype, device, chunk_size
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+        self.dtype = dtype
+        self.device = device
+        self.chunk_size = chunk_size
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # accepted, made dense
+        try:  # transform's output has the dtype of the computation, whatever the input's
+            name = str(resolve_dtype(self.dtype)).replace("torch.", "")
+        except (ValueError, TypeError):
+            name = None
+        tags.transformer_tags.preserves_dtype = [name] if name in ("float32", "float64") else []
+        return tags
+
+    def _validated(self, X, reset: bool):
+        """``X`` checked the way scikit-learn does (features counted and named, sparse made dense); a torch
+        tensor stays a tensor, on its device."""
+        if isinstance(X, torch.Tensor):
+            if X.ndim == 2:
+                if reset:
+                    self.n_features_in_ = X.shape[1]
+                    if hasattr(self, "feature_names_in_"):
+                        del self.feature_names_in_
+                elif X.shape[1] != self.n_features_in_:
+                    raise ArgumentError(f"X has {X.shape[1]} features, but KMeans is expecting "
+                                        f"{self.n_features_in_} features as input (as in fit)")
+            return X
+        if sp.issparse(X):
+            X = X.toarray()
+        ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+        if ndim != 2:
+            raise ArgumentError(f"X must be a 2-D array (n_samples, n_features), got {ndim} dimension(s); "
+                                "Reshape your data: a single sample with x.reshape(1, -1)")
+        X = validate_data(self, X, reset=reset, dtype="numeric", ensure_all_finite=False)
+        return np.require(X, requirements="W")  # torch warns on read-only arrays
 
     def _check_params(self, n: int):
         validate_int("n_clusters", self.n_clusters, minimum=1, maximum=n,
-                  hint=f"k-means needs 1 <= n_clusters <= n_samples ({n})")
+                     hint=f"k-means needs 1 <= n_clusters <= n_samples (here n_samples={n})")
         validate_int("n_init", self.n_init, minimum=1)
         validate_int("max_iter", self.max_iter, minimum=1)
         validate_number("tol", self.tol, minimum=0)
@@ -86,7 +148,7 @@ class KMeans:
             validate_choice("init", self.init, ("k-means++", "random", "k-means||"),
                          hint="or pass an array of shape (n_clusters, n_features)")
 
-    def _initial(self, Xc, mean, rs, dtype, dev):
+    def _initial(self, Xc, mean, rs, dtype, dev, w=None):
         k = self.n_clusters
         if not isinstance(self.init, str):
             C = as_tensor(self.init, "init", dtype, dev)
@@ -99,20 +161,22 @@ class KMeans:
         if self.init == "k-means||":
             return kmeans_parallel(Xc, k, random_state=int(rs.randint(2**31 - 1)), chunk_size=self.chunk_size,
                                    distributed=False)
-        return kmeans_plusplus(Xc, k, rs, chunk_size=self.chunk_size)[0]
+        return kmeans_plusplus(Xc, k, rs, sample_weight=w, chunk_size=self.chunk_size)[0]
 
     def fit(self, X, y=None, sample_weight=None):
         """Cluster ``X`` (n, d); ``y`` is ignored (scikit-learn's convention). Returns ``self``."""
         dtype, dev = resolve_dtype(self.dtype), resolve_device(self.device)
-        X = as_tensor(X, "X", dtype, dev)
+        X = as_tensor(self._validated(X, reset=True), "X", dtype, dev)
         n = X.shape[0]
         self._check_params(n)
         w = None
         if sample_weight is not None:
-            w = torch.as_tensor(np.asarray(sample_weight), dtype=dtype, device=dev).flatten()
-            if w.numel() != n or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-                raise ArgumentError(f"sample_weight must be {n} finite non-negative numbers, "
+            w = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64), dtype=dtype, device=dev)
+            if w.ndim != 1 or w.numel() != n or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ArgumentError(f"sample_weight must be {n} finite non-negative numbers (one per row of X), "
                                     f"got shape {tuple(w.shape)}")
+            if not bool((w > 0).any()):
+                raise ArgumentError("sample_weight is zero for every point: give at least one point a positive weight")
         rs = self.random_state if isinstance(self.random_state, np.random.RandomState) \
             else np.random.RandomState(self.random_state)
         mean = X.mean(0)
@@ -122,7 +186,7 @@ class KMeans:
         runs = 1 if not isinstance(self.init, str) else self.n_init
         best = None
         for _ in range(runs):
-            res = lloyd(Xc, self._initial(Xc, mean, rs, dtype, dev), self.max_iter, tol_abs, self.chunk_size, w,
+            res = lloyd(Xc, self._initial(Xc, mean, rs, dtype, dev, w), self.max_iter, tol_abs, self.chunk_size, w,
                         x_sq=x_sq)
             if best is None or res.inertia < best.inertia:
                 best = res
@@ -131,16 +195,14 @@ class KMeans:
         self.inertia_, self.n_iter_ = best.inertia, best.n_iter
         self.inertia_history_, self.n_relocated_, self.iter_seconds_ = (best.inertia_history, best.n_relocated,
                                                                         best.iter_seconds)
-        self.n_features_in_ = X.shape[1]
+        self._n_features_out = self.cluster_centers_.shape[0]
         return self
 
     def _fitted(self, X):
         if not hasattr(self, "cluster_centers_"):
-            raise RuntimeError("this KMeans is not fitted yet: call fit(X) before predict/transform")
+            raise _NotFitted("this KMeans is not fitted yet: call fit(X) before predict, transform or score")
         dtype, dev = resolve_dtype(self.dtype), resolve_device(self.device)
-        X = as_tensor(X, "X", dtype, dev)
-        if X.shape[1] != self.n_features_in_:
-            raise ArgumentError(f"X must have {self.n_features_in_} features (as in fit), got {X.shape[1]}")
+        X = as_tensor(self._validated(X, reset=False), "X", dtype, dev)
         return X, torch.as_tensor(self.cluster_centers_, dtype=dtype, device=dev)
 
     def predict(self, X) -> np.ndarray:
@@ -162,12 +224,16 @@ class KMeans:
     def fit_transform(self, X, y=None, sample_weight=None) -> np.ndarray:
         return self.fit(X, sample_weight=sample_weight).transform(X)
 
-    def score(self, X) -> float:
-        """Minus the inertia of ``X`` against the fitted centres (scikit-learn's sign: higher is better)."""
+    def score(self, X, y=None, sample_weight=None) -> float:
+        """Minus the (weighted) inertia of ``X`` against the fitted centres (scikit-learn's sign: higher is
+        better); ``y`` is ignored."""
         X, C = self._fitted(X)
         lab = assign(X, C, self.chunk_size)[0]
-        return -float(((X - C[lab]) ** 2).sum())
-
-    def __repr__(self):
-        return (f"KMeans(n_clusters={self.n_clusters}, init={self.init!r}, n_init={self.n_init}, "
-                f"dtype={self.dtype!r}, device={self.device!r})")
+        d2 = ((X - C[lab]) ** 2).sum(1)
+        if sample_weight is not None:
+            w = torch.as_tensor(np.asarray(sample_weight, dtype=np.float64), dtype=X.dtype, device=X.device)
+            if w.shape != d2.shape:
+                raise ArgumentError(f"sample_weight must hold one weight per row of X ({len(d2)}), "
+                                    f"got shape {tuple(w.shape)}")
+            d2 = d2 * w
+        return -float(d2.sum())

@@ -20,7 +20,7 @@ from .._validate import ArgumentError, validate_int, validate_number
 
 __all__ = ["posterior_odds", "odds_to_posterior_threshold", "posterior_to_odds_threshold", "softmax",
            "reliability_diagram", "expected_calibration_error", "fit_temperature", "validate_threshold",
-           "cross_fitted_temperature"]
+           "cross_fitted_temperature", "class_logits"]
 
 
 def validate_threshold(threshold, name: str = "threshold") -> float:
@@ -119,13 +119,23 @@ def fit_temperature(logits, y, classes=None, bounds=(1e-2, 1e4)) -> float:
     return float(np.exp(res.x))
 
 
+def class_logits(model, X) -> np.ndarray:
+    """(n, n_classes) logits of a fitted classifier: ``predict_joint_log_proba`` where it has one (labkit's
+    GaussianEM, scikit-learn's naive Bayes), else ``decision_function`` (a two-class one's (n,) log-odds become the
+    two columns ``[0, odds]``, which a softmax reads the same)."""
+    if hasattr(model, "predict_joint_log_proba"):
+        return np.asarray(model.predict_joint_log_proba(X))
+    d = np.asarray(model.decision_function(X))
+    return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d
+
+
 def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0, repeats: int = 1) -> float | None:
     """Temperature fitted on labelled points the model did not see: two stratified folds of the labelled
     points; each fold is hidden (set to -1, so it is still used as unlabelled data), the model is fitted on the
     rest and scores the hidden fold; T is fitted on all the held-out scores (of ``repeats`` random fold splits,
-    pooled: more repeats, a steadier T). Only labels are used, never a test
-    set. ``make_model()`` must have ``decision_function`` (logits). Returns None with fewer than 2 labels in
-    some class (nothing can be held out)."""
+    pooled: more repeats, a steadier T). Only labels are used, never a test set. ``make_model()`` must give
+    logits (:func:`class_logits`: ``predict_joint_log_proba`` or ``decision_function``). Returns None with fewer
+    than 2 labels in some class (nothing can be held out)."""
     y_semi = np.asarray(y_semi)
     lab = np.flatnonzero(y_semi >= 0)
     classes, counts = np.unique(y_semi[lab], return_counts=True)
@@ -144,6 +154,6 @@ def cross_fitted_temperature(make_model, X, y_semi, seed: int = 0, repeats: int 
         y2 = y_semi.copy()
         y2[held] = -1
         model = make_model().fit(X, y2)
-        logits.append(model.decision_function(X[held]))
+        logits.append(class_logits(model, X[held]))
         ys.append(y_semi[held])
     return fit_temperature(np.concatenate(logits), np.concatenate(ys), classes=classes)

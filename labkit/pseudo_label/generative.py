@@ -30,53 +30,124 @@ Shrinkage: ``tau = shrinkage`` is a pseudo-count of prior points with covariance
 per-dimension variance of the data, fixed before EM starts). It is the maximum a posteriori estimate under an
 inverse-Wishart prior, so EM on ``J`` (prior included) never decreases ``J``: ``log_likelihood_`` records
 ``J / n`` after every iteration and the tests check that it never goes down.
+
+The module is long because the model, its EM and the label checks that make it a scikit-learn classifier with the
+semi-supervised convention (``-1`` = unlabelled) are read together; :mod:`.self_training` reuses those checks.
 """
 from __future__ import annotations
 
-import numpy as np
+import numbers
 
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import column_or_1d
+
+from .._sklearn import NotFitted as _NotFitted
+from .._sklearn import validate_data
 from .._validate import ArgumentError, validate_choice, validate_finite, validate_int, validate_number
 
-__all__ = ["GaussianEM", "validate_semi_supervised", "log_joint", "e_step", "COVARIANCE_TYPES"]
+__all__ = ["GaussianEM", "EXPECTED_FAILED_CHECKS", "validate_semi_supervised", "labelled_mask",
+           "log_joint", "e_step", "COVARIANCE_TYPES"]
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
 
-def validate_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y"):
-    """Validate ``X`` (n, d) finite floats and ``y`` (n,) integers >= -1 (``-1`` = unlabelled); return arrays."""
-    X = np.asarray(X, dtype=float) if not hasattr(X, "detach") else X.detach().cpu().numpy().astype(float)
-    if X.ndim != 2:
-        raise ArgumentError(f"{name_X} must be a 2-D array (n_samples, n_features), got shape {X.shape}; "
-                            f"reshape images with X.reshape(len(X), -1)")
-    if len(X) == 0:
-        raise ArgumentError(f"{name_X} is empty: pass at least one sample")
+def _check_X(X, name_X: str = "X", estimator=None, reset: bool = True) -> np.ndarray:
+    """``X`` as a finite float64 (n, d) array; with ``estimator``, its features counted and named the way
+    scikit-learn does (``n_features_in_`` set when ``reset``, compared otherwise). Sparse input is made dense."""
+    if hasattr(X, "detach"):
+        X = X.detach().cpu().numpy()
+    if sp.issparse(X):
+        X = X.toarray()
+    ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+    if ndim != 2:
+        raise ArgumentError(f"{name_X} must be a 2-D array (n_samples, n_features), got {ndim} dimension(s); "
+                            f"Reshape your data: images with X.reshape(len(X), -1), one sample with x.reshape(1, -1)")
+    if estimator is not None:
+        X = validate_data(estimator, X, reset=reset, dtype=np.float64, ensure_all_finite=False,
+                          ensure_min_samples=1)
+    else:
+        X = np.asarray(X, dtype=float)
+        if len(X) == 0:
+            raise ArgumentError(f"{name_X} is empty: pass at least one sample")
     validate_finite(name_X, X)
+    return X
+
+
+def _check_labels(y, n: int, name_y: str = "y", name_X: str = "X", class_names: bool = True) -> np.ndarray:
+    """``y`` as a 1-D array of n labels: int64 (``-1`` = unlabelled) when the labels are integers (or floats with
+    integer values), otherwise (only if ``class_names``) the class labels as given (strings, booleans), every
+    point labelled."""
     if y is None:
-        return X
+        raise ArgumentError(f"{name_y} is None: this estimator requires y to be passed, but the target y is None; "
+                            f"pass one class label per row of {name_X}, -1 for an unlabelled row")
     y_arr = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y)
+    if y_arr.ndim == 2 and y_arr.shape[1] == 1:
+        y_arr = column_or_1d(y_arr, warn=True)  # scikit-learn's DataConversionWarning, then accepted
     if y_arr.ndim != 1:
         raise ArgumentError(f"{name_y} must be 1-D (one label per sample), got shape {y_arr.shape}")
-    if len(y_arr) != len(X):
-        raise ArgumentError(f"{name_X} and {name_y} have different lengths ({len(X)} and {len(y_arr)}): "
+    if len(y_arr) != n:
+        raise ArgumentError(f"{name_X} and {name_y} have different lengths ({n} and {len(y_arr)}): "
                             f"pass one label (or -1) per row of {name_X}")
+    if y_arr.dtype == object:  # integers, numbers or class names stored as objects
+        if all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in y_arr):
+            y_arr = y_arr.astype(np.int64)
+        elif all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in y_arr):
+            y_arr = y_arr.astype(float)
+        elif any(isinstance(v, numbers.Number) and v == -1 for v in y_arr):
+            names = [v for v in y_arr if not isinstance(v, numbers.Number)][:3]
+            raise ArgumentError(f"{name_y} mixes class names such as {names} with -1: -1 marks an unlabelled point "
+                                f"only among integer labels; encode the classes as integers (sklearn.preprocessing."
+                                f"LabelEncoder on the labelled points), then set the unlabelled ones to -1")
+        elif any(isinstance(v, float) and not np.isfinite(v) for v in y_arr):
+            raise ArgumentError(f"{name_y} holds NaN or infinite labels: pass integer class labels or -1 for "
+                                f"unlabelled")
     if y_arr.dtype.kind == "f":
-        if not np.all(np.isfinite(y_arr)) or np.any(y_arr != np.round(y_arr)):
-            bad = y_arr[~(np.isfinite(y_arr) & (y_arr == np.round(np.nan_to_num(y_arr))))][:3]
-            raise ArgumentError(f"{name_y} must hold integer class labels or -1 for unlabelled, got "
-                                f"non-integer values such as {bad.tolist()}")
+        whole = np.isfinite(y_arr) & (y_arr == np.round(np.nan_to_num(y_arr)))
+        if not whole.all():
+            bad = y_arr[~whole][:3]
+            raise ArgumentError(f"{name_y} must hold integer class labels or -1 for unlabelled, got non-integer "
+                                f"values such as {bad.tolist()} (Unknown label type: continuous); for regression "
+                                f"targets use a regressor, otherwise pass whole numbers")
         y_arr = y_arr.astype(np.int64)
-    elif y_arr.dtype.kind not in "iub":
+    elif y_arr.dtype.kind == "c":
+        raise ArgumentError(f"{name_y} must hold integer class labels or -1 for unlabelled, got complex numbers "
+                            f"(Unknown label type: complex)")
+    if y_arr.dtype.kind not in "iu" and not class_names:
         raise ArgumentError(f"{name_y} must hold integer class labels or -1 for unlabelled, got dtype "
                             f"{y_arr.dtype} (e.g. {y_arr[:3].tolist()}); encode string classes with "
                             f"sklearn.preprocessing.LabelEncoder first")
-    y_arr = y_arr.astype(np.int64)
-    if np.any(y_arr < -1):
-        raise ArgumentError(f"{name_y} must hold labels >= 0, or -1 for unlabelled, got "
-                            f"{sorted(set(y_arr[y_arr < -1].tolist()))[:3]}")
-    if not np.any(y_arr >= 0):
-        raise ArgumentError(f"{name_y} has no labelled point (all -1): label at least one point per class")
-    return X, y_arr
+    if y_arr.dtype.kind in "iu":
+        y_arr = y_arr.astype(np.int64)
+        if np.any(y_arr < -1):
+            raise ArgumentError(f"{name_y} must hold labels >= 0, or -1 for unlabelled, got "
+                                f"{sorted(set(y_arr[y_arr < -1].tolist()))[:3]}")
+        if not np.any(y_arr >= 0):
+            raise ArgumentError(f"{name_y} has no labelled point (all -1): label at least one point per class")
+    return y_arr
+
+
+def labelled_mask(y) -> np.ndarray:
+    """Which entries of labels checked by :func:`validate_semi_supervised` are labelled (``-1`` only counts as
+    unlabelled among integer labels; class names are all labelled)."""
+    y = np.asarray(y)
+    return y >= 0 if y.dtype.kind in "iu" else np.ones(len(y), dtype=bool)
+
+
+def validate_semi_supervised(X, y=None, *, name_X: str = "X", name_y: str = "y", class_names: bool = False):
+    """Validate ``X`` (n, d) finite floats and ``y`` (n,) labels; return ``X`` (float64) or ``(X, y)``.
+
+    The semi-supervised convention of ``sklearn.semi_supervised``: ``y`` holds integers (or floats with integer
+    values), ``-1`` marks an unlabelled point (other negative integers are refused as likely mistakes). With
+    ``class_names=True`` (what the estimators pass) class names such as strings are accepted too, as
+    scikit-learn's classifiers accept them, for a fully labelled fit; ``-1`` among names is refused, since it
+    would be ambiguous. Labels that are neither (0.5, NaN) raise :class:`ArgumentError` naming ``y``."""
+    X = _check_X(X, name_X)
+    if y is None:
+        return X
+    return X, _check_labels(y, len(X), name_y, name_X, class_names=class_names)
 
 
 def _logdet_and_maha(Z, mean, cov, kind):
@@ -123,12 +194,35 @@ def e_step(Z, means, covariances, priors, covariance_type: str = "full") -> tupl
     return np.exp(lj - lse[:, None]), lse
 
 
-class GaussianEM:
-    """Gaussian class-conditional classifier in a PCA space, fitted by (semi-supervised) EM.
+# checks of scikit-learn 1.9's check_estimator that GaussianEM fails on purpose, each with the reason
+EXPECTED_FAILED_CHECKS = {
+    "check_non_transformer_estimators_n_iter":
+        "n_iter_ counts EM iterations after the closed-form supervised start; with every point labelled (the "
+        "check's data) there is nothing for EM to do and n_iter_ is 0 by design (scikit-learn's "
+        "SelfTrainingClassifier fails this check too, for its own all-labelled case)",
+    "check_classifiers_classes":
+        "its last case names two classes -1 and 1, and -1 is the semi-supervised convention's 'unlabelled' "
+        "(scikit-learn passes integer labels instead to its own semi-supervised estimators, by name, in this "
+        "check); every other case of the check, string class names included, passes",
+}
 
-    Parameters (scikit-learn style; ``fit(X, y)`` with ``y == -1`` for unlabelled points returns ``self``):
 
-    n_components: PCA dimensions (``None``: no PCA). The PCA is fitted on every point passed to ``fit``.
+class GaussianEM(ClassifierMixin, BaseEstimator):
+    """Gaussian class-conditional classifier in a PCA space, fitted by (semi-supervised) EM; a scikit-learn
+    classifier (``clone``, ``Pipeline``, ``GridSearchCV``, ``cross_val_score``; ``check_estimator`` passes but for
+    :data:`EXPECTED_FAILED_CHECKS`).
+
+    ``fit(X, y)`` follows ``sklearn.semi_supervised``: with integer labels, ``y == -1`` marks an unlabelled point.
+    Class names (strings) are accepted for a fully labelled fit, as any scikit-learn classifier accepts them; to
+    mix them with unlabelled points, encode them as integers first (``-1`` among names is refused). ``score(X, y)``
+    is the accuracy on every row of ``y``, as scikit-learn's ``SelfTrainingClassifier.score`` (its base
+    estimator's accuracy): a ``-1`` in ``y`` counts as a miss, so score on the true labels of held-out points.
+
+    The defaults are the lab's configuration (``labkit.pseudo_label.methods.GENERATIVE``: 25 PCA dimensions, full
+    covariances, a prior worth 3 points), fixed on the development seeds.
+
+    n_components: PCA dimensions (``None``: no PCA), at most min(n_samples, n_features). The PCA is fitted on every
+        point passed to ``fit``.
     covariance_type: "full", "tied", "diag" or "spherical" (see the module docstring).
     shrinkage: pseudo-count tau of the prior covariance ``s2 I`` (>= 0; > 0 keeps "full" invertible).
     lam: weight of the unlabelled points in [0, 1]; 0 = supervised only (the same model, no unlabelled data).
@@ -140,13 +234,15 @@ class GaussianEM:
         components, ``component_class_`` says which class each belongs to. With M > 1, ``lam = 0`` still
         iterates (EM on the labelled points alone).
 
-    Attributes after ``fit``: ``classes_``, ``pca_mean_``, ``pca_components_``, ``means_``, ``covariances_``,
-    ``priors_``, ``component_class_``, ``log_likelihood_``
+    ``__init__`` stores the parameters as given; ``fit`` checks them.
+
+    Attributes after ``fit``: ``classes_``, ``n_features_in_``, ``pca_mean_``, ``pca_components_``, ``means_``,
+    ``covariances_``, ``priors_``, ``component_class_``, ``log_likelihood_``
     (J/n after the supervised start and after every EM iteration),
     ``n_iter_``, ``converged_``, ``transduction_`` (argmax label of every training point; labelled keep theirs).
     """
 
-    def __init__(self, n_components: int | None = 30, covariance_type: str = "tied", shrinkage: float = 1.0,
+    def __init__(self, n_components: int | None = 25, covariance_type: str = "full", shrinkage: float = 3.0,
                  lam: float = 1.0, max_iter: int = 100, tol: float = 1e-6, temperature: float = 1.0,
                  components_per_class: int = 1):
         self.n_components = n_components
@@ -158,20 +254,10 @@ class GaussianEM:
         self.temperature = temperature
         self.components_per_class = components_per_class
 
-    # scikit-learn's clone() and get_params() need these two
-    def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in ("n_components", "covariance_type", "shrinkage", "lam",
-                                              "max_iter", "tol", "temperature", "components_per_class")}
-
-    def set_params(self, **params) -> "GaussianEM":
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ArgumentError(f"unknown parameter {k!r}; GaussianEM takes {sorted(self.get_params())}")
-            setattr(self, k, v)
-        return self
-
-    def __repr__(self) -> str:
-        return "GaussianEM(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # accepted, made dense (the PCA and the Gaussians are dense)
+        return tags
 
     # ------------------------------------------------------------------ fitting
     def _check_params(self, n, d):
@@ -183,7 +269,8 @@ class GaussianEM:
         validate_number("temperature", self.temperature, minimum=0, open_low=True)
         if self.n_components is not None:
             validate_int("n_components", self.n_components, minimum=1, maximum=min(n, d),
-                      hint="use at most min(n_samples, n_features), or None for no PCA")
+                         hint=f"use at most min(n_samples, n_features) (here n_samples={n}, n_features={d}), "
+                              f"or None for no PCA")
         if self.covariance_type == "full" and self.shrinkage == 0:
             raise ArgumentError("shrinkage must be > 0 with covariance_type='full' (a class with fewer labelled "
                                 "points than dimensions has a singular covariance), got 0")
@@ -194,7 +281,8 @@ class GaussianEM:
         return (X - self.pca_mean_) @ self.pca_components_.T
 
     def fit(self, X, y) -> "GaussianEM":
-        X, y = validate_semi_supervised(X, y)
+        X = _check_X(X, estimator=self, reset=True)
+        y = _check_labels(y, len(X))
         n, d = X.shape
         self._check_params(n, d)
         M = validate_int("components_per_class", self.components_per_class, minimum=1)
@@ -205,11 +293,11 @@ class GaussianEM:
             _, _, vt = np.linalg.svd(X - self.pca_mean_, full_matrices=False)
             self.pca_components_ = vt[: self.n_components]
         Z = self._project(X)
-        self.classes_ = np.unique(y[y >= 0])
+        lab = labelled_mask(y)
+        self.classes_ = np.unique(y[lab])
         C = len(self.classes_)
         comp = np.repeat(np.arange(C), M)  # component -> class index
         self.component_class_ = self.classes_[comp]
-        lab = y >= 0
         Y = np.zeros((n, C))
         Y[np.flatnonzero(lab), np.searchsorted(self.classes_, y[lab])] = 1.0
         allowed = np.ones((n, C * M), dtype=bool)  # a labelled point may only belong to its class's components
@@ -312,7 +400,7 @@ class GaussianEM:
     # ------------------------------------------------------------------ prediction
     def _check_fitted(self):
         if not hasattr(self, "means_"):
-            raise RuntimeError("this GaussianEM is not fitted yet: call fit(X, y) first")
+            raise _NotFitted("this GaussianEM is not fitted yet: call fit(X, y) first")
 
     def _component_log_joint(self, Z) -> np.ndarray:
         return log_joint(Z, self.means_, self.covariances_, self.priors_, self.covariance_type)
@@ -324,24 +412,25 @@ class GaussianEM:
             return lj
         return np.stack([_logsumexp(lj[:, c * M:(c + 1) * M]) for c in range(len(self.classes_))], axis=1)
 
-    def decision_function(self, X) -> np.ndarray:
-        """log P(x, y = c) per class in the PCA space: the 'logits' that temperature scaling divides."""
+    def predict_joint_log_proba(self, X) -> np.ndarray:
+        """log P(x, y = c) per class in the PCA space, (n, n_classes): the 'logits' that temperature scaling
+        divides (the name scikit-learn's naive Bayes classifiers give the same quantity)."""
         self._check_fitted()
-        X = validate_semi_supervised(X)
-        if X.shape[1] != len(self.pca_mean_):
-            raise ArgumentError(f"X has {X.shape[1]} features, the model was fitted on {len(self.pca_mean_)}")
+        X = _check_X(X, estimator=self, reset=False)
         return self._class_log_joint(self._component_log_joint(self._project(X)))
 
+    def decision_function(self, X) -> np.ndarray:
+        """:meth:`predict_joint_log_proba`, shaped as scikit-learn's classifiers shape a decision function:
+        (n, n_classes) with three classes or more; with two, (n,), the log-odds of ``classes_[1]``."""
+        a = self.predict_joint_log_proba(X)
+        return a[:, 1] - a[:, 0] if a.shape[1] == 2 else a
+
     def predict_proba(self, X) -> np.ndarray:
-        a = self.decision_function(X) / float(self.temperature)
+        a = self.predict_joint_log_proba(X) / float(self.temperature)
         a -= a.max(axis=1, keepdims=True)
         p = np.exp(a)
         return p / p.sum(axis=1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        self._check_fitted()
-        return self.classes_[self.decision_function(X).argmax(axis=1)]
-
-    def score(self, X, y) -> float:
-        return float((self.predict(X) == np.asarray(y)).mean())
-
+        best = self.predict_joint_log_proba(X).argmax(axis=1)
+        return self.classes_[best]

@@ -125,7 +125,7 @@ def calibration_rows(seeds=(0, 1, 2), k: int = 5, repeats: int = 2) -> list[dict
         sp = semisup.split(k, s)
         em = _gen.GaussianEM(**_methods.GENERATIVE).fit(sp.X_train, sp.y_semi)
         pool = np.flatnonzero(sp.y_semi < 0)
-        lp, truth = em.decision_function(sp.X_train[pool]), sp.y_train[pool]
+        lp, truth = em.predict_joint_log_proba(sp.X_train[pool]), sp.y_train[pool]
         T = cross_fitted_temperature(lambda: _gen.GaussianEM(**_methods.GENERATIVE), sp.X_train, sp.y_semi,
                                      seed=s, repeats=repeats)
         T_best = fit_temperature(lp, truth)
@@ -291,10 +291,10 @@ def threshold_cases(seeds=(0, 1, 2)) -> list[dict]:
         y2 = sp.y_semi.copy()
         y2[val] = -1
         m = _gen.GaussianEM(**{**_methods.GENERATIVE, "lam": 0.0}).fit(sp.X_train, y2)
-        lv = m.decision_function(sp.X_train[val])
+        lv = m.predict_joint_log_proba(sp.X_train[val])
         T = fit_temperature(lv, sp.y_semi[val])
         pool = np.flatnonzero(sp.y_semi < 0)
-        lp = m.decision_function(sp.X_train[pool])
+        lp = m.predict_joint_log_proba(sp.X_train[pool])
         for name, temp in (("calibrated", T), ("under-confident", 5 * T)):
             pv, pp = softmax(lv, temp), softmax(lp, temp)
             cases.append({"name": f"seed {s}, {name} (T = {temp:.1f})",
