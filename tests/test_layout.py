@@ -428,3 +428,18 @@ def test_every_notebook_cell_has_its_own_id():
             bad.append(f"{p.name}: {missing} cell(s) without an id, {repeated} repeated")
     assert not bad, ("nbformat 4.5 cells need a unique id (a cell pasted in by a script has none; "
                      "nbformat.validator.normalize adds them):\n" + "\n".join(bad))
+
+
+def test_numbered_sections_of_a_notebook_follow_each_other():
+    import json
+    import re
+
+    bad = []
+    for p in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(p.read_text())["cells"]
+        nums = [int(m.group(1)) for c in cells if c["cell_type"] == "markdown"
+                for line in "".join(c["source"]).splitlines() for m in [re.match(r"^## (\d+)\.", line)] if m]
+        if nums and nums != list(range(nums[0], nums[0] + len(nums))):
+            bad.append(f"{p.name}: sections {nums}")
+    assert not bad, ("a numbered section is missing or out of order (a heading lost in an edit breaks every "
+                     "'section N' reference after it):\n" + "\n".join(bad))
