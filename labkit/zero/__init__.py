@@ -22,12 +22,12 @@ from .._compat import moved_names
 from .comm import TRAFFIC_FACTORS, Traffic
 from .flat import FlatLayout, ceil_div, unique_params
 from .optim import SUPPORTED, NaiveZero1, Zero1, Zero2, state_numel
-from .stage3 import Zero3
+from .stage3 import MixedPrecision, Zero3
 from .torch_impl import fsdp2_full_parameters, torch_fsdp2, torch_zero1
 
 __all__ = [
     "FlatLayout", "ceil_div", "unique_params", "TRAFFIC_FACTORS", "Traffic",
-    "SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "state_numel", "Zero3",
+    "SUPPORTED", "NaiveZero1", "Zero1", "Zero2", "state_numel", "Zero3", "MixedPrecision",
     "torch_zero1", "torch_fsdp2", "fsdp2_full_parameters",
 ]
 

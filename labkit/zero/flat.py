@@ -78,6 +78,7 @@ class FlatLayout:
 
     shapes: tuple
     world_size: int
+    padding_only_ok: bool = False  # ZeRO-3's small groups (a frozen bias): a rank may hold only padding
 
     def __post_init__(self):
         n = validate_int("world_size", self.world_size, minimum=1, hint="the number of ranks that share the buffer")
@@ -86,7 +87,7 @@ class FlatLayout:
         if not shapes:
             raise ArgumentError("shapes is empty: a layout needs at least one parameter")
         total = sum(_numel(s) for s in shapes)
-        if n > total:
+        if n > total and not self.padding_only_ok:
             raise ArgumentError(f"world_size={n} is larger than the {total} values to shard: every rank must own "
                                 f"at least one value; use world_size <= {total} (or a bigger model)")
 
@@ -165,7 +166,10 @@ class FlatLayout:
         if flat.dim() != 1 or flat.numel() not in (self.total, self.padded):
             raise ArgumentError(f"flat must be 1-D with {self.padded} (padded) or {self.total} values, got shape "
                                 f"{tuple(flat.shape)}")
-        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+        # split, not one slice per parameter: autograd's backward of a slice builds a zero-filled copy of the whole
+        # buffer for every parameter, split's builds one (the gradients concatenated, zeros where one is missing)
+        sizes = list(self.numels) + ([flat.numel() - self.total] if flat.numel() > self.total else [])
+        return [piece.view(s) for piece, s in zip(flat.split(sizes), self.shapes)]
 
     def table(self) -> list[dict]:
         """One row per rank: its range, the real values it holds and the parameters it touches."""
