@@ -86,6 +86,32 @@ def test_bench_main_prints_the_tables_with_the_ddp_column(capsys):
             if len(ln) > 3 and ln[0] == "2" and ln[1] in MEASURED_METHODS}
     assert set(rows) == set(MEASURED_METHODS)
     assert rows["ddp"][3] == "1"  # DDP against itself
+    # the prefetch table: all three variants, each with its own row
+    prefetch = out.split("== ZeRO-3's all-gathers")[1]
+    assert all(v in prefetch for v in ("zero3 no prefetch", "fsdp2", "hidden", "exposed ms"))
+
+
+def test_prefetch_overlap_is_measured_from_the_timeline():
+    """Without prefetch every gather is waited for from the moment it is issued (nothing hidden, by construction);
+    with it the timeline has gathers issued before the step waited for them. No timing is asserted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from labkit.zero import plots
+    from labkit.zero.overlap import VARIANTS, measure_overlap
+
+    got = measure_overlap((2,), WIDTHS, rounds=2, pool=True)
+    rows = {r["variant"]: r for r in got["rows"]}
+    assert set(rows) == set(VARIANTS)
+    assert rows["zero3 no prefetch"]["hidden"] == 0.0
+    assert rows["zero3 no prefetch"]["exposed ms"] == pytest.approx(rows["zero3 no prefetch"]["gather ms"])
+    for r in got["raw"][2]:
+        on, off = r["timeline"]["zero3"], r["timeline"]["zero3 no prefetch"]
+        assert any(e["issued"] < e["waited"] for e in on if e["kind"] == "gather")
+        assert all(e["issued"] == e["waited"] for e in off if e["kind"] == "gather")
+        ax = plots.gather_timeline(on)
+        assert ax.exposed == pytest.approx(1e3 * sum(e["ready"] - e["waited"] for e in on if e["kind"] == "gather"))
+        assert 0 <= ax.exposed <= ax.in_flight
 
 
 def test_rows_from_results_without_processes():

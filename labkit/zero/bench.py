@@ -9,7 +9,9 @@ labkit's ZeRO-3 does not gather the first layer again in the backward, so it sen
 optimiser state per rank beside ⌈P/N⌉·8 bytes (Adam, fp32: two buffers of 4 bytes); torch's
 ``ZeroRedundancyOptimizer``'s state on each rank (it gives whole parameters to ranks, so its shards are uneven)
 beside labkit's equal shards; and the memory each rank holds after a step and at its peak during one
-(:mod:`labkit.zero.measure`), beside the paper's per-rank formula.
+(:mod:`labkit.zero.measure`), beside the paper's per-rank formula. A last launch per world size times ZeRO-3 with
+prefetch, without it and FSDP2, and how much of the all-gather time each step still waited for
+(:mod:`labkit.zero.overlap`).
 
 The ranks run where ``backend="auto"`` puts them (NCCL with one GPU each when there are enough GPUs, else gloo
 processes with one thread each), and every tensor a rank makes lives on its ``ctx.device``; the output says which
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--optimizer", choices=tuple(STATES), default="adam")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory tracker")
+    ap.add_argument("--no-prefetch", action="store_true", help="skip the ZeRO-3 prefetch comparison")
     ap.add_argument("--pool", action="store_true", help="run on labkit's shared pool of ranks (no start-up when "
                     "called again from the same process, e.g. a notebook)")
     ap.add_argument("--quick", action="store_true", help="a short run: 2 ranks, the small MLP, 5 rounds")
@@ -254,6 +257,15 @@ def main(argv: list[str] | None = None) -> int:
             if row["method"] == "fsdp2" and row["ranks"] == 2 and row["peak / DDP"] is not None:
                 verdict = "meets" if row["peak / DDP"] <= 0.6 else "misses"
                 print(f"FSDP2 peak / DDP peak at 2 ranks: {row['peak / DDP']:.2f} ({verdict} the 0.6 target)")
+    if not a.no_prefetch:
+        from .overlap import measure_overlap
+
+        ov = measure_overlap(ranks, widths, rounds, a.batch, a.pool)
+        print("\n== ZeRO-3's all-gathers: prefetch against none, beside FSDP2 (interleaved rounds, medians) ==")
+        print(format_table(_show(ov["rows"]), floatfmt="{:.3g}"))
+        print("gather ms: the step's all-gathers in flight (issued to ready, summed); exposed ms: the part the step "
+              "waited for; hidden: 1 - exposed / gather (labkit.zero.overlap; Zero3(record=True).timeline). On two "
+              "CPU cores gloo's thread shares the cores with the compute it overlaps")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -1,5 +1,6 @@
 """Lab 10's figures: what every rank holds under each ZeRO stage, the bytes on each rank beside the paper's formulas,
-and the optimiser state on each rank of labkit's even shards beside torch's greedy partition.
+the optimiser state on each rank of labkit's even shards beside torch's greedy partition, and one ZeRO-3 step's
+all-gathers against its compute (prefetch).
 
 Each function takes plain numbers (what :func:`labkit.memory_model.zero_bytes_each_rank` and the lab's rank
 functions return), an optional matplotlib ``ax``, and returns the ``ax``.
@@ -105,6 +106,39 @@ def state_each_rank(per_method: Mapping[str, Sequence[int]], ax=None, title: str
     ax.set_ylabel("optimiser-state values")
     ax.legend(fontsize=7)
     ax.set_title(title or "optimiser state per rank", fontsize=9)
+    return ax
+
+
+def gather_timeline(timeline: Sequence[Mapping], ax=None, title: str | None = None, unit: float = 1e3):
+    """One ZeRO-3 step from :attr:`Zero3.timeline <labkit.zero.Zero3.timeline>` (times from the step's start, as
+    :func:`labkit.zero.overlap.overlap_rank` returns them): a row of the forward's unit computes, and a row of
+    all-gathers, each bar from issued to ready, its exposed part (the step waiting for it) in red. Returns the
+    ``ax``; ``ax.exposed`` and ``ax.in_flight`` are the two sums, in ``unit``s (ms by default)."""
+    ax = axes(ax, (9, 1.8))
+    gathers = [e for e in timeline if e["kind"] == "gather"]
+    computes = [e for e in timeline if e["kind"] == "compute" and "end" in e]
+    if not gathers:
+        raise ValueError("gather_timeline() got no gathers: pass Zero3(..., record=True).timeline after a step")
+    colours = {"forward": "#4c78a8", "backward": "#f58518"}
+    for e in gathers:
+        ax.broken_barh([(e["issued"] * unit, (e["ready"] - e["issued"]) * unit)], (0.1, 0.8),
+                       color=colours.get(e["phase"], "#9d9d9d"), alpha=0.55)
+        ax.broken_barh([(e["waited"] * unit, (e["ready"] - e["waited"]) * unit)], (0.1, 0.8), color="#e45756")
+    for e in computes:
+        ax.broken_barh([(e["start"] * unit, (e["end"] - e["start"]) * unit)], (1.1, 0.8), color="#54a24b")
+    ax.exposed = sum(e["ready"] - e["waited"] for e in gathers) * unit
+    ax.in_flight = sum(e["ready"] - e["issued"] for e in gathers) * unit
+    ax.set_yticks([0.5, 1.5], ["all-gathers", "forward compute"], fontsize=8)
+    ax.set_xlabel("ms from the step's start" if unit == 1e3 else "time")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=colours["forward"], alpha=0.55, label="forward gather in flight"),
+                       Patch(color=colours["backward"], alpha=0.55, label="backward gather in flight"),
+                       Patch(color="#e45756", label="step waits for it"),
+                       Patch(color="#54a24b", label="unit computes")], fontsize=7, ncol=4, loc="upper right")
+    ax.set_ylim(0, 2.6)
+    ax.set_title(title or f"one ZeRO-3 step: {ax.exposed:.1f} of {ax.in_flight:.1f} ms of all-gathers exposed",
+                 fontsize=9)
     return ax
 
 

@@ -1,7 +1,7 @@
 """ZeRO stage 3 from scratch: the parameters themselves are sharded, and gathered only while a unit needs them.
 
-This module is long because one class holds the whole of stage 3: sharding at construction, the gather and free hooks, the
-saved-tensor recipes, prefetch in both directions and mixed precision; the checkpoint formats live in
+This module is long because one class holds the whole of stage 3: sharding at construction, the gather and free
+hooks, the saved-tensor recipes, prefetch in both directions and mixed precision; the checkpoint formats live in
 :mod:`labkit.zero.checkpoint`.
 
 :class:`Zero3` wraps a model given a list of *units* (submodules; by default its top-level children that hold
