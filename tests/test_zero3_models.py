@@ -90,6 +90,25 @@ def _gpt_runs(ctx) -> dict:
         lines[prefetch] = [(e["phase"], e["issued"] < e["waited"]) for e in z3.timeline if e["kind"] == "gather"]
         out[f"held_after_{prefetch}"] = (z3.held_numel(), sum(g.shard.numel() for g in z3._groups))
     out["prefetch_equal"] = all(torch.equal(a, b) for a, b in zip(fulls[True], fulls[False]))
+    # a forward whose graph is dropped without a backward (a validation loss with gradients on) leaves no count of
+    # saved views behind, so the next backward still frees each re-gathered unit after its last use
+    import gc
+
+    x, y = data[0]
+    lm_loss(z3(x[r::n]), y[r::n])
+    gc.collect()
+    out["recipes_after_dropped_graph"] = sum(z3._recipes.values())
+    most = []
+    unpack = z3._unpack
+
+    def watched(packed):
+        got = unpack(packed)
+        most.append(len(z3._regathered) + len(z3._prefetched))
+        return got
+
+    z3._unpack = watched
+    _train(z3, _opt(z3.parameters()), data[:1], r, n)
+    out["most_gathered_in_backward"] = max(most)
     out["lines"] = lines
     return out
 
@@ -227,6 +246,8 @@ def test_prefetch_changes_nothing_but_when_gathers_are_issued():
     for r in _run(2):
         g = r["gpt"]
         assert g["prefetch_equal"]
+        assert g["recipes_after_dropped_graph"] == 0
+        assert g["most_gathered_in_backward"] <= 2  # the unit in use and (with prefetch) the next: never all
         on, off = g["lines"][True], g["lines"][False]
         assert not any(early for _, early in off)  # without prefetch every gather is issued when it is needed
         # with it, after the first forward (which learns the order), gathers are issued ahead, in both directions

@@ -136,6 +136,25 @@ class _Gather(torch.autograd.Function):
         return mine.div_(owner.world_size).to(shard.dtype), None, None  # the shard's .grad: what is stepped
 
 
+class _Recipe:
+    """A saved view of a gathered unit, kept as where it lies instead of its values. Each counts itself in its
+    owner's ``_recipes`` until it is unpacked, or until autograd drops it unused (a forward whose graph is never
+    backpropagated: evaluation with gradients on), so the count says how many uses of a re-gathered copy remain."""
+
+    __slots__ = ("owner", "g", "offset", "shape", "stride", "live")
+
+    def __init__(self, owner, g, offset, shape, stride):
+        self.owner, self.g, self.offset, self.shape, self.stride, self.live = owner, g, offset, shape, stride, True
+
+    def release(self) -> None:
+        if self.live:
+            self.live = False
+            self.owner._recipes[self.g] = self.owner._recipes.get(self.g, 1) - 1
+
+    def __del__(self):
+        self.release()
+
+
 class Zero3(nn.Module):
     """Shard ``module``'s parameters unit by unit over the ranks of ``group``; gather each unit only to use it."""
 
@@ -354,19 +373,24 @@ class Zero3(nn.Module):
             ptr = t.untyped_storage().data_ptr()
             for g, full in self._gathered.items():
                 if full.untyped_storage().data_ptr() == ptr:
-                    if g not in self._recipes or self._recipes[g] == 0:
+                    if self._recipes.get(g, 0) <= 0:  # its first recipe since the last were used: order anew
+                        if g in self._pack_order:
+                            self._pack_order.remove(g)
                         self._pack_order.append(g)
                     self._recipes[g] = self._recipes.get(g, 0) + 1
-                    return ("zero3", g, t.storage_offset(), tuple(t.shape), t.stride())
-        return t
+                    return _Recipe(self, g, t.storage_offset(), tuple(t.shape), t.stride())
+        # anything else is kept as its values, detached: the tensor itself would tie a saved output (softmax's,
+        # tanh's) to the node that saved it, a cycle through C++ that the garbage collector cannot see, and a graph
+        # dropped without a backward would never be freed. Autograd restores the autograd links when unpacking
+        return t.detach()
 
     def _unpack(self, packed):
         # the backward needs a saved tensor back. For a recipe, the group's first one gathers its parameters again
         # (Ψ_u, without autograd: the gradient goes through _Gather's edge, not this copy), or waits for the gather
         # prefetched when the unit after it was regathered; the group's last recipe drops the copy
-        if not (isinstance(packed, tuple) and packed and packed[0] == "zero3"):
+        if not isinstance(packed, _Recipe):
             return packed
-        _, g, offset, shape, stride = packed
+        g = packed.g
         if not self._bw_queued:  # once per backward: clean up what a backward may leave (see _backward_done)
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
             self._bw_queued = True
@@ -379,9 +403,10 @@ class Zero3(nn.Module):
                     if self._recipes.get(nxt, 0) > 0 and self._groups[nxt].unit != self._groups[g].unit:
                         self._prefetch(nxt, "backward")
                         break
-        view = self._regathered[g].as_strided(shape, stride, offset)  # the same view, rebuilt on the new copy
-        self._recipes[g] = self._recipes.get(g, 1) - 1
-        if self._recipes[g] <= 0:  # the last use: drop the copy once the node using it is done with it
+        # the same view, rebuilt on the new copy
+        view = self._regathered[g].as_strided(packed.shape, packed.stride, packed.offset)
+        packed.release()
+        if self._recipes.get(g, 0) <= 0:  # the last use: drop the copy once the node using it is done with it
             self._regathered.pop(g, None)
             if g in self._pack_order:
                 self._pack_order.remove(g)
