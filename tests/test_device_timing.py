@@ -29,6 +29,8 @@ _LAUNCH = "a launch's wall time seen from the parent (start-up included), printe
 _COMMAND = "the whole command's wall time, printed at the end; the ranks time their work with labkit.devices"
 _SUPERVISE = "process supervision (deadlines, time-outs, idle detection), not a measurement"
 WALL_CLOCK = {
+    ("zero/stage3.py", "Zero3._clock"): "on a GPU, when the host queued a gather (synchronising there would wait "
+                                        "for the prefetch it records); on a CPU it reads labkit.devices.now",
     ("ablation/bench.py", "throughput"): "trials per minute of a whole study run by worker processes (CPU trials)",
     ("ablation/bench.py", "store_overhead"): "SQLite transactions, no tensors",
     ("ablation/lab.py", "wait_for"): _SUPERVISE,

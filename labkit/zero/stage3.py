@@ -35,7 +35,8 @@ What real models bring, and what Zero3 does with it (FSDP2's ``fully_shard`` mak
 * **Prefetch** (``prefetch=True``): when unit i starts, the all-gather of the unit that ran after it in the last
   forward is issued asynchronously, so it travels while unit i computes; in the backward the units' regathers are
   prefetched in the reverse order. :attr:`timeline` records when each gather was issued, waited for and ready, and
-  each unit's compute (``record=True``), which measures the overlap.
+  each unit's compute (``record=True``), which measures the overlap on a CPU (on a GPU it records when the host
+  queued each, since reading the device's clock would synchronise and undo the overlap).
 * **Mixed precision** (``mp_policy``: :class:`MixedPrecision` or torch's ``MixedPrecisionPolicy``): shards,
   gradients and optimiser state stay in the parameters' dtype (fp32 master weights); each gather casts the shard
   to ``param_dtype`` first (half the bytes in bf16), the units compute in it (their floating inputs cast to it),
@@ -50,6 +51,7 @@ the model's full state dict and :meth:`Zero3.sharded_state_dict` this rank's par
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -280,26 +282,34 @@ class Zero3(nn.Module):
         src = self._source(g)
         full = torch.empty(self._groups[g].layout.padded, dtype=src.dtype, device=src.device)
         work = self.traffic.all_gather(full, src, async_op=async_op, label=label)  # counted: Ψ_u
-        return full, work
+        return full, work, src
+
+    def _clock(self) -> float:
+        # the timeline's clock, read only when recording. On the CPU the host's clock is when things happen; on a
+        # GPU it is when they were queued (synchronising here would wait for the prefetch and undo the overlap)
+        if self.timeline is None:
+            return 0.0
+        return now(self._device()) if self._device().type == "cpu" else time.perf_counter()
 
     def _prefetch(self, g: int, label: str) -> None:
         if g in self._prefetched or (label == "backward" and g in self._regathered):
             return
-        full, work = self._issue(g, label, async_op=True)
-        self._prefetched[g] = (full, work, now(full.device))
+        full, work, src = self._issue(g, label, async_op=True)
+        # src (a bf16 copy under mixed precision) is kept until the wait: the collective reads it in the background
+        self._prefetched[g] = (full, work, self._clock(), src)
 
     def _take(self, g: int, label: str) -> torch.Tensor:
         """Group g's full buffer: the prefetched one (waited for) or one gathered now."""
-        t0 = now(self._groups[g].shard.device)
+        t0 = self._clock()
         if g in self._prefetched:
-            full, work, issued = self._prefetched.pop(g)
+            full, work, issued, _ = self._prefetched.pop(g)
             work.wait()
         else:
-            full, _ = self._issue(g, label, async_op=False)
+            full, _, _ = self._issue(g, label, async_op=False)
             issued = t0
         if self.timeline is not None:
             self.timeline.append({"kind": "gather", "group": g, "unit": self._groups[g].unit, "phase": label,
-                                  "issued": issued, "waited": t0, "ready": now(full.device)})
+                                  "issued": issued, "waited": t0, "ready": self._clock()})
         return full
 
     def _gather_unit(self, u) -> None:
@@ -353,13 +363,13 @@ class Zero3(nn.Module):
                 for g in self._unit_groups.get(order[k + 1], ()):
                     self._prefetch(g, "forward")
         if self.timeline is not None:
-            self._computing[u] = {"kind": "compute", "unit": u, "phase": "forward", "start": now(self._device())}
+            self._computing[u] = {"kind": "compute", "unit": u, "phase": "forward", "start": self._clock()}
             self.timeline.append(self._computing[u])
         return self._cast(args, kwargs)
 
     def _after(self, u: int) -> None:  # forward hook of unit u: it has run, free its full parameters
         if self.timeline is not None and u in self._computing:
-            self._computing.pop(u)["end"] = now(self._device())
+            self._computing.pop(u)["end"] = self._clock()
         self._free_unit(u)
 
     def _device(self):
@@ -420,7 +430,7 @@ class Zero3(nn.Module):
         self._bw_queued = False
 
     def _drop_prefetched(self) -> None:
-        for _, work, _ in self._prefetched.values():
+        for _, work, _, _ in self._prefetched.values():
             work.wait()  # every rank issued it: let it finish before its buffer goes
         self._prefetched.clear()
 
@@ -474,7 +484,7 @@ class Zero3(nn.Module):
         """Parameter values this rank holds now: its shards (trained and frozen) plus anything still gathered."""
         return (sum(g.shard.numel() for g in self._groups) + sum(f.numel() for f in self._gathered.values())
                 + sum(f.numel() for f in self._regathered.values())
-                + sum(f.numel() for f, _, _ in self._prefetched.values()))
+                + sum(f.numel() for f, _, _, _ in self._prefetched.values()))
 
     def state_dict(self, *args, **kwargs) -> dict:
         """The model's full state dict (its own keys, as ``model.state_dict()`` before wrapping gives them); every
