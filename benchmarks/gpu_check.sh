@@ -161,7 +161,7 @@ add_step bench_hardware 80 1 "numpy cloudpickle" \
 add_step bench_kmeans 45 1 "numpy sklearn cloudpickle" "lab 06: k-means on 1,000,000 x 64 (k = 64) on the GPU vs scikit-learn on every core" \
   -- "${LABKIT[@]}" bench kmeans --gpu --repeats 1 --max-iter 50 --no-distributed
 add_step bench_zero 30 1 "numpy cloudpickle" "lab 10 on 1-rank NCCL: every method's tensors on the GPU, memory from the CUDA allocator, the backend read from the results" \
-  -- "${LABKIT[@]}" bench zero --world-sizes 1 --quick
+  -- "${LABKIT[@]}" bench zero --world-sizes 1 --quick --no-prefetch
 add_step bench_ddp 25 1 "numpy sklearn cloudpickle" "lab 02 on 1-rank NCCL: the four DDPs with data and model on the GPU, the backend column" \
   -- "${LABKIT[@]}" bench ddp --ranks 1 --quick
 add_step bench_capstone 30 1 "numpy cloudpickle" "lab 11 on 1-rank NCCL: the 1x1x1 grid against one process" \
@@ -173,7 +173,7 @@ add_step notebook_09 65 1 "$ALL" "notebook 09 top to bottom with its speed exper
 # Two GPUs or more: 150 + 60 + 40 + 60 + 90 + 30 + 90 + 60 = 580 s; four: + 60 s; eight: + 90 s.
 add_step tour_2ranks 150 2 "$ALL" "every lab's rank functions on 2-rank NCCL" \
   -- "${LABKIT[@]}" tour -n 2 --require-backend nccl
-add_step bench_zero_2ranks 60 2 "numpy cloudpickle" "ZeRO-1/2/3, torch's ZeRO and FSDP2 on 2-rank NCCL" \
+add_step bench_zero_2ranks 60 2 "numpy cloudpickle" "ZeRO-1/2/3, torch's ZeRO and FSDP2 on 2-rank NCCL; ZeRO-3 with prefetch against none" \
   -- "${LABKIT[@]}" bench zero --quick
 add_step bench_ddp_2ranks 40 2 "numpy sklearn cloudpickle" "the four DDPs on 2-rank NCCL" \
   -- "${LABKIT[@]}" bench ddp --ranks 2 --quick
