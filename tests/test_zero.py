@@ -186,9 +186,9 @@ def _stage3_exact(ctx) -> dict:
     issue = z3._issue
 
     def watched(g, label, async_op):  # keep a weak reference to every buffer ZeRO-3 gathers
-        full, work = issue(g, label, async_op)
+        full, *rest = issue(g, label, async_op)
         refs.append(weakref.ref(full))
-        return full, work
+        return (full, *rest)
 
     z3._issue = watched
     out = z3(x)

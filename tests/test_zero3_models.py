@@ -89,6 +89,12 @@ def _gpt_runs(ctx) -> dict:
         fulls[prefetch] = z3.full_parameters()
         lines[prefetch] = [(e["phase"], e["issued"] < e["waited"]) for e in z3.timeline if e["kind"] == "gather"]
         out[f"held_after_{prefetch}"] = (z3.held_numel(), sum(g.shard.numel() for g in z3._groups))
+    # default units: the top-level children with parameters, a ModuleList's elements instead of the list
+    model = tied_gpt()
+    z3 = zero.Zero3(model)
+    _train(z3, _opt(z3.parameters()), data, r, n)
+    out["default_units"] = (_diff(z3.full_parameters(), single.parameters()),
+                            [type(u).__name__ for u in z3.units])
     out["prefetch_equal"] = all(torch.equal(a, b) for a, b in zip(fulls[True], fulls[False]))
     # a forward whose graph is dropped without a backward (a validation loss with gradients on) leaves no count of
     # saved views behind, so the next backward still frees each re-gathered unit after its last use
@@ -178,6 +184,13 @@ def _bad(ctx) -> dict:
     bad["tok.weight"] = torch.zeros(3, 3, dtype=torch.float64)
     catch("shape", lambda: z3.load_state_dict(bad))
     catch("sharded_as_full", lambda: z3.load_state_dict(mine))
+    m = tied_gpt()
+    catch("container_unit", lambda: zero.Zero3(m, units=[m.blocks]))
+    m = tied_gpt()
+    zero.Zero3(m, units=list(m.blocks))
+    x, _ = _batches(1)[0]
+    catch("model_not_wrapper", lambda: m(x))  # the unwrapped model, whose blocks hold no weights now
+    catch("block_alone", lambda: m.blocks[1].qkv(torch.zeros(2, CFG.width, dtype=torch.float64)))
     return out
 
 
@@ -246,6 +259,8 @@ def test_prefetch_changes_nothing_but_when_gathers_are_issued():
     for r in _run(2):
         g = r["gpt"]
         assert g["prefetch_equal"]
+        assert g["default_units"][0] < 1e-9
+        assert g["default_units"][1] == ["Embedding", *["Block"] * CFG.layers, "LayerNorm", "Linear"]
         assert g["recipes_after_dropped_graph"] == 0
         assert g["most_gathered_in_backward"] <= 2  # the unit in use and (with prefetch) the next: never all
         on, off = g["lines"][True], g["lines"][False]
@@ -289,3 +304,7 @@ def test_bad_input_is_named():
     assert "build it from zero3.parameters()" in b["other_optimizer"]
     assert "state_dict['tok.weight'] has shape (3, 3)" in b["shape"]
     assert "load_sharded_state_dict" in b["sharded_as_full"]
+    assert "units[0] is a ModuleList, which is never called" in b["container_unit"]
+    assert "the model (TinyGPT) ran while the root (the model) was not gathered" in b["model_not_wrapper"]
+    assert "Call the wrapper, not the model" in b["model_not_wrapper"]
+    assert "model.blocks.1.qkv (Linear) ran while units[1] (Block) was not gathered" in b["block_alone"]

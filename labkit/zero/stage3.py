@@ -138,6 +138,11 @@ class _Gather(torch.autograd.Function):
         return mine.div_(owner.world_size).to(shard.dtype), None, None  # the shard's .grad: what is stepped
 
 
+def _is_container(m: nn.Module) -> bool:
+    """A module without a forward of its own (ModuleList, ModuleDict): the model calls its elements, never it."""
+    return type(m).forward is nn.Module.forward
+
+
 class _Recipe:
     """A saved view of a gathered unit, kept as where it lies instead of its values. Each counts itself in its
     owner's ``_recipes`` until it is unpacked, or until autograd drops it unused (a forward whose graph is never
@@ -234,17 +239,32 @@ class Zero3(nn.Module):
             self._hooks.append(unit.register_forward_pre_hook(lambda _m, a, k, u=u: self._before(u, a, k),
                                                               with_kwargs=True))
             self._hooks.append(unit.register_forward_hook(lambda _m, _a, _o, u=u: self._after(u)))
+        # a layer run without its unit (or the model called instead of the wrapper) would find its weights gone:
+        # say so, instead of a TypeError about None deep inside it
+        for name, sub in module.named_modules():
+            for u in {grp.unit for grp in self._groups for places in grp.slots for m, _ in places if m is sub}:
+                self._hooks.append(sub.register_forward_pre_hook(
+                    lambda m, _a, u=u, name=name: self._require(u, m, name)))
 
     @staticmethod
     def _check_units(module, units) -> list[nn.Module]:
-        if units is None:
-            units = [c for c in module.children() if any(True for _ in c.parameters())]
+        if units is None:  # the top-level children with parameters; a container's (ModuleList) own children
+            def called(m):
+                if not _is_container(m):
+                    return [m]
+                return [u for c in m.children() if any(True for _ in c.parameters()) for u in called(c)]
+
+            units = [u for c in module.children() if any(True for _ in c.parameters()) for u in called(c)]
         units = [m for m in units if m is not module]  # the model itself is the root, always there
         inside = {id(m) for m in module.modules()}
         for i, m in enumerate(units):
             if not isinstance(m, nn.Module) or id(m) not in inside:
                 raise ArgumentError(f"units[{i}] ({type(m).__name__}) is not a submodule of the model; pass "
                                     f"submodules of it, e.g. list(model.children())")
+            if _is_container(m):
+                raise ArgumentError(f"units[{i}] is a {type(m).__name__}, which is never called (the model calls "
+                                    f"its elements), so it would never be gathered; pass its elements, e.g. "
+                                    f"units=list(model.blocks)")
         for i, a in enumerate(units):
             below = {id(m) for m in a.modules()}
             for j, b in enumerate(units):
@@ -366,6 +386,15 @@ class Zero3(nn.Module):
             self._computing[u] = {"kind": "compute", "unit": u, "phase": "forward", "start": self._clock()}
             self.timeline.append(self._computing[u])
         return self._cast(args, kwargs)
+
+    def _require(self, u, m: nn.Module, name: str) -> None:
+        if not any(g in self._gathered for g in self._unit_groups.get(u, ())):
+            unit = f"units[{u}] ({type(self.units[u]).__name__})" if u is not None else "the root (the model)"
+            raise ArgumentError(f"{f'model.{name}' if name else 'the model'} ({type(m).__name__}) ran while {unit} "
+                                f"was not gathered: "
+                                f"Zero3 gathers a unit when the unit itself is called, inside zero3(...). Call the "
+                                f"wrapper, not the model; and make units of modules that are called as a whole (a "
+                                f"layer whose parts the parent calls one by one is no unit)")
 
     def _after(self, u: int) -> None:  # forward hook of unit u: it has run, free its full parameters
         if self.timeline is not None and u in self._computing:
