@@ -161,6 +161,7 @@ def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
             dtype = torch.bfloat16 if setup.precision == "bf16" else None
             walk, _ = meta_call(model, x, dtype=dtype)
             acts = sum(walk.saved.values())
+            est.notes += list(dict.fromkeys(walk.notes))
             if walk.unknown:
                 acts, _ = meta_call(model, x, ledger=True, dtype=dtype)
                 est.notes.append("no rule for " + ", ".join(sorted(set(walk.unknown))) +
@@ -180,7 +181,8 @@ def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
     est.activations = acts
     grads_all = setup.grad_accum > 1
     backward = backward_peak(walk, params, per["grads"], est.grads, grads_all) if walk else acts + est.grads
-    fixed = est.params + est.buffers + est.optimizer + nbytes(x) + 8 * x.shape[0]
+    held = walk is not None and walk.input in walk.saved   # the input, saved by the first op: counted in backward
+    fixed = est.params + est.buffers + est.optimizer + (0 if held else nbytes(x)) + 8 * x.shape[0]
     step = est.grads + est.intermediates
     est.peak = int(fixed + max(backward, step))
     est.peak_at = "during backward" if backward > step else "in the optimiser step (state created at the first)"
