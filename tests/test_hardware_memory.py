@@ -428,3 +428,13 @@ def test_a_model_that_cannot_be_walked_says_why_and_what_to_do():
                                             r"\(2, 5\)"):
         estimate(nn.Linear(4, 4), Setup(), (2, 5))
     assert estimate(nn.Linear(4, 4), Setup(), (2, 4)).params == 20 * 4  # a single layer (no children) is fine
+
+
+def test_peak_rows_needs_named_cases():
+    from labkit.hardware import peak_rows
+
+    with pytest.raises(ArgumentError, match="cases must be a dict"):
+        peak_rows([])
+    model, x = models()["mlp"]
+    (row,) = peak_rows({"mlp": (model, x)})
+    assert row["model"] == "mlp" and row["method"] == "MemTracker" and abs(row["ratio"] - 1) < 0.10
