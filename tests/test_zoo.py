@@ -12,7 +12,8 @@ and an MLP trained with two parameter groups. The checks:
 - lab 10's ZeRO-1/2 against torch's ``ZeroRedundancyOptimizer`` and the unsharded AdamW;
 - lab 06's ``KMeans`` and lab 07's ``GaussianEM`` against scikit-learn on features a zoo model extracts.
 
-``python tests/test_zoo.py`` prints the calculator's table (``benchmarks/README.md`` keeps it).
+``python tests/test_zoo.py`` prints the calculator's tables (``benchmarks/README.md`` keeps them): the zoo, and
+``nn.TransformerEncoderLayer`` at 64 to 512 tokens.
 """
 from __future__ import annotations
 
@@ -312,10 +313,23 @@ def test_gaussian_em_tied_fully_labelled_equals_pca_then_lda(features):
     assert ours.score(X[300:], y[300:]) == theirs.score(X[300:], y[300:]) > 0.5
 
 
-if __name__ == "__main__":   # the calculator's table for benchmarks/README.md
+def encoder_layer_sweep() -> dict:
+    """``nn.TransformerEncoderLayer(64, 8, 128)``, batch 4, at 64 to 512 tokens, with and without dropout (the
+    issue's case: with dropout the CPU runs the math attention kernel)."""
+    cases = {}
+    for seq in (64, 128, 256, 512):
+        for p in (0.0, 0.1):
+            torch.manual_seed(0)
+            layer = nn.TransformerEncoderLayer(64, 8, 128, dropout=p, batch_first=True)
+            cases[f"TransformerEncoderLayer, {seq} tokens, dropout {p}"] = (layer, torch.randn(4, seq, 64))
+    return cases
+
+
+if __name__ == "__main__":   # the calculator's tables for benchmarks/README.md
     from labkit.viz import format_table
 
     torch.set_num_threads(1)
-    print(format_table([{"model": r["model"], "predicted MiB": f"{r['predicted MiB']:.2f}",
-                         "measured MiB": f"{r['measured MiB']:.2f}", "ratio": f"{r['ratio']:.3f}"}
-                        for r in peak_rows(calculator_zoo())]))
+    for cases in (calculator_zoo(), encoder_layer_sweep()):
+        print(format_table([{"model": r["model"], "predicted MiB": f"{r['predicted MiB']:.2f}",
+                             "measured MiB": f"{r['measured MiB']:.2f}", "ratio": f"{r['ratio']:.3f}"}
+                            for r in peak_rows(cases)]), end="\n\n")
