@@ -182,16 +182,18 @@ def test_torch_attention_is_counted_for_the_kernel_that_runs():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("seq", [64, 256, 512])
-def test_encoder_layer_peak_within_ten_percent_at_every_sequence(seq, dropout):
+def test_encoder_layer_peak_within_three_percent_at_every_sequence(seq, dropout):
     """With dropout the CPU runs the math kernel, whose backward makes the gradients of the s x s attention weights
     while it still holds the weights, their dropout noise and the dropped weights: before the walk took the kernel
-    op by op, the peak was 29.7 MiB predicted where 34.7 were measured at 256 tokens (-15%), -20% at 512."""
+    op by op, the peak was 29.7 MiB predicted where 34.7 were measured at 256 tokens (-15%), -20% at 512. Without
+    dropout (the fused kernel), the gradient waiting at the residual connection while the feed-forward branch's
+    backward runs is 6% of the peak (within 1.5% here, measured)."""
     torch.manual_seed(0)
     x = torch.randn(4, seq, 64)
     layer = nn.TransformerEncoderLayer(64, 8, 128, dropout=dropout, batch_first=True)
     est, got = estimate(layer, Setup(), x), measure(layer, x, steps=2)
     assert est.activations == got.activations
-    assert est.peak == pytest.approx(got.peak, rel=0.10), (est.peak / got.peak, est.notes)
+    assert est.peak == pytest.approx(got.peak, rel=0.03), (est.peak / got.peak, est.notes)
     assert not est.notes, est.notes
 
 

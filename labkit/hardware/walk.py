@@ -13,9 +13,10 @@ in which backward frees activations and makes gradients (:func:`backward_peak`).
 kernel that really runs (:func:`sdpa_backend`): a fused kernel as one op that keeps q, k, v, its output and a
 log-sum-exp per query; the math kernel op by op (:func:`math_attention`), so that the backward's s x s gradients,
 made while the s x s weights are still held, are in the peak (measured on this CPU: within 1% of MemTracker for
-``nn.TransformerEncoderLayer`` with dropout at 64 to 512 tokens, where it was 15-20% low). Not modelled: a
-gradient waiting at a residual connection while the other branch's backward runs (the fused
-``TransformerEncoderLayer`` is predicted about 6% low for it). :func:`checkpointed` applies
+``nn.TransformerEncoderLayer`` with dropout at 64 to 512 tokens, where it was 15-20% low). The walk also notes where
+each activation is made and last used (functions without a rule included): its gradient waits from the last user's
+backward to the maker's, as at a residual connection while the other branch's backward runs (6% of the fused
+``TransformerEncoderLayer``'s peak). :func:`checkpointed` applies
 Chen et al. 2016's segment rule: the inputs of every segment are kept, and one segment at a time is recomputed.
 
 This module is long because the rules are one table (a function's name to what it saves) that one mode applies, and
@@ -166,6 +167,8 @@ class Walk(TorchFunctionMode):
         self.unknown: list[str] = []
         self.notes: list[str] = []
         self.input: int | None = None   # the key of the model's input, when meta_call set it
+        self._made: dict[int, tuple] = {}   # per activation: (where it is made, its bytes)
+        self._used: dict[int, float] = {}   # per activation: where it is used last
         self._keep: list[torch.Tensor] = []
         self._new = itertools.count(-1, -1)
 
@@ -191,7 +194,9 @@ class Walk(TorchFunctionMode):
         out = func(*args, **kwargs)
         tensors = [a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)]
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors) or name in _NOTHING:
+            self._flow(tensors, out, len(self.ops) - 0.5)
             return out
+        self._flow(tensors, out, len(self.ops))
         keys, params = [], []
         rg = lambda t: isinstance(t, torch.Tensor) and t.requires_grad
         a0 = args[0] if args else None
@@ -283,6 +288,19 @@ class Walk(TorchFunctionMode):
                          "in": sum(nbytes(t) for t in grads_in)})
         return out
 
+    def _flow(self, inputs, out, pos):
+        """Where each activation is made and last used (``pos``: an op's index, or halfway before it for a function
+        without a rule): its gradient waits from its last user's backward to its maker's (:func:`backward_peak`)."""
+        if not torch.is_grad_enabled():
+            return
+        for t in inputs:
+            if t.requires_grad and id(t) in self._made:
+                self._used[id(t)] = pos
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.requires_grad and id(_root(t)) not in self.exclude:
+                self._keep.append(t)
+                self._made[id(t)] = (pos, nbytes(t))
+
     def _math_attention(self, func, args, kwargs):
         """Walk torch's math attention kernel one op at a time (:func:`math_attention`), so that the backward's order
         is modelled: its gradients of the s x s weights (one while the weights' dropout and the output's product are
@@ -312,7 +330,10 @@ class Walk(TorchFunctionMode):
             sub = ledger
         for k, b in sub.saved.items():
             self.saved[k] = max(self.saved.get(k, 0), b)
+        start = len(self.ops)
         self.ops += sub.ops
+        self._flow([a for a in itertools.chain(args, kwargs.values()) if isinstance(a, torch.Tensor)], out, start)
+        self._made[id(out)] = (len(self.ops) - 1, nbytes(out))
         self._keep += sub._keep + ledger._keep
         self.unknown += sub.unknown
         return out
@@ -413,7 +434,9 @@ def checkpointed(model: nn.Sequential, x, segments: int):
 
 
 def backward_peak(walk, params, grad_bytes, all_grads, grads_all):
-    """max over ops j (in reverse) of: saved storages still needed + gradients made so far + the gradient flowing."""
+    """max over ops j (in reverse) of: saved storages still needed + gradients made so far + the gradient flowing
+    into op j and the one it makes + the gradients waiting (of activations made before op j and used after it: a
+    residual connection's while the other branch runs)."""
     first_user: dict[int, int] = {}
     for j, op in enumerate(walk.ops):
         for k in op["keys"]:
@@ -423,9 +446,11 @@ def backward_peak(walk, params, grad_bytes, all_grads, grads_all):
         for p in op["params"]:
             if p.requires_grad:
                 last_use[id(p)] = (j, p.numel() * grad_bytes)
+    spans = [(walk._made[k][0], u, walk._made[k][1]) for k, u in walk._used.items()]
     best = 0
     for j in range(len(walk.ops) - 1, -1, -1):
         live = sum(walk.saved[k] for k, u in first_user.items() if u <= j)
         grads = all_grads if grads_all else sum(b for (u, b) in last_use.values() if u >= j)
-        best = max(best, live + grads + walk.ops[j]["out"] + walk.ops[j]["in"])
+        waiting = sum(b for made, used, b in spans if made < j < used)
+        best = max(best, live + grads + walk.ops[j]["out"] + walk.ops[j]["in"] + waiting)
     return best
