@@ -22,7 +22,7 @@ functions.
 from .._compat import moved_names
 from .cpu import CpuInfo, cpu_info, gpu_info, predict_bf16
 from .loading import DecodeLikeDataset, input_pipeline
-from .measure import Measured, compare, confirm_batch, measure
+from .measure import Measured, compare, confirm_batch, measure, peak_rows
 from .memory import Estimate, Setup, estimate, largest_batch
 from .speed import batch_sweep, bf16_by_isa, channels_last_speed, checkpointing, compile_speed, mixed_precision
 from .step import Result, Step, make_step
@@ -32,7 +32,7 @@ from .transformer import TransformerShape, tiny_transformer
 __all__ = ["CpuInfo", "cpu_info", "gpu_info", "predict_bf16", "Timing", "time_interleaved", "Step", "Result",
            "make_step", "mixed_precision", "bf16_by_isa", "channels_last_speed", "compile_speed", "batch_sweep",
            "checkpointing", "input_pipeline", "DecodeLikeDataset", "TransformerShape", "tiny_transformer", "Setup",
-           "Estimate", "estimate", "largest_batch", "Measured", "measure", "compare", "confirm_batch"]
+           "Estimate", "estimate", "largest_batch", "Measured", "measure", "compare", "confirm_batch", "peak_rows"]
 
 # renamed in issue 30 (one release): the timer was called like lab 04's interleaved schedule
 __getattr__ = moved_names(__name__, {"interleaved": "labkit.hardware.timing:time_interleaved"})

@@ -8,8 +8,9 @@ On CPU it reads PyTorch's memory tracker, ``torch.distributed._tools.mem_tracker
 memory into parameters, gradients, optimiser state and the rest; it is a private API, so a failure falls back to
 ``torch.profiler`` with ``profile_memory=True`` (the peak from its allocation events, the rest by walking the
 tensors) and says so in ``notes``. On a GPU, the allocator's peak (``torch.cuda.max_memory_allocated``, the CUDA
-context excluded). :func:`compare` puts a prediction beside a measurement; :func:`confirm_batch` measures the
-batch :func:`labkit.hardware.largest_batch` predicts for a budget, and the next one.
+context excluded). :func:`compare` puts a prediction beside a measurement, :func:`peak_rows` the predicted and
+measured peaks of several models; :func:`confirm_batch` measures the batch :func:`labkit.hardware.largest_batch`
+predicts for a budget, and the next one.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..sliced.models import saved_bytes
 from .memory import Estimate, Setup, _as_sample, _shape, largest_batch
 from .walk import ce_loss, nbytes
 
-__all__ = ["Measured", "measure", "compare", "confirm_batch"]
+__all__ = ["Measured", "measure", "compare", "confirm_batch", "peak_rows"]
 
 _LOW = {"bf16": torch.bfloat16, "autocast-bf16": torch.bfloat16, "autocast-fp16": torch.float16}
 
@@ -245,6 +246,23 @@ def compare(est: Estimate, measured: Measured) -> list[dict]:
     for k in ("params", "grads", "optimizer", "intermediates", "activations", "peak"):
         p, q = getattr(est, k), last[k]
         rows.append({"component": k, "predicted": p, "measured": q, "ratio": p / q if q else float("nan")})
+    return rows
+
+
+def peak_rows(cases: dict, setup: Setup = Setup(), steps: int = 2) -> list[dict]:
+    """One row per ``name: (model, sample)`` of ``cases``: the calculator's peak (:func:`labkit.hardware.estimate`)
+    beside the measured one (:func:`measure`, ``steps`` steps on the CPU), in MiB, their ``ratio`` (predicted /
+    measured), the activations' ratio, and how the run was measured. The zoo test and the benchmark table share it."""
+    from .memory import estimate
+
+    if not isinstance(cases, dict) or not cases:
+        raise ArgumentError(f"cases must be a dict of name: (model, sample), got {type(cases).__name__}")
+    rows = []
+    for name, (model, sample) in cases.items():
+        est, got = estimate(model, setup, sample), measure(model, sample, setup=setup, steps=steps)
+        rows.append({"model": name, "predicted MiB": est.peak / 2 ** 20, "measured MiB": got.peak / 2 ** 20,
+                     "ratio": est.peak / got.peak, "activations ratio": est.activations / got.activations,
+                     "method": got.method, "notes": est.notes + got.notes})
     return rows
 
 

@@ -12,9 +12,10 @@ Korthikanti et al. 2022's formulas (:func:`labkit.memory_model.transformer_activ
 stage over ``dp`` (:func:`labkit.memory_model.zero_bytes_each_rank`), ``tp`` and ``pp`` divide the model states,
 and a pipeline stage holds :func:`labkit.memory_model.pipeline_in_flight` micro-batches.
 
-Where the peak occurs: at the optimiser step (parameters + gradients + state + step temporaries), or during
+Where the peak occurs: at the optimiser step (parameters + gradients + state + step temporaries), during
 backward (parameters + state + the activations not yet freed + the gradients made so far + the gradient
-flowing), whichever is larger; the end of the forward is the start of the backward. The predicted peak is that
+flowing), or, where little is saved (a frozen backbone), in the forward (what is saved so far + one layer's input
+and output), whichever is largest; the end of the forward is the start of the backward. The predicted peak is that
 of the second and later steps: the first step's backward runs before any optimiser state exists, so its peak
 can be lower by the state's size. :mod:`labkit.hardware.measure` checks every figure against a real run.
 """
@@ -117,7 +118,8 @@ def _state_bytes(setup):
 def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
     """Predict the memory of one training step of ``model`` (an ``nn.Module`` with ``sample``, an input tensor or
     its shape, or a :class:`TransformerShape`) under ``setup``. The peak is at the first optimiser step (state
-    created, plus its temporaries) or during backward, whichever is larger (``peak_at`` says which)."""
+    created, plus its temporaries), during backward or in the forward, whichever is largest (``peak_at`` says
+    which)."""
     if not isinstance(setup, Setup):
         raise ArgumentError(f"setup must be a Setup, got {type(setup).__name__}")
     if isinstance(model, TransformerShape):
@@ -161,6 +163,7 @@ def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
             dtype = torch.bfloat16 if setup.precision == "bf16" else None
             walk, _ = meta_call(model, x, dtype=dtype)
             acts = sum(walk.saved.values())
+            est.notes += list(dict.fromkeys(walk.notes))
             if walk.unknown:
                 acts, _ = meta_call(model, x, ledger=True, dtype=dtype)
                 est.notes.append("no rule for " + ", ".join(sorted(set(walk.unknown))) +
@@ -180,10 +183,13 @@ def estimate(model, setup: Setup = Setup(), sample=None) -> Estimate:
     est.activations = acts
     grads_all = setup.grad_accum > 1
     backward = backward_peak(walk, params, per["grads"], est.grads, grads_all) if walk else acts + est.grads
-    fixed = est.params + est.buffers + est.optimizer + nbytes(x) + 8 * x.shape[0]
+    held = walk is not None and walk.input in walk.saved   # the input, saved by the first op: counted in backward
+    fixed = est.params + est.buffers + est.optimizer + (0 if held else nbytes(x)) + 8 * x.shape[0]
     step = est.grads + est.intermediates
-    est.peak = int(fixed + max(backward, step))
-    est.peak_at = "during backward" if backward > step else "in the optimiser step (state created at the first)"
+    forward = walk.forward_peak if walk else 0   # above the backward's only where little is saved (a frozen backbone)
+    est.peak = int(fixed + max(backward, step, forward))
+    est.peak_at = ("in the forward" if forward > max(backward, step) else "during backward" if backward > step
+                   else "in the optimiser step (state created at the first)")
     _per_rank_figures(est, setup, acts)
     return est
 
