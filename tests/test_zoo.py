@@ -9,7 +9,8 @@ and an MLP trained with two parameter groups. The checks:
   ``labkit.hardware.measure``);
 - lab 02's data-parallel wrappers against torch's ``DistributedDataParallel`` (gradients, parameters and BatchNorm
   statistics after two steps on 2 gloo ranks);
-- lab 10's ZeRO-1/2 against torch's ``ZeroRedundancyOptimizer`` and the unsharded AdamW;
+- lab 10's ZeRO-1/2 against torch's ``ZeroRedundancyOptimizer`` and the unsharded AdamW, and ZeRO-3 against
+  torch's FSDP2 (``fully_shard``) on the tied GPT and the frozen-backbone ResNet-18;
 - lab 06's ``KMeans`` and lab 07's ``GaussianEM`` against scikit-learn on features a zoo model extracts.
 
 ``python tests/test_zoo.py`` prints the calculator's tables (``benchmarks/README.md`` keeps them): the zoo, and
@@ -252,8 +253,55 @@ def _zero_rank(ctx) -> dict:
 
 
 # --------------------------------------------------------------------------- lab 10: Zero3 against FSDP2
-# TO BE ADDED HERE with issue 26's item 2 (labkit.zero.Zero3), by its author: Zero3 against torch's FSDP2
-# (fully_shard) on ZooGPT (tied embeddings) and the frozen-backbone ResNet-18 (resnet18(frozen=True)).
+def _zero3_rank(ctx) -> dict:
+    """labkit's Zero3 against torch's FSDP2 (``fully_shard`` on the same units, then the root), 3 AdamW steps in
+    float64 on this rank's half of each batch: ZooGPT with Zero3's default units (its blocks are ModuleDicts the
+    forward reaches into, so each layer is a unit; the tied embedding is the root's), and ResNet-18 with its
+    backbone frozen (one unit per stage and the head)."""
+    from labkit import zero
+    from labkit.hardware.walk import ce_loss
+
+    g = torch.Generator().manual_seed(3)
+    n = 4 * ctx.world_size
+    data = {"gpt": [(torch.randint(0, 96, (n, 16), generator=g), torch.randint(0, 96, (n, 16), generator=g))
+                    for _ in range(3)],
+            "resnet": [(torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64),
+                        torch.randint(0, 10, (n,), generator=g)) for _ in range(3)]}
+    builds = {"gpt": (lambda: gpt(dtype=torch.float64), None),
+              "resnet": (lambda: resnet18(frozen=True, dtype=torch.float64),
+                         lambda m: [m.layer1, m.layer2, m.layer3, m.layer4, m.fc])}
+    out = {}
+    for name, (build, units_of) in builds.items():
+        fulls, buffers = {}, {}
+        for method in ("Zero3", "FSDP2"):
+            model = build().to(ctx.device)
+            if method == "Zero3":
+                net = zero.Zero3(model, units_of(model) if units_of else None)
+                units = net.units
+            else:
+                zero.torch_fsdp2(model, units=units)   # the units Zero3 used, in its order
+                net = model
+            opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], **ADAMW)
+            for x, y in data[name]:
+                x, y = x[ctx.rank::ctx.world_size].to(ctx.device), y[ctx.rank::ctx.world_size].to(ctx.device)
+                opt.zero_grad(set_to_none=True)
+                ce_loss(net(x), y).backward()
+                opt.step()
+            fulls[method] = net.full_parameters() if method == "Zero3" else zero.fsdp2_full_parameters(net)
+            buffers[method] = [b.detach().clone() for b in model.buffers()]
+        out[name] = {"params": max(float((a - b).abs().max()) for a, b in zip(fulls["Zero3"], fulls["FSDP2"])),
+                     "buffers": max((float((a.double() - b.double()).abs().max())
+                                     for a, b in zip(buffers["Zero3"], buffers["FSDP2"])), default=0.0),
+                     "units": len(units)}
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt", "resnet"])
+def test_zero3_equals_fsdp2_on_the_zoo(on_two_ranks, name):
+    for r in on_two_ranks(_zero3_rank):
+        assert r[name]["params"] == 0.0 and r[name]["buffers"] == 0.0, r[name]
+    # wte, wpe, 6 layers a block, ln_f, lm_head (a unit with nothing of its own: its weight is the tied one)
+    assert on_two_ranks(_zero3_rank)[0]["gpt"]["units"] == 2 + 2 * 6 + 2
 
 
 @pytest.mark.parametrize("name", ["gpt", "mlp"])
