@@ -157,6 +157,23 @@ def test_bench_rows_and_arguments():
 
 
 @pytest.mark.timeout(120)
+def test_bench_zero_bubble_rows_put_zb_h1_beside_1f1b():
+    from labkit.pipeline import zb_h1_bubble
+    from labkit.pipeline.bench import bench_zero_bubble
+    from labkit.pipeline.bench import main as bench_main
+
+    rows = bench_zero_bubble(ps=(2,), ms=(2,), forward_s=0.001, backward_s=0.002, weight_s=0.001, repeats=1)
+    assert [(r["schedule"], r["p"], r["m"], r["peak held"]) for r in rows] == [("1f1b", 2, 2, 2), ("zb-h1", 2, 2, 2)]
+    assert rows[0]["formula"] == pytest.approx(bubble_fraction(2, 2)) and rows[0]["W ms"] == 0
+    zb = rows[1]
+    f, b, w = (zb[k] / 1e3 for k in ("F ms", "B ms", "W ms"))
+    assert zb["formula"] == pytest.approx(zb_h1_bubble(2, 2, f, b + w, w, strict=False))
+    assert all(0 <= r["bubble"] < 1 and 0 <= r["simulated"] < 1 for r in rows)
+    with pytest.raises(SystemExit):
+        bench_main(["--zb-only", "--repeats", "0"])
+
+
+@pytest.mark.timeout(120)
 def test_bench_real_pairs_naive_and_pipelined_runs():
     from labkit.pipeline.bench import bench_real, mlp_case
 

@@ -309,20 +309,22 @@ def bubble_fraction(p: int, m: int, v: int = 1) -> float:
     return (p - 1) / (v * m + p - 1)
 
 
-def zb_h1_bubble(p: int, m: int, forward: float = 1.0, backward: float = 2.0, weight: float | None = None) -> float:
+def zb_h1_bubble(p: int, m: int, forward: float = 1.0, backward: float = 2.0, weight: float | None = None,
+                 strict: bool = True) -> float:
     """Theory: ZB-H1's idle fraction, (p-1)(F+B-W) / (m(F+B+W) + (p-1)(F+B-W)) (equal stages, free messages).
 
     ``backward`` is the whole backward and ``weight`` its W part (default half), so B = backward - weight: the
     arguments of :func:`simulate`. Each rank idles (p-1)(F+B-W) where 1F1B's idles (p-1)(F+B+W) (Qi et al. 2023,
-    section 3.1). It holds, as :func:`simulate` confirms, for ``m >= p`` and W no longer than F or B.
+    section 3.1). It holds, as :func:`simulate` confirms, for ``m >= p`` and W no longer than F or B; outside them it
+    raises, unless ``strict=False`` (the expression as written, for a table of measured times a little off them).
     """
     _check_pm(p, m)
     w = backward / 2 if weight is None else float(weight)
     b = backward - w
-    if not (0 <= w <= min(forward, b)):
+    if strict and not (0 <= w <= min(forward, b)):
         raise ValueError(f"the ZB-H1 formula needs 0 <= W <= F and W <= B (B = backward - weight); got F={forward}, "
                          f"B={b}, W={w}: use simulate(zb_h1(p, m), ...) instead")
-    if m < p:
+    if strict and m < p:
         raise ValueError(f"the ZB-H1 formula needs n_micro >= n_stages (every stage reaches its steady phase); got "
                          f"n_micro={m}, n_stages={p}: use simulate(zb_h1(p, m), ...) instead")
     idle = (p - 1) * (forward + b - w)
