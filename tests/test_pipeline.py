@@ -281,6 +281,8 @@ def test_1f1b_order_check_correct_stub_and_wrong_answers():
     assert not res.passed and "one_f_one_b_stage" in res.summary() and "yourself" in res.summary()
     res = check_1f1b_order(lambda s, p, m: [str(a) for a in S.one_f_one_b(p, m)[s]])
     assert not res.passed and "one_f_one_b" in res.summary()
+    res = check_1f1b_order(lambda s, p, m: [str(a) for a in S.zb_h1_stage(s, p, m) if a.kind != "W"])
+    assert not res.passed and "zb_h1_stage" in res.summary()  # ZB-H1 without its W's is 1F1B: refused too
 
     fixed = [(0, 4, 8), (3, 4, 8), (1, 4, 8), (0, 2, 1), (0, 4, 2), (2, 3, 5)]
     table = {c: _my_1f1b(*c) for c in fixed}  # hard-codes the fixed cases, GPipe order elsewhere
@@ -305,6 +307,8 @@ def test_bubble_check_correct_stub_and_wrong_answers():
     assert not res.passed and "bubble_fraction" in res.summary() and "hint:" in res.summary()
     res = check_bubble_prediction(lambda p, m: S.simulate(S.gpipe(p, m))["bubble"])
     assert not res.passed and "simulate" in res.summary()
+    res = check_bubble_prediction(lambda p, m: S.zb_h1_bubble(p, m, 1.0, 1.0, 0.0, strict=False))  # W = 0
+    assert not res.passed and "zb_h1_bubble" in res.summary()
     table = {(2, 4): 1 / 5, (4, 8): 3 / 11, (4, 1): 3 / 4, (8, 32): 7 / 39, (1, 5): 0.0}
     res = check_bubble_prediction(lambda p, m: table.get((p, m), 0.5))  # hard-codes the fixed cases
     assert not res.passed and all("drawn now" in c.name for c in res.failed_cases) and res.failed_cases
