@@ -27,9 +27,8 @@ receives the output's gradient, runs autograd and ``isend``\\ s the input's grad
 schedule (``zb-h1``) the backward is split: B asks autograd for the gradients of the stage's input and of the output
 of every module that owns parameters (``torch.autograd.grad``, graph kept), sends the input's back at once, and the
 later W runs autograd from those module outputs to the modules' own parameters alone (adding to ``.grad``) and
-frees the micro-batch. Every
-message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`; a header and its tensor in one
-batch), the form NCCL needs. Every forward, backward, send and wait is recorded with
+frees the micro-batch. Every message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`; a header
+and its tensor in one batch), the form NCCL needs. Every forward, backward, send and wait is recorded with
 :func:`labkit.devices.now` (``time.perf_counter``, one clock for all processes on a machine, read after the
 device has finished its queued kernels), and the bytes autograd saves for each micro-batch are counted with
 ``torch.autograd.graph.saved_tensors_hooks`` to measure activation memory over time.
@@ -290,8 +289,9 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                     loss_total += float(y.detach())
                 else:
                     send(y, 0, a.micro, stage, (rank + 1) % world_size)
-                # Hold the input and output until this micro-batch's backward: the activation memory a schedule
-                # decides (GPipe holds every micro-batch, 1F1B at most as many as there are stages ahead).
+                # Hold the input and output until this micro-batch's backward (its W under a zero-bubble schedule):
+                # the activation memory a schedule decides (GPipe holds every micro-batch, 1F1B at most as many as
+                # there are stages ahead, ZB-H1 at most p on every stage).
                 held[(a.micro, a.chunk)] = (x, y, saved[0], outs)
                 live_bytes += saved[0]
                 memory.append((clock(), len(held), live_bytes))
