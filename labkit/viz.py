@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 KIND_COLOURS = {
     "forward": "#4c78a8",
     "backward": "#f58518",
+    "weight": "#e45756",  # a zero-bubble pipeline's W (weight gradient), lab 04
     "compute": "#4c78a8",
     "allreduce": "#54a24b",
     "comm": "#54a24b",

@@ -157,6 +157,23 @@ def test_bench_rows_and_arguments():
 
 
 @pytest.mark.timeout(120)
+def test_bench_zero_bubble_rows_put_zb_h1_beside_1f1b():
+    from labkit.pipeline import zb_h1_bubble
+    from labkit.pipeline.bench import bench_zero_bubble
+    from labkit.pipeline.bench import main as bench_main
+
+    rows = bench_zero_bubble(ps=(2,), ms=(2,), forward_s=0.001, backward_s=0.002, weight_s=0.001, repeats=1)
+    assert [(r["schedule"], r["p"], r["m"], r["peak held"]) for r in rows] == [("1f1b", 2, 2, 2), ("zb-h1", 2, 2, 2)]
+    assert rows[0]["formula"] == pytest.approx(bubble_fraction(2, 2)) and rows[0]["W ms"] == 0
+    zb = rows[1]
+    f, b, w = (zb[k] / 1e3 for k in ("F ms", "B ms", "W ms"))
+    assert zb["formula"] == pytest.approx(zb_h1_bubble(2, 2, f, b + w, w, strict=False))
+    assert all(0 <= r["bubble"] < 1 and 0 <= r["simulated"] < 1 for r in rows)
+    with pytest.raises(SystemExit):
+        bench_main(["--zb-only", "--repeats", "0"])
+
+
+@pytest.mark.timeout(120)
 def test_bench_real_pairs_naive_and_pipelined_runs():
     from labkit.pipeline.bench import bench_real, mlp_case
 
@@ -164,6 +181,80 @@ def test_bench_real_pairs_naive_and_pipelined_runs():
     assert [r["setup"] for r in rows] == ["1 process", "2 stages, naive", "2 stages, 1f1b", "2 stages, 1f1b"]
     assert [r["split size"] for r in rows[2:]] == [4, 2]
     assert all(r["ms"] > 0 and r["vs naive"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- zero bubble (issue 27, item 7)
+@pytest.mark.timeout(300)
+def test_zb_h1_gives_single_process_gradients_in_float64():
+    """B (input gradient) and W (weight gradients) apart, on 2, 3 and 4 ranks: the gradients of one process."""
+    import functools
+
+    from labkit.models import mlp
+    from labkit.pipeline.stages import MLP_WIDTHS
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(12, 32, generator=g, dtype=torch.float64),
+             torch.randn(12, 10, generator=g, dtype=torch.float64))
+    for p, ms in ((2, (1, 3, 5)), (3, (2, 3, 7)), (4, (4, 6))):  # m < p, m = p, m > p; uneven micro-batches
+        model = ModelStages(functools.partial(mlp, MLP_WIDTHS, dtype=torch.float64), n_stages=p)
+        ref = reference_step(model, p, batch)
+        for m in ms:
+            run = run_pipeline(model, p, batch, m, schedule="zb-h1")
+            assert max_grad_error(run.grads, ref["grads"]) < 1e-12, (p, m)
+            assert run.loss == pytest.approx(ref["loss"], rel=1e-12, abs=1e-15), (p, m)
+            assert run.peak_live == [min(p, m)] * p  # held until W: 1F1B's peak on every rank
+            for rank in range(p):
+                kinds = [e["kind"] for e in run.events if e["lane"] == rank]
+                assert kinds.count("forward") == kinds.count("backward") == kinds.count("weight") == m
+    # a wrong weight gradient is caught in float64 too
+    wrong = [dict(x) for x in ref["grads"]]
+    k = next(iter(wrong[-1]))
+    wrong[-1][k] = wrong[-1][k] + 1e-9
+    assert max_grad_error(wrong, ref["grads"]) > 1e-10
+
+
+@pytest.mark.timeout(180)
+def test_zb_h1_sleeping_stages_timeline_and_resnet():
+    p, m = 2, 4
+    sleepy = SleepStages(0.002, 0.004, n_stages=p, weight_s=0.002)
+    batch = _batch(4, d_in=4, d_out=4)
+    ref = reference_step(sleepy, p, batch)
+    run = run_pipeline(sleepy, p, batch, m, schedule="zb-h1")
+    assert max_grad_error(run.grads, ref["grads"]) < 1e-6 and abs(float(ref["grads"][0]["gain"])) > 0
+    ev = {(e["lane"], e["kind"], e["label"]): e for e in run.events if e["kind"] in ("forward", "backward", "weight")}
+    for i in range(m):  # causality: B_i on rank 0 after rank 1's B_i; W_i after B_i on its own rank
+        assert ev[(0, "backward", f"B{i}")]["start"] >= ev[(1, "backward", f"B{i}")]["end"]
+        for r in range(p):
+            assert ev[(r, "weight", f"W{i}")]["start"] >= ev[(r, "backward", f"B{i}")]["end"]
+    # the last stage's W sleeps the gain's part of the backward (2 ms per row, 1 row), its B the rest
+    assert ev[(1, "weight", "W0")]["end"] - ev[(1, "weight", "W0")]["start"] >= 0.002 * 0.98
+    assert ev[(1, "backward", "B0")]["end"] - ev[(1, "backward", "B0")]["start"] >= 0.002 * 0.98
+    assert run.bubble_theory == pytest.approx(1 / 13)  # (p-1)/(3m+p-1): F = B = W
+    # BatchNorm (statistics per micro-batch) and in-place ReLUs after the modules whose outputs W starts from
+    g = torch.Generator().manual_seed(1)
+    images = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+    model = ModelStages("small", cuts=[5])
+    run = run_pipeline(model, 2, images, 2, schedule="zb-h1")
+    assert max_grad_error(run.grads, reference_step(model, 2, images, n_micro=2)["grads"]) < 1e-4
+
+
+def test_zb_split_refuses_tied_weights_and_modules_run_twice():
+    from torch import nn
+
+    from labkit.pipeline.executor import _outputs_of, _owners
+
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="tied"):
+        _owners(nn.Sequential(a, b))
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="ran twice"), _outputs_of([lin]):
+        lin(lin(torch.randn(2, 3)))
+    with _outputs_of(_owners(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))) as outs:
+        nn.Sequential(nn.Linear(3, 3))(torch.randn(2, 3))  # not the hooked modules: nothing collected
+    assert outs == []
+    with pytest.raises(ValueError, match="weight_s <= backward_s"):
+        SleepStage(0.0, 0.001, weight_s=0.002)
 
 
 # ----------------------------------------------------------------------------- exercise checks
@@ -190,6 +281,8 @@ def test_1f1b_order_check_correct_stub_and_wrong_answers():
     assert not res.passed and "one_f_one_b_stage" in res.summary() and "yourself" in res.summary()
     res = check_1f1b_order(lambda s, p, m: [str(a) for a in S.one_f_one_b(p, m)[s]])
     assert not res.passed and "one_f_one_b" in res.summary()
+    res = check_1f1b_order(lambda s, p, m: [str(a) for a in S.zb_h1_stage(s, p, m) if a.kind != "W"])
+    assert not res.passed and "zb_h1_stage" in res.summary()  # ZB-H1 without its W's is 1F1B: refused too
 
     fixed = [(0, 4, 8), (3, 4, 8), (1, 4, 8), (0, 2, 1), (0, 4, 2), (2, 3, 5)]
     table = {c: _my_1f1b(*c) for c in fixed}  # hard-codes the fixed cases, GPipe order elsewhere
@@ -214,6 +307,8 @@ def test_bubble_check_correct_stub_and_wrong_answers():
     assert not res.passed and "bubble_fraction" in res.summary() and "hint:" in res.summary()
     res = check_bubble_prediction(lambda p, m: S.simulate(S.gpipe(p, m))["bubble"])
     assert not res.passed and "simulate" in res.summary()
+    res = check_bubble_prediction(lambda p, m: S.zb_h1_bubble(p, m, 1.0, 1.0, 0.0, strict=False))  # W = 0
+    assert not res.passed and "zb_h1_bubble" in res.summary()
     table = {(2, 4): 1 / 5, (4, 8): 3 / 11, (4, 1): 3 / 4, (8, 32): 7 / 39, (1, 5): 0.0}
     res = check_bubble_prediction(lambda p, m: table.get((p, m), 0.5))  # hard-codes the fixed cases
     assert not res.passed and all("drawn now" in c.name for c in res.failed_cases) and res.failed_cases

@@ -132,3 +132,83 @@ def test_single_process_baseline_and_reference_agree():
     for ga, gb in zip(a["grads"], b["grads"]):
         for k in ga:
             assert torch.allclose(ga[k], gb[k], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- zero bubble (issue 27, item 7)
+def _check_w_dependencies(sim, p):
+    end = {(e["kind"], e["micro"], e["lane"]): (e["start"], e["end"]) for e in sim["events"]}
+    for (kind, i, s), (start, _) in end.items():
+        if kind == "weight":
+            assert start >= end[("backward", i, s)][1] - 1e-12
+
+
+@pytest.mark.parametrize("p,m", PM)
+def test_zb_h1_runs_f_b_w_once_each_with_1f1b_memory(p, m):
+    sched = S.make_schedule("zb-h1", p, m)
+    assert sched == S.zb_h1(p, m) and S.splits_backward(sched) and not S.splits_backward(S.one_f_one_b(p, m))
+    S.validate(sched, m)
+    for acts in sched:
+        for kind in "FBW":
+            assert sorted(a for a in acts if a.kind == kind) == [Action(kind, i) for i in range(m)]
+        for i in range(m):
+            assert acts.index(Action("F", i)) < acts.index(Action("B", i)) < acts.index(Action("W", i))
+    # without the W's it is 1F1B's order: the same F/B dependencies, so no new deadlock
+    assert [[a for a in acts if a.kind != "W"] for acts in sched] == S.one_f_one_b(p, m)
+    # same peak memory as 1F1B (a micro-batch is held until its W): every rank holds at most 1F1B's peak
+    assert S.peak_in_flight(sched) == [min(p, m)] * p
+    assert max(S.peak_in_flight(sched)) == max(S.peak_in_flight(S.one_f_one_b(p, m)))
+    sim = S.simulate(sched, 1.0, 2.0, weight=1.0)
+    _check_dependencies(sim, p)
+    _check_w_dependencies(sim, p)
+    assert sim["makespan"] <= S.simulate(S.one_f_one_b(p, m), 1.0, 2.0)["makespan"] + 1e-12
+
+
+@pytest.mark.parametrize("f,b,w", [(1, 1, 1), (1, 1.5, 0.5), (2, 1, 1), (1, 2, 1), (1, 1, 0), (1.5, 1, 0.5)])
+@pytest.mark.parametrize("p,m", [(1, 3), (2, 2), (2, 5), (3, 3), (3, 7), (4, 4), (4, 8), (5, 12)])
+def test_zb_h1_bubble_formula_is_what_simulate_gives(f, b, w, p, m):
+    """The paper's (p-1)(F+B-W) idle per rank (section 3.1), beside 1F1B's (p-1)(F+B+W), for m >= p, W <= F, B."""
+    sim = S.simulate(S.zb_h1(p, m), f, b + w, weight=w)
+    assert sim["makespan"] == pytest.approx(m * (f + b + w) + (p - 1) * (f + b - w))
+    assert sim["bubble"] == pytest.approx(S.zb_h1_bubble(p, m, f, b + w, weight=w))
+    one = S.simulate(S.one_f_one_b(p, m), f, b + w)  # 1F1B: B and W in one backward
+    assert one["bubble"] == pytest.approx(S.bubble_fraction(p, m))
+
+
+def test_zb_h1_bubble_is_a_third_of_1f1b_idle_time_with_equal_f_b_w():
+    for p, m in [(2, 4), (4, 8), (8, 32)]:
+        zb = S.simulate(S.zb_h1(p, m), 1.0, 2.0, weight=1.0)
+        one = S.simulate(S.one_f_one_b(p, m), 1.0, 2.0)
+        work = 3 * m
+        assert (zb["makespan"] - work) * 3 == pytest.approx(one["makespan"] - work)
+        assert S.zb_h1_bubble(p, m) == pytest.approx((p - 1) / (3 * m + p - 1))
+    # outside the formula's conditions it refuses and names the simulator
+    with pytest.raises(ValueError, match="n_micro >= n_stages"):
+        S.zb_h1_bubble(4, 2)
+    with pytest.raises(ValueError, match="W <= F"):
+        S.zb_h1_bubble(4, 8, forward=1.0, backward=4.0, weight=2.0)
+    # strict=False: the expression as written (a table of measured times a little off the conditions)
+    assert S.zb_h1_bubble(4, 8, 1.0, 4.0, 2.0, strict=False) == pytest.approx(3 * 1 / (8 * 5 + 3 * 1))
+
+
+def test_zb_h1_table_in_docstring_is_what_simulate_draws():
+    zb = S.format_schedule(S.zb_h1(4, 8), 1.0, 2.0, weight=1.0).splitlines()
+    one = S.format_schedule(S.one_f_one_b(4, 8), 1.0, 2.0).splitlines()
+    assert zb[0] == "rank 0  F0 F1 F2 F3 .. .. .. B0 W0 F4 B1 W1 F5 B2 W2 F6 B3 W3 F7 B4 W4 B5 W5 B6 W6 B7 W7"
+    for line in zb[0], zb[3], one[0], one[3]:
+        assert line.split("  ", 1)[1] in S.__doc__
+    assert len(zb[0].split()) - 2 == 27 and len(one[0].split()) - 2 == 33
+
+
+def test_old_schedules_ignore_weight_and_bad_w_orders_are_reported():
+    F, B, W = (lambda i: Action("F", i)), (lambda i: Action("B", i)), (lambda i: Action("W", i))
+    assert S.simulate(S.one_f_one_b(3, 4), 1.0, 2.0, weight=0.5)["makespan"] == pytest.approx(18.0)
+    with pytest.raises(ValueError, match="before its backward"):
+        S.validate([[F(0), W(0), B(0)]], 1)
+    with pytest.raises(ValueError, match="expected 3"):
+        S.validate([[F(0), B(0), W(0)], [F(0), B(0)]], 1)
+    with pytest.raises(ValueError, match="'F', 'B' or 'W'"):
+        S.validate([[F(0), Action("X", 0)]], 1)
+    with pytest.raises(ValueError, match="weight <= backward"):
+        S.simulate(S.zb_h1(2, 2), 1.0, 1.0, weight=2.0)
+    with pytest.raises(ValueError, match="stage must be"):
+        S.zb_h1_stage(2, 2, 4)

@@ -1,6 +1,6 @@
 """Lab 04, pipeline parallelism: one stage per rank, micro-batches, schedules and the bubble.
 
-- ``schedules`` (pure): naive, GPipe, 1F1B and interleaved action lists, validation, a simulator,
+- ``schedules`` (pure): naive, GPipe, 1F1B, interleaved and zero-bubble (ZB-H1) action lists, validation, a simulator,
   bubble fraction and ideal speed-up (the papers' symbols: p = ``n_stages``, m = ``n_micro``, v = ``chunks``).
 - ``stages``: sleeping stages (known cost, no CPU used) and ``ModelStages`` (stage ``i`` of a seeded model cut
   by :mod:`labkit.partition`'s cuts; ``"mlp"`` is :func:`labkit.models.mlp`); ``Sleep`` is the one sleeping
@@ -32,7 +32,11 @@ from .schedules import (
     one_f_one_b_stage,
     peak_in_flight,
     simulate,
+    splits_backward,
     validate,
+    zb_h1,
+    zb_h1_bubble,
+    zb_h1_stage,
 )
 from .stages import ModelStages, Sleep, SleepStage, SleepStages
 from .torch_pipelining import run_torch_pipelining
@@ -40,6 +44,7 @@ from .torch_pipelining import run_torch_pipelining
 __all__ = [
     "SCHEDULES", "Action", "naive", "gpipe", "one_f_one_b", "one_f_one_b_stage", "interleaved", "make_schedule",
     "n_chunks", "validate", "simulate", "peak_in_flight", "bubble_fraction", "ideal_speedup", "format_schedule",
+    "zb_h1", "zb_h1_stage", "zb_h1_bubble", "splits_backward",
     "Sleep", "SleepStage", "SleepStages", "ModelStages",
     "split_batch", "reference_step", "time_in_process", "stage_times", "max_grad_error",
     "PipelineRun", "run_pipeline", "speedup_over_naive",

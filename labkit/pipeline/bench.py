@@ -12,6 +12,11 @@ Two parts, both measured in the same run as their baseline:
    "Single-Machine Model Parallel Best Practices" tutorial (its ResNet-50 on two GPUs: plain model
    parallel 7% slower than one GPU, pipelined about 50% faster than plain model parallel), here
    on CPU processes.
+3. Zero bubble (issue 27): ZB-H1 beside 1F1B, the backward split in B (input gradient) and W (weight
+   gradient): the measured bubble with sleeping stages (F, B and W 10 ms per row each) and with real compute
+   (the MLP's two stages), beside the formulas (1F1B (p-1)/(m+p-1); ZB-H1 (p-1)(F+B-W) idle per rank, Qi et
+   al. 2023, section 3.1, with the F, B and W the run measured) and the peak micro-batches each rank held.
+   ``--zb-only`` prints this part alone.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 from ..models import mlp
 from .executor import run_pipeline, speedup_over_naive
 from .reference import time_in_process
-from .schedules import ideal_speedup
+from .schedules import bubble_fraction, ideal_speedup, make_schedule, simulate, zb_h1, zb_h1_bubble
 from .stages import ModelStages, SleepStages
 
 
@@ -79,6 +84,53 @@ def bench_real(make_stage, batch, ms=(2, 4, 8), repeats=3, schedule="1f1b", labe
     return rows
 
 
+def _median_time(run, kind) -> float:
+    d = [e["end"] - e["start"] for e in run.events if e["kind"] == kind]
+    return statistics.median(d) if d else 0.0
+
+
+def zero_bubble_row(run, setup: str) -> dict:
+    """One row of the zero-bubble table: the measured bubble of ``run`` beside its schedule's formula and the
+    simulator, both fed the forward, backward and W times the run measured (medians; ZB-H1's B and W from the
+    stages after the first, whose B is empty and whose W runs its whole backward)."""
+    p, m = run.n_stages, run.n_micro
+    f = _median_time(run, "forward")
+    if run.schedule == "zb-h1":
+        b, w = (statistics.median([e["end"] - e["start"] for e in run.events if e["kind"] == kind and e["lane"] > 0]
+                                  or [0.0]) for kind in ("backward", "weight"))
+        formula = zb_h1_bubble(p, m, f, b + w, w, strict=False)
+        sim = simulate(zb_h1(p, m), f, b + w, weight=w)["bubble"]
+    else:
+        b, w = _median_time(run, "backward"), 0.0
+        formula = bubble_fraction(p, m)
+        sim = simulate(make_schedule(run.schedule, p, m), f, b)["bubble"]
+    return {"setup": setup, "schedule": run.schedule, "p": p, "m": m, "ms": run.seconds * 1e3,
+            "F ms": f * 1e3, "B ms": b * 1e3, "W ms": w * 1e3, "bubble": run.bubble, "formula": formula,
+            "simulated": sim, "peak held": max(run.peak_live)}
+
+
+def bench_zero_bubble(ps=(2, 4), ms=(4, 8, 16), forward_s=0.01, backward_s=0.02, weight_s=0.01, repeats=3,
+                      real=None) -> list[dict]:
+    """1F1B and ZB-H1 on sleeping stages (and on ``real``, a ``(make_stage, batch, ms)`` for 2 ranks), run one
+    after the other for each (p, m): rows of :func:`zero_bubble_row`."""
+    from ..viz import progress
+
+    rows = []
+    for p, m in progress([(p, m) for p in ps for m in ms], desc="pipeline bench: zero bubble (p, m)"):
+        stages = SleepStages(forward_s, backward_s, n_stages=p, weight_s=weight_s)
+        batch = (torch.zeros(m, 4), torch.zeros(m, 4))  # one row per micro-batch
+        for schedule in ("1f1b", "zb-h1"):
+            rows.append(zero_bubble_row(run_pipeline(stages, p, batch, m, schedule=schedule, repeats=repeats),
+                                        "sleeping"))
+    if real is not None:
+        make_stage, batch, real_ms = real
+        for m in progress(real_ms, desc="pipeline bench: zero bubble, real compute"):
+            for schedule in ("1f1b", "zb-h1"):
+                rows.append(zero_bubble_row(run_pipeline(make_stage, 2, batch, m, schedule=schedule,
+                                                         repeats=repeats), "MLP 1024x8"))
+    return rows
+
+
 def mlp_case(width=1024, layers=8, rows=1024):
     """Two equal stages of a wide Linear/ReLU stack (:func:`labkit.models.mlp`), and a batch for it."""
     g = torch.Generator().manual_seed(0)
@@ -103,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backward-ms", type=float, default=20.0, help="simulated backward time per row (ms)")
     ap.add_argument("--skip-real", action="store_true", help="only the simulated stages")
     ap.add_argument("--batch", type=int, default=128, help="ResNet sweep: images per batch")
+    ap.add_argument("--zb-only", action="store_true", help="only the zero-bubble part (ZB-H1 beside 1F1B)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error("--repeats must be >= 1")
     repeats = args.repeats or (2 if args.quick else 3)
+    if args.zb_only:
+        _print_zero_bubble(args, repeats)
+        return 0
     ms = (1, 4, 8) if args.quick else (1, 2, 4, 8, 16)
     print(f"Simulated stages: forward {args.forward_ms:g} ms and backward {args.backward_ms:g} ms per row, "
           f"one-row micro-batches; naive = whole batch, no micro-batches; median of {repeats}.")
@@ -131,8 +187,25 @@ def main(argv: list[str] | None = None) -> int:
                           label="small ResNet")
         print(format_table(real, floatfmt="{:.3g}"))
         print("Tutorial (ResNet-50, 2 GPUs): plain model parallel 0.93x one GPU, pipelined (split 20) 1.49x plain "
-              "model parallel; PyTorch 'Single-Machine Model Parallel Best Practices'.")
+              "model parallel; PyTorch 'Single-Machine Model Parallel Best Practices'.\n")
+    _print_zero_bubble(args, repeats)
     return 0
+
+
+def _print_zero_bubble(args, repeats):
+    from ..viz import format_table
+
+    f = args.forward_ms
+    print(f"Zero bubble: ZB-H1 beside 1F1B. Sleeping stages: forward {f:g} ms, backward {args.backward_ms:g} ms per "
+          f"row, {f:g} ms of it the weight gradient (W), one-row micro-batches; real compute: the MLP's 2 stages, "
+          f"batch 1024; median of {repeats} steps. F, B, W: median times measured; formula and simulator fed them.")
+    real = None if args.skip_real else (*mlp_case(), (4,) if args.quick else (4, 8))
+    rows = bench_zero_bubble(ms=(4, 8) if args.quick else (4, 8, 16), forward_s=f / 1e3,
+                             backward_s=args.backward_ms / 1e3, weight_s=min(f, args.backward_ms / 2) / 1e3,
+                             repeats=repeats, real=real)
+    print(format_table(rows, floatfmt="{:.3g}"))
+    print("ZB-H1 idles (p-1)(F+B-W) per rank where 1F1B idles (p-1)(F+B+W): a third with F = B = W; both hold at "
+          "most p micro-batches (Qi et al. 2023, 'Zero Bubble Pipeline Parallelism', arXiv 2401.10241, section 3.1).")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,8 +12,8 @@ it is called (seed inside it). ``batch`` is ``(inputs, targets)``; the first sta
 cut into ``n_micro`` micro-batches (``torch.tensor_split``: a batch that does not divide evenly gives
 micro-batches whose sizes differ by one, and each micro-batch loss is weighted by its share of the
 rows, so the gradient still equals the full batch's for a mean-reduced loss). The last stage computes
-``loss_fn(output, targets)``. ``schedule`` is one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``
-(see :mod:`labkit.pipeline.schedules`); with ``interleaved`` each rank holds ``chunks`` stages, so
+``loss_fn(output, targets)``. ``schedule`` is one of ``naive``, ``gpipe``, ``1f1b``, ``interleaved``,
+``zb-h1`` (see :mod:`labkit.pipeline.schedules`); with ``interleaved`` each rank holds ``chunks`` stages, so
 ``make_stage`` is called for ``n_stages * chunks`` virtual stages.
 
 :class:`SleepStage` is a stage whose forward sleeps ``forward_s`` and whose backward sleeps
@@ -23,9 +23,12 @@ a schedule's effect shows exactly even with 4 ranks on 2 cores.
 How a rank runs (:func:`pipeline_rank`): it walks its action list; a forward receives the activation
 from the previous rank (``irecv`` then wait: the wait is recorded), runs the stage and posts the
 output with ``isend`` (never blocking, so a send does not hold up the next action); a backward
-receives the output's gradient, runs autograd and ``isend``\\ s the input's gradient back. Every
-message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`; a header and its tensor in one
-batch), the form NCCL needs. Every forward, backward, send and wait is recorded with
+receives the output's gradient, runs autograd and ``isend``\\ s the input's gradient back. Under a zero-bubble
+schedule (``zb-h1``) the backward is split: B asks autograd for the gradients of the stage's input and of the output
+of every module that owns parameters (``torch.autograd.grad``, graph kept), sends the input's back at once, and the
+later W runs autograd from those module outputs to the modules' own parameters alone (adding to ``.grad``) and
+frees the micro-batch. Every message goes through ``dist.batch_isend_irecv`` (:func:`labkit.distops.p2p`; a header
+and its tensor in one batch), the form NCCL needs. Every forward, backward, send and wait is recorded with
 :func:`labkit.devices.now` (``time.perf_counter``, one clock for all processes on a machine, read after the
 device has finished its queued kernels), and the bytes autograd saves for each micro-batch are counted with
 ``torch.autograd.graph.saved_tensors_hooks`` to measure activation memory over time.
@@ -35,6 +38,7 @@ and the :class:`PipelineRun` that reads its results belong with it.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,12 +50,62 @@ from .._validate import validate_int
 from ..devices import now
 from ..distops import p2p, recv
 from .reference import _default_loss, _grads, split_batch
-from .schedules import SCHEDULES, bubble_fraction, ideal_speedup, make_schedule, n_chunks
+from .schedules import (
+    SCHEDULES,
+    bubble_fraction,
+    ideal_speedup,
+    make_schedule,
+    n_chunks,
+    simulate,
+    splits_backward,
+    zb_h1,
+    zb_h1_bubble,
+)
 
 # --------------------------------------------------------------------------------------------
 # The rank function
 # --------------------------------------------------------------------------------------------
 _HEADER = 8  # ndim + up to 7 dimensions
+_COMPUTE = ("forward", "backward", "weight")  # the event kinds that are a stage's work
+
+
+def _owners(module: torch.nn.Module) -> list:
+    """The modules in ``module`` that own parameters: a zero-bubble W starts from each one's output."""
+    out, seen = [], {}
+    for mod in module.modules():
+        own = list(mod.parameters(recurse=False))
+        for q in own:
+            if id(q) in seen:
+                raise ValueError(f"a zero-bubble schedule splits the backward at each module's output, but a parameter "
+                                 f"of {type(mod).__name__} also belongs to {type(seen[id(q)]).__name__} (tied "
+                                 f"weights): use schedule='1f1b'")
+            seen[id(q)] = mod
+        if own:
+            out.append(mod)
+    return out
+
+
+@contextlib.contextmanager
+def _outputs_of(modules):
+    """Collect ``(module, output)`` for each of ``modules`` a forward calls (nothing if ``modules`` is None)."""
+    outs = []
+
+    def hook(mod, args, output):
+        if any(mod is m for m, _ in outs):
+            raise ValueError(f"{type(mod).__name__} ran twice in one forward: a zero-bubble schedule splits the "
+                             f"backward at each module's output once; use schedule='1f1b'")
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"a zero-bubble schedule needs each module with parameters to return a tensor; "
+                             f"{type(mod).__name__} returned {type(output).__name__}: use schedule='1f1b'")
+        if output.requires_grad:
+            outs.append((mod, output))
+
+    handles = [m.register_forward_hook(hook) for m in modules or ()]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _send(t: torch.Tensor, dst: int, tag: int, works: list, group=None):
@@ -134,6 +188,10 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
 
     def clock():  # kernels queued on the GPU count where they run, not where they were queued
         return now(dev)
+
+    # A zero-bubble schedule splits each backward in B and W at the outputs of the modules that own parameters.
+    split = splits_backward(sched)
+    owners = {c: _owners(module) for c, module in stages.items() if c * world_size + rank > 0} if split else {}
 
     def tag(kind, micro, edge):  # edge: the virtual stage that sends the activation forward
         return (edge * n_micro + micro) * 2 + kind
@@ -220,7 +278,8 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 # Forward, compute: the last stage also turns its output into this micro-batch's loss, weighted
                 # by its share of the rows, so the gradients add up to the whole batch's.
                 t0 = clock()
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+                with hooks, _outputs_of(owners.get(a.chunk)) as outs:  # outs: what a zero-bubble W starts from
                     y = module(x)
                     if stage == n_virtual - 1:
                         y = loss_fn(y, ys[a.micro].to(dev)) * ws[a.micro]
@@ -230,15 +289,48 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                     loss_total += float(y.detach())
                 else:
                     send(y, 0, a.micro, stage, (rank + 1) % world_size)
-                # Hold the input and output until this micro-batch's backward: the activation memory a schedule
-                # decides (GPipe holds every micro-batch, 1F1B at most as many as there are stages ahead).
-                held[(a.micro, a.chunk)] = (x, y, saved[0])
+                # Hold the input and output until this micro-batch's backward (its W under a zero-bubble schedule):
+                # the activation memory a schedule decides (GPipe holds every micro-batch, 1F1B at most as many as
+                # there are stages ahead, ZB-H1 at most p on every stage).
+                held[(a.micro, a.chunk)] = (x, y, saved[0], outs)
                 live_bytes += saved[0]
+                memory.append((clock(), len(held), live_bytes))
+            elif split and a.kind == "B":
+                # Zero bubble, B: the input's gradient, and the gradients of the module outputs W will start from;
+                # autograd computes no parameter gradient here and keeps the graph for W. The first stage has no
+                # input gradient to send, so its B is empty and its W runs the whole backward (torch's pipelining
+                # does the same).
+                x, y, nbytes, outs = held[(a.micro, a.chunk)]
+                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, (rank + 1) % world_size,
+                                                                   f"r{a}")
+                t0 = clock()
+                if stage == 0:  # no input gradient to send: the whole backward waits for W (as torch's does)
+                    gx, parts = None, [(None, y, grad)]
+                else:
+                    got = torch.autograd.grad(y, [x] + [o for _, o in outs], grad, retain_graph=True,
+                                              allow_unused=True)
+                    gx, parts = got[0], [(mod, o, g) for (mod, o), g in zip(outs, got[1:]) if g is not None]
+                events.append({"lane": rank, "kind": "backward", "start": t0, "end": clock(), "label": str(a)})
+                held[(a.micro, a.chunk)] = (x, y, nbytes, parts)
+                if stage > 0:
+                    send(gx if gx is not None else torch.zeros_like(x), 1, a.micro, stage - 1,
+                         (rank - 1) % world_size)
+            elif a.kind == "W":
+                # Zero bubble, W: from each module's output to its own parameters (no further: the earlier modules'
+                # W's are their own), adding this micro-batch's share to .grad; then free the micro-batch.
+                x, y, nbytes, parts = held.pop((a.micro, a.chunk))
+                t0 = clock()
+                for mod, o, g in parts:  # mod None: the first stage's whole backward
+                    own = None if mod is None else [q for q in mod.parameters(recurse=False) if q.requires_grad]
+                    torch.autograd.backward(o, g, inputs=own, retain_graph=True)
+                events.append({"lane": rank, "kind": "weight", "start": t0, "end": clock(), "label": str(a)})
+                del x, y, parts
+                live_bytes -= nbytes
                 memory.append((clock(), len(held), live_bytes))
             else:
                 # Backward: take what the forward held; the gradient of its output comes from the next stage
                 # (the last stage starts from its loss, so it needs none).
-                x, y, nbytes = held.pop((a.micro, a.chunk))
+                x, y, nbytes, _ = held.pop((a.micro, a.chunk))
                 grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, (rank + 1) % world_size,
                                                                    f"r{a}")
                 # Autograd adds this micro-batch's parameter gradients to .grad (accumulated over micro-batches)
@@ -264,7 +356,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
             events.append({"lane": rank, "kind": "wait", "start": t0, "end": t_end, "label": "flush"})
         if rep >= warmup:
             out["times"].append((t_begin, t_end))
-            out["busy"].append(sum(e["end"] - e["start"] for e in events if e["kind"] in ("forward", "backward")))
+            out["busy"].append(sum(e["end"] - e["start"] for e in events if e["kind"] in _COMPUTE))
         out["events"], out["memory"] = events, [(t_begin, 0, 0)] + memory
         out["loss"] = loss_total if n_virtual - 1 in [c * world_size + rank for c in stages] else None
     out["grads"] = {c * world_size + rank: _grads(module) for c, module in stages.items()}
@@ -293,10 +385,10 @@ class PipelineRun:
 
     @property
     def busy(self) -> list[float]:
-        """Seconds each rank spent in forward and backward during the last repeat."""
+        """Seconds each rank spent in forward and backward (and W) during the last repeat."""
         out = [0.0] * self.n_stages
         for e in self.events:
-            if e["kind"] in ("forward", "backward"):
+            if e["kind"] in _COMPUTE:
                 out[e["lane"]] += e["end"] - e["start"]
         return out
 
@@ -316,6 +408,10 @@ class PipelineRun:
     def bubble_theory(self) -> float:
         if self.schedule == "naive":
             return (self.n_stages - 1) / self.n_stages
+        if self.schedule == "zb-h1":  # F, B and W equally long (the paper's formula; simulated where m < p)
+            if self.n_micro >= self.n_stages:
+                return zb_h1_bubble(self.n_stages, self.n_micro)
+            return simulate(zb_h1(self.n_stages, self.n_micro), 1.0, 2.0, weight=1.0)["bubble"]
         return bubble_fraction(self.n_stages, self.n_micro, self.chunks if self.schedule == "interleaved" else 1)
 
     @property
@@ -348,7 +444,7 @@ def run_pipeline(make_stage: Callable, n_stages: int, batch, n_micro: int, sched
     n_stages: ranks, one per stage (``interleaved``: each rank holds ``chunks`` stages).
     batch: ``(inputs, targets)``; n_micro: micro-batches m >= 1 (need not divide the batch).
     schedule: ``"naive"`` (one micro-batch at a time; m=1 is plain model parallelism), ``"gpipe"``,
-        ``"1f1b"`` or ``"interleaved"``.
+        ``"1f1b"``, ``"interleaved"`` or ``"zb-h1"`` (zero bubble: each backward split in B and W).
     loss_fn: ``loss_fn(output, targets) -> scalar`` mean over rows; default cross-entropy for
         integer targets, MSE otherwise.
     repeats: steps to time (the timeline shown is the last; ``seconds`` is the median).

@@ -29,7 +29,8 @@ def _draw_pm(rng: random.Random, fixed, n: int = 3) -> list[tuple[int, int]]:
     return out
 
 
-_SCHEDULE_FUNCTIONS = (S.one_f_one_b_stage, S.one_f_one_b, S.make_schedule, S.gpipe, S.interleaved, S.naive)
+_SCHEDULE_FUNCTIONS = (S.one_f_one_b_stage, S.one_f_one_b, S.make_schedule, S.gpipe, S.interleaved, S.naive,
+                       S.zb_h1_stage, S.zb_h1)  # ZB-H1 without its W's is the 1F1B order
 
 
 def check_1f1b_order(fn: Callable):
@@ -79,7 +80,7 @@ def check_bubble_prediction(fn: Callable, run: "PipelineRun | None" = None, tole
     def case(p, m):
         def thunk():
             with calls_to(S.bubble_fraction, S.ideal_speedup, S.simulate, S.gpipe, S.one_f_one_b,
-                          S.make_schedule) as seen:
+                          S.make_schedule, S.zb_h1_bubble) as seen:  # ZB-H1's with W = 0 is 1F1B's
                 got = fn(p, m)
             refuse(seen, "predict the bubble from p and m by counting time slots")
             want = simulate(gpipe(p, m))["bubble"]

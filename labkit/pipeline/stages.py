@@ -1,7 +1,8 @@
 """Stages for :mod:`labkit.pipeline`: simulated (sleeping) stages and picklable model splitters.
 
 * :class:`SleepStage` — forward sleeps ``forward_s`` and backward ``backward_s`` seconds per input row
-  (a custom autograd function), times a learnable ``gain`` so it has a real gradient. Sleeping uses
+  (a custom autograd function), times a learnable ``gain`` so it has a real gradient; ``weight_s`` of the
+  backward is spent on the gain's gradient, so a zero-bubble schedule's W sleeps it and its B the rest. Sleeping uses
   no CPU, so schedule effects show exactly even with 4 ranks on 2 cores (torchgpipe tests its
   balancing the same way).
 * :class:`SleepStages` — ``make_stage`` for a list of sleeping stages.
@@ -57,43 +58,59 @@ class SleepStage(nn.Module):
     """A simulated stage: forward sleeps ``forward_s`` and backward ``backward_s`` seconds per input row.
 
     It multiplies its input by a parameter ``gain`` (1.0), so it has a real gradient and a pipeline
-    of sleeping stages can be checked against the unpipelined model like any other.
+    of sleeping stages can be checked against the unpipelined model like any other. The backward is two
+    autograd nodes: the input's gradient sleeps ``backward_s - weight_s`` per row and the gain's ``weight_s``,
+    so a zero-bubble schedule that computes them apart (its B and W) sleeps each part once.
     """
 
-    def __init__(self, forward_s: float = 0.01, backward_s: float = 0.02):
+    def __init__(self, forward_s: float = 0.01, backward_s: float = 0.02, weight_s: float = 0.0):
         super().__init__()
-        for name, v in (("forward_s", forward_s), ("backward_s", backward_s)):
+        for name, v in (("forward_s", forward_s), ("backward_s", backward_s), ("weight_s", weight_s)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 60:
                 raise ValueError(f"{name} must be a number of seconds per row in [0, 60), got {v!r}")
-        self.forward_s, self.backward_s = float(forward_s), float(backward_s)
+        if weight_s > backward_s:
+            raise ValueError(f"weight_s is the weight-gradient part of the backward: pass weight_s <= backward_s "
+                             f"({backward_s}), got {weight_s}")
+        self.forward_s, self.backward_s, self.weight_s = float(forward_s), float(backward_s), float(weight_s)
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, x):
-        return Sleep.apply(x, self.gain, self.forward_s, self.backward_s)
+        # The input's path sleeps backward_s - weight_s per row (a zero-bubble B). A throwaway leaf that needs a
+        # gradient keeps that node in the graph on the first stage too, whose input needs none.
+        one = torch.ones((), dtype=self.gain.dtype, device=x.device)
+        h = Sleep.apply(x, one.clone().requires_grad_(), self.forward_s, self.backward_s - self.weight_s)
+        # The gain's path sleeps weight_s per row (a W). Its gradient, sum(grad * x), flows through the second term,
+        # zero in value, so y is exactly x * gain and autograd saves no more than x.
+        g = Sleep.apply(self.gain, one, 0.0, self.weight_s * x.shape[0], False)
+        g0 = g.detach()
+        return h * g0 + x.detach() * (g - g0)
 
     def extra_repr(self):
-        return f"forward_s={self.forward_s}, backward_s={self.backward_s}"
+        return f"forward_s={self.forward_s}, backward_s={self.backward_s}, weight_s={self.weight_s}"
 
 
 class SleepStages:
-    """``make_stage`` for sleeping stages: stage ``i`` sleeps ``forward_s[i]`` / ``backward_s[i]`` per row."""
+    """``make_stage`` for sleeping stages: stage ``i`` sleeps ``forward_s[i]`` / ``backward_s[i]`` per row
+    (``weight_s[i]`` of the backward on the weight's gradient)."""
 
-    def __init__(self, forward_s, backward_s=None, n_stages: int | None = None):
+    def __init__(self, forward_s, backward_s=None, n_stages: int | None = None, weight_s=0.0):
         fw = [forward_s] * (n_stages or 1) if isinstance(forward_s, (int, float)) else list(forward_s)
         if backward_s is None:
             bw = [2 * f for f in fw]
         else:
             bw = [backward_s] * len(fw) if isinstance(backward_s, (int, float)) else list(backward_s)
-        if len(bw) != len(fw):
-            raise ValueError(f"forward_s and backward_s need one value per stage; got {len(fw)} and {len(bw)}")
-        self.forward_s, self.backward_s, self.n_stages = fw, bw, len(fw)
+        wt = [weight_s] * len(fw) if isinstance(weight_s, (int, float)) else list(weight_s)
+        if not len(bw) == len(wt) == len(fw):
+            raise ValueError(f"forward_s, backward_s and weight_s need one value per stage; got {len(fw)}, {len(bw)} "
+                             f"and {len(wt)}")
+        self.forward_s, self.backward_s, self.weight_s, self.n_stages = fw, bw, wt, len(fw)
         if not fw:
             raise ValueError("SleepStages needs at least one stage time")
-        for f, b in zip(fw, bw):  # validate here, not on the ranks
-            SleepStage(f, b)
+        for f, b, w in zip(fw, bw, wt):  # validate here, not on the ranks
+            SleepStage(f, b, w)
 
     def __call__(self, i: int) -> SleepStage:
-        return SleepStage(self.forward_s[i], self.backward_s[i])
+        return SleepStage(self.forward_s[i], self.backward_s[i], self.weight_s[i])
 
 
 class ModelStages:
