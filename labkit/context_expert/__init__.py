@@ -1,8 +1,13 @@
 """Lab 12 (work in progress): context parallelism (ring attention) and expert parallelism (mixture of experts).
 
+- ``ring``: :func:`ring_attention`, causal attention with the sequence split over ranks (contiguous or zigzag
+  layout), keys and values passed around a ring and merged by the online-softmax rule; its backward by hand.
 - ``moe``: :class:`MoE`, a top-k mixture-of-experts MLP with capacity and Switch's load-balancing loss, and
   :class:`ExpertParallelMoE`, its experts sharded over ranks with all-to-all dispatch and combine.
 """
+from . import ring
 from .moe import ExpertParallelMoE, MoE, Routing, all_to_all_bytes, balance_loss, capacity, route
+from .ring import LAYOUTS, merge, ring_attention, work_per_rank
 
-__all__ = ["MoE", "ExpertParallelMoE", "Routing", "route", "capacity", "balance_loss", "all_to_all_bytes"]
+__all__ = ["MoE", "ExpertParallelMoE", "Routing", "route", "capacity", "balance_loss", "all_to_all_bytes",
+           "ring", "ring_attention", "merge", "work_per_rank", "LAYOUTS"]

@@ -1,0 +1,199 @@
+"""Context parallelism: causal attention with the sequence split over ``cp`` ranks (ring attention).
+
+Each rank keeps its own queries and passes its keys and values around a ring: at step s it holds the key/value
+chunk of rank (r - s) mod cp, computes that block of attention, and merges it into its running result by the
+online-softmax (log-sum-exp) rule, while the next chunk is already travelling (``batch_isend_irecv`` posted before
+the block's compute, the form NCCL needs). After cp steps every query has seen every key, and no rank ever held the
+sequence's whole keys or its s × s scores (Liu et al. 2023, "Ring Attention with Blockwise Transformers"; Brandon
+et al. 2023, "Striped Attention"; the Llama 3 paper's context parallelism).
+
+**The merge.** A block gives, per query, its softmax-weighted values ``o_b`` and ``lse_b = log Σ exp(scores)``.
+Two partial results combine exactly::
+
+    lse = logaddexp(lse_1, lse_2);   o = o_1 · exp(lse_1 - lse) + o_2 · exp(lse_2 - lse)
+
+A query whose keys in a block are all in its future (causal) gets ``lse_b = -inf`` and ``o_b = 0``, which the rule
+leaves out. :func:`merge` is this rule; lab 12's exercise asks for it.
+
+**Layouts.** The sequence is cut into chunks. *Contiguous*: rank r holds tokens [r·L, (r+1)·L). Causally, rank 0's
+queries see only their own chunk and rank cp-1's see all cp chunks: the last rank does cp times the work of the
+first, and the ring waits for it. *Zigzag* (Brandon et al.; Megatron-Core and torchtitan's load-balanced layout): 2·cp
+chunks, rank r holds chunks r and 2cp-1-r, so every rank holds one early and one late chunk and does the same
+work. :func:`work_per_rank` counts the (query, key) pairs each rank computes.
+
+**Backward** is written by hand (:class:`_Ring`, an autograd function), as the fused kernels do it: a second pass
+around the ring in which each chunk carries, beside its keys and values, the gradients ``dk, dv`` accumulated so far;
+after cp steps every chunk is home with its whole gradient. Per block, with ``P = exp(scores - lse)`` (the forward's
+final log-sum-exp, saved) and ``D = rowsum(dO ∘ O)``: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dQ += dS K · scale``,
+``dK += dSᵀ Q · scale``. The forward sends 2(cp-1) key/value chunks per rank per layer; the backward 4·cp chunks
+(keys, values and their two gradients around the whole ring).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .._validate import ArgumentError, validate_choice, validate_int
+from ..distops import p2p
+
+__all__ = ["LAYOUTS", "positions", "shard", "unshard_index", "merge", "block", "ring_attention", "work_per_rank",
+           "ring_bytes"]
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def positions(seq: int, cp: int, rank: int, layout: str = "zigzag") -> torch.Tensor:
+    """The global token positions rank ``rank`` of ``cp`` holds, in its local order."""
+    validate_choice("layout", layout, LAYOUTS)
+    cp = validate_int("cp", cp, minimum=1)
+    rank = validate_int("rank", rank, minimum=0, maximum=cp - 1)
+    parts = cp if layout == "contiguous" else 2 * cp
+    if seq % parts:
+        raise ArgumentError(f"seq={seq} does not split into {parts} equal chunks ({layout} layout on cp={cp}); pass "
+                            f"a sequence length that is a multiple of {parts}")
+    n = seq // parts
+    chunks = [rank] if layout == "contiguous" else [rank, 2 * cp - 1 - rank]
+    return torch.cat([torch.arange(c * n, (c + 1) * n) for c in chunks])
+
+
+def shard(x: torch.Tensor, cp: int, rank: int, layout: str = "zigzag", dim: int = -2) -> torch.Tensor:
+    """This rank's tokens of ``x`` along ``dim`` (the sequence dimension)."""
+    return x.index_select(dim, positions(x.shape[dim], cp, rank, layout).to(x.device))
+
+
+def unshard_index(seq: int, cp: int, layout: str = "zigzag") -> torch.Tensor:
+    """The permutation that puts the ranks' local tokens, concatenated in rank order, back in sequence order."""
+    return torch.argsort(torch.cat([positions(seq, cp, r, layout) for r in range(cp)]))
+
+
+def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
+    """Two partial attention results over disjoint keys, combined: ``(o, lse)`` (the online-softmax rule)."""
+    lse = torch.logaddexp(lse1, lse2)
+    # a row with lse = -inf in both has no keys yet: keep it at zero instead of exp(-inf - -inf) = nan
+    w1 = torch.where(torch.isinf(lse1) & (lse1 < 0), torch.zeros_like(lse1), torch.exp(lse1 - lse))
+    w2 = torch.where(torch.isinf(lse2) & (lse2 < 0), torch.zeros_like(lse2), torch.exp(lse2 - lse))
+    return o1 * w1[..., None] + o2 * w2[..., None], lse
+
+
+def _scores(q, k, pq, pk, scale):
+    s = (q @ k.transpose(-1, -2)) * scale
+    return s.masked_fill(pq[:, None] < pk[None, :], float("-inf"))   # causal: a key after its query is hidden
+
+
+def block(q, k, v, pq, pk, scale):
+    """One block of causal attention: ``(o, lse)`` of queries at positions ``pq`` over keys at ``pk``."""
+    s = _scores(q, k, pq, pk, scale)
+    m = s.amax(-1)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m[..., None])
+    total = p.sum(-1)
+    lse = m + torch.log(total)                                  # -inf where every key was hidden
+    o = (p @ v) / total.clamp_min(torch.finfo(total.dtype).tiny)[..., None]
+    return o, lse
+
+
+def _visible(pq, pk) -> bool:
+    return bool(pq.max() >= pk.min())   # some query sees some key: else the block is skipped
+
+
+def _runs(n: int, layout: str) -> list[tuple[int, int]]:
+    """A rank's chunks as local index ranges: one (contiguous), or its early and its late chunk (zigzag)."""
+    return [(0, n)] if layout == "contiguous" else [(0, n // 2), (n // 2, n)]
+
+
+def _pairs(pq, pk, layout):
+    """The (query chunk, key chunk) pairs with a visible (query, key) pair: the sub-blocks a rank computes. Under
+    the zigzag layout half of an off-diagonal block is in the future and skipped, which is what balances the ranks."""
+    return [((a, b), (c, d)) for a, b in _runs(pq.numel(), layout) for c, d in _runs(pk.numel(), layout)
+            if _visible(pq[a:b], pk[c:d])]
+
+
+def _exchange(tensors, rank, cp, group):
+    """Send ``tensors`` to the next rank and receive the previous rank's into new buffers (posted, not waited)."""
+    nxt, prv = (rank + 1) % cp, (rank - 1) % cp
+    got = [torch.empty_like(t) for t in tensors]
+    sends, recvs = p2p([(t.contiguous(), nxt, i) for i, t in enumerate(tensors)],
+                       [(g, prv, i) for i, g in enumerate(got)], group=group)
+    return got, sends + recvs
+
+
+class _Ring(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, group):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        seq = q.shape[-2] * cp
+        scale = 1 / math.sqrt(q.shape[-1])
+        pos = [positions(seq, cp, r, layout).to(q.device) for r in range(cp)]
+        runs = _runs(q.shape[-2], layout)
+        outs = [torch.zeros_like(q[..., a:b, :]) for a, b in runs]
+        lses = [torch.full(q.shape[:-2] + (b - a,), float("-inf"), dtype=q.dtype, device=q.device) for a, b in runs]
+        kb, vb = k, v
+        for s in range(cp):
+            works = []
+            if s < cp - 1:   # the next chunk travels while this one is computed
+                (nk, nv), works = _exchange((kb, vb), rank, cp, group)
+            src = (rank - s) % cp
+            for (a, b), (c, d) in _pairs(pos[rank], pos[src], layout):
+                i = runs.index((a, b))
+                ob, lb = block(q[..., a:b, :], kb[..., c:d, :], vb[..., c:d, :], pos[rank][a:b], pos[src][c:d], scale)
+                outs[i], lses[i] = merge(outs[i], lses[i], ob, lb)
+            for w in works:
+                w.wait()
+            if s < cp - 1:
+                kb, vb = nk, nv
+        out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.pos, ctx.layout = group, scale, pos, layout
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, pos = ctx.group, ctx.scale, ctx.pos
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        dout = dout.contiguous()
+        d = (dout * out).sum(-1)
+        dq = torch.zeros_like(q)
+        kb, vb, dkb, dvb = k, v, torch.zeros_like(k), torch.zeros_like(v)
+        for s in range(cp):
+            src = (rank - s) % cp
+            for (a, b), (c, e) in _pairs(pos[rank], pos[src], ctx.layout):
+                qa, ka, va, do = q[..., a:b, :], kb[..., c:e, :], vb[..., c:e, :], dout[..., a:b, :]
+                sc = _scores(qa, ka, pos[rank][a:b], pos[src][c:e], scale)
+                p = torch.exp(sc - lse[..., a:b, None])          # hidden keys: exp(-inf) = 0
+                dvb[..., c:e, :] += p.transpose(-1, -2) @ do
+                ds = p * (do @ va.transpose(-1, -2) - d[..., a:b, None])
+                dq[..., a:b, :] += (ds @ ka) * scale
+                dkb[..., c:e, :] += (ds.transpose(-1, -2) @ qa) * scale
+            # the chunk moves on with its gradients so far; after cp moves every chunk is home, gradients whole
+            (kb, vb, dkb, dvb), works = _exchange((kb, vb, dkb, dvb), rank, cp, group)
+            for w in works:
+                w.wait()
+        return dq, dkb, dvb, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "zigzag", group=None):
+    """Causal attention of this rank's queries over the whole sequence's keys, the sequence split over ``group``'s
+    ranks in ``layout`` (``q, k, v``: ``B × heads × L × head_dim``, this rank's L = seq/cp tokens, as :func:`shard`
+    cuts them). Returns this rank's outputs; differentiable."""
+    validate_choice("layout", layout, LAYOUTS)
+    if not (q.shape == k.shape == v.shape):
+        raise ArgumentError(f"q, k and v must have one shape (B x heads x L x head_dim), got {tuple(q.shape)}, "
+                            f"{tuple(k.shape)}, {tuple(v.shape)}")
+    return _Ring.apply(q, k, v, layout, group)
+
+
+def work_per_rank(seq: int, cp: int, layout: str = "zigzag") -> list[int]:
+    """The (query, key) pairs each rank computes under the causal mask (sub-blocks with no visible pair skipped)."""
+    pos = [positions(seq, cp, r, layout) for r in range(cp)]
+    # a sub-block is computed whole, its masked pairs included
+    return [sum((b - a) * (d - c) for r2 in range(cp) for (a, b), (c, d) in _pairs(pos[r], pos[r2], layout))
+            for r in range(cp)]
+
+
+def ring_bytes(batch: int, heads: int, seq: int, head_dim: int, cp: int, element_size: int) -> dict:
+    """Bytes one rank sends per attention layer: forward 2(cp-1) chunks (k and v), backward 4·cp (k, v, dk, dv)."""
+    chunk = batch * heads * (seq // cp) * head_dim * element_size
+    return {"forward": 2 * (cp - 1) * chunk, "backward": 4 * cp * chunk}

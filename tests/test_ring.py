@@ -1,0 +1,66 @@
+"""Lab 12's context parallelism: ring attention over 2 and 4 gloo ranks equal to one process (outputs and
+gradients, float64, both layouts); the merge rule and the layouts' work by hand."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import labkit
+from labkit.context_expert import ring
+
+B, H, S, D = 2, 2, 16, 8
+
+
+def _qkv(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+def test_merge_of_two_key_halves_is_the_whole_softmax():
+    q, k, v, _ = _qkv()
+    pos = torch.arange(S)
+    scale = D ** -0.5
+    o1, l1 = ring.block(q, k[:, :, :8], v[:, :, :8], pos, pos[:8], scale)
+    o2, l2 = ring.block(q, k[:, :, 8:], v[:, :, 8:], pos, pos[8:], scale)
+    o, _ = ring.merge(o1, l1, o2, l2)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert (o - want).abs().max() < 1e-12
+    assert torch.isinf(l2[..., :8]).all()   # the first 8 queries see none of the second half's keys
+
+
+def test_layouts_and_their_work():
+    for layout in ring.LAYOUTS:
+        idx = ring.unshard_index(S, 4, layout)
+        assert torch.equal(torch.cat([ring.positions(S, 4, r, layout) for r in range(4)])[idx], torch.arange(S))
+    contiguous, zigzag = ring.work_per_rank(64, 4, "contiguous"), ring.work_per_rank(64, 4, "zigzag")
+    assert contiguous == [256, 512, 768, 1024]          # the last rank computes cp times the first's blocks
+    # zigzag: 8 chunks of 8 tokens, 36 visible 8 x 8 sub-blocks of the causal triangle, 9 on every rank
+    assert zigzag == [9 * 64] * 4
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ring.positions(12, 4, 0, "zigzag")
+
+
+def _ring_rank(ctx, layout):
+    q, k, v, dout = _qkv()
+    cp, r = ctx.world_size, ctx.rank
+    mine = [ring.shard(t, cp, r, layout).clone().requires_grad_(True) for t in (q, k, v)]
+    out = ring.ring_attention(*mine, layout=layout)
+    out.backward(ring.shard(dout, cp, r, layout))
+    return {"out": out.detach(), "grads": [t.grad for t in mine]}
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("layout", ring.LAYOUTS)
+def test_ring_attention_equals_one_process(cp, layout):
+    res = labkit.launch(_ring_rank, world_size=cp, args=(layout,), pool=True, echo=False, timeout=120)
+    q, k, v, dout = _qkv()
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*full, is_causal=True)
+    want.backward(dout)
+    idx = ring.unshard_index(S, cp, layout)
+    out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
+    assert (out - want.detach()).abs().max() < 1e-12
+    for j in range(3):
+        g = torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx]
+        assert (g - full[j].grad).abs().max() < 1e-12, j
