@@ -64,3 +64,37 @@ def test_ring_attention_equals_one_process(cp, layout):
     for j in range(3):
         g = torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx]
         assert (g - full[j].grad).abs().max() < 1e-12, j
+
+
+def _gpt_rank(ctx, layout):
+    from labkit.capstone.model import Config, build, sort_batch
+    from labkit.context_expert.gpt import all_reduce_grads, forward_cp, loss_cp
+
+    cfg = Config(layers=2, width=32, heads=4, vocab=16, seq=16)
+    model = build(cfg, seed=0)
+    ids, targets = sort_batch(4, cfg, seed=1)
+    cp, r = ctx.world_size, ctx.rank
+    logits = forward_cp(model, ring.shard(ids, cp, r, layout, dim=1), layout)
+    loss = loss_cp(logits, ring.shard(targets, cp, r, layout, dim=1), cp)
+    loss.backward()
+    all_reduce_grads(model)
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return {"loss": float(total), "grads": {n: p.grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("layout", ring.LAYOUTS)
+def test_a_whole_transformer_with_its_sequence_split_equals_one_process(cp, layout):
+    from labkit.capstone.model import Config, build, lm_loss, sort_batch
+
+    res = labkit.launch(_gpt_rank, world_size=cp, args=(layout,), pool=True, echo=False, timeout=120)
+    cfg = Config(layers=2, width=32, heads=4, vocab=16, seq=16)
+    model = build(cfg, seed=0)
+    ids, targets = sort_batch(4, cfg, seed=1)
+    loss = lm_loss(model(ids), targets)
+    loss.backward()
+    for r in res:
+        assert abs(r["loss"] - loss.item()) < 1e-12
+        for n, p in model.named_parameters():
+            assert (r["grads"][n] - p.grad).abs().max() < 1e-12, n

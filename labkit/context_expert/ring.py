@@ -113,7 +113,7 @@ def _pairs(pq, pk, layout):
 def _exchange(tensors, rank, cp, group):
     """Send ``tensors`` to the next rank and receive the previous rank's into new buffers (posted, not waited)."""
     nxt, prv = (rank + 1) % cp, (rank - 1) % cp
-    got = [torch.empty_like(t) for t in tensors]
+    got = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     sends, recvs = p2p([(t.contiguous(), nxt, i) for i, t in enumerate(tensors)],
                        [(g, prv, i) for i, g in enumerate(got)], group=group)
     return got, sends + recvs
