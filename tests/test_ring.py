@@ -45,9 +45,10 @@ def _ring_rank(ctx, layout):
     q, k, v, dout = _qkv()
     cp, r = ctx.world_size, ctx.rank
     mine = [ring.shard(t, cp, r, layout).clone().requires_grad_(True) for t in (q, k, v)]
-    out = ring.ring_attention(*mine, layout=layout)
+    stats = {}
+    out = ring.ring_attention(*mine, layout=layout, stats=stats)
     out.backward(ring.shard(dout, cp, r, layout))
-    return {"out": out.detach(), "grads": [t.grad for t in mine]}
+    return {"out": out.detach(), "grads": [t.grad for t in mine], "stats": stats}
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -59,6 +60,8 @@ def test_ring_attention_equals_one_process(cp, layout):
     want = F.scaled_dot_product_attention(*full, is_causal=True)
     want.backward(dout)
     idx = ring.unshard_index(S, cp, layout)
+    for r in res:   # the bytes each rank sent, against the formula
+        assert r["stats"] == ring.ring_bytes(B, H, S, D, cp, 8)
     out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
     assert (out - want.detach()).abs().max() < 1e-12
     for j in range(3):
@@ -98,3 +101,20 @@ def test_a_whole_transformer_with_its_sequence_split_equals_one_process(cp, layo
         assert abs(r["loss"] - loss.item()) < 1e-12
         for n, p in model.named_parameters():
             assert (r["grads"][n] - p.grad).abs().max() < 1e-12, n
+
+
+def test_activation_memory_per_rank_falls_as_one_over_cp_and_bytes_match_the_formula():
+    from labkit.context_expert.measure import cp_memory_rank
+
+    got = {cp: labkit.launch(cp_memory_rank, world_size=cp, kwargs=dict(seqs=(32, 64)), pool=True, echo=False,
+                             timeout=120) for cp in (1, 2, 4)}
+    for i, seq in enumerate((32, 64)):
+        one = got[1][0][i]["activation bytes"]
+        for cp in (2, 4):
+            for r in got[cp]:
+                row = r[i]
+                assert row["seq"] == seq and row["activation bytes"] * cp == one, (cp, row, one)
+                assert row["sent forward"] == row["formula forward"] > 0
+                assert row["sent backward"] == row["formula backward"]
+    # and it grows with the sequence as T (no s x s scores are kept anywhere)
+    assert got[2][0][1]["activation bytes"] == 2 * got[2][0][0]["activation bytes"]

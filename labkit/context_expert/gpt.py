@@ -19,9 +19,10 @@ from .ring import positions, ring_attention
 __all__ = ["forward_cp", "loss_cp", "all_reduce_grads"]
 
 
-def forward_cp(model, ids: torch.Tensor, layout: str = "zigzag", group=None) -> torch.Tensor:
+def forward_cp(model, ids: torch.Tensor, layout: str = "zigzag", group=None, stats: dict | None = None) -> torch.Tensor:
     """``model`` (a :class:`labkit.capstone.model.TinyGPT`) on this rank's tokens ``ids`` (``B × seq/cp``, as
-    :func:`~labkit.context_expert.ring.shard` cuts them): its logits for those tokens."""
+    :func:`~labkit.context_expert.ring.shard` cuts them): its logits for those tokens. ``stats``: a dict that
+    collects the bytes the rings send (:func:`~labkit.context_expert.ring.ring_attention`)."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     pos = positions(ids.shape[1] * cp, cp, rank, layout).to(ids.device)
     x = model.tok(ids) + model.pos[pos]
@@ -29,7 +30,7 @@ def forward_cp(model, ids: torch.Tensor, layout: str = "zigzag", group=None) -> 
         h = blk.qkv(blk.ln1(x))
         b, s, _ = h.shape
         q, k, v = h.view(b, s, blk.heads, 3, -1).permute(3, 0, 2, 1, 4)   # the capstone's head-major qkv layout
-        a = ring_attention(q, k, v, layout, group).transpose(1, 2).reshape(b, s, -1)
+        a = ring_attention(q, k, v, layout, group, stats).transpose(1, 2).reshape(b, s, -1)
         x = x + blk.proj(a)
         x = x + blk.fc2(F.gelu(blk.fc1(blk.ln2(x))))
     return model.head(model.ln_f(x))

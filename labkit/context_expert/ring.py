@@ -110,9 +110,12 @@ def _pairs(pq, pk, layout):
             if _visible(pq[a:b], pk[c:d])]
 
 
-def _exchange(tensors, rank, cp, group):
-    """Send ``tensors`` to the next rank and receive the previous rank's into new buffers (posted, not waited)."""
+def _exchange(tensors, rank, cp, group, stats=None, phase="forward"):
+    """Send ``tensors`` to the next rank and receive the previous rank's into new buffers (posted, not waited);
+    the bytes sent are added to ``stats[phase]`` when ``stats`` is a dict."""
     nxt, prv = (rank + 1) % cp, (rank - 1) % cp
+    if stats is not None:
+        stats[phase] = stats.get(phase, 0) + sum(t.numel() * t.element_size() for t in tensors)
     got = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     sends, recvs = p2p([(t.contiguous(), nxt, i) for i, t in enumerate(tensors)],
                        [(g, prv, i) for i, g in enumerate(got)], group=group)
@@ -121,7 +124,7 @@ def _exchange(tensors, rank, cp, group):
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, group):
+    def forward(ctx, q, k, v, layout, group, stats):
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         seq = q.shape[-2] * cp
         scale = 1 / math.sqrt(q.shape[-1])
@@ -133,7 +136,7 @@ class _Ring(torch.autograd.Function):
         for s in range(cp):
             works = []
             if s < cp - 1:   # the next chunk travels while this one is computed
-                (nk, nv), works = _exchange((kb, vb), rank, cp, group)
+                (nk, nv), works = _exchange((kb, vb), rank, cp, group, stats, "forward")
             src = (rank - s) % cp
             for (a, b), (c, d) in _pairs(pos[rank], pos[src], layout):
                 i = runs.index((a, b))
@@ -145,7 +148,7 @@ class _Ring(torch.autograd.Function):
                 kb, vb = nk, nv
         out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.pos, ctx.layout = group, scale, pos, layout
+        ctx.group, ctx.scale, ctx.pos, ctx.layout, ctx.stats = group, scale, pos, layout, stats
         return out
 
     @staticmethod
@@ -168,21 +171,24 @@ class _Ring(torch.autograd.Function):
                 dq[..., a:b, :] += (ds @ ka) * scale
                 dkb[..., c:e, :] += (ds.transpose(-1, -2) @ qa) * scale
             # the chunk moves on with its gradients so far; after cp moves every chunk is home, gradients whole
-            (kb, vb, dkb, dvb), works = _exchange((kb, vb, dkb, dvb), rank, cp, group)
-            for w in works:
-                w.wait()
-        return dq, dkb, dvb, None, None
+            if cp > 1:
+                (kb, vb, dkb, dvb), works = _exchange((kb, vb, dkb, dvb), rank, cp, group, ctx.stats, "backward")
+                for w in works:
+                    w.wait()
+        return dq, dkb, dvb, None, None, None
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "zigzag", group=None):
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "zigzag", group=None,
+                   stats: dict | None = None):
     """Causal attention of this rank's queries over the whole sequence's keys, the sequence split over ``group``'s
     ranks in ``layout`` (``q, k, v``: ``B × heads × L × head_dim``, this rank's L = seq/cp tokens, as :func:`shard`
-    cuts them). Returns this rank's outputs; differentiable."""
+    cuts them). Returns this rank's outputs; differentiable. ``stats``: a dict to which the bytes this rank sends
+    are added, under ``"forward"`` and ``"backward"`` (:func:`ring_bytes` is the formula)."""
     validate_choice("layout", layout, LAYOUTS)
     if not (q.shape == k.shape == v.shape):
         raise ArgumentError(f"q, k and v must have one shape (B x heads x L x head_dim), got {tuple(q.shape)}, "
                             f"{tuple(k.shape)}, {tuple(v.shape)}")
-    return _Ring.apply(q, k, v, layout, group)
+    return _Ring.apply(q, k, v, layout, group, stats)
 
 
 def work_per_rank(seq: int, cp: int, layout: str = "zigzag") -> list[int]:
