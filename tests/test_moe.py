@@ -9,7 +9,7 @@ import labkit
 from labkit._validate import ArgumentError
 from labkit.context_expert import ExpertParallelMoE, MoE, balance_loss, capacity, route
 
-WIDTH, HIDDEN, EXPERTS = 8, 16, 4
+WIDTH, FFN, EXPERTS = 8, 16, 4
 
 
 def test_routing_capacity_and_balance_by_hand():
@@ -32,7 +32,7 @@ def test_routing_capacity_and_balance_by_hand():
 
 def test_moe_is_the_weighted_sum_of_its_chosen_experts():
     torch.manual_seed(0)
-    moe = MoE(WIDTH, HIDDEN, EXPERTS, k=2, capacity_factor=None, dtype=torch.float64)
+    moe = MoE(WIDTH, FFN, EXPERTS, k=2, capacity_factor=None, dtype=torch.float64)
     x = torch.randn(5, WIDTH, dtype=torch.float64)
     y = moe(x)
     r = moe.last
@@ -40,12 +40,12 @@ def test_moe_is_the_weighted_sum_of_its_chosen_experts():
                         for t in range(5)])
     assert torch.allclose(y, want, atol=1e-12)
     with pytest.raises(ArgumentError, match="k must be an int in \\[1, 4\\], got 5"):
-        MoE(WIDTH, HIDDEN, EXPERTS, k=5)
+        MoE(WIDTH, FFN, EXPERTS, k=5)
 
 
 def _ep_rank(ctx, k=1, capacity_factor=None, tokens=12):
     torch.manual_seed(0)
-    moe = MoE(WIDTH, HIDDEN, EXPERTS, k=k, capacity_factor=capacity_factor, dtype=torch.float64)
+    moe = MoE(WIDTH, FFN, EXPERTS, k=k, capacity_factor=capacity_factor, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens * ctx.world_size, WIDTH, generator=g, dtype=torch.float64)
     w = torch.randn(tokens * ctx.world_size, WIDTH, generator=g, dtype=torch.float64)
@@ -58,7 +58,7 @@ def _ep_rank(ctx, k=1, capacity_factor=None, tokens=12):
     out = {"y": y.detach(), "dropped": ep.last.dropped, "sent": ep.sent, "first": ep.first,
            "w1_grad": ep.w1.grad.clone(), "router_grad": router_grad}
     # this rank's tokens alone through the whole MoE in one process: the same routing and capacity
-    alone = MoE(WIDTH, HIDDEN, EXPERTS, k=k, capacity_factor=capacity_factor, dtype=torch.float64)
+    alone = MoE(WIDTH, FFN, EXPERTS, k=k, capacity_factor=capacity_factor, dtype=torch.float64)
     alone.load_state_dict(moe.state_dict())
     alone(x[mine])
     out["dropped_alone"] = alone.last.dropped
@@ -72,7 +72,7 @@ def _ep_rank(ctx, k=1, capacity_factor=None, tokens=12):
 def test_expert_parallel_equals_one_process_when_nothing_is_dropped(n, k):
     res = labkit.launch(_ep_rank, world_size=n, kwargs=dict(k=k), pool=True, echo=False, timeout=120)
     torch.manual_seed(0)
-    ref = MoE(WIDTH, HIDDEN, EXPERTS, k=k, capacity_factor=None, dtype=torch.float64)
+    ref = MoE(WIDTH, FFN, EXPERTS, k=k, capacity_factor=None, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(12 * n, WIDTH, generator=g, dtype=torch.float64)
     w = torch.randn(12 * n, WIDTH, generator=g, dtype=torch.float64)

@@ -86,16 +86,16 @@ def balance_loss(r: Routing, n_experts: int) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    """E expert MLPs (``width → hidden → width``, GELU) behind a top-``k`` router, in one process.
+    """E expert MLPs (``width → ffn_width → width``, GELU) behind a top-``k`` router, in one process.
 
     ``forward(x)`` takes any ``... × width`` tensor and returns the same shape; :attr:`last` holds the call's
     :class:`Routing`, its auxiliary loss (``last_aux``) and dropped count."""
 
-    def __init__(self, width: int, hidden: int, n_experts: int, k: int = 1, capacity_factor: float | None = 1.25,
+    def __init__(self, width: int, ffn_width: int, n_experts: int, k: int = 1, capacity_factor: float | None = 1.25,
                  dtype=torch.float32):
         super().__init__()
         self.width = validate_int("width", width, minimum=1)
-        self.hidden = validate_int("hidden", hidden, minimum=1)
+        self.ffn_width = validate_int("ffn_width", ffn_width, minimum=1)
         self.n_experts = validate_int("n_experts", n_experts, minimum=1)
         self.k = validate_int("k", k, minimum=1, maximum=n_experts, hint=f"1 or 2, at most n_experts={n_experts}")
         if capacity_factor is not None:
@@ -103,11 +103,11 @@ class MoE(nn.Module):
                                               hint="e.g. 1.25, or None for no limit")
         self.capacity_factor = capacity_factor
         self.router = nn.Linear(width, n_experts, bias=False, dtype=dtype)
-        self.w1 = nn.Parameter(torch.empty(n_experts, width, hidden, dtype=dtype))
-        self.b1 = nn.Parameter(torch.zeros(n_experts, hidden, dtype=dtype))
-        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, width, dtype=dtype))
+        self.w1 = nn.Parameter(torch.empty(n_experts, width, ffn_width, dtype=dtype))
+        self.b1 = nn.Parameter(torch.zeros(n_experts, ffn_width, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(n_experts, ffn_width, width, dtype=dtype))
         self.b2 = nn.Parameter(torch.zeros(n_experts, width, dtype=dtype))
-        for w, fan_in in ((self.w1, width), (self.w2, hidden)):
+        for w, fan_in in ((self.w1, width), (self.w2, ffn_width)):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         self.last: Routing | None = None
         self.last_aux: torch.Tensor | None = None
