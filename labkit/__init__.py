@@ -22,6 +22,7 @@ against it):
 - ``labkit.hardware`` (09 hardware)
 - ``labkit.zero`` (10 sharded data parallel)
 - ``labkit.capstone`` (11 capstone)
+- ``labkit.context_expert`` (12 context and expert parallel)
 
 Shared modules: ``checks`` (exercise checks and the no-shortcut guard), ``viz`` (plots and tables), ``data``
 (datasets and sharding), ``models`` (the small models labs share), ``partition`` (contiguous stage splits),

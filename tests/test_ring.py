@@ -23,7 +23,7 @@ def test_merge_of_two_key_halves_is_the_whole_softmax():
     scale = D ** -0.5
     o1, l1 = ring.block(q, k[:, :, :8], v[:, :, :8], pos, pos[:8], scale)
     o2, l2 = ring.block(q, k[:, :, 8:], v[:, :, 8:], pos, pos[8:], scale)
-    o, _ = ring.merge(o1, l1, o2, l2)
+    o, _ = ring.merge_partial(o1, l1, o2, l2)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (o - want).abs().max() < 1e-12
     assert torch.isinf(l2[..., :8]).all()   # the first 8 queries see none of the second half's keys
@@ -33,7 +33,7 @@ def test_layouts_and_their_work():
     for layout in ring.LAYOUTS:
         idx = ring.unshard_index(S, 4, layout)
         assert torch.equal(torch.cat([ring.positions(S, 4, r, layout) for r in range(4)])[idx], torch.arange(S))
-    contiguous, zigzag = ring.work_per_rank(64, 4, "contiguous"), ring.work_per_rank(64, 4, "zigzag")
+    contiguous, zigzag = ring.work_each_rank(64, 4, "contiguous"), ring.work_each_rank(64, 4, "zigzag")
     assert contiguous == [256, 512, 768, 1024]          # the last rank computes cp times the first's blocks
     # zigzag: 8 chunks of 8 tokens, 36 visible 8 x 8 sub-blocks of the causal triangle, 9 on every rank
     assert zigzag == [9 * 64] * 4

@@ -7,7 +7,7 @@
 """
 from . import ring
 from .moe import ExpertParallelMoE, MoE, Routing, all_to_all_bytes, balance_loss, capacity, route
-from .ring import LAYOUTS, merge, ring_attention, work_per_rank
+from .ring import LAYOUTS, merge_partial, ring_attention
 
 __all__ = ["MoE", "ExpertParallelMoE", "Routing", "route", "capacity", "balance_loss", "all_to_all_bytes",
-           "ring", "ring_attention", "merge", "work_per_rank", "LAYOUTS"]
+           "ring", "ring_attention", "merge_partial", "LAYOUTS"]

@@ -131,7 +131,7 @@ def check_merge(fn, seed: int | None = None) -> CheckResult:
             pq = pos if causal else torch.full((seq,), seq)   # non-causal: every query sees every key
             halves = [ring.block(q, k[..., a:b, :], v[..., a:b, :], pq, pos[a:b], 0.5) for a, b in ((0, cut),
                                                                                                   (cut, seq))]
-            with refusing(ring.merge, why="write the merge yourself: two exponentials and a log-sum-exp"):
+            with refusing(ring.merge_partial, why="write the merge yourself: two exponentials and a log-sum-exp"):
                 o, lse = fn(*halves[0], *halves[1])
             want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.5)
             expect_close(o, want, rtol=1e-9, atol=1e-12, what="merged output")
@@ -193,7 +193,7 @@ def tour(world_size: int = 2) -> list[dict]:
         err = max(max(r["out_err"], r["grad_err"]) for r in res)
         return err < 1e-12 and not any(r["dropped"] for r in res), f"max difference {err:.1e}, nothing dropped"
 
-    balance = ring.work_per_rank(64, 4, "zigzag")
+    balance = ring.work_each_rank(64, 4, "zigzag")
     return [run_check(lab, f"ring attention on {n} ranks == one process (float64, zigzag)", ring_ok),
             run_check(lab, f"TinyGPT with its sequence over {n} ranks == one process", gpt_ok),
             run_check(lab, f"experts over {n} ranks, k = 2 == one process", moe_ok),

@@ -13,13 +13,13 @@ Two partial results combine exactly::
     lse = logaddexp(lse_1, lse_2);   o = o_1 · exp(lse_1 - lse) + o_2 · exp(lse_2 - lse)
 
 A query whose keys in a block are all in its future (causal) gets ``lse_b = -inf`` and ``o_b = 0``, which the rule
-leaves out. :func:`merge` is this rule; lab 12's exercise asks for it.
+leaves out. :func:`merge_partial` is this rule; lab 12's exercise asks for it.
 
 **Layouts.** The sequence is cut into chunks. *Contiguous*: rank r holds tokens [r·L, (r+1)·L). Causally, rank 0's
 queries see only their own chunk and rank cp-1's see all cp chunks: the last rank does cp times the work of the
 first, and the ring waits for it. *Zigzag* (Brandon et al.; Megatron-Core and torchtitan's load-balanced layout): 2·cp
 chunks, rank r holds chunks r and 2cp-1-r, so every rank holds one early and one late chunk and does the same
-work. :func:`work_per_rank` counts the (query, key) pairs each rank computes.
+work. :func:`work_each_rank` counts the (query, key) pairs each rank computes.
 
 **Backward** is written by hand (:class:`_Ring`, an autograd function), as the fused kernels do it: a second pass
 around the ring in which each chunk carries, beside its keys and values, the gradients ``dk, dv`` accumulated so far;
@@ -38,8 +38,8 @@ import torch.distributed as dist
 from .._validate import ArgumentError, validate_choice, validate_int
 from ..distops import p2p
 
-__all__ = ["LAYOUTS", "positions", "shard", "unshard_index", "merge", "block", "ring_attention", "work_per_rank",
-           "ring_bytes"]
+__all__ = ["LAYOUTS", "positions", "shard", "unshard_index", "merge_partial", "block", "ring_attention",
+           "work_each_rank", "ring_bytes"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -68,7 +68,7 @@ def unshard_index(seq: int, cp: int, layout: str = "zigzag") -> torch.Tensor:
     return torch.argsort(torch.cat([positions(seq, cp, r, layout) for r in range(cp)]))
 
 
-def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
+def merge_partial(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor):
     """Two partial attention results over disjoint keys, combined: ``(o, lse)`` (the online-softmax rule)."""
     lse = torch.logaddexp(lse1, lse2)
     # a row with lse = -inf in both has no keys yet: keep it at zero instead of exp(-inf - -inf) = nan
@@ -141,7 +141,7 @@ class _Ring(torch.autograd.Function):
             for (a, b), (c, d) in _pairs(pos[rank], pos[src], layout):
                 i = runs.index((a, b))
                 ob, lb = block(q[..., a:b, :], kb[..., c:d, :], vb[..., c:d, :], pos[rank][a:b], pos[src][c:d], scale)
-                outs[i], lses[i] = merge(outs[i], lses[i], ob, lb)
+                outs[i], lses[i] = merge_partial(outs[i], lses[i], ob, lb)
             for w in works:
                 w.wait()
             if s < cp - 1:
@@ -191,7 +191,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: st
     return _Ring.apply(q, k, v, layout, group, stats)
 
 
-def work_per_rank(seq: int, cp: int, layout: str = "zigzag") -> list[int]:
+def work_each_rank(seq: int, cp: int, layout: str = "zigzag") -> list[int]:
     """The (query, key) pairs each rank computes under the causal mask (sub-blocks with no visible pair skipped)."""
     pos = [positions(seq, cp, r, layout) for r in range(cp)]
     # a sub-block is computed whole, its masked pairs included
