@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .._validate import ArgumentError
-from ..distops import all_gather_tensor
 
 __all__ = ["FORMAT", "full_state_dict", "load_full_state_dict", "sharded_state_dict", "load_sharded_state_dict"]
 
@@ -33,18 +32,8 @@ def _param_keys(z3) -> dict:
 
 
 @torch.no_grad()
-def _full_groups(z3) -> list[list[torch.Tensor]]:
-    fulls = []
-    for grp in z3._groups:
-        full = torch.empty(grp.layout.padded, dtype=grp.shard.dtype, device=grp.shard.device)
-        all_gather_tensor(full, grp.shard.detach().contiguous(), group=z3.group)  # not a step's: not counted
-        fulls.append(grp.layout.views(full))
-    return fulls
-
-
-@torch.no_grad()
 def full_state_dict(z3, keep_vars: bool = False) -> dict:
-    fulls = _full_groups(z3)
+    fulls = z3._gather_groups(label=None)
     buffers = z3.module.state_dict(keep_vars=keep_vars)  # the parameters are gone from the model: buffers only
     out = {}
     for key, gj in z3._sd_keys:
@@ -85,7 +74,7 @@ def load_full_state_dict(z3, state_dict, strict: bool = True):
     for g, grp in enumerate(z3._groups):
         tensors = [given.get((g, j)) for j in range(len(grp.slots))]
         if any(t is None for t in tensors):  # strict=False and a key missing: keep what the model has
-            current = current if current is not None else _full_groups(z3)
+            current = current if current is not None else z3._gather_groups(label=None)
             tensors = [t if t is not None else current[g][j] for j, t in enumerate(tensors)]
         lo, hi = grp.layout.shard_range(z3.rank)
         grp.shard.data.copy_(grp.layout.flatten(tensors, dtype=grp.shard.dtype, device=grp.shard.device)[lo:hi])

@@ -61,7 +61,7 @@ from torch import nn
 from .._validate import ArgumentError, validate_number
 from ..collectives import ranks_agree
 from ..devices import now
-from ..distops import require_dist
+from ..distops import all_gather_tensor, require_dist
 from .comm import Traffic
 from .flat import FlatLayout, unique_params
 
@@ -502,12 +502,23 @@ class Zero3(nn.Module):
     @torch.no_grad()
     def full_parameters(self) -> list[torch.Tensor]:
         """Every parameter, full, in ``model.parameters()`` order (all ranks must call it: it all-gathers)."""
+        fulls = self._gather_groups(label="full_parameters")
+        return [fulls[g][j].clone() for g, j in self._places]
+
+    @torch.no_grad()
+    def _gather_groups(self, label: str | None) -> list[list[torch.Tensor]]:
+        """Every group's parameters, full (views of one fresh buffer per group); counted in :attr:`traffic` under
+        ``label``, or not at all when ``label`` is None (a checkpoint's gathers are not a step's)."""
         fulls = []
         for grp in self._groups:
             full = torch.empty(grp.layout.padded, dtype=grp.shard.dtype, device=grp.shard.device)
-            self.traffic.all_gather(full, grp.shard.detach().contiguous(), label="full_parameters")
-            fulls.append([t.clone() for t in grp.layout.views(full)])
-        return [fulls[g][j] for g, j in self._places]
+            src = grp.shard.detach().contiguous()
+            if label is None:
+                all_gather_tensor(full, src, group=self.group)
+            else:
+                self.traffic.all_gather(full, src, label=label)
+            fulls.append(grp.layout.views(full))
+        return fulls
 
     def held_numel(self) -> int:
         """Parameter values this rank holds now: its shards (trained and frozen) plus anything still gathered."""
