@@ -96,3 +96,26 @@ def test_drops_are_counted_per_rank_and_bytes_match_the_formula():
     total_out = [r["rows_out"] for r in res]
     for i, r in enumerate(res):
         assert r["sent"] == (total_out[i] + total_out[1 - i]) * WIDTH * 8
+
+
+def _uneven_rank(ctx):
+    moe = MoE(WIDTH, FFN, 4, k=1, dtype=torch.float64)
+    try:
+        ExpertParallelMoE(moe)
+    except ArgumentError as e:
+        return str(e)
+    return "no error"
+
+
+def test_bad_input_names_the_argument_and_what_to_pass():
+    with pytest.raises(ArgumentError, match="capacity_factor must be .*got 0"):
+        MoE(WIDTH, FFN, EXPERTS, capacity_factor=0)
+    with pytest.raises(ArgumentError, match="capacity_factor must be .*got -1"):
+        MoE(WIDTH, FFN, EXPERTS, capacity_factor=-1.0)
+    with pytest.raises(ArgumentError, match="k=3 .*n_experts=2"):
+        route(torch.zeros(5, 2), 3, None)
+    with pytest.raises(ArgumentError, match="capacity_factor"):
+        route(torch.zeros(5, 2), 1, 0.0)
+    # 4 experts do not split over 3 ranks
+    msgs = labkit.launch(_uneven_rank, world_size=3, pool=True, echo=False, timeout=120)
+    assert all("n_experts=4 does not split over ep=3 ranks" in m for m in msgs), msgs

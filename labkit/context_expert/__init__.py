@@ -1,9 +1,12 @@
-"""Lab 12 (work in progress): context parallelism (ring attention) and expert parallelism (mixture of experts).
+"""Lab 12: context parallelism (ring attention) and expert parallelism (mixture of experts).
 
 - ``ring``: :func:`ring_attention`, causal attention with the sequence split over ranks (contiguous or zigzag
   layout), keys and values passed around a ring and merged by the online-softmax rule; its backward by hand.
 - ``moe``: :class:`MoE`, a top-k mixture-of-experts MLP with capacity and Switch's load-balancing loss, and
   :class:`ExpertParallelMoE`, its experts sharded over ranks with all-to-all dispatch and combine.
+- ``gpt``: :func:`~labkit.context_expert.gpt.forward_cp`, lab 11's TinyGPT with its sequence split over ranks.
+- ``measure``: activation memory per rank against the sequence length and cp.
+- ``lab`` (rank functions, exercise checks, the tour) and ``bench`` (``python -m labkit bench context_expert``).
 """
 from . import ring
 from .moe import ExpertParallelMoE, MoE, Routing, all_to_all_bytes, balance_loss, capacity, route

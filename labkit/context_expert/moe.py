@@ -64,7 +64,14 @@ class Routing:
 
 def route(logits: torch.Tensor, k: int, capacity_factor: float | None) -> Routing:
     """Top-k routing of T tokens (``logits`` T × E) with capacity (None: no limit)."""
+    if logits.dim() != 2:
+        raise ArgumentError(f"logits has shape {tuple(logits.shape)}; pass the router's scores as tokens × experts")
     t, e = logits.shape
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= e:
+        raise ArgumentError(f"k={k!r} experts per token, but there are n_experts={e}; pass an int k in [1, {e}]")
+    if capacity_factor is not None:
+        capacity_factor = validate_number("capacity_factor", capacity_factor, minimum=0, open_low=True,
+                                          hint="e.g. 1.25, or None for no limit")
     probs = logits.softmax(-1)
     top_p, top_e = probs.topk(k, dim=-1)
     weights = top_p if k == 1 else top_p / top_p.sum(-1, keepdim=True)
