@@ -163,7 +163,9 @@ def test_bench_zero_bubble_rows_put_zb_h1_beside_1f1b():
     from labkit.pipeline.bench import main as bench_main
 
     rows = bench_zero_bubble(ps=(2,), ms=(2,), forward_s=0.001, backward_s=0.002, weight_s=0.001, repeats=1)
-    assert [(r["schedule"], r["p"], r["m"], r["peak held"]) for r in rows] == [("1f1b", 2, 2, 2), ("zb-h1", 2, 2, 2)]
+    assert [(r["schedule"], r["p"], r["m"], r["peak held"]) for r in rows] == [("1f1b", 2, 2, 2), ("zb-h1", 2, 2, 2),
+                                                                              ("zb-v", 2, 2, 4)]
+    assert rows[2]["formula"] == ""   # no closed form for the greedy V: the simulator only
     assert rows[0]["formula"] == pytest.approx(bubble_fraction(2, 2)) and rows[0]["W ms"] == 0
     zb = rows[1]
     f, b, w = (zb[k] / 1e3 for k in ("F ms", "B ms", "W ms"))
@@ -389,3 +391,33 @@ def test_stage_times_refuses_bad_input():
         stage_times(42, 2, batch)
     with pytest.raises(ValueError, match="n_micro"):
         stage_times(stages, 2, batch, n_micro=5)   # 4 rows cannot make 5 micro-batches
+
+
+@pytest.mark.timeout(300)
+def test_zb_v_gives_single_process_gradients_in_float64():
+    """ZB-V on real ranks: 2p stages, rank r holding r and 2p-1-r, the last rank handing its own stage p-1's output to
+    stage p without a message; B and W apart; the gradients and loss of one process on 2, 3 and 4 ranks."""
+    import functools
+
+    from labkit.models import mlp
+    from labkit.pipeline import peak_in_flight, zb_v
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(12, 32, generator=g, dtype=torch.float64),
+             torch.randn(12, 10, generator=g, dtype=torch.float64))
+    widths = [32, 24, 24, 24, 24, 24, 24, 24, 10]   # 8 linear layers: up to 8 stages
+    for p, ms in ((2, (1, 4)), (3, (5,)), (4, (4,))):
+        model = ModelStages(functools.partial(mlp, widths, dtype=torch.float64), n_stages=2 * p)
+        ref = reference_step(model, 2 * p, batch)
+        for m in ms:
+            run = run_pipeline(model, p, batch, m, schedule="zb-v")
+            assert run.chunks == 2 and len(run.grads) == 2 * p
+            assert max_grad_error(run.grads, ref["grads"]) < 1e-12, (p, m)
+            assert run.loss == pytest.approx(ref["loss"], rel=1e-12, abs=1e-15), (p, m)
+            assert run.peak_live == peak_in_flight(zb_v(p, m))   # what the schedule holds, measured
+            for rank in range(p):
+                kinds = [e["kind"] for e in run.events if e["lane"] == rank]
+                assert kinds.count("forward") == kinds.count("backward") == kinds.count("weight") == 2 * m
+            # the last rank's turn is no message: it never waits to receive from itself
+            labels = [e["label"] for e in run.events if e["lane"] == p - 1 and e["kind"] == "wait"]
+            assert not any(lbl.startswith("rF") and lbl.endswith(".1") for lbl in labels), labels

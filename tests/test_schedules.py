@@ -20,10 +20,10 @@ def test_counts_and_forward_before_backward(name, p, m):
     S.validate(sched, m)
 
 
-def _check_dependencies(sim, p, v=1):
+def _check_dependencies(sim, p, v=1, placement="loop"):
     end = {}
     for e in sim["events"]:
-        s = e["chunk"] * p + e["lane"]
+        s = S.stage_of(e["lane"], e["chunk"], p, placement)
         end[(e["kind"], e["micro"], s)] = (e["start"], e["end"])
     n_virtual = p * v
     for (kind, i, s), (start, _) in end.items():
@@ -135,8 +135,9 @@ def test_single_process_baseline_and_reference_agree():
 
 
 # ----------------------------------------------------------------------------- zero bubble (issue 27, item 7)
-def _check_w_dependencies(sim, p):
-    end = {(e["kind"], e["micro"], e["lane"]): (e["start"], e["end"]) for e in sim["events"]}
+def _check_w_dependencies(sim, p, v=1, placement="loop"):
+    end = {(e["kind"], e["micro"], S.stage_of(e["lane"], e["chunk"], p, placement)): (e["start"], e["end"])
+           for e in sim["events"]}
     for (kind, i, s), (start, _) in end.items():
         if kind == "weight":
             assert start >= end[("backward", i, s)][1] - 1e-12
@@ -212,3 +213,37 @@ def test_old_schedules_ignore_weight_and_bad_w_orders_are_reported():
         S.simulate(S.zb_h1(2, 2), 1.0, 1.0, weight=2.0)
     with pytest.raises(ValueError, match="stage must be"):
         S.zb_h1_stage(2, 2, 4)
+
+
+# ----------------------------------------------------------------------------- ZB-V (two chunks per rank in a V)
+@pytest.mark.parametrize("p,m", PM)
+def test_zb_v_runs_every_f_b_w_of_both_chunks_within_1f1b_memory(p, m):
+    sched = S.make_schedule("zb-v", p, m)
+    assert sched == S.zb_v(p, m) and S.placement_of(sched) == "v" and S.n_chunks(sched) == 2
+    S.validate(sched, m)
+    # the V: rank r holds stages r and 2p-1-r; the last rank holds p-1 and p, so the turn costs no message
+    assert [[S.stage_of(r, c, p, "v") for c in (0, 1)] for r in range(p)] == [[r, 2 * p - 1 - r] for r in range(p)]
+    assert all(S.rank_of_stage(S.stage_of(r, c, p, "v"), p, "v") == r for r in range(p) for c in (0, 1))
+    # a chunk is half a stage: 2p chunk micro-batches held is 1F1B's activation memory (p whole micro-batches)
+    assert max(S.peak_in_flight(sched)) <= 2 * p
+    sim = S.simulate(sched, 0.5, 1.0, weight=0.5)   # F = B = W, each half of a whole stage's
+    _check_dependencies(sim, p, v=2, placement="v")
+    _check_w_dependencies(sim, p, v=2, placement="v")
+    zb, one = (S.simulate(S.zb_h1(p, m), 1.0, 2.0, weight=1.0), S.simulate(S.one_f_one_b(p, m), 1.0, 2.0))
+    assert sim["makespan"] <= zb["makespan"] + 1e-12 <= one["makespan"] + 1e-12
+
+
+def test_zb_v_bubble_against_zb_h1_and_1f1b():
+    """The greedy V idles (p-1)·F per rank for m >= p here (F the time of one chunk's forward), half of ZB-H1's
+    (p-1)(F+B-W) of whole stages when F = B = W; printed by ``python -m labkit bench pipeline --zb-only``."""
+    for p, m in [(2, 4), (4, 8), (4, 16), (8, 32)]:
+        v = S.simulate(S.zb_v(p, m), 0.5, 1.0, weight=0.5)
+        zb = S.simulate(S.zb_h1(p, m), 1.0, 2.0, weight=1.0)
+        work = 3 * m
+        assert v["makespan"] - work == pytest.approx((p - 1) * 0.5)
+        assert zb["makespan"] - work == pytest.approx((p - 1) * 1.0)
+    # with a message delay the turn at the last rank is free, every other edge pays it
+    slow = S.simulate(S.zb_v(2, 4), 0.5, 1.0, comm=0.25, weight=0.5)
+    assert slow["makespan"] > S.simulate(S.zb_v(2, 4), 0.5, 1.0, weight=0.5)["makespan"]
+    with pytest.raises(ValueError, match="placement must be one of"):
+        S.Schedule([], placement="w")

@@ -1,6 +1,7 @@
 """Lab 04, pipeline parallelism: one stage per rank, micro-batches, schedules and the bubble.
 
-- ``schedules`` (pure): naive, GPipe, 1F1B, interleaved and zero-bubble (ZB-H1) action lists, validation, a simulator,
+- ``schedules`` (pure): naive, GPipe, 1F1B, interleaved and zero-bubble (ZB-H1, and ZB-V with two chunks per rank in
+  a V) action lists, validation, a simulator,
   bubble fraction and ideal speed-up (the papers' symbols: p = ``n_stages``, m = ``n_micro``, v = ``chunks``).
 - ``stages``: sleeping stages (known cost, no CPU used) and ``ModelStages`` (stage ``i`` of a seeded model cut
   by :mod:`labkit.partition`'s cuts; ``"mlp"`` is :func:`labkit.models.mlp`); ``Sleep`` is the one sleeping
@@ -18,8 +19,10 @@ from .._compat import moved_names
 from .executor import PipelineRun, run_pipeline, speedup_over_naive
 from .reference import max_grad_error, reference_step, split_batch, stage_times, time_in_process
 from .schedules import (
+    PLACEMENTS,
     SCHEDULES,
     Action,
+    Schedule,
     bubble_fraction,
     format_schedule,
     gpipe,
@@ -31,12 +34,16 @@ from .schedules import (
     one_f_one_b,
     one_f_one_b_stage,
     peak_in_flight,
+    placement_of,
+    rank_of_stage,
     simulate,
     splits_backward,
+    stage_of,
     validate,
     zb_h1,
     zb_h1_bubble,
     zb_h1_stage,
+    zb_v,
 )
 from .stages import ModelStages, Sleep, SleepStage, SleepStages
 from .torch_pipelining import run_torch_pipelining
@@ -44,7 +51,8 @@ from .torch_pipelining import run_torch_pipelining
 __all__ = [
     "SCHEDULES", "Action", "naive", "gpipe", "one_f_one_b", "one_f_one_b_stage", "interleaved", "make_schedule",
     "n_chunks", "validate", "simulate", "peak_in_flight", "bubble_fraction", "ideal_speedup", "format_schedule",
-    "zb_h1", "zb_h1_stage", "zb_h1_bubble", "splits_backward",
+    "zb_h1", "zb_h1_stage", "zb_h1_bubble", "splits_backward", "zb_v", "Schedule", "PLACEMENTS", "placement_of",
+    "stage_of", "rank_of_stage",
     "Sleep", "SleepStage", "SleepStages", "ModelStages",
     "split_batch", "reference_step", "time_in_process", "stage_times", "max_grad_error",
     "PipelineRun", "run_pipeline", "speedup_over_naive",

@@ -30,7 +30,7 @@ import torch
 from ..models import mlp
 from .executor import run_pipeline, speedup_over_naive
 from .reference import time_in_process
-from .schedules import bubble_fraction, ideal_speedup, make_schedule, simulate, zb_h1, zb_h1_bubble
+from .schedules import bubble_fraction, ideal_speedup, make_schedule, simulate, zb_h1, zb_h1_bubble, zb_v
 from .stages import ModelStages, SleepStages
 
 
@@ -95,7 +95,13 @@ def zero_bubble_row(run, setup: str) -> dict:
     stages after the first, whose B is empty and whose W runs its whole backward)."""
     p, m = run.n_stages, run.n_micro
     f = _median_time(run, "forward")
-    if run.schedule == "zb-h1":
+    if run.schedule == "zb-v":  # no formula for the greedy V: the simulator alone (B, W: not the first stage's)
+        first = [e for e in run.events if not (e["lane"] == 0 and "." not in e["label"])]
+        b, w = (statistics.median([e["end"] - e["start"] for e in first if e["kind"] == kind] or [0.0])
+                for kind in ("backward", "weight"))
+        formula = ""
+        sim = simulate(zb_v(p, m), f, b + w, weight=w)["bubble"]
+    elif run.schedule == "zb-h1":
         b, w = (statistics.median([e["end"] - e["start"] for e in run.events if e["kind"] == kind and e["lane"] > 0]
                                   or [0.0]) for kind in ("backward", "weight"))
         formula = zb_h1_bubble(p, m, f, b + w, w, strict=False)
@@ -111,30 +117,33 @@ def zero_bubble_row(run, setup: str) -> dict:
 
 def bench_zero_bubble(ps=(2, 4), ms=(4, 8, 16), forward_s=0.01, backward_s=0.02, weight_s=0.01, repeats=3,
                       real=None) -> list[dict]:
-    """1F1B and ZB-H1 on sleeping stages (and on ``real``, a ``(make_stage, batch, ms)`` for 2 ranks), run one
-    after the other for each (p, m): rows of :func:`zero_bubble_row`."""
+    """1F1B, ZB-H1 and ZB-V on sleeping stages (and on ``real``, a ``(make_stage, make_half_stage, batch, ms)`` for
+    2 ranks: ZB-V runs the same model cut in twice as many stages, each half as long), one after the other for each
+    (p, m): rows of :func:`zero_bubble_row`."""
     from ..viz import progress
 
     rows = []
     for p, m in progress([(p, m) for p in ps for m in ms], desc="pipeline bench: zero bubble (p, m)"):
-        stages = SleepStages(forward_s, backward_s, n_stages=p, weight_s=weight_s)
         batch = (torch.zeros(m, 4), torch.zeros(m, 4))  # one row per micro-batch
-        for schedule in ("1f1b", "zb-h1"):
+        for schedule in ("1f1b", "zb-h1", "zb-v"):
+            half = 2 if schedule == "zb-v" else 1   # ZB-V: 2p chunks, each half a stage
+            stages = SleepStages(forward_s / half, backward_s / half, n_stages=p * half, weight_s=weight_s / half)
             rows.append(zero_bubble_row(run_pipeline(stages, p, batch, m, schedule=schedule, repeats=repeats),
                                         "sleeping"))
     if real is not None:
-        make_stage, batch, real_ms = real
+        make_stage, make_half_stage, batch, real_ms = real
         for m in progress(real_ms, desc="pipeline bench: zero bubble, real compute"):
-            for schedule in ("1f1b", "zb-h1"):
-                rows.append(zero_bubble_row(run_pipeline(make_stage, 2, batch, m, schedule=schedule,
-                                                         repeats=repeats), "MLP 1024x8"))
+            for schedule in ("1f1b", "zb-h1", "zb-v"):
+                rows.append(zero_bubble_row(run_pipeline(make_half_stage if schedule == "zb-v" else make_stage, 2,
+                                                         batch, m, schedule=schedule, repeats=repeats),
+                                            "MLP 1024x8"))
     return rows
 
 
-def mlp_case(width=1024, layers=8, rows=1024):
-    """Two equal stages of a wide Linear/ReLU stack (:func:`labkit.models.mlp`), and a batch for it."""
+def mlp_case(width=1024, layers=8, rows=1024, n_stages=2):
+    """``n_stages`` equal stages of a wide Linear/ReLU stack (:func:`labkit.models.mlp`), and a batch for it."""
     g = torch.Generator().manual_seed(0)
-    model = ModelStages(functools.partial(mlp, (width,) * (layers + 1)), n_stages=2)
+    model = ModelStages(functools.partial(mlp, (width,) * (layers + 1)), n_stages=n_stages)
     return model, (torch.randn(rows, width, generator=g), torch.randn(rows, width, generator=g))
 
 
@@ -196,16 +205,19 @@ def _print_zero_bubble(args, repeats):
     from ..viz import format_table
 
     f = args.forward_ms
-    print(f"Zero bubble: ZB-H1 beside 1F1B. Sleeping stages: forward {f:g} ms, backward {args.backward_ms:g} ms per "
+    print(f"Zero bubble: ZB-H1 and ZB-V beside 1F1B (ZB-V: twice the stages, each half as long). "
+          f"Sleeping stages: forward {f:g} ms, backward {args.backward_ms:g} ms per "
           f"row, {f:g} ms of it the weight gradient (W), one-row micro-batches; real compute: the MLP's 2 stages, "
           f"batch 1024; median of {repeats} steps. F, B, W: median times measured; formula and simulator fed them.")
-    real = None if args.skip_real else (*mlp_case(), (4,) if args.quick else (4, 8))
+    real = None if args.skip_real else (mlp_case()[0], *mlp_case(n_stages=4), (4,) if args.quick else (4, 8))
     rows = bench_zero_bubble(ms=(4, 8) if args.quick else (4, 8, 16), forward_s=f / 1e3,
                              backward_s=args.backward_ms / 1e3, weight_s=min(f, args.backward_ms / 2) / 1e3,
                              repeats=repeats, real=real)
     print(format_table(rows, floatfmt="{:.3g}"))
     print("ZB-H1 idles (p-1)(F+B-W) per rank where 1F1B idles (p-1)(F+B+W): a third with F = B = W; both hold at "
-          "most p micro-batches (Qi et al. 2023, 'Zero Bubble Pipeline Parallelism', arXiv 2401.10241, section 3.1).")
+          "most p micro-batches (Qi et al. 2023, 'Zero Bubble Pipeline Parallelism', arXiv 2401.10241, section 3.1).\n"
+          "ZB-V: labkit's greedy V (labkit.pipeline.schedules.zb_v), no formula: the simulator fed the measured times; "
+          "it holds at most 2p half-stage micro-batches, 1F1B's memory.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,10 +56,14 @@ from .schedules import (
     ideal_speedup,
     make_schedule,
     n_chunks,
+    placement_of,
+    rank_of_stage,
     simulate,
     splits_backward,
+    stage_of,
     zb_h1,
     zb_h1_bubble,
+    zb_v,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -161,11 +165,18 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                          f"launch with world_size={n_stages} (one rank per stage)")
     loss_fn = loss_fn or _default_loss
     sched = make_schedule(schedule, world_size, n_micro, chunks)
-    chunks = n_chunks(sched)  # model chunks this rank holds: `chunks` under the interleaved schedule, else 1
-    n_virtual = world_size * chunks  # virtual stages in all; rank r holds r, r + world_size, r + 2 world_size, ...
+    chunks = n_chunks(sched)  # model chunks this rank holds: `chunks` under the interleaved schedule, 2 under ZB-V
+    n_virtual = world_size * chunks  # virtual stages in all; rank r holds r, r + world_size, ... (ZB-V: r, 2p-1-r)
+    place = placement_of(sched)
+
+    def stage_at(chunk):  # the virtual stage this rank's chunk runs
+        return stage_of(rank, chunk, world_size, place)
+
+    def holder(stage):  # the rank that holds a virtual stage
+        return rank_of_stage(stage, world_size, place)
     xs, ys, ws = split_batch(batch, n_micro)
     if stages is None:
-        stages = {c: make_stage(c * world_size + rank).to(ctx.device) for c in range(chunks)}
+        stages = {c: make_stage(stage_at(c)).to(ctx.device) for c in range(chunks)}
     elif sorted(stages) != list(range(chunks)):
         raise ValueError(f"stages must map each of this rank's chunks {list(range(chunks))} to its module, "
                          f"got chunks {sorted(stages)}")
@@ -191,20 +202,21 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
 
     # A zero-bubble schedule splits each backward in B and W at the outputs of the modules that own parameters.
     split = splits_backward(sched)
-    owners = {c: _owners(module) for c, module in stages.items() if c * world_size + rank > 0} if split else {}
+    owners = {c: _owners(module) for c, module in stages.items() if stage_at(c) > 0} if split else {}
 
     def tag(kind, micro, edge):  # edge: the virtual stage that sends the activation forward
         return (edge * n_micro + micro) * 2 + kind
 
     # Every message this rank receives in one step, as (kind, micro, edge, src): kind 0 is an activation from
     # the previous stage (before a forward), kind 1 the gradient of an output from the next stage (before a backward).
+    # Under ZB-V stages p-1 and p sit on the last rank: what passes between them stays on it (no message).
     needs = []
     for a in sched[rank]:
-        stage = a.chunk * world_size + rank
-        if a.kind == "F" and stage > 0:
-            needs.append((0, a.micro, stage - 1, (rank - 1) % world_size))
-        if a.kind == "B" and stage < n_virtual - 1:
-            needs.append((1, a.micro, stage, (rank + 1) % world_size))
+        stage = stage_at(a.chunk)
+        if a.kind == "F" and stage > 0 and holder(stage - 1) != rank:
+            needs.append((0, a.micro, stage - 1, holder(stage - 1)))
+        if a.kind == "B" and stage < n_virtual - 1 and holder(stage + 1) != rank:
+            needs.append((1, a.micro, stage, holder(stage + 1)))
     shapes: dict = {}
 
     out = {"events": [], "times": [], "busy": [], "loss": None, "memory": [], "rank": rank}
@@ -226,11 +238,15 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 _, (work,) = p2p(recvs=[(buf, src, 2 * tag(kind, micro, edge) + 1)], group=group)
                 posted[(kind, micro, edge)] = (work, buf)
 
+        local = {}  # ZB-V's hand-overs between the two stages of the last rank: (kind, micro, edge) -> tensor
+
         def receive(kind, micro, edge, src, label):
             # Wait for one message (the posted irecv; in the first step a header with its shape, then the tensor)
             # and move it to the stage's device. The time spent is recorded as a "wait".
-            t0 = clock()
             key = (kind, micro, edge)
+            if src == rank:  # from this rank's other stage: a copy cut from its graph, as a message would be
+                return local.pop(key)
+            t0 = clock()
             if key in posted:
                 work, buf = posted.pop(key)
                 work.wait()
@@ -244,6 +260,9 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
         def send(t, kind, micro, edge, dst):
             # Post the tensor with isend and go on at once: a send never holds up the next action. The work and
             # the tensor are kept in `works` until the end of the step, when every send is waited for.
+            if dst == rank:
+                local[(kind, micro, edge)] = t.detach().clone()
+                return
             t0 = clock()
             t = t.detach().to(wire)
             if shapes_known_by_peer:  # after the first step the receiver knows the shape: no header
@@ -257,7 +276,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
         shapes_known_by_peer = rep > 0
         # Walk this rank's actions in the schedule's order; a forward or backward waits only for its own message.
         for a in sched[rank]:
-            stage = a.chunk * world_size + rank  # the virtual stage this action runs
+            stage = stage_at(a.chunk)  # the virtual stage this action runs
             module = stages[a.chunk]
             if a.kind == "F":
                 # Forward, input: the first stage reads its micro-batch; the others receive the previous stage's
@@ -265,7 +284,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 if stage == 0:
                     x = xs[a.micro].to(dev)
                 else:
-                    x = receive(0, a.micro, stage - 1, (rank - 1) % world_size, f"r{a}")
+                    x = receive(0, a.micro, stage - 1, holder(stage - 1), f"r{a}")
                     x.requires_grad_(True)
                 saved = [0, set()]
 
@@ -288,7 +307,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 if stage == n_virtual - 1:
                     loss_total += float(y.detach())
                 else:
-                    send(y, 0, a.micro, stage, (rank + 1) % world_size)
+                    send(y, 0, a.micro, stage, holder(stage + 1))
                 # Hold the input and output until this micro-batch's backward (its W under a zero-bubble schedule):
                 # the activation memory a schedule decides (GPipe holds every micro-batch, 1F1B at most as many as
                 # there are stages ahead, ZB-H1 at most p on every stage).
@@ -301,8 +320,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 # input gradient to send, so its B is empty and its W runs the whole backward (torch's pipelining
                 # does the same).
                 x, y, nbytes, outs = held[(a.micro, a.chunk)]
-                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, (rank + 1) % world_size,
-                                                                   f"r{a}")
+                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, holder(stage + 1), f"r{a}")
                 t0 = clock()
                 if stage == 0:  # no input gradient to send: the whole backward waits for W (as torch's does)
                     gx, parts = None, [(None, y, grad)]
@@ -313,8 +331,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 events.append({"lane": rank, "kind": "backward", "start": t0, "end": clock(), "label": str(a)})
                 held[(a.micro, a.chunk)] = (x, y, nbytes, parts)
                 if stage > 0:
-                    send(gx if gx is not None else torch.zeros_like(x), 1, a.micro, stage - 1,
-                         (rank - 1) % world_size)
+                    send(gx if gx is not None else torch.zeros_like(x), 1, a.micro, stage - 1, holder(stage - 1))
             elif a.kind == "W":
                 # Zero bubble, W: from each module's output to its own parameters (no further: the earlier modules'
                 # W's are their own), adding this micro-batch's share to .grad; then free the micro-batch.
@@ -331,8 +348,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 # Backward: take what the forward held; the gradient of its output comes from the next stage
                 # (the last stage starts from its loss, so it needs none).
                 x, y, nbytes, _ = held.pop((a.micro, a.chunk))
-                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, (rank + 1) % world_size,
-                                                                   f"r{a}")
+                grad = None if stage == n_virtual - 1 else receive(1, a.micro, stage, holder(stage + 1), f"r{a}")
                 # Autograd adds this micro-batch's parameter gradients to .grad (accumulated over micro-batches)
                 # and leaves the input's gradient in x.grad.
                 t0 = clock()
@@ -341,7 +357,7 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
                 # The input's gradient goes back to the previous stage as soon as it exists (isend, no wait).
                 if stage > 0:
                     send(x.grad if x.grad is not None else torch.zeros_like(x), 1, a.micro, stage - 1,
-                         (rank - 1) % world_size)
+                         holder(stage - 1))
                 # This micro-batch is done on this stage: free its activations.
                 del x, y
                 live_bytes -= nbytes
@@ -358,8 +374,8 @@ def pipeline_rank(ctx, make_stage: Callable | None, batch, n_micro: int, schedul
             out["times"].append((t_begin, t_end))
             out["busy"].append(sum(e["end"] - e["start"] for e in events if e["kind"] in _COMPUTE))
         out["events"], out["memory"] = events, [(t_begin, 0, 0)] + memory
-        out["loss"] = loss_total if n_virtual - 1 in [c * world_size + rank for c in stages] else None
-    out["grads"] = {c * world_size + rank: _grads(module) for c, module in stages.items()}
+        out["loss"] = loss_total if n_virtual - 1 in [stage_at(c) for c in stages] else None
+    out["grads"] = {stage_at(c): _grads(module) for c, module in stages.items()}
     return out
 
 
@@ -412,6 +428,8 @@ class PipelineRun:
             if self.n_micro >= self.n_stages:
                 return zb_h1_bubble(self.n_stages, self.n_micro)
             return simulate(zb_h1(self.n_stages, self.n_micro), 1.0, 2.0, weight=1.0)["bubble"]
+        if self.schedule == "zb-v":  # no closed form for labkit's greedy ZB-V: simulated, F = B = W, half stages
+            return simulate(zb_v(self.n_stages, self.n_micro), 0.5, 1.0, weight=0.5)["bubble"]
         return bubble_fraction(self.n_stages, self.n_micro, self.chunks if self.schedule == "interleaved" else 1)
 
     @property

@@ -53,8 +53,9 @@ from typing import NamedTuple
 
 from .._validate import validate_int
 
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb-h1", "zb-v")
 KINDS = ("F", "B", "W")  # forward; backward (the input gradient only where the schedule has W); weight gradient
+PLACEMENTS = ("loop", "v")  # where a rank's chunks sit: r, r + p, r + 2p, ... ("loop") or r and 2p - 1 - r ("v")
 
 
 class Action(NamedTuple):
@@ -64,6 +65,38 @@ class Action(NamedTuple):
 
     def __str__(self) -> str:
         return f"{self.kind}{self.micro}" + (f".{self.chunk}" if self.chunk else "")
+
+
+class Schedule(list):
+    """A schedule (one action list per rank) that says where its chunks sit: ``placement`` "loop" (rank ``r`` holds
+    virtual stages ``r, r + p, r + 2p, ...``: every schedule but ZB-V) or "v" (rank ``r`` holds stages ``r`` and
+    ``2p - 1 - r``: the model goes down the ranks and back up, so the last rank runs stages ``p - 1`` and ``p``
+    one after the other). A plain list of action lists is a "loop" schedule."""
+
+    def __init__(self, ranks=(), placement: str = "loop"):
+        super().__init__(ranks)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
+
+
+def placement_of(schedule) -> str:
+    """``"loop"`` or ``"v"``: where the schedule's chunks sit (:class:`Schedule`)."""
+    return getattr(schedule, "placement", "loop")
+
+
+def stage_of(rank: int, chunk: int, p: int, placement: str = "loop") -> int:
+    """The virtual stage that chunk ``chunk`` of rank ``rank`` runs, of ``p`` ranks."""
+    if placement == "v":
+        return rank if chunk == 0 else 2 * p - 1 - rank
+    return chunk * p + rank
+
+
+def rank_of_stage(stage: int, p: int, placement: str = "loop") -> int:
+    """The rank that holds virtual stage ``stage``: the inverse of :func:`stage_of`."""
+    if placement == "v":
+        return stage if stage < p else 2 * p - 1 - stage
+    return stage % p
 
 
 def _check_pm(p, m, name_p="n_stages"):
@@ -169,6 +202,62 @@ def zb_h1(p: int, m: int) -> list[list[Action]]:
     return [zb_h1_stage(s, p, m) for s in range(p)]
 
 
+def zb_v(p: int, m: int) -> Schedule:
+    """ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"; the zero-bubble paper's V schedule):
+    each rank holds two chunks in a V (stages ``r`` and ``2p - 1 - r``), every backward split in B and W, and at most
+    ``2p`` chunk micro-batches held per rank: 1F1B's activation memory, the chunks being half a stage.
+
+    Built greedily, not copied from the paper's figure: the schedule is played with F, B and W each one unit long,
+    and whenever a rank is free it runs, in this order of preference, a ready B (the earliest micro-batch; the
+    second chunk's first, as it is further down the V), a ready F if it holds fewer than ``2p`` micro-batches (the
+    second chunk's first, to finish micro-batches), or the oldest pending W. The order each rank ran is the
+    schedule; its dependencies hold in any timing, so it never deadlocks on real ranks either.
+    """
+    _check_pm(p, m)
+    S, limit = 2 * p, 2 * p
+    done: dict[tuple, int] = {}          # (kind, micro, stage) -> end time, in units
+    next_f = [[0, 0] for _ in range(p)]  # per rank and chunk: the next micro-batch to forward
+    ready_b: list[set] = [set() for _ in range(p)]
+    pending_w: list[list] = [[] for _ in range(p)]
+    held, free_at = [0] * p, [0] * p
+    out: list[list[Action]] = [[] for _ in range(p)]
+    total, t = 3 * m * 2 * p, 0
+    while sum(len(a) for a in out) < total:
+        for r in range(p):
+            if free_at[r] > t:
+                continue
+            pick = None
+            bs = [(mi, c) for mi, c in ready_b[r]
+                  if (stage_of(r, c, p, "v") == S - 1 or done.get(("B", mi, stage_of(r, c, p, "v") + 1), t + 1) <= t)]
+            if bs:
+                mi, c = min(bs, key=lambda x: (x[0], -x[1]))
+                ready_b[r].discard((mi, c))
+                pick = Action("B", mi, c)
+            elif held[r] < limit:
+                for c in (1, 0):
+                    mi = next_f[r][c]
+                    s = stage_of(r, c, p, "v")
+                    if mi < m and (s == 0 or done.get(("F", mi, s - 1), t + 1) <= t):
+                        pick = Action("F", mi, c)
+                        next_f[r][c] += 1
+                        held[r] += 1
+                        break
+            if pick is None and pending_w[r]:
+                pick = pending_w[r].pop(0)
+                held[r] -= 1
+            if pick is None:
+                continue
+            out[r].append(pick)
+            done[(pick.kind, pick.micro, stage_of(r, pick.chunk, p, "v"))] = t + 1
+            free_at[r] = t + 1
+            if pick.kind == "F":
+                ready_b[r].add((pick.micro, pick.chunk))
+            elif pick.kind == "B":
+                pending_w[r].append(Action("W", pick.micro, pick.chunk))
+        t += 1
+    return Schedule(out, placement="v")
+
+
 def make_schedule(name: str, p: int, m: int, v: int = 2) -> list[list[Action]]:
     """The schedule called ``name`` (one of :data:`SCHEDULES`) for ``p`` ranks and ``m`` micro-batches."""
     if not isinstance(name, str) or name.lower() not in SCHEDULES:
@@ -182,6 +271,8 @@ def make_schedule(name: str, p: int, m: int, v: int = 2) -> list[list[Action]]:
         return one_f_one_b(p, m)
     if name == "zb-h1":
         return zb_h1(p, m)
+    if name == "zb-v":
+        return zb_v(p, m)
     return interleaved(p, m, v)
 
 
@@ -245,6 +336,7 @@ def simulate(schedule: list[list[Action]], forward: float | list = 1.0, backward
     m = max(a.micro for acts in schedule for a in acts) + 1
     validate(schedule, m)
     S = p * v
+    place = placement_of(schedule)
     fw, bw = _per_stage(forward, S, "forward"), _per_stage(backward, S, "backward")
     wt = [b / 2 for b in bw] if weight is None else _per_stage(weight, S, "weight")
     split = splits_backward(schedule)
@@ -262,7 +354,7 @@ def simulate(schedule: list[list[Action]], forward: float | list = 1.0, backward
         for r in range(p):
             while pos[r] < len(schedule[r]):
                 a = schedule[r][pos[r]]
-                s = a.chunk * p + r
+                s = stage_of(r, a.chunk, p, place)
                 if a.kind == "F":
                     deps = [("F", a.micro, s - 1)] if s > 0 else []
                 elif a.kind == "B":
@@ -271,7 +363,9 @@ def simulate(schedule: list[list[Action]], forward: float | list = 1.0, backward
                     deps = [("B", a.micro, s)]
                 if any(d not in done for d in deps):
                     break
-                ready = max([clock[r]] + [done[d] + (comm if d[2] != s else 0.0) for d in deps])
+                # a message crosses ranks only between stages on two ranks (ZB-V's stages p-1 and p share one)
+                ready = max([clock[r]] + [done[d] + (comm if rank_of_stage(d[2], p, place) != r else 0.0)
+                                          for d in deps])
                 end = ready + dur[a.kind][s]
                 events.append({"lane": r, "kind": names[a.kind], "start": ready, "end": end, "label": str(a),
                                "micro": a.micro, "chunk": a.chunk})
