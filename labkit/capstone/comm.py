@@ -17,8 +17,10 @@
 point send made by any code on this rank (lab 02's DDP, lab 03's operators, lab 04's executor) is recorded with
 its group's name and its payload, the bytes handed to it. The meter wraps the functions of the
 ``torch.distributed`` module for the duration of the block, so code that calls ``dist.all_reduce(...)`` is
-measured without being changed. Bytes on the wire follow from the payload: a ring all-reduce sends 2(n-1)/n of
-it, an all-gather or a reduce-scatter (n-1)/n of the whole tensor (Patarasuk and Yuan 2009; lab 01).
+measured without being changed; lab 12's ring attention posts its sends through ``dist.batch_isend_irecv`` as the
+executor does, so they count under the cp group. Bytes on the wire follow from the payload: a ring all-reduce
+sends 2(n-1)/n of it, an all-gather or a reduce-scatter (n-1)/n of the whole tensor (Patarasuk and Yuan 2009; lab
+01).
 """
 from __future__ import annotations
 

@@ -18,6 +18,11 @@ along the sequence, f/g become all-gather/reduce-scatter, and the LayerNorm weig
 (now applied to 1/t of the positions on each rank) get partial gradients: :meth:`ParallelStage.sync_sp_grads`
 sums them over the tensor-parallel group, as Megatron-LM does.
 
+Under context parallelism (lab 12) a rank holds only some of each sequence's tokens: the stage is given their
+``positions`` (the rows of the position table its embedding adds) and an ``attention`` function in place of
+:func:`~labkit.capstone.model.attend`, one that brings the other ranks' keys and values to this rank's queries (lab
+12's ring attention). Everything else in the block works token by token and needs no change.
+
 :class:`ParallelStage` is one (pipeline stage, tensor-parallel rank)'s share of the whole model, and its
 :attr:`~ParallelStage.spec` says where each local parameter sits in the full model, so that
 :func:`assemble` can put a grid's shards back together for the comparison with one process.
@@ -37,15 +42,17 @@ from .comm import gather_seq, scatter_seq, vocab_parallel_cross_entropy
 from .model import Config, TinyGPT, attend, stage_layers
 
 
-def validate_tp(cfg: Config, tp: int, sp: bool = False) -> None:
+def validate_tp(cfg: Config, tp: int, sp: bool = False, cp: int = 1) -> None:
     """A tensor-parallel degree must divide the heads, the MLP width and the vocabulary (and, with sequence
-    parallelism, the sequence length)."""
+    parallelism, the sequence length, or under context parallelism the ``seq / cp`` tokens of each cp rank)."""
     ffn_width = cfg.resolved_ffn_width
+    seq = cfg.seq // cp
+    seq_name = "seq" if cp == 1 else f"seq / cp = {cfg.seq}/{cp}"
     for name, value in (("heads", cfg.heads), ("ffn_width", ffn_width), ("vocab", cfg.vocab)) + (
-            (("seq", cfg.seq),) if sp else ()):
+            ((seq_name, seq),) if sp else ()):
         if value % tp:
             ok = [d for d in range(1, value + 1) if value % d == 0 and cfg.heads % d == 0 and ffn_width % d == 0
-                  and cfg.vocab % d == 0 and (not sp or cfg.seq % d == 0)]
+                  and cfg.vocab % d == 0 and (not sp or seq % d == 0)]
             raise ArgumentError(f"tp={tp} does not divide the model's {name} ({value}): each tensor-parallel rank "
                                 f"needs an equal share; pass tp in {ok}")
 
@@ -71,8 +78,11 @@ class _Region:
 class TPBlock(nn.Module):
     """Tensor-parallel rank ``rank`` of ``world_size``'s share of the reference ``block`` (see the module docstring)."""
 
-    def __init__(self, block: nn.Module, group, rank: int, world_size: int, sp: bool = False):
+    def __init__(self, block: nn.Module, group, rank: int, world_size: int, sp: bool = False, attention=None):
+        """``attention(qkv, heads)``: causal self-attention from the fused qkv output of this rank's heads,
+        :func:`~labkit.capstone.model.attend` by default (context parallelism passes lab 12's ring attention)."""
         super().__init__()
+        self.attention = attention or attend
         self.region = _Region(group, sp, world_size)
         self.world_size = world_size
         self.heads = block.heads // world_size
@@ -86,7 +96,7 @@ class TPBlock(nn.Module):
 
     def forward(self, x):
         r = self.region
-        a = self.proj(attend(self.qkv(r.enter(self.ln1(x))), self.heads))
+        a = self.proj(self.attention(self.qkv(r.enter(self.ln1(x))), self.heads))
         x = x + r.leave(a) + self.proj_bias
         h = self.fc2(F.gelu(self.fc1(r.enter(self.ln2(x)))))
         return x + r.leave(h) + self.fc2_bias
@@ -101,10 +111,14 @@ class TPBlock(nn.Module):
 
 @renamed_kwargs(world="world_size")
 class VocabEmbedding(nn.Module):
-    """Token embedding split over the vocabulary, plus the position embedding (replicated)."""
+    """Token embedding split over the vocabulary, plus the position embedding (replicated). ``positions``: the
+    positions of the tokens this rank is given, under context parallelism (None: 0, 1, ..., as many as it gets)."""
 
-    def __init__(self, tok: nn.Embedding, pos: nn.Parameter, group, rank: int, world_size: int, sp: bool = False):
+    def __init__(self, tok: nn.Embedding, pos: nn.Parameter, group, rank: int, world_size: int, sp: bool = False,
+                 positions: torch.Tensor | None = None):
         super().__init__()
+        # a plain tensor, not a buffer: data parallelism broadcasts rank 0's buffers, and every cp rank has its own
+        self.positions = None if positions is None else positions.detach().clone().long()
         v = tok.num_embeddings // world_size
         self.lo, self.rank, self.world_size = rank * v, rank, world_size
         self.region = _Region(group, sp, world_size)
@@ -118,7 +132,9 @@ class VocabEmbedding(nn.Module):
         e = self.region.leave(e)  # the sum of every rank's partial embedding (this rank's part of the sequence)
         s = e.shape[1]
         start = self.rank * s if self.region.sp else 0
-        return e + self.pos[start:start + s]
+        if self.positions is None:
+            return e + self.pos[start:start + s]
+        return e + self.pos[self.positions[start:start + s].to(e.device)]
 
 
 @renamed_kwargs(world="world_size")
@@ -126,17 +142,22 @@ class ParallelStage(nn.Module):
     """Pipeline stage ``stage`` of ``pp`` of the reference ``model``, this tensor-parallel rank's share of it.
 
     Input: token ids (first stage) or the previous stage's activation. Output: the activation, or (last stage)
-    this rank's vocabulary slice of the logits, for :meth:`loss`."""
+    this rank's vocabulary slice of the logits, for :meth:`loss`. ``positions`` and ``attention``: under context
+    parallelism, the positions of this rank's tokens and the attention over the whole sequence (see the module
+    docstring); the loss is then the mean over this rank's tokens."""
 
-    def __init__(self, model: TinyGPT, stage: int, pp: int, group, rank: int, world_size: int, sp: bool = False):
+    def __init__(self, model: TinyGPT, stage: int, pp: int, group, rank: int, world_size: int, sp: bool = False,
+                 positions: torch.Tensor | None = None, attention=None):
         super().__init__()
         cfg = model.cfg
-        validate_tp(cfg, world_size, sp)
+        validate_tp(cfg, world_size, sp, 1 if positions is None else cfg.seq // len(positions))
         self.layers = stage_layers(cfg.layers, pp)[stage]
         self.first, self.last, self.sp, self.group = stage == 0, stage == pp - 1, sp, group
         self.tp = self.world_size = world_size
-        self.embed = VocabEmbedding(model.tok, model.pos, group, rank, world_size, sp) if self.first else None
-        self.blocks = nn.ModuleList(TPBlock(model.blocks[i], group, rank, world_size, sp) for i in self.layers)
+        self.embed = (VocabEmbedding(model.tok, model.pos, group, rank, world_size, sp, positions) if self.first
+                      else None)
+        self.blocks = nn.ModuleList(TPBlock(model.blocks[i], group, rank, world_size, sp, attention)
+                                    for i in self.layers)
         if self.last:
             self.ln_f = copy.deepcopy(model.ln_f)
             self.head = shard_layer(model.head, "column", rank, world_size)

@@ -11,6 +11,10 @@ micro-batch of b sequences of s tokens of width h, values of e bytes, t tensor-p
 - **pipeline parallel**, per micro-batch and stage boundary: the activation b·s·h forward and its gradient back
   (b·s·h/t per rank under sequence parallelism, where each tp rank sends its slice of the sequence).
 - **data parallel**, per step: a ring all-reduce of the gradients of the rank's parameters, 2(d-1)/d of them.
+- **context parallel** (lab 12), per layer and micro-batch: ring attention's sends, 2(c-1) chunks of keys and
+  values forward and 4c backward (keys, values and their gradients), a chunk b·(s/c)·h/t values; lab 12's
+  ``ring_bytes`` is the formula, passed in (lab 11 comes first and does not import it). Every other term then
+  covers this rank's s/c tokens, and the gradients' all-reduce runs over the d·c ranks of the ``dp_cp`` group.
 
 :func:`predict` applies them to the capstone's model and adds the terms that sit outside the layers, so that
 its total can be compared with what :class:`~labkit.capstone.comm.CommMeter` measures to the byte: the
@@ -21,11 +25,13 @@ parallelism, the all-reduce of the LayerNorm, bias and position gradients.
 This is a formula module: it writes the papers' symbols, each one word of docs/glossary.md: b the ``micro_batch``
 (sequences: ``batch / dp / n_micro``), s the sequence length (``Config.seq``), h the model's ``width``
 (``Config.width``; f its MLP's ``ffn_width``, v the vocabulary), e the bytes of one value (8 in float64, the
-parameter ``e``), t, p and d the mesh's ``tp``, ``pp`` and ``dp``, m the number of micro-batches ``n_micro``.
+parameter ``e``), t, p, d and c the mesh's ``tp``, ``pp``, ``dp`` and ``cp``, m the number of micro-batches
+``n_micro``.
 """
 from __future__ import annotations
 
 from .._compat import moved_names
+from .._validate import ArgumentError
 from .model import Config, stage_layers
 
 HEADER = 64  # lab 04's executor: 8 int64 values with the shape before each tensor
@@ -61,10 +67,13 @@ def _add(d: dict, op: str, n: float) -> None:
 
 
 def predict_stage(cfg: Config, stage: int, dp: int, pp: int, tp: int, sp: bool, batch: int, n_micro: int,
-                  e: int = 8) -> dict:
+                  e: int = 8, cp: int = 1, ring_bytes=None) -> dict:
     """``{group: {op: payload bytes per step}}`` for one rank at pipeline stage ``stage`` (every rank of a stage
-    sends the same)."""
-    b, s, h = batch // dp // n_micro, cfg.seq, cfg.width
+    sends the same). ``cp > 1``: context parallelism, ``ring_bytes`` lab 12's formula (see the module docstring)."""
+    if cp > 1 and ring_bytes is None:
+        raise ArgumentError(f"cp={cp}: the ring's bytes need lab 12's formula: pass "
+                            "ring_bytes=labkit.context_expert.ring.ring_bytes, or cp=1")
+    b, s, h = batch // dp // n_micro, cfg.seq // cp, cfg.width
     m, x = n_micro, b * s * h * e
     first, last = stage == 0, stage == pp - 1
     out: dict = {}
@@ -85,22 +94,27 @@ def predict_stage(cfg: Config, stage: int, dp: int, pp: int, tp: int, sp: bool, 
             _add(t, "all_reduce", 3 * m * b * s * e)
         if sp:
             _add(t, "all_reduce", stage_params(cfg, stage, pp, tp)["replicated"] * e)
+    if cp > 1:  # per layer and micro-batch, this rank's heads: h/t values per token
+        ring = ring_bytes(b, cfg.heads // tp, cfg.seq, cfg.head_dim, cp, e)
+        _add(out.setdefault("cp", {}), "isend",
+             m * len(stage_layers(cfg.layers, pp)[stage]) * (ring["forward"] + ring["backward"]))
     if pp > 1:
         act = b * (s // tp if sp else s) * h * e + HEADER
         _add(out.setdefault("pp", {}), "isend", m * act * ((not last) + (not first)))
-    if dp > 1:
+    if dp * cp > 1:
         n = stage_params(cfg, stage, pp, tp)
-        _add(out.setdefault("dp", {}), "all_reduce", (n["split"] + n["replicated"]) * e)
+        _add(out.setdefault("dp" if cp == 1 else "dp_cp", {}), "all_reduce", (n["split"] + n["replicated"]) * e)
     return out
 
 
 def predict(cfg: Config, dp: int, pp: int, tp: int, sp: bool = False, batch: int = 16, n_micro: int = 4,
-            e: int = 8) -> dict:
+            e: int = 8, cp: int = 1, ring_bytes=None) -> dict:
     """``{group: {op: payload bytes per step}}`` averaged over all ranks, as :class:`~labkit.capstone.grid.GridRun`
-    reports its measurement."""
+    reports its measurement. ``cp > 1`` (lab 12) needs ``ring_bytes``, lab 12's formula for the ring's sends
+    (:func:`labkit.context_expert.cp_grid.predict_cp` passes it)."""
     total: dict = {}
     for stage in range(pp):
-        for g, ops in predict_stage(cfg, stage, dp, pp, tp, sp, batch, n_micro, e).items():
+        for g, ops in predict_stage(cfg, stage, dp, pp, tp, sp, batch, n_micro, e, cp, ring_bytes).items():
             for op, n in ops.items():
                 _add(total.setdefault(g, {}), op, n / pp)
     return total

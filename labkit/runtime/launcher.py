@@ -93,11 +93,12 @@ class Context:
 
         dist.barrier()
 
-    def mesh(self, dp: int = 1, pp: int = 1, tp: int = 1, pp_backend: str | None = None):
-        """This rank's place on a dp × pp × tp grid and its three process groups (:mod:`labkit.runtime.mesh`)."""
+    def mesh(self, dp: int = 1, pp: int = 1, tp: int = 1, pp_backend: str | None = None, *, cp: int = 1):
+        """This rank's place on a dp × pp × cp × tp grid and its process groups (:mod:`labkit.runtime.mesh`); ``cp``,
+        context parallelism (lab 12), defaults to 1: lab 11's dp × pp × tp grid, numbered as before."""
         from .mesh import build_mesh
 
-        return build_mesh(self, dp=dp, pp=pp, tp=tp, pp_backend=pp_backend)
+        return build_mesh(self, dp=dp, pp=pp, tp=tp, pp_backend=pp_backend, cp=cp)
 
 
 class Results(list):
