@@ -1,7 +1,9 @@
 """Lab 11, the capstone: a small transformer trained on a data × pipeline × tensor mesh, equal to one process.
 
 Builds on labs 01-04 and 09: the mesh is ``ctx.mesh(dp=, pp=, tp=)`` (:mod:`labkit.runtime.mesh`, on PyTorch's
-``init_device_mesh``); lab 03's channel-parallel operators and lab 04's pipeline executor take a ``group=``.
+``init_device_mesh``); lab 03's channel-parallel operators and lab 04's pipeline executor take a ``group=``. The grid
+also takes a fourth dimension, ``cp`` (context parallelism), with an attention that crosses the cp group handed in
+by lab 12 (:mod:`labkit.context_expert.cp_grid`).
 
 - ``model``: the sorting task, the reference transformer (:class:`TinyGPT`, its causal :func:`attend`), pipeline
   stages, one-process training and its accuracy.

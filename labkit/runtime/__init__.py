@@ -5,7 +5,8 @@
   clear error; ``_worker`` is one rank.
 - ``torchrun``: the same lab function under ``torchrun`` (``python -m labkit run module:function``).
 - ``doctor``: what this machine can run (``labkit.doctor()``, ``python -m labkit doctor``).
-- ``mesh``: ``ctx.mesh(dp=, pp=, tp=)``, one grid of process groups for several parallelisms (lab 11).
+- ``mesh``: ``ctx.mesh(dp=, pp=, tp=)``, one grid of process groups for several parallelisms (lab 11), and
+  ``ctx.mesh(dp=, pp=, tp=, cp=)`` with context parallelism as a fourth dimension (lab 12).
 - ``lab``: ``hello_rank``, the exercise check and the start-here tour; ``bench``: cold launch vs pooled re-run
   latency.
 - ``busy``: busy processes that load the machine (``pytest --busy N``); ``stress``: re-runs a notebook's process
