@@ -22,7 +22,6 @@ from .schedules import (
     PLACEMENTS,
     SCHEDULES,
     Action,
-    Schedule,
     bubble_fraction,
     format_schedule,
     gpipe,
@@ -51,7 +50,7 @@ from .torch_pipelining import run_torch_pipelining
 __all__ = [
     "SCHEDULES", "Action", "naive", "gpipe", "one_f_one_b", "one_f_one_b_stage", "interleaved", "make_schedule",
     "n_chunks", "validate", "simulate", "peak_in_flight", "bubble_fraction", "ideal_speedup", "format_schedule",
-    "zb_h1", "zb_h1_stage", "zb_h1_bubble", "splits_backward", "zb_v", "Schedule", "PLACEMENTS", "placement_of",
+    "zb_h1", "zb_h1_stage", "zb_h1_bubble", "splits_backward", "zb_v", "PLACEMENTS", "placement_of",
     "stage_of", "rank_of_stage",
     "Sleep", "SleepStage", "SleepStages", "ModelStages",
     "split_batch", "reference_step", "time_in_process", "stage_times", "max_grad_error",

@@ -14,6 +14,9 @@ rank (always 0 except in the interleaved schedule, where rank ``r`` holds the vi
 virtual stage ``s`` needs the forward of ``i`` on ``s - 1``; the backward of ``i`` on ``s`` needs the
 backward of ``i`` on ``s + 1`` and its own forward; the ``W`` of ``i`` on ``s`` needs only its own ``B`` of ``i``.
 
+The module is long because every schedule lives here beside the simulator and the formulas the tests hold them to.
+ZB-V (:func:`zb_v`) places its two chunks per rank in a V rather than a loop: a :class:`Schedule` says which.
+
 Nothing here starts a process: :func:`simulate` plays a schedule with given forward and backward
 times and returns its timeline, so schedules are tested (and bubbles predicted) without ranks.
 :mod:`labkit.pipeline` runs the same action lists on real ranks.
