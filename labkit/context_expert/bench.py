@@ -288,8 +288,8 @@ def torch_cp_rank(ctx, seq: int = 256, heads: int = 4, head_dim: int = 64, batch
     ref.backward(dout.double())
     want = [ref.detach(), *(t.grad for t in full)]
 
-    def err(got):
-        return max(float((g.double() - w).abs().max()) for g, w in zip(got, want))
+    def err(got, ref=want):   # the largest difference over output and gradients, relative to each one's largest value
+        return max(float((g.double() - w.double()).abs().max() / w.double().abs().max()) for g, w in zip(got, ref))
 
     out = {"rank": r, "cp": cp, "device": str(dev), "torch": torch.__version__}
     # labkit's ring, zigzag, float32, gathered back to sequence order
@@ -320,8 +320,7 @@ def torch_cp_rank(ctx, seq: int = 256, heads: int = 4, head_dim: int = 64, batch
                     t.requires_grad_(False)
             got = context_parallel_unshard(mesh, local, [2, 2, 2, 2])
             out[name] = {"ok": True, "err vs fp64": err(got), "zigzag cut": same_cut,
-                         "vs labkit": max(float((g.double() - w.double()).abs().max())
-                                          for g, w in zip(got, labkit_full))}
+                         "vs labkit": err(got, labkit_full)}
         except Exception as e:   # one kernel failing (not built, not supported here) must not hide the others
             out[name] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     return out
@@ -329,8 +328,10 @@ def torch_cp_rank(ctx, seq: int = 256, heads: int = 4, head_dim: int = 64, batch
 
 def torch_cp_compare(ranks: int | None = None, seq: int = 256, log=print) -> int:
     """Run :func:`torch_cp_rank` on as many CUDA ranks as this machine has GPUs (at most ``ranks``, default 4) and
-    print the comparison; on a machine without CUDA, say it is skipped and why. Returns 0 when it ran and every
-    kernel that ran agreed (bf16 tolerance), 1 when something failed (reported, never raised)."""
+    print the comparison; on a machine without CUDA, say it is skipped and why. Errors are the largest absolute
+    difference over the output and the three gradients, each over that tensor's largest value. Returns 0 when it
+    ran and every kernel that ran agreed (3e-2 in bfloat16; labkit's float32 ring 1e-4), 1 when something failed or
+    no kernel ran (reported, never raised); a kernel that raises is reported in its row."""
     if not torch.cuda.is_available():
         log("torch context_parallel comparison: SKIPPED: no CUDA GPU here. torch's context parallelism maps only "
             "CUDA's flash, memory-efficient and cuDNN SDPA kernels (torch/distributed/tensor/experimental/"
@@ -350,22 +351,22 @@ def torch_cp_compare(ranks: int | None = None, seq: int = 256, log=print) -> int
         log(f"torch context_parallel comparison: FAILED to run: {type(e).__name__}: {e}")
         return 1
     log(f"torch context_parallel (torch {res[0]['torch']}) on {n} CUDA rank(s), NCCL, seq {seq}, bf16, against "
-        f"float64 attention; labkit's ring (zigzag, float32) on the same ranks: max error "
+        f"float64 attention; labkit's ring (zigzag, float32) on the same ranks: largest relative error "
         f"{res[0]['labkit fp32 err']:.1e}" + (" (1 GPU: a 1-rank ring, the dispatch path only)" if n == 1 else ""))
     rows, bad = [], False
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
         per = [x[name] for x in res]
         if all(p["ok"] for p in per):
             e, vs = max(p["err vs fp64"] for p in per), max(p["vs labkit"] for p in per)
-            ok = e < 5e-2 and vs < 5e-2
+            ok = e < 3e-2 and vs < 3e-2   # bfloat16 keeps 8 bits of mantissa: about 0.4% per value
             bad |= not ok
-            rows.append({"kernel": name, "ran": "yes", "max err vs fp64": e, "max diff vs labkit": vs,
+            rows.append({"kernel": name, "ran": "yes", "rel err vs fp64": e, "rel diff vs labkit": vs,
                          "zigzag cut": "yes" if all(p["zigzag cut"] for p in per) else "no",
                          "agrees": "yes" if ok else "NO"})
         else:
             rows.append({"kernel": name, "ran": "no", "error": next(p["error"] for p in per if not p["ok"])})
     log(_table(rows))
-    bad |= res[0]["labkit fp32 err"] > 1e-3 or not any(r["ran"] == "yes" for r in rows)
+    bad |= res[0]["labkit fp32 err"] > 1e-4 or not any(r["ran"] == "yes" for r in rows)
     return 1 if bad else 0
 
 
