@@ -281,7 +281,7 @@ def torch_cp_rank(ctx, seq: int = 256, heads: int = 4, head_dim: int = 64, batch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cp, r, dev = ctx.world_size, ctx.rank, ctx.device
-    mesh = init_device_mesh("cuda", (cp,), mesh_dim_names=("cp",))
+    mesh = init_device_mesh(torch.device(dev).type, (cp,), mesh_dim_names=("cp",))
     q, k, v, dout = _qkv(batch, heads, seq, head_dim, dev)
     full = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref = F.scaled_dot_product_attention(*full, is_causal=True)
@@ -308,16 +308,18 @@ def torch_cp_rank(ctx, seq: int = 256, heads: int = 4, head_dim: int = 64, batch
         try:
             cq, ck, cv, cd = (t.to(torch.bfloat16).clone() for t in (q, k, v, dout))
             with context_parallel(mesh, buffers=[cq, ck, cv, cd], buffer_seq_dims=[2, 2, 2, 2]):
-                for t in (cq, ck, cv):
-                    t.requires_grad_(True)
                 # the local shards torch chose: labkit's zigzag rows of the whole tensors?
-                same_cut = bool(torch.equal(cq.detach(), ring.shard(q.to(torch.bfloat16), cp, r, "zigzag")))
-                with sdpa_kernel(getattr(SDPBackend, name)):
-                    co = F.scaled_dot_product_attention(cq, ck, cv, is_causal=True)
-                    co.backward(cd)
-                local = [co.detach(), cq.grad, ck.grad, cv.grad]
-                for t in (cq, ck, cv):
-                    t.requires_grad_(False)
+                same_cut = bool(torch.equal(cq, ring.shard(q.to(torch.bfloat16), cp, r, "zigzag")))
+                try:
+                    for t in (cq, ck, cv):
+                        t.requires_grad_(True)
+                    with sdpa_kernel(getattr(SDPBackend, name)):
+                        co = F.scaled_dot_product_attention(cq, ck, cv, is_causal=True)
+                        co.backward(cd)
+                    local = [co.detach(), cq.grad, ck.grad, cv.grad]
+                finally:   # the context resizes its buffers back on exit, which a tensor requiring grad refuses
+                    for t in (cq, ck, cv):
+                        t.requires_grad_(False)
             got = context_parallel_unshard(mesh, local, [2, 2, 2, 2])
             out[name] = {"ok": True, "err vs fp64": err(got), "zigzag cut": same_cut,
                          "vs labkit": err(got, labkit_full)}
