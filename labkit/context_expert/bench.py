@@ -398,12 +398,13 @@ def measure(world_sizes=(2, 4), rounds: int = 3, steps: int = 3, ring_cfg=None, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m labkit bench context_expert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="shorter sequences, 1 round (about 15 s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="shorter sequences, 1 round (about 35 s on 2 loaded cores, most of it starting the 7 ranks)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1); medians")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per launch (default 3, quick 2)")
     ap.add_argument("--seq", type=int, default=None, help="ring attention's sequence length (default 1024, quick 256)")
     ap.add_argument("--balance-steps", type=int, default=None,
-                    help="training steps of each balance-loss run (default 200, quick 80)")
+                    help="training steps of each balance-loss run (default 200, quick 50)")
     ap.add_argument("--torch-cp", action="store_true",
                     help="also compare with torch's context_parallel (CUDA only; skipped, saying why, elsewhere)")
     ap.add_argument("--torch-cp-only", action="store_true", help="only the comparison with torch's context_parallel")
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     print("a2a kB: float rows rank 0 sent to other ranks, counted at dist.all_to_all_single (dispatch + combine; the "
           "backward sends the same back); formula: moe.all_to_all_bytes of the rows its routing sends and receives; "
           "index kB: the expert indices and split sizes, int64, not in the formula")
-    bsteps = args.balance_steps or (80 if quick else 200)
+    bsteps = args.balance_steps or (50 if quick else 200)
     brows, logits = balance_rows(steps=bsteps)
     print(f"\nTokens per expert on 1,024 fresh tokens after {bsteps} steps (lab.balance_run: k = 1, no "
           f"capacity limit, 8 experts), without and with Switch's balance loss")
