@@ -37,6 +37,7 @@ def test_ring_rows_bytes_and_pairs_equal_the_formulas():
         assert r["pairs per rank"] == " ".join(map(str, work))
         assert r["pairs max/min"] == (1 if r["layout"] == "zigzag" else cp)   # contiguous: the last rank does cp x
         assert r["compute max ms"] >= r["min ms"] > 0 and r["step ms"] > 0   # measured, not compared
+        assert r["alone max/min"] >= 1
     # every rank of a launch sent the same bytes
     for cp in (2, 4):
         for lay in ring.LAYOUTS:

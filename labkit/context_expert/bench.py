@@ -5,7 +5,8 @@ runs share the machine's noise; medians over the rounds are printed. On each lau
 
 1. **Ring attention** (forward + backward, float32, both layouts): every rank times its steps and the part of them
    spent in the ring's sends and waits (``ring._exchange`` wrapped while it runs); the rest is its *compute time*.
-   The busiest and the least busy rank's compute, beside :func:`~labkit.context_expert.ring.work_each_rank` (the
+   The busiest and the least busy rank's compute, beside the same ranks' forward blocks run one after the other in
+   the 1-rank process (no contention, no messages) and :func:`~labkit.context_expert.ring.work_each_rank` (the
    (query, key) pairs each computes): contiguous's imbalance against zigzag's. The bytes each rank sent (the
    ring's ``stats``) beside :func:`~labkit.context_expert.ring.ring_bytes`; the step time against one process's
    ``scaled_dot_product_attention`` on the whole sequence (the 1-rank launch).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import statistics
 import sys
 import time
@@ -75,11 +77,34 @@ def _ring_step(q, k, v, dout, layout, device, clock):
     return t1 - t0, clock["comm"], stats
 
 
-def _ring_part(ctx, seq, heads, head_dim, batch, steps):
+def _blocks_alone(q, k, v, cp, layout, device, repeats) -> list[float]:
+    """Per rank of ``cp``: the seconds of its forward blocks (:func:`ring.block` over the sub-blocks the ring computes
+    for it, every step), run one rank after the other in this process: its compute with no other rank on the cores
+    and no message."""
+    seq, scale = q.shape[-2], 1 / math.sqrt(q.shape[-1])
+    pos = [ring.positions(seq, cp, r, layout).to(q.device) for r in range(cp)]
+    loc = [[ring.shard(t, cp, r, layout) for t in (q, k, v)] for r in range(cp)]
+    times: list[list[float]] = [[] for _ in range(cp)]
+    for rep in range(repeats + 1):
+        for r in range(cp):   # the ranks interleaved, so that a burst of load does not land on one rank only
+            t0 = now(device)
+            for s in range(cp):
+                src = (r - s) % cp
+                for (a, b), (c, d) in ring._pairs(pos[r], pos[src], layout):
+                    ring.block(loc[r][0][..., a:b, :], loc[src][1][..., c:d, :], loc[src][2][..., c:d, :],
+                               pos[r][a:b], pos[src][c:d], scale)
+            if rep:
+                times[r].append(now(device) - t0)
+    return [statistics.median(t) for t in times]
+
+
+def _ring_part(ctx, seq, heads, head_dim, batch, steps, alone_cps=(2, 4)):
     cp, r = ctx.world_size, ctx.rank
     q, k, v, dout = _qkv(batch, heads, seq, head_dim, ctx.device)
     out = {}
     if cp == 1:  # the baseline: one process's attention on the whole sequence (torch's kernel), and labkit's ring
+        alone = {f"{c} {lay}": _blocks_alone(q, k, v, c, lay, ctx.device, max(7, steps)) for c in alone_cps
+                 for lay in ring.LAYOUTS}
         times = {"sdpa": [], "ring": []}
         for s in range(steps + 1):
             full = [t.clone().requires_grad_(True) for t in (q, k, v)]
@@ -90,7 +115,8 @@ def _ring_part(ctx, seq, heads, head_dim, batch, steps):
             if s:  # the first step warms up
                 times["sdpa"].append(t1 - t0)
                 times["ring"].append(sec)
-        return {"sdpa s": statistics.median(times["sdpa"]), "ring1 s": statistics.median(times["ring"])}
+        return {"sdpa s": statistics.median(times["sdpa"]), "ring1 s": statistics.median(times["ring"]),
+                "alone": alone}
     clock = {"comm": 0.0}
     orig = ring._exchange
 
@@ -177,7 +203,8 @@ def _table(rows: list[dict]) -> str:
 
 def ring_rows(runs: dict, ring_cfg: dict) -> list[dict]:
     """Per (cp, layout): compute of the busiest and least busy rank (medians over rounds), their ratio beside the
-    pair counts', the step time against one process, and the bytes each rank sent against ring_bytes."""
+    ratio of the ranks' forward blocks run alone in one process (``alone``) and the pair counts', the step time
+    against one process, and the bytes each rank sent against ring_bytes."""
     base = [res[0]["ring"] for res in runs[1]]
     sdpa, ring1 = _median([b["sdpa s"] for b in base]), _median([b["ring1 s"] for b in base])
     rows = [{"cp": 1, "layout": "sdpa, 1 proc", "step ms": sdpa * 1e3, "vs 1 proc": 1.0},
@@ -186,6 +213,7 @@ def ring_rows(runs: dict, ring_cfg: dict) -> list[dict]:
         for lay in ring.LAYOUTS:
             per = [[res[r]["ring"][lay] for res in runs[cp]] for r in range(cp)]   # per rank, per round
             comp = [_median([x["compute s"] for x in p]) for p in per]
+            alone = [_median([b["alone"][f"{cp} {lay}"][i] for b in base]) for i in range(cp)]
             step = _median([max(res[r]["ring"][lay]["step s"] for r in range(cp)) for res in runs[cp]])
             work = ring.work_each_rank(ring_cfg["seq"], cp, lay)
             sent = [p[-1]["sent"] for p in per]
@@ -194,7 +222,8 @@ def ring_rows(runs: dict, ring_cfg: dict) -> list[dict]:
                        for s in sent)
             rows.append({"cp": cp, "layout": lay, "step ms": step * 1e3, "vs 1 proc": step / sdpa,
                          "compute max ms": max(comp) * 1e3, "min ms": min(comp) * 1e3,
-                         "max/min": max(comp) / min(comp), "pairs max/min": max(work) / min(work),
+                         "max/min": max(comp) / min(comp), "alone max/min": max(alone) / min(alone),
+                         "pairs max/min": max(work) / min(work),
                          "pairs per rank": " ".join(map(str, work)),
                          "sent fwd kB": sent[0].get("forward", 0) / 1e3, "bwd kB": sent[0].get("backward", 0) / 1e3,
                          "= ring_bytes": "yes" if same else "NO"})
@@ -438,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{runs[1][0][0]['device']}\n")
     print(f"1. Ring attention, forward + backward: batch 1, {ring_cfg['heads']} heads, seq {seq}, head_dim "
           f"{ring_cfg['head_dim']}. compute = a rank's step less its time in the ring's sends and waits (median "
-          f"over steps and rounds); pairs: ring.work_each_rank; sent: bytes per rank (the ring's stats)")
+          f"over steps and rounds); alone: each rank's forward blocks run one rank after the other in the 1-rank "
+          f"process (no contention, no messages); pairs: ring.work_each_rank; sent: bytes per rank (the ring's "
+          f"stats)")
+    if runs[2][0][0]["backend"] == "nccl":
+        print("(NCCL: a wait returns once the GPU stream waits, so compute here is the step, not the compute)")
     print(_table(ring_rows(runs, ring_cfg)))
     print("\n2. Activation memory per rank (autograd's saved tensors, weights excluded; the busiest rank), lab 11's "
           "TinyGPT (2 layers, width 32, 4 heads, batch 2) with its sequence split, zigzag")
