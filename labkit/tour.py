@@ -40,7 +40,8 @@ LABS: tuple[Lab, ...] = (
     Lab("09", "hardware", "labkit.hardware", "hardware", "09_hardware.ipynb"),
     Lab("10", "sharded data parallel", "labkit.zero", "zero", "10_sharded_data_parallel.ipynb"),
     Lab("11", "capstone", "labkit.capstone", "capstone", "11_capstone.ipynb"),
-    Lab("12", "context and expert parallel", "labkit.context_expert", None, "12_context_and_expert_parallel.ipynb"),
+    Lab("12", "context and expert parallel", "labkit.context_expert", "context_expert",
+        "12_context_and_expert_parallel.ipynb"),
 )
 
 

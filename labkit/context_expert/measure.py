@@ -5,16 +5,24 @@ lengths and returns, per length, the bytes autograd saved for the backward on th
 weights excluded: :func:`labkit.sliced.models.saved_bytes`) and the bytes its rings sent forward and backward, beside
 :func:`~labkit.context_expert.ring.ring_bytes`. Every layer but attention keeps per-token activations, and the ring
 keeps this rank's q, k, v, output and log-sum-exp only, so the activation memory per rank falls as 1/cp.
+
+For expert parallelism, :func:`count_all_to_all` counts the bytes a rank hands to ``dist.all_to_all_single`` for
+other ranks (the rows themselves, and apart from them the integer split sizes and expert indices), and
+:func:`expected_a2a_rows` the rows its routing should send and receive, for
+:func:`~labkit.context_expert.moe.all_to_all_bytes`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 
 from ..sliced.models import saved_bytes
 from .gpt import forward_cp, loss_cp
 from .ring import ring_bytes, shard
 
-__all__ = ["cp_memory_rank"]
+__all__ = ["cp_memory_rank", "count_all_to_all", "expected_a2a_rows"]
 
 
 def cp_memory_rank(ctx, seqs=(64, 128, 256), layout: str = "zigzag", layers: int = 2, width: int = 32,
@@ -39,3 +47,48 @@ def cp_memory_rank(ctx, seqs=(64, 128, 256), layout: str = "zigzag", layers: int
                      "formula forward": layers * formula["forward"] if cp > 1 else 0,
                      "formula backward": layers * formula["backward"] if cp > 1 else 0})
     return rows
+
+
+class _A2ACount:
+    def __init__(self):
+        self.phase = "forward"
+        self.bytes: dict = {}
+
+    def add(self, key, n):
+        self.bytes[key] = self.bytes.get(key, 0) + n
+
+
+@contextlib.contextmanager
+def count_all_to_all(world_size: int, rank: int):
+    """Within the block, every ``dist.all_to_all_single`` this process calls counts the bytes it sends to *other*
+    ranks: floating-point payloads under ``count.bytes[count.phase]`` (set ``count.phase = "backward"`` before the
+    backward), integer ones (split sizes, expert indices) under ``phase + " meta"``. Yields ``count``."""
+    count, orig = _A2ACount(), dist.all_to_all_single
+
+    def counted(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        row = input[0].numel() * input.element_size() if input.dim() and input.shape[0] else 0
+        if input_split_sizes is None:   # equal splits: 1/world_size of the rows to each rank
+            n = input.numel() * input.element_size() * (world_size - 1) // world_size
+        else:
+            n = row * (sum(input_split_sizes) - input_split_sizes[rank])
+        count.add(count.phase if input.is_floating_point() else count.phase + " meta", n)
+        return orig(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counted
+    try:
+        yield count
+    finally:
+        dist.all_to_all_single = orig
+
+
+def expected_a2a_rows(routing, per_rank: int, world_size: int, rank: int, group=None) -> dict:
+    """The rows this rank's expert-parallel forward should send to other ranks in the dispatch (its kept assignments
+    to experts another rank holds) and in the combine (the assignments other ranks made to its experts), from the
+    routing of every rank (an all-gather of each rank's counts per owner; every rank must call it)."""
+    kept = routing.experts[routing.kept]
+    send = torch.bincount(kept // per_rank, minlength=world_size)
+    table = [torch.empty_like(send) for _ in range(world_size)]
+    dist.all_gather(table, send, group=group)
+    m = torch.stack(table).tolist()   # m[i][j]: rows rank i sends to rank j
+    return {"dispatch": sum(m[rank]) - m[rank][rank],
+            "combine": sum(m[i][rank] for i in range(world_size)) - m[rank][rank]}
