@@ -30,7 +30,6 @@ it gains on GPUs; the bytes and pair counts do not depend on the machine.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import statistics
 import sys
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from ..devices import now
 from ..viz import format_table
 from . import ring
-from .measure import count_all_to_all, cp_memory_rank, expected_a2a_rows
+from .measure import balance_run, count_all_to_all, cp_memory_rank, expected_a2a_rows
 from .moe import ExpertParallelMoE, MoE, all_to_all_bytes, capacity, route
 
 __all__ = ["bench_rank", "ring_rows", "memory_rows", "moe_rows", "balance_rows", "drop_rows", "torch_cp_rank",
@@ -268,10 +267,9 @@ def moe_rows(runs: dict) -> list[dict]:
 def balance_rows(steps: int = 200) -> tuple[list[dict], dict]:
     """Lab 12's balance_run with alpha 0 and 0.01: tokens per expert, max over mean, aux loss, mse; the routers'
     logits (for :func:`drop_rows`)."""
-    lab = importlib.import_module(f"{__package__}.lab")   # by name: a bench may use its lab, nothing imports it
     rows, logits = [], {}
     for alpha in (0.0, 0.01):
-        out = lab.balance_run(alpha, steps=steps)
+        out = balance_run(alpha, steps=steps)
         tpe = out["tokens_per_expert"]
         rows.append({"balance loss": f"alpha {alpha:g}", "tokens per expert": " ".join(map(str, tpe)),
                      "max/mean": max(tpe) / (sum(tpe) / len(tpe)), "aux": out["aux"], "mse": out["mse"]})

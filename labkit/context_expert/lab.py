@@ -15,6 +15,7 @@ from ..checks import CheckResult, attempted, expect_close, expect_equal, not_att
 from ..tour import lab_name, run_check
 from . import ring
 from .gpt import all_reduce_grads, forward_cp, loss_cp
+from .measure import balance_run
 from .moe import ExpertParallelMoE, MoE
 
 __all__ = ["ring_rank", "gpt_rank", "moe_rank", "balance_run", "check_merge", "check_split_sizes", "tour"]
@@ -87,30 +88,6 @@ def moe_rank(ctx, k: int = 1, capacity_factor: float | None = None, experts: int
             "grad_err": float((ep.w1.grad - ref.w1.grad[lo:lo + ep.per_rank]).abs().max()),
             "dropped": ep.last.dropped, "sent": ep.sent,
             "tokens_per_expert": ep.last.tokens_per_expert(experts).tolist()}
-
-
-def balance_run(alpha: float, steps: int = 200, experts: int = 8, seed: int = 0) -> dict:
-    """Train one MoE layer (k = 1, no capacity limit) to imitate a fixed random MLP, with ``alpha`` times Switch's
-    balance loss added, in this process: ``{"tokens_per_expert", "aux", "mse"}`` on 1,024 fresh tokens after.
-    Without the balance loss the router tends to send everything to the expert that learned first."""
-    torch.manual_seed(seed)
-    moe = MoE(16, 32, experts, k=1, capacity_factor=None)
-    teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
-    opt = torch.optim.Adam(moe.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x = torch.randn(256, 16, generator=g) + 1.0
-        with torch.no_grad():
-            y = teacher(x)
-        loss = F.mse_loss(moe(x), y) + alpha * moe.last_aux
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x = torch.randn(1024, 16, generator=g) + 1.0
-    with torch.no_grad():
-        mse = F.mse_loss(moe(x), teacher(x)).item()
-    return {"tokens_per_expert": moe.last.tokens_per_expert(experts).tolist(), "aux": moe.last_aux.item(),
-            "mse": mse, "logits": moe.router(x).detach()}
 
 
 # ----------------------------------------------------------------------------- exercises

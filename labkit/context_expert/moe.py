@@ -167,7 +167,9 @@ class ExpertParallelMoE(nn.Module):
 
     Every rank builds the same full :class:`MoE` (same seed) and wraps it; the experts other ranks hold are dropped
     from this rank's copy. The router stays replicated (average its gradient over the ranks, as data parallelism
-    does). :attr:`sent` counts the bytes this rank sent to other ranks in the last forward (both exchanges)."""
+    does). :attr:`sent`: the bytes of token rows this rank sent to other ranks in the last forward, dispatch and combine
+(from the split sizes, :func:`all_to_all_bytes`; the int64 split sizes and expert indices sent beside them, a few
+percent more, are not in it)."""
 
     def __init__(self, moe: MoE, group=None):
         super().__init__()

@@ -16,17 +16,19 @@ A query whose keys in a block are all in its future (causal) gets ``lse_b = -inf
 leaves out. :func:`merge_partial` is this rule; lab 12's exercise asks for it.
 
 **Layouts.** The sequence is cut into chunks. *Contiguous*: rank r holds tokens [r·L, (r+1)·L). Causally, rank 0's
-queries see only their own chunk and rank cp-1's see all cp chunks: the last rank does cp times the work of the
-first, and the ring waits for it. *Zigzag* (Brandon et al.; Megatron-Core and torchtitan's load-balanced layout): 2·cp
-chunks, rank r holds chunks r and 2cp-1-r, so every rank holds one early and one late chunk and does the same
-work. :func:`work_each_rank` counts the (query, key) pairs each rank computes.
+queries see only their own chunk and rank cp-1's see all cp chunks: the last rank does cp times the work of the first,
+and the ring waits for it. *Zigzag* (Llama 3's context parallelism, Dubey et al. 2024; Megatron-Core's and torch's
+head-tail load balancing): 2·cp chunks, rank r holds chunks r and 2cp-1-r, so every rank holds one early and one late
+chunk and does the same work. :func:`work_each_rank` counts the (query, key) pairs each rank computes.
 
 **Backward** is written by hand (:class:`_Ring`, an autograd function), as the fused kernels do it: a second pass
-around the ring in which each chunk carries, beside its keys and values, the gradients ``dk, dv`` accumulated so far;
-after cp steps every chunk is home with its whole gradient. Per block, with ``P = exp(scores - lse)`` (the forward's
-final log-sum-exp, saved) and ``D = rowsum(dO ∘ O)``: ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dQ += dS K · scale``,
-``dK += dSᵀ Q · scale``. The forward sends 2(cp-1) key/value chunks per rank per layer; the backward 4·cp chunks
-(keys, values and their two gradients around the whole ring).
+around the ring. The keys and values travel ahead as in the forward (posted before each block's compute); behind them
+travel the gradients ``dk, dv`` accumulated so far for the chunk just computed, and after cp moves every chunk's
+gradients are home and whole. With 16-bit inputs the partial outputs, log-sum-exps and ``dk, dv`` are kept in float32.
+Per block, with ``P = exp(scores - lse)`` (the forward's final log-sum-exp, saved) and ``D = rowsum(dO ∘ O)``: ``dV +=
+Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dQ += dS K · scale``, ``dK += dSᵀ Q · scale``. The forward sends 2(cp-1)
+key/value chunks per rank per layer; the backward 2(cp-1) key/value chunks again and 2·cp gradient chunks
+(:func:`ring_bytes`).
 """
 from __future__ import annotations
 
@@ -110,16 +112,28 @@ def _pairs(pq, pk, layout):
             if _visible(pq[a:b], pk[c:d])]
 
 
-def _exchange(tensors, rank, cp, group, stats=None, phase="forward"):
+def _exchange(tensors, rank, cp, group, stats=None, phase="forward", tag=0):
     """Send ``tensors`` to the next rank and receive the previous rank's into new buffers (posted, not waited);
-    the bytes sent are added to ``stats[phase]`` when ``stats`` is a dict."""
+    the bytes sent are added to ``stats[phase]`` when ``stats`` is a dict. Two exchanges in flight at once take
+    different ``tag``s (gloo matches messages by tag)."""
     nxt, prv = (rank + 1) % cp, (rank - 1) % cp
     if stats is not None:
         stats[phase] = stats.get(phase, 0) + sum(t.numel() * t.element_size() for t in tensors)
     got = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-    sends, recvs = p2p([(t.contiguous(), nxt, i) for i, t in enumerate(tensors)],
-                       [(g, prv, i) for i, g in enumerate(got)], group=group)
+    sends, recvs = p2p([(t.contiguous(), nxt, tag + i) for i, t in enumerate(tensors)],
+                       [(g, prv, tag + i) for i, g in enumerate(got)], group=group)
     return got, sends + recvs
+
+
+def _wait(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial results are kept and merged in: float32 for 16-bit inputs (as fused kernels keep their
+    softmax statistics), else the input's own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class _Ring(torch.autograd.Function):
@@ -128,54 +142,72 @@ class _Ring(torch.autograd.Function):
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
         seq = q.shape[-2] * cp
         scale = 1 / math.sqrt(q.shape[-1])
-        pos = [positions(seq, cp, r, layout).to(q.device) for r in range(cp)]
+        # which sub-blocks to compute is decided on the CPU's copy of the positions (no device sync per block);
+        # the causal mask inside a block uses the device's copy
+        cpu = [positions(seq, cp, r, layout) for r in range(cp)]
+        pos = [p.to(q.device) for p in cpu]
+        acc = _accumulator(q.dtype)
+        qa = q.to(acc)
         runs = _runs(q.shape[-2], layout)
-        outs = [torch.zeros_like(q[..., a:b, :]) for a, b in runs]
-        lses = [torch.full(q.shape[:-2] + (b - a,), float("-inf"), dtype=q.dtype, device=q.device) for a, b in runs]
+        outs = [torch.zeros_like(qa[..., a:b, :]) for a, b in runs]
+        lses = [torch.full(q.shape[:-2] + (b - a,), float("-inf"), dtype=acc, device=q.device) for a, b in runs]
         kb, vb = k, v
         for s in range(cp):
             works = []
             if s < cp - 1:   # the next chunk travels while this one is computed
                 (nk, nv), works = _exchange((kb, vb), rank, cp, group, stats, "forward")
             src = (rank - s) % cp
-            for (a, b), (c, d) in _pairs(pos[rank], pos[src], layout):
+            for (a, b), (c, d) in _pairs(cpu[rank], cpu[src], layout):
                 i = runs.index((a, b))
-                ob, lb = block(q[..., a:b, :], kb[..., c:d, :], vb[..., c:d, :], pos[rank][a:b], pos[src][c:d], scale)
+                ob, lb = block(qa[..., a:b, :], kb[..., c:d, :].to(acc), vb[..., c:d, :].to(acc), pos[rank][a:b],
+                               pos[src][c:d], scale)
                 outs[i], lses[i] = merge_partial(outs[i], lses[i], ob, lb)
-            for w in works:
-                w.wait()
+            _wait(works)
             if s < cp - 1:
                 kb, vb = nk, nv
-        out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+        out, lse = torch.cat(outs, dim=-2).to(q.dtype), torch.cat(lses, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.pos, ctx.layout, ctx.stats = group, scale, pos, layout, stats
+        ctx.group, ctx.scale, ctx.pos, ctx.cpu, ctx.layout, ctx.stats = group, scale, pos, cpu, layout, stats
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale, pos = ctx.group, ctx.scale, ctx.pos
+        group, scale, pos, cpu = ctx.group, ctx.scale, ctx.pos, ctx.cpu
         cp, rank = dist.get_world_size(group), dist.get_rank(group)
-        dout = dout.contiguous()
-        d = (dout * out).sum(-1)
-        dq = torch.zeros_like(q)
-        kb, vb, dkb, dvb = k, v, torch.zeros_like(k), torch.zeros_like(v)
+        acc = _accumulator(q.dtype)
+        q32, dout = q.to(acc), dout.contiguous().to(acc)
+        d = (dout * out.to(acc)).sum(-1)
+        dq = torch.zeros_like(q32)
+        kb, vb = k, v
+        dkb = dvb = None
+        got, dworks = None, []
         for s in range(cp):
+            # the next key/value chunk travels while this one is computed, as in the forward
+            kvworks = []
+            if s < cp - 1:
+                (nk, nv), kvworks = _exchange((kb, vb), rank, cp, group, ctx.stats, "backward")
+            # the gradients of this chunk's keys and values so far arrive from the rank that held it before
+            _wait(dworks)
+            dkb, dvb = (torch.zeros_like(kb, dtype=acc), torch.zeros_like(vb, dtype=acc)) if got is None else got
             src = (rank - s) % cp
-            for (a, b), (c, e) in _pairs(pos[rank], pos[src], ctx.layout):
-                qa, ka, va, do = q[..., a:b, :], kb[..., c:e, :], vb[..., c:e, :], dout[..., a:b, :]
+            for (a, b), (c, e) in _pairs(cpu[rank], cpu[src], ctx.layout):
+                qa, ka, va, do = q32[..., a:b, :], kb[..., c:e, :].to(acc), vb[..., c:e, :].to(acc), dout[..., a:b, :]
                 sc = _scores(qa, ka, pos[rank][a:b], pos[src][c:e], scale)
                 p = torch.exp(sc - lse[..., a:b, None])          # hidden keys: exp(-inf) = 0
                 dvb[..., c:e, :] += p.transpose(-1, -2) @ do
                 ds = p * (do @ va.transpose(-1, -2) - d[..., a:b, None])
                 dq[..., a:b, :] += (ds @ ka) * scale
                 dkb[..., c:e, :] += (ds.transpose(-1, -2) @ qa) * scale
-            # the chunk moves on with its gradients so far; after cp moves every chunk is home, gradients whole
+            # the gradients move on with the chunk; after cp moves every chunk's gradients are home and whole
             if cp > 1:
-                (kb, vb, dkb, dvb), works = _exchange((kb, vb, dkb, dvb), rank, cp, group, ctx.stats, "backward")
-                for w in works:
-                    w.wait()
-        return dq, dkb, dvb, None, None, None
+                got, dworks = _exchange((dkb, dvb), rank, cp, group, ctx.stats, "backward", tag=2)
+            _wait(kvworks)
+            if s < cp - 1:
+                kb, vb = nk, nv
+        _wait(dworks)
+        dk, dv = got if cp > 1 else (dkb, dvb)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str = "zigzag", group=None,
@@ -199,7 +231,13 @@ def work_each_rank(seq: int, cp: int, layout: str = "zigzag") -> list[int]:
             for r in range(cp)]
 
 
-def ring_bytes(batch: int, heads: int, seq: int, head_dim: int, cp: int, element_size: int) -> dict:
-    """Bytes one rank sends per attention layer: forward 2(cp-1) chunks (k and v), backward 4·cp (k, v, dk, dv)."""
-    chunk = batch * heads * (seq // cp) * head_dim * element_size
-    return {"forward": 2 * (cp - 1) * chunk, "backward": 4 * cp * chunk}
+def ring_bytes(batch: int, heads: int, seq: int, head_dim: int, cp: int, element_size: int,
+               grad_element_size: int | None = None) -> dict:
+    """Bytes one rank sends per attention layer: forward 2(cp-1) chunks (k and v), backward 2(cp-1) chunks of k and v
+    again and 2·cp of their gradients (the last move brings them home). ``element_size``: the inputs' bytes per
+    value; ``grad_element_size``: the gradients' (default the same; 4 for 16-bit inputs, whose key and value
+    gradients are summed and sent in float32)."""
+    values = batch * heads * (seq // cp) * head_dim
+    grad = element_size if grad_element_size is None else grad_element_size
+    return {"forward": 2 * (cp - 1) * values * element_size,
+            "backward": 2 * (cp - 1) * values * element_size + 2 * cp * values * grad}
