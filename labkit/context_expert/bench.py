@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
           "index kB: the expert indices and split sizes, int64, not in the formula")
     bsteps = args.balance_steps or (50 if quick else 200)
     brows, logits = balance_rows(steps=bsteps)
-    print(f"\nTokens per expert on 1,024 fresh tokens after {bsteps} steps (lab.balance_run: k = 1, no "
+    print(f"\nTokens per expert on 1,024 fresh tokens after {bsteps} steps (measure.balance_run: k = 1, no "
           f"capacity limit, 8 experts), without and with Switch's balance loss")
     print(_table(brows))
     print("\nDropped assignments against the capacity factor, those two routers on the same 1,024 tokens (k = 2 "
