@@ -32,6 +32,12 @@ non-interleaved pipeline at tp = 8, a 128-head width-20480 model with 3·pp laye
 GPU falls as pp grows, much faster at batch 8); Figure 13 (the 162.2B model, 32 layers, on 64 GPUs: at a fixed GPU
 count, moving degree from tp to pp lowers throughput; the paper's tp = 16 and 32 points span nodes, which the
 simulator refuses).
+
+**Llama 3 405B on H100s** (:data:`LLAMA3_TABLE4`, :func:`llama3_table`): the same efficiencies, the H100's own peak,
+HBM and links (:data:`H100_LLAMA3`); the settings each come from the Llama 3 paper or are marked assumed in
+:func:`llama3_run`. Its memory is not reproduced: the simulator's activation formula (GPT-style, Korthikanti et al.
+2022) times the interleaved schedule's warm-up puts more than 80 GB on the first stage of the 8K-GPU layout, which
+the paper says ran without recomputation.
 """
 from __future__ import annotations
 
@@ -43,7 +49,8 @@ from ..viz import format_table
 from .simulator import Hardware, Layout, Transformer, predict
 
 __all__ = ["A100_SELENE", "MEGATRON_TABLE1", "MEGATRON_TABLE2", "FIT_ROW", "megatron_run", "megatron_table",
-           "format_megatron_table", "fit_gemm_efficiency", "figure11_trend", "figure13_trend"]
+           "format_megatron_table", "fit_gemm_efficiency", "figure11_trend", "figure13_trend", "H100_LLAMA3",
+           "LLAMA3_TABLE4", "llama3_run", "llama3_table"]
 
 _NVLINK, _IB = PUBLISHED_LINKS["NVLink (A100, 8 GPUs)"], PUBLISHED_LINKS["InfiniBand HDR (64 GPUs)"]
 
@@ -204,6 +211,56 @@ def figure13_trend(hardware: Hardware = A100_SELENE, batch: int = 128,
     return out
 
 
-if __name__ == "__main__":  # pragma: no cover
-    print(format_megatron_table())
-    print(f"gemm_efficiency fitted on row {FIT_ROW}: {fit_gemm_efficiency():.4f}")
+H100_LLAMA3 = replace(
+    A100_SELENE, name="H100 80GB SXM (Grand Teton, Llama 3's RoCE cluster)",
+    peak_flops={"bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
+    hbm_bytes_per_s=3.35e12, intra_beta=1 / 450e9, inter_beta=1 / 50e9,
+    sources={**A100_SELENE.sources,
+             "peak_flops": "NVIDIA H100 Tensor Core GPU datasheet, SXM: 989 TFLOP/s dense bf16 (the Llama 3 paper's "
+                           "MFU uses the same: 430 TFLOP/s is 43%)",
+             "hbm_bytes_per_s": "H100 SXM datasheet: 3.35 TB/s HBM3",
+             "intra_alpha/beta": "alpha as the A100 (lab 01); 1/beta 450 GB/s each way, half of the H100's 900 GB/s "
+                                 "NVLink (datasheet)",
+             "inter_alpha/beta": "alpha as the A100 (NCCL's network figure, lab 01); 1/beta 50 GB/s, the 400 Gb/s "
+                                 "RoCE link of each GPU (Llama 3 paper, section 3.3.1)",
+             "efficiencies": "gemm, attention and memory efficiency unchanged from A100_SELENE (not refitted)"})
+"""H100 constants for Llama 3's runs: the H100's own peak, HBM and links, every efficiency of :data:`A100_SELENE`."""
+
+LLAMA3_TABLE4 = [{"gpus": 8192, "tp": 8, "cp": 1, "pp": 16, "dp": 64, "seq": 8192, "batch_each_dp": 32,
+                  "tflops": 430},
+                 {"gpus": 16384, "tp": 8, "cp": 1, "pp": 16, "dp": 128, "seq": 8192, "batch_each_dp": 16,
+                  "tflops": 400}]
+"""Llama Team 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783), Table 4: Llama 3 405B's pre-training on H100s,
+the two 8K-sequence rows (the 131K-context row is left out: its degrees as transcribed do not multiply to its GPU
+count). TFLOP/s per GPU are model FLOPs (BF16 MFU × 989)."""
+
+
+def llama3_run(row: dict, chunks: int = 2) -> tuple[Transformer, Layout, int]:
+    """``(model, layout, world_size)`` for a row of :data:`LLAMA3_TABLE4`. The model (section 3.2, Table 3): 126
+    layers, width 16384, 128 heads with 8 key/value heads, FFN 53248 (SwiGLU), vocabulary 128,000, rotary positions,
+    untied output. The layout (section 3.3.2): tp·cp·pp·dp as the row; micro-batch 1, so n_micro = the row's batch
+    per DP group; the interleaved schedule, **assumed** with 2 chunks a rank (its Figure 6 draws 2; V is not given),
+    one layer fewer on the first and last chunks (its balancing); no activation recomputation at 8K; FSDP that keeps
+    the weights gathered through the step (ZeRO-2's memory and messages), overlapped ("asynchronously prefetching ...
+    and reducing gradients"); sequence parallel and a fused (flash) attention **assumed**; bf16."""
+    model = Transformer(layers=126, width=16384, heads=128, kv_heads=8, ffn_width=53248, gated_mlp=True, tied=False,
+                        positions=0, vocab=128000, seq=row["seq"], micro_batch=1,
+                        global_batch=row["dp"] * row["batch_each_dp"])
+    layout = Layout(dp=row["dp"], tp=row["tp"], pp=row["pp"], cp=row["cp"], zero=2, schedule="interleaved",
+                    chunks=chunks, recompute="none", overlap_dp=True, sp=True, flash=True, precision="mixed-bf16",
+                    dtype="bf16")
+    return model, layout, row["gpus"]
+
+
+def llama3_table(hardware: Hardware = H100_LLAMA3) -> list[dict]:
+    """:data:`LLAMA3_TABLE4` predicted beside the published model TFLOP/s per GPU (``error``: predicted / published
+    - 1), with the MFU, the bubble and the memory per GPU the simulator predicts."""
+    out = []
+    for row in LLAMA3_TABLE4:
+        model, layout, n = llama3_run(row)
+        r = predict(model, hardware, layout, n)
+        out.append({"GPUs": n, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "m": r.n_micro,
+                    "bubble": r.bubble, "memory GiB": r.memory_bytes / 2 ** 30, "MFU": r.mfu,
+                    "predicted": r.tflops_per_gpu, "published": float(row["tflops"]),
+                    "error": r.tflops_per_gpu / row["tflops"] - 1})
+    return out

@@ -10,9 +10,11 @@ tensor-, context-, pipeline- and data-parallel messages from lab 01's alpha-beta
 (h = ``width``, f = ``ffn_width``, a = ``heads``, V = ``vocab``, t = ``tp``, c = ``cp``, T = b·s/c the tokens a
 context-parallel rank holds):
 
-- matrix products (GEMMs), forward: 2T(4h² + 2hf)/t FLOPs (Q, K, V and output projections, the MLP's two), at
-  ``gemm_efficiency`` of the peak; the attention's two batched products (QKᵀ and the probabilities times V):
-  4·T·s·h/t FLOPs, at ``attention_efficiency`` of the peak; the output layer on the last stage 2ThV/t.
+- matrix products (GEMMs), forward: 2T(4h² + 2hf)/t FLOPs (Q, K, V and output projections, the MLP's two; with
+  grouped-query attention and a gated MLP, 2T/t times :attr:`Transformer.matmul_params`), at ``gemm_efficiency``
+  of the peak; the attention's two batched products (QKᵀ and the probabilities times V): 4·T·s·h/t FLOPs (half
+  under ``flash``: a fused causal kernel skips the masked blocks), at ``attention_efficiency`` of the peak; the
+  output layer on the last stage 2ThV/t.
 - memory-bound kernels (LayerNorm, bias + GeLU, bias + dropout + residual, the scaled masked softmax and the
   attention dropout of Megatron-LM 2021, which keeps the s×s scores), forward bytes: 22·T·h (two LayerNorms
   reading and writing 2-byte values, two dropout-adds reading two, writing one, and a 1-byte mask), divided by t
@@ -40,18 +42,23 @@ hidden behind the compute when ``overlap_dp``.
 Ranks are placed as Megatron-LM does: tp innermost, then cp, then dp, then pp (a group is inside one node when its
 ranks span at most ``gpus_per_node``); tp larger than a node is refused.
 
-**Pipeline**: the stage times (layers of a chunk, the embedding on the first, the output layer and loss on the
-last) go to :func:`~labkit.pipeline.schedules.simulate` on the real schedule (``gpipe``, ``1f1b``,
-``interleaved`` with ``chunks``, ``zb-h1``), with the pipeline message as its ``comm``. The makespan is affine in the
-micro-batch count once every stage has reached its steady phase; above :data:`SIMULATE_MAX_MICRO` micro-batches
-the schedule is played at two smaller counts with the same remainder modulo pp and extrapolated (equal to the
-full play, which the tests check). Step = makespan + the data-parallel time left exposed + the optimiser's
-update (memory-bound: 30 bytes a parameter for mixed-precision Adam, on the GPU's share).
+**Pipeline**: the stage times (layers of a chunk, :func:`chunk_layers`: equal, or one fewer on the end chunks
+when pp·chunks does not divide the layers; the output layer and loss on the last) go to
+:func:`~labkit.pipeline.schedules.simulate` on the real schedule (``gpipe``, ``1f1b``, ``interleaved`` with
+``chunks``, ``zb-h1``), with the pipeline message as its ``comm``. The makespan is affine in the micro-batch count
+once every stage has reached its steady phase; above :data:`SIMULATE_MAX_MICRO` micro-batches the schedule is
+played at two smaller counts with the same remainder modulo pp and extrapolated (equal to the full play, which the
+tests check). Step = makespan + the data-parallel time left exposed + the optimiser's update (memory-bound: 30
+bytes a parameter for mixed-precision Adam, on the GPU's share).
 
 **FLOP counts**: ``tflops_per_gpu`` is the Megatron-LM paper's count (Narayanan et al. 2021, section 5.1,
 :func:`megatron_flops`), 96·B·s·l·h²(1 + s/6h + V/16lh) per step, which counts full recomputation's extra
-forward (72·B·s·l·h²(1 + s/6h) + 6BshV without it); ``mfu`` is model FLOPs utilisation: the count without
-recomputation over the peak.
+forward, when ``recompute="full"``, and 72·B·s·l·h²(1 + s/6h) + 6BshV otherwise (:func:`model_flops` for other
+shapes); ``mfu`` is model FLOPs utilisation: the count without recomputation over the peak (PaLM's definition,
+which Llama 3 reports).
+
+**Constants**: :class:`Hardware` holds them, none built in; :mod:`labkit.capstone.published` states the A100 and
+H100 sets, where each comes from, and the published runs they are checked against.
 """
 from __future__ import annotations
 
@@ -72,8 +79,8 @@ from ..memory_model import (
 from ..pipeline.schedules import make_schedule, peak_in_flight, simulate
 
 __all__ = ["Transformer", "Hardware", "Layout", "StepResult", "SIMULATE_MAX_MICRO", "megatron_flops",
-           "model_flops", "layer_work", "kernel_seconds", "comm_seconds", "pipeline_makespan", "memory_each_gpu",
-           "predict"]
+           "model_flops", "chunk_layers", "layer_work", "kernel_seconds", "comm_seconds", "pipeline_makespan",
+           "memory_each_gpu", "predict"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 SIMULATE_MAX_MICRO = 64
@@ -86,9 +93,10 @@ ADAM_UPDATE_BYTES = 30  # mixed-precision Adam reads and writes fp32 master, m, 
 
 @dataclass(frozen=True)
 class Transformer:
-    """A GPT-style transformer (Megatron-LM's: learned position embeddings of ``seq``, tied output layer) and its
-    batch: ``micro_batch`` and ``global_batch`` count sequences of ``seq`` tokens. ``ffn_width``: 4·width if left
-    out."""
+    """A GPT-style transformer and its batch: ``micro_batch`` and ``global_batch`` count sequences of ``seq``
+    tokens. ``ffn_width``: 4·width if left out. The defaults are Megatron-LM's GPT (learned position embeddings of
+    ``seq``, tied output layer, multi-head attention, a two-matrix MLP); ``kv_heads`` < heads is grouped-query
+    attention, ``gated_mlp`` a three-matrix MLP (SwiGLU), ``positions=0`` rotary positions (Llama)."""
 
     layers: int
     width: int
@@ -98,6 +106,10 @@ class Transformer:
     micro_batch: int
     global_batch: int
     ffn_width: int | None = None
+    kv_heads: int | None = None
+    gated_mlp: bool = False
+    tied: bool = True
+    positions: int | None = None
 
     def __post_init__(self):
         for name in ("layers", "width", "heads", "vocab", "seq", "micro_batch", "global_batch"):
@@ -107,16 +119,40 @@ class Transformer:
         if self.ffn_width is None:
             object.__setattr__(self, "ffn_width", 4 * self.width)
         validate_int("ffn_width", self.ffn_width, minimum=1, hint="the MLP's inner width (4·width if left out)")
+        if self.kv_heads is None:
+            object.__setattr__(self, "kv_heads", self.heads)
+        validate_int("kv_heads", self.kv_heads, minimum=1, maximum=self.heads, hint="heads of K and V (GQA)")
+        if self.heads % self.kv_heads:
+            raise ArgumentError(f"kv_heads must divide heads={self.heads}, got kv_heads={self.kv_heads}")
+        if self.positions is None:
+            object.__setattr__(self, "positions", self.seq)
+        validate_int("positions", self.positions, minimum=0, hint="learned position embeddings (0: rotary)")
+        for name in ("gated_mlp", "tied"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def params(self) -> int:
-        return transformer_params(self.layers, self.width, self.vocab, self.ffn_width, tied=True,
-                                  positions=self.seq)
+        """All parameters; for Megatron's GPT, :func:`~labkit.memory_model.transformer_params`."""
+        if self.kv_heads == self.heads and not self.gated_mlp:
+            return transformer_params(self.layers, self.width, self.vocab, self.ffn_width, tied=self.tied,
+                                      positions=self.positions)
+        h = self.width
+        return self.layers * self.layer_params + h * self.vocab * (1 if self.tied else 2) + 2 * h + self.positions * h
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights of one layer's matrix products: Q, K, V, output projection and the MLP's matrices."""
+        h, f = self.width, self.ffn_width
+        kv = self.kv_heads * (h // self.heads)
+        return h * (h + 2 * kv) + h * h + (3 if self.gated_mlp else 2) * h * f
 
     @property
     def layer_params(self) -> int:
+        """One layer's parameters: :attr:`matmul_params`, the biases and two LayerNorms (12h² + 13h for GPT)."""
         h, f = self.width, self.ffn_width
-        return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+        kv = self.kv_heads * (h // self.heads)
+        return self.matmul_params + (h + 2 * kv) + h + f + h + 4 * h
 
 
 @dataclass(frozen=True)
@@ -239,24 +275,25 @@ def megatron_flops(global_batch: int, seq: int, layers: int, width: int, vocab: 
 
 
 def model_flops(model: Transformer, recompute: bool = False) -> float:
-    """:func:`megatron_flops` of ``model``'s global batch; with ``ffn_width`` other than 4·width the MLP's share is
-    scaled (2T(4h² + 2hf) per layer forward)."""
-    h, f = model.width, model.ffn_width
-    scale = (4 * h * h + 2 * h * f) / (12 * h * h)
+    """:func:`megatron_flops` of ``model``'s global batch, for any shape: per token and layer 2 FLOPs a matrix
+    weight (:attr:`Transformer.matmul_params`, 12h² for GPT) and 4·s·h for the attention (all s keys, causal mask
+    or not: the papers' and PaLM's MFU convention), 3 passes (4 with ``recompute``), and 6hV for the output layer."""
+    h = model.width
     B, s, L, V = model.global_batch, model.seq, model.layers, model.vocab
     passes = 4 if recompute else 3
-    return passes * B * s * L * (24 * h * h * scale + 4 * s * h) + 6 * B * s * h * V
+    return passes * B * s * L * (2 * model.matmul_params + 4 * s * h) + 6 * B * s * h * V
 
 
 def layer_work(model: Transformer, layout: Layout) -> dict:
-    """One layer's forward on one GPU for one micro-batch: ``gemm_flops``, ``attention_flops``, ``memory_bytes``
-    (of the memory-bound kernels; ``attention_bytes`` of them belong to the s×s scores), and the output layer's
-    ``logits_flops`` and ``logits_bytes`` (last stage). See the module docstring for each term."""
+    """One layer's forward on one GPU for one micro-batch: ``gemm_flops``, ``attention_flops`` (executed: a fused
+    causal kernel, ``flash``, skips the masked half), ``memory_bytes`` (of the memory-bound kernels;
+    ``attention_bytes`` of them belong to the s×s scores), and the output layer's ``logits_flops`` and
+    ``logits_bytes`` (last stage). See the module docstring for each term."""
     b, s, h, f, a, V = model.micro_batch, model.seq, model.width, model.ffn_width, model.heads, model.vocab
     t, c = layout.tp, layout.cp
     T = b * s / c
-    gemm = 2 * T * (4 * h * h + 2 * h * f) / t
-    attn = 4 * T * s * h / t
+    gemm = 2 * T * model.matmul_params / t
+    attn = 4 * T * s * h / t * (0.5 if layout.flash else 1.0)
     unsplit = 22 * T * h / (t if layout.sp else 1)
     scores = 0.0 if layout.flash else 13 * b * a * (s / c) * s / t
     return {"gemm_flops": gemm, "attention_flops": attn, "memory_bytes": unsplit + 4 * T * f / t + scores,
@@ -281,6 +318,17 @@ def kernel_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> di
         bwd += _seconds(0.0, w["attention_flops"], w["attention_bytes"], hardware, d)
     lf = _seconds(w["logits_flops"], 0.0, w["logits_bytes"], hardware, d)
     return {"layer_forward": fwd, "layer_backward": bwd, "logits_forward": lf, "logits_backward": 2 * lf}
+
+
+def chunk_layers(layers: int, n_chunks: int) -> list[int]:
+    """Layers of each of ``n_chunks`` virtual stages: equal when they divide ``layers`` (Megatron-LM); otherwise
+    ceil(layers / n_chunks) each, one fewer on the first and last, then the second and second-last, ... (Llama 3's
+    balancing: the ends also hold the embedding and the output layer)."""
+    n = -(-layers // n_chunks)
+    out, extra = [n] * n_chunks, n * n_chunks - layers
+    for i in range(extra):
+        out[i // 2 if i % 2 == 0 else n_chunks - 1 - i // 2] -= 1
+    return out
 
 
 def _in_one_node(stride: int, size: int, per_node: int) -> bool:
@@ -328,7 +376,7 @@ def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict
     # context parallel: ring attention, 2(c-1) k/v chunks forward, twice that backward
     cp_inside = _in_one_node(L.tp, L.cp, node)
     ca, cb = (hw.intra_alpha, hw.intra_beta) if cp_inside else (hw.inter_alpha, hw.inter_beta)
-    chunk = act / L.tp
+    chunk = act * model.kv_heads / model.heads / L.tp  # one K or V block of the rank's tokens
     out["cp_layer_forward"] = 2 * (L.cp - 1) * predict_time("p2p", chunk, 2, ca, cb) if L.cp > 1 else 0.0
     out["cp_layer_backward"] = 2 * out["cp_layer_forward"]
     links["cp"] = "intra" if cp_inside else "inter"
@@ -362,12 +410,12 @@ def _stage_params(model: Transformer, layout: Layout, stage: int) -> float:
     """Parameters one GPU of pipeline ``stage`` holds: its layers / tp (LayerNorms counted as split too), plus the
     embeddings on the first, the final LayerNorm and (pp > 1) the tied output layer's copy on the last, as
     Megatron-LM places them. With tp = pp = 1 it is :func:`~labkit.memory_model.transformer_params`."""
-    per = model.layers / layout.pp * model.layer_params / layout.tp
+    per = model.layers / layout.pp * model.layer_params / layout.tp  # an average stage
     emb = (model.vocab * model.width) / layout.tp
     if stage == 0:
-        per += emb + model.seq * model.width
+        per += emb + model.positions * model.width
     if stage == layout.pp - 1:
-        per += 2 * model.width + (emb if layout.pp > 1 else 0)  # the final LayerNorm; the output layer's copy
+        per += 2 * model.width + (emb if layout.pp > 1 or not model.tied else 0)  # final LayerNorm, output layer
     return per
 
 
@@ -415,7 +463,7 @@ def memory_each_gpu(model: Transformer, layout: Layout, in_flight: int) -> dict:
     states = zero_bytes_each_rank(params, L.dp, L.zero, L.precision)["total"]
     bpv = 4 if L.precision == "fp32" else 2
     seq = max(1, model.seq // L.cp)
-    per_chunk = model.layers // (L.pp * L.chunks)
+    per_chunk = max(chunk_layers(model.layers, L.pp * L.chunks))
     acts = in_flight * transformer_activations(seq, model.micro_batch, model.width, model.heads, max(1, per_chunk),
                                                L.tp, L.sp, L.recompute, L.flash, bpv)
     working = (transformer_activations(seq, model.micro_batch, model.width, model.heads, 1, L.tp, L.sp, "none",
@@ -446,9 +494,9 @@ def _validate(model, hardware, layout, world_size):
         raise ArgumentError(f"tp must divide heads={M.heads} and ffn_width={M.ffn_width}, got tp={L.tp}")
     if M.seq % L.cp:
         raise ArgumentError(f"cp must divide seq={M.seq}, got cp={L.cp}")
-    if M.layers % (L.pp * L.chunks):
-        raise ArgumentError(f"pp·chunks must divide layers={M.layers}, got pp={L.pp} × chunks={L.chunks}; every "
-                            "model chunk gets the same number of layers")
+    if M.layers < L.pp * L.chunks:
+        raise ArgumentError(f"pp·chunks must be <= layers={M.layers}, got pp={L.pp} × chunks={L.chunks}; every "
+                            "model chunk needs a layer")
     if M.global_batch % (L.dp * M.micro_batch):
         raise ArgumentError(f"global_batch={M.global_batch} must split into dp={L.dp} × micro_batch="
                             f"{M.micro_batch}; pass a global_batch that is a multiple of {L.dp * M.micro_batch}")
@@ -470,7 +518,7 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     m = _validate(model, hardware, layout, world_size)
     L, M, hw = layout, model, hardware
     k, c = kernel_seconds(M, hw, L), comm_seconds(M, hw, L)
-    per_chunk = M.layers // (L.pp * L.chunks)
+    counts = chunk_layers(M.layers, L.pp * L.chunks)
     attn_fwd = _seconds(0.0, layer_work(M, L)["attention_flops"], 0.0, hw, L.dtype)
     cp_f = max(0.0, c["cp_layer_forward"] - attn_fwd)  # ring attention overlaps its products
     cp_b = max(0.0, c["cp_layer_backward"] - 2 * attn_fwd)
@@ -479,8 +527,7 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     lb = k["layer_backward"] + c["tp_layer_backward"] + cp_b
     if z3:
         lf, lb = (max(lf, z3 / 3), max(lb, 2 * z3 / 3)) if L.overlap_dp else (lf + z3 / 3, lb + 2 * z3 / 3)
-    S = L.pp * L.chunks
-    fw, bw = [per_chunk * lf] * S, [per_chunk * lb] * S
+    fw, bw = [n * lf for n in counts], [n * lb for n in counts]
     fw[-1] += k["logits_forward"]
     bw[-1] += k["logits_backward"]
     pipe = pipeline_makespan(L.schedule, L.pp, m, L.chunks, fw, bw, c["p2p"])
