@@ -84,7 +84,12 @@ def test_the_pipeline_is_lab_04s_simulate_and_its_closed_forms():
         sim = simulate(make_schedule(layout.schedule, layout.pp, 8, layout.chunks), r.parts["stage_forward"],
                        r.parts["stage_backward"], comm=r.parts["comm"]["p2p"])
         assert r.parts["pipeline"] == pytest.approx(sim["makespan"]) and r.bubble == pytest.approx(sim["bubble"])
-        assert {e["lane"] for e in r.events} == set(range(layout.pp))
+        lanes = {e["lane"] for e in r.events}
+        assert lanes == set(range(layout.pp)) | {f"{k} send" for k in range(layout.pp)}
+        sends = [e for e in r.events if e["kind"] == "send"]
+        # every message but the first stage's backwards and the last's forwards: 2 (S-1) m of them
+        assert len(sends) == 2 * (layout.pp * layout.chunks - 1) * 8
+        assert all(e["end"] - e["start"] == pytest.approx(r.parts["comm"]["p2p"]) for e in sends)
         assert r.step_seconds == pytest.approx(r.parts["pipeline"] + r.parts["dp_exposed"] + r.parts["optimizer"])
     # equal stages and free messages: the closed forms (p-1)/(vm+p-1) and ZB-H1's
     for name, p, m, v in (("1f1b", 4, 8, 1), ("gpipe", 4, 8, 1), ("interleaved", 4, 8, 2), ("interleaved", 4, 12, 3)):

@@ -245,8 +245,10 @@ class StepResult:
     :func:`megatron_flops`), ``mfu`` (model FLOPs, no recomputation, over the peak), ``memory_bytes`` per GPU (the
     first stage, the busiest) and its ``memory`` breakdown, ``n_micro``, the pipeline ``bubble`` (idle share of
     the pipeline's makespan), ``parts`` (seconds: pipeline makespan, exposed data-parallel, optimiser; per
-    micro-batch stage times; communication per group) and ``events``: the Gantt chart of one step, one lane per
-    pipeline rank (:func:`labkit.viz` timeline format: forward, backward, weight, allreduce, optimizer)."""
+    micro-batch stage times; communication per group) and ``events``: the Gantt chart of one step
+    (:func:`labkit.viz.gantt`), one lane per pipeline rank (forward, backward, weight, allreduce, optimizer) and one
+    beside it for its pipeline messages (``"<rank> send"``). Above :data:`SIMULATE_MAX_MICRO` micro-batches the
+    chart is that of the smaller play, ``parts["simulated_micro"]`` micro-batches (the times are not)."""
 
     step_seconds: float
     tokens_per_s: float
@@ -510,6 +512,20 @@ def _validate(model, hardware, layout, world_size):
     return m
 
 
+def _send_spans(events: list, p: int, n_virtual: int, p2p: float) -> list:
+    """A "send" span after each forward that feeds the next virtual stage and each backward that feeds the previous
+    one, on a lane of its own beside its rank's (``"<rank> send"``): the pipeline's messages in the Gantt chart."""
+    if p2p <= 0:
+        return []
+    out = []
+    for e in events:
+        s = e["chunk"] * p + e["lane"]
+        if (e["kind"] == "forward" and s < n_virtual - 1) or (e["kind"] == "backward" and s > 0):
+            out.append({"lane": f"{e['lane']} send", "kind": "send", "start": e["end"], "end": e["end"] + p2p,
+                        "label": e["label"]})
+    return out
+
+
 def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: int) -> StepResult:
     """One training step of ``model`` on ``world_size`` GPUs of ``hardware`` laid out as ``layout`` (see the
     module docstring for every term). Raises :class:`~labkit._validate.ArgumentError` naming the argument when
@@ -543,6 +559,7 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     tokens = M.global_batch * M.seq
     events = [dict(e) for e in pipe["events"]]
     span = max((e["end"] for e in events), default=0.0)
+    events += _send_spans(events, L.pp, L.pp * L.chunks, c["p2p"])
     for r in range(L.pp):
         if dp_exposed:
             events.append({"lane": r, "kind": "allreduce", "start": span, "end": span + dp_exposed, "label": "dp"})
