@@ -50,7 +50,7 @@ from .simulator import Hardware, Layout, Transformer, predict
 
 __all__ = ["A100_SELENE", "MEGATRON_TABLE1", "MEGATRON_TABLE2", "FIT_ROW", "megatron_run", "megatron_table",
            "format_megatron_table", "fit_gemm_efficiency", "figure11_trend", "figure13_trend", "H100_LLAMA3",
-           "LLAMA3_TABLE4", "llama3_run", "llama3_table"]
+           "LLAMA3_TABLE4", "llama3_run", "llama3_table", "format_published"]
 
 _NVLINK, _IB = PUBLISHED_LINKS["NVLink (A100, 8 GPUs)"], PUBLISHED_LINKS["InfiniBand HDR (64 GPUs)"]
 
@@ -159,6 +159,7 @@ def format_megatron_table(hardware: Hardware = A100_SELENE, rows: list | None = 
     table = megatron_table(hardware, rows)
     for r in table:
         r["error"] = f"{100 * r['error']:+.1f}%"
+        r["params B"] = f"{r['params B']:g}"
     return format_table(table, floatfmt="{:.3g}")
 
 
@@ -264,3 +265,25 @@ def llama3_table(hardware: Hardware = H100_LLAMA3) -> list[dict]:
                     "predicted": r.tflops_per_gpu, "published": float(row["tflops"]),
                     "error": r.tflops_per_gpu / row["tflops"] - 1})
     return out
+
+
+def format_published() -> str:
+    """Every check of this module as text: Table 1 (the fitted row marked), Table 2, Llama 3 and the two figures'
+    trends. ``python -c "from labkit.capstone import published; print(published.format_published())"``."""
+    def pct(rows):
+        return [{**r, "error": f"{100 * r['error']:+.1f}%"} for r in rows]
+
+    f11, f13 = figure11_trend(), figure13_trend()
+    parts = [
+        "Narayanan et al. 2021, Table 1 (A100_SELENE; gemm_efficiency fitted on the row marked 'fit'):",
+        format_megatron_table(),
+        "\nNarayanan et al. 2021, Table 2, PTD-P rows (same constants, nothing fitted):",
+        format_megatron_table(rows=MEGATRON_TABLE2),
+        "\nLlama 3 405B, Table 4, 8K-sequence rows (H100_LLAMA3: the A100's efficiencies, the H100's own hardware):",
+        format_table(pct(llama3_table()), floatfmt="{:.3g}"),
+        "\nFigure 11 trend (tp = 8, 1F1B, 3·pp layers; TFLOP/s per GPU for pp = 1, 2, 4, 8):",
+        *(f"  batch {b:4d}: " + "  ".join(f"{x:.0f}" for x in v) for b, v in f11.items()),
+        "\nFigure 13 trend (162.2B on 64 GPUs, batch 128; TFLOP/s per GPU):",
+        "  " + "  ".join(f"(tp={t}, pp={p}): {x:.0f}" for (t, p), x in f13.items()),
+    ]
+    return "\n".join(parts)
