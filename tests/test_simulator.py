@@ -66,6 +66,13 @@ def test_alpha_beta_messages_by_hand():
     c = S.comm_seconds(TINY, TOY, S.Layout(tp=2, pp=2))
     assert c["links"]["pp"] == "inter"
     assert c["p2p"] == pytest.approx(1e-2 + 32 * 1e-5 + predict_time("all_gather", 64, 2, 1e-3, 1e-6))
+    # ZeRO-3 over 2 ranks of one node: each gather or reduce-scatter of a layer's weights is half an all-reduce
+    layer = 2 * TINY.layer_params
+    c = S.comm_seconds(TINY, TOY, S.Layout(dp=2, zero=3))
+    assert c["zero3_layer_forward"] == pytest.approx(1e-3 + layer / 2 * 1e-6)
+    assert c["zero3_layer_backward"] == pytest.approx(2 * c["zero3_layer_forward"])
+    assert S.comm_seconds(TINY, TOY, S.Layout(dp=2, zero=3, recompute="full"))["zero3_layer_backward"] == \
+        pytest.approx(3 * c["zero3_layer_forward"])
     # ring attention: 2(cp-1) chunks of T·h/t values (T = b·s/cp) forward, twice that backward
     c = S.comm_seconds(TINY, TOY, S.Layout(cp=2))
     assert c["cp_layer_forward"] == pytest.approx(2 * (1e-3 + 32 * 1e-6)) and c["links"]["cp"] == "intra"

@@ -358,8 +358,10 @@ def _all_reduce(nbytes: float, stride: int, size: int, hw: Hardware) -> float:
 def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict:
     """Seconds of each group's messages: ``tp_layer_forward``/``tp_layer_backward`` (per layer and micro-batch),
     ``cp_layer_forward``/``cp_layer_backward`` (ring attention, per layer and micro-batch), ``p2p`` (one pipeline
-    message), ``dp`` (the gradients' all-reduce, per step), ``zero3_layer`` (ZeRO-3's gathers and reduce-scatter
-    per layer and micro-batch) and ``links``: which link each group uses."""
+    message), ``dp`` (the gradients' all-reduce, per step), ``zero3_layer_forward``/``zero3_layer_backward``
+    (ZeRO-3, per layer and micro-batch: the weights' all-gather before the forward; before the backward another,
+    a third for the recomputed forward, and the gradients' reduce-scatter) and ``links``: which link each group
+    uses."""
     hw, L = hardware, layout
     bpv = 2 if L.dtype in ("bf16", "fp16") else 4
     T = model.micro_batch * model.seq / L.cp
@@ -397,13 +399,11 @@ def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict
     grads = _busiest_params(model, L) * bytes_per_parameter(L.precision)["grads"]
     out["dp"] = _all_reduce(grads, L.tp * L.cp, L.dp, hw)
     links["dp"] = "intra" if _in_one_node(L.tp * L.cp, L.dp, node) else "inter"
-    if L.zero == 3 and L.dp > 1:
-        w = model.layer_params / L.tp * bpv
-        gathers = 3 if L.recompute == "full" else 2
-        per = _all_reduce(w, L.tp * L.cp, L.dp, hw) / 2  # an all-gather or a reduce-scatter: half an all-reduce
-        out["zero3_layer"] = (gathers + 1) * per
-    else:
-        out["zero3_layer"] = 0.0
+    per = 0.0
+    if L.zero == 3 and L.dp > 1:  # an all-gather or a reduce-scatter of one layer's weights: half an all-reduce
+        per = _all_reduce(model.layer_params / L.tp * bpv, L.tp * L.cp, L.dp, hw) / 2
+    out["zero3_layer_forward"] = per
+    out["zero3_layer_backward"] = (3 if L.recompute == "full" else 2) * per
     out["links"] = links
     return out
 
@@ -538,11 +538,11 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     attn_fwd = _seconds(0.0, layer_work(M, L)["attention_flops"], 0.0, hw, L.dtype)
     cp_f = max(0.0, c["cp_layer_forward"] - attn_fwd)  # ring attention overlaps its products
     cp_b = max(0.0, c["cp_layer_backward"] - 2 * attn_fwd)
-    z3 = c["zero3_layer"]
+    zf, zb = c["zero3_layer_forward"], c["zero3_layer_backward"]
     lf = k["layer_forward"] + c["tp_layer_forward"] + cp_f
     lb = k["layer_backward"] + c["tp_layer_backward"] + cp_b
-    if z3:
-        lf, lb = (max(lf, z3 / 3), max(lb, 2 * z3 / 3)) if L.overlap_dp else (lf + z3 / 3, lb + 2 * z3 / 3)
+    if zf:  # prefetched behind the compute with overlap_dp, else in line
+        lf, lb = (max(lf, zf), max(lb, zb)) if L.overlap_dp else (lf + zf, lb + zb)
     fw, bw = [n * lf for n in counts], [n * lb for n in counts]
     fw[-1] += k["logits_forward"]
     bw[-1] += k["logits_backward"]
