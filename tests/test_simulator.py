@@ -234,3 +234,20 @@ def test_llama3_on_h100_with_the_same_efficiencies():
     assert table[1]["bubble"] > table[0]["bubble"]        # micro-batches per DP group, a bigger bubble
     for name in ("gemm_efficiency", "attention_efficiency", "memory_efficiency"):
         assert getattr(P.H100_LLAMA3, name) == getattr(P.A100_SELENE, name)
+
+
+def test_figure12_and_18_trend_interleaving_helps_less_as_the_batch_grows():
+    got = P.figure12_trend()
+    gain = [i / o - 1 for i, o in zip(got["interleaved"], got["1f1b"])]
+    assert all(g > 0 for g in gain) and all(a > b for a, b in zip(gain, gain[1:])), got
+    assert all(sg > no for sg, no in zip(got["interleaved"], got["interleaved, no scatter/gather"]))
+
+
+def test_blocking_messages_hold_the_sender():
+    model = S.Transformer(layers=8, width=8, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8)
+    free = S.predict(model, TOY, S.Layout(pp=4), world_size=4)
+    held = S.predict(model, TOY, S.Layout(pp=4, blocking_p2p=True), world_size=4)
+    p2p = free.parts["comm"]["p2p"]
+    assert held.parts["stage_forward"][:3] == pytest.approx([f + p2p for f in free.parts["stage_forward"][:3]])
+    assert held.parts["stage_backward"][0] == pytest.approx(free.parts["stage_backward"][0])
+    assert held.step_seconds > free.step_seconds

@@ -13,6 +13,9 @@ from:
   recomputed forward, and section 3.5 says recomputation is needed for large models under pipelining.
 - micro-batch size: 1, **assumed**: Table 1 does not give it; Table 2's PTD-P rows and the experiments of Figures
   11, 13-15 use 1.
+- pipeline messages block the sender (``blocking_p2p``), **assumed** from Megatron-LM 2021's code, which waits for
+  each batch of sends and receives before the next computation; section 5.3.2's remark that the interleaved
+  schedule's extra messages cost it throughput at large batches says the same.
 - mixed precision fp16 (section 5: "All of our results are run with mixed precision"), the 312 TFLOP/s peak
   (section 5), Adam; data-parallel gradients all-reduced in 16 bits after the pipeline flush, not overlapped
   (Megatron-LM 2021's local DDP); Megatron's GPT: learned positions, tied output layer.
@@ -27,11 +30,12 @@ It is an effective utilisation of the model's matrix products, lower than what c
 it absorbs what the simulator leaves out (kernel launch gaps, the small products, dropout's random numbers, the
 embedding, gradient clipping, data loading).
 
-Figures reproduced as trends (:func:`figure11_trend`, :func:`figure13_trend`): Figure 11 (weak scaling of the
-non-interleaved pipeline at tp = 8, a 128-head width-20480 model with 3·pp layers, batch 8 and 128: throughput per
-GPU falls as pp grows, much faster at batch 8); Figure 13 (the 162.2B model, 32 layers, on 64 GPUs: at a fixed GPU
-count, moving degree from tp to pp lowers throughput; the paper's tp = 16 and 32 points span nodes, which the
-simulator refuses).
+Figures reproduced as trends (:func:`figure11_trend`, :func:`figure12_trend`, :func:`figure13_trend`): Figure 11
+(weak scaling of the non-interleaved pipeline at tp = 8, a 128-head width-20480 model with 3·pp layers, batch 8 and
+128: throughput per GPU falls as pp grows, much faster at batch 8); Figure 12 (GPT-3 175B on 96 GPUs: the
+interleaved schedule beats 1F1B, by less as the batch grows; with Figure 18, scatter/gather helps the interleaved
+schedule); Figure 13 (the 162.2B model, 32 layers, on 64 GPUs: at a fixed GPU count, moving degree from tp to pp
+lowers throughput; the paper's tp = 16 and 32 points span nodes, which the simulator refuses).
 
 **Llama 3 405B on H100s** (:data:`LLAMA3_TABLE4`, :func:`llama3_table`): the same efficiencies, the H100's own peak,
 HBM and links (:data:`H100_LLAMA3`); the settings each come from the Llama 3 paper or are marked assumed in
@@ -49,7 +53,8 @@ from ..viz import format_table
 from .simulator import Hardware, Layout, Transformer, predict
 
 __all__ = ["A100_SELENE", "MEGATRON_TABLE1", "MEGATRON_TABLE2", "FIT_ROW", "megatron_run", "megatron_table",
-           "format_megatron_table", "fit_gemm_efficiency", "figure11_trend", "figure13_trend", "H100_LLAMA3",
+           "format_megatron_table", "fit_gemm_efficiency", "figure11_trend", "figure12_trend", "figure13_trend",
+           "H100_LLAMA3",
            "LLAMA3_TABLE4", "llama3_run", "llama3_table", "format_published"]
 
 _NVLINK, _IB = PUBLISHED_LINKS["NVLink (A100, 8 GPUs)"], PUBLISHED_LINKS["InfiniBand HDR (64 GPUs)"]
@@ -59,7 +64,7 @@ A100_SELENE = Hardware(
     peak_flops={"fp16": 312e12, "bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
     memory_bytes=80 * 2 ** 30, hbm_bytes_per_s=2.039e12,
     intra_alpha=_NVLINK["alpha"], intra_beta=_NVLINK["beta"], inter_alpha=_IB["alpha"], inter_beta=_IB["beta"],
-    gemm_efficiency=0.642, attention_efficiency=0.6, memory_efficiency=0.85,
+    gemm_efficiency=0.646, attention_efficiency=0.6, memory_efficiency=0.85,
     sources={
         "peak_flops": "NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s dense fp16/bf16 (the paper's section 5 "
                       "uses the same peak), 156 tf32, 19.5 fp32",
@@ -131,7 +136,7 @@ def megatron_run(row: dict, seq: int = 2048, vocab: int = 51200, micro_batch: in
         schedule = "interleaved" if pp > 1 else "1f1b"
     chunks = _chunks(row["layers"], pp) if schedule == "interleaved" else 1
     layout = Layout(dp=gpus // (tp * pp), tp=tp, pp=pp, schedule=schedule, chunks=chunks, recompute=recompute,
-                    scatter_gather=True, precision="mixed-fp16", dtype="fp16")
+                    scatter_gather=True, blocking_p2p=True, precision="mixed-fp16", dtype="fp16")
     return model, layout, gpus
 
 
@@ -195,6 +200,22 @@ def figure11_trend(hardware: Hardware = A100_SELENE, batches=(8, 128), stages=(1
                    "global_batch": batch}
             model, layout, n = megatron_run(row, schedule="1f1b")
             out[batch].append(predict(model, hardware, layout, n).tflops_per_gpu)
+    return out
+
+
+def figure12_trend(hardware: Hardware = A100_SELENE, batches=(12, 24, 36, 48, 60)) -> dict:
+    """Figures 12 and 18 of Narayanan et al. 2021: GPT-3 175B (96 layers, 96 heads, width 12288) on 96 GPUs, tp = 8,
+    pp = 12, dp = 1, micro-batch 1. Returns ``{"1f1b": [...], "interleaved": [...], "interleaved, no scatter/gather":
+    [...]}``, TFLOP/s per GPU for each batch. The paper: the interleaved schedule (with scatter/gather) is faster,
+    the gap closing as the batch grows; scatter/gather gains up to 11% (Figure 18)."""
+    out = {"1f1b": [], "interleaved": [], "interleaved, no scatter/gather": []}
+    for batch in batches:
+        row = {"heads": 96, "width": 12288, "layers": 96, "tp": 8, "pp": 12, "gpus": 96, "global_batch": batch}
+        for key, schedule in (("1f1b", "1f1b"), ("interleaved", "interleaved")):
+            model, layout, n = megatron_run(row, schedule=schedule)
+            out[key].append(predict(model, hardware, layout, n).tflops_per_gpu)
+        out["interleaved, no scatter/gather"].append(
+            predict(model, hardware, replace(layout, scatter_gather=False), n).tflops_per_gpu)
     return out
 
 
@@ -273,7 +294,7 @@ def format_published() -> str:
     def pct(rows):
         return [{**r, "error": f"{100 * r['error']:+.1f}%"} for r in rows]
 
-    f11, f13 = figure11_trend(), figure13_trend()
+    f11, f12, f13 = figure11_trend(), figure12_trend(), figure13_trend()
     parts = [
         "Narayanan et al. 2021, Table 1 (A100_SELENE; gemm_efficiency fitted on the row marked 'fit'):",
         format_megatron_table(),
@@ -283,6 +304,8 @@ def format_published() -> str:
         format_table(pct(llama3_table()), floatfmt="{:.3g}"),
         "\nFigure 11 trend (tp = 8, 1F1B, 3·pp layers; TFLOP/s per GPU for pp = 1, 2, 4, 8):",
         *(f"  batch {b:4d}: " + "  ".join(f"{x:.0f}" for x in v) for b, v in f11.items()),
+        "\nFigure 12 and 18 trend (175B on 96 GPUs; TFLOP/s per GPU for batch 12, 24, 36, 48, 60):",
+        *(f"  {k:31s} " + "  ".join(f"{x:.0f}" for x in v) for k, v in f12.items()),
         "\nFigure 13 trend (162.2B on 64 GPUs, batch 128; TFLOP/s per GPU):",
         "  " + "  ".join(f"(tp={t}, pp={p}): {x:.0f}" for (t, p), x in f13.items()),
     ]

@@ -24,20 +24,20 @@ context-parallel rank holds):
 - backward: twice the forward's FLOPs and bytes; full recomputation runs the forward once more before it,
   selective recomputation the attention core only (Korthikanti et al. 2022).
 
-**Communication** (alpha-beta, ring algorithms, :func:`labkit.collectives.cost.predict_time`): tensor parallel,
-per layer and micro-batch, 2 all-reduces of T·h values in the forward and 2 in the backward (2 more with full
-recomputation; an all-gather plus a reduce-scatter each under sequence parallelism), over NVLink, not
-overlapped. Context parallel (ring attention): each of the c ranks sends 2(c-1) key/value chunks of T·h/t values
-in the forward and twice that in the backward, overlapped with the attention's products (the longer of the two
-counts). Pipeline: one message of T·h values per micro-batch and stage boundary each way; with
-``scatter_gather`` (Narayanan et al. 2021, section 4.1) each of the t GPUs sends T·h/t over its own network card
-and the receiving node all-gathers it over NVLink. Data parallel: one all-reduce of the GPU's gradients per step,
-hierarchical when the group spans nodes (reduce-scatter inside the node over its k members, ring all-reduce of
-1/k across the nodes, each member on its own card, all-gather inside the node), after the pipeline flush unless
-``overlap_dp`` (then it hides behind the last micro-batch's backward and only the rest shows). ZeRO 1 and 2 move
-the same bytes (reduce-scatter of gradients, all-gather of weights); ZeRO 3 also all-gathers each stage's
-weights before every forward and backward of every micro-batch and reduce-scatters its gradients after each,
-hidden behind the compute when ``overlap_dp``.
+**Communication** (alpha-beta, ring algorithms, :func:`labkit.collectives.cost.predict_time`): tensor parallel, per
+layer and micro-batch, 2 all-reduces of T·h values in the forward and 2 in the backward (2 more with full
+recomputation; an all-gather plus a reduce-scatter each under sequence parallelism), over NVLink, not overlapped.
+Context parallel (ring attention): each of the c ranks sends 2(c-1) key/value chunks of T·h/t values in the forward
+and twice that in the backward, overlapped with the attention's products (the longer of the two counts). Pipeline:
+one message of T·h values per micro-batch and stage boundary each way; with ``scatter_gather`` (Narayanan et al.
+2021, section 4.1) each of the t GPUs sends T·h/t over its own network card and the receiving node all-gathers it
+over NVLink; the message delays the next stage, and with ``blocking_p2p`` (Megatron-LM 2021 waits for its sends) it
+also holds the sender. Data parallel: one all-reduce of the GPU's gradients per step, hierarchical when the group
+spans nodes (reduce-scatter inside the node over its k members, ring all-reduce of 1/k across the nodes, each member
+on its own card, all-gather inside the node), after the pipeline flush unless ``overlap_dp`` (then it hides behind
+the last micro-batch's backward and only the rest shows). ZeRO 1 and 2 move the same bytes (reduce-scatter of
+gradients, all-gather of weights); ZeRO 3 also all-gathers each stage's weights before every forward and backward of
+every micro-batch and reduce-scatters its gradients after each, hidden behind the compute when ``overlap_dp``.
 
 Ranks are placed as Megatron-LM does: tp innermost, then cp, then dp, then pp (a group is inside one node when its
 ranks span at most ``gpus_per_node``); tp larger than a node is refused.
@@ -202,7 +202,8 @@ class Layout:
     attention), the ZeRO stage ``zero`` over dp, the pipeline ``schedule`` (``gpipe``, ``1f1b``, ``interleaved``
     with ``chunks`` model chunks a GPU, ``zb-h1``), activation ``recompute`` (``none``, ``selective``, ``full``),
     ``overlap_dp`` (data-parallel messages hidden behind the backward), ``sp`` (sequence parallel),
-    ``scatter_gather`` (pipeline messages split over the tp GPUs' cards), ``flash`` (fused attention),
+    ``scatter_gather`` (pipeline messages split over the tp GPUs' cards), ``blocking_p2p`` (a stage waits for
+    its sends, as Megatron-LM 2021 does, instead of sending in the background), ``flash`` (fused attention),
     ``precision`` (memory, :data:`labkit.memory_model.PRECISIONS`) and ``dtype`` (which peak to use)."""
 
     dp: int = 1
@@ -217,6 +218,7 @@ class Layout:
     sp: bool = False
     scatter_gather: bool = True
     flash: bool = False
+    blocking_p2p: bool = False
     precision: str = "mixed-bf16"
     dtype: str = "bf16"
 
@@ -227,7 +229,7 @@ class Layout:
         validate_choice("schedule", self.schedule, SCHEDULES)
         validate_choice("recompute", self.recompute, RECOMPUTE)
         validate_choice("precision", self.precision, PRECISIONS)
-        for name in ("overlap_dp", "sp", "scatter_gather", "flash"):
+        for name in ("overlap_dp", "sp", "scatter_gather", "flash", "blocking_p2p"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.chunks > 1 and self.schedule != "interleaved":
@@ -512,16 +514,18 @@ def _validate(model, hardware, layout, world_size):
     return m
 
 
-def _send_spans(events: list, p: int, n_virtual: int, p2p: float) -> list:
+def _send_spans(events: list, p: int, n_virtual: int, p2p: float, blocking: bool = False) -> list:
     """A "send" span after each forward that feeds the next virtual stage and each backward that feeds the previous
-    one, on a lane of its own beside its rank's (``"<rank> send"``): the pipeline's messages in the Gantt chart."""
+    one (the last ``p2p`` of it when the sender waits, ``blocking``), on a lane of its own beside its rank's
+    (``"<rank> send"``): the pipeline's messages in the Gantt chart."""
     if p2p <= 0:
         return []
     out = []
     for e in events:
         s = e["chunk"] * p + e["lane"]
         if (e["kind"] == "forward" and s < n_virtual - 1) or (e["kind"] == "backward" and s > 0):
-            out.append({"lane": f"{e['lane']} send", "kind": "send", "start": e["end"], "end": e["end"] + p2p,
+            start = e["end"] - p2p if blocking else e["end"]
+            out.append({"lane": f"{e['lane']} send", "kind": "send", "start": start, "end": start + p2p,
                         "label": e["label"]})
     return out
 
@@ -546,7 +550,12 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     fw, bw = [n * lf for n in counts], [n * lb for n in counts]
     fw[-1] += k["logits_forward"]
     bw[-1] += k["logits_backward"]
-    pipe = pipeline_makespan(L.schedule, L.pp, m, L.chunks, fw, bw, c["p2p"])
+    delay = c["p2p"]
+    if L.blocking_p2p and L.pp > 1:  # the sender waits for its message: it runs on the stage's own clock
+        fw = [f + (delay if i < len(fw) - 1 else 0.0) for i, f in enumerate(fw)]
+        bw = [b + (delay if i > 0 else 0.0) for i, b in enumerate(bw)]
+        delay = 0.0
+    pipe = pipeline_makespan(L.schedule, L.pp, m, L.chunks, fw, bw, delay)
     dp_exposed = max(0.0, c["dp"] - bw[0]) if L.overlap_dp else c["dp"]
     if L.zero == 3:
         dp_exposed = 0.0  # its messages are counted per micro-batch above
@@ -559,7 +568,7 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     tokens = M.global_batch * M.seq
     events = [dict(e) for e in pipe["events"]]
     span = max((e["end"] for e in events), default=0.0)
-    events += _send_spans(events, L.pp, L.pp * L.chunks, c["p2p"])
+    events += _send_spans(events, L.pp, L.pp * L.chunks, c["p2p"], L.blocking_p2p)
     for r in range(L.pp):
         if dp_exposed:
             events.append({"lane": r, "kind": "allreduce", "start": span, "end": span + dp_exposed, "label": "dp"})
