@@ -108,7 +108,7 @@ def test_the_pipeline_is_lab_04s_simulate_and_its_closed_forms():
 
 def test_many_micro_batches_are_extrapolated_exactly():
     fw, bw = [1.3, 1.0, 1.0, 1.6], [2.6, 2.0, 2.0, 3.5]
-    for name, m, v in (("1f1b", 70, 1), ("interleaved", 72, 2), ("zb-h1", 81, 1)):
+    for name, m, v in (("1f1b", 70, 1), ("interleaved", 72, 2), ("zb-h1", 81, 1), ("gpipe", 67, 1)):
         p = 4 if v == 1 else 2
         got = S.pipeline_makespan(name, p, m, v, fw[:p * v], bw[:p * v], comm=0.05)
         full = simulate(make_schedule(name, p, m, v), fw[:p * v], bw[:p * v], comm=0.05)

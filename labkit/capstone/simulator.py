@@ -248,9 +248,10 @@ class StepResult:
     first stage, the busiest) and its ``memory`` breakdown, ``n_micro``, the pipeline ``bubble`` (idle share of
     the pipeline's makespan), ``parts`` (seconds: pipeline makespan, exposed data-parallel, optimiser; per
     micro-batch stage times; communication per group) and ``events``: the Gantt chart of one step
-    (:func:`labkit.viz.gantt`), one lane per pipeline rank (forward, backward, weight, allreduce, optimizer) and one
-    beside it for its pipeline messages (``"<rank> send"``). Above :data:`SIMULATE_MAX_MICRO` micro-batches the
-    chart is that of the smaller play, ``parts["simulated_micro"]`` micro-batches (the times are not)."""
+    (:func:`labkit.viz.gantt`), one lane per pipeline rank (kinds ``forward``, ``backward``, ``weight``,
+    ``allreduce``, ``optimizer``) and one beside it for its pipeline messages (lane ``"<rank> send"``, kind
+    ``send``). Above :data:`SIMULATE_MAX_MICRO` micro-batches the chart is that of the smaller play,
+    ``parts["simulated_micro"]`` micro-batches (the times are not)."""
 
     step_seconds: float
     tokens_per_s: float
