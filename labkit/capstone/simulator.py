@@ -428,7 +428,7 @@ def _busiest_params(model: Transformer, layout: Layout) -> float:
     return max(_stage_params(model, layout, 0), _stage_params(model, layout, layout.pp - 1))
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=8)  # a play of a deep pipeline holds ~10^5 events: keep few
 def _play(schedule: str, p: int, m: int, v: int, forward: tuple, backward: tuple, comm: float) -> tuple:
     sim = simulate(make_schedule(schedule, p, m, v), list(forward), list(backward), comm=comm)
     return sim["makespan"], sim["bubble"], tuple(sim["events"])
