@@ -251,3 +251,14 @@ def test_blocking_messages_hold_the_sender():
     assert held.parts["stage_forward"][:3] == pytest.approx([f + p2p for f in free.parts["stage_forward"][:3]])
     assert held.parts["stage_backward"][0] == pytest.approx(free.parts["stage_backward"][0])
     assert held.step_seconds > free.step_seconds
+
+
+def test_the_stated_settings_of_the_megatron_rows():
+    runs = [P.megatron_run(row) for row in P.MEGATRON_TABLE1]
+    assert [layout.chunks for _, layout, _ in runs] == [1, 1, 1, 1, 2, 3, 2, 2, 3, 2]
+    assert all(layout.schedule == ("interleaved" if layout.pp > 1 else "1f1b") for _, layout, _ in runs)
+    assert all(layout.recompute == "full" and layout.scatter_gather and layout.blocking_p2p and not layout.overlap_dp
+               and model.micro_batch == 1 and model.seq == 2048 and model.vocab == 51200 for model, layout, _ in runs)
+    # the parameter counts come out as the table's (its equation 2)
+    for (model, _, _), row in zip(runs, P.MEGATRON_TABLE1):
+        assert model.params / 1e9 == pytest.approx(row["params_b"], rel=0.03)
