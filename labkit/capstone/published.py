@@ -240,6 +240,7 @@ H100_LLAMA3 = replace(
     sources={**A100_SELENE.sources,
              "peak_flops": "NVIDIA H100 Tensor Core GPU datasheet, SXM: 989 TFLOP/s dense bf16 (the Llama 3 paper's "
                            "MFU uses the same: 430 TFLOP/s is 43%)",
+             "memory_bytes": "H100 80GB: 80 GiB (datasheet; the Llama 3 paper, section 3.3.1: 80GB HBM3)",
              "hbm_bytes_per_s": "H100 SXM datasheet: 3.35 TB/s HBM3",
              "intra_alpha/beta": "alpha as the A100 (lab 01); 1/beta 450 GB/s each way, half of the H100's 900 GB/s "
                                  "NVLink (datasheet)",

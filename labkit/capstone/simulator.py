@@ -177,7 +177,7 @@ class Hardware:
     gemm_efficiency: float | None = None
     attention_efficiency: float | None = None
     memory_efficiency: float | None = None
-    sources: dict = field(default_factory=dict, compare=False, hash=False)
+    sources: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def validate(self, dtype: str) -> None:
         validate_int("gpus_per_node", self.gpus_per_node, minimum=1)
