@@ -21,7 +21,7 @@ by lab 12 (:mod:`labkit.context_expert.cp_grid`).
   exercise checks and the tour; ``bench``: ``python -m labkit bench capstone``; ``plots``.
 """
 from .._compat import moved_names
-from . import planner
+from . import planner, published, simulator
 from .comm import CommMeter, gather_seq, scatter_seq, vocab_parallel_cross_entropy, wire_bytes
 from .grid import GridRun, choose_n_micro, run_grid
 from .model import Config, TinyGPT, attend, build, sort_batch, sorted_accuracy, stage_layers, train_single
@@ -31,7 +31,7 @@ from .traffic import predict
 __all__ = ["CommMeter", "gather_seq", "scatter_seq", "vocab_parallel_cross_entropy", "wire_bytes", "GridRun",
            "run_grid", "choose_n_micro", "Config", "TinyGPT", "attend", "build", "sort_batch", "sorted_accuracy",
            "stage_layers", "train_single", "ParallelStage", "TPBlock", "VocabEmbedding", "assemble", "predict",
-           "planner"]
+           "planner", "simulator", "published"]
 
 # renamed in issue 30 (one release); validators are not exported (labkit.capstone.lab imports validate_grid)
 __getattr__ = moved_names(__name__, {"check_grid": "labkit.capstone.grid:validate_grid",
