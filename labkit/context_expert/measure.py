@@ -100,7 +100,21 @@ def expected_a2a_rows(routing, per_rank: int, world_size: int, rank: int, group=
 def balance_run(alpha: float, steps: int = 200, experts: int = 8, seed: int = 0) -> dict:
     """Train one MoE layer (k = 1, no capacity limit) to imitate a fixed random MLP, with ``alpha`` times Switch's
     balance loss added, in this process: ``{"tokens_per_expert", "aux", "mse"}`` on 1,024 fresh tokens after.
-    Without the balance loss the router tends to send everything to the expert that learned first."""
+    Without the balance loss the router tends to send everything to the expert that learned first.
+
+    It runs on one thread (restored after): its tensors are small, so more threads only wait for each other, and on a
+    busy machine a parallel region waits for a thread the scheduler has put aside, step after step (measured: over
+    5 minutes beside one busy process, against seconds on one thread). One thread also gives the same numbers on
+    every machine load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _balance_run(alpha, steps, experts, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _balance_run(alpha: float, steps: int, experts: int, seed: int) -> dict:
     torch.manual_seed(seed)
     moe = MoE(16, 32, experts, k=1, capacity_factor=None)
     teacher = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 16))
