@@ -41,6 +41,13 @@ def test_layouts_and_their_work():
         ring.positions(12, 4, 0, "zigzag")
 
 
+def _whole(res, cp, layout):
+    """The ranks' outputs and q, k, v gradients put back in sequence order: ``(out, [dq, dk, dv])``."""
+    idx = ring.unshard_index(S, cp, layout)
+    out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
+    return out, [torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx] for j in range(3)]
+
+
 def _ring_rank(ctx, layout, dtype=torch.float64):
     q, k, v, dout = _qkv(dtype=dtype)
     cp, r = ctx.world_size, ctx.rank
@@ -59,13 +66,12 @@ def test_ring_attention_equals_one_process(cp, layout):
     full = [t.clone().requires_grad_(True) for t in (q, k, v)]
     want = F.scaled_dot_product_attention(*full, is_causal=True)
     want.backward(dout)
-    idx = ring.unshard_index(S, cp, layout)
+    out, grads = _whole(res, cp, layout)
     for r in res:   # the bytes each rank sent, against the formula
         assert r["stats"] == ring.ring_bytes(B, H, S, D, cp, 8)
-    out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
     assert (out - want.detach()).abs().max() < 1e-12
     for j in range(3):
-        g = torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx]
+        g = grads[j]
         assert (g - full[j].grad).abs().max() < 1e-12, j
 
 
@@ -114,11 +120,10 @@ def test_float32_is_within_1e_5_of_one_process(cp):
     full = [t.clone().requires_grad_(True) for t in (q, k, v)]
     want = F.scaled_dot_product_attention(*full, is_causal=True)
     want.backward(dout)
-    idx = ring.unshard_index(S, cp, "zigzag")
-    out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
+    out, grads = _whole(res, cp, "zigzag")
     assert out.dtype == torch.float32 and (out - want.detach()).abs().max() < 1e-5
     for j in range(3):
-        g = torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx]
+        g = grads[j]
         assert (g - full[j].grad).abs().max() < 1e-5, j
     res = labkit.launch(_gpt_rank, world_size=cp, args=("zigzag", torch.float32), pool=True, echo=False, timeout=120)
     cfg = Config(layers=2, width=32, heads=4, vocab=16, seq=16)
@@ -142,13 +147,12 @@ def test_bfloat16_keeps_its_softmax_statistics_in_float32():
     want.backward(dout.double())
     one = [t.clone().requires_grad_(True) for t in (q, k, v)]            # one process's bf16 attention
     F.scaled_dot_product_attention(*one, is_causal=True).backward(dout)
-    idx = ring.unshard_index(S, 2, "zigzag")
-    out = torch.cat([r["out"] for r in res], dim=-2)[:, :, idx]
+    out, grads = _whole(res, 2, "zigzag")
     bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert out.dtype == torch.bfloat16
     assert (out.double() - want.detach()).abs().max() <= 1.5 * (bf16.double() - want.detach()).abs().max() + 1e-3
     for j in range(3):
-        g = torch.cat([r["grads"][j] for r in res], dim=-2)[:, :, idx]
+        g = grads[j]
         ours, theirs = (g.double() - exact[j].grad).abs().max(), (one[j].grad.double() - exact[j].grad).abs().max()
         assert g.dtype == torch.bfloat16 and ours <= 1.5 * theirs + 1e-3, (j, ours, theirs)
     for r in res:
