@@ -86,7 +86,7 @@ def test_configuration_check_uses_the_planner_rules():
 @pytest.mark.slow
 def test_tour_passes():
     rows = lab.tour()
-    assert len(rows) == 5 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 6 and all(r["ok"] for r in rows), rows
 
 
 def test_bench_prints_a_grid_against_one_process(capsys):

@@ -185,4 +185,14 @@ def tour(world_size: int = 2) -> list[dict]:
         ok, detail = megatron_check()
         return ok, detail
     rows.append(run_check(lab, "planner picks Megatron-LM's published (tp, pp)", planner))
+
+    def simulated():
+        from .ranking import megatron_145b
+
+        best = megatron_145b()[0]
+        L = best.layout
+        return ((L.tp, L.pp) == (8, 8) and best.feasible,
+                f"simulator's first choice without ZeRO: tp={L.tp} pp={L.pp} {L.schedule}, {best.step_seconds:.1f} s "
+                f"a step, MFU {best.result.mfu:.2f}" if best.result else "; ".join(best.reasons))
+    rows.append(run_check(lab, "the simulator's ranking picks the published (tp, pp) too", simulated))
     return rows
