@@ -64,9 +64,10 @@ class Ranked:
         L, r = self.layout, self.result
         return {"dp": L.dp, "tp": L.tp, "pp": L.pp, "cp": L.cp, "ZeRO": L.zero,
                 "schedule": L.schedule + (f"×{L.chunks}" if L.chunks > 1 else ""),
-                "m": r.n_micro if r else "", "memory GiB": self.memory_bytes / GiB,
-                "step s": r.step_seconds if r else math.nan, "MFU": r.mfu if r else math.nan,
-                "bubble": r.bubble if r else math.nan, "verdict": "ok" if self.feasible else self.reasons[0]}
+                "m": r.n_micro if r else "",
+                "memory GiB": self.memory_bytes / GiB if math.isfinite(self.memory_bytes) else "",
+                "step s": r.step_seconds if r else "", "MFU": r.mfu if r else "",
+                "bubble": r.bubble if r else "", "verdict": "ok" if self.feasible else self.reasons[0]}
 
 
 def grids(gpus: int, cp: int = 1) -> list[tuple[int, int, int]]:
