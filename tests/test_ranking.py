@@ -112,3 +112,19 @@ def test_table_and_bad_input():
         rank_layouts(SMALL, P.A100_SELENE, 8, headroom=1.0)
     with pytest.raises(ArgumentError, match="hardware constants missing"):
         rank_layouts(SMALL, replace(P.A100_SELENE, inter_beta=None), 8)
+
+
+def test_a_mixture_of_experts_ranks_expert_parallel_layouts():
+    moe = Transformer(layers=8, width=1024, heads=16, vocab=32000, seq=1024, micro_batch=1, global_batch=64,
+                      experts=8, top_k=2)
+    ranked = rank_layouts(moe, P.A100_SELENE, 16, base=BASE, zero=(0, 1), ep=(1, 2, 4, 8))
+    feasible = [r for r in ranked if r.feasible]
+    assert {r.layout.ep for r in feasible} == {1, 2, 4, 8}
+    assert all(r.layout.dp % r.layout.ep == 0 for r in ranked)
+    for r in feasible[:3]:
+        assert r.step_seconds == predict(moe, P.A100_SELENE, r.layout, 16).step_seconds
+    with pytest.raises(ArgumentError, match="ep must be"):
+        rank_layouts(moe, P.A100_SELENE, 16, ep=(0,))
+    # on a dense model ep > 1 is refused by name
+    dense = rank_layouts(SMALL, P.A100_SELENE, 4, base=BASE, ep=(1, 2))
+    assert any("ep=2 needs a mixture of experts" in s for r in dense for s in r.reasons)

@@ -262,3 +262,56 @@ def test_the_stated_settings_of_the_megatron_rows():
     # the parameter counts come out as the table's (its equation 2)
     for (model, _, _), row in zip(runs, P.MEGATRON_TABLE1):
         assert model.params / 1e9 == pytest.approx(row["params_b"], rel=0.03)
+
+
+def test_experts_and_expert_parallelism_by_hand():
+    """A mixture of experts: FLOPs of top_k experts per token, every expert stored and split over ep, two
+    all-to-alls each way per layer with an all-gather's terms, the experts' gradients reduced over dp/ep."""
+    h, f, E, k = 8, 32, 4, 2
+    moe = S.Transformer(layers=2, width=h, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8, experts=E,
+                        top_k=k)
+    dense = S.Transformer(layers=2, width=h, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8)
+    assert moe.expert_ffn_width == f and moe.active_ffn_width == k * f
+    # per layer: every expert's two matrices and biases, the router; the attention and LayerNorms as dense
+    assert moe.layer_params - dense.layer_params == E * (2 * h * f + f + h) + h * E - (2 * h * f + f + h)
+    assert moe.params - dense.params == 2 * (moe.layer_params - dense.layer_params)
+    assert moe.matmul_params - dense.matmul_params == (k - 1) * 2 * h * f + h * E
+    one = S.Transformer(layers=2, width=h, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8, experts=1)
+    assert one.matmul_params == dense.matmul_params + h  # one expert, top-1: a dense MLP and a one-column router
+    # all-to-alls: T·k·h values of 2 bytes each way, over the ep group; inside a node of 2 (TOY), across at ep = 4
+    T = 4
+    rows = T * k * h * 2
+    c = S.comm_seconds(moe, TOY, S.Layout(dp=2, ep=2))
+    assert c["ep_layer_forward"] == pytest.approx(2 * (1 * 1e-3 + rows / 2 * 1e-6))
+    assert c["ep_layer_backward"] == pytest.approx(c["ep_layer_forward"])
+    assert c["links"]["ep"] == "intra"
+    c4 = S.comm_seconds(moe, TOY, S.Layout(dp=4, ep=4, recompute="full"))
+    assert c4["links"]["ep"] == "inter"
+    assert c4["ep_layer_forward"] == pytest.approx(2 * (3 * 1e-2 + rows * 3 / 4 * 1e-5))
+    assert c4["ep_layer_backward"] == pytest.approx(2 * c4["ep_layer_forward"])
+    assert S.comm_seconds(moe, TOY, S.Layout(dp=2))["ep_layer_forward"] == 0.0
+    # storage: the experts split over ep, the rest not
+    split = S.memory_each_gpu(moe, S.Layout(dp=4, ep=4), 1)["states"]
+    whole = S.memory_each_gpu(moe, S.Layout(dp=4, ep=1), 1)["states"]
+    per_param = 16  # mixed-bf16 Adam, ZeRO 0: 2 weights, 2 gradients, 12 optimiser (fp32 master, m, v)
+    assert whole - split == pytest.approx(per_param * 2 * moe.expert_params * (1 - 1 / 4), rel=1e-9)
+    # the experts' gradients go over dp/ep = 1 GPU: nothing; the dense ones over all 4
+    grads_dense = 2 * (moe.params - 2 * moe.expert_params)
+    c = S.comm_seconds(moe, TOY, S.Layout(dp=4, ep=4))
+    assert c["dp"] == pytest.approx(2 * 1e-3 + grads_dense * 1e-6 + 2 * 1e-2 + grads_dense / 2 * 1e-5)
+    # predict carries the all-to-alls into the layers' time
+    a = S.predict(moe, TOY, S.Layout(dp=4, ep=4), 4)
+    b = S.predict(moe, TOY, S.Layout(dp=4, ep=1), 4)
+    assert a.parts["stage_forward"][0] - b.parts["stage_forward"][0] == pytest.approx(2 * c4["ep_layer_forward"])
+
+
+def test_experts_bad_input():
+    with pytest.raises(ArgumentError, match="top_k must be an int in \\[1, 4\\], got 5"):
+        S.Transformer(layers=2, width=8, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8, experts=4, top_k=5)
+    with pytest.raises(ArgumentError, match="experts must be"):
+        S.Transformer(layers=2, width=8, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8, experts=-1)
+    moe = S.Transformer(layers=2, width=8, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=8, experts=6)
+    with pytest.raises(ArgumentError, match="ep must divide experts=6 and dp=4 .* got ep=4"):
+        S.predict(moe, TOY, S.Layout(dp=4, ep=4), 4)
+    with pytest.raises(ArgumentError, match="ep=2 needs a mixture of experts"):
+        S.predict(TINY, TOY, S.Layout(dp=2, ep=2), 2)

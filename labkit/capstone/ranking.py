@@ -1,8 +1,9 @@
 """Lab 11's planner on the simulator: every layout of a model on a cluster, ranked by predicted step time (pure).
 
-:func:`rank_layouts` tries every (dp, tp, pp) whose product is the GPU count, each ZeRO stage and each pipeline
-schedule asked for, on top of a ``base`` :class:`~labkit.capstone.simulator.Layout` that fixes the rest (precision,
-recomputation, micro-batch handling, flash attention, ...). A layout is discarded, with the reason in words:
+:func:`rank_layouts` tries every (dp, tp, pp) whose product is the GPU count, each ZeRO stage, each pipeline
+schedule and each expert-parallel degree asked for, on top of a ``base`` :class:`~labkit.capstone.simulator.Layout`
+that fixes the rest (precision, recomputation, flash attention, ...). A layout is discarded, with the reason in
+words:
 
 - when a rule of the simulator refuses it (:func:`~labkit.capstone.simulator.problems`: tp larger than a node or
   not dividing the heads, more stages than layers, a global batch that does not split over dp, fewer
@@ -62,7 +63,7 @@ class Ranked:
 
     def as_row(self) -> dict:
         L, r = self.layout, self.result
-        return {"dp": L.dp, "tp": L.tp, "pp": L.pp, "cp": L.cp, "ZeRO": L.zero,
+        return {"dp": L.dp, "tp": L.tp, "pp": L.pp, "cp": L.cp, "ep": L.ep, "ZeRO": L.zero,
                 "schedule": L.schedule + (f"×{L.chunks}" if L.chunks > 1 else ""),
                 "m": r.n_micro if r else "",
                 "memory GiB": self.memory_bytes / GiB if math.isfinite(self.memory_bytes) else "",
@@ -80,22 +81,24 @@ def grids(gpus: int, cp: int = 1) -> list[tuple[int, int, int]]:
             for p in range(1, n // t + 1) if (n // t) % p == 0]
 
 
-def _candidates(gpus, base, zero, schedules, chunks):
+def _candidates(gpus, base, zero, schedules, chunks, ep):
     for dp, tp, pp in grids(gpus, base.cp):
-        for s in schedules if pp > 1 else ("1f1b",):  # one stage: no schedule to choose
-            for v in (chunks if s == "interleaved" else (1,)):
-                # ZeRO innermost: stages 0-2 play the same pipeline, which the simulator then finds in its cache
-                for z in zero if dp > 1 else (0,):  # without data parallelism the stages are all the same
-                    yield replace(base, dp=dp, tp=tp, pp=pp, zero=z, schedule=s, chunks=v)
+        for e in (e for e in ep if dp % e == 0):  # ep is carved out of dp
+            for s in schedules if pp > 1 else ("1f1b",):  # one stage: no schedule to choose
+                for v in (chunks if s == "interleaved" else (1,)):
+                    # ZeRO innermost: stages 0-2 play the same pipeline, which the simulator then finds in its cache
+                    for z in zero if dp > 1 else (0,):  # without data parallelism the stages are all the same
+                        yield replace(base, dp=dp, tp=tp, pp=pp, ep=e, zero=z, schedule=s, chunks=v)
 
 
 def rank_layouts(model: Transformer, hardware: Hardware, gpus: int, *, base: Layout = Layout(),
-                 zero=(0, 1, 2, 3), schedules=None, chunks=(2,), headroom: float = 0.1,
+                 zero=(0, 1, 2, 3), schedules=None, chunks=(2,), ep=(1,), headroom: float = 0.1,
                  even_layers: bool = True, progress=None) -> list[Ranked]:
     """Every layout of ``model`` on ``gpus`` GPUs of ``hardware`` (see the module docstring): the feasible ones
     first, fastest predicted step first, then the discarded ones (fewest reasons, then by the first). ``base``
     fixes what is not searched (its dp, tp, pp, zero, schedule and chunks are replaced); ``schedules`` defaults to
     ``(base.schedule,)``; ``chunks``: the model chunks a GPU tries under the interleaved schedule;
+    ``ep``: the expert-parallel degrees to try (those dividing dp; a mixture of experts only);
     ``even_layers``: refuse a layout whose pp·chunks does not divide the layers, as Megatron-LM does.
     ``progress``: called with (done, total) after each layout."""
     if not isinstance(model, Transformer):
@@ -114,12 +117,15 @@ def rank_layouts(model: Transformer, hardware: Hardware, gpus: int, *, base: Lay
         raise ArgumentError(f"schedules must be a non-empty selection of {SCHEDULES}, got {schedules!r}")
     chunks = tuple(validate_int("chunks", v, minimum=2, hint="model chunks a GPU under 'interleaved'")
                    for v in chunks)
+    ep = tuple(validate_int("ep", e, minimum=1, hint="expert-parallel degrees, e.g. (1, 2, 4, 8)") for e in ep)
+    if not ep:
+        raise ArgumentError("ep must name at least one degree, e.g. (1,)")
     if not chunks and "interleaved" in schedules:
         raise ArgumentError("chunks must name at least one count (e.g. (2,)) when schedules holds 'interleaved'")
     if not isinstance(even_layers, bool):
         raise ArgumentError(f"even_layers must be True or False, got {even_layers!r}")
     usable = hardware.memory_bytes * (1 - headroom)
-    todo = list(_candidates(gpus, base, zero, schedules, chunks))
+    todo = list(_candidates(gpus, base, zero, schedules, chunks, ep))
     out = []
     for i, layout in enumerate(todo):
         r = Ranked(layout, reasons=problems(model, hardware, layout, gpus))

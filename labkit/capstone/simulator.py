@@ -39,6 +39,15 @@ the last micro-batch's backward and only the rest shows). ZeRO 1 and 2 move the 
 gradients, all-gather of weights); ZeRO 3 also all-gathers each stage's weights before every forward and backward of
 every micro-batch and reduce-scatters its gradients after each, hidden behind the compute when ``overlap_dp``.
 
+**Experts** (``Transformer(experts=, top_k=)``, ``Layout(ep=)``): a token passes through ``top_k`` experts' MLPs
+and the router, so a layer's FLOPs and memory-bound bytes count top_k MLPs; every expert's weights are stored, split
+over tp and ep. The ep GPUs of a data-parallel group hold different experts: per layer and micro-batch each sends its
+T·top_k routed rows to their experts' owners and receives them back (two all-to-alls forward, two backward, two
+more with full recomputation; pairwise, n-1 messages of 1/n each: an all-gather's α-β terms), not overlapped. The
+experts' gradients are all-reduced, and their ZeRO states sharded, over the dp/ep GPUs that hold the same experts.
+Capacity limits and dropped tokens are not modelled (every routed token is computed), nor is the imbalance of a
+router (lab 12 measures it), nor the MoE MLP's activations (counted as a dense MLP's).
+
 Ranks are placed as Megatron-LM does: tp innermost, then cp, then dp, then pp (a group is inside one node when its
 ranks span at most ``gpus_per_node``); tp larger than a node is refused.
 
@@ -96,7 +105,10 @@ class Transformer:
     """A GPT-style transformer and its batch: ``micro_batch`` and ``global_batch`` count sequences of ``seq``
     tokens. ``ffn_width``: 4·width if left out. The defaults are Megatron-LM's GPT (learned position embeddings of
     ``seq``, tied output layer, multi-head attention, a two-matrix MLP); ``kv_heads`` < heads is grouped-query
-    attention, ``gated_mlp`` a three-matrix MLP (SwiGLU), ``positions=0`` rotary positions (Llama)."""
+    attention, ``gated_mlp`` a three-matrix MLP (SwiGLU), ``positions=0`` rotary positions (Llama).
+    ``experts`` > 0 makes every layer's MLP a mixture of that many experts of ``expert_ffn_width`` (``ffn_width``
+    if left out), each token routed to ``top_k`` of them by a linear router (lab 12's :class:`~labkit.context_expert.
+    MoE`, no capacity limit: every token is computed)."""
 
     layers: int
     width: int
@@ -110,6 +122,9 @@ class Transformer:
     gated_mlp: bool = False
     tied: bool = True
     positions: int | None = None
+    experts: int = 0
+    top_k: int = 1
+    expert_ffn_width: int | None = None
 
     def __post_init__(self):
         for name in ("layers", "width", "heads", "vocab", "seq", "micro_batch", "global_batch"):
@@ -130,11 +145,33 @@ class Transformer:
         for name in ("gated_mlp", "tied"):
             if not isinstance(getattr(self, name), bool):
                 raise ArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        validate_int("experts", self.experts, minimum=0, hint="0 for a dense MLP, else the experts of each layer")
+        if self.expert_ffn_width is None:
+            object.__setattr__(self, "expert_ffn_width", self.ffn_width)
+        validate_int("expert_ffn_width", self.expert_ffn_width, minimum=1, hint="one expert's inner width")
+        validate_int("top_k", self.top_k, minimum=1, maximum=max(1, self.experts),
+                     hint="experts each token goes to, at most experts")
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weights of one MLP's matrices (one expert's under ``experts``)."""
+        f = self.expert_ffn_width if self.experts else self.ffn_width
+        return (3 if self.gated_mlp else 2) * self.width * f
+
+    @property
+    def expert_params(self) -> int:
+        """One layer's parameters that live in its experts (matrices and biases): 0 for a dense model."""
+        return self.experts * (self.mlp_matrices + self.expert_ffn_width + self.width) if self.experts else 0
+
+    @property
+    def active_ffn_width(self) -> int:
+        """The inner width a token passes through: ``ffn_width``, or ``top_k`` experts' under ``experts``."""
+        return self.top_k * self.expert_ffn_width if self.experts else self.ffn_width
 
     @property
     def params(self) -> int:
         """All parameters; for Megatron's GPT, :func:`~labkit.memory_model.transformer_params`."""
-        if self.kv_heads == self.heads and not self.gated_mlp:
+        if self.kv_heads == self.heads and not self.gated_mlp and not self.experts:
             return transformer_params(self.layers, self.width, self.vocab, self.ffn_width, tied=self.tied,
                                       positions=self.positions)
         h = self.width
@@ -142,17 +179,22 @@ class Transformer:
 
     @property
     def matmul_params(self) -> int:
-        """Weights of one layer's matrix products: Q, K, V, output projection and the MLP's matrices."""
-        h, f = self.width, self.ffn_width
+        """Weights of one layer's matrix products a token passes through: Q, K, V, output projection and the MLP's
+        matrices (under ``experts``: ``top_k`` experts' and the router's h·experts)."""
+        h = self.width
         kv = self.kv_heads * (h // self.heads)
-        return h * (h + 2 * kv) + h * h + (3 if self.gated_mlp else 2) * h * f
+        mlp = self.top_k * self.mlp_matrices + h * self.experts if self.experts else self.mlp_matrices
+        return h * (h + 2 * kv) + h * h + mlp
 
     @property
     def layer_params(self) -> int:
-        """One layer's parameters: :attr:`matmul_params`, the biases and two LayerNorms (12h² + 13h for GPT)."""
+        """One layer's parameters: the attention's matrices and biases, the MLP's (every expert's and the router
+        under ``experts``) and two LayerNorms (12h² + 13h for GPT)."""
         h, f = self.width, self.ffn_width
         kv = self.kv_heads * (h // self.heads)
-        return self.matmul_params + (h + 2 * kv) + h + f + h + 4 * h
+        attention = h * (h + 2 * kv) + h * h + (h + 2 * kv) + h
+        mlp = self.expert_params + h * self.experts if self.experts else self.mlp_matrices + f + h
+        return attention + mlp + 4 * h
 
 
 @dataclass(frozen=True)
@@ -199,17 +241,20 @@ class Hardware:
 @dataclass(frozen=True)
 class Layout:
     """How the step is parallelised and run: the degrees ``dp``, ``tp``, ``pp``, ``cp`` (context parallel, ring
-    attention), the ZeRO stage ``zero`` over dp, the pipeline ``schedule`` (``gpipe``, ``1f1b``, ``interleaved``
-    with ``chunks`` model chunks a GPU, ``zb-h1``), activation ``recompute`` (``none``, ``selective``, ``full``),
-    ``overlap_dp`` (data-parallel messages hidden behind the backward), ``sp`` (sequence parallel),
-    ``scatter_gather`` (pipeline messages split over the tp GPUs' cards), ``blocking_p2p`` (a stage waits for
-    its sends, as Megatron-LM 2021 does, instead of sending in the background), ``flash`` (fused attention),
-    ``precision`` (memory, :data:`labkit.memory_model.PRECISIONS`) and ``dtype`` (which peak to use)."""
+    attention), ``ep`` (expert parallel: the experts split over ep ranks of each data-parallel group, as
+    Megatron-Core and DeepSpeed-MoE carve it out of dp; it adds no GPUs), the ZeRO stage ``zero`` over dp, the
+    pipeline ``schedule`` (``gpipe``, ``1f1b``, ``interleaved`` with ``chunks`` model chunks a GPU, ``zb-h1``),
+    activation ``recompute`` (``none``, ``selective``, ``full``), ``overlap_dp`` (data-parallel messages hidden
+    behind the backward), ``sp`` (sequence parallel), ``scatter_gather`` (pipeline messages split over the tp GPUs'
+    cards), ``blocking_p2p`` (a stage waits for its sends, as Megatron-LM 2021 does, instead of sending in the
+    background), ``flash`` (fused attention), ``precision`` (memory, :data:`labkit.memory_model.PRECISIONS`) and
+    ``dtype`` (which peak to use)."""
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    ep: int = 1
     zero: int = 0
     schedule: str = "1f1b"
     chunks: int = 1
@@ -223,7 +268,7 @@ class Layout:
     dtype: str = "bf16"
 
     def __post_init__(self):
-        for name in ("dp", "tp", "pp", "cp", "chunks"):
+        for name in ("dp", "tp", "pp", "cp", "ep", "chunks"):
             validate_int(name, getattr(self, name), minimum=1)
         validate_int("zero", self.zero, minimum=0, maximum=3, hint="a ZeRO stage: 0 (none), 1, 2 or 3")
         validate_choice("schedule", self.schedule, SCHEDULES)
@@ -294,7 +339,7 @@ def layer_work(model: Transformer, layout: Layout) -> dict:
     causal kernel, ``flash``, skips the masked half), ``memory_bytes`` (of the memory-bound kernels;
     ``attention_bytes`` of them belong to the s×s scores), and the output layer's ``logits_flops`` and
     ``logits_bytes`` (last stage). See the module docstring for each term."""
-    b, s, h, f, a, V = model.micro_batch, model.seq, model.width, model.ffn_width, model.heads, model.vocab
+    b, s, h, f, a, V = model.micro_batch, model.seq, model.width, model.active_ffn_width, model.heads, model.vocab
     t, c = layout.tp, layout.cp
     T = b * s / c
     gemm = 2 * T * model.matmul_params / t
@@ -361,7 +406,8 @@ def _all_reduce(nbytes: float, stride: int, size: int, hw: Hardware) -> float:
 def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict:
     """Seconds of each group's messages: ``tp_layer_forward``/``tp_layer_backward`` (per layer and micro-batch),
     ``cp_layer_forward``/``cp_layer_backward`` (ring attention, per layer and micro-batch), ``p2p`` (one pipeline
-    message), ``dp`` (the gradients' all-reduce, per step), ``zero3_layer_forward``/``zero3_layer_backward``
+    message), ``ep_layer_forward``/``ep_layer_backward`` (the experts' dispatch and combine all-to-alls, per layer
+    and micro-batch), ``dp`` (the gradients' all-reduce, per step), ``zero3_layer_forward``/``zero3_layer_backward``
     (ZeRO-3, per layer and micro-batch: the weights' all-gather before the forward; before the backward another,
     a third for the recomputed forward, and the gradients' reduce-scatter) and ``links``: which link each group
     uses."""
@@ -398,34 +444,60 @@ def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict
     else:
         out["p2p"] = predict_time("p2p", act, 2, pa, pb)
     links["pp"] = "intra" if pp_inside else "inter"
-    # data parallel: the first stage's gradients (it also holds the embedding), hierarchical across nodes
-    grads = _busiest_params(model, L) * bytes_per_parameter(L.precision)["grads"]
-    out["dp"] = _all_reduce(grads, L.tp * L.cp, L.dp, hw)
+    # expert parallel: each GPU sends its T·top_k routed rows (T/t of them under sequence parallelism) to the
+    # experts' owners and gets them back, an all-to-all each way: n-1 messages of 1/n each, an all-gather's terms
+    out["ep_layer_forward"] = out["ep_layer_backward"] = 0.0
+    if L.ep > 1:
+        ep_inside = _in_one_node(L.tp * L.cp, L.ep, node)
+        ea, eb = (hw.intra_alpha, hw.intra_beta) if ep_inside else (hw.inter_alpha, hw.inter_beta)
+        rows = act * model.top_k / (L.tp if L.sp else 1)
+        out["ep_layer_forward"] = 2 * predict_time("all_gather", rows, L.ep, ea, eb)
+        out["ep_layer_backward"] = (2 if L.recompute == "full" else 1) * out["ep_layer_forward"]
+        links["ep"] = "intra" if ep_inside else "inter"
+    # data parallel: the first stage's gradients (it also holds the embedding), hierarchical across nodes; the
+    # experts' over the dp/ep GPUs that hold the same experts
+    grad_bytes = bytes_per_parameter(L.precision)["grads"]
+    dense, expert = _busiest_split(model, L)
+    out["dp"] = _all_reduce(dense * grad_bytes, L.tp * L.cp, L.dp, hw)
+    if expert:
+        out["dp"] += _all_reduce(expert * grad_bytes, L.tp * L.cp * L.ep, L.dp // L.ep, hw)
     links["dp"] = "intra" if _in_one_node(L.tp * L.cp, L.dp, node) else "inter"
     per = 0.0
     if L.zero == 3 and L.dp > 1:  # an all-gather or a reduce-scatter of one layer's weights: half an all-reduce
-        per = _all_reduce(model.layer_params / L.tp * bpv, L.tp * L.cp, L.dp, hw) / 2
+        per = _all_reduce((model.layer_params - model.expert_params) / L.tp * bpv, L.tp * L.cp, L.dp, hw) / 2
+        if model.experts:
+            per += _all_reduce(model.expert_params / (L.tp * L.ep) * bpv, L.tp * L.cp * L.ep, L.dp // L.ep, hw) / 2
     out["zero3_layer_forward"] = per
     out["zero3_layer_backward"] = (3 if L.recompute == "full" else 2) * per
     out["links"] = links
     return out
 
 
-def _stage_params(model: Transformer, layout: Layout, stage: int) -> float:
-    """Parameters one GPU of pipeline ``stage`` holds: its layers / tp (LayerNorms counted as split too), plus the
-    embeddings on the first, the final LayerNorm and (pp > 1) the tied output layer's copy on the last, as
-    Megatron-LM places them. With tp = pp = 1 it is :func:`~labkit.memory_model.transformer_params`."""
-    per = model.layers / layout.pp * model.layer_params / layout.tp  # an average stage
+def _stage_split(model: Transformer, layout: Layout, stage: int) -> tuple[float, float]:
+    """Parameters one GPU of pipeline ``stage`` holds, ``(dense, expert)``: its layers / tp (LayerNorms counted as
+    split too; the experts also / ep), plus the embeddings on the first, the final LayerNorm and (pp > 1) the tied
+    output layer's copy on the last, as Megatron-LM places them. With tp = pp = 1 and no experts, dense is
+    :func:`~labkit.memory_model.transformer_params`."""
+    layers = model.layers / layout.pp  # an average stage
+    per = layers * (model.layer_params - model.expert_params) / layout.tp
     emb = (model.vocab * model.width) / layout.tp
     if stage == 0:
         per += emb + model.positions * model.width
     if stage == layout.pp - 1:
         per += 2 * model.width + (emb if layout.pp > 1 or not model.tied else 0)  # final LayerNorm, output layer
-    return per
+    return per, layers * model.expert_params / (layout.tp * layout.ep)
+
+
+def _stage_params(model: Transformer, layout: Layout, stage: int) -> float:
+    return sum(_stage_split(model, layout, stage))
+
+
+def _busiest_split(model: Transformer, layout: Layout) -> tuple[float, float]:
+    return max(_stage_split(model, layout, 0), _stage_split(model, layout, layout.pp - 1), key=sum)
 
 
 def _busiest_params(model: Transformer, layout: Layout) -> float:
-    return max(_stage_params(model, layout, 0), _stage_params(model, layout, layout.pp - 1))
+    return sum(_busiest_split(model, layout))
 
 
 def simulated_micro(n_stages: int, n_micro: int) -> int:
@@ -479,8 +551,10 @@ def memory_each_gpu(model: Transformer, layout: Layout, in_flight: int) -> dict:
     (:func:`~labkit.memory_model.transformer_activations` of one chunk's layers times ``in_flight`` micro-batch
     chunks), ``working`` (one layer rebuilt for its backward under full recomputation) and ``total``."""
     L = layout
-    params = max(1, round(_stage_params(model, L, 0)))
-    states = zero_bytes_each_rank(params, L.dp, L.zero, L.precision)["total"]
+    dense, expert = _stage_split(model, L, 0)
+    states = zero_bytes_each_rank(max(1, round(dense)), L.dp, L.zero, L.precision)["total"]
+    if expert:  # the experts' states shard over the dp/ep GPUs that hold the same experts
+        states += zero_bytes_each_rank(round(expert), L.dp // L.ep, L.zero, L.precision)["total"]
     bpv = 4 if L.precision == "fp32" else 2
     seq = max(1, model.seq // L.cp)
     per_chunk = max(chunk_layers(model.layers, L.pp * L.chunks))
@@ -527,6 +601,11 @@ def problems(model: Transformer, hardware: Hardware, layout: Layout, world_size:
         why.append(f"tp must divide heads={M.heads} and ffn_width={M.ffn_width}, got tp={L.tp}")
     if M.seq % L.cp:
         why.append(f"cp must divide seq={M.seq}, got cp={L.cp}")
+    if L.ep > 1 and not M.experts:
+        why.append(f"ep={L.ep} needs a mixture of experts; pass Transformer(experts=...) or ep=1")
+    elif L.ep > 1 and (M.experts % L.ep or L.dp % L.ep):
+        why.append(f"ep must divide experts={M.experts} and dp={L.dp} (the experts are split over ep GPUs of each "
+                   f"data-parallel group), got ep={L.ep}")
     if M.layers < L.pp * L.chunks:
         why.append(f"pp·chunks must be <= layers={M.layers}, got pp={L.pp} × chunks={L.chunks}; every "
                    "model chunk needs a layer")
@@ -573,8 +652,8 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     cp_f = max(0.0, c["cp_layer_forward"] - attn_fwd)  # ring attention overlaps its products
     cp_b = max(0.0, c["cp_layer_backward"] - 2 * attn_fwd)
     zf, zb = c["zero3_layer_forward"], c["zero3_layer_backward"]
-    lf = k["layer_forward"] + c["tp_layer_forward"] + cp_f
-    lb = k["layer_backward"] + c["tp_layer_backward"] + cp_b
+    lf = k["layer_forward"] + c["tp_layer_forward"] + cp_f + c["ep_layer_forward"]
+    lb = k["layer_backward"] + c["tp_layer_backward"] + cp_b + c["ep_layer_backward"]
     if zf:  # prefetched behind the compute with overlap_dp, else in line
         lf, lb = (max(lf, zf), max(lb, zb)) if L.overlap_dp else (lf + zf, lb + zb)
     fw, bw = [n * lf for n in counts], [n * lb for n in counts]
@@ -589,8 +668,9 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     dp_exposed = max(0.0, c["dp"] - bw[0]) if L.overlap_dp else c["dp"]
     if L.zero == 3:
         dp_exposed = 0.0  # its messages are counted per micro-batch above
-    shard = L.dp if L.zero >= 1 else 1
-    opt = _busiest_params(M, L) / shard * ADAM_UPDATE_BYTES / (hw.hbm_bytes_per_s * hw.memory_efficiency)
+    dense, expert = _busiest_split(M, L)
+    shard = (L.dp, L.dp // L.ep) if L.zero >= 1 else (1, 1)
+    opt = (dense / shard[0] + expert / shard[1]) * ADAM_UPDATE_BYTES / (hw.hbm_bytes_per_s * hw.memory_efficiency)
     step = pipe["makespan"] + dp_exposed + opt
     mem = memory_each_gpu(M, L, in_flight(L.schedule, L.pp, m, L.chunks))
     tokens = M.global_batch * M.seq
