@@ -70,6 +70,13 @@ def test_pipeline_inputs_by_hand():
         cal.pipeline_inputs(cal.PipelineCase(3, 4, 100, 4, 40), 1e9, 1e-4, 1e-9)
 
 
+def test_collective_alpha_is_the_ring_model_inverted(monkeypatch):
+    import labkit
+    monkeypatch.setattr(labkit, "launch", lambda fn, world_size, kwargs: [1.2e-3] + [None] * (world_size - 1))
+    got = cal.measure_collective_alpha((2, 4))
+    assert got[2] == pytest.approx(1.2e-3 / 2) and got[4] == pytest.approx(1.2e-3 / 6)  # 2(n-1) steps
+
+
 def test_grid_shapes_need_the_one_process_row():
     m = cal.Machine(flops=1e10, flops32=1e10, copy_bytes_per_s=1e10, alpha=1e-4, beta=1e-9, cores=2)
     with pytest.raises(ArgumentError, match="1, 1, 1"):
@@ -79,11 +86,11 @@ def test_grid_shapes_need_the_one_process_row():
 def test_a_tiny_measured_comparison_gives_finite_positive_numbers():
     m = cal.Machine(flops=cal.measure_matmul_rate(repeats=5, inner_loops=5), flops32=cal.measure_matmul_rate(
         64, 64, 64, torch.float32, repeats=5, inner_loops=5), copy_bytes_per_s=cal.measure_copy_rate(1 << 20, 3),
-        alpha=2e-4, beta=3e-10, cores=2)
+        alpha=2e-4, beta=3e-10, cores=2, collective_alpha={2: 4e-4})
     out = cal.compare(m, grid_shapes=[(1, 1, 1), (2, 1, 1)], rounds=1, steps=1,
                       pipeline_cases=(cal.PipelineCase(2, 2, width=32, layers=2, rows=16),))
-    assert len(out["rows"]) == 3
-    for r in out["rows"]:
+    assert len(out["rows"]) == len(out["rows_collective_alpha"]) == 3
+    for r in out["rows"] + out["rows_collective_alpha"]:
         for k in ("predicted s", "measured s", "ratio"):
             assert math.isfinite(r[k]) and r[k] > 0, r
     assert "ratio" in cal.format_rows(out["rows"])

@@ -14,6 +14,14 @@
   less the simulator's prediction without it, over the layer passes (forward 1, backward 2, per micro-batch).
   That one row is the only one used to fit anything.
 
+**A second alpha.** A gloo all-reduce costs more than the ring model at the ping-pong's alpha, and far more when
+more ranks than cores share the machine (a message waits for its peer to be scheduled):
+:func:`measure_collective_alpha` times a small all-reduce at 2, 4 and 8 ranks and inverts the ring model
+(2(n-1) steps). :func:`compare` predicts every row twice, with the ping-pong's alpha and with the all-reduce's at
+the run's world size, from the same measured times.
+
+It is long because it holds the three measurements, both mappings and the interleaved comparison together.
+
 **Shared cores.** The simulator assumes each rank owns its device; here ``world_size`` ranks share ``cores``
 cores, so :func:`for_world_size` divides the rate, and multiplies the overhead, by ``max(1, world_size / cores)``:
 each rank gets about cores / world_size of a core. Messages are left at the ping-pong's α and β (measured with
@@ -41,7 +49,7 @@ from .model import Config
 from .simulator import Hardware, Layout, Transformer, pipeline_makespan, predict
 
 __all__ = ["Machine", "measure_matmul_rate", "measure_copy_rate", "pingpong_seconds_rank",
-           "measure_alpha_beta", "measure_machine",
+           "measure_alpha_beta", "allreduce_seconds_rank", "measure_collective_alpha", "measure_machine",
            "cpu_hardware", "for_world_size", "grid_inputs", "predict_grid", "fit_layer_overhead", "PipelineCase",
            "pipeline_inputs", "predict_pipeline", "GRID_SHAPES", "PIPELINE_CASES", "compare", "format_rows"]
 
@@ -53,7 +61,8 @@ GRID_SHAPES = ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (1, 2, 2),
 class Machine:
     """What :func:`measure_machine` measured: ``flops`` (FLOP/s, one thread, float64 at the layer's shape),
     ``flops32`` (the same in float32 at the pipeline MLP's shape), ``copy_bytes_per_s``, the ping-pong's
-    ``alpha`` (s) and ``beta`` (s/byte), ``cores``, and ``rows`` (the ping-pong's timed rows)."""
+    ``alpha`` (s) and ``beta`` (s/byte), ``cores``, ``rows`` (the ping-pong's timed rows) and optionally
+    ``collective_alpha``: per world size, the alpha a small gloo all-reduce shows (compare's second table)."""
 
     flops: float
     flops32: float
@@ -62,6 +71,8 @@ class Machine:
     beta: float
     cores: int
     rows: tuple = ()
+    #: optional ``{world_size: alpha}`` from a small all-reduce on that many ranks (:func:`measure_collective_alpha`)
+    collective_alpha: dict | None = None
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -148,6 +159,38 @@ def measure_alpha_beta(sizes=(8, 1 << 12, 1 << 16, 1 << 18, 1 << 20), repeats: i
     return alpha, beta, tuple(rows)
 
 
+def allreduce_seconds_rank(ctx, nbytes: int = 4096, repeats: int = 40) -> float | None:
+    """The median seconds of a small gloo all-reduce of ``nbytes`` over all ranks (after a barrier, the slowest
+    rank's time); rank 0 returns it."""
+    import torch.distributed as dist
+
+    x = torch.zeros(max(1, nbytes // 8), dtype=torch.float64)
+    times = []
+    for i in range(repeats + 5):
+        dist.barrier()
+        t0 = now(ctx.device)
+        dist.all_reduce(x)
+        if i >= 5:
+            times.append(now(ctx.device) - t0)
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return statistics.median(t.tolist()) if ctx.rank == 0 else None
+
+
+def measure_collective_alpha(world_sizes=(2, 4, 8), nbytes: int = 4096, repeats: int = 40) -> dict:
+    """``{world_size: alpha}``: the alpha that makes the ring all-reduce model (2(n-1) steps) give the measured
+    time of a small all-reduce over ``world_size`` ranks sharing this machine's cores
+    (:func:`allreduce_seconds_rank`); the bytes' share (β) is left out, a few KB at most."""
+    import labkit
+
+    out = {}
+    for w in world_sizes:
+        t = next(r for r in labkit.launch(allreduce_seconds_rank, world_size=w,
+                                          kwargs=dict(nbytes=nbytes, repeats=repeats)) if r is not None)
+        out[w] = t / (2 * (w - 1))
+    return out
+
+
 def measure_machine(cores: int | None = None, repeats: int = 15) -> Machine:
     """Measure this machine (see the module docstring); ``cores``: those the ranks share (default: all)."""
     import os
@@ -158,7 +201,7 @@ def measure_machine(cores: int | None = None, repeats: int = 15) -> Machine:
     return Machine(flops=measure_matmul_rate(tokens, cfg.width, 4 * cfg.width),
                    flops32=measure_matmul_rate(64, 256, 256, torch.float32),
                    copy_bytes_per_s=measure_copy_rate(), alpha=alpha, beta=beta,
-                   cores=cores or os.cpu_count() or 1, rows=rows)
+                   cores=cores or os.cpu_count() or 1, rows=rows, collective_alpha=measure_collective_alpha())
 
 
 def cpu_hardware(flops: float, alpha: float, beta: float, copy_bytes_per_s: float, layer_overhead: float = 0.0,
@@ -312,13 +355,20 @@ def compare(machine: Machine | None = None, grid_shapes=GRID_SHAPES, pipeline_ca
             times[(kind, what)].append(_measure_grid(what, steps) if kind == "grid" else _measure_pipeline(what, steps))
     med = {r: statistics.median(t) for r, t in times.items()}
     hw = cpu_hardware(machine.flops, machine.alpha, machine.beta, machine.copy_bytes_per_s)
-    rows = []
+    coll = machine.collective_alpha or {}
+
+    def alpha_for(world):  # the all-reduce's alpha at this world size (the nearest measured), else the ping-pong's
+        return coll[min(coll, key=lambda w: abs(w - world))] if coll else machine.alpha
+
+    rows, rows_coll = [], []
     if grid_shapes:
         hw = replace(hw, layer_overhead=fit_layer_overhead(hw, med[("grid", (1, 1, 1))], machine.cores))
         for s in grid_shapes:
-            p = predict_grid(hw, *s, cores=machine.cores)
-            rows.append(_row(f"grid dp×pp×tp {s[0]}×{s[1]}×{s[2]}" + (" (fit)" if s == (1, 1, 1) else ""), p,
-                             med[("grid", s)]))
+            label = f"grid dp×pp×tp {s[0]}×{s[1]}×{s[2]}" + (" (fit)" if s == (1, 1, 1) else "")
+            rows.append(_row(label, predict_grid(hw, *s, cores=machine.cores), med[("grid", s)]))
+            a = alpha_for(s[0] * s[1] * s[2])
+            hw_c = replace(hw, intra_alpha=a, inter_alpha=a)
+            rows_coll.append(_row(label, predict_grid(hw_c, *s, cores=machine.cores), med[("grid", s)]))
     if pipeline_cases:
         if overhead_32 is None:
             c = one_stage
@@ -327,8 +377,10 @@ def compare(machine: Machine | None = None, grid_shapes=GRID_SHAPES, pipeline_ca
         for c in pipeline_cases:
             p = predict_pipeline(c, machine.flops32, machine.alpha, machine.beta, overhead_32, machine.cores)
             rows.append(_row(c.label, p, med[("pipe", c)]))
-    return {"rows": rows, "hardware": hw, "machine": machine, "pipeline_overhead": overhead_32,
-            "samples": {str(k): v for k, v in times.items()}}
+            p = predict_pipeline(c, machine.flops32, alpha_for(c.n_stages), machine.beta, overhead_32, machine.cores)
+            rows_coll.append(_row(c.label, p, med[("pipe", c)]))
+    return {"rows": rows, "rows_collective_alpha": rows_coll if coll else [], "hardware": hw, "machine": machine,
+            "pipeline_overhead": overhead_32, "samples": {str(k): v for k, v in times.items()}}
 
 
 def _row(config, predicted, measured):
@@ -353,4 +405,9 @@ if __name__ == "__main__":  # python -m labkit.capstone.calibrate
           f"GFLOP/s (fp32, 64×256·256×256), copy {m.copy_bytes_per_s / 1e9:.2f} GB/s, alpha {m.alpha * 1e6:.0f} µs, "
           f"beta {m.beta * 1e9:.3f} ns/B ({1 / max(m.beta, 1e-300) / 1e9:.2f} GB/s), cores {m.cores}; layer_overhead "
           f"grid {out['hardware'].layer_overhead * 1e6:.0f} µs, pipeline {out['pipeline_overhead'] * 1e6:.0f} µs")
+    print("alpha from the ping-pong:")
     print(format_rows(out["rows"]))
+    if out["rows_collective_alpha"]:
+        print("alpha from a small all-reduce at each world size "
+              + ", ".join(f"{w}: {a * 1e6:.0f} µs" for w, a in m.collective_alpha.items()) + ":")
+        print(format_rows(out["rows_collective_alpha"]))
