@@ -1,6 +1,7 @@
 """labkit.capstone.calibrate: the simulator's inputs for this machine's runs (arithmetic), and one tiny measured
 comparison that asserts nothing about accuracy (a loaded machine must not fail it)."""
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -89,8 +90,66 @@ def test_a_tiny_measured_comparison_gives_finite_positive_numbers():
         alpha=2e-4, beta=3e-10, cores=2, collective_alpha={2: 4e-4})
     out = cal.compare(m, grid_shapes=[(1, 1, 1), (2, 1, 1)], rounds=1, steps=1,
                       pipeline_cases=(cal.PipelineCase(2, 2, width=32, layers=2, rows=16),))
-    assert len(out["rows"]) == len(out["rows_collective_alpha"]) == 3
+    # the grid's two rows, the pipeline's case and its one-stage fit run
+    assert len(out["rows"]) == len(out["rows_collective_alpha"]) == 4
+    assert [r["fit"] for r in out["rows"]] == [True, False, False, True]
     for r in out["rows"] + out["rows_collective_alpha"]:
         for k in ("predicted s", "measured s", "ratio"):
             assert math.isfinite(r[k]) and r[k] > 0, r
     assert "ratio" in cal.format_rows(out["rows"])
+
+
+def test_pipeline_overhead_fitted_on_a_one_stage_run():
+    case = cal.PipelineCase(1, 8, width=64, layers=4, rows=64)
+    base = cal.predict_pipeline(case, 1e9, 0.0, 0.0)
+    assert base == pytest.approx(3 * 4 * 8 * (2 * 8 * 64 ** 2 / 1e9))  # 8 micro-batches of 8 rows, no messages
+    assert cal.fit_pipeline_overhead(case, 1e9, base + 3 * 4 * 8 * 2e-4) == pytest.approx(2e-4)
+    assert cal.fit_pipeline_overhead(case, 1e9, base / 2) == 0.0
+    with pytest.raises(ArgumentError, match="one-stage"):
+        cal.fit_pipeline_overhead(cal.PipelineCase(2, 8), 1e9, 0.1)
+
+
+FAKE = cal.Machine(flops=3e10, flops32=8e10, copy_bytes_per_s=1.5e10, alpha=3e-4, beta=7e-10, cores=2,
+                   collective_alpha={2: 3e-4, 4: 1e-3, 8: 2.5e-3})
+
+
+def fake_measurements(monkeypatch, grid_overhead=1.5e-3, pipe_overhead=4e-4, slow=(2, 2, 2)):
+    """Measured times made by the simulator itself at known overheads (ping-pong alpha), ``slow`` twice that."""
+    true = cal.cpu_hardware(FAKE.flops, FAKE.alpha, FAKE.beta, FAKE.copy_bytes_per_s, layer_overhead=grid_overhead)
+    monkeypatch.setattr(cal, "_measure_grid", lambda s, steps: cal.predict_grid(true, *s, cores=FAKE.cores)
+                        * (2 if s == slow else 1))
+    monkeypatch.setattr(cal, "_measure_pipeline", lambda c, steps: cal.predict_pipeline(
+        c, FAKE.flops32, FAKE.alpha, FAKE.beta, pipe_overhead, FAKE.cores))
+
+
+def test_compare_recovers_known_overheads_and_counts_the_rows(monkeypatch):
+    fake_measurements(monkeypatch)
+    lines = []
+    out = cal.compare(FAKE, rounds=2, steps=1, log=lines.append)
+    assert [re.sub(r"in \d+ s", "in T s", line) for line in lines] == [  # one progress line a round
+        "round 1/2: 13 runs of 1 step(s) in T s", "round 2/2: 13 runs of 1 step(s) in T s"]
+    assert out["hardware"].layer_overhead == pytest.approx(1.5e-3)
+    assert out["pipeline_overhead"] == pytest.approx(4e-4)
+    rows = {r["config"]: r for r in out["rows"]}
+    assert rows["grid dp×pp×tp 1×1×1 (fit)"]["fit"] and rows["pipeline 1f1b p=1 m=8 (8×256) (fit)"]["fit"]
+    assert rows["grid dp×pp×tp 2×2×2"]["ratio"] == pytest.approx(0.5)
+    assert all(r["ratio"] == pytest.approx(1) for k, r in rows.items() if k != "grid dp×pp×tp 2×2×2")
+    assert cal.count_within(out["rows"]) == (10, 11)  # 8 grids + 4 pipelines + 1 fit run, less the 2 fit rows
+    text = cal.format_rows(out["rows"])
+    assert "10 of 11 configurations within ±25%" in text
+    assert "2×2×2" in text and text.count("  fit") == 2 and text.count("  no") == 1
+    # the second table: the same measured times; a larger alpha where more ranks than cores share the machine
+    coll = {r["config"]: r for r in out["rows_collective_alpha"]}
+    assert all(coll[k]["measured s"] == rows[k]["measured s"] for k in rows)
+    assert coll["grid dp×pp×tp 2×1×1"]["predicted s"] == pytest.approx(rows["grid dp×pp×tp 2×1×1"]["predicted s"])
+    assert coll["grid dp×pp×tp 1×2×2"]["predicted s"] > rows["grid dp×pp×tp 1×2×2"]["predicted s"]
+    described = cal.describe(out)
+    assert "alpha from lab 01's ping-pong" in described and "alpha from a small all-reduce" in described
+    assert "grid 1500 µs, pipeline 400 µs" in described
+
+
+def test_compare_without_a_collective_alpha_prints_one_table(monkeypatch):
+    fake_measurements(monkeypatch, slow=None)
+    out = cal.compare(replace(FAKE, collective_alpha=None), rounds=1, steps=1)
+    assert out["rows_collective_alpha"] == [] and cal.count_within(out["rows"]) == (11, 11)
+    assert "all-reduce" not in cal.describe(out)
