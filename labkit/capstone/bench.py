@@ -7,10 +7,12 @@ It prints three parts, in this order (``--part`` picks some; each part's running
    trends, predicted beside the paper. Arithmetic only, a few seconds (pipelines of up to 64 micro-batches are
    played step by step).
 2. ``measured``: the same simulator calibrated on this machine (:mod:`labkit.capstone.calibrate`: lab 01's
-   ping-pong, a matmul and a copy rate, one layer overhead fitted on a one-process run) against lab 11's
+   ping-pong, a matmul and a copy rate, a layer overhead fitted on one-process runs) against lab 11's
    ``run_grid`` and lab 04's ``run_pipeline`` measured here, interleaved over ``--rounds``, printed side by side
    with the count of configurations within ±25%, once with the ping-pong's alpha and once with a small
-   all-reduce's. A few minutes (``--quick``: about one).
+   all-reduce's. About 3 minutes on the loaded 2-core machine, most of it the first round, which starts the
+   pooled ranks of every world size; ``--quick`` runs that round alone (about 2.5 minutes), so its times come
+   from freshly started processes and scatter more: a smoke test, not a figure to quote.
 3. ``grids``: the grids' time, bytes per group and bubble, below (alone when ``--grid``, ``--all`` or ``--sp``
    is given without ``--part``).
 
@@ -84,7 +86,8 @@ def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m labkit bench capstone", description=__doc__.split("\n\n")[0],
                                  epilog="parts: published (the simulator against the papers, arithmetic, a few "
                                         "seconds), measured (the simulator calibrated here against lab 11's grids "
-                                        "and lab 04's pipelines run here, a few minutes; --quick about one), grids "
+                                        "and lab 04's pipelines run here, about 3 minutes; --quick 2.5, a smoke "
+                                        "test), grids "
                                         "(the grids' time, bytes and bubble against one process, about a minute)")
     ap.add_argument("--part", type=_parts, default=None, metavar="PART[,PART]",
                     help=f"which parts to run, comma-separated, of {', '.join(PARTS)} (always in that order; "
