@@ -95,8 +95,9 @@ def test_bench_prints_a_grid_against_one_process(capsys):
     assert "one process, one thread" in out and "1×1×2" in out and "2×1×1" in out
     assert " NO " not in out and out.count("yes") == 2  # measured bytes equal the formulas
     assert "round 1/1 done" in out and "[grids: " in out and "published" not in out and "measured" not in out
-    with pytest.raises(SystemExit, match="DPxPPxTP"):
-        bench.main(["--part", "grids", "--grid", "2by2"])
+    with pytest.raises(SystemExit, match="DPxPPxTP"):  # refused before the published part runs
+        bench.main(["--part", "published,grids", "--grid", "2by2"])
+    assert "published" not in capsys.readouterr().out
 
 
 def test_bench_parser_parts_quick_and_bad_input(capsys):
@@ -107,6 +108,7 @@ def test_bench_parser_parts_quick_and_bad_input(capsys):
     assert (bench.parse(["--quick", "--rounds", "2"]).rounds, bench.parse(["--steps", "5"]).steps) == (2, 5)
     # the grids' own options (gpu_check.sh, the notebook's --all) run the grids alone unless --part says otherwise
     assert bench.parse(["--grid", "2x2x2"]).part == bench.parse(["--all"]).part == ("grids",)
+    assert bench.parse(["--grid", "2x2x2", "--grid", "1×1×2"]).grid == [(2, 2, 2), (1, 1, 2)]
     assert bench.parse(["--all", "--part", "published,grids"]).part == ("published", "grids")
     for argv, said in ((["--part", "published,simulator"], "'simulator' is not a part"),
                        (["--part", ","], "no part named"), (["--rounds", "0"], "--rounds 0"),

@@ -109,6 +109,7 @@ def parse(argv):
     for name in ("steps", "rounds"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)}: pass a whole number >= 1")
+    args.grid = [_grid(g) for g in args.grid]  # refused here, before a part runs
     if args.part is None:  # the grids' own options keep meaning what they meant before the simulator's parts
         args.part = ("grids",) if (args.grid or args.all or args.sp) else PARTS
     args.steps = args.steps or (2 if args.quick else 3)
@@ -177,7 +178,7 @@ def measured_part(args) -> None:
 
 def grids_part(args) -> None:
     """The grids' time, bytes per group and bubble against one process."""
-    grids = [_grid(g) for g in args.grid] or (all_grids() if args.all else list(QUICK))
+    grids = args.grid or (all_grids() if args.all else list(QUICK))
     print(f"3. grids: {len(grids)} grids, {args.steps} steps, {args.rounds} interleaved rounds, float64, "
           f"batch {args.batch}{', sequence parallel' if args.sp else ''}", flush=True)
     res = measure(grids, args.sp, args.steps, args.rounds, args.batch, args.timeout, log=_progress)

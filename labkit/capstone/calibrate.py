@@ -466,7 +466,7 @@ def describe(out: dict) -> str:
     if out["rows_collective_alpha"]:
         parts += ["\nB. the same measured times, alpha from a small all-reduce at the run's world size ("
                   + ", ".join(f"{w} ranks: {a * 1e6:.0f} µs" for w, a in m.collective_alpha.items())
-                  + "; the wait for a descheduled peer when more ranks than cores share the machine):",
+                  + "):\n   it sees the wait for a descheduled peer when more ranks than cores share the machine",
                   format_rows(out["rows_collective_alpha"])]
     return "\n".join(parts)
 
