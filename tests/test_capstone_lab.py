@@ -90,9 +90,60 @@ def test_tour_passes():
 
 
 def test_bench_prints_a_grid_against_one_process(capsys):
-    assert bench.main(["--grid", "1x1x2", "--grid", "2x1x1", "--steps", "1", "--rounds", "1"]) == 0
+    assert bench.main(["--part", "grids", "--grid", "1x1x2", "--grid", "2x1x1", "--steps", "1", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "one process, one thread" in out and "1×1×2" in out and "2×1×1" in out
     assert " NO " not in out and out.count("yes") == 2  # measured bytes equal the formulas
-    with pytest.raises(SystemExit, match="DPxPPxTP"):
-        bench.main(["--grid", "2by2"])
+    assert "round 1/1 done" in out and "[grids: " in out and "published" not in out and "measured" not in out
+    with pytest.raises(SystemExit, match="DPxPPxTP"):  # refused before the published part runs
+        bench.main(["--part", "published,grids", "--grid", "2by2"])
+    assert "published" not in capsys.readouterr().out
+
+
+def test_bench_parser_parts_quick_and_bad_input(capsys):
+    args = bench.parse([])
+    assert args.part == ("published", "measured", "grids") and (args.rounds, args.steps) == (3, 3)
+    args = bench.parse(["--quick", "--part", "measured, published"])
+    assert args.part == ("measured", "published") and (args.rounds, args.steps) == (1, 2)
+    assert (bench.parse(["--quick", "--rounds", "2"]).rounds, bench.parse(["--steps", "5"]).steps) == (2, 5)
+    # the grids' own options (gpu_check.sh, the notebook's --all) run the grids alone unless --part says otherwise
+    assert bench.parse(["--grid", "2x2x2"]).part == bench.parse(["--all"]).part == ("grids",)
+    assert bench.parse(["--grid", "2x2x2", "--grid", "1×1×2"]).grid == [(2, 2, 2), (1, 1, 2)]
+    assert bench.parse(["--all", "--part", "published,grids"]).part == ("published", "grids")
+    for argv, said in ((["--part", "published,simulator"], "'simulator' is not a part"),
+                       (["--part", ","], "no part named"), (["--rounds", "0"], "--rounds 0"),
+                       (["--steps", "-1"], "--steps -1")):
+        with pytest.raises(SystemExit):
+            bench.parse(argv)
+        err = capsys.readouterr().err
+        assert said in err and ("published, measured, grids" in err or ">= 1" in err), err
+
+
+def test_bench_prints_the_published_table_first(capsys):
+    assert bench.main(["--part", "published"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("Table 1") < out.index("Table 2") < out.index("Llama 3") < out.index("[published: ")
+    assert "145.6" in out and "+0.0%  fit" in out  # the fitted row, marked
+    assert "2. measured" not in out and "3. grids" not in out and "running time: published" in out
+
+
+def test_bench_measured_part_with_fake_measurements(monkeypatch, capsys):
+    from labkit.capstone import calibrate as cal
+    m = cal.Machine(flops=3e10, flops32=8e10, copy_bytes_per_s=1.5e10, alpha=3e-4, beta=7e-10, cores=2,
+                    collective_alpha={2: 3e-4, 4: 1e-3, 8: 2.5e-3})
+    true = cal.cpu_hardware(m.flops, m.alpha, m.beta, m.copy_bytes_per_s, layer_overhead=1e-3)
+    seen = {}
+    monkeypatch.setattr(cal, "measure_machine", lambda repeats, log: seen.setdefault("repeats", repeats) and m)
+    monkeypatch.setattr(cal, "_measure_grid", lambda s, steps: seen.setdefault("steps", steps) and (
+        cal.predict_grid(true, *s, cores=2) * (3 if s == (1, 2, 1) else 1)))
+    monkeypatch.setattr(cal, "_measure_pipeline",
+                        lambda c, steps: cal.predict_pipeline(c, m.flops32, m.alpha, m.beta, 2e-4, 2))
+    assert bench.main(["--part", "measured,published", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert seen == {"repeats": 5, "steps": 2}  # --quick: a shorter ping-pong, 2 steps, 1 round
+    assert out.index("[published: ") < out.index("2. measured") < out.index("[measured: ")  # the bench's order
+    assert "1 interleaved round(s) of 2 step(s)" in out and "  round 1/1: 13 runs" in out
+    first, second = out.split("alpha from lab 01's ping-pong")[1].split("alpha from a small all-reduce")
+    assert "10 of 11 configurations within ±25%" in first  # 1×2×1 measured 3x its prediction: the one miss
+    assert "configurations within ±25%" in second and "grid 1000 µs, pipeline 200 µs" in out
+    assert "running time: published" in out and "measured" in out.split("running time: ")[1]

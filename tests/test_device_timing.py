@@ -44,6 +44,7 @@ WALL_CLOCK = {
     ("ablation/store.py", "merge"): "time stamps in the store",
     ("ablation/training.py", "train"): "a trial's wall time; lab 08's trials train on the CPU only (issue 25, 8.)",
     ("balance/lab.py", "tour.sleeping"): _LAUNCH,
+    ("capstone/bench.py", "main"): "each part's wall time, printed after it (the runs time their steps themselves)",
     ("capstone/bench.py", "single_step_seconds"): "the one-process baseline: built and run on the CPU, one thread",
     ("capstone/lab.py", "tour.grid"): _LAUNCH,
     ("classroom.py", "measure"): "a classroom run's wall time (notebooks in kernels)",

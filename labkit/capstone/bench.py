@@ -1,4 +1,20 @@
-"""``python -m labkit bench capstone``: time, bytes per group and pipeline bubble of the transformer on each grid.
+"""``python -m labkit bench capstone``: the step-time simulator against published and measured runs, then the grids.
+
+It prints three parts, in this order (``--part`` picks some; each part's running time is printed after it):
+
+1. ``published``: the simulator (:mod:`labkit.capstone.simulator`) against the published runs of
+   :mod:`labkit.capstone.published`: Megatron-LM 2021's Table 1 and Table 2, Llama 3 405B and three figures'
+   trends, predicted beside the paper. Arithmetic only, a few seconds (pipelines of up to 64 micro-batches are
+   played step by step).
+2. ``measured``: the same simulator calibrated on this machine (:mod:`labkit.capstone.calibrate`: lab 01's
+   ping-pong, a matmul and a copy rate, a layer overhead fitted on one-process runs) against lab 11's
+   ``run_grid`` and lab 04's ``run_pipeline`` measured here, interleaved over ``--rounds``, printed side by side
+   with the count of configurations within ±25%, once with the ping-pong's alpha and once with a small
+   all-reduce's. About 3 minutes on the loaded 2-core machine, most of it the first round, which starts the
+   pooled ranks of every world size; ``--quick`` runs that round alone (about 2.5 minutes), so its times come
+   from freshly started processes and scatter more: a smoke test, not a figure to quote.
+3. ``grids``: the grids' time, bytes per group and bubble, below (alone when ``--grid``, ``--all`` or ``--sp``
+   is given without ``--part``).
 
 For each dp × pp × tp grid (the quick set by default, every grid of 2, 4 and 8 ranks with ``--all``) it trains the
 capstone's model for ``--steps`` steps, ``--rounds`` times, **interleaved** with one process training the same
@@ -21,11 +37,13 @@ import time
 import torch
 
 from ..viz import format_table
+from . import calibrate, published
 from .grid import GridRun, run_grid
 from .model import Config, build, lm_loss, make_optimizer, sort_batch, train_single
 from .traffic import predict
 
 QUICK = ((2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (8, 1, 1), (1, 1, 8))
+PARTS = ("published", "measured", "grids")
 
 
 def all_grids(sizes=(2, 4, 8)) -> list[tuple[int, int, int]]:
@@ -54,17 +72,49 @@ def single_step_seconds(steps: int, cfg: Config = Config(), batch: int = 16) -> 
         torch.set_num_threads(threads)
 
 
+def _parts(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [n for n in names if n not in PARTS]
+    if bad or not names:
+        what = f"{', '.join(map(repr, bad))} is not a part" if bad else "no part named"
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}; pass one or more of {', '.join(PARTS)}, "
+                                         "comma-separated, for example --part published,measured")
+    return names
+
+
 def parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m labkit bench capstone", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--all", action="store_true", help="every grid of 2, 4 and 8 ranks (19), not the quick 6")
+    ap = argparse.ArgumentParser(prog="python -m labkit bench capstone", description=__doc__.split("\n\n")[0],
+                                 epilog="parts: published (the simulator against the papers, arithmetic, a few "
+                                        "seconds), measured (the simulator calibrated here against lab 11's grids "
+                                        "and lab 04's pipelines run here, about 3 minutes; --quick 2.5, a smoke "
+                                        "test), grids "
+                                        "(the grids' time, bytes and bubble against one process, about a minute)")
+    ap.add_argument("--part", type=_parts, default=None, metavar="PART[,PART]",
+                    help=f"which parts to run, comma-separated, of {', '.join(PARTS)} (always in that order; "
+                         "default: all three, or grids alone when --grid, --all or --sp is given); --part "
+                         "published,measured is the simulator alone")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round of 2 steps (unless --rounds/--steps say otherwise) and a shorter ping-pong")
+    ap.add_argument("--all", action="store_true", help="grids part: every grid of 2, 4 and 8 ranks (19), not the "
+                                                       "quick 6")
     ap.add_argument("--grid", action="append", default=[], metavar="DPxPPxTP",
-                    help="a grid to run, for example 2x2x2 (repeatable)")
-    ap.add_argument("--sp", action="store_true", help="sequence parallelism in the tensor-parallel groups")
-    ap.add_argument("--steps", type=int, default=3, help="training steps per run (default 3)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3); medians are reported")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=600)
-    return ap.parse_args(argv)
+                    help="grids part: a grid to run, for example 2x2x2 (repeatable)")
+    ap.add_argument("--sp", action="store_true", help="grids part: sequence parallelism in the tensor-parallel groups")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 3, --quick 2)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds (default 3, --quick 1); medians are reported")
+    ap.add_argument("--batch", type=int, default=16, help="grids part: the global batch (default 16)")
+    ap.add_argument("--timeout", type=float, default=600, help="grids part: seconds a launch may take")
+    args = ap.parse_args(argv)
+    for name in ("steps", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name} {getattr(args, name)}: pass a whole number >= 1")
+    args.grid = [_grid(g) for g in args.grid]  # refused here, before a part runs
+    if args.part is None:  # the grids' own options keep meaning what they meant before the simulator's parts
+        args.part = ("grids",) if (args.grid or args.all or args.sp) else PARTS
+    args.steps = args.steps or (2 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    return args
 
 
 def _grid(text: str) -> tuple[int, int, int]:
@@ -106,15 +156,48 @@ def table(res: dict, batch: int = 16) -> str:
     return format_table(rows)
 
 
-def main(argv=None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
-    grids = [_grid(g) for g in args.grid] or (all_grids() if args.all else list(QUICK))
-    print(f"capstone: {len(grids)} grids, {args.steps} steps, {args.rounds} interleaved rounds, float64, "
-          f"batch {args.batch}{', sequence parallel' if args.sp else ''}")
-    res = measure(grids, args.sp, args.steps, args.rounds, args.batch, args.timeout)
+def _progress(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
+def published_part(args) -> None:
+    """The simulator against the published runs (pure arithmetic)."""
+    print("1. published: the simulator against the papers (no measurement here)\n", flush=True)
+    print(published.format_published())
+
+
+def measured_part(args) -> None:
+    """The simulator calibrated on this machine against lab 11's grids and lab 04's pipelines measured here."""
+    print(f"2. measured here: the simulator calibrated on this machine against {len(calibrate.GRID_SHAPES)} "
+          f"run_grid configurations and {len(calibrate.PIPELINE_CASES)} run_pipeline runs, {args.rounds} "
+          f"interleaved round(s) of {args.steps} step(s), medians", flush=True)
+    machine = calibrate.measure_machine(repeats=5 if args.quick else 15, log=_progress)
+    out = calibrate.compare(machine, rounds=args.rounds, steps=args.steps, log=_progress)
+    print(calibrate.describe(out))
+
+
+def grids_part(args) -> None:
+    """The grids' time, bytes per group and bubble against one process."""
+    grids = args.grid or (all_grids() if args.all else list(QUICK))
+    print(f"3. grids: {len(grids)} grids, {args.steps} steps, {args.rounds} interleaved rounds, float64, "
+          f"batch {args.batch}{', sequence parallel' if args.sp else ''}", flush=True)
+    res = measure(grids, args.sp, args.steps, args.rounds, args.batch, args.timeout, log=_progress)
     print(f"one process, one thread: {res['single'] * 1e3:.1f} ms per step (median of {args.rounds})")
     print(table(res, args.batch))
     print("kB: payload per rank per step, averaged over the ranks (dp: gradients; pp: activations and their "
           "gradients with a 64-byte header; tp: activations in the layers, the embedding and the loss); wire: what "
           "a rank sends with ring algorithms, 2(n-1)/n of an all-reduce's payload, (n-1)/n of a gather's")
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    run = {"published": published_part, "measured": measured_part, "grids": grids_part}
+    took = {}
+    for part in PARTS:
+        if part in args.part:
+            t0 = time.perf_counter()
+            run[part](args)
+            took[part] = time.perf_counter() - t0
+            print(f"[{part}: {took[part]:.1f} s]\n", flush=True)
+    print("running time: " + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()))
     return 0

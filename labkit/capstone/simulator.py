@@ -91,6 +91,7 @@ __all__ = ["Transformer", "Hardware", "Layout", "StepResult", "SIMULATE_MAX_MICR
            "model_flops", "chunk_layers", "layer_work", "kernel_seconds", "comm_seconds", "pipeline_makespan",
            "memory_each_gpu", "simulated_micro", "in_flight", "problems", "predict"]
 
+BYTES_PER_VALUE = {"bf16": 2, "fp16": 2, "fp64": 8}  # the messages' values; any other dtype: 4 bytes
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 SIMULATE_MAX_MICRO = 64
 """Above this many micro-batches the pipeline is played at two smaller counts and extrapolated (see the docstring)."""
@@ -204,8 +205,9 @@ class Hardware:
     a link inside a node (``intra_*``) and of one GPU's own network card (``inter_*``), and the per-kernel
     utilisation stated for the simulator: ``gemm_efficiency`` (the share of peak the large matrix products reach),
     ``attention_efficiency`` (the attention's batched products), ``memory_efficiency`` (the share of HBM bandwidth
-    the memory-bound kernels reach). ``sources`` says where each comes from. A constant left as None is refused
-    by :func:`predict`, which names it."""
+    the memory-bound kernels reach), and optionally ``layer_overhead`` (fixed seconds a layer's forward costs
+    beside its FLOPs and bytes, twice that its backward; 0 by default). ``sources`` says where each comes from. A
+    constant left as None is refused by :func:`predict`, which names it."""
 
     name: str = "GPU"
     gpus_per_node: int = 8
@@ -219,6 +221,10 @@ class Hardware:
     gemm_efficiency: float | None = None
     attention_efficiency: float | None = None
     memory_efficiency: float | None = None
+    #: optional: seconds of fixed cost (Python, dispatch, kernel launches) added to each layer's forward for one
+    #: micro-batch, twice that to its backward; 0 on a GPU cluster, calibrated on a CPU where the layers are tiny
+    #: (:mod:`labkit.capstone.calibrate`)
+    layer_overhead: float = 0.0
     sources: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def validate(self, dtype: str) -> None:
@@ -360,7 +366,7 @@ def kernel_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> di
     """Seconds of compute for one micro-batch on one GPU: ``layer_forward``, ``layer_backward`` (with the
     recomputation ``layout.recompute`` asks for), ``logits_forward``, ``logits_backward`` (last stage)."""
     w, d = layer_work(model, layout), layout.dtype
-    fwd = _seconds(w["gemm_flops"], w["attention_flops"], w["memory_bytes"], hardware, d)
+    fwd = _seconds(w["gemm_flops"], w["attention_flops"], w["memory_bytes"], hardware, d) + hardware.layer_overhead
     bwd = 2 * fwd
     if layout.recompute == "full":
         bwd += fwd
@@ -412,7 +418,7 @@ def comm_seconds(model: Transformer, hardware: Hardware, layout: Layout) -> dict
     a third for the recomputed forward, and the gradients' reduce-scatter) and ``links``: which link each group
     uses."""
     hw, L = hardware, layout
-    bpv = 2 if L.dtype in ("bf16", "fp16") else 4
+    bpv = BYTES_PER_VALUE.get(L.dtype, 4)
     T = model.micro_batch * model.seq / L.cp
     act = T * model.width * bpv
     node = hw.gpus_per_node
