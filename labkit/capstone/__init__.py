@@ -18,7 +18,8 @@ by lab 12 (:mod:`labkit.context_expert.cp_grid`).
 - ``planner``: (dp, pp, tp) for a large model and cluster, with memory from lab 09's formulas and reasons
   (exported as the module: ``planner.Model``, ``planner.Cluster``, ``planner.plan``, ``planner.table``): the
   first-order estimate by hand. ``simulator``: one step's timeline from FLOPs, bytes and links; ``published``: the
-  runs it is checked against; ``ranking``: :func:`rank_layouts`, every layout ranked by the simulator.
+  runs it is checked against; ``ranking``: :func:`rank_layouts`, every layout ranked by the simulator;
+  ``calibrate``: the simulator calibrated on this machine against lab 11's and lab 04's runs measured here.
 - ``lab``: the rank functions (``train_rank``, ``compare_block_rank``), the argument validator ``validate_grid``,
   exercise checks and the tour; ``bench``: ``python -m labkit bench capstone``; ``plots``.
 """
