@@ -41,6 +41,9 @@ m = global_batch/(dp·micro_batch) micro-batches (section 2.2.1): step = compute
 dp seconds. Tensor-parallel all-reduces sit between dependent matrix products and pipeline sends on the
 critical path, so neither is overlapped; the data-parallel all-reduce runs after the pipeline flush, as in
 Megatron-LM 2021, unless ``overlap_dp=True`` (then it is assumed hidden behind the backward).
+
+This is the estimate a student can redo by hand. :func:`labkit.capstone.ranking.rank_layouts` asks the same
+question of the step-time simulator (latency, the schedule played, ZeRO stages, interleaving, recomputation).
 """
 from __future__ import annotations
 

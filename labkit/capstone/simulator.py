@@ -80,7 +80,7 @@ from ..pipeline.schedules import make_schedule, peak_in_flight, simulate
 
 __all__ = ["Transformer", "Hardware", "Layout", "StepResult", "SIMULATE_MAX_MICRO", "megatron_flops",
            "model_flops", "chunk_layers", "layer_work", "kernel_seconds", "comm_seconds", "pipeline_makespan",
-           "memory_each_gpu", "predict"]
+           "memory_each_gpu", "simulated_micro", "in_flight", "problems", "predict"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 SIMULATE_MAX_MICRO = 64
@@ -428,6 +428,24 @@ def _busiest_params(model: Transformer, layout: Layout) -> float:
     return max(_stage_params(model, layout, 0), _stage_params(model, layout, layout.pp - 1))
 
 
+def simulated_micro(n_stages: int, n_micro: int) -> int:
+    """The micro-batch count :func:`pipeline_makespan` plays: ``n_micro`` itself up to :data:`SIMULATE_MAX_MICRO`,
+    else n_stages + n_micro mod n_stages + n_stages (the larger of its two plays), unless that is not smaller."""
+    if n_micro <= SIMULATE_MAX_MICRO:
+        return n_micro
+    m2 = 2 * n_stages + n_micro % n_stages
+    return n_micro if n_micro <= m2 else m2
+
+
+@lru_cache(maxsize=1024)  # pure in its integers; a planner asks for the same few thousands of times
+def in_flight(schedule: str, n_stages: int, n_micro: int, chunks: int = 1) -> int:
+    """Micro-batch chunks whose activations the first pipeline rank holds at its peak under ``schedule``
+    (:func:`~labkit.pipeline.schedules.peak_in_flight` of the schedule :func:`pipeline_makespan` plays; GPipe holds
+    all ``n_micro``): what :func:`memory_each_gpu` multiplies one chunk's activations by."""
+    played = make_schedule(schedule, n_stages, simulated_micro(n_stages, n_micro), chunks)
+    return max(peak_in_flight(played)[0], n_micro if schedule == "gpipe" else 0)
+
+
 @lru_cache(maxsize=8)  # a play of a deep pipeline holds ~10^5 events: keep few
 def _play(schedule: str, p: int, m: int, v: int, forward: tuple, backward: tuple, comm: float) -> tuple:
     sim = simulate(make_schedule(schedule, p, m, v), list(forward), list(backward), comm=comm)
@@ -443,14 +461,11 @@ def pipeline_makespan(schedule: str, n_stages: int, n_micro: int, chunks: int, f
     in m from there; ``events`` are then those of the m2 play (``simulated_micro``)."""
     p, m, v = n_stages, n_micro, chunks
     fw, bw = tuple(float(x) for x in forward), tuple(float(x) for x in backward)
-    if m <= SIMULATE_MAX_MICRO:
+    m2 = simulated_micro(p, m)
+    if m2 == m:
         span, bubble, events = _play(schedule, p, m, v, fw, bw, float(comm))
         return {"makespan": span, "bubble": bubble, "events": list(events), "simulated_micro": m}
-    m1 = p + m % p
-    m2 = m1 + p
-    if m <= m2:
-        span, bubble, events = _play(schedule, p, m, v, fw, bw, float(comm))
-        return {"makespan": span, "bubble": bubble, "events": list(events), "simulated_micro": m}
+    m1 = m2 - p
     s1, _, _ = _play(schedule, p, m1, v, fw, bw, float(comm))
     s2, _, events = _play(schedule, p, m2, v, fw, bw, float(comm))
     span = s2 + (s2 - s1) * (m - m2) / p
@@ -488,31 +503,45 @@ def _validate(model, hardware, layout, world_size):
                             "Layout(dp=, tp=, pp=)")
     hardware.validate(layout.dtype)
     world_size = validate_int("world_size", world_size, minimum=1, hint="the number of GPUs")
-    L, M = layout, model
+    why = problems(model, hardware, layout, world_size)
+    if why:
+        raise ArgumentError(why[0])
+    return model.global_batch // (layout.dp * model.micro_batch)
+
+
+def problems(model: Transformer, hardware: Hardware, layout: Layout, world_size: int) -> list[str]:
+    """Why ``layout`` cannot run ``model`` on ``world_size`` GPUs of ``hardware``, one sentence each naming the
+    argument, its value and what to pass (empty: it can). Memory is not judged here (:func:`predict` reports it;
+    :func:`labkit.capstone.ranking.rank_layouts` compares it with the card). :func:`predict` raises the first."""
+    L, M, why = layout, model, []
     if L.world_size != world_size:
-        raise ArgumentError(f"dp·tp·pp·cp must equal world_size={world_size}, got dp={L.dp} × tp={L.tp} × pp={L.pp} "
-                            f"× cp={L.cp} = {L.world_size}; pass degrees whose product is {world_size}")
+        why.append(f"dp·tp·pp·cp must equal world_size={world_size}, got dp={L.dp} × tp={L.tp} × pp={L.pp} "
+                   f"× cp={L.cp} = {L.world_size}; pass degrees whose product is {world_size}")
     if L.tp > hardware.gpus_per_node:
-        raise ArgumentError(f"tp must be <= gpus_per_node={hardware.gpus_per_node} (its all-reduces in every layer "
-                            f"need NVLink), got tp={L.tp}; move the rest of the degree to pp or dp")
+        why.append(f"tp must be <= gpus_per_node={hardware.gpus_per_node} (its all-reduces in every layer "
+                   f"need NVLink), got tp={L.tp}; move the rest of the degree to pp or dp")
+    elif hardware.gpus_per_node % L.tp:
+        why.append(f"tp must divide gpus_per_node={hardware.gpus_per_node}, got tp={L.tp}: some tensor-parallel "
+                   "groups would straddle two nodes and run their all-reduces over the network; pass a divisor")
     if M.heads % L.tp or M.ffn_width % L.tp:
-        raise ArgumentError(f"tp must divide heads={M.heads} and ffn_width={M.ffn_width}, got tp={L.tp}")
+        why.append(f"tp must divide heads={M.heads} and ffn_width={M.ffn_width}, got tp={L.tp}")
     if M.seq % L.cp:
-        raise ArgumentError(f"cp must divide seq={M.seq}, got cp={L.cp}")
+        why.append(f"cp must divide seq={M.seq}, got cp={L.cp}")
     if M.layers < L.pp * L.chunks:
-        raise ArgumentError(f"pp·chunks must be <= layers={M.layers}, got pp={L.pp} × chunks={L.chunks}; every "
-                            "model chunk needs a layer")
+        why.append(f"pp·chunks must be <= layers={M.layers}, got pp={L.pp} × chunks={L.chunks}; every "
+                   "model chunk needs a layer")
     if M.global_batch % (L.dp * M.micro_batch):
-        raise ArgumentError(f"global_batch={M.global_batch} must split into dp={L.dp} × micro_batch="
-                            f"{M.micro_batch}; pass a global_batch that is a multiple of {L.dp * M.micro_batch}")
+        why.append(f"global_batch={M.global_batch} must split into dp={L.dp} × micro_batch="
+                   f"{M.micro_batch}; pass a global_batch that is a multiple of {L.dp * M.micro_batch}")
+        return why
     m = M.global_batch // (L.dp * M.micro_batch)
     if L.schedule in ("1f1b", "interleaved", "zb-h1") and m < L.pp:
-        raise ArgumentError(f"n_micro must be >= pp={L.pp} for schedule={L.schedule!r} (every stage needs a "
-                            f"micro-batch in flight), got n_micro={m} (global_batch / (dp·micro_batch)); pass a "
-                            f"global_batch of at least {L.pp * L.dp * M.micro_batch} or use fewer stages")
+        why.append(f"n_micro must be >= pp={L.pp} for schedule={L.schedule!r} (every stage needs a "
+                   f"micro-batch in flight), got n_micro={m} (global_batch / (dp·micro_batch)); pass a "
+                   f"global_batch of at least {L.pp * L.dp * M.micro_batch} or use fewer stages")
     if L.schedule == "interleaved" and m % L.pp:
-        raise ArgumentError(f"n_micro must be a multiple of pp={L.pp} for the interleaved schedule, got n_micro={m}")
-    return m
+        why.append(f"n_micro must be a multiple of pp={L.pp} for the interleaved schedule, got n_micro={m}")
+    return why
 
 
 def _send_spans(events: list, p: int, n_virtual: int, p2p: float, blocking: bool = False) -> list:
@@ -563,9 +592,7 @@ def predict(model: Transformer, hardware: Hardware, layout: Layout, world_size: 
     shard = L.dp if L.zero >= 1 else 1
     opt = _busiest_params(M, L) / shard * ADAM_UPDATE_BYTES / (hw.hbm_bytes_per_s * hw.memory_efficiency)
     step = pipe["makespan"] + dp_exposed + opt
-    in_flight = max(peak_in_flight(make_schedule(L.schedule, L.pp, min(m, pipe["simulated_micro"]), L.chunks))[0],
-                    m if L.schedule == "gpipe" else 0)
-    mem = memory_each_gpu(M, L, in_flight)
+    mem = memory_each_gpu(M, L, in_flight(L.schedule, L.pp, m, L.chunks))
     tokens = M.global_batch * M.seq
     events = [dict(e) for e in pipe["events"]]
     span = max((e["end"] for e in events), default=0.0)
