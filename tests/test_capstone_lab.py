@@ -136,4 +136,3 @@ def test_bench_prints_a_grid_against_one_process(capsys):
     assert " NO " not in out and out.count("yes") == 2  # measured bytes equal the formulas
     with pytest.raises(SystemExit, match="DPxPPxTP"):
         bench.main(["--grid", "2by2"])
-
