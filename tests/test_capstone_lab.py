@@ -37,6 +37,46 @@ def test_mesh_check_passes_the_answer_and_fails_wrong_ones():
     assert mesh_mod.members_of(5, 2, 2, 2)["tp"] == [4, 5]  # the refusal ends with the check
 
 
+def test_simulator_plots_draw_one_bar_line_or_collection_per_item():
+    import matplotlib
+
+    matplotlib.use("Agg")  # this test process only
+    import matplotlib.pyplot as plt
+
+    from labkit.capstone import plots, simulator
+
+    table = [{"params B": 1.7, "GPUs": 32, "published": 137.0, "predicted": 126.0, "error": -0.08, "fit": ""},
+             {"params B": 145.6, "GPUs": 1536, "published": 148.0, "predicted": 148.0, "error": 0.0, "fit": "fit"}]
+    ax = plots.published_bars(table)
+    assert [len(c) for c in ax.containers] == [2, 2]   # published, predicted: one bar a row each
+    assert [b.get_height() for b in ax.containers[1]] == [126.0, 148.0] and ax.containers[1][1].get_hatch() == "//"
+    assert [t.get_text() for t in ax.texts] == ["-8%", "+0% (fit)"]
+    # a 2-stage step: one collection of rectangles per kind, sends only when asked, one tick per stage
+    model = simulator.Transformer(layers=4, width=8, heads=2, vocab=16, seq=4, micro_batch=1, global_batch=4)
+    hw = simulator.Hardware(peak_flops={"bf16": 1e6}, memory_bytes=1e9, hbm_bytes_per_s=1e5, intra_alpha=1e-3,
+                            intra_beta=1e-6, inter_alpha=1e-2, inter_beta=1e-5, gemm_efficiency=0.5,
+                            attention_efficiency=0.25, memory_efficiency=0.5, gpus_per_node=1)
+    events = simulator.predict(model, hw, simulator.Layout(pp=2), 2).events
+    kinds = {e["kind"] for e in events}
+    assert "send" in kinds
+    ax = plots.step_timeline(events)
+    assert sorted(c.get_label() for c in ax.collections) == sorted(kinds - {"send"})
+    assert sum(len(c.get_paths()) for c in ax.collections) == sum(e["kind"] != "send" for e in events)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stage 0", "stage 1"]
+    assert len(plots.step_timeline(events, sends=True).get_yticklabels()) == 4
+    with pytest.raises(ValueError, match="no events"):
+        plots.step_timeline([e for e in events if e["kind"] == "send"])
+    # MFU sweeps: one panel and one line a sweep, the points that do not fit hollow
+    sweeps = {"tp": {"x": [1, 2, 4], "mfu": [0.4, 0.38, 0.35], "fits": [False, True, True], "xlabel": "tp"},
+              "pp": {"x": [2, 4], "mfu": [0.37, 0.36], "fits": [True, True], "xlabel": "pp"}}
+    axes = plots.mfu_sweeps(sweeps)
+    assert len(axes) == 2 and [len(ax.lines) for ax in axes] == [1, 1]
+    assert list(axes[0].lines[0].get_ydata()) == pytest.approx([40, 38, 35])
+    assert [len(ax.collections) for ax in axes] == [1, 0]   # the hollow markers
+    assert len(axes[0].collections[0].get_offsets()) == 1
+    plt.close("all")
+
+
 def test_tp_bytes_check_measures_on_ranks():
     right = lambda b, s, h, t, e: 4 * (t - 1) / t * b * s * h * e  # noqa: E731
     assert lab.check_tp_mlp_bytes(right).passed
