@@ -7,7 +7,7 @@
   width times width × 4·width, float64), so it is the rate those small products reach, not the core's peak;
   the efficiencies are then 1.0 (the rate already is the achieved one).
 - ``intra_alpha``/``intra_beta`` (and ``inter_*``, the same: every rank is on this machine): lab 01's ping-pong
-  over gloo (the method of :func:`labkit.collectives.bench.pingpong_rank`, :func:`pingpong_seconds_rank`) fitted by
+  over gloo (:func:`labkit.collectives.pingpong.pingpong_rank`, the function lab 01's bench runs) fitted by
   :func:`labkit.collectives.cost.fit_alpha_beta`.
 - the copy rate (``hbm_bytes_per_s``: the memory-bound kernels) and, for the second table, a small all-reduce's
   alpha at 2, 4 and 8 ranks (below).
@@ -59,7 +59,7 @@ from ..devices import now
 from .model import Config
 from .simulator import Hardware, Layout, Transformer, pipeline_makespan, predict
 
-__all__ = ["Machine", "measure_matmul_rate", "measure_copy_rate", "pingpong_seconds_rank",
+__all__ = ["Machine", "measure_matmul_rate", "measure_copy_rate",
            "measure_alpha_beta", "allreduce_seconds_rank", "measure_collective_alpha", "measure_machine",
            "cpu_hardware", "for_world_size", "grid_inputs", "predict_grid", "fit_layer_overhead", "PipelineCase",
            "pipeline_inputs", "predict_pipeline", "fit_pipeline_overhead", "GRID_SHAPES", "PIPELINE_CASES",
@@ -129,43 +129,16 @@ def measure_copy_rate(nbytes: int = 1 << 24, repeats: int = 10) -> float:
     return 2 * x.numel() * 8 / _one_thread(lambda: _median_seconds(lambda: y.copy_(x), repeats))
 
 
-def pingpong_seconds_rank(ctx, sizes=(8, 1 << 12, 1 << 16, 1 << 18, 1 << 20), repeats: int = 15):
-    """Lab 01's ping-pong (:func:`labkit.collectives.bench.pingpong_rank`, the same method, not imported: a
-    library module loads no bench): ranks 0 and 1 bounce a float32 message of each size, the sizes taking turns
-    in alternating order within each repeat; one-way time = half the round trip, the median. Rank 0 returns rows
-    ``{"algorithm": "p2p", "bytes", "world_size": 2, "seconds"}``."""
-    import torch.distributed as dist
-
-    from ..distops import recv, send
-
-    bufs = [torch.zeros(max(1, int(b) // 4), dtype=torch.float32) for b in sizes]
-    times = [[] for _ in sizes]
-    for i in range(repeats + 1):  # round 0 warms every size up
-        order = list(range(len(sizes))) if i % 2 == 0 else list(range(len(sizes)))[::-1]
-        for k in order:
-            dist.barrier()
-            t0 = now(ctx.device)
-            if ctx.rank == 0:
-                send(bufs[k], 1)
-                recv(bufs[k], 1)
-            elif ctx.rank == 1:
-                recv(bufs[k], 0)
-                send(bufs[k], 0)
-            if i:
-                times[k].append((now(ctx.device) - t0) / 2)
-    rows = [{"algorithm": "p2p", "bytes": b.numel() * 4, "world_size": 2, "seconds": statistics.median(t)}
-            for b, t in zip(bufs, times)]
-    return rows if ctx.rank == 0 else None
-
-
 def measure_alpha_beta(sizes=(8, 1 << 12, 1 << 16, 1 << 18, 1 << 20), repeats: int = 15) -> tuple:
-    """``(alpha, beta, rows)``: the ping-pong (:func:`pingpong_seconds_rank`) on two gloo ranks fitted by
+    """``(alpha, beta, rows)``: lab 01's ping-pong (:func:`~labkit.collectives.pingpong.pingpong_rank`) on two gloo
+    ranks fitted by
     :func:`~labkit.collectives.cost.fit_alpha_beta`."""
     import labkit
 
     from ..collectives.cost import fit_alpha_beta
+    from ..collectives.pingpong import pingpong_rank
 
-    res = labkit.launch(pingpong_seconds_rank, world_size=2, kwargs=dict(sizes=tuple(sizes), repeats=repeats))
+    res = labkit.launch(pingpong_rank, world_size=2, kwargs=dict(sizes=tuple(sizes), repeats=repeats))
     rows = next(r for r in res if r)
     alpha, beta = fit_alpha_beta(rows)
     return alpha, beta, tuple(rows)
