@@ -40,6 +40,7 @@ from ..viz import format_table
 from . import calibrate, published
 from .grid import GridRun, run_grid
 from .model import Config, build, lm_loss, make_optimizer, sort_batch, train_single
+from .ranking import grids
 from .traffic import predict
 
 QUICK = ((2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (8, 1, 1), (1, 1, 8))
@@ -48,8 +49,7 @@ PARTS = ("published", "measured", "grids")
 
 def all_grids(sizes=(2, 4, 8)) -> list[tuple[int, int, int]]:
     """Every (dp, pp, tp) whose product is one of ``sizes``: 3 + 6 + 10 = 19 grids."""
-    return [(d, p, n // (d * p)) for n in sizes for d in range(1, n + 1) if n % d == 0
-            for p in range(1, n // d + 1) if (n // d) % p == 0]
+    return [g for n in sizes for g in sorted((d, p, t) for d, t, p in grids(n))]
 
 
 def single_step_seconds(steps: int, cfg: Config = Config(), batch: int = 16) -> float:

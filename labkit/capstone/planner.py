@@ -65,6 +65,7 @@ from ..memory_model import (
 )
 from ..runtime.mesh import rank_of, validate_shape
 from ..viz import format_table
+from .ranking import grids
 
 __all__ = ["Model", "Cluster", "Candidate", "plan", "rule_out", "evaluate", "table"]
 
@@ -319,9 +320,7 @@ def plan(model: Model, cluster: Cluster, max_bubble: float = 0.25, overlap_dp: b
     if n is None:
         raise ArgumentError(f"cluster must be a planner.Cluster, got {type(cluster).__name__}; build one with "
                             "Cluster(gpus=, ...)")
-    grids = [(n // (p * t), p, t) for t in range(1, n + 1) if n % t == 0
-             for p in range(1, n // t + 1) if (n // t) % p == 0]
-    out = [evaluate(d, p, t, model, cluster, max_bubble, overlap_dp) for d, p, t in grids]
+    out = [evaluate(d, p, t, model, cluster, max_bubble, overlap_dp) for d, t, p in grids(n)]
 
     def key(c):
         step = c.step_seconds if math.isfinite(c.step_seconds) else math.inf
