@@ -56,6 +56,7 @@ import torch
 from .._validate import ArgumentError, validate_int, validate_number
 from ..collectives.cost import predict_time
 from ..devices import now
+from ..hardware.timing import time_interleaved
 from .model import Config
 from .simulator import Hardware, Layout, Transformer, pipeline_makespan, predict
 
@@ -88,13 +89,8 @@ class Machine:
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = now("cpu")
-        fn()
-        times.append(now("cpu") - t0)
-    return statistics.median(times)
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up (lab 09's timer)."""
+    return time_interleaved({"run": fn}, trials=repeats).median("run")
 
 
 def _one_thread(fn):
