@@ -1,4 +1,4 @@
-"""Command line: ``python -m labkit {doctor,tour,bench,slides,stress,run,handout,grade,classroom,ablate}``."""
+"""Command line: ``python -m labkit {doctor,tour,bench,slides,book,stress,run,handout,grade,classroom,ablate}``."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark (try --help)")
     s = sub.add_parser("slides", help="build the lecture decks into reveal.js HTML (try slides --help)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("book", help="execute every notebook and build the course as a static HTML book "
+                   "(try book --help)", add_help=False)
     st = sub.add_parser("stress", help="re-run notebook cells that start processes, under busy processes; report "
                         "stalls (try stress --help)", add_help=False)
     st.add_argument("rest", nargs=argparse.REMAINDER)
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from .slides import main as slides_main
 
         return slides_main(argv[1:]) or 0
+    if argv and argv[0] == "book":
+        from .book.build import main as book_main
+
+        return book_main(argv[1:])
     if argv and argv[0] in ("handout", "grade"):
         from .grading import main as grading_main
 

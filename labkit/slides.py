@@ -28,7 +28,6 @@ build and its command line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -43,7 +42,6 @@ CDN_PREFIX = f"https://unpkg.com/reveal.js@{REVEAL_VERSION}"
 LOCAL_PREFIX = "reveal.js"  # folder name of the local copy, next to the HTML files
 REVEAL_FILES = ("dist/reveal.js", "dist/reveal.css", "plugin/notes/notes.js")
 SLIDE_TYPES = ("slide", "subslide", "fragment", "-", "skip", "notes")
-KERNEL_NAME = "labkit-python"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,64 +132,18 @@ def slide_counts(nb) -> dict:
 
 
 # ----------------------------------------------------------------------------- executing
-def _kernel_manager(workdir: str):
-    """A kernel manager for a kernel running this very interpreter.
-
-    We do not rely on an installed ``python3`` kernelspec: a user-level one (``~/.local/share/
-    jupyter/kernels``) would take precedence over the venv's and could run another Python without
-    labkit. Instead a private kernelspec naming ``sys.executable`` is written to a temporary folder
-    and only that folder is searched. Nothing is installed into the environment.
-    """
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    kdir = Path(workdir) / "kernels" / KERNEL_NAME
-    kdir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": f"Python ({sys.executable})", "language": "python"}
-    (kdir / "kernel.json").write_text(json.dumps(spec))
-    ksm = KernelSpecManager(kernel_dirs=[str(kdir.parent)], ensure_native_kernel=False)
-    # IPC sockets in the private folder: nothing listens on TCP, and the kernel does not warn about it.
-    return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm, transport="ipc",
-                         ip=str(Path(workdir) / "kernel-ipc"))
-
-
-def _first_line(src: str) -> str:
-    line = next((s for s in src.splitlines() if s.strip()), "")
-    return line if len(line) <= 60 else line[:57] + "..."
-
-
 def execute_deck(nb, name: str, cwd: str | os.PathLike, timeout: float = 120):
     """Run every code cell of ``nb`` in a fresh kernel (working directory ``cwd``); return it executed.
 
     ``timeout`` is the most seconds one cell may run. A failing cell raises :class:`SlideBuildError`
-    naming the deck, the cell number and its first line, and the error.
+    naming the deck, the cell number and its first line, and the error (see ``labkit.runtime.nbexec``).
     """
-    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
-    from nbconvert.preprocessors import ExecutePreprocessor
+    from .runtime.nbexec import NotebookExecutionError, execute
 
-    from .runtime import zmq_rearm
-
-    zmq_rearm.install()        # nbclient: a widget cell's reply must not strand (runtime/zmq_rearm.py)
-    current = {"index": None, "cell": None}
-
-    def on_cell_execute(cell, cell_index):
-        current["index"], current["cell"] = cell_index, cell
-
-    with tempfile.TemporaryDirectory(prefix="labkit-slides-") as tmp:
-        km = _kernel_manager(tmp)
-        ep = ExecutePreprocessor(timeout=timeout, kernel_name=KERNEL_NAME, on_cell_execute=on_cell_execute)
-        try:
-            ep.preprocess(nb, {"metadata": {"path": str(cwd)}}, km=km)
-        except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-            idx, cell = current["index"], current["cell"]
-            where = f"cell {idx} ({_first_line(cell.source)!r})" if cell is not None else "kernel start-up"
-            what = {CellTimeoutError: f"ran past the {timeout:g} s cell timeout",
-                    DeadKernelError: "the kernel died"}.get(type(e), "raised")
-            detail = str(e).strip().splitlines()
-            tail = "\n".join(detail[-12:])
-            raise SlideBuildError(f"deck {name}: {where} {what}:\n{tail}") from None
-    return nb
+    try:
+        return execute(nb, name, cwd, timeout)
+    except NotebookExecutionError as e:
+        raise SlideBuildError(f"deck {name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- reveal.js
@@ -231,41 +183,53 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def fetch_reveal(version: str = REVEAL_VERSION, cache: str | os.PathLike | None = None,
-                 npm: str | None = None) -> Path:
-    """Get reveal.js ``version`` with ``npm pack`` into the cache (once) and return its folder."""
+def fetch_npm(package: str, version: str, files: tuple[str, ...], cache: str | os.PathLike | None = None,
+              npm: str | None = None) -> Path:
+    """Get the npm ``package`` at ``version`` with ``npm pack`` into the cache (once) and return its folder.
+
+    ``files`` are paths the package must hold; a cached copy holding them all is used without npm. Used for
+    reveal.js (the decks) and MathJax (the book), so both work with no network once the install step ran.
+    """
     dest = Path(cache) if cache is not None else cache_dir()
-    dest = dest / f"reveal.js-{version}"
-    if all((dest / f).is_file() for f in REVEAL_FILES):
+    dest = dest / f"{package}-{version}"
+    if all((dest / f).is_file() for f in files):
         return dest
     npm = npm or shutil.which("npm")
     if not npm:
         raise SlideBuildError(
-            "--fetch-reveal needs npm, which is not on PATH. Install Node.js and npm (Debian: "
-            "apt-get install npm), or download reveal.js yourself and pass --reveal-dir PATH, or build "
-            "with the CDN (the default).")
+            f"getting {package} {version} needs npm, which is not on PATH. Install Node.js and npm (Debian: "
+            f"apt-get install npm), or download {package} yourself and pass its folder (--reveal-dir PATH "
+            f"for reveal.js), or build with the CDN (the decks' default).")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="labkit-reveal-", dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"labkit-{package}-", dir=dest.parent) as tmp:
         try:
-            proc = subprocess.run([npm, "pack", f"reveal.js@{version}", "--silent"], cwd=tmp,
+            proc = subprocess.run([npm, "pack", f"{package}@{version}", "--silent"], cwd=tmp,
                                   capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise SlideBuildError(f"`npm pack reveal.js@{version}` did not run: {e}") from None
+            raise SlideBuildError(f"`npm pack {package}@{version}` did not run: {e}") from None
         tgz = sorted(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tgz:
             raise SlideBuildError(
-                f"`npm pack reveal.js@{version}` failed (exit {proc.returncode}): "
+                f"`npm pack {package}@{version}` failed (exit {proc.returncode}): "
                 f"{(proc.stderr or proc.stdout).strip()[-800:]}\nIs the npm registry reachable? "
-                f"Otherwise pass --reveal-dir PATH to a reveal.js copy.")
+                f"Otherwise pass a folder holding {package} (--reveal-dir PATH for reveal.js).")
         with tarfile.open(tgz[0]) as tf:
             kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
             tf.extractall(tmp, **kw)
-        package = Path(tmp) / "package"
-        validate_reveal_dir(package)
+        package_dir = Path(tmp) / "package"
+        missing = [f for f in files if not (package_dir / f).is_file()]
+        if missing:
+            raise SlideBuildError(f"`npm pack {package}@{version}` gave a package without {', '.join(missing)}")
         if dest.exists():
             shutil.rmtree(dest)
-        package.rename(dest)
+        package_dir.rename(dest)
     return dest
+
+
+def fetch_reveal(version: str = REVEAL_VERSION, cache: str | os.PathLike | None = None,
+                 npm: str | None = None) -> Path:
+    """Get reveal.js ``version`` with ``npm pack`` into the cache (once) and return its folder."""
+    return validate_reveal_dir(fetch_npm("reveal.js", version, REVEAL_FILES, cache, npm))
 
 
 # The page: nbconvert's reveal template, with reveal.js loaded by <script> tags (no require.js,
@@ -375,11 +339,12 @@ def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: boo
         if not quiet:
             n = slide_counts(nb)
             print(f" {n['slides']} slides, {time.perf_counter() - t0:.1f} s -> {target}", flush=True)
-    _write_index(out, written)
+    write_index(out)
     return written
 
 
-def _write_index(out: Path, written: list[Path]) -> None:
+def write_index(out: Path) -> None:
+    """Write ``out/index.html`` listing every deck in ``out``."""
     import html
 
     existing = sorted(out.glob("*.slides.html"))
