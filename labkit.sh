@@ -3,6 +3,8 @@
 #   bash labkit.sh lab    install what is needed, then open JupyterLab on notebooks/
 #   bash labkit.sh test   install what is needed, then run the whole test suite with pytest
 #   bash labkit.sh lint   install what is needed, then ruff (configured in pyproject.toml) on the code
+#   bash labkit.sh book   install what is needed (and MathJax and reveal.js, with npm), then execute every notebook
+#                         and build the course as a static HTML book in book/_build/html (--zip: one archive)
 # Extra arguments go to JupyterLab or pytest. The environment lives in .venv (override with LABKIT_VENV).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -38,11 +40,19 @@ case "$cmd" in
     install
     exec "$VENV/bin/python" -m ruff check "$@"
     ;;
+  book)
+    install
+    # the book's offline assets, fetched once into labkit's cache (a build then needs no network); without npm
+    # the book is built without decks and with formulas as TeX, and says so
+    "$VENV/bin/python" -c "import labkit.slides as s; s.fetch_reveal()" || echo "labkit: reveal.js not fetched"
+    "$VENV/bin/python" -c "import labkit.book.build as b; b.fetch_mathjax()" || echo "labkit: MathJax not fetched"
+    exec "$VENV/bin/python" -m labkit book "$@"
+    ;;
   install)
     install
     ;;
   *)
-    echo "usage: bash labkit.sh lab|test|lint|install [args...]" >&2
+    echo "usage: bash labkit.sh lab|test|lint|book|install [args...]" >&2
     exit 2
     ;;
 esac

@@ -35,7 +35,7 @@ from pathlib import Path
 from .labels import notebook_number
 from .pages import landing_page, notebook_title, split_benchmarks, stage_notebook
 
-__all__ = ["BookError", "Job", "build", "machine_info", "main", "run_jobs"]
+__all__ = ["BookError", "Job", "build", "fetch_mathjax", "machine_info", "main", "run_jobs", "write_zip"]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MATHJAX_VERSION = "3.2.2"
@@ -179,11 +179,19 @@ def _decks(numbers: list[str]) -> dict[str, Path]:
     return {p.name[:2]: p for p in sorted((REPO / "slides").glob("*.ipynb")) if p.name[:2] in numbers}
 
 
+def fetch_mathjax(npm: str | None = None) -> Path:
+    """MathJax for the book, fetched once with ``npm pack`` into labkit's cache (the install step calls this, so
+    a build needs no network); raises ``SlideBuildError`` saying what to do when npm cannot get it."""
+    from ..slides import fetch_npm
+
+    return fetch_npm("mathjax", MATHJAX_VERSION, MATHJAX_FILES, npm=npm)
+
+
 def _local_mathjax() -> Path | None:
-    from ..slides import SlideBuildError, fetch_npm
+    from ..slides import SlideBuildError
 
     try:
-        return fetch_npm("mathjax", MATHJAX_VERSION, MATHJAX_FILES, npm=os.environ.get("LABKIT_BOOK_NPM"))
+        return fetch_mathjax(npm=os.environ.get("LABKIT_BOOK_NPM"))
     except SlideBuildError:
         return None
 
@@ -199,10 +207,13 @@ def _local_reveal() -> Path | None:
 
 def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, jobs: int | None = None,
           timeout: float = 300, notebook_timeout: float = 900, keep_going: bool = False, decks: bool = True,
-          zh: bool = True, reuse: bool = False, make_zip: bool = False, say=print) -> Path:
+          zh: bool = True, reuse: bool = False, make_zip: bool = False, notebooks: list | None = None,
+          say=None) -> Path:
     """Build the book into ``out/html`` (default ``book/_build``) and return that folder; see the module's
-    docstring. ``labs``: lab numbers or name words (default all); ``reuse``: keep an executed notebook whose
+    docstring. ``labs``: lab numbers or name words (default all); ``notebooks``: paths of notebooks named
+    ``NN_*.ipynb`` to build instead of the labs (tests use it); ``reuse``: keep an executed notebook whose
     source has not changed since it was executed."""
+    say = say or (lambda line: print(line, flush=True))
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise BookError(f"timeout={timeout!r}: pass the most seconds one cell may run, a positive number")
     if not isinstance(notebook_timeout, (int, float)) or notebook_timeout <= 0:
@@ -211,7 +222,13 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
         raise BookError(f"jobs={jobs!r}: pass how many notebooks to run at once, 1 or more")
     t_start = time.perf_counter()
     out = Path(out) if out is not None else REPO / "book" / "_build"
-    notebooks = _notebooks(labs)
+    if notebooks is None:
+        notebooks = _notebooks(labs)
+    else:
+        notebooks = [Path(p) for p in notebooks]
+        missing = [str(p) for p in notebooks if not p.is_file()]
+        if missing:
+            raise BookError(f"notebooks={missing}: no such file; pass paths of existing .ipynb files")
     numbers = [notebook_number(p) for p in notebooks]
     executed_dir, logs = out / "executed", out / "logs"
     executed_dir.mkdir(parents=True, exist_ok=True)
@@ -241,13 +258,13 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
         work.append(Job(deck.stem, "deck", [sys.executable, "-m", "labkit", "slides", str(deck), "--out",
                                             str(src / "_extra" / "slides"), "--reveal-dir", str(reveal),
                                             "--timeout", str(timeout)], logs / f"deck-{deck.stem}.log"))
-    previous = _previous_seconds(out)
-    work.sort(key=lambda j: -previous.get(j.name, 60.0 if j.kind == "notebook" else 10.0))  # longest first
+    previous = _previous_seconds(out)           # the longest first, as the last build timed them
+    work.sort(key=lambda j: -previous.get(f"{j.kind}:{j.name}", 60.0 if j.kind == "notebook" else 10.0))
     workers = jobs or max(1, min(6, os.cpu_count() or 1))
     say(f"book: executing {sum(j.kind == 'notebook' for j in work)} notebook(s) and {len(deck_paths)} deck(s), "
         f"{workers} at a time (cell timeout {timeout:g} s, notebook timeout {notebook_timeout:g} s)")
     failed = run_jobs(work, workers, notebook_timeout, keep_going, say)
-    _save_seconds(out, {**previous, **{j.name: j.seconds for j in work if j.seconds is not None}})
+    _save_seconds(out, {**previous, **{f"{j.kind}:{j.name}": j.seconds for j in work if j.seconds is not None}})
     if failed and not keep_going:
         first = next((j for j in failed if j.error.get("where") != "not started"), failed[0])
         e = first.error
