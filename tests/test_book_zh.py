@@ -6,7 +6,8 @@ bad page and see them report it. The rules:
 - ``glossary.md`` holds one table, ``| English | 中文 | 不用 | 定义 | 实验 |``; every term of ``docs/glossary.md``
   is in its English column (several names, comma-separated, may share a row), and every lab number is a lab;
 - no page uses a rejected translation (不用), except inside 「」, where a page quotes the source article;
-- a term written as ``中文（English）`` is written with the glossary's 中文 right before the parenthesis;
+- a term written as ``中文（English）`` is written with the glossary's 中文 right before the parenthesis, and a page
+  that pairs a term pairs it at its first use (headings aside);
 - every ``{ref}`` label is a notebook section's (``labkit.book.labels``) or a lab's benchmark page
   (``labNN-bench``, for the labs that have a benchmark); every ``{doc}`` target is ``../labs/NAME`` for a notebook
   ``NAME``, or another page of the companion;
@@ -135,6 +136,32 @@ def mismatched_pairs(text: str, entries: list[Entry]) -> list[str]:
     return found
 
 
+def late_first_uses(text: str, entries: list[Entry]) -> list[str]:
+    """Terms written ``中文（English）`` on a page whose first use there (headings and code aside) is bare ``中文``.
+
+    An occurrence inside a longer glossary term (全规约 in 环形全规约) is not a use of the shorter one.
+    """
+    body = checked_text(text)
+    body = re.sub(r"`[^`\n]*`", _blank, body)
+    body = "\n".join(" " * len(line) if line.startswith("#") else line for line in body.split("\n"))
+    found = []
+    for entry in entries:
+        names = {name.lower() for name in entry.english}
+        pairs = [m for m in re.finditer(re.escape(entry.chinese) + r"（([^（）\n]+)）", body)
+                 if re.split(r"[，,；;]", m.group(1))[0].strip().lower() in names]
+        if not pairs:
+            continue
+        masked = body
+        for other in entries:
+            if other.chinese != entry.chinese and entry.chinese in other.chinese:
+                masked = masked.replace(other.chinese, " " * len(other.chinese))
+        first = masked.find(entry.chinese)
+        if first != pairs[0].start():
+            context = body[max(0, first - 10):first + len(entry.chinese)].strip()
+            found.append(f"…{context}: the first {entry.chinese} comes before {entry.chinese}（{entry.english[0]}）")
+    return found
+
+
 def ref_labels(text: str) -> list[str]:
     """The labels of every ``{ref}`` role: ``{ref}`title <label>``` or ``{ref}`label```."""
     return _role_targets("ref", text)
@@ -254,6 +281,12 @@ def test_term_pairs_match_the_glossary(path, entries):
 
 
 @pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)
+def test_terms_are_explained_at_first_use(path, entries):
+    found = late_first_uses(path.read_text(encoding="utf-8"), entries)
+    assert not found, f"{path.name}: {found}"
+
+
+@pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)
 def test_links_resolve(path):
     text = path.read_text(encoding="utf-8")
     assert not unknown_refs(text, known_labels()), f"{path.name}: unknown {{ref}} labels"
@@ -291,12 +324,13 @@ GOOD_GLOSSARY = f"""# 术语表
 |---|---|---|---|---|
 | all-reduce | 全规约 | 全归约, 全减少 | 每个 rank 都得到和 | 01, 02 |
 | micro-batch | 微批次 | 微批量 | 批次的一片 | 04 |
+| ring all-reduce | 环形全规约 | | 环上的全规约 | 01 |
 """
 
 
 def test_checks_report_a_bad_page():
     entries = parse_glossary(GOOD_GLOSSARY)
-    assert [e.chinese for e in entries] == ["全规约", "微批次"]
+    assert [e.chinese for e in entries] == ["全规约", "微批次", "环形全规约"]
     assert rejected_uses(GOOD_GLOSSARY, entries) == []          # the 不用 column itself is not a use
     bad = "每步做一次全归约（all-reduce），再把批次切成 4 个微批量。"
     assert len(rejected_uses(bad, entries)) == 2
@@ -307,6 +341,9 @@ def test_checks_report_a_bad_page():
     assert mismatched_pairs("某种（unknown term）", entries) == []
     assert mismatched_pairs("切成小批次（micro-batch，见实验 04）", entries)       # a note after the comma
     assert mismatched_pairs("切成微批次（micro-batch，见实验 04）", entries) == []
+    late = "先做全规约，再讲全规约（all-reduce）。"
+    assert late_first_uses(late, entries)
+    assert late_first_uses("# 全规约\n\n环形全规约要两步；全规约（all-reduce）是…", entries) == []
     labels = known_labels()
     assert unknown_refs("见 {ref}`第 5 节 <lab03-s5>` 与 {ref}`lab04-bench`。", labels) == []
     assert unknown_refs("见 {ref}`第 99 节 <lab03-s99>`。", labels) == ["lab03-s99"]
