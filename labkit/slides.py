@@ -19,8 +19,9 @@ Building a deck means:
 The page template differs from nbconvert's stock one in one way: reveal.js and its notes plugin
 are loaded with plain ``<script>`` tags instead of through require.js and jQuery from a CDN, so
 an offline deck needs nothing but the reveal.js folder; and a figure's alt text comes from its
-cell's ``metadata.alt``. MathJax still comes from its CDN; offline,
-formulas show as their TeX source.
+cell's ``metadata.alt``. MathJax comes from its CDN unless ``--mathjax-dir`` names a local MathJax 3 (the
+book passes the copy its install step fetched); offline without it, formulas show as their TeX source. A local
+reveal.js copy drops its themes' web-font imports, so nothing is fetched when a deck is viewed.
 
 This module is long because it carries the page template (about 70 lines of HTML) next to the
 build and its command line.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +43,9 @@ REVEAL_VERSION = "4.0.2"  # the version nbconvert's reveal template is written f
 CDN_PREFIX = f"https://unpkg.com/reveal.js@{REVEAL_VERSION}"
 LOCAL_PREFIX = "reveal.js"  # folder name of the local copy, next to the HTML files
 REVEAL_FILES = ("dist/reveal.js", "dist/reveal.css", "plugin/notes/notes.js")
+MATHJAX_VERSION = "3.2.2"
+MATHJAX_FILES = ("es5/tex-chtml.js",)
+MATHJAX_DIRS = ("es5/output/chtml/fonts/woff-v2", "es5/input/tex/extensions")   # what tex-chtml.js loads later
 SLIDE_TYPES = ("slide", "subslide", "fragment", "-", "skip", "notes")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -173,7 +178,34 @@ def copy_reveal(src: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     for extra in ("LICENSE", "package.json"):
         if (src / extra).is_file():
             shutil.copy2(src / extra, dest / extra)
+    for css in (dest / "dist" / "theme").glob("*.css"):   # web fonts from a CDN: fall back to the system's
+        text = css.read_text(encoding="utf-8")
+        kept = re.sub(r"@import url\((['\"]?)https?://[^)]*\1\);?", "", text)
+        if kept != text:
+            css.write_text(kept, encoding="utf-8")
     return dest
+
+
+def fetch_mathjax(npm: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """MathJax 3 fetched once with ``npm pack`` into the cache (the book's install step calls this)."""
+    return fetch_npm("mathjax", MATHJAX_VERSION, MATHJAX_FILES, cache, npm)
+
+
+def copy_mathjax(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Copy what a page needs of the MathJax package at ``src`` (``tex-chtml.js``, its fonts and TeX
+    extensions) into the folder ``dest``; return the path of ``dest/tex-chtml.js``."""
+    src, dest = Path(src), Path(dest)
+    missing = [f for f in MATHJAX_FILES if not (src / f).is_file()]
+    if missing:
+        raise ValueError(f"{src} does not look like the MathJax {MATHJAX_VERSION} npm package (missing "
+                         f"{', '.join(missing)}); pass the folder fetch_mathjax() returns")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / MATHJAX_FILES[0], dest / "tex-chtml.js")
+    for d in MATHJAX_DIRS:
+        if (dest / d.removeprefix("es5/")).exists():
+            shutil.rmtree(dest / d.removeprefix("es5/"))
+        shutil.copytree(src / d, dest / d.removeprefix("es5/"))
+    return dest / "tex-chtml.js"
 
 
 def cache_dir() -> Path:
@@ -235,6 +267,15 @@ def fetch_reveal(version: str = REVEAL_VERSION, cache: str | os.PathLike | None 
 # The page: nbconvert's reveal template, with reveal.js loaded by <script> tags (no require.js,
 # no jQuery: an offline deck needs only the reveal.js folder) and MathJax calls guarded.
 _TEMPLATE = r"""{%- extends 'index.html.j2' -%}
+{% from 'mathjax.html.j2' import mathjax %}
+{%- block html_head_js_mathjax -%}
+{%- if resources.labkit_mathjax3 -%}
+<script>window.MathJax = {tex: {inlineMath: [['$', '$'], ['\\(', '\\)']], processEscapes: true}};</script>
+<script src="{{ resources.labkit_mathjax3 }}"></script>
+{%- else -%}
+{{ mathjax(resources.mathjax_url) }}
+{%- endif -%}
+{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js -%}
 {%- if "widgets" in nb.metadata -%}<script src="{{ resources.require_js_url }}"></script>{%- endif -%}
 {%- endblock html_head_js -%}
@@ -267,8 +308,9 @@ _TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 """
 
 
-def export_deck(nb, name: str, reveal_prefix: str = CDN_PREFIX) -> str:
-    """The reveal.js HTML of (executed) notebook ``nb``, loading reveal.js from ``reveal_prefix``."""
+def export_deck(nb, name: str, reveal_prefix: str = CDN_PREFIX, mathjax3: str | None = None) -> str:
+    """The reveal.js HTML of (executed) notebook ``nb``, loading reveal.js from ``reveal_prefix`` and MathJax 3
+    from the relative URL ``mathjax3`` (``None``: MathJax 2 from its CDN)."""
     import jinja2
     from nbconvert import SlidesExporter
     from traitlets.config import Config
@@ -281,14 +323,15 @@ def export_deck(nb, name: str, reveal_prefix: str = CDN_PREFIX) -> str:
                               exclude_output_prompt=True, reveal_transition="none",
                               extra_loaders=[jinja2.DictLoader({"labkit_reveal.html.j2": _TEMPLATE})],
                               template_file="labkit_reveal.html.j2")
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": name}})
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": name}, "labkit_mathjax3": mathjax3})
     return body
 
 
 # ----------------------------------------------------------------------------- building
 def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: bool = True,
           reveal: str | os.PathLike | None = None, timeout: float = 120,
-          slides_dir: str | os.PathLike | None = None, quiet: bool = False) -> list[Path]:
+          slides_dir: str | os.PathLike | None = None, quiet: bool = False,
+          mathjax: str | os.PathLike | None = None) -> list[Path]:
     """Build decks into ``out_dir/<deck>.slides.html`` and return the paths.
 
     decks: ``None`` for every ``slides/*.ipynb``, or names/paths (see :func:`find_decks`).
@@ -297,6 +340,8 @@ def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: boo
     reveal: ``None`` or ``"cdn"`` loads reveal.js from its CDN; a path to a reveal.js folder is
         copied to ``out_dir/reveal.js`` and used from there, so the decks work offline.
     timeout: seconds one cell may run before the build fails.
+    mathjax: ``None`` loads MathJax 2 from its CDN; a path to the MathJax 3 npm package (:func:`fetch_mathjax`)
+        is copied to ``out_dir/mathjax`` and used from there.
     """
     if not isinstance(execute, bool):
         raise TypeError(f"execute must be True or False, got {execute!r}")
@@ -318,6 +363,10 @@ def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: boo
         copied = copy_reveal(local, out)
         if not quiet:
             print(f"slides: reveal.js copied to {copied} (decks work offline)", flush=True)
+    mathjax3 = None
+    if mathjax is not None:
+        copy_mathjax(mathjax, out / "mathjax")
+        mathjax3 = "mathjax/tex-chtml.js"
     written = []
     for i, (path, nb) in enumerate(notebooks, 1):
         name = path.stem
@@ -328,7 +377,7 @@ def build(decks=None, out_dir: str | os.PathLike = "slides/_build", execute: boo
         try:
             if execute:
                 nb = execute_deck(nb, name, cwd=path.parent, timeout=timeout)
-            html = export_deck(nb, name, prefix)
+            html = export_deck(nb, name, prefix, mathjax3)
         except BaseException:
             if not quiet:
                 print(" failed", flush=True)
@@ -371,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--fetch-reveal", action="store_true",
                        help=f"get reveal.js {REVEAL_VERSION} once with `npm pack` (cached in {cache_dir()}) "
                             f"and use it as with --reveal-dir")
+    ap.add_argument("--mathjax-dir", metavar="PATH", default=None,
+                    help=f"use the MathJax {MATHJAX_VERSION} npm package at PATH, copied next to the HTML, "
+                         f"instead of MathJax 2 from its CDN")
     args = ap.parse_args(argv)
     try:
         if args.list:
@@ -387,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             reveal = args.reveal_dir
         out = args.out or str(default_slides_dir() / "_build")
         written = build(args.decks or None, out_dir=out, execute=not args.no_execute, reveal=reveal,
-                        timeout=args.timeout)
+                        timeout=args.timeout, mathjax=args.mathjax_dir)
     except (ValueError, TypeError, SlideBuildError) as e:
         print(f"slides: error: {e}", file=sys.stderr)
         return 2

@@ -53,6 +53,15 @@ def test_section_labels_follow_the_rule_and_refuse_bad_input():
     assert all(h.startswith("## ") for h in labels.values())
 
 
+def test_every_notebook_title_reads_lab_nn_dash_title():
+    """The book's sidebar and course map show the titles: one form for all (``# Lab 04 — Pipeline ...``)."""
+    from labkit.book.pages import notebook_title
+
+    for lab in LABS:
+        nb = nbformat.read(str(REPO / "notebooks" / lab.notebook), as_version=4)
+        assert re.fullmatch(rf"Lab {lab.number} — \S.*", notebook_title(nb)), (lab.notebook, notebook_title(nb))
+
+
 def test_every_lab_has_a_search_term_and_its_notebook_uses_it():
     for lab in LABS:
         text = (REPO / "notebooks" / lab.notebook).read_text(encoding="utf-8").lower()
@@ -94,10 +103,10 @@ def test_a_staged_chapter_has_its_machine_labels_links_and_no_widget_or_answer()
 
 
 def test_landing_page_lists_the_chapters_and_a_kept_going_failure():
-    chapters = [{"number": "00", "title": "00 · Start here", "doc": "labs/00_start_here.ipynb", "deck": None}]
+    chapters = [{"number": "00", "title": "Lab 00 — Start here", "doc": "labs/00_start_here.ipynb", "deck": None}]
     page = landing_page(chapters, INFO, [{"notebook": "98_broken", "where": "cell 2 ('1 / 0')", "what": "raised",
                                           "detail": ""}], True, ["00"])
-    assert "[00 · Start here](labs/00_start_here.ipynb)" in page and "[tables](bench/lab00.md)" in page
+    assert "| 00 | [Start here](labs/00_start_here.ipynb) |" in page and "[tables](bench/lab00.md)" in page
     assert "**98_broken**, cell 2 ('1 / 0') raised" in page and "zh/index" in page
 
 
@@ -164,6 +173,21 @@ def test_the_small_book_builds_with_chapters_decks_and_the_companion(small_book)
     assert "Executed on" in chapter and "torch " in chapter
     assert "../slides/03_model_parallel.slides.html" in chapter
     assert any("chapter(s) in" in s and "MiB" in s for s in lines), lines
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_chapter_shows_every_figure_its_notebook_drew(small_book):
+    html, _ = small_book
+    executed = html.parent / "executed"
+    chapters = sorted((html / "labs").glob("*.html"))
+    assert chapters
+    for chapter in chapters:
+        nb = nbformat.read(str(executed / f"{chapter.stem}.ipynb"), as_version=4)
+        drawn = sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+                    for out in cell.get("outputs", []))
+        shown = len(re.findall(r'<img[^>]+src="\.\./_images/', chapter.read_text(encoding="utf-8")))
+        assert shown >= drawn > 0, f"{chapter.name}: the notebook drew {drawn} figure(s), the chapter shows {shown}"
 
 
 def _browser():

@@ -32,15 +32,13 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..slides import copy_mathjax
 from .labels import notebook_number
 from .pages import landing_page, notebook_title, split_benchmarks, stage_notebook
 
-__all__ = ["BookError", "Job", "build", "fetch_mathjax", "machine_info", "main", "run_jobs", "write_zip"]
+__all__ = ["BookError", "Job", "build", "machine_info", "main", "run_jobs", "write_zip"]
 
 REPO = Path(__file__).resolve().parent.parent.parent
-MATHJAX_VERSION = "3.2.2"
-MATHJAX_FILES = ("es5/tex-chtml.js",)
-MATHJAX_DIRS = ("es5/output/chtml/fonts/woff-v2", "es5/input/tex/extensions")
 CSS = """.labkit-machine { font-size: 0.9em; }
 .labkit-links { font-size: 0.95em; }
 .labkit-widget { color: #555; }
@@ -179,16 +177,8 @@ def _decks(numbers: list[str]) -> dict[str, Path]:
     return {p.name[:2]: p for p in sorted((REPO / "slides").glob("*.ipynb")) if p.name[:2] in numbers}
 
 
-def fetch_mathjax(npm: str | None = None) -> Path:
-    """MathJax for the book, fetched once with ``npm pack`` into labkit's cache (the install step calls this, so
-    a build needs no network); raises ``SlideBuildError`` saying what to do when npm cannot get it."""
-    from ..slides import fetch_npm
-
-    return fetch_npm("mathjax", MATHJAX_VERSION, MATHJAX_FILES, npm=npm)
-
-
 def _local_mathjax() -> Path | None:
-    from ..slides import SlideBuildError
+    from ..slides import SlideBuildError, fetch_mathjax
 
     try:
         return fetch_mathjax(npm=os.environ.get("LABKIT_BOOK_NPM"))
@@ -239,6 +229,7 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     (src / "_extra").mkdir()
 
     reveal = _local_reveal() if decks else None
+    mathjax = _local_mathjax()
     if decks and reveal is None:
         say("book: no local reveal.js (npm could not fetch it): the decks are left out; "
             "run `bash labkit.sh book` with npm on PATH to include them")
@@ -257,7 +248,9 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     for deck in deck_paths.values():
         work.append(Job(deck.stem, "deck", [sys.executable, "-m", "labkit", "slides", str(deck), "--out",
                                             str(src / "_extra" / "slides"), "--reveal-dir", str(reveal),
-                                            "--timeout", str(timeout)], logs / f"deck-{deck.stem}.log"))
+                                            "--timeout", str(timeout)]
+                        + (["--mathjax-dir", str(mathjax)] if mathjax is not None else []),
+                        logs / f"deck-{deck.stem}.log"))
     previous = _previous_seconds(out)           # the longest first, as the last build timed them
     work.sort(key=lambda j: -previous.get(f"{j.kind}:{j.name}", 60.0 if j.kind == "notebook" else 10.0))
     workers = jobs or max(1, min(6, os.cpu_count() or 1))
@@ -306,7 +299,7 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
         if has_zh and (zh_dir / f"lab{number}.md").is_file():
             links["中文摘要"] = f"../zh/lab{number}.html"
         nbformat.write(stage_notebook(nb, number, meta.get("machine", info), links), str(src / "labs" / path.name))
-        chapters.append({"number": number, "title": f"{number} · {notebook_title(nb)}",
+        chapters.append({"number": number, "title": notebook_title(nb),
                          "doc": f"labs/{path.name}",
                          "deck": f"slides/{deck_paths[number].stem}.slides.html" if number in deck_paths else None})
     if deck_paths:
@@ -321,15 +314,10 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     shutil.copy2(REPO / "book" / "conf.py", src / "conf.py")
     (src / "_static" / "labkit-book.css").write_text(CSS)
     (src / "_static" / "labkit-no-mathjax.js").write_text("/* no local MathJax: formulas show as TeX */\n")
-    mathjax = _local_mathjax()
     if mathjax is None:
         say("book: no local MathJax (npm could not fetch it): formulas show as their TeX source")
     else:
-        dest = src / "_static" / "mathjax"
-        dest.mkdir()
-        shutil.copy2(mathjax / MATHJAX_FILES[0], dest / "tex-chtml.js")
-        for d in MATHJAX_DIRS:
-            shutil.copytree(mathjax / d, dest / d.removeprefix("es5/"))
+        copy_mathjax(mathjax, src / "_static" / "mathjax")
 
     html = out / "html"
     say("book: rendering with Sphinx")

@@ -3,7 +3,7 @@
 - :func:`stage_notebook`: an executed lab notebook made ready for the book: a line saying which machine ran it,
   links to its deck, benchmark page and Chinese summary, a label before every ``##`` section
   (:mod:`labkit.book.labels`), widgets replaced by a sentence (their figures are drawn outside them too),
-  solution cells' code hidden (their outputs stay).
+  solution cells' code hidden (their outputs stay), stylesheets an output would fetch from the web dropped.
 - :func:`split_benchmarks`: ``benchmarks/README.md`` cut into one page per lab and an overview page.
 - :func:`landing_page`: the course map, the failures of a ``--keep-going`` build, the tables of contents.
 """
@@ -21,6 +21,9 @@ __all__ = ["BenchPages", "WIDGET_NOTE", "landing_page", "machine_line", "noteboo
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("<p class=\"labkit-widget\"><em>An interactive control is here when the notebook runs in "
                "JupyterLab; the book shows the figures the notebook draws outside it.</em></p>")
+
+
+_REMOTE_CSS = re.compile(r"<link\b[^>]*\bhref=[\"']https?://[^>]*>", re.IGNORECASE)
 
 
 def _text(source) -> str:
@@ -80,6 +83,8 @@ def stage_notebook(nb, number: str, info: dict, links: dict[str, str]):
             data = out.get("data")
             if data and WIDGET_MIME in data:
                 out["data"] = {"text/html": WIDGET_NOTE}
+            elif data and "text/html" in data:   # e.g. an animation's icon font from a CDN: the theme has one
+                data["text/html"] = _REMOTE_CSS.sub("", _text(data["text/html"]))
     link_html = " · ".join(f'<a href="{href}">{text}</a>' for text, href in links.items())
     banner = f"```{{admonition}} Machine\n:class: labkit-machine\n{machine_line(info)}\n```\n"
     if link_html:
@@ -189,11 +194,13 @@ def landing_page(chapters: list[dict], info: dict, failures: list[dict], has_zh:
         lines += [f"- **{f['notebook']}**, {f['where']} {f['what']}" for f in failures]
         lines += ["```", ""]
     lines += ["## Course map", "", "| lab | chapter | deck | benchmarks | 中文 |", "|---|---|---|---|---|"]
+    # a chapter's title is its notebook's ("Lab 04 — Pipeline parallelism: ..."); the map shows what follows the dash
     for ch in chapters:
         deck = f'<a href="{ch["deck"]}">slides</a>' if ch.get("deck") else ""
         bench = f"[tables](bench/lab{ch['number']}.md)" if ch["number"] in bench_labs else ""
         zh = f"[摘要](zh/lab{ch['number']}.md)" if has_zh else ""
-        lines.append(f"| {ch['number']} | [{ch['title']}]({ch['doc']}) | {deck} | {bench} | {zh} |")
+        title = ch["title"].split(" — ", 1)[-1]
+        lines.append(f"| {ch['number']} | [{title}]({ch['doc']}) | {deck} | {bench} | {zh} |")
     lines += [""]
     if has_zh:
         lines += ["## 中文读者", "",
