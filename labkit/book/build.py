@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..slides import copy_mathjax
-from .labels import notebook_number
-from .pages import landing_page, notebook_title, split_benchmarks, stage_notebook
+from .labels import notebook_number, section_labels
+from .pages import landing_page, notebook_title, placeholder_chapter, split_benchmarks, stage_notebook
 
 __all__ = ["BookError", "Job", "build", "machine_info", "main", "run_jobs", "write_zip"]
 
@@ -270,7 +270,7 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     info = machine_info()
     bench_of = {lab.bench: lab.number for lab in LABS if lab.bench}
     bench = split_benchmarks((REPO / "benchmarks" / "README.md").read_text(encoding="utf-8"), bench_of)
-    bench_labs = [n for n in numbers if n in bench.labs]
+    bench_labs = [lab.number for lab in LABS if lab.number in bench.labs]   # static text: every lab's, always
     (src / "bench").mkdir()
     (src / "bench" / "index.md").write_text(bench.overview, encoding="utf-8")
     titles = {lab.number: lab.name for lab in LABS}
@@ -302,6 +302,16 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
         chapters.append({"number": number, "title": notebook_title(nb),
                          "doc": f"labs/{path.name}",
                          "deck": f"slides/{deck_paths[number].stem}.slides.html" if number in deck_paths else None})
+    if has_zh:   # the companion links into every lab: a partial build stands the others in by their sections
+        for lab in LABS:
+            if lab.notebook and lab.number not in numbers:
+                source = REPO / "notebooks" / lab.notebook
+                title = notebook_title(nbformat.read(str(source), as_version=4))
+                (src / "labs" / f"{source.stem}.md").write_text(
+                    placeholder_chapter(lab.number, title, section_labels(source)), encoding="utf-8")
+                chapters.append({"number": lab.number, "title": title, "doc": f"labs/{source.stem}.md",
+                                 "deck": None, "built": False})
+        chapters.sort(key=lambda ch: ch["number"])
     if deck_paths:
         from ..slides import copy_reveal, write_index
 

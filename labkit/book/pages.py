@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from .labels import section_label
 
-__all__ = ["BenchPages", "WIDGET_NOTE", "landing_page", "machine_line", "notebook_title", "split_benchmarks",
-           "stage_notebook"]
+__all__ = ["BenchPages", "WIDGET_NOTE", "landing_page", "machine_line", "notebook_title", "placeholder_chapter",
+           "split_benchmarks", "stage_notebook"]
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = ("<p class=\"labkit-widget\"><em>An interactive control is here when the notebook runs in "
@@ -96,6 +96,16 @@ def stage_notebook(nb, number: str, info: dict, links: dict[str, str]):
     nb["cells"].insert(title_at + 1, from_dict({"cell_type": "markdown", "metadata": {}, "source": banner,
                                                 "id": "labkit-book-machine"}))
     return nb
+
+
+def placeholder_chapter(number: str, title: str, labels: dict[str, str]) -> str:
+    """The page standing in for lab ``number``'s chapter in a partial build: its title and its sections
+    (``labels``: :func:`labkit.book.labels.section_labels`), so that every link into it still lands."""
+    lines = [f"# {title}", "", f"This chapter is not in this build, which executed only some labs. "
+             f"`bash labkit.sh book` builds them all; `bash labkit.sh book {number}` adds this one.", ""]
+    for label, heading in labels.items():
+        lines += [f"({label})=", heading, "", "(not executed in this build)", ""]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- benchmark pages
@@ -199,7 +209,7 @@ def landing_page(chapters: list[dict], info: dict, failures: list[dict], has_zh:
         deck = f'<a href="{ch["deck"]}">slides</a>' if ch.get("deck") else ""
         bench = f"[tables](bench/lab{ch['number']}.md)" if ch["number"] in bench_labs else ""
         zh = f"[摘要](zh/lab{ch['number']}.md)" if has_zh else ""
-        title = ch["title"].split(" — ", 1)[-1]
+        title = ch["title"].split(" — ", 1)[-1] + ("" if ch.get("built", True) else " (not in this build)")
         lines.append(f"| {ch['number']} | [{title}]({ch['doc']}) | {deck} | {bench} | {zh} |")
     lines += [""]
     if has_zh:
@@ -212,7 +222,7 @@ def landing_page(chapters: list[dict], info: dict, failures: list[dict], has_zh:
               "that ran it. Widgets are interactive only in JupyterLab: every figure a section is about is "
               "drawn outside its widget too, and that is what the book shows. Solution cells show their output, "
               "not their code.", ""]
-    lines += ["```{toctree}", ":hidden:", ":caption: Labs", ""] + [ch["doc"].removesuffix(".ipynb")
+    lines += ["```{toctree}", ":hidden:", ":caption: Labs", ""] + [ch["doc"].rsplit(".", 1)[0]
                                                                    for ch in chapters] + ["```", ""]
     lines += ["```{toctree}", ":hidden:", ":caption: Reference", "", "docs/glossary", "```", ""]
     lines += ["```{toctree}", ":hidden:", ":caption: Benchmarks", "", "bench/index"]
