@@ -268,22 +268,15 @@ def test_glossary_labs_are_labs(entries):
     assert not bad, f"实验 numbers that are not labs in labkit.tour.LABS: {bad}"
 
 
+GLOSSARY_CHECKS = {"uses rejected translations": rejected_uses, "pairs terms unlike the glossary": mismatched_pairs,
+                   "explains terms late": late_first_uses}
+
+
+@pytest.mark.parametrize("what", GLOSSARY_CHECKS)
 @pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)
-def test_no_rejected_translation(path, entries):
-    found = rejected_uses(path.read_text(encoding="utf-8"), entries)
-    assert not found, f"{path.name} uses rejected translations: {found}"
-
-
-@pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)
-def test_term_pairs_match_the_glossary(path, entries):
-    found = mismatched_pairs(path.read_text(encoding="utf-8"), entries)
-    assert not found, f"{path.name}: {found}"
-
-
-@pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)
-def test_terms_are_explained_at_first_use(path, entries):
-    found = late_first_uses(path.read_text(encoding="utf-8"), entries)
-    assert not found, f"{path.name}: {found}"
+def test_page_agrees_with_the_glossary(path, what, entries):
+    found = GLOSSARY_CHECKS[what](path.read_text(encoding="utf-8"), entries)
+    assert not found, f"{path.name} {what}: {found}"
 
 
 @pytest.mark.parametrize("path", _all_pages(), ids=lambda p: p.name)

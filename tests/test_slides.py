@@ -109,6 +109,29 @@ def test_local_reveal_dir_is_copied_and_used(tmp_path):
     assert (tmp_path / "cli" / "reveal.js" / "dist" / "reveal.css").is_file()
 
 
+def test_offline_copy_drops_web_fonts_and_uses_a_local_mathjax(tmp_path):
+    fake = _fake_reveal(tmp_path / "reveal-src")
+    (fake / "dist" / "theme" / "simple.css").write_text(
+        "@import url(https://fonts.googleapis.com/css?family=News+Cycle:400,700);\n"
+        "@import url('https://fonts.googleapis.com/css?family=Lato');\n.reveal { color: black; }\n")
+    mathjax = tmp_path / "mathjax-src"
+    for f in slides.MATHJAX_FILES + tuple(f"{d}/a.js" for d in slides.MATHJAX_DIRS):
+        (mathjax / f).parent.mkdir(parents=True, exist_ok=True)
+        (mathjax / f).write_text("/* fake */")
+    out = tmp_path / "out"
+    assert slides.main(["04_pipeline", "--no-execute", "--out", str(out), "--reveal-dir", str(fake),
+                        "--mathjax-dir", str(mathjax)]) == 0
+    theme = (out / "reveal.js" / "dist" / "theme" / "simple.css").read_text()
+    assert "googleapis" not in theme and ".reveal { color: black; }" in theme
+    assert (out / "mathjax" / "tex-chtml.js").is_file()
+    assert (out / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2" / "a.js").is_file()
+    html = (out / "04_pipeline.slides.html").read_text(encoding="utf-8")
+    assert '<script src="mathjax/tex-chtml.js"></script>' in html and "inlineMath" in html
+    assert not re.findall(r"(?:src|href)=\"https?://", html), re.findall(r"(?:src|href)=\"https?://[^\"]*", html)
+    with pytest.raises(ValueError, match=r"does not look like the MathJax .* fetch_mathjax"):
+        slides.copy_mathjax(tmp_path, tmp_path / "o")
+
+
 def test_bad_reveal_dir_says_what_to_pass(tmp_path):
     (tmp_path / "dist").mkdir()
     with pytest.raises(ValueError, match=r"does not look like reveal.js.*dist/reveal.js.*--fetch-reveal"):
