@@ -45,7 +45,7 @@ case "$cmd" in
     # the book's offline assets, fetched once into labkit's cache (a build then needs no network); without npm
     # the book is built without decks and with formulas as TeX, and says so
     "$VENV/bin/python" -c "import labkit.slides as s; s.fetch_reveal()" || echo "labkit: reveal.js not fetched"
-    "$VENV/bin/python" -c "import labkit.book.build as b; b.fetch_mathjax()" || echo "labkit: MathJax not fetched"
+    "$VENV/bin/python" -c "import labkit.slides as s; s.fetch_mathjax()" || echo "labkit: MathJax not fetched"
     exec "$VENV/bin/python" -m labkit book "$@"
     ;;
   install)
