@@ -118,6 +118,18 @@ def _broken(path: Path) -> Path:
     return path
 
 
+def test_bad_arguments_are_refused_by_name(tmp_path, capsys):
+    from labkit.book.build import main
+
+    assert main(["99", "--out", str(tmp_path)]) == 1
+    assert "labs=['99']: no lab matches; pass lab numbers (00 .. 12)" in capsys.readouterr().err
+    assert main(["--jobs", "0", "--out", str(tmp_path)]) == 1
+    assert "jobs=0: pass how many notebooks to run at once" in capsys.readouterr().err
+    with pytest.raises(BookError, match=r"notebooks=\[.*nowhere.ipynb.*\]: no such file"):
+        build(notebooks=[tmp_path / "nowhere.ipynb"], out=tmp_path)
+    assert not list(tmp_path.rglob("*.html"))
+
+
 def test_a_job_past_its_timeout_is_killed_and_named(tmp_path):
     jobs = [Job("sleeper", "notebook", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "s.log")]
     (failed,) = run_jobs(jobs, 1, job_timeout=2, keep_going=False, say=lambda s: None)
