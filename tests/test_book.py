@@ -183,7 +183,11 @@ def test_the_small_book_builds_with_chapters_decks_and_the_companion(small_book)
     assert (html / "bench" / "lab00.html").is_file() and (html / "search.html").is_file()
     chapter = (html / "labs" / "03_model_parallel.html").read_text(encoding="utf-8")
     assert "Executed on" in chapter and "torch " in chapter
-    assert "../slides/03_model_parallel.slides.html" in chapter
+    if _cached_reveal():
+        assert "../slides/03_model_parallel.slides.html" in chapter
+        assert (html / "slides" / "03_model_parallel.slides.html").is_file()
+    else:   # the install step could not fetch reveal.js: the book says so and leaves the decks out
+        assert any("the decks are left out" in s for s in lines), lines
     stand_in = (html / "labs" / "04_pipeline.html").read_text(encoding="utf-8")   # linked from the companion
     assert "not in this build" in stand_in and 'id="lab04-s3"' in stand_in
     assert any("chapter(s) in" in s and "MiB" in s for s in lines), lines
@@ -202,6 +206,16 @@ def test_every_chapter_shows_every_figure_its_notebook_drew(small_book):
                     for out in cell.get("outputs", []))
         shown = len(re.findall(r'<img[^>]+src="\.\./_images/', chapter.read_text(encoding="utf-8")))
         assert shown >= drawn > 0, f"{chapter.name}: the notebook drew {drawn} figure(s), the chapter shows {shown}"
+
+
+def _cached_reveal() -> bool:
+    from labkit import slides
+
+    try:
+        slides.fetch_reveal(npm="/nonexistent/npm")   # the cached copy only, never the network
+    except slides.SlideBuildError:
+        return False
+    return True
 
 
 def _browser():
