@@ -142,10 +142,10 @@ def test_a_failed_cell_stops_the_build_or_is_listed_with_keep_going(tmp_path):
     bad = _broken(tmp_path / "98_broken.ipynb")
     with pytest.raises(BookError, match=r"(?s)notebook 98_broken: cell 2 \('# the broken one'\) raised.*"
                                         r"ZeroDivisionError"):
-        build(notebooks=[bad], out=tmp_path / "stop", decks=False, zh=False, say=lambda s: None)
+        build(notebooks=[bad], out=tmp_path / "stop", decks=False, zh=False, fetch=False, say=lambda s: None)
     assert not (tmp_path / "stop" / "html").exists()
     html = build(notebooks=[bad], out=tmp_path / "go", decks=False, zh=False, keep_going=True, reuse=True,
-                 say=lambda s: None)
+                 fetch=False, say=lambda s: None)
     landing = (html / "index.html").read_text(encoding="utf-8")
     assert "98_broken" in landing and "raised" in landing
     chapter = (html / "labs" / "98_broken.html").read_text(encoding="utf-8")
@@ -168,7 +168,7 @@ def small_book(tmp_path_factory):
         return html, None
     out = tmp_path_factory.mktemp("book")
     lines: list[str] = []
-    html = build(SMALL_BOOK, out=out, jobs=2, say=lines.append)
+    html = build(SMALL_BOOK, out=out, jobs=2, fetch=False, say=lines.append)   # MathJax, reveal.js: cached only
     return html, lines
 
 

@@ -177,20 +177,23 @@ def _decks(numbers: list[str]) -> dict[str, Path]:
     return {p.name[:2]: p for p in sorted((REPO / "slides").glob("*.ipynb")) if p.name[:2] in numbers}
 
 
-def _local_mathjax() -> Path | None:
+_CACHE_ONLY = "/nonexistent/npm"   # an npm that is never there: fetch_npm then uses its cache or says it cannot
+
+
+def _local_mathjax(fetch: bool) -> Path | None:
     from ..slides import SlideBuildError, fetch_mathjax
 
     try:
-        return fetch_mathjax(npm=os.environ.get("LABKIT_BOOK_NPM"))
+        return fetch_mathjax(npm=None if fetch else _CACHE_ONLY)
     except SlideBuildError:
         return None
 
 
-def _local_reveal() -> Path | None:
+def _local_reveal(fetch: bool) -> Path | None:
     from ..slides import SlideBuildError, fetch_reveal
 
     try:
-        return fetch_reveal(npm=os.environ.get("LABKIT_BOOK_NPM"))
+        return fetch_reveal(npm=None if fetch else _CACHE_ONLY)
     except SlideBuildError:
         return None
 
@@ -198,11 +201,12 @@ def _local_reveal() -> Path | None:
 def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, jobs: int | None = None,
           timeout: float = 300, notebook_timeout: float = 900, keep_going: bool = False, decks: bool = True,
           zh: bool = True, reuse: bool = False, make_zip: bool = False, notebooks: list | None = None,
-          say=None) -> Path:
+          fetch: bool = True, say=None) -> Path:
     """Build the book into ``out/html`` (default ``book/_build``) and return that folder; see the module's
     docstring. ``labs``: lab numbers or name words (default all); ``notebooks``: paths of notebooks named
     ``NN_*.ipynb`` to build instead of the labs (tests use it); ``reuse``: keep an executed notebook whose
-    source has not changed since it was executed."""
+    source has not changed since it was executed; ``fetch``: get MathJax and reveal.js with npm when they are
+    not in labkit's cache (``False``: the cache only, as the tests build, which never download)."""
     say = say or (lambda line: print(line, flush=True))
     if not isinstance(timeout, (int, float)) or timeout <= 0:
         raise BookError(f"timeout={timeout!r}: pass the most seconds one cell may run, a positive number")
@@ -228,8 +232,8 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     (src / "_static").mkdir(parents=True)
     (src / "_extra").mkdir()
 
-    reveal = _local_reveal() if decks else None
-    mathjax = _local_mathjax()
+    reveal = _local_reveal(fetch) if decks else None
+    mathjax = _local_mathjax(fetch)
     if decks and reveal is None:
         say("book: no local reveal.js (npm could not fetch it): the decks are left out; "
             "run `bash labkit.sh book` with npm on PATH to include them")
