@@ -342,7 +342,9 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
         archive = write_zip(html, out / "labkit-book.zip")
         say(f"book: {archive} ({archive.stat().st_size / 2**20:.1f} MiB)")
     size = sum(p.stat().st_size for p in html.rglob("*") if p.is_file())
-    say(f"book: {len(chapters)} chapter(s) in {html} ({size / 2**20:.1f} MiB) in "
+    stand_ins = sum(not ch.get("built", True) for ch in chapters)
+    say(f"book: {len(chapters) - stand_ins} chapter(s)" + (f" and {stand_ins} stand-in(s)" if stand_ins else "")
+        + f" in {html} ({size / 2**20:.1f} MiB) in "
         f"{(time.perf_counter() - t_start) / 60:.1f} min; open {html / 'index.html'}"
         + (f"; {len(failed)} failed: {', '.join(j.name for j in failed)}" if failed else ""))
     return html
