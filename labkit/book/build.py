@@ -32,7 +32,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..slides import copy_mathjax
+from ..slides import copy_mathjax, fetch_mathjax, fetch_reveal
 from .labels import notebook_number, section_labels
 from .pages import landing_page, notebook_title, placeholder_chapter, split_benchmarks, stage_notebook
 
@@ -163,14 +163,14 @@ def _sha(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- the build
 def _notebooks(labs: list[str] | None) -> list[Path]:
-    from ..tour import LABS
+    from ..tour import LABS, select
 
-    chosen = [lab for lab in LABS if lab.notebook and (not labs or any(s == lab.number or s in lab.name
-                                                                        for s in labs))]
-    if labs and not chosen:
+    try:
+        chosen = select(labs)   # a lab's name starts with its number, so "04" and "pipeline" both match
+    except ValueError:
         raise BookError(f"labs={labs}: no lab matches; pass lab numbers (00 .. {LABS[-1].number}) or words "
-                        f"of their names: {[lab.name for lab in LABS]}")
-    return [REPO / "notebooks" / lab.notebook for lab in chosen]
+                        f"of their names: {[lab.name for lab in LABS]}") from None
+    return [REPO / "notebooks" / lab.notebook for lab in chosen if lab.notebook]
 
 
 def _decks(numbers: list[str]) -> dict[str, Path]:
@@ -180,20 +180,13 @@ def _decks(numbers: list[str]) -> dict[str, Path]:
 _CACHE_ONLY = "/nonexistent/npm"   # an npm that is never there: fetch_npm then uses its cache or says it cannot
 
 
-def _local_mathjax(fetch: bool) -> Path | None:
-    from ..slides import SlideBuildError, fetch_mathjax
+def _local(getter, fetch: bool) -> Path | None:
+    """The folder ``getter`` (``slides.fetch_mathjax`` or ``slides.fetch_reveal``) gives, or None when it cannot;
+    with ``fetch`` False only labkit's cache is looked at."""
+    from ..slides import SlideBuildError
 
     try:
-        return fetch_mathjax(npm=None if fetch else _CACHE_ONLY)
-    except SlideBuildError:
-        return None
-
-
-def _local_reveal(fetch: bool) -> Path | None:
-    from ..slides import SlideBuildError, fetch_reveal
-
-    try:
-        return fetch_reveal(npm=None if fetch else _CACHE_ONLY)
+        return getter(npm=None if fetch else _CACHE_ONLY)
     except SlideBuildError:
         return None
 
@@ -232,8 +225,8 @@ def build(labs: list[str] | None = None, out: str | os.PathLike | None = None, j
     (src / "_static").mkdir(parents=True)
     (src / "_extra").mkdir()
 
-    reveal = _local_reveal(fetch) if decks else None
-    mathjax = _local_mathjax(fetch)
+    reveal = _local(fetch_reveal, fetch) if decks else None
+    mathjax = _local(fetch_mathjax, fetch)
     if decks and reveal is None:
         say("book: no local reveal.js (npm could not fetch it): the decks are left out; "
             "run `bash labkit.sh book` with npm on PATH to include them")

@@ -14,9 +14,20 @@ import json
 import re
 from pathlib import Path
 
-__all__ = ["section_label", "section_labels", "notebook_number"]
+__all__ = ["markdown_lines", "notebook_number", "section_label", "section_labels"]
 
 _NUMBERED = re.compile(r"^##\s+(\d+)\.\s")
+
+
+def markdown_lines(text: str):
+    """``(line, is_prose)`` for each line of markdown ``text``: ``is_prose`` is False inside a ``` code fence
+    (and on its fence lines), where a ``#`` starts a comment, not a heading."""
+    in_fence = False
+    for line in text.splitlines():
+        fence = line.lstrip().startswith("```")
+        if fence:
+            in_fence = not in_fence
+        yield line, not (in_fence or fence)
 
 
 def notebook_number(path: str | Path) -> str:
@@ -52,11 +63,8 @@ def section_labels(path: str | Path) -> dict[str, str]:
         if cell.get("cell_type") != "markdown":
             continue
         source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-        in_fence = False
-        for line in source.splitlines():
-            if line.lstrip().startswith("```"):
-                in_fence = not in_fence
-            if in_fence or not line.startswith("## "):
+        for line, prose in markdown_lines(source):
+            if not prose or not line.startswith("## "):
                 continue
             label = section_label(number, line.rstrip())
             if label in labels:

@@ -13,7 +13,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 
-from .labels import section_label
+from .labels import markdown_lines, section_label
 
 __all__ = ["BenchPages", "WIDGET_NOTE", "landing_page", "machine_line", "notebook_title", "placeholder_chapter",
            "split_benchmarks", "stage_notebook"]
@@ -50,11 +50,9 @@ def machine_line(info: dict) -> str:
 
 
 def _add_labels(source: str, number: str) -> str:
-    out, in_fence = [], False
-    for line in source.splitlines():
-        if line.lstrip().startswith("```"):
-            in_fence = not in_fence
-        if not in_fence and line.startswith("## "):
+    out = []
+    for line, prose in markdown_lines(source):
+        if prose and line.startswith("## "):
             if out and out[-1].strip():
                 out.append("")
             out.append(f"({section_label(number, line.rstrip())})=")
@@ -120,11 +118,9 @@ class BenchPages:
 def _sections(text: str, level: int) -> tuple[str, list[tuple[str, str]]]:
     """``(preamble, [(heading line, body), ...])`` for the headings of exactly ``level`` outside code."""
     mark = "#" * level + " "
-    pre, parts, in_fence = [], [], False
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            in_fence = not in_fence
-        if not in_fence and line.startswith(mark):
+    pre, parts = [], []
+    for line, prose in markdown_lines(text):
+        if prose and line.startswith(mark):
             parts.append([line, []])
         elif parts:
             parts[-1][1].append(line)
@@ -145,12 +141,8 @@ def _lab_of(heading: str, benches: dict[str, str]) -> str | None:
 
 def _promote(text: str) -> str:
     """Every heading of ``text`` (outside code) one level up: ``### a`` becomes ``## a``."""
-    out, in_fence = [], False
-    for line in text.splitlines():
-        if line.lstrip().startswith("```"):
-            in_fence = not in_fence
-        out.append(line[1:] if not in_fence and re.match(r"^#{3,6} ", line) else line)
-    return "\n".join(out)
+    return "\n".join(line[1:] if prose and re.match(r"^#{3,6} ", line) else line
+                     for line, prose in markdown_lines(text))
 
 
 def split_benchmarks(text: str, benches: dict[str, str]) -> BenchPages:

@@ -22,8 +22,7 @@ class NotebookExecutionError(RuntimeError):
 
     def __init__(self, notebook: str, cell: int | None, first_line: str, what: str, detail: str):
         self.notebook, self.cell, self.first_line, self.what, self.detail = notebook, cell, first_line, what, detail
-        where = f"cell {cell} ({first_line!r})" if cell is not None else "kernel start-up"
-        super().__init__(f"{where} {what}:\n{detail}")
+        super().__init__(f"{self.where} {what}:\n{detail}")
 
     @property
     def where(self) -> str:
